@@ -1,0 +1,3 @@
+"""adtrain: training and evaluating industrial visual anomaly detectors."""
+
+__version__ = "0.1.0"

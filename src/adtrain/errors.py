@@ -1,0 +1,31 @@
+"""Errors that reach the user: each names the file or the config key at fault."""
+
+from __future__ import annotations
+
+
+class AdtrainError(Exception):
+    """Base class of every error adtrain raises on purpose (bad input, bad config)."""
+
+
+class ConfigError(AdtrainError):
+    """A config value is missing, unknown or out of range. The message names the key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config key '{key}': {message}")
+
+
+class DataError(AdtrainError):
+    """A data file or folder is missing, unreadable or inconsistent. The message names it."""
+
+    def __init__(self, path, message: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {message}")
+
+
+class WeightsError(AdtrainError):
+    """No pretrained weights could be found for a backbone."""
+
+
+class TrainingError(AdtrainError):
+    """Training diverged (NaN/inf loss) or cannot continue."""

@@ -1,0 +1,1 @@
+"""Anomaly detection methods: each a pure torch model plus a Lightning wrapper."""
