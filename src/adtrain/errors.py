@@ -10,17 +10,18 @@ class AdtrainError(Exception):
 class ConfigError(AdtrainError):
     """A config value is missing, unknown or out of range. The message names the key."""
 
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config key '{key}': {message}")
+    def __init__(self, key: str, message: str | None = None):
+        # one argument = an already formatted message (how worker processes re-raise errors)
+        self.key = key if message is not None else None
+        super().__init__(f"config key '{key}': {message}" if message is not None else key)
 
 
 class DataError(AdtrainError):
     """A data file or folder is missing, unreadable or inconsistent. The message names it."""
 
-    def __init__(self, path, message: str):
-        self.path = str(path)
-        super().__init__(f"{path}: {message}")
+    def __init__(self, path, message: str | None = None):
+        self.path = str(path) if message is not None else None
+        super().__init__(f"{path}: {message}" if message is not None else str(path))
 
 
 class WeightsError(AdtrainError):

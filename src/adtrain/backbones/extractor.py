@@ -1,0 +1,193 @@
+"""timm feature extractor with named stages; only the stages needed are built and run."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from adtrain.backbones.loading import load_into
+from adtrain.backbones.weights import resolve_weights
+from adtrain.errors import ConfigError
+
+log = logging.getLogger("adtrain")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KINDS = ("cnn", "vit")
+
+
+def _prune_after(model: nn.Module, module_path: str) -> None:
+    """Drop the children of nn.Sequential containers that come after ``module_path``."""
+    parent = model
+    for part in module_path.split("."):
+        if isinstance(parent, nn.Sequential) and part.isdigit():
+            del parent[int(part) + 1 :]
+        parent = getattr(parent, part)
+
+
+def _vit_convert(state: dict, model: nn.Module) -> dict:
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state, model)
+
+
+class FeatureExtractor(nn.Module):
+    """Backbone returning ``{layer: (B,C,H/stride,W/stride)}`` for the requested layers.
+
+    Input: an ImageNet-normalised batch (the batch contract). When the weights expect other
+    statistics (``mean``/``std``, e.g. 0.5/0.5 for TF EfficientNet-Lite and ViT), the input is
+    converted to them first.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stages: Mapping[str, int],
+        layers: Sequence[str],
+        pretrained: bool = True,
+        weights: str | None = None,
+        kind: str = "cnn",
+        frozen: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        **timm_kwargs: Any,
+    ):
+        super().__init__()
+        import timm
+
+        self.name, self.kind, self.frozen = name, kind, frozen
+        self.layers = [str(layer) for layer in layers]
+        stages = {str(k): int(v) for k, v in dict(stages).items()}
+        if kind not in KINDS:
+            raise ConfigError("backbone.kind", f"'{kind}' is not one of {KINDS}")
+        if not self.layers:
+            raise ConfigError("layers", "no backbone layer requested")
+        unknown = [layer for layer in self.layers if layer not in stages]
+        if unknown:
+            raise ConfigError(
+                "backbone.stages", f"layers {unknown} not defined for '{name}' (have {list(stages)})"
+            )
+        self._index = {layer: stages[layer] for layer in self.layers}
+        self._indices = sorted(set(self._index.values()))
+        try:
+            if kind == "cnn":
+                self.model = timm.create_model(
+                    name, pretrained=False, features_only=True, out_indices=self._indices,
+                    **timm_kwargs,
+                )
+            else:
+                self.model = timm.create_model(name, pretrained=False, **timm_kwargs)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise ConfigError("backbone.name", f"unknown timm model '{name}'") from exc
+            raise
+        except (IndexError, AssertionError) as exc:
+            raise ConfigError(
+                "backbone.stages", f"out_indices {self._indices} invalid for '{name}': {exc}"
+            ) from exc
+        info = self._truncate()
+        self.channels = {layer: int(info[i]["num_chs"]) for layer, i in self._index.items()}
+        self.strides = {layer: int(info[i]["reduction"]) for layer, i in self._index.items()}
+        self._set_normalisation(mean, std)
+
+        self.weights_source = "random-init"
+        if pretrained:
+            cfg = getattr(self.model, "pretrained_cfg", None)
+            state, source = resolve_weights(name, cfg, weights)
+            n = load_into(self.model, state, source, _vit_convert if kind == "vit" else None)
+            self.weights_source = source
+            log.info("backbone %s: %d tensors loaded from %s", name, n, source)
+        else:
+            log.info("backbone %s: random init (pretrained=false)", name)
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    def _truncate(self) -> dict[int, dict]:
+        """Remove what follows the last needed stage; return feature info by index."""
+        if self.kind == "vit":
+            n_blocks = len(self.model.blocks)
+            bad = [i for i in self._indices if not 0 <= i < n_blocks]
+            if bad:
+                raise ConfigError("backbone.stages", f"block indices {bad} outside 0..{n_blocks - 1}")
+            self.model.prune_intermediate_layers(self._indices, prune_norm=True, prune_head=True)
+            return {i: self.model.feature_info[i] for i in self._indices}
+        info = self.model.feature_info
+        dicts = info.get_dicts()  # only the selected out_indices, in order
+        by_index = dict(zip(info.out_indices, dicts))
+        _prune_after(self.model, by_index[max(self._indices)]["module"])
+        return by_index
+
+    def _set_normalisation(self, mean, std) -> None:
+        """x_backbone = x * scale + shift, converting from ImageNet statistics."""
+        self._renorm = mean is not None and std is not None and (
+            tuple(float(v) for v in mean) != IMAGENET_MEAN
+            or tuple(float(v) for v in std) != IMAGENET_STD
+        )
+        if not self._renorm:
+            return
+        m_in, s_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        m, s = torch.tensor([float(v) for v in mean]), torch.tensor([float(v) for v in std])
+        self.register_buffer("_scale", (s_in / s).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_shift", ((m_in - m) / s).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        """A frozen extractor stays in eval mode (batch-norm statistics fixed)."""
+        return super().train(False if self.frozen else mode)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._renorm:
+            x = x * self._scale.to(x.dtype) + self._shift.to(x.dtype)
+        if self.kind == "vit":
+            feats = self.model.forward_intermediates(
+                x, indices=self._indices, norm=False, output_fmt="NCHW", intermediates_only=True
+            )
+        else:
+            feats = self.model(x)
+        by_index = dict(zip(self._indices, feats))
+        return {layer: by_index[self._index[layer]] for layer in self.layers}
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, layers={self.layers}, weights={self.weights_source}"
+
+
+def build_extractor(
+    backbone_cfg: Mapping[str, Any],
+    layers: Sequence[str],
+    pretrained: bool | None = None,
+    frozen: bool = False,
+) -> FeatureExtractor:
+    """FeatureExtractor from a ``backbone`` config node (name, kind, pretrained, weights,
+    stages, mean, std, optional timm_kwargs). ``pretrained=None`` uses the config's value."""
+    cfg = _to_dict(backbone_cfg)
+    if not cfg.get("name"):
+        raise ConfigError("backbone.name", "missing")
+    if not cfg.get("stages"):
+        raise ConfigError("backbone.stages", "missing")
+    return FeatureExtractor(
+        name=cfg["name"],
+        stages=cfg["stages"],
+        layers=list(layers),
+        pretrained=bool(cfg.get("pretrained", True)) if pretrained is None else pretrained,
+        weights=cfg.get("weights"),
+        kind=cfg.get("kind", "cnn"),
+        frozen=frozen,
+        mean=cfg.get("mean"),
+        std=cfg.get("std"),
+        **(cfg.get("timm_kwargs") or {}),
+    )
+
+
+def _to_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)

@@ -1,0 +1,104 @@
+"""Throughput and memory figures for docs/BENCHMARKS.md.
+
+    python -m adtrain.bench [any run overrides, e.g. method=stfpm data=elpv data.category=mono
+        backbone=efficientnet_lite0 trainer.max_epochs=2] [bench.out=FILE] [bench.model_only=true]
+
+Runs one ordinary run (fit + test, end to end: decode, transforms, scoring, metrics) and prints
+train images/s, test images/s and peak memory; with bench.model_only=true it also times the
+model's scoring alone on random input (no data loading), to separate model cost from pipeline cost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("adtrain")
+
+
+def machine() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
+
+
+@torch.no_grad()
+def model_only_throughput(method, image_size, batch_size: int, device: torch.device, precision: str, iters: int = 10) -> float:
+    method.eval().to(device)
+    x = torch.randn(batch_size, 3, *image_size, device=device)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
+    with ctx:
+        for _ in range(2):
+            method.anomaly_output(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            method.anomaly_output(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return batch_size * iters / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from adtrain.__main__ import config_dir
+    from adtrain.run import run
+
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    bench_args = {a.split("=", 1)[0][6:]: a.split("=", 1)[1] for a in args if a.startswith("bench.")}
+    overrides = [a for a in args if not a.startswith("bench.")]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", "output.heatmaps=0", *overrides])
+    run_dir = Path(bench_args.get("run_dir") or tempfile.mkdtemp(prefix="adtrain-bench-"))
+    res = run(cfg, run_dir)
+    epochs = max(1, res["epochs_trained"])
+    figures = {
+        "command": "python -m adtrain.bench " + " ".join(args),
+        "machine": machine(),
+        "method": res["method"], "backbone": res["backbone"], "data": res["data"], "category": res["category"],
+        "image_size": list(cfg.method.image_size), "precision": res["precision"], "device": res["device"],
+        "image_auroc": res["image_auroc"], "pixel_auroc": res["pixel_auroc"],
+        "epochs": res["epochs_trained"], "num_train": res["num_train"],
+        "fit_seconds": res["fit_seconds"],
+        "train_images_per_second": round(res["num_train"] * epochs / res["fit_seconds"], 2),
+        "test_seconds": res["test_seconds"], "num_test": res["num_test"],
+        "test_images_per_second": res["test_images_per_second"],
+        "peak_memory_mb": res["peak_memory_mb"], "peak_memory_kind": res["peak_memory_kind"],
+    }
+    if bench_args.get("model_only", "false").lower() == "true":
+        from adtrain.checkpoint import load_method
+
+        method, _, _ = load_method(run_dir / "checkpoints" / "model.ckpt")
+        figures["model_only_images_per_second"] = round(model_only_throughput(
+            method, tuple(cfg.method.image_size), int(cfg.method.batch_size), torch.device(res["device"]),
+            res["precision"]), 2)
+    print(json.dumps(figures, indent=2))
+    if bench_args.get("out"):
+        from adtrain.io import write_json
+
+        write_json(bench_args["out"], figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Config -> objects, through Hydra `_target_` instantiation only, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from adtrain.errors import AdtrainError, ConfigError
+
+#: keys of a method config that other groups read (the recipe), not constructor arguments
+METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "image_size", "center_crop")
+
+
+def _instantiate(node: DictConfig, group: str, drop: tuple[str, ...] = (), **kwargs):
+    cfg = OmegaConf.to_container(node, resolve=True)
+    for key in drop:
+        cfg.pop(key, None)
+    if not cfg.get("_target_"):
+        raise ConfigError(f"{group}._target_", "missing: say which class builds this group")
+    try:
+        return hydra.utils.instantiate(cfg, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, AdtrainError):
+            raise cause from None
+        if isinstance(cause, TypeError) and "argument" in str(cause):
+            raise ConfigError(group, f"{cause} (target {cfg['_target_']})") from None
+        raise
+
+
+def build_datamodule(cfg: DictConfig, **overrides):
+    dm = _instantiate(cfg.data, "data", drop=("name",), **overrides)
+    dm.setup()
+    return dm
+
+
+def build_method(cfg: DictConfig):
+    return _instantiate(cfg.method, "method", drop=METHOD_RECIPE_KEYS)
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    if cfg.get("logger") is None or not cfg.logger.get("_target_"):
+        return None
+    extra = {"save_dir": str(run_dir)} if cfg.logger.get("save_dir", None) is None else {}
+    return _instantiate(cfg.logger, "logger", **extra)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, logger, monitor: str | None):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from adtrain.checkpointing import AtomicCheckpointIO
+
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="min",
+        save_last=True, save_top_k=1, enable_version_counter=False,
+    )
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    try:
+        trainer = Trainer(
+            **kwargs, logger=logger if logger is not None else False, callbacks=[ckpt],
+            plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
+        )
+    except TypeError as err:
+        raise ConfigError("trainer", str(err)) from None
+    return trainer, ckpt

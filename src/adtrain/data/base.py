@@ -1,0 +1,206 @@
+"""AnomalyDataModule: held-out split, few-shot, transforms and the three DataLoaders."""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from adtrain.data.dataset import AnomalyDataset, Loaded, PredictDataset, Sample, load_sample
+from adtrain.data.image_io import expand_image_paths
+from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment, build_transform,
+                                     instantiate_if_config, size_pair, to_plain)
+from adtrain.errors import ConfigError, DataError
+
+
+def seeded_rng(seed: int, *keys: str) -> np.random.Generator:
+    """A generator that depends only on the seed and the given names (stable across runs)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF] + [zlib.crc32(k.encode()) for k in keys])
+
+
+def split_by_fraction(items: Sequence, fraction: float, rng: np.random.Generator,
+                      keep_one: bool = True) -> tuple[list, list]:
+    """Shuffle with rng and return (rest, picked) where picked holds round(fraction * n) items.
+
+    keep_one: when 0 < fraction < 1 and n >= 2, both parts get at least one item.
+    """
+    items = list(items)
+    n = len(items)
+    k = int(round(fraction * n))
+    if keep_one and 0 < fraction < 1 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    order = rng.permutation(n)
+    picked = sorted(order[:k].tolist())
+    rest = sorted(order[k:].tolist())
+    return [items[i] for i in rest], [items[i] for i in picked]
+
+
+def group_by_category(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: (s.category, s.path)):
+        groups[s.category].append(s)
+    return dict(groups)
+
+
+class AnomalyDataModule(LightningDataModule):
+    """Common data handling; subclasses implement _train_samples() and _test_samples().
+
+    category: one name, or a list (a task grouping several categories).
+    val_split: fraction of the training normals held out (seeded, per category) for model
+    selection, thresholds and normalisation; never the test set.
+    shots: keep k training normals per category (seeded), chosen after the held-out split.
+    augment: albumentations transforms (objects or `_target_` dicts), training images only.
+    synthetic_anomaly: callable(image_uint8, rng) -> (image, mask), training images only.
+    """
+
+    def __init__(self, category: str | list[str], image_size: Sequence[int] | int = (256, 256),
+                 center_crop: Sequence[int] | int | None = None, batch_size: int = 32,
+                 eval_batch_size: int | None = None, num_workers: int = 0, val_split: float = 0.2,
+                 seed: int = 0, shots: int | None = None, augment: list | None = None,
+                 synthetic_anomaly: object | None = None):
+        super().__init__()
+        category = to_plain(category)
+        if isinstance(category, (list, tuple)):
+            if not category:
+                raise ConfigError("data.category", "empty list of categories")
+            self.categories = [str(c) for c in category]
+        else:
+            self.categories = [str(category)]
+        self.category = category if isinstance(category, str) else list(self.categories)
+        self.image_size = size_pair(image_size, "data.image_size")
+        self.center_crop = size_pair(center_crop, "data.center_crop")
+        if self.center_crop is not None and any(c > s for c, s in zip(self.center_crop, self.image_size)):
+            raise ConfigError("data.center_crop", f"{list(self.center_crop)} is larger than image_size "
+                              f"{list(self.image_size)}")
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("data.batch_size", "must be >= 1")
+        self.num_workers = int(num_workers)
+        if not 0.0 <= float(val_split) < 1.0:
+            raise ConfigError("data.val_split", f"must be in [0, 1), got {val_split}")
+        self.val_split = float(val_split)
+        self.seed = int(seed)
+        if shots is not None and int(shots) < 1:
+            raise ConfigError("data.shots", f"must be a positive integer or null, got {shots}")
+        self.shots = int(shots) if shots is not None else None
+        self.augment = build_augment(augment)
+        self.synthetic_anomaly = instantiate_if_config(synthetic_anomaly, "data.synthetic_anomaly")
+        if self.synthetic_anomaly is not None and not callable(self.synthetic_anomaly):
+            raise ConfigError("data.synthetic_anomaly", "must be callable(image_uint8, rng) -> (image, mask)")
+        self._train: list[Sample] | None = None
+        self._val: list[Sample] | None = None
+        self._test: list[Sample] | None = None
+
+    # ----- hooks for subclasses -------------------------------------------------------------
+    def _train_samples(self) -> list[Sample]:
+        """All training normals of self.categories (before the held-out split)."""
+        raise NotImplementedError
+
+    def _test_samples(self) -> list[Sample]:
+        """All test samples of self.categories."""
+        raise NotImplementedError
+
+    def sample_loader(self) -> Callable[[Sample], Loaded]:
+        """Picklable callable Sample -> (image uint8 HxWx3, mask {0,1} HxW or None)."""
+        return load_sample
+
+    # ----- setup ----------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        train_all = self._train_samples()
+        test = self._test_samples()
+        if not train_all:
+            raise DataError(self._describe(), f"no training images for category {self.category}")
+        if any(s.label != 0 for s in train_all):
+            raise DataError(self._describe(), "training samples must all be normal (label 0)")
+        train, val = [], []
+        for cat, group in group_by_category(train_all).items():
+            rest, held = split_by_fraction(group, self.val_split, seeded_rng(self.seed, "val_split", cat))
+            if self.shots is not None:
+                if self.shots > len(rest):
+                    raise ConfigError("data.shots", f"{self.shots} shots requested but category '{cat}' has "
+                                      f"only {len(rest)} training normals after the held-out split")
+                rest = [rest[i] for i in sorted(seeded_rng(self.seed, "shots", cat)
+                                                .choice(len(rest), self.shots, replace=False).tolist())]
+            train += rest
+            val += held
+        self._train, self._val, self._test = train, val, list(test)
+
+    def _describe(self) -> str:
+        """What to name in errors about this data source (subclasses: the root folder)."""
+        return type(self).__name__
+
+    def _require_setup(self) -> None:
+        if self._train is None:
+            self.setup()
+
+    @property
+    def train_samples(self) -> list[Sample]:
+        self._require_setup()
+        return self._train
+
+    @property
+    def val_samples(self) -> list[Sample]:
+        self._require_setup()
+        return self._val
+
+    @property
+    def test_samples(self) -> list[Sample]:
+        self._require_setup()
+        return self._test
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return IMAGENET_MEAN
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return IMAGENET_STD
+
+    # ----- transforms, datasets, loaders ----------------------------------------------------
+    def eval_transform(self):
+        return build_transform(self.image_size, self.center_crop, None, self.mean, self.std)
+
+    def train_transform(self):
+        return build_transform(self.image_size, self.center_crop, self.augment, self.mean, self.std)
+
+    def make_dataset(self, samples: Sequence[Sample], train: bool = False) -> AnomalyDataset:
+        """train=True: augment and synthetic anomalies apply; False: the eval transform."""
+        return AnomalyDataset(samples, self.train_transform() if train else self.eval_transform(),
+                              loader=self.sample_loader(), train=train,
+                              synthetic_anomaly=self.synthetic_anomaly if train else None)
+
+    def make_dataloader(self, samples: Sequence[Sample], train: bool = False, shuffle: bool = False,
+                        batch_size: int | None = None) -> DataLoader:
+        """A DataLoader over any samples (e.g. training normals with the eval transform)."""
+        return self._loader(self.make_dataset(samples, train=train), shuffle,
+                            batch_size or (self.batch_size if train else self.eval_batch_size))
+
+    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.make_dataloader(self.train_samples, train=True, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out training normals (eval transform)."""
+        return self.make_dataloader(self.val_samples, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.make_dataloader(self.test_samples, train=False)
+
+    def predict_dataset(self, paths) -> PredictDataset:
+        """Images only ({'image', 'path'}) with the eval transform; paths: list, folder or glob."""
+        if isinstance(paths, (str, Path)):
+            paths = expand_image_paths(paths)
+        return PredictDataset(list(paths), self.eval_transform())

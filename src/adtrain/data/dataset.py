@@ -1,0 +1,135 @@
+"""Sample records, the torch Dataset that yields the batch contract, and the default file loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from adtrain.data.image_io import read_image, read_mask
+from adtrain.errors import AdtrainError, DataError
+
+# image uint8 (H,W,3), mask {0,1} uint8 (H,W) or None when no ground truth exists
+Loaded = tuple[np.ndarray, "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: label 0 normal / 1 anomalous; mask_path None when no ground-truth file."""
+
+    path: str
+    label: int
+    mask_path: str | None
+    category: str
+    defect: str
+
+
+def load_sample(sample: Sample) -> Loaded:
+    """Default loader: image from sample.path, mask from sample.mask_path (size checked)."""
+    image = read_image(sample.path)
+    if sample.mask_path is None:
+        return image, None
+    mask = read_mask(sample.mask_path, (image.shape[1], image.shape[0]), image_path=sample.path)
+    return image, mask
+
+
+class WorkerDataError(DataError):
+    """A DataError that torch can rebuild from its message when it re-raises a worker's error."""
+
+    def __init__(self, path, message: str | None = None):
+        if message is None:  # rebuilt by the DataLoader from the worker's formatted traceback
+            AdtrainError.__init__(self, str(path))
+            self.path = "<DataLoader worker>"
+        else:
+            super().__init__(path, message)
+
+
+def _binarise(mask) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    if m.dtype == np.bool_:
+        return m.astype(np.uint8)
+    if np.issubdtype(m.dtype, np.floating):
+        return (m > 0.5).astype(np.uint8)
+    return (m > (127 if m.size and m.max() > 1 else 0)).astype(np.uint8)
+
+
+class AnomalyDataset(Dataset):
+    """Samples -> batch-contract dicts (image, label, mask, has_mask, category, defect, path).
+
+    train=True draws a fresh random seed per item from torch's RNG (per-worker seeded by the
+    DataLoader; reproducible after seed_everything) for augmentation and synthetic anomalies.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform, loader: Callable[[Sample], Loaded] = load_sample,
+                 train: bool = False, synthetic_anomaly: Callable | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.loader = loader
+        self.train = train
+        self.synthetic_anomaly = synthetic_anomaly
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, sample: Sample) -> Loaded:
+        try:
+            return self.loader(sample)
+        except DataError as e:
+            if get_worker_info() is not None and not isinstance(e, WorkerDataError):
+                raise WorkerDataError(e.path, str(e).removeprefix(f"{e.path}: ")) from e
+            raise
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image, mask = self._load(sample)
+        label, defect = int(sample.label), sample.defect
+        has_mask = mask is not None or label == 0
+        mask = np.zeros(image.shape[:2], np.uint8) if mask is None else _binarise(mask)
+        if self.train:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+            if self.synthetic_anomaly is not None:
+                image, synth = self.synthetic_anomaly(image, rng)
+                image = np.ascontiguousarray(image, dtype=np.uint8)
+                synth = _binarise(synth)
+                if synth.any():
+                    mask = np.maximum(mask, synth)
+                    label, defect, has_mask = 1, "synthetic", True
+            if hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(int(rng.integers(0, 2**31 - 1)))
+        out = self.transform(image=image, mask=mask)
+        return {
+            "image": out["image"].float(),
+            "label": torch.tensor(label, dtype=torch.int64),
+            "mask": (torch.as_tensor(out["mask"]) > 0.5).float().unsqueeze(0),
+            "has_mask": torch.tensor(bool(has_mask)),
+            "category": sample.category,
+            "defect": defect,
+            "path": sample.path,
+        }
+
+
+class PredictDataset(Dataset):
+    """Images only (no labels): yields {'image', 'path'} with the eval transform."""
+
+    def __init__(self, paths: Sequence[str | Path], transform):
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        try:
+            image = read_image(path)
+        except DataError as e:
+            if get_worker_info() is not None:
+                raise WorkerDataError(e.path, str(e).removeprefix(f"{e.path}: ")) from e
+            raise
+        return {"image": self.transform(image=image)["image"].float(), "path": path}

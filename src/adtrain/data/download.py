@@ -1,0 +1,150 @@
+"""Fetch an official dataset archive, verify its checksum, extract it atomically into a root."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from adtrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    name: str  # dataset name for messages
+    url: str
+    md5: str | None  # None: no published checksum
+    filename: str
+
+
+MVTEC_AD = ArchiveSpec(
+    "MVTec AD",
+    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/"
+    "mvtec_anomaly_detection.tar.xz",
+    "eefca59f2cede9c3fc5b6befbfec275e",
+    "mvtec_anomaly_detection.tar.xz",
+)
+VISA = ArchiveSpec(
+    "VisA",
+    "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
+    None,
+    "VisA_20220922.tar",
+)
+
+
+def fetch_url(url: str, dest: Path, chunk: int = 1 << 20) -> None:
+    """Download url to dest (no checks). Network errors propagate as OSError/URLError."""
+    with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as f:
+        total = int(resp.headers.get("Content-Length") or 0)
+        done, next_log = 0, 0
+        while True:
+            block = resp.read(chunk)
+            if not block:
+                break
+            f.write(block)
+            done += len(block)
+            if done >= next_log:
+                log.info("downloading %s: %d MiB%s", url, done >> 20, f" of {total >> 20} MiB" if total else "")
+                next_log += 256 << 20
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_md5(path: Path, expected: str | None) -> None:
+    if expected is None:
+        return
+    got = md5sum(path)
+    if got != expected.lower():
+        raise DataError(path, f"checksum mismatch (md5 {got}, expected {expected}): the file is "
+                              "incomplete or corrupt")
+
+
+def _content_root(folder: Path, wanted: Sequence[str]) -> Path:
+    """Descend through single wrapping folders until one holds a wanted entry (or none wraps)."""
+    while not any((folder / w).exists() for w in wanted):
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir():
+            break
+        folder = entries[0]
+    return folder
+
+
+def extract_archive(archive: Path, root: Path, wanted: Sequence[str] = ()) -> list[str]:
+    """Extract a tar archive into root atomically: first into a temp dir inside root, then each
+    top-level entry is renamed into place (entries already in root are kept). Single wrapping
+    folders are skipped until one holds a `wanted` entry. Returns the names moved.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(tmp, filter="data")
+                else:  # pragma: no cover - old Python
+                    tar.extractall(tmp)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(archive, f"cannot extract archive: {e}") from e
+        src = _content_root(tmp, wanted)
+        moved = []
+        for entry in sorted(src.iterdir()):
+            target = root / entry.name
+            if target.exists():
+                continue
+            os.replace(entry, target)
+            moved.append(entry.name)
+        return moved
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def manual_instructions(spec: ArchiveSpec, root: Path, layout: str) -> str:
+    return (f"download {spec.url} by hand and extract it so that {root}/{layout} exists "
+            f"(or point the root setting at the extracted folder)")
+
+
+def download_dataset(spec: ArchiveSpec, root: str | Path, layout: str, wanted: Sequence[str] = (),
+                     keep_archive: bool = False) -> None:
+    """Download spec's archive into root, verify it, extract it atomically, remove the archive.
+
+    On network failure raises DataError saying where to put the files by hand.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / spec.filename
+    if not archive.is_file():
+        part = archive.with_name(archive.name + ".part")
+        log.info("downloading %s from %s to %s", spec.name, spec.url, archive)
+        try:
+            fetch_url(spec.url, part)
+        except (OSError, urllib.error.URLError, ValueError) as e:
+            part.unlink(missing_ok=True)
+            raise DataError(root, f"cannot download {spec.name} ({e}); "
+                                  + manual_instructions(spec, root, layout)) from e
+        os.replace(part, archive)
+    try:
+        verify_md5(archive, spec.md5)
+    except DataError as e:
+        archive.unlink(missing_ok=True)
+        raise DataError(archive, f"{str(e).removeprefix(f'{e.path}: ')}; it was deleted: run again to "
+                                 "download it again, or " + manual_instructions(spec, root, layout)) from e
+    moved = extract_archive(archive, root, wanted)
+    log.info("extracted %s into %s: %s", spec.name, root, ", ".join(moved) or "nothing new")
+    if not keep_archive:
+        archive.unlink(missing_ok=True)

@@ -1,0 +1,81 @@
+"""Any folders: normal images, optional anomalous images, optional masks matched by file stem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adtrain.data.base import AnomalyDataModule, seeded_rng, split_by_fraction
+from adtrain.data.dataset import Sample
+from adtrain.data.image_io import list_images
+from adtrain.errors import ConfigError, DataError
+
+
+def _images(folder: Path, key: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(folder, f"folder not found (data.{key})")
+    images = list_images(folder, recursive=True)
+    if not images:
+        raise DataError(folder, f"no image files found in this folder (data.{key})")
+    return images
+
+
+class FolderDataModule(AnomalyDataModule):
+    """normal_dir: normal images (train, and test unless normal_test_dir is given: then a seeded
+    normal_test_split fraction goes to test). abnormal_dir: anomalous test images; images in a
+    subfolder take its name as defect type. mask_dir: masks named <stem>.png or <stem>_mask.png,
+    looked up first in the same relative subfolder, then at the top of mask_dir. An anomalous
+    image without a mask gets has_mask=False."""
+
+    def __init__(self, normal_dir: str, abnormal_dir: str | None = None, mask_dir: str | None = None,
+                 normal_test_dir: str | None = None, normal_test_split: float = 0.2,
+                 category: str = "folder", **common):
+        super().__init__(category=category, **common)
+        if len(self.categories) != 1:
+            raise ConfigError("data.category", "a folder dataset has exactly one category name")
+        if not 0.0 <= float(normal_test_split) < 1.0:
+            raise ConfigError("data.normal_test_split", f"must be in [0, 1), got {normal_test_split}")
+        self.normal_dir = Path(normal_dir).expanduser()
+        self.abnormal_dir = Path(abnormal_dir).expanduser() if abnormal_dir else None
+        self.mask_dir = Path(mask_dir).expanduser() if mask_dir else None
+        self.normal_test_dir = Path(normal_test_dir).expanduser() if normal_test_dir else None
+        self.normal_test_split = float(normal_test_split)
+        self._normal_split: tuple[list[Path], list[Path]] | None = None
+
+    def _describe(self) -> str:
+        return str(self.normal_dir)
+
+    def _split_normals(self) -> tuple[list[Path], list[Path]]:
+        if self._normal_split is None:
+            normals = _images(self.normal_dir, "normal_dir")
+            if self.normal_test_dir is not None:
+                self._normal_split = (normals, _images(self.normal_test_dir, "normal_test_dir"))
+            else:
+                rng = seeded_rng(self.seed, "normal_test_split", self.categories[0])
+                self._normal_split = split_by_fraction(normals, self.normal_test_split, rng)
+        return self._normal_split
+
+    def _train_samples(self) -> list[Sample]:
+        cat = self.categories[0]
+        return [Sample(str(p), 0, None, cat, "good") for p in self._split_normals()[0]]
+
+    def _test_samples(self) -> list[Sample]:
+        cat = self.categories[0]
+        samples = [Sample(str(p), 0, None, cat, "good") for p in self._split_normals()[1]]
+        if self.abnormal_dir is not None:
+            if self.mask_dir is not None and not self.mask_dir.is_dir():
+                raise DataError(self.mask_dir, "folder not found (data.mask_dir)")
+            for p in _images(self.abnormal_dir, "abnormal_dir"):
+                rel = p.parent.relative_to(self.abnormal_dir)
+                defect = rel.parts[0] if rel.parts else self.abnormal_dir.name
+                mask = self._find_mask(rel, p.stem)
+                samples.append(Sample(str(p), 1, str(mask) if mask else None, cat, defect))
+        return samples
+
+    def _find_mask(self, rel: Path, stem: str) -> Path | None:
+        if self.mask_dir is None:
+            return None
+        for folder in dict.fromkeys([self.mask_dir / rel, self.mask_dir]):
+            for name in (f"{stem}.png", f"{stem}_mask.png"):
+                if (folder / name).is_file():
+                    return folder / name
+        return None

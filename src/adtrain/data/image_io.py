@@ -1,0 +1,131 @@
+"""Reading images and masks: every image becomes RGB uint8 (H,W,3), every mask {0,1} uint8 (H,W)."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from adtrain.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+_READ_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files in a folder, sorted by path (hidden files skipped)."""
+    folder = Path(folder)
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+
+
+def expand_image_paths(spec: str | Path | list) -> list[Path]:
+    """A folder, a glob pattern, a single file, or a list of these -> sorted image paths."""
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in expand_image_paths(s)]
+    p = Path(spec)
+    if p.is_dir():
+        return list_images(p, recursive=True)
+    if p.is_file():
+        return [p]
+    hits = sorted(Path(h) for h in glob.glob(str(spec), recursive=True))
+    hits = [h for h in hits if h.is_file() and is_image_file(h)]
+    if not hits:
+        raise DataError(spec, "no image files found (expected a folder, a glob pattern or an image file)")
+    return hits
+
+
+def _open(path: str | Path) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except FileNotFoundError:
+        raise DataError(path, "cannot read image: file not found") from None
+    except _READ_ERRORS as e:
+        raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a high bit depth or float single-channel array to uint8."""
+    if arr.dtype == np.uint8:
+        return arr
+    if mode.startswith("I;16") or arr.dtype == np.uint16:
+        return np.round(arr.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        a = arr.astype(np.float64)
+        a = np.nan_to_num(a)
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
+        return np.clip(np.round(a), 0, 255).astype(np.uint8)
+    # 32-bit integer ("I"): Pillow uses it for 16-bit data in some formats.
+    a = arr.astype(np.int64)
+    if a.size and a.max() > 255:
+        return np.round(np.clip(a, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def image_to_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image of any mode -> RGB uint8 (H,W,3); alpha is dropped."""
+    mode = im.mode
+    if mode == "RGB":
+        arr = np.asarray(im)
+    elif mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA", "1"):
+        arr = np.asarray(im.convert("RGB"))
+    elif mode in ("L", "LA", "La"):
+        arr = np.asarray(im.getchannel(0))
+    else:  # I;16*, I, F: single channel with a wider range
+        arr = _to_uint8(np.asarray(im), mode)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read any image as RGB uint8 (H,W,3). Raises DataError(path, 'cannot read image: ...')."""
+    with _open(path) as im:
+        try:
+            return image_to_rgb(im)
+        except _READ_ERRORS as e:
+            raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
+
+
+def mask_from_array(arr: np.ndarray) -> np.ndarray:
+    """Any mask array -> {0,1} uint8 (H,W); a pixel > 0 in any colour channel is defect."""
+    arr = np.asarray(arr)
+    if arr.ndim == 3:
+        arr = arr[:, :, : min(arr.shape[2], 3)].max(axis=2)
+    return (arr > 0).astype(np.uint8)
+
+
+def read_mask(mask_path: str | Path, image_size: tuple[int, int] | None = None,
+              image_path: str | Path | None = None) -> np.ndarray:
+    """Read a ground-truth mask as {0,1} uint8 (H,W); >0 is defect.
+
+    image_size is the image's (W, H); a mask of another size raises DataError(mask_path, ...).
+    Palette masks use their indices (0 = background), as label PNGs do.
+    """
+    with _open(mask_path) as im:
+        if im.mode in ("LA", "La", "PA"):
+            arr = np.asarray(im.getchannel(0))
+        elif im.mode in ("RGBA", "RGBa", "RGBX"):
+            arr = np.asarray(im.convert("RGB"))
+        elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            arr = np.asarray(im.convert("L"))
+        else:
+            arr = np.asarray(im)
+    mask = mask_from_array(arr)
+    if image_size is not None:
+        w, h = image_size
+        mh, mw = mask.shape
+        if (mw, mh) != (w, h):
+            what = f"image {image_path}" if image_path is not None else "image"
+            raise DataError(mask_path, f"mask size {mw}x{mh} differs from {what} {w}x{h}")
+    return mask

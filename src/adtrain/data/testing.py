@@ -1,0 +1,86 @@
+"""Tiny on-disk datasets in the MVTec AD and VisA layouts, for tests and smoke runs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _image(rng: np.random.Generator, size: int, defect_box: tuple | None = None) -> np.ndarray:
+    img = (100 + 20 * rng.standard_normal((size, size, 3))).clip(0, 255).astype(np.uint8)
+    if defect_box is not None:
+        y0, y1, x0, x1 = defect_box
+        img[y0:y1, x0:x1] = 250
+    return img
+
+
+def _box(size: int, i: int) -> tuple[int, int, int, int]:
+    s = max(2, size // 4)
+    off = (i * 3) % (size - s)
+    x0 = (i * 5 + 2) % (size - s)
+    return off, off + s, x0, x0 + s
+
+
+def write_mvtec_tree(root: str | Path, category: str = "widget", n_train: int = 6, n_test_good: int = 2,
+                     defects: dict[str, int] | None = None, defects_without_gt: dict[str, int] | None = None,
+                     size: int = 32, seed: int = 0, mask_value: int = 255) -> Path:
+    """ROOT/CAT/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}; returns ROOT."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    defects = {"crack": 2} if defects is None else defects
+    defects_without_gt = defects_without_gt or {}
+    cat = root / category
+
+    def save(arr, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path)
+
+    for i in range(n_train):
+        save(_image(rng, size), cat / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        save(_image(rng, size), cat / "test" / "good" / f"{i:03d}.png")
+    for name, n in {**defects, **defects_without_gt}.items():
+        for i in range(n):
+            box = _box(size, i)
+            save(_image(rng, size, box), cat / "test" / name / f"{i:03d}.png")
+            if name in defects:
+                mask = np.zeros((size, size), np.uint8)
+                mask[box[0]:box[1], box[2]:box[3]] = mask_value
+                save(mask, cat / "ground_truth" / name / f"{i:03d}_mask.png")
+    return root
+
+
+def write_visa_tree(root: str | Path, categories: tuple[str, ...] = ("candle",), n_train: int = 5,
+                    n_test_normal: int = 2, n_test_anomaly: int = 2, size: int = 32, seed: int = 0,
+                    mask_value: int = 1, split_csv: str = "split_csv/1cls.csv") -> Path:
+    """VisA layout: ROOT/CAT/Data/{Images,Masks}/{Normal,Anomaly} + the split CSV; returns ROOT."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for cat in categories:
+        base = root / cat / "Data"
+        for d in ("Images/Normal", "Images/Anomaly", "Masks/Anomaly"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        for i in range(n_train + n_test_normal):
+            rel = f"{cat}/Data/Images/Normal/{i:04d}.JPG"
+            Image.fromarray(_image(rng, size)).save(root / rel, format="JPEG")
+            rows.append([cat, "train" if i < n_train else "test", "normal", rel, ""])
+        for i in range(n_test_anomaly):
+            box = _box(size, i)
+            rel = f"{cat}/Data/Images/Anomaly/{i:03d}.JPG"
+            Image.fromarray(_image(rng, size, box)).save(root / rel, format="JPEG")
+            mask = np.zeros((size, size), np.uint8)
+            mask[box[0]:box[1], box[2]:box[3]] = mask_value
+            mrel = f"{cat}/Data/Masks/Anomaly/{i:03d}.png"
+            Image.fromarray(mask).save(root / mrel)
+            rows.append([cat, "test", "anomaly", rel, mrel])
+    csv_path = root / split_csv
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["object", "split", "label", "image", "mask"])
+        w.writerows(rows)
+    return root

@@ -1,0 +1,86 @@
+"""Albumentations pipelines: Resize (+ CenterCrop) + augment + ImageNet Normalize + ToTensorV2."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+from adtrain.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python (lists/dicts); anything else unchanged."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def instantiate_if_config(obj: Any, key: str) -> Any:
+    """A `_target_` dict (or DictConfig) -> the object Hydra builds from it; objects unchanged."""
+    obj_plain = to_plain(obj)
+    if isinstance(obj_plain, dict):
+        if "_target_" not in obj_plain:
+            raise ConfigError(key, f"expected an object or a dict with '_target_', got {obj_plain!r}")
+        from hydra.utils import instantiate
+
+        try:
+            return instantiate(obj_plain)
+        except Exception as e:  # Hydra wraps import/argument errors
+            raise ConfigError(key, f"cannot instantiate {obj_plain['_target_']}: {e}") from e
+    return obj
+
+
+def build_augment(augment: Sequence | None) -> list:
+    """augment: list of albumentations transforms or `_target_` dicts -> list of transforms."""
+    augment = to_plain(augment)
+    if augment is None:
+        return []
+    if not isinstance(augment, (list, tuple)):
+        augment = [augment]
+    out = []
+    for i, t in enumerate(augment):
+        t = instantiate_if_config(t, f"data.augment[{i}]")
+        if not isinstance(t, A.BasicTransform | A.BaseCompose):
+            raise ConfigError(f"data.augment[{i}]", f"not an albumentations transform: {t!r}")
+        out.append(t)
+    return out
+
+
+def size_pair(value, key: str) -> tuple[int, int] | None:
+    """An int or [H, W] -> (H, W); None stays None."""
+    value = to_plain(value)
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = [value, value]
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"expected an int or [height, width], got {value!r}") from None
+    if h <= 0 or w <= 0:
+        raise ConfigError(key, f"sizes must be positive, got {value!r}")
+    return h, w
+
+
+def build_transform(image_size: tuple[int, int], center_crop: tuple[int, int] | None = None,
+                    augment: Sequence | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Compose:
+    """Resize (bilinear image, nearest mask) [+ CenterCrop] [+ augment] + Normalize + ToTensorV2."""
+    steps = [A.Resize(image_size[0], image_size[1], interpolation=cv2.INTER_LINEAR,
+                      mask_interpolation=cv2.INTER_NEAREST)]
+    if center_crop is not None:
+        if center_crop[0] > image_size[0] or center_crop[1] > image_size[1]:
+            raise ConfigError("data.center_crop", f"{list(center_crop)} is larger than image_size {list(image_size)}")
+        steps.append(A.CenterCrop(center_crop[0], center_crop[1]))
+    steps += list(augment or [])
+    steps += [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=0)

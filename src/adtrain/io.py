@@ -1,0 +1,71 @@
+"""Atomic file writes: a crash never leaves a half-written result or checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> null, tensors/numpy scalars -> Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _clean(obj.tolist())
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    text = json.dumps(_clean(data), indent=2, sort_keys=False)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+
+    return _atomic(path, write)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return _atomic(path, write)
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_image(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image (format from the suffix) atomically."""
+    fmt = Path(path).suffix.lstrip(".").upper() or "PNG"
+    fmt = "JPEG" if fmt == "JPG" else fmt
+    return _atomic(path, lambda tmp: image.save(tmp, format=fmt))

@@ -1,0 +1,74 @@
+"""Experiment loggers beyond Lightning's own: W&B with an automatic offline fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("adtrain")
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_logger(
+    project: str = "adtrain",
+    entity: str | None = None,
+    name: str | None = None,
+    group: str | None = None,
+    tags: list | None = None,
+    mode: str = "auto",
+    save_dir: str = ".",
+    log_checkpoint: bool = True,
+):
+    """A Lightning WandbLogger; `mode=auto` goes offline (and says so) when no API key is set."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if mode == "auto":
+        mode = "online" if _wandb_key_available() else "offline"
+        if mode == "offline":
+            log.warning(
+                "W&B: no API key (WANDB_API_KEY or `wandb login`) found: logging OFFLINE to %s/wandb; "
+                "upload later with `wandb sync %s/wandb/offline-run-*`", save_dir, save_dir,
+            )
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(
+        project=project, entity=entity, name=name, group=group, tags=list(tags or []),
+        mode=mode, save_dir=save_dir, log_model=False,
+    )
+    logger.adtrain_log_checkpoint = log_checkpoint
+    return logger
+
+
+def is_wandb(logger) -> bool:
+    return type(logger).__name__ == "WandbLogger"
+
+
+def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[str], checkpoint: Path | None) -> None:
+    """Scalars to any logger; heatmaps, a per-image score table and the checkpoint to W&B."""
+    if logger is None:
+        return
+    scalars = {f"test/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    logger.log_metrics(scalars)
+    if is_wandb(logger):
+        import wandb
+
+        run = logger.experiment
+        if heatmaps:
+            run.log({"test/heatmaps": [wandb.Image(p, caption=Path(p).stem) for p in heatmaps]})
+        if records:
+            cols = list(records[0].keys())
+            run.log({"test/scores": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in records])})
+        if checkpoint is not None and getattr(logger, "adtrain_log_checkpoint", True):
+            art = wandb.Artifact(name=f"model-{run.id}", type="model", metadata=scalars)
+            art.add_file(str(checkpoint))
+            run.log_artifact(art)
+    logger.save()

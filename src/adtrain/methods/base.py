@@ -1,0 +1,152 @@
+"""The Lightning side every method shares: held-out validation, thresholds, test metrics.
+
+A method subclasses AnomalyModule, sets `self.model` (a pure torch model whose eval forward
+returns AnomalyOutput) and implements `training_step` + `configure_optimizers` (or the
+memory-bank hooks). Selection, thresholds and normalisation use held-out normals only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+
+from adtrain.errors import TrainingError
+from adtrain.methods.output import AnomalyOutput
+
+
+class AnomalyModule(LightningModule):
+    #: memory-bank / training-free methods set this: one pass over the data, no optimiser
+    training_free: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Fitted on held-out normals after selection; saved with the checkpoint.
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.register_buffer("score_center", torch.tensor(0.0))
+        self.register_buffer("map_center", torch.tensor(0.0))
+        self.adtrain_config: dict | None = None
+        self.evaluator = None
+        self.test_records: list[dict] = []
+        self.heatmap_dir: Path | None = None
+        self.heatmap_paths: set[str] = set()
+        self.heatmap_files: list[str] = []
+        self.pixel_metrics = True
+        self._val_scores: list[torch.Tensor] = []
+
+    # ----------------------------------------------------------------- inference
+    def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
+        """Scores for a batch of normalised images; the model must be in eval mode."""
+        out = self.model(images)
+        return AnomalyOutput(out.anomaly_map.float(), out.pred_score.float())
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        return self.anomaly_output(images)
+
+    # ----------------------------------------------------------------- helpers
+    def check_finite(self, loss: torch.Tensor, name: str = "loss") -> None:
+        if not torch.isfinite(loss).all():
+            raise TrainingError(
+                f"{name} became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}. "
+                "Lower the learning rate (method.lr), use trainer.precision=32-true, or check the "
+                "data for constant/empty images. The last good checkpoint is in <run dir>/checkpoints/."
+            )
+
+    # ----------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.anomaly_output(batch["image"])
+        self._val_scores.append(out.pred_score.detach().float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_scores:
+            scores = torch.cat(self._val_scores)
+            self.log("val/normal_score", scores.mean(), prog_bar=True, sync_dist=True)
+        self._val_scores = []
+
+    # ----------------------------------------------------------------- thresholds
+    @torch.no_grad()
+    def fit_threshold(self, dataloader, quantile: float = 0.99, max_pixels: int = 2_000_000) -> dict:
+        """Image threshold and display normalisation from held-out normal images."""
+        self.eval()
+        scores, pixels = [], []
+        per_batch = max(1, max_pixels // max(1, len(dataloader)))
+        for batch in dataloader:
+            out = self.anomaly_output(batch["image"].to(self.device))
+            scores.append(out.pred_score.cpu())
+            flat = out.anomaly_map.flatten().cpu()
+            pixels.append(flat[:: max(1, flat.numel() // per_batch)])
+        if not scores:
+            return {"threshold": None}
+        s = torch.cat(scores).double()
+        self.threshold.fill_(float(torch.quantile(s, quantile)))
+        self.score_center.fill_(float(s.median()))
+        self.map_center.fill_(float(torch.cat(pixels).double().median()))
+        return {
+            "threshold": float(self.threshold),
+            "threshold_quantile": quantile,
+            "normal_score_median": float(self.score_center),
+            "num_threshold_images": int(s.numel()),
+        }
+
+    def normalize(self, values: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """0 at the normal median, 0.5 at the threshold (linear); no threshold -> raw values."""
+        thr = self.threshold
+        if not torch.isfinite(thr) or float(thr - center) <= 0:
+            return values
+        return 0.5 * (values - center) / (thr - center)
+
+    # ----------------------------------------------------------------- test
+    def on_test_epoch_start(self) -> None:
+        from adtrain.metrics import AnomalyEvaluator
+
+        self.evaluator = AnomalyEvaluator(pixel_metrics=self.pixel_metrics)
+        self.test_records = []
+        self.heatmap_files = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.anomaly_output(batch["image"])
+        self.evaluator.update(out.pred_score, batch["label"], out.anomaly_map, batch["mask"], batch["has_mask"])
+        norm = self.normalize(out.pred_score, self.score_center).cpu()
+        thr = float(self.threshold)
+        for i, path in enumerate(batch["path"]):
+            score = float(out.pred_score[i])
+            self.test_records.append(
+                {
+                    "path": path,
+                    "category": batch["category"][i],
+                    "defect": batch["defect"][i],
+                    "label": int(batch["label"][i]),
+                    "score": score,
+                    "normalized_score": float(norm[i]),
+                    "prediction": int(score > thr) if np.isfinite(thr) else None,
+                }
+            )
+            if self.heatmap_dir is not None and path in self.heatmap_paths:
+                self._write_heatmap(batch, out, i)
+
+    def _write_heatmap(self, batch: dict, out: AnomalyOutput, i: int) -> None:
+        from adtrain.io import save_image
+        from adtrain.viz import denormalize, overlay_panel
+
+        image = denormalize(batch["image"][i])
+        norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center).clamp(0, 1)
+        if not torch.isfinite(self.threshold):  # no threshold: min-max for display only
+            m = out.anomaly_map[i, 0]
+            norm_map = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+        mask = batch["mask"][i, 0].cpu().numpy() if bool(batch["has_mask"][i]) and int(batch["label"][i]) else None
+        title = f"{batch['defect'][i]}  score {float(out.pred_score[i]):.4g}"
+        stem = Path(batch["path"][i]).stem
+        name = f"{len(self.heatmap_files):03d}_{batch['category'][i]}_{batch['defect'][i]}_{stem}.png"
+        path = self.heatmap_dir / name.replace("/", "_")
+        save_image(overlay_panel(image, norm_map.float().cpu().numpy(), mask, title), path)
+        self.heatmap_files.append(str(path))
+
+    def test_results(self) -> dict[str, Any]:
+        return self.evaluator.compute() if self.evaluator is not None else {}
+
+    # ----------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["adtrain_config"] = self.adtrain_config

@@ -1,0 +1,19 @@
+"""Evaluation metrics for all methods: exact image metrics, streaming pixel metrics, AUPRO."""
+
+from adtrain.metrics.aupro import aupro
+from adtrain.metrics.evaluator import METRIC_KEYS, AnomalyEvaluator
+from adtrain.metrics.histogram import StreamingHistogram
+from adtrain.metrics.image import auroc, average_precision, f1_max, image_metrics
+from adtrain.metrics.pixel import PixelMetricAccumulator
+
+__all__ = [
+    "METRIC_KEYS",
+    "AnomalyEvaluator",
+    "PixelMetricAccumulator",
+    "StreamingHistogram",
+    "aupro",
+    "auroc",
+    "average_precision",
+    "f1_max",
+    "image_metrics",
+]

@@ -1,0 +1,64 @@
+"""Shared test helpers: compose the real Hydra config with small, fast overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A small, quick run on synthetic data: what most end-to-end tests start from.
+FAST_BASE = [
+    "method.image_size=[64,64]",
+    "method.batch_size=8",
+    "backbone=resnet18",
+    "backbone.pretrained=false",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "output.heatmaps=2",
+]
+FAST = [
+    "data=synthetic",
+    "data.num_train=24",
+    "data.num_test_normal=8",
+    "data.num_test_anomalous=8",
+    "data.num_workers=0",
+    *FAST_BASE,
+]
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def base_cfg():
+    """The fast settings without a data choice: pass data=... yourself."""
+
+    def make(*overrides: str):
+        return compose(*FAST_BASE, *overrides)
+
+    return make
+
+
+@pytest.fixture
+def fast_cfg():
+    def make(*overrides: str):
+        return compose(*FAST, *overrides)
+
+    return make

