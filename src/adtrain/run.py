@@ -83,8 +83,10 @@ def write_scores_csv(path: Path, records: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_path: str | None = None) -> dict:
-    """Train (or build the memory bank), select on held-out normals, threshold, test."""
+def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
+                   ckpt_path: str | None = None) -> tuple[object, dict]:
+    """Train (or build the memory bank), reload the checkpoint selected on held-out normals,
+    fit the threshold on them. Returns (trainer, info); the method is left on the trainer's device."""
     run_dir.mkdir(parents=True, exist_ok=True)
     monitor = "val/normal_score" if len(dm.val_samples) > 0 else None
     trainer, ckpt_cb = build_trainer(cfg, run_dir, logger, monitor)
@@ -106,9 +108,21 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
     if len(dm.val_samples) > 0:
         with trainer.precision_plugin.forward_context():
             thr_info = method.fit_threshold(dm.val_dataloader(), cfg.threshold.quantile)
+    info = {
+        "fit_seconds": round(fit_seconds, 3),
+        "epochs_trained": int(trainer.current_epoch),
+        "selected_checkpoint": Path(best).name if best else None,
+        "threshold_info": thr_info,
+    }
+    return trainer, info
 
-    method.heatmap_dir = run_dir / "heatmaps" if cfg.output.heatmaps else None
-    method.heatmap_paths = pick_heatmap_paths(dm.test_samples, int(cfg.output.heatmaps), int(cfg.seed))
+
+def test_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | None) -> dict:
+    """Test on dm's test set: the seven metrics, timing and peak memory (heatmaps if a dir is given)."""
+    device = trainer.strategy.root_device
+    method.heatmap_dir = heatmap_dir if cfg.output.heatmaps else None
+    method.heatmap_paths = (pick_heatmap_paths(dm.test_samples, int(cfg.output.heatmaps), int(cfg.seed))
+                            if method.heatmap_dir is not None else set())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t1 = time.perf_counter()
@@ -116,28 +130,42 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
     metrics = method.test_results()
     test_seconds = time.perf_counter() - t1
     peak, peak_kind = peak_memory_mb(device)
-
     n_test = len(dm.test_samples)
+    return {
+        **{k: metrics.get(k) for k in METRIC_KEYS},
+        "test_seconds": round(test_seconds, 3),
+        "test_images_per_second": round(n_test / test_seconds, 3) if test_seconds > 0 else None,
+        "peak_memory_mb": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+        "num_test": n_test,
+    }
+
+
+def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_path: str | None = None) -> dict:
+    """Train (or build the memory bank), select on held-out normals, threshold, test."""
+    trainer, info = fit_and_select(cfg, run_dir, dm, method, logger, ckpt_path)
+    tested = test_method(cfg, trainer, method, dm, run_dir / "heatmaps")
+    device = trainer.strategy.root_device
     results = {
         "method": cfg.method.name,
         "data": cfg.data.name,
         "category": OmegaConf.to_container(cfg.data.category) if OmegaConf.is_list(cfg.data.category) else cfg.data.category,
         "backbone": str(cfg.backbone.name).split(".")[0],
         "seed": int(cfg.seed),
-        **{k: metrics.get(k) for k in METRIC_KEYS},
-        "fit_seconds": round(fit_seconds, 3),
-        "test_seconds": round(test_seconds, 3),
-        "test_images_per_second": round(n_test / test_seconds, 3) if test_seconds > 0 else None,
-        "peak_memory_mb": round(peak, 1),
-        "peak_memory_kind": peak_kind,
+        **{k: tested[k] for k in METRIC_KEYS},
+        "fit_seconds": info["fit_seconds"],
+        "test_seconds": tested["test_seconds"],
+        "test_images_per_second": tested["test_images_per_second"],
+        "peak_memory_mb": tested["peak_memory_mb"],
+        "peak_memory_kind": tested["peak_memory_kind"],
         "num_train": len(dm.train_samples),
         "num_val": len(dm.val_samples),
-        "num_test": n_test,
-        "epochs_trained": int(trainer.current_epoch),
-        "selected_checkpoint": Path(best).name if best else None,
+        "num_test": tested["num_test"],
+        "epochs_trained": info["epochs_trained"],
+        "selected_checkpoint": info["selected_checkpoint"],
         "device": str(device),
         "precision": str(cfg.trainer.precision),
-        **thr_info,
+        **info["threshold_info"],
     }
     model_ckpt = run_dir / "checkpoints" / "model.ckpt"
     save_method(method, model_ckpt, {"results": results})

@@ -147,6 +147,16 @@ class AnomalyModule(LightningModule):
     def test_results(self) -> dict[str, Any]:
         return self.evaluator.compute() if self.evaluator is not None else {}
 
+    # ----------------------------------------------------------------- continual learning
+    #: what the method does across tasks (docs/continual.md); "finetune" = naive sequential
+    continual_behaviour: str = "finetune"
+
+    def begin_task(self, task_id: int, categories: list[str]) -> None:
+        """Called by the continual runner before training on task `task_id`."""
+
+    def end_task(self, task_id: int, categories: list[str]) -> None:
+        """Called after task `task_id` is trained and selected (before it is evaluated)."""
+
     # ----------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["adtrain_config"] = self.adtrain_config

@@ -1,0 +1,74 @@
+"""Hot update of a training-free model (HETMM): add normal images without retraining.
+
+    python -m adtrain.templates add checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB'
+        [out=NEW.ckpt] [recompress=false] [batch_size=8] [device=auto]
+
+Writes the updated checkpoint atomically (in place unless out= is given). Python API:
+`adtrain.templates.add_images(checkpoint, images, out=None)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from adtrain.errors import AdtrainError, ConfigError
+
+log = logging.getLogger("adtrain")
+DEFAULTS = {"checkpoint": None, "images": None, "out": None, "recompress": False, "batch_size": 8, "device": "auto"}
+
+
+def add_images(checkpoint: str, images: str, out: str | None = None, recompress: bool = False,
+               batch_size: int = 8, device: str = "auto") -> dict:
+    from adtrain.build import _instantiate
+    from adtrain.checkpoint import load_method, save_method
+    from adtrain.predict import list_images
+
+    method, cfg, ckpt = load_method(checkpoint)
+    if not hasattr(method, "add_normal_images"):
+        raise ConfigError("checkpoint", f"method '{cfg.method.name}' has no hot update (training-free methods only, e.g. hetmm)")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    method.to(dev)
+    files = list_images(images)
+    dm = _instantiate(cfg.data, "data", drop=("name",))
+    before = method.model.num_templates
+    for batch in tqdm(DataLoader(dm.predict_dataset(files), batch_size=batch_size), desc="templates", unit="batch"):
+        method.add_normal_images(batch["image"], recompress=False)
+    if recompress:  # re-run PTS over the enlarged set (tiny-set models only)
+        method.model.compressed.fill_(False)
+        method.finalize()
+    after = method.model.num_templates
+    path = Path(out) if out else Path(checkpoint)
+    extra = {k: v for k, v in ckpt.items() if k not in ("state_dict", "adtrain_config")}
+    save_method(method.cpu(), path, extra)
+    log.info("templates: %d -> %d (%d images added); saved %s", before, after, len(files), path)
+    return {"before": before, "after": after, "added_images": len(files), "checkpoint": str(path)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv or argv[0] != "add":
+            raise ConfigError("command", "usage: python -m adtrain.templates add checkpoint=... images=...")
+        args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv[1:]))
+        unknown = set(args.keys()) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], f"unknown option; known: {', '.join(DEFAULTS)}")
+        for key in ("checkpoint", "images"):
+            if not args[key]:
+                raise ConfigError(key, "required")
+        print(add_images(**OmegaConf.to_container(args)))
+    except AdtrainError as err:
+        print(f"adtrain.templates: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""logger=wandb runs offline without an API key (and says so) and logs heatmaps, a score table,
+per-epoch losses and the checkpoint; logger=none writes no logger files."""
+
+import logging
+import time
+
+import pytest
+
+
+def test_wandb_offline_logs_heatmaps_table_and_checkpoint(fast_cfg, tmp_path, monkeypatch, caplog):
+    pytest.importorskip("wandb")
+    from adtrain.run import run
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        res = run(fast_cfg("logger=wandb", "output.heatmaps=2", "trainer.max_epochs=2"), tmp_path)
+    assert any("OFFLINE" in r.getMessage() for r in caplog.records)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+    files = runs[0] / "files"
+    images = list(files.rglob("media/images/**/*.png"))
+    tables = list(files.rglob("media/table/**/*.table.json"))
+    assert len(images) == 2 and len(tables) == 1
+    keys = (b"test/image_auroc", b"train/loss", b"test/scores", b"model-")
+    for _ in range(60):  # the W&B service may still be flushing its protobuf log of the run
+        records = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+        if all(k in records for k in keys):
+            break
+        time.sleep(1)
+    for key in keys:
+        assert key in records, key
+    assert res["image_auroc"] is not None
+
+
+def test_logger_none_writes_no_logger_files(fast_cfg, tmp_path):
+    from adtrain.run import run
+
+    run(fast_cfg("logger=none"), tmp_path)
+    assert not (tmp_path / "csv").exists() and not (tmp_path / "wandb").exists()
+    assert (tmp_path / "results.json").exists()
