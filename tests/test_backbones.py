@@ -221,3 +221,21 @@ def test_renormalisation_and_config_errors():
         resnet18(["layer5"])
     with pytest.raises(ConfigError, match="backbone.name"):
         FeatureExtractor("no_such_net", RESNET_STAGES, ["layer1"], pretrained=False)
+
+
+def test_channels_last_gives_the_same_features_and_gradients():
+    from adtrain.backbones import FeatureExtractor
+
+    torch.manual_seed(0)
+    kw = dict(name="resnet18", stages={"layer1": 1, "layer2": 2}, layers=["layer1", "layer2"], pretrained=False)
+    nchw = FeatureExtractor(**kw, channels_last=False).eval()
+    nhwc = FeatureExtractor(**kw, channels_last=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    assert nhwc.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    a, b = nchw(x), nhwc(x)
+    for k in a:
+        assert b[k].is_contiguous() and torch.allclose(a[k], b[k], atol=1e-4)
+    ga = torch.autograd.grad(a["layer2"].sum(), x)[0]
+    gb = torch.autograd.grad(b["layer2"].sum(), x)[0]
+    assert torch.allclose(ga, gb, atol=1e-4)

@@ -117,7 +117,7 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     return trainer, info
 
 
-def test_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | None) -> dict:
+def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | None) -> dict:
     """Test on dm's test set: the seven metrics, timing and peak memory (heatmaps if a dir is given)."""
     device = trainer.strategy.root_device
     method.heatmap_dir = heatmap_dir if cfg.output.heatmaps else None
@@ -144,7 +144,7 @@ def test_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | None) 
 def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_path: str | None = None) -> dict:
     """Train (or build the memory bank), select on held-out normals, threshold, test."""
     trainer, info = fit_and_select(cfg, run_dir, dm, method, logger, ckpt_path)
-    tested = test_method(cfg, trainer, method, dm, run_dir / "heatmaps")
+    tested = evaluate_method(cfg, trainer, method, dm, run_dir / "heatmaps")
     device = trainer.strategy.root_device
     results = {
         "method": cfg.method.name,

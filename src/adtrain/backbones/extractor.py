@@ -54,6 +54,7 @@ class FeatureExtractor(nn.Module):
         frozen: bool = False,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        channels_last: bool = True,
         **timm_kwargs: Any,
     ):
         super().__init__()
@@ -103,6 +104,7 @@ class FeatureExtractor(nn.Module):
             log.info("backbone %s: %d tensors loaded from %s", name, n, source)
         else:
             log.info("backbone %s: random init (pretrained=false)", name)
+        self._use_channels_last(channels_last)
         if frozen:
             self.requires_grad_(False)
             self.eval()
@@ -135,6 +137,13 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("_scale", (s_in / s).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_shift", ((m_in - m) / s).view(1, 3, 1, 1), persistent=False)
 
+    def _use_channels_last(self, enabled: bool) -> None:
+        """NHWC convolutions: the same numbers, several times faster on CPU (and with AMP on
+        GPU). Outputs are handed back contiguous (NCHW) so downstream code is unaffected."""
+        self.channels_last = bool(enabled) and self.kind == "cnn"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
     def train(self, mode: bool = True) -> "FeatureExtractor":
         """A frozen extractor stays in eval mode (batch-norm statistics fixed)."""
         return super().train(False if self.frozen else mode)
@@ -146,6 +155,8 @@ class FeatureExtractor(nn.Module):
             feats = self.model.forward_intermediates(
                 x, indices=self._indices, norm=False, output_fmt="NCHW", intermediates_only=True
             )
+        elif self.channels_last:
+            feats = [f.contiguous() for f in self.model(x.contiguous(memory_format=torch.channels_last))]
         else:
             feats = self.model(x)
         by_index = dict(zip(self._indices, feats))
@@ -178,6 +189,7 @@ def build_extractor(
         frozen=frozen,
         mean=cfg.get("mean"),
         std=cfg.get("std"),
+        channels_last=bool(cfg.get("channels_last", True)),
         **(cfg.get("timm_kwargs") or {}),
     )
 

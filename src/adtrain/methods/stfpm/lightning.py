@@ -18,7 +18,6 @@ class Stfpm(AnomalyModule):
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         loss_reduction: str = "official",
-        channels_last: bool = False,
         model: StfpmModel | None = None,
     ) -> None:
         super().__init__()
@@ -27,18 +26,9 @@ class Stfpm(AnomalyModule):
         self.model = model if model is not None else StfpmModel(backbone, layers)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.loss_reduction = loss_reduction
-        self.channels_last = channels_last
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-
-    def _prep(self, images: torch.Tensor) -> torch.Tensor:
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-
-    def anomaly_output(self, images):
-        return super().anomaly_output(self._prep(images))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        teacher, student = self.model(self._prep(batch["image"]))
+        teacher, student = self.model(batch["image"])
         loss = stfpm_loss(teacher, student, self.loss_reduction)
         self.check_finite(loss)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])

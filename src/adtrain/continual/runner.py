@@ -1,0 +1,213 @@
+"""A continual run: train task after task, evaluate every task seen so far, resume after a crash.
+
+Protocol (docs/continual.md): task t trains on its own training normals only (plus, if
+schedule.replay > 0, a bounded, counted buffer of earlier tasks' training images), is selected and
+thresholded on its own held-out normals, then the one model is tested on the test set of every task
+seen so far, each separately and without being told which task an image comes from.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch import seed_everything
+from omegaconf import DictConfig
+
+from adtrain.build import build_datamodule, build_logger, build_method
+from adtrain.continual.metrics import summarize
+from adtrain.continual.outputs import log_final, log_row, plot_matrix
+from adtrain.continual.schedule import Schedule, read_schedule, task_config, task_name
+from adtrain.continual.state import (MATRIX_METRICS, ContinualState, load_task_checkpoint, save_task_checkpoint,
+                                     task_checkpoint, task_dir)
+from adtrain.data.base import seeded_rng
+from adtrain.errors import ConfigError
+from adtrain.io import write_json
+from adtrain.loggers import is_wandb
+from adtrain.run import METRIC_KEYS, evaluate_method, fit_and_select, write_scores_csv
+
+log = logging.getLogger("adtrain")
+
+
+def _build_task_dm(cfg: DictConfig, cats: list[str], t: int | str):
+    try:
+        return build_datamodule(task_config(cfg, cats))
+    except ConfigError as err:
+        if err.key == "data.category":
+            raise ConfigError("schedule.tasks", f"task {t} ({task_name(cats)}) does not fit data={cfg.data.name}: "
+                              f"{err}") from None
+        raise
+
+
+def replay_buffer(own_train: list[list], t: int, per_task: int, seed: int, names: list[str]) -> list:
+    """At most per_task training images of each finished task j < t (seeded by the task's name)."""
+    out = []
+    for j in range(t):
+        pool = own_train[j]
+        k = min(per_task, len(pool))
+        pick = sorted(seeded_rng(seed, "replay", names[j]).choice(len(pool), k, replace=False).tolist())
+        out += [pool[p] for p in pick]
+    return out
+
+
+def _mean(values) -> float | None:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+class _Sequence:
+    """The state of one run_schedule call (kept small: the loop body lives in train_task)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, sched: Schedule, state: ContinualState):
+        self.cfg, self.run_dir, self.sched, self.state = cfg, run_dir, sched, state
+        self.names = sched.task_names
+        # every data module first: a category that does not exist fails before any training
+        self.eval_dms = [_build_task_dm(cfg, cats, t) for t, cats in enumerate(sched.tasks)]
+        self.train_dms = ([_build_task_dm(cfg, sched.train_tasks[0], "joint")] if sched.joint else self.eval_dms)
+        self.own_train = [list(dm.train_samples) for dm in self.train_dms]
+        self.method = build_method(cfg)
+        # train/eval flag of every submodule as built: what a single run's fit starts from
+        self.modes = {name: m.training for name, m in self.method.named_modules()}
+        self.logger = build_logger(cfg, run_dir)
+        self.records: list[dict] = []
+        self.device = None
+
+    def restore(self) -> None:
+        last = self.state.finished[-1]
+        load_task_checkpoint(self.method, task_checkpoint(self.run_dir, last))
+        log.info("Resuming the sequence after task %d (%s); finished tasks are not redone", last, self.names[last])
+        for entry in self.state.per_task:
+            log_row(self.logger, entry["task"], {e["task"]: e for e in entry["evaluations"]}, self.names)
+
+    def train_task(self, t: int, resuming: bool) -> None:
+        cfg, sched = self.cfg, self.sched
+        cats = sched.train_tasks[t]
+        n_train = len(sched.train_tasks)
+        seed_everything(int(cfg.seed) + t, workers=True, verbose=False)
+        tcfg = task_config(cfg, cats)
+        dm = self.train_dms[t]
+        replayed = 0
+        if sched.replay > 0 and not sched.joint:
+            buffer = replay_buffer(self.own_train, t, sched.replay, int(cfg.seed), self.names)
+            dm.train_samples[:] = self.own_train[t] + buffer
+            replayed = len(buffer)
+        tdir = task_dir(self.run_dir, t)
+        last = tdir / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if resuming and last.exists() else None
+        log.info("Task %d (%d of %d): %s (%d training images%s)%s", t, t + 1, n_train, task_name(cats),
+                 len(dm.train_samples), f", {replayed} replayed" if replayed else "",
+                 f", resuming from {last}" if ckpt_path else "")
+
+        # evaluation left the method in eval mode and Lightning's fit does not switch it back: restore
+        # the modes it was built with (frozen backbones stay in eval mode, trained parts train)
+        for name, m in self.method.named_modules():
+            m.training = self.modes.get(name, m.training)
+        self.method.begin_task(t, list(cats))
+        trainer, info = fit_and_select(tcfg, tdir, dm, self.method, self.logger, ckpt_path)
+        self.method.end_task(t, list(cats))
+        self.device = str(trainer.strategy.root_device)
+
+        final_row = t == n_train - 1
+        seen = range(len(sched.tasks)) if sched.joint else range(t + 1)
+        evals: dict[int, dict] = {}
+        for i in seen:
+            heatmaps = self.run_dir / "heatmaps" / f"task_{i}" if final_row else None
+            evals[i] = evaluate_method(tcfg, trainer, self.method, self.eval_dms[i], heatmaps)
+            if final_row:
+                self.records += [{"task": i, **r} for r in self.method.test_records]
+            log.info("  after task %d, task %d (%s): %s", t, i, self.names[i],
+                     ", ".join(f"{m}={evals[i][m]:.4f}" for m in MATRIX_METRICS if evals[i].get(m) is not None))
+        thr = info.pop("threshold_info")
+        entry = {
+            "task": t, "name": task_name(cats), "categories": list(cats),
+            "num_train": len(self.own_train[t]), "num_val": len(dm.val_samples), "replay_images": replayed,
+            **info, **thr, "device": self.device,
+            "evaluations": [{"task": i, "name": self.names[i], **evals[i]} for i in seen],
+        }
+        save_task_checkpoint(self.method, task_checkpoint(self.run_dir, t),
+                             {"task": t, "categories": list(cats), "schedule": sched.as_dict()})
+        self.state.record(t, entry, evals)
+        self.state.save(self.run_dir)
+        log_row(self.logger, t, evals, self.names)
+
+    def finish(self) -> dict:
+        cfg, sched, state = self.cfg, self.sched, self.state
+        summary = summarize(state.matrices)
+        last_evals = state.per_task[-1]["evaluations"]
+        all_evals = [e for p in state.per_task for e in p["evaluations"]]
+        final_test_seconds = sum(e["test_seconds"] for e in last_evals)
+        summary.update({
+            "num_tasks": len(sched.tasks),
+            "fit_seconds": round(sum(p["fit_seconds"] for p in state.per_task), 3),
+            "test_seconds": round(sum(e["test_seconds"] for e in all_evals), 3),
+            "replay_images_total": sum(p["replay_images"] for p in state.per_task),
+        })
+        heatmaps = {}
+        for m, R in state.matrices.items():
+            sub = f"final {_fmt(summary[f'final_{m}'])}, forgetting {_fmt(summary[f'forgetting_{m}'])}"
+            heatmaps[m] = plot_matrix(R, self.names, m, self.run_dir / f"matrix_{m}.png", sched.joint, sub)
+        peaks = [e["peak_memory_mb"] for e in all_evals if e.get("peak_memory_mb") is not None]
+        n_final = sum(e["num_test"] for e in last_evals)
+        results = {
+            "method": cfg.method.name,
+            "data": cfg.data.name,
+            "category": sched.name,
+            "backbone": str(cfg.backbone.name).split(".")[0],
+            "seed": int(cfg.seed),
+            # final averages over tasks (last row), so sweep summaries read a continual run like any other
+            **{k: _mean(e.get(k) for e in last_evals) for k in METRIC_KEYS},
+            "fit_seconds": summary["fit_seconds"],
+            "test_seconds": summary["test_seconds"],
+            "test_images_per_second": round(n_final / final_test_seconds, 3) if final_test_seconds > 0 else None,
+            "peak_memory_mb": max(peaks) if peaks else None,
+            "device": self.device or state.per_task[-1].get("device"),
+            "precision": str(cfg.trainer.precision),
+            "schedule": sched.as_dict(),
+            "tasks": sched.tasks,
+            "task_names": self.names,
+            "continual_behaviour": getattr(self.method, "continual_behaviour", None),
+            "summary": summary,
+            "matrices": state.matrices,
+            "per_task": state.per_task,
+            "final_checkpoint": str(task_checkpoint(Path("."), state.finished[-1])),
+        }
+        write_json(self.run_dir / "results.json", results)
+        if cfg.output.scores_csv and self.records:
+            write_scores_csv(self.run_dir / "scores.csv", self.records)
+        log_final(self.logger, results, heatmaps)
+        for m in MATRIX_METRICS:
+            log.info("%s: final %s, forgetting %s", m, _fmt(summary[f"final_{m}"]), _fmt(summary[f"forgetting_{m}"]))
+        log.info("results: %s", self.run_dir / "results.json")
+        return results
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else "n/a"
+
+
+def run_schedule(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run cfg.schedule's task sequence in run_dir (resume=true continues an interrupted one)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sched = read_schedule(cfg)
+    fresh = ContinualState(schedule=sched.as_dict(), method=str(cfg.method.name), data=str(cfg.data.name))
+    resume = bool(cfg.get("resume", False))
+    if resume:
+        state = ContinualState.load(run_dir)
+        state.check_same_run(fresh)
+    else:
+        state = fresh
+    seq = _Sequence(cfg, run_dir, sched, state)
+    if not resume:
+        state.save(run_dir)
+    try:
+        if state.finished:
+            seq.restore()
+        first = state.next_task
+        for t in range(first, len(sched.train_tasks)):
+            seq.train_task(t, resuming=resume and t == first)
+        return seq.finish()
+    finally:
+        if is_wandb(seq.logger):
+            seq.logger.experiment.finish()

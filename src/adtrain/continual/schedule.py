@@ -1,0 +1,82 @@
+"""Reading `cfg.schedule`: the task list, joint baseline, replay budget, per-task configs."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from adtrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    tasks: list[list[str]]      # each task: its categories
+    joint: bool = False         # upper bound: train once on the union, evaluate per task
+    replay: int = 0             # images kept from each finished task for later training
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task_name(t) for t in self.tasks]
+
+    @property
+    def train_tasks(self) -> list[list[str]]:
+        """What is trained, in order: the tasks, or (joint) one task holding every category."""
+        return [[c for t in self.tasks for c in t]] if self.joint else self.tasks
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "tasks": self.tasks, "joint": self.joint, "replay": self.replay}
+
+
+def task_name(categories: list[str]) -> str:
+    """'bottle' for one category, 'bottle+cable' for a group."""
+    return "+".join(categories)
+
+
+def parse_tasks(tasks) -> list[list[str]]:
+    """Each item a category name or a non-empty list of them -> list of category lists."""
+    if OmegaConf.is_config(tasks):
+        tasks = OmegaConf.to_container(tasks, resolve=True)
+    if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not tasks:
+        raise ConfigError("schedule.tasks", f"must be a non-empty list of categories (or lists of "
+                          f"categories), e.g. schedule.tasks=[a,b,c] or [[a,b],c]; got {tasks!r}")
+    out: list[list[str]] = []
+    for n, item in enumerate(tasks):
+        cats = [item] if isinstance(item, (str, int)) else item
+        if not isinstance(cats, (list, tuple)) or not cats or not all(isinstance(c, (str, int)) for c in cats):
+            raise ConfigError("schedule.tasks", f"task {n} must be a category name or a non-empty list of "
+                              f"names, got {item!r}")
+        out.append([str(c) for c in cats])
+    seen: dict[str, int] = {}
+    for n, cats in enumerate(out):
+        for c in cats:
+            if c in seen:
+                raise ConfigError("schedule.tasks", f"category '{c}' appears in task {seen[c]} and task {n}; "
+                                  "each category belongs to one task")
+            seen[c] = n
+    return out
+
+
+def read_schedule(cfg: DictConfig) -> Schedule:
+    node = cfg.get("schedule")
+    if node is None or not node.get("tasks"):
+        raise ConfigError("schedule.tasks", "no tasks: use schedule=mvtec_15 (or another sequence) or "
+                          "schedule.tasks=[a,b,c]")
+    replay = node.get("replay", 0) or 0
+    if not isinstance(replay, int) or replay < 0:
+        raise ConfigError("schedule.replay", f"must be an integer >= 0, got {replay!r}")
+    name = str(node.get("name") or "custom")
+    if name == "single":
+        name = "custom"
+    return Schedule(name=name, tasks=parse_tasks(node.tasks), joint=bool(node.get("joint", False)),
+                    replay=int(replay))
+
+
+def task_config(cfg: DictConfig, categories: list[str]) -> DictConfig:
+    """A copy of cfg whose data.category is this task (one name, or the list of its categories)."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.data.category = categories[0] if len(categories) == 1 else list(categories)
+    return out
