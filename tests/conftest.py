@@ -19,6 +19,7 @@ CONF = ROOT / "conf"
 # A small, quick run on synthetic data: what most end-to-end tests start from.
 FAST_BASE = [
     "method.image_size=[64,64]",
+    "method.center_crop=null",
     "method.batch_size=8",
     "backbone=resnet18",
     "backbone.pretrained=false",

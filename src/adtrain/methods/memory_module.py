@@ -18,65 +18,27 @@ from adtrain.methods.output import AnomalyOutput
 CONTINUAL_CHOICES = ("per_task", "shared")
 
 
-class MemoryModule(AnomalyModule):
-    training_free = True
+class TaskMemoryMixin:
+    """Per-task memories for continual schedules (see the module docstring). A method
+    provides memory_state / load_memory_state / reset_memory; `continual` picks the rule."""
 
-    def __init__(self, continual: str = "per_task") -> None:
-        super().__init__()
+    def _init_task_memory(self, continual: str) -> None:
         if continual not in CONTINUAL_CHOICES:
             raise ConfigError("method.continual", f"must be one of {CONTINUAL_CHOICES}, got {continual!r}")
         self.continual = continual
         self.continual_behaviour = f"memory_{continual}"
-        self.automatic_optimization = False
         self.task_memories: list[dict[str, torch.Tensor]] = []
-        self._ready = False
-
-    # -------------------------------------------------------------- to implement
-    def collect(self, images: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def finalize(self) -> None:
-        """Build the bank from what `collect` gathered (coreset, compression...)."""
-        raise NotImplementedError
 
     def reset_memory(self) -> None:
         raise NotImplementedError
 
     def memory_state(self) -> dict[str, torch.Tensor]:
-        """The tensors that make up the current bank."""
+        """The tensors that make up the current memory."""
         raise NotImplementedError
 
     def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    # -------------------------------------------------------------- Lightning
-    def configure_optimizers(self):
-        return None
-
-    def on_train_epoch_start(self) -> None:
-        self._ready = False
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        with torch.no_grad():
-            self.collect(batch["image"])
-        return None
-
-    def _ensure_ready(self) -> None:
-        if not self._ready and self.training_seen:
-            self.finalize()
-            self._ready = True
-
-    @property
-    def training_seen(self) -> bool:
-        return self.trainer is not None and self.trainer.state.fn == "fit"
-
-    def on_validation_epoch_start(self) -> None:  # validation runs before on_train_epoch_end
-        self._ensure_ready()
-
-    def on_train_epoch_end(self) -> None:
-        self._ensure_ready()
-
-    # -------------------------------------------------------------- continual
     def begin_task(self, task_id: int, categories: list[str]) -> None:
         if self.continual == "per_task" and task_id > 0:
             self.reset_memory()
@@ -91,7 +53,7 @@ class MemoryModule(AnomalyModule):
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
         if len(self.task_memories) <= 1:
             return super().anomaly_output(images)
-        current = {k: v.clone() for k, v in self.memory_state().items()}
+        current = {k: v.detach().clone() for k, v in self.memory_state().items()}
         outs = []
         try:
             for state in self.task_memories:
@@ -100,7 +62,7 @@ class MemoryModule(AnomalyModule):
         finally:
             self.load_memory_state(current)
         scores = torch.stack([o.pred_score for o in outs])  # (T,B)
-        task = scores.argmin(dim=0)
+        task = scores.argmin(dim=0)  # the nearest memory: the one giving the lowest score
         self.last_routed_tasks = task
         b = torch.arange(images.shape[0], device=scores.device)
         maps = torch.stack([o.anomaly_map for o in outs])  # (T,B,1,H,W)
@@ -112,3 +74,44 @@ class MemoryModule(AnomalyModule):
 
     def set_extra_state(self, state) -> None:
         self.task_memories = list((state or {}).get("task_memories", []))
+
+
+class MemoryModule(TaskMemoryMixin, AnomalyModule):
+    """One pass over the training data feeds the memory (`collect`); `finalize` builds it."""
+
+    training_free = True
+
+    def __init__(self, continual: str = "per_task") -> None:
+        super().__init__()
+        self._init_task_memory(continual)
+        self.automatic_optimization = False
+        self._ready = False
+
+    def collect(self, images: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finalize(self) -> None:
+        """Build the bank from what `collect` gathered (coreset, compression...)."""
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        return None
+
+    def on_train_epoch_start(self) -> None:
+        self._ready = False
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        with torch.no_grad():
+            self.collect(batch["image"])
+        return None
+
+    def _ensure_ready(self) -> None:
+        if not self._ready and self.trainer is not None and self.trainer.state.fn == "fit":
+            self.finalize()
+            self._ready = True
+
+    def on_validation_epoch_start(self) -> None:  # validation runs before on_train_epoch_end
+        self._ensure_ready()
+
+    def on_train_epoch_end(self) -> None:
+        self._ensure_ready()

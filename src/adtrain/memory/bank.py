@@ -1,0 +1,287 @@
+"""MemoryBank: streamed feature collection, optional compression, k-NN search."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from adtrain.errors import AdtrainError, ConfigError
+from adtrain.memory.coreset import greedy_coreset, kmeans
+from adtrain.memory.index import (
+    BACKENDS,
+    INDEXES,
+    build_faiss_index,
+    exact_distances,
+    faiss_available,
+    faiss_num_gpus,
+    faiss_search,
+    index_to_gpu,
+    torch_search,
+)
+
+_CPU = torch.device("cpu")
+RERANK_PAD = 8  # extra candidates re-ranked by exact distance
+
+
+def rerank(queries: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, k: int):
+    """Exact distances of candidate indices, sorted; first k columns (d (M,k), idx (M,k))."""
+    d = exact_distances(queries, bank, cand)
+    d, order = torch.sort(d, dim=1, stable=True)
+    return d[:, :k].contiguous(), torch.gather(cand, 1, order)[:, :k].contiguous()
+
+
+class MemoryBank(nn.Module):
+    """A bank of feature vectors (buffer ``bank``, (K,D) fp32) with k-NN search.
+
+    backend: ``torch`` (exact chunked search on the bank's device), ``faiss`` (CPU FAISS, or
+    FAISS GPU when it has GPUs and the queries are on CUDA) or ``auto``: torch when the
+    queries are on CUDA and FAISS has no GPU (or FAISS is missing), else FAISS with ``index``,
+    except that a ``flat`` index over more than ``AUTO_IVF_ABOVE`` (2,000,000) vectors becomes
+    ``ivf``. index: ``flat`` (exact), ``ivf``, ``hnsw``, ``ivfpq`` (approximate). Every
+    backend's candidates (k + 8 of them) are re-ranked by exact Euclidean distance.
+    """
+
+    AUTO_IVF_ABOVE = 2_000_000
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        index: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 8,
+        hnsw_m: int = 32,
+        pq_m: int = 16,
+        search_chunk: int = 16384,
+        max_features: int | None = None,
+        seed: int = 0,
+        bank_chunk: int = 4096,
+        hnsw_ef_search: int = 128,
+    ):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ConfigError("memory.backend", f"'{backend}' is not one of {BACKENDS}")
+        if index not in INDEXES:
+            raise ConfigError("memory.index", f"'{index}' is not one of {INDEXES}")
+        if backend == "faiss" and not faiss_available():
+            raise ConfigError("memory.backend", "'faiss' requested but faiss is not installed")
+        for key, val in (("search_chunk", search_chunk), ("bank_chunk", bank_chunk), ("nprobe", nprobe)):
+            if int(val) < 1:
+                raise ConfigError(f"memory.{key}", f"must be >= 1, got {val}")
+        if max_features is not None and int(max_features) < 1:
+            raise ConfigError("memory.max_features", f"must be >= 1 or null, got {max_features}")
+        self.backend, self.index = backend, index
+        self.nlist, self.nprobe, self.hnsw_m, self.pq_m = nlist, int(nprobe), int(hnsw_m), int(pq_m)
+        self.hnsw_ef_search = int(hnsw_ef_search)
+        self.search_chunk, self.bank_chunk = int(search_chunk), int(bank_chunk)
+        self.max_features = None if max_features is None else int(max_features)
+        self.seed = int(seed)
+        self.register_buffer("bank", torch.empty(0, 0))
+        self.reset()
+        self._invalidate()
+
+    # ---------------------------------------------------------------- collection
+    def reset(self) -> None:
+        """Forget the features added so far (not the built bank)."""
+        self._chunks: list[torch.Tensor] = []
+        self._count = 0  # rows held in _chunks
+        self._seen = 0  # rows offered to add()
+        self._dim: int | None = None
+        self._reservoir: torch.Tensor | None = None
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def num_added(self) -> int:
+        """Rows offered to add() since the last build() / reset()."""
+        return self._seen
+
+    @torch.no_grad()
+    def add(self, features: torch.Tensor) -> None:
+        """Stream (N,D) features in; they are kept as fp32 chunks on the CPU. With
+        ``max_features`` a uniform reservoir sample (seeded) of that size is kept."""
+        if features.dim() != 2:
+            raise AdtrainError(f"MemoryBank.add: expected (N,D) features, got {tuple(features.shape)}")
+        if self._dim is not None and features.shape[1] != self._dim:
+            raise AdtrainError(f"MemoryBank.add: feature dim {features.shape[1]} != earlier {self._dim}")
+        self._dim = int(features.shape[1])
+        f = features.detach().to(_CPU, torch.float32, copy=True)
+        start = self._seen
+        self._seen += f.shape[0]
+        cap = self.max_features
+        if self._reservoir is not None:
+            self._replace(f, start)
+            return
+        self._chunks.append(f)
+        self._count += f.shape[0]
+        if cap is not None and self._count > cap:
+            allf = torch.cat(self._chunks)
+            self._chunks, self._count = [], 0
+            self._reservoir = allf[:cap].clone()
+            self._replace(allf[cap:], cap)
+
+    def _replace(self, batch: torch.Tensor, start: int) -> None:
+        """Reservoir step for rows start.. start+len(batch)-1 (Algorithm R, vectorised)."""
+        cap = self.max_features
+        pos = torch.arange(start, start + batch.shape[0], dtype=torch.float64)
+        slot = torch.floor(torch.rand(batch.shape[0], generator=self._gen, dtype=torch.float64) * (pos + 1)).long()
+        keep = torch.nonzero(slot < cap).squeeze(1)
+        if keep.numel() == 0:
+            return
+        slots = slot[keep].numpy()
+        _, last = np.unique(slots[::-1], return_index=True)  # later rows win a shared slot
+        rows = keep[torch.from_numpy(len(slots) - 1 - last)]
+        self._reservoir[slot[rows]] = batch[rows]
+
+    def _collect(self) -> torch.Tensor:
+        if self._reservoir is not None:
+            out = self._reservoir
+        elif self._chunks:
+            out = torch.empty(self._count, self._dim)
+            s = 0
+            while self._chunks:  # free chunks while copying: peak ~1x the features
+                c = self._chunks.pop(0)
+                out[s : s + c.shape[0]] = c
+                s += c.shape[0]
+        else:
+            raise AdtrainError("MemoryBank.build: no features were added")
+        self.reset()
+        return out
+
+    # ---------------------------------------------------------------- bank
+    @torch.no_grad()
+    def build(
+        self,
+        coreset_ratio: float | None = None,
+        kmeans_k: int | None = None,
+        projection_dim: int = 128,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> "MemoryBank":
+        """Concatenate the added features, optionally compress them (greedy coreset of that
+        ratio, or k-means to kmeans_k centres), store them as ``bank`` and build the index.
+        Compression runs on ``device`` (default: the bank buffer's device)."""
+        if coreset_ratio is not None and kmeans_k is not None:
+            raise ConfigError("memory", "give coreset_ratio or kmeans_k, not both")
+        if coreset_ratio is not None and not 0.0 < float(coreset_ratio) <= 1.0:
+            raise ConfigError("coreset_ratio", f"must be in (0, 1], got {coreset_ratio}")
+        feats = self._collect()
+        dev = torch.device(device) if device is not None else self.bank.device
+        if coreset_ratio is not None and float(coreset_ratio) < 1.0:
+            x = feats.to(dev)
+            idx = greedy_coreset(x, float(coreset_ratio), projection_dim=projection_dim, seed=seed)
+            bank = x[idx]
+        elif kmeans_k is not None:
+            bank = kmeans(feats, int(kmeans_k), seed=seed)
+        else:
+            bank = feats
+        self.set_bank(bank)
+        if self.backend != "torch" and faiss_available():
+            self._faiss_index(self.bank.device)
+        return self
+
+    @torch.no_grad()
+    def set_bank(self, bank: torch.Tensor) -> None:
+        """Use ``bank`` (K,D) as the memory (copied to fp32 on this module's device)."""
+        if bank.dim() != 2 or bank.shape[0] == 0:
+            raise AdtrainError(f"MemoryBank.set_bank: expected non-empty (K,D), got {tuple(bank.shape)}")
+        self.bank = bank.detach().to(self.bank.device, torch.float32).contiguous()
+        self._invalidate()
+
+    def __len__(self) -> int:
+        return int(self.bank.shape[0])
+
+    def __bool__(self) -> bool:  # a module is truthy even while its bank is empty
+        return True
+
+    @property
+    def dim(self) -> int:
+        return int(self.bank.shape[1])
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """Bank items at ``indices`` (any shape) -> indices.shape + (D,), on the bank's device."""
+        return self.bank[indices.to(self.bank.device)]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "bank"
+        if key in state_dict:
+            src = state_dict[key]
+            self.bank = torch.empty(src.shape, dtype=torch.float32, device=self.bank.device)
+            self._invalidate()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._invalidate()
+        return out
+
+    # ---------------------------------------------------------------- search
+    def _invalidate(self) -> None:
+        self._index_cache: dict = {}
+
+    def _require_bank(self) -> torch.Tensor:
+        if self.bank.numel() == 0:
+            raise AdtrainError("MemoryBank: the bank is empty; call build() or set_bank() first")
+        return self.bank
+
+    def resolve_backend(self, queries: torch.Tensor) -> str:
+        """'torch' or 'faiss' for these queries (see the class docstring)."""
+        if self.backend == "torch" or not faiss_available():
+            return "torch"
+        if self.backend == "auto" and queries.is_cuda and faiss_num_gpus() == 0:
+            return "torch"
+        return "faiss"
+
+    def resolve_index(self) -> str:
+        if self.backend == "auto" and self.index == "flat" and len(self) > self.AUTO_IVF_ABOVE:
+            return "ivf"
+        return self.index
+
+    def _faiss_index(self, device: torch.device):
+        bank = self._require_bank()
+        kind = self.resolve_index()
+        key = (kind, bank.data_ptr(), tuple(bank.shape), bank._version)
+        use_gpu = device.type == "cuda" and faiss_num_gpus() > 0 and kind != "hnsw"
+        cpu = self._index_cache.get(key)
+        if cpu is None:
+            self._index_cache = {}
+            arr = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
+            cpu = build_faiss_index(arr, kind, self.nlist, self.nprobe, self.hnsw_m, self.pq_m,
+                                    self.hnsw_ef_search, self.seed)
+            self._index_cache[key] = cpu
+        if not use_gpu:
+            return cpu
+        gkey = key + (str(device),)
+        if gkey not in self._index_cache:
+            self._index_cache[gkey] = index_to_gpu(cpu, device) or cpu
+        return self._index_cache[gkey]
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """k nearest bank items of each query: (distances (M,k) Euclidean, indices (M,k) int64),
+        ascending, on the queries' device. Chunked over queries (``search_chunk``)."""
+        bank = self._require_bank()
+        if queries.dim() != 2 or queries.shape[1] != bank.shape[1]:
+            raise AdtrainError(
+                f"MemoryBank.search: queries {tuple(queries.shape)} do not match bank dim {bank.shape[1]}"
+            )
+        if not 1 <= k <= bank.shape[0]:
+            raise AdtrainError(f"MemoryBank.search: k={k} outside [1, {bank.shape[0]}] (bank size)")
+        if queries.shape[0] == 0:
+            return (torch.empty(0, k, device=queries.device),
+                    torch.empty(0, k, dtype=torch.long, device=queries.device))
+        kc = min(bank.shape[0], k + RERANK_PAD)
+        if self.resolve_backend(queries) == "torch":
+            cand = torch_search(queries, bank, kc, self.search_chunk, self.bank_chunk)
+        else:
+            cand = faiss_search(self._faiss_index(queries.device), queries, kc, self.search_chunk)
+            cand = cand.to(bank.device)
+            short = torch.nonzero((cand < 0).any(dim=1)).squeeze(1)
+            if short.numel():  # IVF probed lists held fewer than kc items: exact fallback
+                cand[short] = torch_search(queries[short.to(queries.device)], bank, kc,
+                                           self.search_chunk, self.bank_chunk)
+        d, idx = rerank(queries, bank, cand, k)
+        return d.to(queries.device), idx.to(queries.device)
+
+    def extra_repr(self) -> str:
+        size = "empty" if self.bank.numel() == 0 else f"{len(self)}x{self.dim}"
+        return f"bank={size}, backend={self.backend}, index={self.index}"

@@ -1,0 +1,101 @@
+"""Differentiable k-NN distances: indices from a search without gradients, distances in torch.
+
+``nearest_distances`` returns d = sqrt(clamp(sum((q - m)^2), min=eps)) (or the clamped sum
+with ``squared=True``) for the k nearest bank items m of each query q. The distances go
+through a custom autograd function that never materialises the (M,k,D) gathered items for
+the whole batch: forward and backward run in row chunks, so CFA's training step costs
+O(M*D) memory instead of O(M*k*D). The gradient is the analytic one, d/dq = (q - m)/d
+(zero where the clamp is active), and flows to the bank too when it requires grad.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adtrain.memory.bank import RERANK_PAD, MemoryBank, rerank
+from adtrain.memory.index import torch_search
+
+_ELEMS = 1 << 23  # rows per chunk: about this many gathered floats
+
+
+def _rows(k: int, dim: int) -> int:
+    return max(1, _ELEMS // max(1, k * dim))
+
+
+class _GatheredDistance(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, queries, bank, idx, eps: float, squared: bool):
+        q = queries.float()
+        b = bank.float()
+        m, k = idx.shape
+        step = _rows(k, q.shape[1])
+        sq = torch.empty(m, k, device=q.device)
+        for s in range(0, m, step):
+            diff = q[s : s + step].unsqueeze(1) - b[idx[s : s + step]]
+            sq[s : s + step] = diff.pow_(2).sum(dim=-1)
+        active = sq > eps
+        sq.clamp_(min=eps)
+        out = sq if squared else sq.sqrt()
+        ctx.save_for_backward(queries, bank, idx, out, active)
+        ctx.squared = squared
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        queries, bank, idx, out, active = ctx.saved_tensors
+        # d(sq)/dq = 2 (q - m); d(sqrt(sq))/dq = (q - m) / d
+        coef = grad.float() * (2.0 if ctx.squared else 1.0 / out) * active
+        q, b = queries.float(), bank.float()
+        m, k = idx.shape
+        step = _rows(k, q.shape[1])
+        need_q, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gq = torch.empty_like(q) if need_q else None
+        gb = torch.zeros_like(b) if need_b else None
+        for s in range(0, m, step):
+            c = coef[s : s + step].unsqueeze(-1)  # (r,k,1)
+            diff = q[s : s + step].unsqueeze(1) - b[idx[s : s + step]]  # (r,k,D)
+            w = diff.mul_(c)
+            if need_q:
+                gq[s : s + step] = w.sum(dim=1)
+            if need_b:
+                gb.index_add_(0, idx[s : s + step].reshape(-1), w.reshape(-1, w.shape[-1]), alpha=-1.0)
+        return (
+            gq.to(queries.dtype) if need_q else None,
+            gb.to(bank.dtype) if need_b else None,
+            None,
+            None,
+            None,
+        )
+
+
+def gathered_distances(queries, bank, idx, eps: float = 1e-12, squared: bool = False):
+    """Distances (M,k) between queries (M,D) and bank[idx] (idx (M,k)), differentiable."""
+    return _GatheredDistance.apply(queries, bank, idx.to(bank.device), float(eps), bool(squared))
+
+
+def nearest_distances(
+    queries: torch.Tensor,
+    bank: MemoryBank | torch.Tensor,
+    k: int = 1,
+    eps: float = 1e-12,
+    squared: bool = False,
+    search_chunk: int = 16384,
+    bank_chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k nearest bank items of each query: (d (M,k) with gradients, idx (M,k) int64).
+
+    ``bank`` is a MemoryBank (its index finds the neighbours) or a (K,D) tensor (exact torch
+    search; gradients reach it if it requires grad). Queries and bank on the same device.
+    """
+    with torch.no_grad():
+        if isinstance(bank, MemoryBank):
+            _, idx = bank.search(queries.detach(), k)
+            items = bank.bank
+        else:
+            items = bank
+            kc = min(items.shape[0], k + RERANK_PAD)
+            cand = torch_search(queries, items, kc, search_chunk, bank_chunk)
+            _, idx = rerank(queries, items.detach(), cand, k)
+    idx = idx.to(items.device)
+    return gathered_distances(queries, items, idx, eps=eps, squared=squared), idx

@@ -1,0 +1,155 @@
+"""PatchCore (Roth et al., CVPR 2022): a coreset memory of locally aggregated patch features;
+score = distance to the nearest memory item, image score reweighted as in the paper."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adtrain.errors import ConfigError
+from adtrain.memory import MemoryBank, gathered_distances, nearest_distances
+from adtrain.methods.output import AnomalyOutput
+
+
+def gaussian_blur2d(x: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of (B,C,H,W), kernel 2*int(4*sigma+0.5)+1 (as anomalib /
+    scipy's truncate=4), reflect padding (replicate where the map is smaller than the pad)."""
+    if sigma <= 0:
+        return x
+    radius = int(4.0 * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-(t * t) / (2.0 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    b, c, h, w = x.shape
+    y = x.reshape(b * c, 1, h, w).float()
+    y = F.pad(y, (radius, radius, 0, 0), mode="reflect" if radius < w else "replicate")
+    y = F.conv2d(y, kernel.view(1, 1, 1, -1))
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect" if radius < h else "replicate")
+    y = F.conv2d(y, kernel.view(1, 1, -1, 1))
+    return y.reshape(b, c, h, w)
+
+
+def pooled_concat(feats: Mapping[str, torch.Tensor], layers: Sequence[str], pool_size: int) -> torch.Tensor:
+    """Each layer avg-pooled (pool_size, stride 1, same padding), resized (bilinear) to the
+    first layer's grid, concatenated over channels: (B, sum C, h, w) fp32."""
+    out, grid = [], None
+    for name in layers:
+        f = feats[name].float()
+        if pool_size > 1:
+            f = F.avg_pool2d(f, pool_size, stride=1, padding=pool_size // 2)
+        if grid is None:
+            grid = f.shape[-2:]
+        elif f.shape[-2:] != grid:
+            f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+def _extractor(backbone, layers, extractor):
+    if extractor is not None:
+        return extractor
+    if backbone is None:
+        raise ConfigError("backbone", "missing (give a backbone config node or an extractor)")
+    from adtrain.backbones import build_extractor
+
+    return build_extractor(backbone, list(layers), frozen=True)
+
+
+class PatchcoreModel(nn.Module):
+    """Fit: ``add_batch(images)`` over the normal training set, then ``build()``."""
+
+    def __init__(
+        self,
+        backbone: Mapping | None = None,
+        layers: Sequence[str] = ("layer2", "layer3"),
+        coreset_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        pool_size: int = 3,
+        projection_dim: int = 128,
+        memory: Mapping | None = None,
+        extractor: nn.Module | None = None,
+        blur_sigma: float = 4.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 < float(coreset_ratio) <= 1.0:
+            raise ConfigError("coreset_ratio", f"must be in (0, 1], got {coreset_ratio}")
+        if int(num_neighbors) < 1:
+            raise ConfigError("num_neighbors", f"must be >= 1, got {num_neighbors}")
+        if int(pool_size) < 1 or int(pool_size) % 2 == 0:
+            raise ConfigError("pool_size", f"must be an odd integer >= 1, got {pool_size}")
+        self.layers = list(layers)
+        self.coreset_ratio = float(coreset_ratio)
+        self.num_neighbors = int(num_neighbors)
+        self.pool_size = int(pool_size)
+        self.projection_dim = int(projection_dim)
+        self.blur_sigma = float(blur_sigma)
+        self.seed = int(seed)
+        self.extractor = _extractor(backbone, self.layers, extractor)
+        self.memory = MemoryBank(**dict(memory or {}))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features (B, D, h, w) at the first layer's grid."""
+        return pooled_concat(self.extractor(images), self.layers, self.pool_size)
+
+    @torch.no_grad()
+    def add_batch(self, images: torch.Tensor) -> None:
+        emb = self.embed(images)
+        self.memory.add(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+
+    @torch.no_grad()
+    def build(self) -> None:
+        """Greedy coreset of the collected patches (on this module's device)."""
+        ratio = self.coreset_ratio if self.coreset_ratio < 1.0 else None
+        self.memory.build(coreset_ratio=ratio, projection_dim=self.projection_dim, seed=self.seed)
+
+    def patch_distances(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance of every patch to its nearest memory item and that item's index, (B,h,w)
+        each. Differentiable w.r.t. the embedding (and the bank if it requires grad)."""
+        b, dim, h, w = embedding.shape
+        flat = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
+        d, idx = nearest_distances(flat, self.memory, 1)
+        return d.reshape(b, h, w), idx.reshape(b, h, w)
+
+    def reweight(self, query: torch.Tensor, nn_dist: torch.Tensor, nn_index: torch.Tensor) -> torch.Tensor:
+        """Paper's weight w = 1 - exp(||q - m*||) / sum_{m in N_b(m*)} exp(||q - m||), (B,):
+        N_b(m*) = the b = num_neighbors nearest bank items of m* (m* itself among them)."""
+        b = min(self.num_neighbors, len(self.memory))
+        if b <= 1:
+            return torch.ones_like(nn_dist)
+        _, support = self.memory.search(self.memory.gather(nn_index), b)
+        support_dist = gathered_distances(query, self.memory.bank, support.to(self.memory.bank.device))
+        support_dist = support_dist.to(nn_dist.device)
+        return 1.0 - torch.exp(nn_dist - torch.logsumexp(support_dist, dim=1))
+
+    def image_score(self, embedding: torch.Tensor, dist: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Reweighted max patch distance, (B,)."""
+        b = dist.shape[0]
+        flat_d = dist.reshape(b, -1)
+        max_d, pos = flat_d.max(dim=1)
+        rows = torch.arange(b, device=dist.device)
+        query = embedding.flatten(2)[rows, :, pos]  # (B, D)
+        nn_index = index.reshape(b, -1)[rows, pos]
+        return self.reweight(query, max_d, nn_index) * max_d
+
+    def anomaly_map(self, dist: torch.Tensor, size) -> torch.Tensor:
+        amap = F.interpolate(dist.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)
+        return gaussian_blur2d(amap, self.blur_sigma)
+
+    def train(self, mode: bool = True):
+        """The frozen extractor always stays in eval mode (fixed batch-norm statistics)."""
+        super().train(mode)
+        self.extractor.eval()
+        return self
+
+    def forward(self, images: torch.Tensor):
+        """Eval: AnomalyOutput. Training mode: the patch embedding (B, D, h, w)."""
+        emb = self.embed(images)
+        if self.training:
+            return emb
+        dist, index = self.patch_distances(emb)
+        score = self.image_score(emb, dist, index)
+        return AnomalyOutput(anomaly_map=self.anomaly_map(dist, images.shape[-2:]), pred_score=score)

@@ -1,0 +1,64 @@
+"""PatchCore and CFA through `python -m adtrain`'s run path, and inside continual schedules."""
+
+import json
+
+import torch
+
+
+def test_patchcore_run_ranks_defects_and_keeps_a_coreset(fast_cfg, tmp_path):
+    from adtrain.checkpoint import load_method
+    from adtrain.run import run
+
+    res = run(fast_cfg("method=patchcore", "method.coreset_ratio=0.25"), tmp_path)
+    assert res["method"] == "patchcore" and res["image_auroc"] > 0.8 and res["pixel_auroc"] > 0.8
+    assert json.loads((tmp_path / "results.json").read_text())["pixel_aupro"] is not None
+    m, _, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
+    patches_per_image = 8 * 8  # layer2 grid at 64x64 input
+    expected = round(0.25 * res["num_train"] * patches_per_image)
+    assert abs(len(m.model.memory) - expected) <= 1
+
+
+def test_cfa_run_learns_radius_and_ranks_defects(fast_cfg, tmp_path):
+    from adtrain.checkpoint import load_method
+    from adtrain.run import run
+
+    res = run(fast_cfg("method=cfa", "trainer.max_epochs=2"), tmp_path / "a")
+    assert res["method"] == "cfa" and res["image_auroc"] > 0.7
+    m, _, _ = load_method(tmp_path / "a" / "checkpoints" / "model.ckpt")
+    assert isinstance(m.model.radius, torch.nn.Parameter) and float(m.model.radius) != 1e-5
+    assert len(m.model.memory) == 16 * 16  # layer1 grid at 64x64: one item per position
+    run(fast_cfg("method=cfa", "method.learn_radius=false", "trainer.limit_train_batches=1"), tmp_path / "b")
+    m2, _, _ = load_method(tmp_path / "b" / "checkpoints" / "model.ckpt")
+    assert not isinstance(m2.model.radius, torch.nn.Parameter) and abs(float(m2.model.radius) - 1e-5) < 1e-12
+
+
+def test_patchcore_per_task_banks_route_images_to_their_task(fast_cfg, tmp_path):
+    from adtrain.build import build_datamodule
+    from adtrain.checkpoint import load_method
+    from adtrain.run import run
+
+    cfg = fast_cfg("method=patchcore", "schedule=synthetic_3", "method.coreset_ratio=0.5")
+    res = run(cfg, tmp_path)
+    assert len(res["matrices"]["image_auroc"]) == 3
+    final = sorted((tmp_path / "tasks").glob("*/model.ckpt"))[-1]
+    m, _, _ = load_method(final)
+    assert len(m.task_memories) == 3
+    correct = total = 0
+    for t, cat in enumerate(["texture", "grid", "stripes"]):
+        c2 = fast_cfg("method=patchcore", f"data.category={cat}")
+        dm = build_datamodule(c2)
+        batch = next(iter(dm.test_dataloader()))
+        with torch.no_grad():
+            m.anomaly_output(batch["image"])
+        correct += int((m.last_routed_tasks == t).sum())
+        total += batch["image"].shape[0]
+    assert correct / total > 0.8
+
+
+def test_patchcore_shared_bank_grows_across_tasks(fast_cfg, tmp_path):
+    from adtrain.checkpoint import load_method
+    from adtrain.run import run
+
+    run(fast_cfg("method=patchcore", "schedule=synthetic_3", "method.continual=shared", "method.coreset_ratio=0.25"), tmp_path)
+    sizes = [len(load_method(p)[0].model.memory) for p in sorted((tmp_path / "tasks").glob("*/model.ckpt"))]
+    assert sizes[0] < sizes[1] < sizes[2]
