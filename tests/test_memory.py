@@ -1,0 +1,257 @@
+"""Memory bank: exact/approximate search, coreset, k-means, reservoir, state dict, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adtrain.errors import AdtrainError, ConfigError
+from adtrain.memory import MemoryBank, greedy_coreset, kmeans, nearest_distances, random_projection
+from adtrain.memory.coreset import greedy_coreset_reference
+
+faiss = pytest.importorskip("faiss")
+
+
+@pytest.fixture(autouse=True)
+def _one_faiss_thread():
+    """Tests run beside others on 2 cores: OpenMP spinning in FAISS makes small jobs crawl."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _clustered(n, dim=32, clusters=50, seed=0):
+    centres = torch.randn(clusters, dim, generator=_gen(1234)) * 4  # same centres for every seed
+    g = _gen(seed)
+    labels = torch.randint(clusters, (n,), generator=g)
+    return centres[labels] + torch.randn(n, dim, generator=g)
+
+
+def _reference(queries, bank, k):
+    d = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    dist, idx = torch.topk(d, k + 1, dim=1, largest=False)
+    return dist, idx
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch", "auto"])
+def test_exact_backends_match_bruteforce(backend):
+    g = _gen(0)
+    bank, queries, k = torch.randn(1500, 24, generator=g), torch.randn(300, 24, generator=g), 5
+    mb = MemoryBank(backend=backend, index="flat")
+    for chunk in bank.split(400):
+        mb.add(chunk)
+    mb.build()
+    d, idx = mb.search(queries, k)
+    assert d.shape == (300, k) and idx.shape == (300, k) and idx.dtype == torch.int64
+    ref_d, ref_i = _reference(queries, bank, k)
+    torch.testing.assert_close(d.double(), ref_d[:, :k], atol=1e-5, rtol=1e-5)
+    # the returned items really are at those distances (robust to ties)
+    true_d = (queries.unsqueeze(1).double() - bank[idx].double()).norm(dim=-1)
+    torch.testing.assert_close(true_d, ref_d[:, :k], atol=1e-5, rtol=1e-5)
+    clear = (ref_d[:, 1:] - ref_d[:, :-1]).min(dim=1).values > 1e-4  # rows without near-ties
+    assert clear.float().mean() > 0.9
+    assert torch.equal(idx[clear], ref_i[clear, :k])
+
+
+@pytest.mark.parametrize(
+    "index, n, min_recall",
+    [("ivf", 5000, 0.9), ("hnsw", 5000, 0.9), ("ivfpq", 2000, 0.5)],
+)
+def test_approximate_indexes_recall(index, n, min_recall):
+    bank, queries = _clustered(n, seed=0), _clustered(400, seed=1)
+    mb = MemoryBank(backend="faiss", index=index, nprobe=8)
+    mb.set_bank(bank)
+    d, idx = mb.search(queries, 1)
+    exact = torch.cdist(queries, bank).argmin(dim=1)
+    recall = (idx[:, 0] == exact).float().mean().item()
+    assert recall >= min_recall, f"{index}: recall@1 {recall:.3f} < {min_recall}"
+    # distances are exact for the returned items, whatever the index approximates
+    torch.testing.assert_close(d[:, 0], (queries - bank[idx[:, 0]]).norm(dim=1), atol=1e-4, rtol=1e-5)
+
+
+def test_ivf_short_lists_fall_back_to_exact():
+    bank = torch.randn(1000, 8, generator=_gen(3))
+    mb = MemoryBank(backend="faiss", index="ivf", nlist=20, nprobe=1)
+    mb.set_bank(bank)
+    d, idx = mb.search(torch.randn(50, 8, generator=_gen(4)), 100)  # > most single lists
+    assert (idx >= 0).all()
+    assert all(len(set(row.tolist())) == 100 for row in idx)
+    assert (d[:, 1:] >= d[:, :-1]).all()
+
+
+def test_torch_chunking_is_identical():
+    g = _gen(5)
+    bank, queries = torch.randn(700, 16, generator=g), torch.randn(120, 16, generator=g)
+    big = MemoryBank(backend="torch")
+    tiny = MemoryBank(backend="torch", search_chunk=7, bank_chunk=5)
+    big.set_bank(bank)
+    tiny.set_bank(bank)
+    d1, i1 = big.search(queries, 9)
+    d2, i2 = tiny.search(queries, 9)
+    assert torch.equal(i1, i2)
+    assert torch.equal(d1, d2)
+
+
+def test_search_errors():
+    mb = MemoryBank()
+    with pytest.raises(AdtrainError, match="empty"):
+        mb.search(torch.randn(3, 4), 1)
+    with pytest.raises(AdtrainError, match="no features"):
+        mb.build()
+    mb.set_bank(torch.randn(5, 4))
+    with pytest.raises(AdtrainError, match="k=6"):
+        mb.search(torch.randn(3, 4), 6)
+    with pytest.raises(AdtrainError, match="do not match"):
+        mb.search(torch.randn(3, 5), 1)
+    with pytest.raises(ConfigError, match="memory.backend"):
+        MemoryBank(backend="annoy")
+    with pytest.raises(ConfigError, match="memory.index"):
+        MemoryBank(index="lsh")
+
+
+def _covering_radius(points, centres):
+    return torch.cdist(points, centres).min(dim=1).values.max().item()
+
+
+def test_greedy_coreset_properties():
+    x = _clustered(3000, dim=40, seed=2)
+    idx = greedy_coreset(x, 0.05, seed=0)
+    assert idx.dtype == torch.int64 and idx.numel() == 150
+    assert len(set(idx.tolist())) == 150
+    assert torch.equal(idx, greedy_coreset(x, 0.05, seed=0))
+    assert not torch.equal(idx, greedy_coreset(x, 0.05, seed=1))
+    assert greedy_coreset(x, n=17).numel() == 17
+    # covers the data far better than a random subset of the same size
+    rand = torch.randperm(3000, generator=_gen(0))[:150]
+    assert _covering_radius(x, x[idx]) < 0.75 * _covering_radius(x, x[rand])
+
+
+def test_greedy_coreset_matches_plain_greedy_loop():
+    x = torch.randn(4000, 64, generator=_gen(7))
+    fast = greedy_coreset(x, n=400, projection_dim=32, seed=3, pool=64)  # small pool: many re-forms
+    slow = greedy_coreset_reference(x, 400, projection_dim=32, seed=3)
+    assert fast[0] == slow[0]
+    shared = len(set(fast.tolist()) & set(slow.tolist())) / 400
+    assert shared > 0.95  # identical up to float rounding on near-ties
+    proj = random_projection(x, 32, seed=3)
+    r_fast, r_slow = _covering_radius(proj, proj[fast]), _covering_radius(proj, proj[slow])
+    assert abs(r_fast - r_slow) <= 0.01 * r_slow
+
+
+def test_greedy_coreset_with_duplicate_points_stays_unique():
+    x = torch.randn(50, 16, generator=_gen(6)).repeat(20, 1)  # 1000 points, 50 distinct
+    idx = greedy_coreset(x, n=200, pool=16)
+    assert len(set(idx.tolist())) == 200
+    assert len({tuple(row) for row in x[idx[:50]].tolist()}) == 50  # all distinct ones first
+
+
+def test_coreset_errors():
+    x = torch.randn(10, 4)
+    with pytest.raises(AdtrainError):
+        greedy_coreset(x, 0.0)
+    with pytest.raises(AdtrainError):
+        greedy_coreset(x, 0.5, n=3)
+    assert torch.equal(greedy_coreset(x, 1.0), torch.arange(10))
+
+
+def test_kmeans_returns_k_centres_near_the_clusters():
+    g = _gen(8)
+    true = torch.randn(6, 16, generator=g) * 10
+    x = true.repeat_interleave(200, dim=0) + 0.1 * torch.randn(1200, 16, generator=g)
+    centres = kmeans(x, 6, niter=30, seed=0)
+    assert centres.shape == (6, 16)
+    assert torch.cdist(true, centres).min(dim=1).values.max() < 1.0
+    with pytest.raises(AdtrainError):
+        kmeans(x, 0)
+
+
+def test_build_with_coreset_and_kmeans():
+    x = torch.randn(1000, 12, generator=_gen(9))
+    mb = MemoryBank()
+    mb.add(x)
+    mb.build(coreset_ratio=0.1)
+    assert len(mb) == 100
+    exact = torch.cdist(mb.bank, x, compute_mode="donot_use_mm_for_euclid_dist")
+    assert (exact.min(dim=1).values == 0).all()  # rows of the input
+    mb.add(x)
+    mb.build(kmeans_k=20)
+    assert mb.bank.shape == (20, 12)
+    with pytest.raises(ConfigError):
+        mb.build(coreset_ratio=0.1, kmeans_k=3)
+
+
+def test_reservoir_cap_is_a_uniform_seeded_sample():
+    def fill(seed):
+        mb = MemoryBank(max_features=200, seed=seed)
+        for start in range(0, 2000, 100):
+            ids = torch.arange(start, start + 100, dtype=torch.float32)
+            mb.add(torch.stack([ids, -ids], dim=1))
+        assert mb.num_added == 2000
+        mb.build()
+        return mb.bank[:, 0]
+
+    a = fill(0)
+    assert a.numel() == 200 and len(set(a.tolist())) == 200
+    assert torch.equal(a, fill(0)) and not torch.equal(a, fill(1))
+    late = (a >= 1000).float().mean().item()
+    assert 0.35 < late < 0.65  # not just the first (or last) rows
+
+
+def test_state_dict_round_trip_with_different_bank_size():
+    mb = MemoryBank(backend="faiss")
+    mb.set_bank(torch.randn(300, 32, generator=_gen(10)))
+    queries = torch.randn(20, 32, generator=_gen(11))
+    d, idx = mb.search(queries, 3)
+    fresh = MemoryBank(backend="faiss")
+    fresh.set_bank(torch.randn(10, 32))  # a different size than the checkpoint's
+    fresh.search(queries, 1)  # builds an index over the old bank
+    fresh.load_state_dict(mb.state_dict())
+    assert fresh.bank.shape == (300, 32)
+    d2, idx2 = fresh.search(queries, 3)
+    assert torch.equal(idx, idx2) and torch.equal(d, d2)
+    empty = MemoryBank(backend="torch")
+    empty.load_state_dict(mb.state_dict())
+    assert torch.equal(empty.search(queries, 3)[1], idx)
+
+
+def test_index_rebuilt_after_in_place_change():
+    mb = MemoryBank(backend="faiss")
+    mb.set_bank(torch.zeros(4, 2))
+    q = torch.tensor([[5.0, 5.0]])
+    mb.search(q, 1)
+    mb.bank[2] = torch.tensor([5.0, 5.0])
+    assert mb.search(q, 1)[1].item() == 2
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_nearest_distances_gradients_match_bruteforce(squared):
+    g = _gen(12)
+    q0, b0 = torch.randn(64, 10, generator=g), torch.randn(200, 10, generator=g)
+    w = torch.rand(64, 4, generator=g)  # a non-uniform upstream gradient
+    q, b = q0.clone().requires_grad_(), b0.clone().requires_grad_()
+    d, idx = nearest_distances(q, b, 4, squared=squared)
+    (d * w).sum().backward()
+    qr, br = q0.clone().requires_grad_(), b0.clone().requires_grad_()
+    dr = torch.cdist(qr, br, compute_mode="donot_use_mm_for_euclid_dist").topk(4, largest=False).values
+    dr = dr**2 if squared else dr
+    (dr * w).sum().backward()
+    torch.testing.assert_close(d, dr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q.grad, qr.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b.grad, br.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_nearest_distances_with_memory_bank_reaches_queries_only():
+    g = _gen(13)
+    mb = MemoryBank(backend="faiss")
+    mb.set_bank(torch.randn(100, 6, generator=g))
+    q = torch.randn(30, 6, generator=g).requires_grad_()
+    d, idx = nearest_distances(q, mb, 2)
+    d.sum().backward()
+    expected = ((q.detach().unsqueeze(1) - mb.bank[idx]) / d.detach().unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(q.grad, expected)
+    assert not mb.bank.requires_grad
