@@ -88,7 +88,9 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     """Train (or build the memory bank), reload the checkpoint selected on held-out normals,
     fit the threshold on them. Returns (trainer, info); the method is left on the trainer's device."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    monitor = "val/normal_score" if len(dm.val_samples) > 0 else None
+    # selection on held-out normals, unless the method says its last state is the one to keep
+    select_last = getattr(method, "select_last", False)
+    monitor = "val/normal_score" if len(dm.val_samples) > 0 and not select_last else None
     trainer, ckpt_cb = build_trainer(cfg, run_dir, logger, monitor)
     method.adtrain_config = OmegaConf.to_container(cfg, resolve=True)
 

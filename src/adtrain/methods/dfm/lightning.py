@@ -1,0 +1,274 @@
+"""DFM as a LightningModule: manual optimisation of two alternating stages (docs/methods/dfm.md).
+
+Epoch e of a cycle of stage1_epochs + stage2_epochs epochs: stage 1 (adapters, normal images,
+hinge losses that compress normal scores) or stage 2 (FMN memory + modulate layers, normal
+images and synthetic anomalies with masks). The memory is initialised (greedy coreset of the
+adapted training features) before the first epoch and rebuilt at the first stage-2 epoch of
+every cycle. Continual schedules: per-task state and UCAD task keys (see ``continual.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from adtrain.data.cutpaste import CutPasteConfig, cutpaste_batch
+from adtrain.errors import ConfigError
+from adtrain.methods.base import AnomalyModule
+from adtrain.methods.dfm.continual import DfmContinualMixin
+from adtrain.methods.dfm.torch_model import DfmModel
+
+log = logging.getLogger("adtrain")
+ANOMALY_SOURCES = ("cutpaste", "data", "both")
+SELECTIONS = ("last", "normal_score")
+
+
+class Dfm(DfmContinualMixin, AnomalyModule):
+    #: run.py: keep the last epoch instead of the lowest val/normal_score (method.selection=last)
+    select_last: bool = True
+
+    def __init__(
+        self,
+        backbone: dict,
+        host: str = "patchcore",
+        layers=None,
+        adapter_layers=None,
+        pool_size: int = 3,
+        blur_sigma: float = 4.0,
+        cfa_gamma_d: int = 1,
+        memory_size: int | None = 196,
+        coreset_ratio: float = 0.1,
+        projection_dim: int = 128,
+        max_memory_features: int | None = None,
+        num_keys: int = 196,
+        candidates: int = 8,
+        row_chunk: int = 8192,
+        mem_chunk: int = 4096,
+        rounds: int = 2,
+        stage1_epochs: int = 3,
+        stage2_epochs: int = 5,
+        lr_adapter: float = 1e-4,
+        lr_fmn: float = 1e-3,
+        weight_decay: float = 0.0,
+        beta: float = 0.9,
+        gamma: float = 1.1,
+        lambda_det: float = 1.0,
+        lambda_seg: float = 1.0,
+        cutpaste: dict | None = None,
+        anomalies: str = "cutpaste",
+        selection: str = "last",
+        clip_grad_norm: float | None = None,
+        seed: int = 0,
+        model: DfmModel | None = None,
+    ) -> None:
+        super().__init__()
+        for key, val in (("rounds", rounds), ("stage1_epochs", stage1_epochs), ("stage2_epochs", stage2_epochs)):
+            if int(val) < 0:
+                raise ConfigError(f"method.{key}", f"must be >= 0, got {val}")
+        if int(stage1_epochs) + int(stage2_epochs) < 1:
+            raise ConfigError("method.stage1_epochs", "stage1_epochs + stage2_epochs must be >= 1")
+        if anomalies not in ANOMALY_SOURCES:
+            raise ConfigError("method.anomalies", f"must be one of {ANOMALY_SOURCES}, got {anomalies!r}")
+        if selection not in SELECTIONS:
+            raise ConfigError("method.selection", f"must be one of {SELECTIONS}, got {selection!r}")
+        if not 0.0 < float(beta) <= 1.0:
+            raise ConfigError("method.beta", f"must be in (0, 1], got {beta}")
+        if float(gamma) <= 0.0:
+            raise ConfigError("method.gamma", f"must be > 0, got {gamma}")
+        self.model = model if model is not None else DfmModel(
+            backbone, host=host, layers=layers, adapter_layers=adapter_layers, pool_size=pool_size,
+            blur_sigma=blur_sigma, cfa_gamma_d=cfa_gamma_d, memory_size=memory_size, coreset_ratio=coreset_ratio,
+            projection_dim=projection_dim, max_memory_features=max_memory_features, num_keys=num_keys,
+            candidates=candidates, row_chunk=row_chunk, mem_chunk=mem_chunk, seed=seed)
+        self.automatic_optimization = False
+        self.rounds, self.e1, self.e2 = int(rounds), int(stage1_epochs), int(stage2_epochs)
+        self.lr_adapter, self.lr_fmn, self.weight_decay = float(lr_adapter), float(lr_fmn), float(weight_decay)
+        self.beta, self.gamma = float(beta), float(gamma)
+        self.lambda_det, self.lambda_seg = float(lambda_det), float(lambda_seg)
+        self.cutpaste = CutPasteConfig.from_any(cutpaste)
+        self.anomalies = anomalies
+        self.select_last = selection == "last"
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.stage = 1 if self.e1 > 0 else 2
+        self.memory_builds = 0
+        if self.e1 > 0 and not self.model.adapter_parameters():
+            raise ConfigError("method.stage1_epochs", "stage 1 trains the adapters, but there are none "
+                              "(method.adapter_layers is empty): set stage1_epochs=0")
+        self.init_continual()
+
+    # ----------------------------------------------------------------- schedule
+    def schedule(self, epoch: int) -> tuple[int, int, int]:
+        """(round, stage 1|2, position in the cycle) of an epoch."""
+        cycle = self.e1 + self.e2
+        rnd, pos = divmod(int(epoch), cycle)
+        return rnd, (1 if pos < self.e1 else 2), pos
+
+    def on_fit_start(self) -> None:
+        expected = self.rounds * (self.e1 + self.e2)
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and max_epochs != expected:
+            log.warning("DFM: trainer.max_epochs=%s but method.rounds * (stage1_epochs + stage2_epochs) = %d; the "
+                        "stages cycle (%d + %d epochs) until max_epochs", max_epochs, expected, self.e1, self.e2)
+
+    def on_train_epoch_start(self) -> None:
+        _, stage, pos = self.schedule(self.current_epoch)
+        if not self.model.fmn.ready:
+            self.build_memory(with_keys=self.task_open, reset_patch=True)
+        elif stage == 2 and pos == self.e1 and self.e1 > 0:
+            self.build_memory()  # rebuilt from the adapters stage 1 just trained
+            self._reset_memory_moments()
+        self.set_stage(stage)
+
+    def on_validation_epoch_start(self) -> None:
+        # a sanity-check validation runs before the first training epoch: the memory must exist
+        if not self.model.fmn.ready and self._trainer is not None and self.trainer.state.fn == "fit":
+            self.build_memory(with_keys=self.task_open, reset_patch=True)
+
+    def on_train_end(self) -> None:
+        for p in self.model.adapter_parameters() + self.model.fmn_parameters():
+            p.requires_grad_(True)
+
+    def set_stage(self, stage: int) -> None:
+        """Only the stage's own parameters require gradients."""
+        self.stage = int(stage)
+        for p in self.model.adapter_parameters():
+            p.requires_grad_(stage == 1)
+        for p in self.model.fmn_parameters():
+            p.requires_grad_(stage == 2)
+
+    # ----------------------------------------------------------------- memory
+    def _normal_images(self):
+        trainer = self.trainer
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "make_dataloader"):
+            loader = dm.make_dataloader(dm.train_samples, train=False)  # eval transform, no augmentation
+        else:
+            loader = trainer.train_dataloader
+        for batch in loader:
+            images = batch["image"]
+            if "label" in batch:
+                images = images[batch["label"] == 0]
+            if images.shape[0]:
+                yield images.to(self.device)
+
+    def build_memory(self, batches=None, with_keys: bool = False, reset_patch: bool = False) -> dict:
+        """(Re)build the FMN memory from the training normals (one pass, no gradients)."""
+        was = self.model.training
+        self.model.eval()
+        ctx = self.trainer.precision_plugin.forward_context() if self._trainer is not None else _null()
+        try:
+            with ctx:
+                info = self.model.build_memory(batches if batches is not None else self._normal_images(),
+                                               with_keys=with_keys, reset_patch=reset_patch)
+        finally:
+            self.model.train(was)
+        self.memory_builds += 1
+        if "keys" in info:
+            self.pending_key = info.pop("keys")
+        log.info("DFM memory build %d: %d items on a %s grid", self.memory_builds, info["memory_size"], info["grid"])
+        return info
+
+    def _reset_memory_moments(self) -> None:
+        """New memory items: forget the optimiser moments of the item-indexed parameters."""
+        fmn = self.model.fmn
+        for opt in self.trainer.optimizers if self._trainer is not None else []:
+            for p in (fmn.memory, fmn.mem_scale, fmn.mem_shift):
+                opt.state.pop(p, None)
+
+    # ----------------------------------------------------------------- losses
+    def stage1_loss(self, normal: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Compress normal scores: hinge above beta * the batch's max (image and patch level)."""
+        maps, scores = self.model.score(normal)
+        ref = self.model.fmn.dist_ref
+        t_img = (self.beta * scores.max()).detach()
+        t_seg = (self.beta * maps.max()).detach()
+        l_img = F.relu(scores - t_img).mean() / ref
+        l_seg = F.relu(maps - t_seg).mean() / ref
+        return {"loss": self.lambda_det * l_img + self.lambda_seg * l_seg, "hinge_img": l_img, "hinge_seg": l_seg}
+
+    def stage2_loss(self, normal: torch.Tensor, anomalous: torch.Tensor, masks: torch.Tensor) -> dict:
+        """L_sup = lambda_det L_detec + lambda_seg L_seg on the FMN (features fixed)."""
+        n = normal.shape[0]
+        with torch.no_grad():
+            emb = self.model.embed(torch.cat([normal, anomalous.to(normal.dtype)]))
+        maps, scores = self.model.fmn(emb)
+        ref = self.model.fmn.dist_ref
+        s_n, s_a, m_n, m_a = scores[:n], scores[n:], maps[:n], maps[n:]
+        t_img = (self.gamma * s_n.max()).detach()
+        t_seg = (self.gamma * m_n.max()).detach()
+        l_det = (F.relu(t_img - s_a).mean() + (s_n - s_n.mean()).abs().mean()) / ref
+        w = F.adaptive_avg_pool2d(masks.float(), tuple(m_a.shape[-2:])).squeeze(1)
+        l_seg = (w * F.relu(t_seg - m_a)).sum() / w.sum().clamp_min(1e-6) / ref
+        return {"loss": self.lambda_det * l_det + self.lambda_seg * l_seg, "detec": l_det, "seg": l_seg}
+
+    def synthetic_anomalies(self, batch: dict, normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomalous images and masks for stage 2: CutPaste of the normals (global torch RNG) and/or
+        the data module's synthetic anomalies (label 1 items of the batch)."""
+        images, masks = [], []
+        if self.anomalies in ("cutpaste", "both") and normal.shape[0]:
+            x, m = cutpaste_batch(normal, self.cutpaste)
+            images.append(x)
+            masks.append(m)
+        if self.anomalies in ("data", "both"):
+            sel = batch["label"] == 1
+            images.append(batch["image"][sel])
+            masks.append(batch["mask"][sel].to(batch["image"].dtype))
+        if not images:
+            return normal[:0], normal[:0, :1]
+        return torch.cat(images), torch.cat(masks)
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        opts = []
+        self._opt_index = {}
+        adapter = self.model.adapter_parameters()
+        if adapter:
+            self._opt_index[1] = len(opts)
+            opts.append(torch.optim.Adam(adapter, lr=self.lr_adapter, weight_decay=self.weight_decay))
+        self._opt_index[2] = len(opts)
+        opts.append(torch.optim.Adam(self.model.fmn_parameters(), lr=self.lr_fmn))
+        return opts
+
+    def _optimizer(self, stage: int):
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        return opts[self._opt_index[stage]]
+
+    def training_step(self, batch: dict, batch_idx: int):
+        images, labels = batch["image"], batch["label"]
+        normal = images[labels == 0]
+        if normal.shape[0] == 0:
+            return None
+        if self.stage == 1:
+            losses = self.stage1_loss(normal)
+        else:
+            anomalous, masks = self.synthetic_anomalies(batch, normal)
+            if anomalous.shape[0] == 0:
+                return None
+            losses = self.stage2_loss(normal, anomalous, masks)
+        loss = losses["loss"]
+        self.check_finite(loss)
+        opt = self._optimizer(self.stage)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.clip_grad_norm:
+            self.clip_gradients(opt, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        n = images.shape[0]
+        self.log(f"train/loss_stage{self.stage}", loss.detach(), on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=n)
+        for key, val in losses.items():
+            if key != "loss":
+                self.log(f"train/{key}", val.detach(), on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/stage", float(self.stage), on_step=False, on_epoch=True, batch_size=n)
+        return loss.detach()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

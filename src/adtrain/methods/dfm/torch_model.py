@@ -1,0 +1,221 @@
+"""DFM (Wu et al., CVPR 2025): a frozen backbone with identity-initialised adapters, a host's patch
+descriptor (PatchCore: local aggregation; CFA: + CoordConv descriptor) and a Feature Matching
+Network whose memory and modulate layers are trained (docs/methods/dfm.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adtrain.errors import AdtrainError, ConfigError
+from adtrain.memory import MemoryBank, greedy_coreset
+from adtrain.methods.cfa.torch_model import CoordConv1x1
+from adtrain.methods.dfm.adapters import build_adapters
+from adtrain.methods.dfm.fmn import FeatureMatchingNetwork, distance_volume
+from adtrain.methods.output import AnomalyOutput
+from adtrain.methods.patchcore.torch_model import gaussian_blur2d, pooled_concat
+
+HOSTS = ("patchcore", "cfa")
+DEFAULT_LAYERS = {"patchcore": ("layer2", "layer3"), "cfa": ("layer1", "layer2", "layer3")}
+_REF_ROWS = 16384  # patches used to measure the typical nearest distance
+
+
+def _plain(cfg) -> dict:
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B,D,h,w) -> (B*h*w, D)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class DfmModel(nn.Module):
+    """Eval ``forward`` -> AnomalyOutput; training-mode ``forward`` -> (patch scores (B,h,w), image
+    scores (B,)). ``build_memory(batches)`` (re)initialises the FMN memory from adapted features."""
+
+    def __init__(
+        self,
+        backbone: Mapping | None = None,
+        host: str = "patchcore",
+        layers: Sequence[str] | None = None,
+        adapter_layers: Sequence[str] | None = None,
+        pool_size: int = 3,
+        blur_sigma: float = 4.0,
+        cfa_gamma_d: int = 1,
+        memory_size: int | None = 196,
+        coreset_ratio: float = 0.1,
+        projection_dim: int = 128,
+        max_memory_features: int | None = None,
+        num_keys: int = 196,
+        candidates: int = 8,
+        row_chunk: int = 8192,
+        mem_chunk: int = 4096,
+        seed: int = 0,
+        extractor: nn.Module | None = None,
+    ):
+        super().__init__()
+        if host not in HOSTS:
+            raise ConfigError("method.host", f"must be one of {HOSTS}, got {host!r}")
+        if int(pool_size) < 1 or int(pool_size) % 2 == 0:
+            raise ConfigError("method.pool_size", f"must be an odd integer >= 1, got {pool_size}")
+        if memory_size is not None and int(memory_size) < 1:
+            raise ConfigError("method.memory_size", f"must be >= 1 or null, got {memory_size}")
+        if not 0.0 < float(coreset_ratio) <= 1.0:
+            raise ConfigError("method.coreset_ratio", f"must be in (0, 1], got {coreset_ratio}")
+        if int(cfa_gamma_d) < 1:
+            raise ConfigError("method.cfa_gamma_d", f"must be >= 1, got {cfa_gamma_d}")
+        bcfg = _plain(backbone)
+        if layers is None:
+            if bcfg.get("kind") == "vit":
+                raise ConfigError("method.layers", "give the ViT block(s) to read, e.g. [block6]")
+            layers = DEFAULT_LAYERS[host]
+        self.host = host
+        self.layers = [str(n) for n in layers]
+        self.pool_size, self.blur_sigma = int(pool_size), float(blur_sigma)
+        self.memory_size = None if memory_size is None else int(memory_size)
+        self.coreset_ratio, self.projection_dim = float(coreset_ratio), int(projection_dim)
+        self.max_memory_features = None if max_memory_features is None else int(max_memory_features)
+        self.num_keys, self.seed = int(num_keys), int(seed)
+        if extractor is None:
+            if not bcfg:
+                raise ConfigError("backbone", "missing (give a backbone config node or an extractor)")
+            from adtrain.backbones import build_extractor
+
+            extractor = build_extractor(bcfg, self.layers, frozen=True)
+        self.extractor = extractor
+        self.extractor.requires_grad_(False)
+        self.adapters = build_adapters(self.extractor, self.layers, adapter_layers, bcfg.get("stages"))
+        in_dim = int(sum(int(self.extractor.channels[n]) for n in self.layers))
+        if host == "cfa":
+            if in_dim // int(cfa_gamma_d) < 1:
+                raise ConfigError("method.cfa_gamma_d", f"{cfa_gamma_d} leaves no channel of {in_dim}")
+            self.head = CoordConv1x1(in_dim, in_dim // int(cfa_gamma_d))
+            out_dim = in_dim // int(cfa_gamma_d)
+        else:
+            self.head = nn.Identity()
+            out_dim = in_dim
+        self.feature_dim = in_dim
+        self.fmn = FeatureMatchingNetwork(out_dim, candidates, row_chunk, mem_chunk)
+
+    # ------------------------------------------------------------------ features
+    def features(self, images: torch.Tensor, adapt: bool = True) -> torch.Tensor:
+        """Locally aggregated (adapted) backbone features before the host's head, (B,D0,h,w) fp32."""
+        if self.adapters.inside:  # ViT: adapters act inside the blocks; gradients pass the frozen blocks
+            with self.adapters.enabled(adapt):
+                feats = self.extractor(images)
+        else:
+            with torch.no_grad():
+                feats = self.extractor(images)
+            if adapt:
+                feats = self.adapters(feats)
+        return pooled_concat(feats, self.layers, self.pool_size)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features P the FMN matches, (B,D,h,w)."""
+        return self.head(self.features(images))
+
+    def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fmn(self.embed(images))
+
+    def anomaly_map(self, patch_scores: torch.Tensor, size) -> torch.Tensor:
+        amap = F.interpolate(patch_scores.unsqueeze(1).float(), size=tuple(size), mode="bilinear",
+                             align_corners=False)
+        return gaussian_blur2d(amap, self.blur_sigma)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.extractor.eval()  # frozen: batch-norm statistics fixed
+        return self
+
+    def forward(self, images: torch.Tensor):
+        maps, scores = self.score(images)
+        if self.training:
+            return maps, scores
+        return AnomalyOutput(self.anomaly_map(maps, images.shape[-2:]), scores)
+
+    # ------------------------------------------------------------------ memory
+    @torch.no_grad()
+    def build_memory(self, batches: Iterable[torch.Tensor], with_keys: bool = False,
+                     reset_patch: bool = False) -> dict:
+        """(Re)build the FMN memory from the current adapted features of ``batches`` (image tensors):
+        PatchCore host: greedy coreset (memory_size items, or coreset_ratio of all patches) on the
+        shared MemoryBank; CFA host: CFA's bank (equal-weight running mean over batches of the
+        batch-mean descriptor per position), reduced by greedy coreset to memory_size if smaller.
+        The memory modulate is reset to identity. with_keys: also a coreset (num_keys) of the frozen
+        backbone's features, the task key for continual routing (returned as ``keys``)."""
+        identity = self.adapters.is_identity()
+        cap = self.max_memory_features
+        bank = MemoryBank(backend="torch", max_features=cap, seed=self.seed)
+        keys = MemoryBank(backend="torch", max_features=cap, seed=self.seed + 1) if with_keys else None
+        mean, n_batches, grid, sample, device = None, 0, None, None, None
+        for images in batches:
+            pre = self.features(images)
+            emb = self.head(pre).float()
+            grid, device = tuple(emb.shape[-2:]), emb.device
+            if sample is None:
+                sample = _rows(emb)[:_REF_ROWS].clone()
+            if self.host == "patchcore":
+                bank.add(_rows(emb))
+            else:
+                n_batches += 1
+                m = emb.mean(dim=0)
+                if mean is None:
+                    mean = m
+                elif mean.shape != m.shape:
+                    raise AdtrainError(f"DFM memory (CFA host): grid {tuple(m.shape[1:])} != {tuple(mean.shape[1:])}")
+                else:
+                    mean += (m - mean) / n_batches
+            if keys is not None:
+                base = pre if identity else self.features(images, adapt=False)
+                keys.add(_rows(base))
+        if sample is None:
+            raise AdtrainError("DFM memory: no training images were seen")
+        if self.host == "patchcore":
+            n_all = min(bank.num_added, cap) if cap else bank.num_added
+            memory = self._coreset(bank, n_all, self.memory_size, self.coreset_ratio, device)
+        else:
+            memory = mean.flatten(1).t().contiguous()
+            if self.memory_size is not None and self.memory_size < memory.shape[0]:
+                memory = memory[greedy_coreset(memory, n=self.memory_size, projection_dim=self.projection_dim,
+                                               seed=self.seed)]
+        memory = memory.to(device)
+        ref = float(distance_volume(sample, memory).min(dim=1).values.mean())
+        self.fmn.set_memory(memory, grid=grid, dist_ref=ref, reset_patch=reset_patch)
+        info = {"memory_size": int(memory.shape[0]), "grid": grid, "dist_ref": ref}
+        if keys is not None:
+            n_all = min(keys.num_added, cap) if cap else keys.num_added
+            info["keys"] = self._coreset(keys, n_all, self.num_keys, None, device).cpu()
+        return info
+
+    def _coreset(self, bank: MemoryBank, n_all: int, size: int | None, ratio: float | None, device) -> torch.Tensor:
+        if size is not None:
+            ratio = min(1.0, (int(size) + 0.5) / max(1, n_all))  # int(n_all * ratio) == size
+        ratio = None if ratio is None or ratio >= 1.0 else ratio
+        bank.build(coreset_ratio=ratio, projection_dim=self.projection_dim, seed=self.seed, device=device)
+        return bank.bank
+
+    @torch.no_grad()
+    def key_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's aggregated features (adapters off), for task routing."""
+        return self.features(images, adapt=False)
+
+    # ------------------------------------------------------------------ parameter groups
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Stage 1: the adapters (and, with the CFA host, CFA's descriptor)."""
+        return list(self.adapters.parameters()) + list(self.head.parameters())
+
+    def fmn_parameters(self) -> list[nn.Parameter]:
+        """Stage 2: the memory and the modulate layers."""
+        return list(self.fmn.parameters())

