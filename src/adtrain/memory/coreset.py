@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from adtrain.errors import AdtrainError
 
@@ -155,6 +156,7 @@ def greedy_coreset(
     projection_dim: int = 128,
     seed: int = 0,
     pool: int = 4096,
+    progress: bool = True,
 ) -> torch.Tensor:
     """PatchCore's approximate greedy k-center coreset; returns int64 indices (n,) into features.
 
@@ -173,10 +175,15 @@ def greedy_coreset(
     state = _LazyGreedy(proj, n_sel, pool)
     chosen = [start]
     state.add_centre(0, start)
+    bar = tqdm(total=n_sel, desc="coreset", unit="centre", disable=not progress or n_sel < 2000, mininterval=1.0)
+    bar.update(1)
     for t in range(1, n_sel):
         idx = state.next_index(t)
         chosen.append(idx)
+        if t % 256 == 0:
+            bar.update(256)
         state.add_centre(t, idx)
+    bar.close()
     return torch.tensor(chosen, dtype=torch.long, device=features.device)
 
 
