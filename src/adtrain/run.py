@@ -132,7 +132,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     metrics = method.test_results()
     test_seconds = time.perf_counter() - t1
     peak, peak_kind = peak_memory_mb(device)
-    n_test = len(dm.test_samples)
+    n_test = len(method.test_records)  # images actually scored (trainer.limit_test_batches may cut the set)
     return {
         **{k: metrics.get(k) for k in METRIC_KEYS},
         "test_seconds": round(test_seconds, 3),
