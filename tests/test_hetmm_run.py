@@ -71,3 +71,13 @@ def test_hetmm_tiny_set_and_category_values(fast_cfg, tmp_path):
     fresh.load_state_dict(state)
     assert fresh.model.forward_windows == [5, 5, 7]
     assert torch.isfinite(torch.tensor(np.array(fresh.model.lambdas))).all()
+
+
+def test_hetmm_shared_tiny_set_stays_k_sheets_across_tasks(fast_cfg, tmp_path):
+    from adtrain.checkpoint import load_method
+    from adtrain.run import run
+
+    run(fast_cfg("method=hetmm", "method.templates=4", "schedule.tasks=[texture,grid]",
+                 "method.forward_windows=[3,3,3]", "method.backward_windows=[1,1,1]"), tmp_path)
+    sizes = [load_method(p)[0].model.num_templates for p in sorted((tmp_path / "tasks").glob("*/model.ckpt"))]
+    assert sizes == [4, 4]

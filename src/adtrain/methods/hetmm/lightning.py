@@ -75,7 +75,10 @@ class Hetmm(MemoryModule):
         self.model.add_templates(images)
 
     def finalize(self) -> None:
-        if self.model.template_size != "all" and not bool(self.model.compressed):
+        """PTS when a tiny set is asked for and the set is larger than K (also after a shared
+        continual task appended new templates to an earlier tiny set)."""
+        k = self.model.template_size
+        if k != "all" and (not bool(self.model.compressed) or self.model.num_templates > int(k)):
             self.model.compress()
 
     def reset_memory(self) -> None:
