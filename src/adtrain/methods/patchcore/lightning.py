@@ -39,9 +39,8 @@ class Patchcore(MemoryModule):
         in a continual schedule, the earlier tasks' items are kept alongside."""
         previous = self.model.memory.bank.clone() if (self.continual == "shared" and len(self.model.memory) > 0) else None
         dev = self.device if self.coreset_device == "auto" else torch.device(self.coreset_device)
+        self.model.build(device=dev)
         mem = self.model.memory
-        ratio = self.model.coreset_ratio if self.model.coreset_ratio < 1.0 else None
-        mem.build(coreset_ratio=ratio, projection_dim=self.model.projection_dim, seed=self.model.seed, device=dev)
         if previous is not None and previous.shape[1] == mem.dim:
             mem.set_bank(torch.cat([previous.to(mem.bank.device), mem.bank]))
 

@@ -101,10 +101,10 @@ class PatchcoreModel(nn.Module):
         self.memory.add(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
 
     @torch.no_grad()
-    def build(self) -> None:
-        """Greedy coreset of the collected patches (on this module's device)."""
+    def build(self, device: torch.device | str | None = None) -> None:
+        """Greedy coreset of the collected patches (on ``device``, default this module's)."""
         ratio = self.coreset_ratio if self.coreset_ratio < 1.0 else None
-        self.memory.build(coreset_ratio=ratio, projection_dim=self.projection_dim, seed=self.seed)
+        self.memory.build(coreset_ratio=ratio, projection_dim=self.projection_dim, seed=self.seed, device=device)
 
     def patch_distances(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance of every patch to its nearest memory item and that item's index, (B,h,w)
