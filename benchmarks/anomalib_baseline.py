@@ -159,13 +159,16 @@ def convert_pypi_lite0(out: Path) -> Path:
     return out
 
 
-def patch_timm_create_model(backbone: str, weights: Path | None) -> list[str]:
-    """Monkeypatch timm.create_model so anomalib's pretrained backbone loads the local file."""
+def patch_timm_create_model(backbone: str, weights: Path | None, random_init: bool = False) -> list[str]:
+    """Monkeypatch timm.create_model so anomalib's pretrained backbone loads the local file
+    (or, with random_init, is built without weights)."""
     import timm
     original = timm.create_model
     calls: list[str] = []
 
     def create_model(model_name, pretrained=False, **kwargs):
+        if random_init:
+            pretrained = False
         if pretrained and weights is not None and model_name == backbone:
             overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
             overlay["file"] = str(weights)
@@ -207,17 +210,21 @@ def peak_rss_mb() -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", type=Path, help="JSON with train / test_normal / test_anomalous")
-    ap.add_argument("--model", choices=("stfpm", "patchcore"), default="stfpm")
+    ap.add_argument("--model", choices=("stfpm", "patchcore", "cfa"), default="stfpm")
     ap.add_argument("--backbone", choices=("efficientnet_lite0", "resnet18", "wide_resnet50_2"),
                     default="efficientnet_lite0")
     ap.add_argument("--layers", nargs="+", help="override the timm feature module names")
-    ap.add_argument("--epochs", type=int, default=2, help="STFPM epochs (PatchCore: always 1)")
+    ap.add_argument("--epochs", type=int, default=2, help="STFPM / CFA epochs (PatchCore: always 1)")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--coreset-ratio", type=float, default=0.1)
     ap.add_argument("--max-train", type=int, help="use a seeded random subset of N train images")
     ap.add_argument("--weights", help="local timm state dict for the backbone")
+    ap.add_argument("--random-init", action="store_true",
+                    help="randomly initialised backbone (speed comparisons where no weights exist "
+                         "offline, e.g. CFA's torchvision backbones); accuracy is then meaningless")
+    ap.add_argument("--center-crop", type=int, help="CFA: centre crop after the resize (official: 224)")
     ap.add_argument("--visualize", action="store_true", help="keep anomalib's image writer on")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("anomalib_work"))
@@ -243,8 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     link_folder(split["test_normal"], data_root / "test_good")
     link_folder(split["test_anomalous"], data_root / "test_bad")
 
-    weights = resolve_weights(args.backbone, args.weights, workdir)
-    patched_calls = patch_timm_create_model(args.backbone, weights)  # before anomalib builds
+    weights = None if args.random_init else resolve_weights(args.backbone, args.weights, workdir)
+    patched_calls = patch_timm_create_model(args.backbone, weights, args.random_init)  # before anomalib builds
 
     import anomalib
     import torch
@@ -253,14 +260,29 @@ def main(argv: list[str] | None = None) -> None:
 
     from anomalib.data import Folder
     from anomalib.engine import Engine
-    from anomalib.models import Patchcore, Stfpm
+    from anomalib.models import Cfa, Patchcore, Stfpm
 
     seed_everything(args.seed, workers=True)
-    layers = args.layers or DEFAULT_LAYERS[args.model][args.backbone]
+    layers = args.layers or DEFAULT_LAYERS.get(args.model, {}).get(args.backbone)
     size = (args.image_size, args.image_size)
     timings: dict[str, float | int] = {}
     common = {"visualizer": args.visualize}
-    if args.model == "stfpm":
+    if args.model == "cfa":
+        import torchvision
+        from anomalib.models.image.cfa import torch_model as cfa_torch
+
+        def feature_extractor(backbone, return_nodes):  # anomalib's, with the weights chosen here
+            weights = None if args.random_init else torchvision.models.get_model_weights(backbone).DEFAULT
+            net = getattr(torchvision.models, backbone)(weights=weights)
+            return torchvision.models.feature_extraction.create_feature_extractor(net, return_nodes).eval()
+
+        cfa_torch.get_feature_extractor = feature_extractor
+        crop = (args.center_crop, args.center_crop) if args.center_crop else None
+        model = Cfa(backbone=args.backbone,
+                    pre_processor=Cfa.configure_pre_processor(image_size=size, center_crop_size=crop), **common)
+        extractor = None
+        layers = ["layer1", "layer2", "layer3"]
+    elif args.model == "stfpm":
         model = Stfpm(backbone=args.backbone, layers=layers,
                       pre_processor=Stfpm.configure_pre_processor(image_size=size), **common)
         extractor = model.model.teacher_model
@@ -301,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     # No validation split: every test image stays in the test set and no validation pass runs
     # during fit (so normalisation stats stay unset and the test scores are the raw ones).
     trainer_kwargs = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
-    if args.model == "stfpm":
+    if args.model in ("stfpm", "cfa"):
         trainer_kwargs["max_epochs"] = args.epochs
     engine = Engine(accelerator="cpu", devices=1, logger=False, callbacks=[recorder],
                     default_root_dir=workdir / "results", enable_progress_bar=True,
@@ -322,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         "anomalib_version": anomalib.__version__, "torch_version": torch.__version__,
         "model": args.model, "backbone": args.backbone, "layers": layers,
         "image_size": args.image_size, "batch_size": args.batch_size,
-        "epochs": args.epochs if args.model == "stfpm" else 1,
+        "epochs": args.epochs if args.model in ("stfpm", "cfa") else 1,
+        "random_init": args.random_init, "center_crop": args.center_crop,
         "coreset_ratio": args.coreset_ratio if args.model == "patchcore" else None,
         "n_train": len(split["train"]), "n_test": n_test,
         "fit_seconds": round(fit_seconds, 2), "test_seconds": round(test_seconds, 2),

@@ -255,3 +255,40 @@ def test_nearest_distances_with_memory_bank_reaches_queries_only():
     expected = ((q.detach().unsqueeze(1) - mb.bank[idx]) / d.detach().unsqueeze(-1)).sum(1)
     torch.testing.assert_close(q.grad, expected)
     assert not mb.bank.requires_grad
+
+
+def test_host_bank_streamed_search_matches_resident():
+    """keep_on_host: the bank stays put when the module moves; streamed slices give the same
+    neighbours (here the 'device' is the CPU; the CUDA run is the test below)."""
+    from adtrain.memory.index import torch_search
+
+    g = _gen(6)
+    bank, queries = torch.randn(900, 16, generator=g), torch.randn(150, 16, generator=g)
+    ref = torch_search(queries, bank, 4, 1000, 1000)
+    streamed = torch_search(queries, bank, 4, 33, 17, device="cpu")
+    assert torch.equal(ref, streamed)
+    mb = MemoryBank(backend="torch", keep_on_host=True, bank_chunk=64)
+    mb.set_bank(bank)
+    mb.to(torch.float64)  # module conversions leave a host bank as it is
+    assert mb.bank.dtype == torch.float32 and mb.bank.device.type == "cpu"
+    assert "keep_on_host=True" in repr(mb)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("keep_on_host", [False, True])
+def test_cuda_search_matches_cpu(keep_on_host):
+    g = _gen(7)
+    bank, queries = torch.randn(5000, 64, generator=g), torch.randn(700, 64, generator=g)
+    cpu = MemoryBank(backend="torch")
+    cpu.set_bank(bank)
+    d0, i0 = cpu.search(queries, 3)
+    gpu = MemoryBank(backend="torch", keep_on_host=keep_on_host, bank_chunk=512).to("cuda")
+    gpu.set_bank(bank)
+    assert gpu.bank.is_cuda != keep_on_host
+    d1, i1 = gpu.search(queries.cuda(), 3)
+    assert d1.is_cuda and i1.is_cuda
+    torch.testing.assert_close(d1.cpu(), d0, atol=1e-4, rtol=1e-4)
+    assert (i1.cpu() == i0).float().mean() > 0.99
+    d2, _ = nearest_distances(queries.cuda().requires_grad_(), gpu, 1)
+    assert d2.is_cuda
+    torch.testing.assert_close(d2.detach().cpu(), d0[:, :1], atol=1e-4, rtol=1e-4)

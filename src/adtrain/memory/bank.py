@@ -24,9 +24,11 @@ _CPU = torch.device("cpu")
 RERANK_PAD = 8  # extra candidates re-ranked by exact distance
 
 
-def rerank(queries: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, k: int):
-    """Exact distances of candidate indices, sorted; first k columns (d (M,k), idx (M,k))."""
-    d = exact_distances(queries, bank, cand)
+def rerank(queries: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, k: int, device=None):
+    """Exact distances of candidate indices, sorted; first k columns (d (M,k), idx (M,k)),
+    computed on ``device`` (default: the bank's)."""
+    d = exact_distances(queries, bank, cand, device)
+    cand = cand.to(d.device)
     d, order = torch.sort(d, dim=1, stable=True)
     return d[:, :k].contiguous(), torch.gather(cand, 1, order)[:, :k].contiguous()
 
@@ -40,6 +42,9 @@ class MemoryBank(nn.Module):
     except that a ``flat`` index over more than ``AUTO_IVF_ABOVE`` (2,000,000) vectors becomes
     ``ivf``. index: ``flat`` (exact), ``ivf``, ``hnsw``, ``ivfpq`` (approximate). Every
     backend's candidates (k + 8 of them) are re-ranked by exact Euclidean distance.
+    keep_on_host: the bank stays in (pinned) host memory when the module moves to a GPU; the
+    torch backend then streams it to the queries' GPU in ``bank_chunk`` slices, so GPU memory
+    is bounded by the slices, not by the bank (banks larger than the GPU's memory).
     """
 
     AUTO_IVF_ABOVE = 2_000_000
@@ -57,6 +62,7 @@ class MemoryBank(nn.Module):
         seed: int = 0,
         bank_chunk: int = 4096,
         hnsw_ef_search: int = 128,
+        keep_on_host: bool = False,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -76,6 +82,7 @@ class MemoryBank(nn.Module):
         self.search_chunk, self.bank_chunk = int(search_chunk), int(bank_chunk)
         self.max_features = None if max_features is None else int(max_features)
         self.seed = int(seed)
+        self.keep_on_host = bool(keep_on_host)
         self.register_buffer("bank", torch.empty(0, 0))
         self.reset()
         self._invalidate()
@@ -184,7 +191,10 @@ class MemoryBank(nn.Module):
         """Use ``bank`` (K,D) as the memory (copied to fp32 on this module's device)."""
         if bank.dim() != 2 or bank.shape[0] == 0:
             raise AdtrainError(f"MemoryBank.set_bank: expected non-empty (K,D), got {tuple(bank.shape)}")
-        self.bank = bank.detach().to(self.bank.device, torch.float32).contiguous()
+        bank = bank.detach().to(self.bank.device, torch.float32).contiguous()
+        if self.keep_on_host and torch.cuda.is_available() and not bank.is_pinned():
+            bank = bank.pin_memory()  # asynchronous slice copies to the GPU
+        self.bank = bank
         self._invalidate()
 
     def __len__(self) -> int:
@@ -198,8 +208,8 @@ class MemoryBank(nn.Module):
         return int(self.bank.shape[1])
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
-        """Bank items at ``indices`` (any shape) -> indices.shape + (D,), on the bank's device."""
-        return self.bank[indices.to(self.bank.device)]
+        """Bank items at ``indices`` (any shape) -> indices.shape + (D,), on the indices' device."""
+        return self.bank[indices.to(self.bank.device)].to(indices.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "bank"
@@ -210,7 +220,10 @@ class MemoryBank(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
+        bank = self.bank
         out = super()._apply(fn, *args, **kwargs)
+        if self.keep_on_host:  # .to(cuda) / .half() leave a host bank where and what it is
+            self.bank = bank
         self._invalidate()
         return out
 
@@ -270,18 +283,21 @@ class MemoryBank(nn.Module):
             return (torch.empty(0, k, device=queries.device),
                     torch.empty(0, k, dtype=torch.long, device=queries.device))
         kc = min(bank.shape[0], k + RERANK_PAD)
+        # a host bank searched by CUDA queries is streamed to their GPU; else the bank's device
+        dev = queries.device if queries.is_cuda and not bank.is_cuda else bank.device
         if self.resolve_backend(queries) == "torch":
-            cand = torch_search(queries, bank, kc, self.search_chunk, self.bank_chunk)
+            cand = torch_search(queries, bank, kc, self.search_chunk, self.bank_chunk, dev)
         else:
             cand = faiss_search(self._faiss_index(queries.device), queries, kc, self.search_chunk)
-            cand = cand.to(bank.device)
+            cand = cand.to(dev)
             short = torch.nonzero((cand < 0).any(dim=1)).squeeze(1)
             if short.numel():  # IVF probed lists held fewer than kc items: exact fallback
                 cand[short] = torch_search(queries[short.to(queries.device)], bank, kc,
-                                           self.search_chunk, self.bank_chunk)
-        d, idx = rerank(queries, bank, cand, k)
+                                           self.search_chunk, self.bank_chunk, dev)
+        d, idx = rerank(queries, bank, cand, k, dev)
         return d.to(queries.device), idx.to(queries.device)
 
     def extra_repr(self) -> str:
         size = "empty" if self.bank.numel() == 0 else f"{len(self)}x{self.dim}"
-        return f"bank={size}, backend={self.backend}, index={self.index}"
+        host = ", keep_on_host=True" if self.keep_on_host else ""
+        return f"bank={size}, backend={self.backend}, index={self.index}{host}"

@@ -114,47 +114,64 @@ def faiss_search(index, queries: torch.Tensor, k: int, chunk: int) -> torch.Tens
 
 
 def torch_search(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, query_chunk: int, bank_chunk: int
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    query_chunk: int,
+    bank_chunk: int,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Exact k-NN candidates (M,k) int64 on the bank's device, chunked over queries and bank.
+    """Exact k-NN candidates (M,k) int64 on ``device`` (default: the bank's), chunked over
+    bank and queries.
 
-    Squared distances via ||q||^2 - 2 q.m + ||m||^2 (clamped at 0); peak memory about
-    query_chunk x bank_chunk floats.
+    Squared distances via ||q||^2 - 2 q.m + ||m||^2 (clamped at 0). The bank is read one
+    ``bank_chunk`` slice at a time, so a bank held in host memory is streamed to a CUDA
+    ``device`` slice by slice (once per call): device memory stays about
+    query_chunk x bank_chunk distances + one slice, whatever the bank's size.
     """
-    q_all = queries.detach().to(bank.device, torch.float32)
-    bank = bank.detach().float()
-    bsq = (bank * bank).sum(dim=1)
-    n_bank = bank.shape[0]
-    out = torch.empty(q_all.shape[0], k, dtype=torch.long, device=bank.device)
-    for qs in range(0, q_all.shape[0], query_chunk):
-        q = q_all[qs : qs + query_chunk]
-        qsq = (q * q).sum(dim=1, keepdim=True)
-        best_d = best_i = None
-        for bs in range(0, n_bank, bank_chunk):
-            mb = bank[bs : bs + bank_chunk]
-            d = torch.addmm(bsq[bs : bs + bank_chunk].unsqueeze(0), q, mb.t(), alpha=-2.0)
-            d.add_(qsq).clamp_(min=0.0)
-            dv, di = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False)
+    dev = torch.device(device) if device is not None else bank.device
+    q_all = queries.detach().to(dev, torch.float32)
+    m, n_bank = q_all.shape[0], bank.shape[0]
+    k = min(k, n_bank)
+    qsq_all = (q_all * q_all).sum(dim=1, keepdim=True)
+    best_d = torch.full((m, k), float("inf"), device=dev)
+    best_i = torch.zeros(m, k, dtype=torch.long, device=dev)
+    for bs in range(0, n_bank, bank_chunk):
+        mb = bank[bs : bs + bank_chunk].detach().to(dev, torch.float32, non_blocking=True)
+        msq = (mb * mb).sum(dim=1).unsqueeze(0)
+        kk = min(k, mb.shape[0])
+        for qs in range(0, m, query_chunk):
+            q = q_all[qs : qs + query_chunk]
+            d = torch.addmm(msq, q, mb.t(), alpha=-2.0)
+            d.add_(qsq_all[qs : qs + query_chunk]).clamp_(min=0.0)
+            dv, di = torch.topk(d, kk, dim=1, largest=False)
             di += bs
-            if best_d is None:
-                best_d, best_i = dv, di
-            else:
-                cat_d = torch.cat([best_d, dv], dim=1)
-                cat_i = torch.cat([best_i, di], dim=1)
-                best_d, sel = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
-                best_i = torch.gather(cat_i, 1, sel)
-        out[qs : qs + query_chunk] = best_i
-    return out
+            if bs == 0:
+                best_d[qs : qs + query_chunk, :kk] = dv
+                best_i[qs : qs + query_chunk, :kk] = di
+                continue
+            cat_d = torch.cat([best_d[qs : qs + query_chunk], dv], dim=1)
+            cat_i = torch.cat([best_i[qs : qs + query_chunk], di], dim=1)
+            sel_d, sel = torch.topk(cat_d, k, dim=1, largest=False)
+            best_d[qs : qs + query_chunk] = sel_d
+            best_i[qs : qs + query_chunk] = torch.gather(cat_i, 1, sel)
+    return best_i
 
 
-def exact_distances(queries: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """||q_i - bank[idx[i, j]]|| (M,k) by differences (no cancellation), chunked, on the bank's device."""
-    q_all = queries.detach().to(bank.device, torch.float32)
+def exact_distances(
+    queries: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """||q_i - bank[idx[i, j]]|| (M,k) by differences (no cancellation), chunked, on ``device``
+    (default: the bank's); only the indexed rows of the bank are moved there."""
+    dev = torch.device(device) if device is not None else bank.device
+    q_all = queries.detach().to(dev, torch.float32)
+    idx = idx.to(bank.device)
     m, k = idx.shape
     dim = bank.shape[1]
     rows = max(1, (1 << 23) // max(1, k * dim))
-    out = torch.empty(m, k, device=bank.device)
+    out = torch.empty(m, k, device=dev)
     for s in range(0, m, rows):
-        diff = q_all[s : s + rows].unsqueeze(1) - bank[idx[s : s + rows]].float()
+        items = bank[idx[s : s + rows]].to(dev, torch.float32)
+        diff = q_all[s : s + rows].unsqueeze(1) - items
         out[s : s + rows] = diff.pow_(2).sum(dim=-1).sqrt_()
     return out

@@ -185,8 +185,9 @@ def pts_select(
         return PTSResult(templates.clone(), idx, torch.zeros(h, w, dtype=torch.long, device=dev))
     min_samples = max(2, n // k)
     flat = templates.reshape(n, c, h * w)
-    if position_chunk is None:  # keep each (P,N,N) float64 block near 16 MB
-        position_chunk = max(1, min(h * w, (16 << 20) // (8 * n * n)))
+    if position_chunk is None:  # (P,N,N) float64 blocks of ~16 MB (CPU caches), ~512 MB on a GPU
+        budget = (16 << 20) if dev.type == "cpu" else (512 << 20)
+        position_chunk = max(1, min(h * w, budget // (8 * n * n)))
     if pts_positions == "per_image":
         dist = torch.zeros(1, n, n, dtype=torch.float64, device=dev)
         for p0 in range(0, h * w, position_chunk):

@@ -121,8 +121,10 @@ class PatchcoreModel(nn.Module):
         if b <= 1:
             return torch.ones_like(nn_dist)
         _, support = self.memory.search(self.memory.gather(nn_index), b)
-        support_dist = gathered_distances(query, self.memory.bank, support.to(self.memory.bank.device))
-        support_dist = support_dist.to(nn_dist.device)
+        # (a bank kept in host memory sends only the gathered rows to the query's device)
+        sub = self.memory.gather(support).flatten(0, 1)  # (B*b, D) on the query's device
+        local = torch.arange(sub.shape[0], device=sub.device).view_as(support)
+        support_dist = gathered_distances(query, sub, local).to(nn_dist.device)
         return 1.0 - torch.exp(nn_dist - torch.logsumexp(support_dist, dim=1))
 
     def image_score(self, embedding: torch.Tensor, dist: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

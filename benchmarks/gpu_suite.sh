@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPU checks and figures for docs/BENCHMARKS.md, run on the lent GPU machine through the device
+# tool (repo root; wheels from shared/gpu-wheels.sh carried in .whl; results written to $OUT):
+#   bash benchmarks/gpu_suite.sh tests|hetmm|bank|patchcore ...
+# Each part has its own time limit so one slow step cannot eat the others.
+set -u
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src:$PWD
+fi
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/machine.txt"
+python3 -c "import torch, lightning, timm, hydra, faiss, albumentations; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, 'faiss', faiss.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$OUT/machine.txt"
+for part in "$@"; do
+  case $part in
+    tests)
+      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory.py tests/test_hetmm.py \
+        2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
+    hetmm)
+      timeout 300 python3 benchmarks/hetmm_speed.py --pts-sizes 220 391 --out "$OUT/hetmm_speed.json" \
+        2>&1 | tee "$OUT/hetmm_speed.log" | tail -30 ;;
+    hetmm_e2e)
+      timeout 200 python3 -m adtrain.bench method=hetmm method.templates=60 trainer=gpu backbone.pretrained=false \
+        data=synthetic data.size=256 data.num_train=302 data.num_test_normal=200 data.num_test_anomalous=200 \
+        data.num_workers=12 method.batch_size=32 bench.out="$OUT/bench_hetmm.json" 2>&1 | tail -30 ;;
+    bank)
+      timeout 240 python3 benchmarks/memory_bank.py --device cuda --sizes 10000 100000 1000000 \
+        --backends torch:flat torch:host --coreset-max 1000000 --out "$OUT/bank_gpu.json" 2>&1 | tail -12
+      timeout 150 python3 benchmarks/memory_bank.py --device cuda --sizes 10000000 --backends torch:flat \
+        --coreset-max 0 --out "$OUT/bank_gpu_1e7.json" 2>&1 | tail -5
+      timeout 200 python3 benchmarks/memory_bank.py --device cuda --sizes 10000000 --backends torch:host \
+        --bank-chunk 32768 --coreset-max 0 --out "$OUT/bank_gpu_1e7_host.json" 2>&1 | tail -5 ;;
+    patchcore)
+      timeout 200 python3 -m adtrain.bench method=patchcore trainer=gpu backbone.pretrained=false \
+        data=synthetic data.size=300 data.num_train=440 data.num_test_normal=200 data.num_test_anomalous=200 \
+        data.num_workers=12 bench.out="$OUT/bench_patchcore.json" 2>&1 | tail -30 ;;
+    methods)  # the trained methods: a few epochs each, to time fit and test per image
+      for m in "cfa trainer.max_epochs=5" "stfpm trainer.max_epochs=5" "dfm"; do
+        set -- $m
+        timeout 170 python3 -m adtrain.bench method=$m trainer=gpu backbone.pretrained=false \
+          data=synthetic data.size=300 data.num_train=440 data.num_test_normal=200 data.num_test_anomalous=200 \
+          data.num_workers=12 bench.out="$OUT/bench_$1.json" 2>&1 | tail -4
+      done ;;
+  esac
+done

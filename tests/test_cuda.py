@@ -1,0 +1,34 @@
+"""CUDA paths end to end (skipped without a GPU; run on the lent GPU machine, see docs/BENCHMARKS.md)."""
+
+import pytest
+import torch
+
+from tests.conftest import FAST, compose
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+GPU = [o for o in FAST if not o.startswith("trainer.accelerator")] + [
+    "trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed",
+]
+
+
+@pytest.mark.parametrize(
+    "method, extra, min_auroc",
+    [
+        ("patchcore", ["method.coreset_ratio=0.25"], 0.8),
+        ("patchcore", ["method.coreset_ratio=0.25", "method.memory.keep_on_host=true"], 0.8),
+        ("patchcore", ["method.coreset_ratio=0.25", "method.memory.backend=faiss"], 0.8),
+        ("cfa", ["trainer.max_epochs=2"], 0.7),
+        ("hetmm", ["method.templates=8"], 0.7),
+        ("stfpm", ["trainer.max_epochs=2"], None),
+        ("dfm", [], None),
+    ],
+)
+def test_methods_run_on_cuda_in_bf16(method, extra, min_auroc, tmp_path):
+    from adtrain.run import run
+
+    res = run(compose(*GPU, f"method={method}", *extra), tmp_path)
+    assert res["device"].startswith("cuda") and res["precision"] == "bf16-mixed"
+    assert res["num_test"] == 16 and 0.0 <= res["image_auroc"] <= 1.0
+    if min_auroc is not None:
+        assert res["image_auroc"] > min_auroc
