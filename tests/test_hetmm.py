@@ -298,3 +298,15 @@ def test_category_params_from_official_table():
     model = make_model()
     model.set_match_params(**params)
     assert model.forward_windows == [13, 5, 7] and model.lambdas == [1.0, 0.8, 0.8]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fw, bw", [(5, 3), (3, 5), (7, 1), (1, 7)])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_atmm_mutual_windows_and_offset_groups_match_loop(fw, bw, rows, device):
+    """Both directions in one pass, windows of different sizes, offset groups of any size
+    (a group may straddle the smaller window's offsets)."""
+    q, t = unit(3, 4, 6, 5, seed=3), unit(4, 4, 6, 5, seed=4)
+    s_f, s_b = atmm_mutual(q.to(device), t.to(device), fw, bw, chunk_size=2, rows_per_bmm=rows)
+    torch.testing.assert_close(s_f.cpu(), atmm_naive(q, t, fw, "forward"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s_b.cpu(), atmm_naive(q, t, bw, "backward"), atol=1e-5, rtol=0)

@@ -292,3 +292,34 @@ def test_cuda_search_matches_cpu(keep_on_host):
     d2, _ = nearest_distances(queries.cuda().requires_grad_(), gpu, 1)
     assert d2.is_cuda
     torch.testing.assert_close(d2.detach().cpu(), d0[:, :1], atol=1e-4, rtol=1e-4)
+
+
+def test_backend_routing_and_faiss_gpu_wiring(monkeypatch):
+    """auto: torch for CUDA queries when FAISS has no GPU, FAISS otherwise; with faiss-gpu the
+    CPU index is copied once per device and cached (faiss-gpu itself is stood in for here)."""
+    from adtrain.memory import bank as bank_mod
+
+    mb = MemoryBank(backend="auto")
+    mb.set_bank(torch.randn(200, 8, generator=_gen(8)))
+    class FakeCuda:  # resolve_backend only reads .is_cuda
+        is_cuda = True
+
+    monkeypatch.setattr(bank_mod, "faiss_num_gpus", lambda: 0)
+    assert mb.resolve_backend(FakeCuda()) == "torch"
+    assert mb.resolve_backend(torch.zeros(1, 8)) == "faiss"
+    monkeypatch.setattr(bank_mod, "faiss_num_gpus", lambda: 1)
+    assert mb.resolve_backend(FakeCuda()) == "faiss"
+    copies = []
+
+    def fake_to_gpu(index, device):
+        copies.append(str(device))
+        return ("gpu-index", index)
+
+    monkeypatch.setattr(bank_mod, "index_to_gpu", fake_to_gpu)
+    gpu_index = mb._faiss_index(torch.device("cuda", 0))
+    assert gpu_index[0] == "gpu-index" and mb._faiss_index(torch.device("cuda", 0)) is gpu_index
+    assert copies == ["cuda:0"]  # built and copied once, then cached
+    assert mb._faiss_index(torch.device("cpu")) is gpu_index[1]  # CPU searches use the CPU index
+    mb_h = MemoryBank(backend="auto", index="hnsw")
+    mb_h.set_bank(torch.randn(200, 8, generator=_gen(9)))
+    assert not isinstance(mb_h._faiss_index(torch.device("cuda", 0)), tuple)  # no HNSW on FAISS GPU
