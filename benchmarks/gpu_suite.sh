@@ -32,6 +32,9 @@ for part in "$@"; do
         --coreset-max 0 --out "$OUT/bank_gpu_1e7.json" 2>&1 | tail -5
       timeout 200 python3 benchmarks/memory_bank.py --device cuda --sizes 10000000 --backends torch:host \
         --bank-chunk 32768 --coreset-max 0 --out "$OUT/bank_gpu_1e7_host.json" 2>&1 | tail -5 ;;
+    bank_host_coreset)  # 10^7 features in host memory: GPU coreset (projection only on the GPU) + streamed search
+      timeout 400 python3 benchmarks/memory_bank.py --device cuda --sizes 10000000 --backends torch:host \
+        --bank-chunk 32768 --coreset-max 10000000 --coreset-ratio 0.001 --out "$OUT/bank_gpu_1e7_host_coreset.json" 2>&1 | tail -6 ;;
     patchcore)
       timeout 200 python3 -m adtrain.bench method=patchcore trainer=gpu backbone.pretrained=false \
         data=synthetic data.size=300 data.num_train=440 data.num_test_normal=200 data.num_test_anomalous=200 \

@@ -32,3 +32,21 @@ def test_methods_run_on_cuda_in_bf16(method, extra, min_auroc, tmp_path):
     assert res["num_test"] == 16 and 0.0 <= res["image_auroc"] <= 1.0
     if min_auroc is not None:
         assert res["image_auroc"] > min_auroc
+
+
+def test_coreset_on_gpu_from_host_features_matches_cpu():
+    """The GPU coreset needs only the projection on the GPU: host features give the same
+    selection as the CPU run (up to float near-ties late in the sequence)."""
+    from adtrain.memory import MemoryBank, greedy_coreset
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(6000, 256, generator=g)
+    cpu = greedy_coreset(feats, 0.05)
+    gpu = greedy_coreset(feats, 0.05, device="cuda")
+    assert gpu.device.type == "cpu" and gpu.shape == cpu.shape
+    assert torch.equal(gpu[:50], cpu[:50])
+    assert len(set(gpu.tolist()) & set(cpu.tolist())) > 0.9 * cpu.numel()
+    mb = MemoryBank(backend="torch").to("cuda")
+    mb.add(feats)
+    mb.build(coreset_ratio=0.05, device="cuda")
+    assert mb.bank.is_cuda and len(mb) == cpu.numel()

@@ -166,7 +166,8 @@ class MemoryBank(nn.Module):
     ) -> "MemoryBank":
         """Concatenate the added features, optionally compress them (greedy coreset of that
         ratio, or k-means to kmeans_k centres), store them as ``bank`` and build the index.
-        Compression runs on ``device`` (default: the bank buffer's device)."""
+        Compression runs on ``device`` (default: the bank buffer's device); for the coreset only
+        the features' (N, projection_dim) random projection is moved there."""
         if coreset_ratio is not None and kmeans_k is not None:
             raise ConfigError("memory", "give coreset_ratio or kmeans_k, not both")
         if coreset_ratio is not None and not 0.0 < float(coreset_ratio) <= 1.0:
@@ -174,9 +175,9 @@ class MemoryBank(nn.Module):
         feats = self._collect()
         dev = torch.device(device) if device is not None else self.bank.device
         if coreset_ratio is not None and float(coreset_ratio) < 1.0:
-            x = feats.to(dev)
-            idx = greedy_coreset(x, float(coreset_ratio), projection_dim=projection_dim, seed=seed)
-            bank = x[idx]
+            # only the (N, projection_dim) projection goes to `dev`; the features stay on the host
+            idx = greedy_coreset(feats, float(coreset_ratio), projection_dim=projection_dim, seed=seed, device=dev)
+            bank = feats[idx]
         elif kmeans_k is not None:
             bank = kmeans(feats, int(kmeans_k), seed=seed)
         else:

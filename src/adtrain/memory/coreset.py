@@ -31,23 +31,26 @@ _CENTRE_BLOCK = 1024  # 16 MB fp32 tiles: near-peak GEMM, few parallel regions
 
 
 def random_projection(
-    features: torch.Tensor, projection_dim: int = 128, seed: int = 0, chunk: int = 65536
+    features: torch.Tensor, projection_dim: int = 128, seed: int = 0, chunk: int = 65536,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Gaussian random projection (N,D) -> (N,projection_dim), fp32, on the features' device.
+    """Gaussian random projection (N,D) -> (N,projection_dim), fp32, on ``device`` (default:
+    the features'); features elsewhere are moved there ``chunk`` rows at a time.
 
     The PatchCore paper uses a sparse random projection and the official code a randomly
     initialised linear layer; any Johnson-Lindenstrauss projection serves, Gaussian is used
     here. Features with D <= projection_dim are returned unprojected (as fp32).
     """
     n, dim = features.shape
+    dev = torch.device(device) if device is not None else features.device
     if projection_dim <= 0 or dim <= projection_dim:
-        return features.float()
+        return features.to(dev, torch.float32)
     gen = torch.Generator().manual_seed(seed)
     proj = torch.randn(dim, projection_dim, generator=gen) / math.sqrt(projection_dim)
-    proj = proj.to(features.device)
-    out = torch.empty(n, projection_dim, device=features.device)
+    proj = proj.to(dev)
+    out = torch.empty(n, projection_dim, device=dev)
     for s in range(0, n, chunk):
-        torch.matmul(features[s : s + chunk].float(), proj, out=out[s : s + chunk])
+        torch.matmul(features[s : s + chunk].to(dev, torch.float32), proj, out=out[s : s + chunk])
     return out
 
 
@@ -157,11 +160,15 @@ def greedy_coreset(
     seed: int = 0,
     pool: int = 4096,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """PatchCore's approximate greedy k-center coreset; returns int64 indices (n,) into features.
+    """PatchCore's approximate greedy k-center coreset; returns int64 indices (n,) into features,
+    on the features' device.
 
-    Runs on the features' device in fp32. Start point: uniform random with ``seed``; distances
-    in a ``projection_dim`` Gaussian random projection (same seed). Extra memory O(N).
+    Runs on ``device`` (default: the features') in fp32; only the (N, projection_dim) projection
+    lives there, so features in host memory need no device copy of their own. Start point:
+    uniform random with ``seed``; distances in a ``projection_dim`` Gaussian random projection
+    (same seed). Extra memory O(N).
     """
     if features.dim() != 2 or features.shape[0] == 0:
         raise AdtrainError(f"greedy_coreset: expected non-empty (N,D) features, got {tuple(features.shape)}")
@@ -169,7 +176,7 @@ def greedy_coreset(
     n_sel = coreset_size(n_points, ratio, n)
     if n_sel == n_points:
         return torch.arange(n_points, device=features.device)
-    proj = random_projection(features, projection_dim, seed)
+    proj = random_projection(features, projection_dim, seed, device=device)
     gen = torch.Generator().manual_seed(seed)
     start = int(torch.randint(n_points, (1,), generator=gen))
     state = _LazyGreedy(proj, n_sel, pool)
