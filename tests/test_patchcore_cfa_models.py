@@ -12,7 +12,7 @@ from adtrain.methods.cfa import CfaModel
 from adtrain.methods.cfa.torch_model import CoordConv1x1
 from adtrain.methods.output import AnomalyOutput
 from adtrain.methods.patchcore import PatchcoreModel
-from adtrain.methods.patchcore.torch_model import gaussian_blur2d
+from adtrain.methods.patch_features import gaussian_blur2d
 
 faiss = pytest.importorskip("faiss")
 

@@ -19,7 +19,7 @@ from torch import nn
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory import MemoryBank, kmeans, nearest_distances
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patchcore.torch_model import _extractor, gaussian_blur2d, pooled_concat
+from adtrain.methods.patch_features import frozen_extractor, gaussian_blur2d, pooled_concat
 
 
 class CoordConv1x1(nn.Module):
@@ -86,7 +86,7 @@ class CfaModel(nn.Module):
         self.nu, self.alpha = float(nu), float(alpha)
         self.pool_size, self.blur_sigma = int(pool_size), float(blur_sigma)
         self.kmeans_niter, self.seed = int(kmeans_niter), int(seed)
-        self.extractor = _extractor(backbone, self.layers, extractor)
+        self.extractor = frozen_extractor(backbone, self.layers, extractor)
         self.extractor.requires_grad_(False)
         dim = _feature_dim(self.extractor, self.layers)
         if dim // self.gamma_d < 1:

@@ -16,7 +16,7 @@ from adtrain.methods.cfa.torch_model import CoordConv1x1
 from adtrain.methods.dfm.adapters import build_adapters
 from adtrain.methods.dfm.fmn import FeatureMatchingNetwork, distance_volume
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patchcore.torch_model import gaussian_blur2d, pooled_concat
+from adtrain.methods.patch_features import gaussian_blur2d, pooled_concat
 
 HOSTS = ("patchcore", "cfa")
 DEFAULT_LAYERS = {"patchcore": ("layer2", "layer3"), "cfa": ("layer1", "layer2", "layer3")}

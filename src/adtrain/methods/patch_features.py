@@ -1,0 +1,56 @@
+"""Patch-level helpers shared by the feature-matching methods (PatchCore, CFA, DFM): the
+frozen extractor, locally aggregated multi-layer patch features, and the score-map blur."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from adtrain.errors import ConfigError
+
+
+def gaussian_blur2d(x: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of (B,C,H,W), kernel 2*int(4*sigma+0.5)+1 (as anomalib /
+    scipy's truncate=4), reflect padding (replicate where the map is smaller than the pad)."""
+    if sigma <= 0:
+        return x
+    radius = int(4.0 * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-(t * t) / (2.0 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    b, c, h, w = x.shape
+    y = x.reshape(b * c, 1, h, w).float()
+    y = F.pad(y, (radius, radius, 0, 0), mode="reflect" if radius < w else "replicate")
+    y = F.conv2d(y, kernel.view(1, 1, 1, -1))
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect" if radius < h else "replicate")
+    y = F.conv2d(y, kernel.view(1, 1, -1, 1))
+    return y.reshape(b, c, h, w)
+
+
+def pooled_concat(feats: Mapping[str, torch.Tensor], layers: Sequence[str], pool_size: int) -> torch.Tensor:
+    """Each layer avg-pooled (pool_size, stride 1, same padding), resized (bilinear) to the
+    first layer's grid, concatenated over channels: (B, sum C, h, w) fp32."""
+    out, grid = [], None
+    for name in layers:
+        f = feats[name].float()
+        if pool_size > 1:
+            f = F.avg_pool2d(f, pool_size, stride=1, padding=pool_size // 2)
+        if grid is None:
+            grid = f.shape[-2:]
+        elif f.shape[-2:] != grid:
+            f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+def frozen_extractor(backbone, layers, extractor):
+    """The given extractor, or a frozen one built from the backbone config for ``layers``."""
+    if extractor is not None:
+        return extractor
+    if backbone is None:
+        raise ConfigError("backbone", "missing (give a backbone config node or an extractor)")
+    from adtrain.backbones import build_extractor
+
+    return build_extractor(backbone, list(layers), frozen=True)
