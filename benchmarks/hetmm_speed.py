@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from _timing import peak_mb, reset_peak, sync
 from adtrain.methods.hetmm.torch_model import HetmmModel
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -36,23 +36,6 @@ def images(n: int, size: int, device, seed: int) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)
     low = torch.randn(n, 3, size // 16, size // 16, generator=g, device=device)
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_peak(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_mb(device) -> float:
-    if torch.device(device).type == "cuda":
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def set_templates(model: HetmmModel, sets: dict[str, torch.Tensor], dtype: torch.dtype) -> None:

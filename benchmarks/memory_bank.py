@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from _timing import peak_gpu_mb, reset_peak, sync
 from adtrain.memory import MemoryBank, greedy_coreset
 
 
@@ -37,23 +38,6 @@ def clustered(n: int, dim: int, seed: int, device, out_device=None, pin: bool = 
         idx = torch.randint(0, 256, (e - s,), generator=g, device=device)
         out[s:e] = centres[idx] + torch.randn(e - s, dim, generator=g, device=device)
     return out
-
-
-def peak_gpu_mb(device) -> float | None:
-    if torch.device(device).type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
-def reset_peak(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -63,3 +63,13 @@ def fast_cfg():
         return compose(*FAST, *overrides)
 
     return make
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """Tests run beside others on 2 cores: OpenMP spinning in FAISS makes small jobs crawl."""
+    faiss = pytest.importorskip("faiss")
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

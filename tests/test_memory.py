@@ -12,13 +12,7 @@ from adtrain.memory.coreset import greedy_coreset_reference
 faiss = pytest.importorskip("faiss")
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    """Tests run beside others on 2 cores: OpenMP spinning in FAISS makes small jobs crawl."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _gen(seed=0):

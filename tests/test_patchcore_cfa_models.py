@@ -17,13 +17,7 @@ from adtrain.methods.patch_features import gaussian_blur2d
 faiss = pytest.importorskip("faiss")
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    """Tests run beside others on 2 cores: OpenMP spinning in FAISS makes small jobs crawl."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 RESNET18 = {"name": "resnet18", "stages": {"layer1": 1, "layer2": 2, "layer3": 3}, "pretrained": False}

@@ -2,7 +2,7 @@
 
 from adtrain.memory.bank import MemoryBank
 from adtrain.memory.coreset import greedy_coreset, kmeans, random_projection
-from adtrain.memory.differentiable import gathered_distances, nearest_distances
+from adtrain.memory.differentiable import bank_distances, gathered_distances, nearest_distances
 
 __all__ = [
     "MemoryBank",
@@ -11,4 +11,5 @@ __all__ = [
     "random_projection",
     "nearest_distances",
     "gathered_distances",
+    "bank_distances",
 ]

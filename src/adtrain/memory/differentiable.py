@@ -97,9 +97,17 @@ def nearest_distances(
             kc = min(items.shape[0], k + RERANK_PAD)
             cand = torch_search(queries, items, kc, search_chunk, bank_chunk)
             _, idx = rerank(queries, items.detach(), cand, k)
-    if items.device != queries.device:  # a MemoryBank kept on the host: move the k rows only
-        sub = bank.gather(idx.to(queries.device)).flatten(0, 1)
-        local = torch.arange(sub.shape[0], device=sub.device).view_as(idx)
-        return gathered_distances(queries, sub, local, eps=eps, squared=squared), idx.to(queries.device)
+    if isinstance(bank, MemoryBank):
+        return bank_distances(queries, bank, idx, eps=eps, squared=squared), idx.to(queries.device)
     idx = idx.to(items.device)
     return gathered_distances(queries, items, idx, eps=eps, squared=squared), idx
+
+
+def bank_distances(queries, bank: MemoryBank, idx, eps: float = 1e-12, squared: bool = False):
+    """Distances (M,k) between queries (M,D) and the MemoryBank rows idx (M,k), differentiable
+    w.r.t. the queries. A bank on another device (``keep_on_host``) sends only those rows."""
+    if bank.bank.device == queries.device:
+        return gathered_distances(queries, bank.bank, idx, eps=eps, squared=squared)
+    sub = bank.gather(idx.to(queries.device)).flatten(0, 1)
+    local = torch.arange(sub.shape[0], device=sub.device).view_as(idx)
+    return gathered_distances(queries, sub, local, eps=eps, squared=squared)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adtrain.errors import ConfigError
-from adtrain.memory import MemoryBank, gathered_distances, nearest_distances
+from adtrain.memory import MemoryBank, bank_distances, nearest_distances
 from adtrain.methods.output import AnomalyOutput
 from adtrain.methods.patch_features import frozen_extractor, gaussian_blur2d, pooled_concat
 
@@ -78,10 +78,7 @@ class PatchcoreModel(nn.Module):
         if b <= 1:
             return torch.ones_like(nn_dist)
         _, support = self.memory.search(self.memory.gather(nn_index), b)
-        # (a bank kept in host memory sends only the gathered rows to the query's device)
-        sub = self.memory.gather(support).flatten(0, 1)  # (B*b, D) on the query's device
-        local = torch.arange(sub.shape[0], device=sub.device).view_as(support)
-        support_dist = gathered_distances(query, sub, local).to(nn_dist.device)
+        support_dist = bank_distances(query, self.memory, support).to(nn_dist.device)
         return 1.0 - torch.exp(nn_dist - torch.logsumexp(support_dist, dim=1))
 
     def image_score(self, embedding: torch.Tensor, dist: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
