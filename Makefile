@@ -11,13 +11,16 @@ install:  ## virtual environment + adtrain with its dev extra (tests, notebook, 
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
 
-test:  ## the whole test suite on CPU
+$(PY):  # a fresh clone: `make quickstart` and `make test` set up the environment first
+	$(MAKE) install
+
+test: | $(PY)  ## the whole test suite on CPU
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-quickstart:  ## the README quickstart: STFPM on real ELPV cells with real ImageNet weights
-	$(PY) -m adtrain method=stfpm data=elpv data.category=mono backbone=efficientnet_lite0 trainer.max_epochs=2
+quickstart: | $(PY)  ## the README quickstart: PatchCore on real ELPV cells with real ImageNet weights (< 2 min on 2 cores)
+	$(PY) -m adtrain method=patchcore data=elpv backbone=efficientnet_lite0
 
-bench:  ## throughput and memory figures (see docs/BENCHMARKS.md)
+bench: | $(PY)  ## throughput and memory figures (see docs/BENCHMARKS.md)
 	$(PY) -m adtrain.bench
 
 clean:

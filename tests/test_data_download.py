@@ -90,3 +90,49 @@ def test_extract_refuses_paths_outside_root(tmp_path):
     with pytest.raises(DataError):
         dl.extract_archive(evil, tmp_path / "root")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def _visa_tar(tmp_path):
+    """A plain .tar of a tiny VisA tree (one category + split_csv), as the official archive is laid out."""
+    from adtrain.data.testing import write_visa_tree
+
+    src = write_visa_tree(tmp_path / "visa_src", ("candle",), n_train=3, n_test_normal=1, n_test_anomaly=1)
+    archive = tmp_path / "VisA_20220922.tar"
+    with tarfile.open(archive, "w") as tar:
+        for entry in ("candle", "split_csv"):
+            tar.add(src / entry, arcname=entry)
+    shutil.rmtree(src)
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def test_visa_spec_has_the_published_checksum():
+    assert dl.VISA.md5 == "ef908989b6dc701fc218f643c127a4de"  # as published with anomalib's VisA loader
+    assert dl.VISA.filename == "VisA_20220922.tar"
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_visa_download_is_checksummed(tmp_path, monkeypatch, good):
+    import adtrain.data.visa as visa
+
+    archive, md5 = _visa_tar(tmp_path)
+    spec = dl.ArchiveSpec("VisA", "https://example.invalid/VisA_20220922.tar", md5 if good else "f" * 32,
+                          "VisA_20220922.tar")
+    monkeypatch.setattr(visa, "VISA", spec)
+    monkeypatch.setattr(dl, "fetch_url", lambda url, dest: shutil.copy(archive, dest))
+    root = tmp_path / "visa"
+    dm = visa.VisADataModule(root=str(root), category="candle", download=True, image_size=[32, 32])
+    if good:
+        dm.setup()
+        assert len(dm.train_samples) + len(dm.val_samples) == 3
+        assert sorted(p.name for p in root.iterdir()) == ["candle", "split_csv"]
+    else:
+        with pytest.raises(DataError, match="checksum mismatch") as e:
+            dm.setup()
+        assert e.value.path == str(root / "VisA_20220922.tar")
+        assert sorted(p.name for p in root.iterdir()) == []  # nothing extracted, archive deleted
+
+
+def test_archive_without_checksum_is_refused(tmp_path):
+    archive, _ = _visa_tar(tmp_path)
+    with pytest.raises(DataError, match="no checksum"):
+        dl.verify_md5(archive, "")

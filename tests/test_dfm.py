@@ -104,9 +104,16 @@ def test_gradients_reach_adapters_modulate_layers_and_memory(dfm):
     anomalous, masks = cutpaste_batch(x, generator=torch.Generator().manual_seed(0))
     dfm.stage2_loss(x, anomalous, masks)["loss"].backward()
     fmn = model.fmn
-    for name in ("memory", "mem_scale", "mem_shift", "patch_scale", "patch_shift"):
+    assert fmn.memory.grad is not None and fmn.memory.grad.abs().sum() > 0
+    modulates = ("mem_scale", "mem_shift", "patch_scale", "patch_shift")
+    assert all(getattr(fmn, name).grad is None for name in modulates)  # default: the memory only
+    dfm.train_modulates = True
+    dfm.set_stage(2)
+    dfm.stage2_loss(x, anomalous, masks)["loss"].backward()
+    for name in ("memory", *modulates):
         grad = getattr(fmn, name).grad
         assert grad is not None and grad.abs().sum() > 0, name
+    dfm.train_modulates = False
     assert all(p.grad.abs().sum() > 0 for p in model.adapters.parameters())  # untouched since stage 1
     for p in model.parameters():
         p.grad = None
@@ -148,7 +155,7 @@ def test_schedule_and_config_errors():
     m = Dfm(RESNET18, rounds=2, stage1_epochs=2, stage2_epochs=3)
     assert [m.schedule(e)[1] for e in range(10)] == [1, 1, 2, 2, 2] * 2
     assert m.schedule(7)[0] == 1
-    assert m.select_last and not Dfm(RESNET18, selection="normal_score").select_last
+    assert m.start_is_detector  # round 0 (the untrained host) is a selection candidate
     with pytest.raises(ConfigError, match="method.host"):
         DfmModel(RESNET18, host="spade")
     with pytest.raises(ConfigError, match="method.adapter_layers"):
@@ -266,7 +273,7 @@ def test_training_loop_alternates_rebuilds_memory_and_ranks_defects(fast_cfg, tm
     def build(self, *args, **kwargs):
         before = self.model.fmn.memory.detach().clone()
         out = orig_build(self, *args, **kwargs)
-        builds.append((self.current_epoch, before, self.model.fmn.memory.detach().clone()))
+        builds.append((len(steps), before, self.model.fmn.memory.detach().clone()))
         return out
 
     def step(self, batch, idx):
@@ -283,7 +290,8 @@ def test_training_loop_alternates_rebuilds_memory_and_ranks_defects(fast_cfg, tm
     cfg = fast_cfg("method=dfm", "backbone=efficientnet_lite0", "trainer.max_epochs=3", "method.rounds=1",
                    "method.stage1_epochs=1", "method.stage2_epochs=2", "method.memory_size=64")
     res = run(cfg, tmp_path)
-    assert [b[0] for b in builds] == [0, 1]  # init before stage 1, rebuild after it
+    n_stage1 = sum(1 for _, s, _, _ in steps if s == 1)
+    assert [b[0] for b in builds] == [0, n_stage1]  # init before any step, rebuild after stage 1's
     assert builds[0][1].numel() == 0 and not torch.equal(builds[1][1], builds[1][2])
     assert {(e, s) for e, s, _, _ in steps} == {(0, 1), (1, 2), (2, 2)}
     assert all(a and not f for _, s, a, f in steps if s == 1)
@@ -304,3 +312,63 @@ def test_cfa_host_runs_end_to_end(fast_cfg, tmp_path):
     assert res["image_auroc"] is not None and 0.0 <= res["image_auroc"] <= 1.0
     method, _, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
     assert method.model.host == "cfa" and len(method.model.fmn) == 32
+
+
+class _PixelFeatures(torch.nn.Module):
+    """A 'backbone' whose layer2 is the image itself at 8x8: features the test controls exactly."""
+
+    kind = "cnn"
+    channels = {"layer2": 3}
+
+    def forward(self, images):
+        return {"layer2": F.adaptive_avg_pool2d(images, 8)}
+
+
+def _patches(n, seed, defect=False):
+    """Normal: weak noise in every channel. Defect: a 2x2 spot of +2 in channel 1."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(n, 3, 8, 8, generator=g)
+    masks = torch.zeros(n, 1, 8, 8)
+    if defect:
+        for i in range(n):
+            r, c = torch.randint(0, 7, (2,), generator=g).tolist()
+            x[i, 1, r:r + 2, c:c + 2] += 2.0
+            masks[i, 0, r:r + 2, c:c + 2] = 1.0
+    return x, masks
+
+
+def test_training_beats_the_untrained_host_where_it_should():
+    """A contaminated training set: one 'normal' image carries a defect-like spot, which the
+    host's greedy coreset keeps (k-center takes outliers first), so the host scores real defects
+    as normal. DFM's stage 2 pushes synthetic defects (with masks) above the normals through the
+    differentiable matching, which moves that memory item away. Untrained vs trained on the same
+    held-out images."""
+    from adtrain.metrics.image import image_metrics
+
+    torch.manual_seed(0)
+    model = DfmModel({"kind": "cnn"}, layers=["layer2"], pool_size=1, memory_size=16, extractor=_PixelFeatures())
+    m = Dfm(None, model=model, rounds=1, stage1_epochs=0, stage2_epochs=1, lr_fmn=5e-2)
+    train = [_patches(8, s)[0] for s in range(6)]
+    train[0][0] = _patches(1, 50, defect=True)[0][0]  # the contamination
+    m.build_memory(iter(train), reset_patch=True)
+    held_out = torch.cat([_patches(16, 100)[0], _patches(16, 101, defect=True)[0]])
+    labels = [0] * 16 + [1] * 16
+
+    def auroc():
+        with torch.no_grad():
+            return image_metrics(m.model.score(held_out)[1].tolist(), labels)["image_auroc"]
+
+    untrained = auroc()
+    _, opt2 = m.configure_optimizers()
+    m.model.train()
+    m.set_stage(2)
+    for step in range(30):
+        x = train[step % len(train)]
+        anomalous, masks = _patches(len(x), 200 + step, defect=True)
+        opt2.zero_grad()
+        m.stage2_loss(x, x + anomalous - _patches(len(x), 200 + step)[0], masks)["loss"].backward()
+        opt2.step()
+    m.on_train_end()
+    m.model.eval()
+    trained = auroc()
+    assert untrained < 0.75 and trained > 0.95, (untrained, trained)

@@ -24,7 +24,8 @@ def test_hetmm_run_and_hot_update(fast_cfg, tmp_path):
 
     cfg = fast_cfg("method=hetmm", "method.batch_size=8")
     res = run(cfg, tmp_path / "run")
-    assert res["method"] == "hetmm" and res["image_auroc"] > 0.6 and res["pixel_auroc"] is not None
+    # training-free matching ranks the synthetic defects (constant or noise maps give ~0.5)
+    assert res["method"] == "hetmm" and res["image_auroc"] > 0.75 and res["pixel_auroc"] > 0.55
     ckpt = tmp_path / "run" / "checkpoints" / "model.ckpt"
     method, _, _ = load_method(ckpt)
     n_before = method.model.num_templates
@@ -57,7 +58,7 @@ def test_hetmm_tiny_set_and_category_values(fast_cfg, tmp_path):
 
     m, _, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
     assert m.model.num_templates == 5 and bool(m.model.compressed)
-    assert res["image_auroc"] is not None
+    assert res["image_auroc"] > 0.7  # 5 compressed templates still rank the defects
     # official per-category values are applied for an MVTec category, explicit values win
     method = build_method(fast_cfg("method=hetmm"))
     method.apply_category("bottle")

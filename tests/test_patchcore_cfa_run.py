@@ -11,7 +11,7 @@ def test_patchcore_run_ranks_defects_and_keeps_a_coreset(fast_cfg, tmp_path):
 
     res = run(fast_cfg("method=patchcore", "method.coreset_ratio=0.25"), tmp_path)
     assert res["method"] == "patchcore" and res["image_auroc"] > 0.8 and res["pixel_auroc"] > 0.8
-    assert json.loads((tmp_path / "results.json").read_text())["pixel_aupro"] is not None
+    assert json.loads((tmp_path / "results.json").read_text())["pixel_aupro"] > 0.6  # a constant map gives ~0.15
     m, _, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
     patches_per_image = 8 * 8  # layer2 grid at 64x64 input
     expected = round(0.25 * res["num_train"] * patches_per_image)
@@ -23,7 +23,7 @@ def test_cfa_run_learns_radius_and_ranks_defects(fast_cfg, tmp_path):
     from adtrain.run import run
 
     res = run(fast_cfg("method=cfa", "trainer.max_epochs=2"), tmp_path / "a")
-    assert res["method"] == "cfa" and res["image_auroc"] > 0.7
+    assert res["method"] == "cfa" and res["image_auroc"] > 0.85 and res["pixel_auroc"] > 0.9
     m, _, _ = load_method(tmp_path / "a" / "checkpoints" / "model.ckpt")
     assert isinstance(m.model.radius, torch.nn.Parameter) and float(m.model.radius) != 1e-5
     assert len(m.model.memory) == 16 * 16  # layer1 grid at 64x64: one item per position

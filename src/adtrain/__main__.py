@@ -33,21 +33,66 @@ def _is_multirun() -> bool:
         return False
 
 
+def _interrupted(run_dir: Path) -> None:
+    """Ctrl-C: where the run stands and the command that continues it."""
+    from adtrain.resume import resume_command
+
+    ckpts = sorted(run_dir.glob("checkpoints/last.ckpt")) + sorted(run_dir.glob("tasks/*/checkpoints/last.ckpt"))
+    if ckpts or (run_dir / "continual_state.json").exists():
+        where = f"its last checkpoint is {ckpts[-1]}" if ckpts else "finished tasks are kept"
+        print(f"adtrain: interrupted: the run in {run_dir} stopped; {where}. Resume it with: "
+              f"{resume_command(run_dir)}", file=sys.stderr)
+    else:
+        print(f"adtrain: interrupted before the first checkpoint of the run in {run_dir}: nothing to resume; "
+              "run the same command again", file=sys.stderr)
+    sys.exit(130)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """The run; returns results[optimized_metric] (a validation figure) to a multirun's sweeper."""
+    from adtrain import rundir
     from adtrain.io import write_text
     from adtrain.run import run, run_dir_from_hydra
+    from adtrain.runstate import interrupted
+    from adtrain.sweep import check_objective, objective
 
+    run_dir = run_dir_from_hydra()
     try:
+        metric = check_objective(cfg.get("optimized_metric"))
+    except AdtrainError as err:  # a wrong objective is the whole sweep's fault: stop it
+        print(f"adtrain: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    from hydra.core.hydra_config import HydraConfig
+
+    mine = False
+    try:
+        if HydraConfig.initialized():
+            mine = rundir.acquire(run_dir)  # held already when RunDirGuard checked the directory
+            if cfg.get("resume", False):
+                from adtrain.resume import override_keys, resumed_config
+
+                # the run's own config.yaml; only what was overridden on this command line may differ
+                cfg = resumed_config(cfg, run_dir, override_keys(HydraConfig.get().overrides.task))
         results = run(cfg)
     except AdtrainError as err:
         log.error("%s", err)
-        write_text(run_dir_from_hydra() / "error.txt", f"{type(err).__name__}: {err}\n")
+        if rundir.holds(run_dir) and not rundir.finished(run_dir):  # never into another run's directory
+            write_text(run_dir / "error.txt", f"{type(err).__name__}: {err}\n")
         if _is_multirun():  # one failed job does not stop the sweep
             return None
         print(f"adtrain: error: {err}", file=sys.stderr)
         sys.exit(2)
-    return results.get("image_auroc") if isinstance(results, dict) else None
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
+    except SystemExit:
+        if interrupted():  # Lightning ends a fit stopped by Ctrl-C with exit(1)
+            _interrupted(run_dir)
+        raise
+    finally:
+        if mine:
+            rundir.release(run_dir)
+    return objective(results, metric)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from adtrain.errors import AdtrainError, ConfigError
 
 #: keys of a method config that other groups read (the recipe), not constructor arguments
-METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "image_size", "center_crop")
+METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "image_size", "center_crop", "selection",
+                      "val_every_n_epochs")
 
 
 def _instantiate(node: DictConfig, group: str, drop: tuple[str, ...] = (), **kwargs):
@@ -45,23 +46,53 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if cfg.get("logger") is None or not cfg.logger.get("_target_"):
         return None
     extra = {"save_dir": str(run_dir)} if cfg.logger.get("save_dir", None) is None else {}
-    return _instantiate(cfg.logger, "logger", **extra)
+    logger = _instantiate(cfg.logger, "logger", **extra)
+    if cfg.get("resume", False):
+        _keep_csv_rows(logger)
+    return logger
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, logger, monitor: str | None):
+def _keep_csv_rows(logger) -> None:
+    """A resumed run appends to csv/metrics.csv: Lightning's CSVLogger would delete it on start."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    if not isinstance(logger, CSVLogger):
+        return
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows, keys = list(reader), list(reader.fieldnames or [])
+    writer = logger.experiment  # created now: this is where the old file is removed
+    writer.metrics_keys = sorted(set(writer.metrics_keys) | set(keys))
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=writer.metrics_keys)
+        out.writeheader()
+        out.writerows(rows)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None):
+    """A Trainer writing last.ckpt (resume) each epoch; ``selection`` (adtrain.selection.Selection)
+    keeps the selected state in best.ckpt."""
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from adtrain.checkpointing import AtomicCheckpointIO
+    from adtrain.runstate import RunState
 
     ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="min",
-        save_last=True, save_top_k=1, enable_version_counter=False,
+        dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_last=False, save_top_k=1,
+        enable_version_counter=False,  # no monitor, top 1: the latest epoch, as last.ckpt
     )
+    # RunState: RNG states and fit time travel in last.ckpt, so a resumed fit ends as an uninterrupted one
+    callbacks = [ckpt, RunState()] + ([selection] if selection is not None else [])
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     try:
         trainer = Trainer(
-            **kwargs, logger=logger if logger is not None else False, callbacks=[ckpt],
+            **kwargs, logger=logger if logger is not None else False, callbacks=callbacks,
             plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
         )
     except TypeError as err:

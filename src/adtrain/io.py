@@ -1,22 +1,36 @@
-"""Atomic file writes: a crash never leaves a half-written result or checkpoint."""
+"""Atomic file writes: a crash never leaves a half-written result or checkpoint.
+
+Files get the usual permissions (0o666 minus the umask), as a plain open() would give them.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 
+def _new_temp(path: Path) -> str:
+    """Create an empty, unique temp file beside path, mode 0o666 & ~umask (mkstemp would give 0600)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: no free temp file name beside it")
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp(path)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -3,7 +3,10 @@
     python -m adtrain.predict checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB' [out=DIR]
         [batch_size=16] [device=auto|cpu|cuda] [heatmaps=true]
 
-The decision threshold is the one fitted on held-out normals during training.
+The decision threshold is the one fitted on held-out normals during training: a checkpoint without
+one (a training checkpoint such as last.ckpt) is refused. Output goes to RUN/predictions by
+default (RUN: the run the checkpoint belongs to), replaces the heatmaps and CSV of an earlier call
+there, and heatmaps are named after each image's folder and file (good__000.png, crack__000.png).
 """
 
 from __future__ import annotations
@@ -38,6 +41,54 @@ def list_images(spec: str) -> list[str]:
     return files
 
 
+def default_out_dir(checkpoint: str | Path) -> Path:
+    """RUN/predictions for a checkpoint inside a run directory (the nearest folder above it with a
+    config.yaml or results.json), else a predictions/ folder beside the checkpoint."""
+    ckpt = Path(checkpoint).resolve()
+    for folder in list(ckpt.parents)[:4]:
+        if (folder / "config.yaml").exists() or (folder / "results.json").exists():
+            return folder / "predictions"
+    return ckpt.parent / "predictions"
+
+
+def heatmap_names(files: list[str]) -> list[str]:
+    """A file name per image from its path below the images' common folder ('crack/000.png' ->
+    'crack__000.png'): images of different folders never collide."""
+    import os
+
+    parents = [str(Path(f).resolve().parent) for f in files]
+    common = Path(os.path.commonpath(parents)) if parents else Path(".")
+    base = common.parent if len(set(parents)) == 1 else common  # one folder: keep its name
+    names = ["__".join(Path(f).resolve().relative_to(base).with_suffix("").parts) for f in files]
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+    return [f"{n}_{Path(f).suffix.lstrip('.')}.png" if seen[n] > 1 else f"{n}.png" for n, f in zip(names, files)]
+
+
+def _check_args(batch_size, device: str) -> torch.device:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", f"must be a whole number >= 1, got {batch_size!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError("device", f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", f"{device} asked for, but no CUDA GPU is visible; use device=cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError("device", f"unsupported device {device!r}; use auto, cpu or cuda")
+    return dev
+
+
+def _clear_earlier(out_dir: Path) -> None:
+    """Files of an earlier call into out_dir (its heatmaps and CSV), so none is taken for this one's."""
+    (out_dir / "predictions.csv").unlink(missing_ok=True)
+    for png in (out_dir / "heatmaps").glob("*.png"):
+        png.unlink()
+
+
 def predict(checkpoint: str, images: str, out: str | None = None, batch_size: int = 16, device: str = "auto",
             heatmaps: bool = True, num_workers: int = 0) -> Path:
     from adtrain.build import _instantiate
@@ -46,11 +97,16 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     from adtrain.run import write_scores_csv
     from adtrain.viz import denormalize, overlay_panel
 
-    method, cfg, _ = load_method(checkpoint)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    method.to(dev)
-    out_dir = Path(out) if out else Path(checkpoint).resolve().parent.parent / "predictions"
+    dev = _check_args(batch_size, device)
     files = list_images(images)
+    method, cfg, _ = load_method(checkpoint)
+    if not torch.isfinite(method.threshold):
+        raise DataError(checkpoint, "holds no fitted threshold (a training checkpoint such as last.ckpt?): "
+                        "use the finished run's checkpoints/model.ckpt")
+    method.to(dev)
+    out_dir = Path(out) if out else default_out_dir(checkpoint)
+    _clear_earlier(out_dir)
+    names = dict(zip(files, heatmap_names(files)))
     dm = _instantiate(cfg.data, "data", drop=("name",))
     loader = DataLoader(dm.predict_dataset(files), batch_size=batch_size, num_workers=num_workers)
     thr = float(method.threshold)
@@ -62,13 +118,13 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
             for i, path in enumerate(batch["path"]):
                 score = float(res.pred_score[i])
                 records.append({
-                    "path": path, "score": score, "normalized_score": float(norm[i]),
+                    "path": path, "heatmap": f"heatmaps/{names[path]}" if heatmaps else None, "score": score, "normalized_score": float(norm[i]),
                     "threshold": thr, "is_anomalous": int(score > thr) if thr == thr else None,
                 })
                 if heatmaps:
                     amap = method.normalize(res.anomaly_map[i, 0], method.map_center).clamp(0, 1).cpu().numpy()
                     panel = overlay_panel(denormalize(batch["image"][i]), amap, None, f"score {score:.4g}")
-                    save_image(panel, out_dir / "heatmaps" / f"{len(records) - 1:05d}_{Path(path).stem}.png")
+                    save_image(panel, out_dir / "heatmaps" / names[path])
     write_scores_csv(out_dir / "predictions.csv", records)
     log.info("%d images scored; %s", len(records), out_dir / "predictions.csv")
     return out_dir

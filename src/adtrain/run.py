@@ -6,6 +6,7 @@ model.ckpt with the threshold), heatmaps/, scores.csv, score_histogram.png.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -83,37 +84,70 @@ def write_scores_csv(path: Path, records: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
+VAL_RESULT_KEYS = {"val/image_auroc": "val_image_auroc", "val/pixel_auroc": "val_pixel_auroc",
+                   "val/pixel_aupro": "val_pixel_aupro", "val/normal_score": "val_normal_score"}
+
+
 def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
                    ckpt_path: str | None = None) -> tuple[object, dict]:
-    """Train (or build the memory bank), reload the checkpoint selected on held-out normals,
-    fit the threshold on them. Returns (trainer, info); the method is left on the trainer's device."""
+    """Train (or build the memory bank), keep the state selected on the validation set (held-out
+    normals + synthetic anomalies made from them; the untrained start too where it is a detector),
+    fit the threshold on the held-out normals. Returns (trainer, info); the method is left on the
+    trainer's device. Nothing here opens a test image."""
+    from adtrain.selection import Selection, resolve_monitor, summary
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    # selection on held-out normals, unless the method says its last state is the one to keep
-    select_last = getattr(method, "select_last", False)
-    monitor = "val/normal_score" if len(dm.val_samples) > 0 and not select_last else None
-    trainer, ckpt_cb = build_trainer(cfg, run_dir, logger, monitor)
+    monitor = resolve_monitor(cfg)
+    has_val = len(dm.val_samples) > 0
+    if monitor != "last" and not has_val:
+        raise ConfigError("selection.monitor", f"{monitor} needs a validation set, but data.val_split="
+                          f"{dm.val_split} holds out no training normal; set data.val_split > 0 or monitor=last")
+    family = monitor.removeprefix("val_image_auroc_") if monitor.startswith("val_image_auroc_") else None
+    if family is not None and family not in dm.val_anomalies.families:
+        raise ConfigError("selection.monitor", f"{monitor} needs {family} anomalies in the validation set "
+                          f"(data.val_anomalies.families={list(dm.val_anomalies.families)})")
+    if monitor.startswith(("val_image_auroc", "val_pixel_auroc")) and not dm.val_anomalies.per_normal:
+        raise ConfigError("selection.monitor", f"{monitor} needs synthetic anomalies in the validation set "
+                          "(data.val_anomalies is empty); use normal_score or last")
+    selector = Selection(monitor, run_dir / "checkpoints") if has_val else None
+    val_every = ((cfg.get("selection") or {}).get("every_n_epochs") or cfg.method.get("val_every_n_epochs")
+                 or getattr(method, "val_every_n_epochs", None) or 1)
+    if int(val_every) < 1:
+        raise ConfigError("selection.every_n_epochs", f"must be >= 1, got {val_every}")
+    method.val_every_n_epochs = int(val_every)
+    trainer, _ = build_trainer(cfg, run_dir, logger, selector)
     method.adtrain_config = OmegaConf.to_container(cfg, resolve=True)
 
     t0 = time.perf_counter()
+    if selector is not None and ckpt_path is None and getattr(method, "start_is_detector", False):
+        selector.validate_start(trainer, method, dm)
     trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
-    fit_seconds = time.perf_counter() - t0
+    # a resumed fit counts the time its interrupted session(s) spent too (adtrain.runstate)
+    fit_seconds = time.perf_counter() - t0 + sum(getattr(c, "seconds_before", 0.0) for c in trainer.callbacks
+                                                 if type(c).__name__ == "RunState")
 
-    best = ckpt_cb.best_model_path
-    if best and Path(best).exists():
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        method.load_state_dict(state)
-        log.info("Selected checkpoint %s (val/normal_score %.6g)", Path(best).name, float(ckpt_cb.best_model_score or float("nan")))
+    choice = selector.choose() if selector is not None else {"selected": "last", "epoch": None, "metrics": {}}
+    if selector is not None:
+        selector.restore(method, choice)
+    where = {"start": "the untrained start", "epoch": f"epoch {choice.get('epoch')}", "last": "the last state"}
+    log.info("Selected %s on %s%s", where[choice["selected"]], monitor,
+             f" ({choice['value']:.4f})" if choice.get("value") is not None else "")
 
     device = trainer.strategy.root_device
     method.to(device)
     thr_info = {"threshold": None}
-    if len(dm.val_samples) > 0:
+    if has_val:
         with trainer.precision_plugin.forward_context():
-            thr_info = method.fit_threshold(dm.val_dataloader(), cfg.threshold.quantile)
+            thr_info = method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile)
+    val_seconds = (selector.val_seconds + (selector.start or {}).get("seconds", 0.0)) if selector else 0.0
     info = {
         "fit_seconds": round(fit_seconds, 3),
+        "val_seconds": round(val_seconds, 3),
         "epochs_trained": int(trainer.current_epoch),
-        "selected_checkpoint": Path(best).name if best else None,
+        "selected_checkpoint": {"start": "start.ckpt", "epoch": "best.ckpt", "last": "last.ckpt"}[choice["selected"]],
+        "selection": summary(choice, monitor, selector),
+        **{VAL_RESULT_KEYS[k]: choice["metrics"].get(k) for k in VAL_RESULT_KEYS},
+        "num_val_anomalies": dm.validation_dataset().num_anomalies if has_val else 0,
         "threshold_info": thr_info,
     }
     return trainer, info
@@ -144,9 +178,12 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
 
 
 def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_path: str | None = None) -> dict:
-    """Train (or build the memory bank), select on held-out normals, threshold, test."""
+    """Train (or build the memory bank), select on the validation set, threshold, then test
+    (unless test=false: a sweep's jobs never open the test set)."""
     trainer, info = fit_and_select(cfg, run_dir, dm, method, logger, ckpt_path)
-    tested = evaluate_method(cfg, trainer, method, dm, run_dir / "heatmaps")
+    do_test = bool(cfg.get("test", True))
+    start_test = _test_start(cfg, trainer, method, dm, run_dir) if do_test else None
+    tested = evaluate_method(cfg, trainer, method, dm, run_dir / "heatmaps") if do_test else {}
     device = trainer.strategy.root_device
     results = {
         "method": cfg.method.name,
@@ -154,17 +191,23 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         "category": OmegaConf.to_container(cfg.data.category) if OmegaConf.is_list(cfg.data.category) else cfg.data.category,
         "backbone": str(cfg.backbone.name).split(".")[0],
         "seed": int(cfg.seed),
-        **{k: tested[k] for k in METRIC_KEYS},
+        "tested": do_test,
+        **{k: tested.get(k) for k in METRIC_KEYS},
+        **{k: info[k] for k in VAL_RESULT_KEYS.values()},
         "fit_seconds": info["fit_seconds"],
-        "test_seconds": tested["test_seconds"],
-        "test_images_per_second": tested["test_images_per_second"],
-        "peak_memory_mb": tested["peak_memory_mb"],
-        "peak_memory_kind": tested["peak_memory_kind"],
+        "val_seconds": info["val_seconds"],
+        "test_seconds": tested.get("test_seconds"),
+        "test_images_per_second": tested.get("test_images_per_second"),
+        "peak_memory_mb": tested.get("peak_memory_mb"),
+        "peak_memory_kind": tested.get("peak_memory_kind"),
         "num_train": len(dm.train_samples),
         "num_val": len(dm.val_samples),
-        "num_test": tested["num_test"],
+        "num_val_anomalies": info["num_val_anomalies"],
+        "num_test": tested.get("num_test"),
         "epochs_trained": info["epochs_trained"],
         "selected_checkpoint": info["selected_checkpoint"],
+        "selection": info["selection"],
+        **({"start_test": start_test} if start_test is not None else {}),
         "device": str(device),
         "precision": str(cfg.trainer.precision),
         **info["threshold_info"],
@@ -172,11 +215,31 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
     model_ckpt = run_dir / "checkpoints" / "model.ckpt"
     save_method(method, model_ckpt, {"results": results})
     write_json(run_dir / "results.json", results)
-    if cfg.output.scores_csv:
-        write_scores_csv(run_dir / "scores.csv", method.test_records)
-    _histogram(run_dir, method)
-    log_test_outputs(logger, results, method.test_records, method.heatmap_files, model_ckpt)
+    if do_test:
+        if cfg.output.scores_csv:
+            write_scores_csv(run_dir / "scores.csv", method.test_records)
+        _histogram(run_dir, method)
+        log_test_outputs(logger, results, method.test_records, method.heatmap_files, model_ckpt)
     return results
+
+
+def _test_start(cfg: DictConfig, trainer, method, dm, run_dir: Path) -> dict | None:
+    """test_start=true: also test the untrained start (training beside its start on the same test
+    set, for reports); the selected state is put back before it is tested."""
+    start = run_dir / "checkpoints" / "start.ckpt"
+    if not cfg.get("test_start", False) or not start.exists():
+        return None
+    kept = {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in method.state_dict().items()}
+    from adtrain.checkpoint import read_checkpoint
+
+    method.load_state_dict(read_checkpoint(start)["state_dict"])
+    method.to(trainer.strategy.root_device)
+    with trainer.precision_plugin.forward_context():
+        method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile)
+    tested = evaluate_method(cfg, trainer, method, dm, None)
+    method.load_state_dict(kept)
+    return {k: tested[k] for k in METRIC_KEYS}
 
 
 def _histogram(run_dir: Path, method) -> None:
@@ -191,17 +254,48 @@ def _histogram(run_dir: Path, method) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    """The whole run for `python -m adtrain`: a single task, or a continual schedule."""
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    if cfg.get("schedule") is not None and cfg.schedule.get("tasks"):
-        from adtrain.continual.runner import run_schedule
+    """The whole run for `python -m adtrain`: a single task, or a continual schedule.
 
-        return run_schedule(cfg, run_dir)
+    The config is checked before anything is written; the run directory is locked for the run,
+    refused if it holds an earlier run (unless resume=true or overwrite=true), and a resumed run
+    takes its config from RUN/config.yaml (adtrain.resume)."""
+    from adtrain import rundir
+    from adtrain.preflight import check_config
+    from adtrain.resume import resumed_config
+
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
+    resume = bool(cfg.get("resume", False))
+    if resume:
+        cfg = resumed_config(cfg, run_dir)  # the run's own config; another experiment is refused
+    else:
+        rundir.refuse_earlier(run_dir, bool(cfg.get("overwrite", False)))  # before the lock file is made
+    check_config(cfg)
+    continual = cfg.get("schedule") is not None and bool(cfg.schedule.get("tasks"))
+    with rundir.locked(run_dir):
+        if resume:
+            cfg = resumed_config(cfg, run_dir)  # again, now that no other run can change the directory
+        else:
+            rundir.prepare_fresh(run_dir, bool(cfg.get("overwrite", False)), keep=rundir.hydra_keep(run_dir))
+        rundir.check_outputs_writable(run_dir, "tasks" if continual else "checkpoints")
+        if not resume:
+            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if continual:
+            from adtrain.continual.runner import run_schedule
+
+            results = run_schedule(cfg, run_dir)
+        else:
+            results = _run_single(cfg, run_dir)
+        rundir.succeeded(run_dir)
+    return results
+
+
+def _run_single(cfg: DictConfig, run_dir: Path) -> dict:
+    from adtrain.preflight import check_files
+
     seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_path = resume_checkpoint(cfg, run_dir)
     dm = build_datamodule(cfg)
+    check_files(dm, test=bool(cfg.get("test", True)))
     method = build_method(cfg)
     logger = build_logger(cfg, run_dir)
     try:
@@ -214,7 +308,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
 
 def _print_summary(results: dict, run_dir: Path) -> None:
-    shown = {k: results.get(k) for k in METRIC_KEYS + ("fit_seconds", "test_images_per_second")}
+    shown = {k: results.get(k) for k in METRIC_KEYS + ("val_image_auroc", "fit_seconds", "test_images_per_second")}
     text = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
     log.info("%s on %s/%s: %s", results["method"], results["data"], results["category"], text)
     log.info("results: %s", run_dir / "results.json")

@@ -1,4 +1,10 @@
-"""Hydra callback: after a multirun, one summary table of every job (CSV and markdown)."""
+"""Multiruns: the value a job returns to its sweeper, and one summary table of every job.
+
+`objective` is what `python -m adtrain -m ...` hands the sweeper (Optuna or the basic grid):
+`results[optimized_metric]`, a validation figure, never a test one. `SweepSummary` (a Hydra
+callback) checks that key before the first job and, after the last, writes summary.csv/.md with
+the swept overrides as columns and the mean ± std over seeds of each swept setting.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +12,99 @@ import csv
 import io
 import json
 import logging
+import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from adtrain.errors import ConfigError
 from adtrain.io import write_text
 
 log = logging.getLogger("adtrain")
 
 KEY_COLUMNS = ("method", "data", "category", "backbone", "seed")
-VALUE_COLUMNS = (
-    "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
-    "fit_seconds", "test_images_per_second", "peak_memory_mb",
-)
+# validation figures of the selected model state (held-out normals + synthetic anomalies)
+VAL_COLUMNS = ("val_image_auroc", "val_pixel_auroc", "val_pixel_aupro", "val_normal_score")
+TEST_COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+VALUE_COLUMNS = (*VAL_COLUMNS, *TEST_COLUMNS, "fit_seconds", "test_images_per_second", "peak_memory_mb")
+MEAN_COLUMNS = (*VAL_COLUMNS, *TEST_COLUMNS)
+# the keys a sweep may optimise, and which way (lower normal score = tighter on normals)
+OBJECTIVES = {
+    "val_image_auroc": "maximize",
+    "val_pixel_auroc": "maximize",
+    "val_pixel_aupro": "maximize",
+    "val_normal_score": "minimize",
+}
+# override keys that repeat a key column (the summary already shows them)
+_SHOWN_OVERRIDES = {"seed", "method", "data", "backbone", "data.category"}
+
+
+# ---------------------------------------------------------------- the objective
+
+
+def check_objective(metric) -> str | None:
+    """The optimised key, refused unless it is a validation figure (null = no objective)."""
+    if metric is None:
+        return None
+    if metric not in OBJECTIVES:
+        hint = f" (val_{metric} is its validation counterpart)" if f"val_{metric}" in OBJECTIVES else ""
+        raise ConfigError(
+            "optimized_metric",
+            f"'{metric}' is not a validation figure{hint}; a sweep may optimise only "
+            f"{', '.join(OBJECTIVES)}: test data never drives a choice",
+        )
+    return str(metric)
+
+
+def check_direction(metric, direction) -> None:
+    """Refuse a sweeper direction that optimises the metric the wrong way."""
+    metric = check_objective(metric)
+    if metric is None or direction is None:
+        return
+    names = [str(getattr(d, "name", d)) for d in (direction if isinstance(direction, (list, tuple)) else [direction])]
+    if names != [OBJECTIVES[metric]]:
+        raise ConfigError(
+            "hydra.sweeper.direction",
+            f"{names if len(names) > 1 else names[0]} for optimized_metric={metric}; "
+            f"it must be {OBJECTIVES[metric]}",
+        )
+
+
+def objective(results, metric) -> float | None:
+    """float(results[metric]), or None (a failed trial for Optuna) when missing, null or not finite."""
+    metric = check_objective(metric)
+    if metric is None or not isinstance(results, dict):
+        return None
+    value = results.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        log.warning("optimized_metric %s is %r in this run's results: the sweeper sees a failed trial",
+                    metric, value)
+        return None
+    return float(value)
+
+
+def dfm_schedule(cfg: DictConfig, trial) -> None:
+    """Optuna custom_search_space for DFM: method.max_epochs = rounds * (stage1 + stage2 epochs).
+
+    The searched (or fixed) schedule sets the trainer's epochs, so no trial cycles its stages past
+    the schedule. Suggested as a one-value int, it becomes an override of the trial (and is in
+    best_params). Left alone when method.max_epochs is a fixed override already."""
+    key = "method.max_epochs"
+    if key in trial.user_attrs or key in trial.params:
+        return
+
+    def value(name: str) -> int:
+        return int(trial.params.get(f"method.{name}", trial.user_attrs.get(f"method.{name}", cfg.method[name])))
+
+    total = value("rounds") * (value("stage1_epochs") + value("stage2_epochs"))
+    trial.suggest_int(key, total, total)
+
+
+# ---------------------------------------------------------------- the summary
 
 
 def _fmt(v) -> str:
@@ -32,23 +115,64 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def read_overrides(job_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides (`.hydra/overrides.yaml`) as {key: value}, in order."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return {}
+    out = {}
+    for item in OmegaConf.load(path) or []:
+        key, sep, value = str(item).partition("=")
+        if sep:
+            out[key.lstrip("+~")] = value
+    return out
+
+
+def swept_keys(overrides: list[dict[str, str]]) -> list[str]:
+    """Override keys whose value differs between jobs (or that only some jobs have), first-seen order."""
+    keys: dict[str, None] = {}
+    for o in overrides:
+        keys.update(dict.fromkeys(o))
+    return [k for k in keys if k not in _SHOWN_OVERRIDES and len({o.get(k) for o in overrides}) > 1]
+
+
 def collect(sweep_dir: Path) -> list[dict]:
+    """One row per job: its results (or its error) and its overrides under '_overrides'."""
     rows = []
     for path in sorted(sweep_dir.glob("*/results.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
         res = json.loads(path.read_text())
         if "summary" in res and "method" not in res:  # continual run: its summary row
-            res = {**res.get("summary", {}), **{k: res.get(k) for k in KEY_COLUMNS}}
-        rows.append({"job": path.parent.name, **res})
+            res = {**res.get("summary", {}), **{k: res.get(k) for k in KEY_COLUMNS},
+                   **{k: res[k] for k in VAL_COLUMNS if k in res}}
+        rows.append({"job": path.parent.name, **res, "_overrides": read_overrides(path.parent)})
     for path in sorted(sweep_dir.glob("*/error.txt")):
-        rows.append({"job": path.parent.name, "error": path.read_text().strip()})
+        rows.append({"job": path.parent.name, "error": path.read_text().strip(),
+                     "_overrides": read_overrides(path.parent)})
+    swept = swept_keys([r["_overrides"] for r in rows])
+    for r in rows:
+        r.update({k: r["_overrides"].get(k) for k in swept})
     return rows
+
+
+def _table(head: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body]
+
+
+def group_over_seeds(rows: list[dict], swept: list[str]) -> dict[tuple, list[dict]]:
+    """Successful rows grouped by (method, data, category, backbone, swept non-seed values)."""
+    groups = defaultdict(list)
+    for r in rows:
+        if "error" not in r:
+            groups[tuple(str(r.get(k)) for k in (*KEY_COLUMNS[:-1], *swept))].append(r)
+    return groups
 
 
 def summarize(sweep_dir: Path) -> tuple[Path, Path] | None:
     rows = collect(sweep_dir)
     if not rows:
         return None
-    cols = ["job", *KEY_COLUMNS, *VALUE_COLUMNS] + (["error"] if any("error" in r for r in rows) else [])
+    swept = swept_keys([r["_overrides"] for r in rows])
+    cols = ["job", *KEY_COLUMNS, *swept, *VALUE_COLUMNS] + (["error"] if any("error" in r for r in rows) else [])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
@@ -56,28 +180,32 @@ def summarize(sweep_dir: Path) -> tuple[Path, Path] | None:
         w.writerow({c: (json.dumps(r[c]) if isinstance(r.get(c), list) else r.get(c)) for c in cols})
     csv_path = write_text(sweep_dir / "summary.csv", buf.getvalue())
 
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    # mean and std over seeds of the same (method, data, category, backbone)
-    groups = defaultdict(list)
-    for r in rows:
-        if "error" not in r:
-            groups[tuple(str(r.get(k)) for k in KEY_COLUMNS[:-1])].append(r)
+    lines = _table(cols, [[_fmt(r.get(c)) for c in cols] for r in rows])
+    groups = group_over_seeds(rows, swept)
     if any(len(g) > 1 for g in groups.values()):
         lines += ["", "Mean ± std over seeds:", ""]
-        head = [*KEY_COLUMNS[:-1], "n", *VALUE_COLUMNS[:7]]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        body = []
         for key, g in groups.items():
             cells = list(key) + [str(len(g))]
-            for c in VALUE_COLUMNS[:7]:
+            for c in MEAN_COLUMNS:
                 vals = [r[c] for r in g if isinstance(r.get(c), (int, float))]
                 cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if vals else "-")
-            lines.append("| " + " | ".join(cells) + " |")
+            body.append(cells)
+        lines += _table([*KEY_COLUMNS[:-1], *swept, "n", *MEAN_COLUMNS], body)
     md_path = write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # a wrong objective wastes the whole sweep: stop before the first job (Hydra turns a
+        # callback's exception into a warning, so this exits, as the CLI does on a config error)
+        try:
+            check_direction(config.get("optimized_metric"), OmegaConf.select(config, "hydra.sweeper.direction"))
+        except ConfigError as err:
+            print(f"adtrain: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         out = summarize(Path(config.hydra.sweep.dir))
         if out:

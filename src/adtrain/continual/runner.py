@@ -25,7 +25,8 @@ from adtrain.data.base import seeded_rng
 from adtrain.errors import ConfigError
 from adtrain.io import write_json
 from adtrain.loggers import is_wandb
-from adtrain.run import METRIC_KEYS, evaluate_method, fit_and_select, write_scores_csv
+from adtrain.preflight import check_files
+from adtrain.run import METRIC_KEYS, VAL_RESULT_KEYS, evaluate_method, fit_and_select, write_scores_csv
 
 log = logging.getLogger("adtrain")
 
@@ -65,7 +66,11 @@ class _Sequence:
         # every data module first: a category that does not exist fails before any training
         self.eval_dms = [_build_task_dm(cfg, cats, t) for t, cats in enumerate(sched.tasks)]
         self.train_dms = ([_build_task_dm(cfg, sched.train_tasks[0], "joint")] if sched.joint else self.eval_dms)
+        for dm in {id(d): d for d in [*self.eval_dms, *self.train_dms]}.values():
+            check_files(dm, test=True)  # a bad file of any task fails now, not after the tasks before it
         self.own_train = [list(dm.train_samples) for dm in self.train_dms]
+        # seeded first: the same seed builds the same initial weights (and so the same result)
+        seed_everything(int(cfg.seed), workers=True, verbose=False)
         self.method = build_method(cfg)
         # train/eval flag of every submodule as built: what a single run's fit starts from
         self.modes = {name: m.training for name, m in self.method.named_modules()}
@@ -157,6 +162,8 @@ class _Sequence:
             "seed": int(cfg.seed),
             # final averages over tasks (last row), so sweep summaries read a continual run like any other
             **{k: _mean(e.get(k) for e in last_evals) for k in METRIC_KEYS},
+            # each task's validation figures (its selected state, its own validation set), averaged
+            **{k: _mean(p.get(k) for p in state.per_task) for k in VAL_RESULT_KEYS.values()},
             "fit_seconds": summary["fit_seconds"],
             "test_seconds": summary["test_seconds"],
             "test_images_per_second": round(n_final / final_test_seconds, 3) if final_test_seconds > 0 else None,
@@ -189,6 +196,9 @@ def _fmt(v) -> str:
 def run_schedule(cfg: DictConfig, run_dir: Path) -> dict:
     """Run cfg.schedule's task sequence in run_dir (resume=true continues an interrupted one)."""
     run_dir = Path(run_dir)
+    if not cfg.get("test", True):
+        raise ConfigError("test", "a continual schedule evaluates every seen task after each task; test=false "
+                          "(validation only) is for single-task runs")
     run_dir.mkdir(parents=True, exist_ok=True)
     sched = read_schedule(cfg)
     fresh = ContinualState(schedule=sched.as_dict(), method=str(cfg.method.name), data=str(cfg.data.name))

@@ -10,8 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
+from adtrain.checkpoint import checked_config, read_checkpoint
 from adtrain.continual.metrics import Matrix, make_row
 from adtrain.errors import ConfigError, DataError
 from adtrain.io import torch_save, write_json
@@ -92,14 +91,15 @@ def save_task_checkpoint(method, path: Path, extra: dict | None = None) -> Path:
 
 
 def load_task_checkpoint(method, path: Path) -> dict:
-    """Restore a method saved by save_task_checkpoint (on_load_checkpoint first, as Lightning does)."""
+    """Restore a method saved by save_task_checkpoint (on_load_checkpoint first, as Lightning does).
+    The file is read safely (adtrain.checkpoint.read_checkpoint) and its stored config checked."""
     if not Path(path).exists():
         raise DataError(path, "task checkpoint missing: the continual state lists this task as finished; "
                         "start the sequence over in a new run directory")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DataError(path, f"cannot read task checkpoint: {err}") from None
+    ckpt = read_checkpoint(path)
+    checked_config(ckpt.get("adtrain_config"), path)
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise DataError(path, "not an adtrain task checkpoint (no state_dict inside)")
     method.on_load_checkpoint(ckpt)
     method.load_state_dict(ckpt["state_dict"])
     method.adtrain_config = ckpt.get("adtrain_config")

@@ -57,13 +57,18 @@ class AnomalyDataModule(LightningDataModule):
     shots: keep k training normals per category (seeded), chosen after the held-out split.
     augment: albumentations transforms (objects or `_target_` dicts), training images only.
     synthetic_anomaly: callable(image_uint8, rng) -> (image, mask), training images only.
+    val_anomalies: synthetic anomalies made from the held-out normals for validation
+    (``adtrain.data.validation.ValAnomalies``: families, per_normal); null = normals only.
+
+    The test set is listed only when first asked for (``test_samples``, at test time): fitting,
+    selection and thresholds never open a test image or read a test label.
     """
 
     def __init__(self, category: str | list[str], image_size: Sequence[int] | int = (256, 256),
                  center_crop: Sequence[int] | int | None = None, batch_size: int = 32,
                  eval_batch_size: int | None = None, num_workers: int = 0, val_split: float = 0.2,
                  seed: int = 0, shots: int | None = None, augment: list | None = None,
-                 synthetic_anomaly: object | None = None):
+                 synthetic_anomaly: object | None = None, val_anomalies: object | None = None):
         super().__init__()
         category = to_plain(category)
         if isinstance(category, (list, tuple)):
@@ -94,6 +99,9 @@ class AnomalyDataModule(LightningDataModule):
         self.synthetic_anomaly = instantiate_if_config(synthetic_anomaly, "data.synthetic_anomaly")
         if self.synthetic_anomaly is not None and not callable(self.synthetic_anomaly):
             raise ConfigError("data.synthetic_anomaly", "must be callable(image_uint8, rng) -> (image, mask)")
+        from adtrain.data.validation import ValAnomalies
+
+        self.val_anomalies = ValAnomalies.from_any(to_plain(val_anomalies))
         self._train: list[Sample] | None = None
         self._val: list[Sample] | None = None
         self._test: list[Sample] | None = None
@@ -116,7 +124,6 @@ class AnomalyDataModule(LightningDataModule):
         if self._train is not None:
             return
         train_all = self._train_samples()
-        test = self._test_samples()
         if not train_all:
             raise DataError(self._describe(), f"no training images for category {self.category}")
         if any(s.label != 0 for s in train_all):
@@ -132,7 +139,7 @@ class AnomalyDataModule(LightningDataModule):
                                                 .choice(len(rest), self.shots, replace=False).tolist())]
             train += rest
             val += held
-        self._train, self._val, self._test = train, val, list(test)
+        self._train, self._val = train, val
 
     def _describe(self) -> str:
         """What to name in errors about this data source (subclasses: the root folder)."""
@@ -154,7 +161,10 @@ class AnomalyDataModule(LightningDataModule):
 
     @property
     def test_samples(self) -> list[Sample]:
+        """The test set, listed on first use (testing): nothing before it reads test files or labels."""
         self._require_setup()
+        if self._test is None:
+            self._test = list(self._test_samples())
         return self._test
 
     @property
@@ -192,8 +202,20 @@ class AnomalyDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.make_dataloader(self.train_samples, train=True, shuffle=True)
 
+    def validation_dataset(self):
+        """Held-out normals + synthetic anomalies made from them (``data.val_anomalies``)."""
+        from adtrain.data.validation import ValidationDataset
+
+        items = self.val_anomalies.plan(self.val_samples, self.seed)
+        return ValidationDataset(self.make_dataset(self.val_samples, train=False), items, self.val_anomalies,
+                                 self.seed)
+
     def val_dataloader(self) -> DataLoader:
-        """Held-out training normals (eval transform)."""
+        """The validation set: held-out training normals and their synthetic anomalies (eval transform)."""
+        return self._loader(self.validation_dataset(), False, self.eval_batch_size)
+
+    def val_normal_dataloader(self) -> DataLoader:
+        """Held-out training normals only (eval transform): thresholds and score normalisation."""
         return self.make_dataloader(self.val_samples, train=False)
 
     def test_dataloader(self) -> DataLoader:

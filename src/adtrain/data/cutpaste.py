@@ -56,15 +56,9 @@ class CutPasteConfig:
 
     @classmethod
     def from_any(cls, cfg) -> "CutPasteConfig":
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, cls):
-            return cfg
-        try:
-            return cls(**{k: (tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
-                          for k, v in dict(cfg).items()})
-        except TypeError as err:
-            raise ConfigError("cutpaste", str(err)) from None
+        from adtrain.data.transforms import dataclass_from_any
+
+        return dataclass_from_any(cls, cfg, "cutpaste")
 
 
 def _lerp(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

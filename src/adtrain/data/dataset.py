@@ -42,10 +42,22 @@ class WorkerDataError(DataError):
 
     def __init__(self, path, message: str | None = None):
         if message is None:  # rebuilt by the DataLoader from the worker's formatted traceback
-            AdtrainError.__init__(self, str(path))
-            self.path = "<DataLoader worker>"
+            text = _worker_message(str(path))
+            AdtrainError.__init__(self, text)
+            self.path = text.split(": ", 1)[0] if ": " in text else "<DataLoader worker>"
         else:
             super().__init__(path, message)
+
+
+def _worker_message(text: str) -> str:
+    """The worker's own one-line message out of torch's 'Caught ... Original Traceback ...' text
+    (its last line reads 'adtrain.data.dataset.WorkerDataError: PATH: what')."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines or "Traceback" not in text:
+        return text
+    last = lines[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.endswith("Error") and " " not in head else last
 
 
 def _binarise(mask) -> np.ndarray:

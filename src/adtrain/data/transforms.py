@@ -40,6 +40,20 @@ def instantiate_if_config(obj: Any, key: str) -> Any:
     return obj
 
 
+def dataclass_from_any(cls, cfg, key: str):
+    """A frozen config dataclass from None (defaults), an instance, or a dict of its fields (lists
+    become tuples); unknown or missing fields -> ConfigError naming ``key``."""
+    if cfg is None:
+        return cls()
+    if isinstance(cfg, cls):
+        return cfg
+    try:
+        return cls(**{k: (tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
+                      for k, v in dict(to_plain(cfg)).items()})
+    except TypeError as err:
+        raise ConfigError(key, str(err)) from None
+
+
 def build_augment(augment: Sequence | None) -> list:
     """augment: list of albumentations transforms or `_target_` dicts -> list of transforms."""
     augment = to_plain(augment)

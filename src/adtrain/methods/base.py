@@ -36,6 +36,9 @@ class AnomalyModule(LightningModule):
         self.heatmap_files: list[str] = []
         self.pixel_metrics = True
         self._val_scores: list[torch.Tensor] = []
+        self._val_evaluator = None
+        self._val_defects: list[str] = []
+        self.last_val_metrics: dict[str, float] = {}
 
     # ----------------------------------------------------------------- inference
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
@@ -56,15 +59,73 @@ class AnomalyModule(LightningModule):
             )
 
     # ----------------------------------------------------------------- validation
+    #: can the untrained start detect anomalies (a host's matching, a memory of untrained features)?
+    #: then it is validated before training and kept when no trained state validates better
+    start_is_detector: bool = False
+    #: logged each validation epoch (validation set: held-out normals + synthetic anomalies)
+    VAL_KEYS = ("val/image_auroc", "val/pixel_auroc", "val/pixel_aupro", "val/normal_score")
+
+    #: validate every N training epochs and after the last one (set by run.py from the config)
+    val_every_n_epochs: int = 1
+
+    def validating_now(self) -> bool:
+        """False on the epochs of a fit that are not validated (their batches are passed over)."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return True
+        epoch, last = int(trainer.current_epoch), trainer.max_epochs
+        return (epoch + 1) % max(1, int(self.val_every_n_epochs)) == 0 or (last is not None and epoch + 1 >= last)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        from adtrain.metrics import AnomalyEvaluator
+
+        if not self.validating_now():
+            return
+        if self._val_evaluator is None:
+            self._val_evaluator = AnomalyEvaluator(pixel_metrics=True)
         out = self.anomaly_output(batch["image"])
-        self._val_scores.append(out.pred_score.detach().float().cpu())
+        labels = batch["label"].to(out.pred_score.device)
+        self._val_evaluator.update(out.pred_score, labels, out.anomaly_map, batch["mask"], batch["has_mask"])
+        self._val_scores.append(out.pred_score.detach().float()[labels == 0].cpu())
+        self._val_defects += [d if int(l) == 1 else "good" for d, l in zip(batch["defect"], labels.tolist())]
+
+    def validation_metrics(self) -> dict[str, float]:
+        """The epoch's validation figures (a key is absent when undefined, e.g. no anomalies)."""
+        out = {}
+        if self._val_scores and torch.cat(self._val_scores).numel():
+            out["val/normal_score"] = float(torch.cat(self._val_scores).mean())
+        if self._val_evaluator is not None:
+            res = self._val_evaluator.compute()
+            for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+                if res.get(key) is not None:
+                    out[f"val/{key}"] = float(res[key])
+            out.update(self._family_auroc(self._val_evaluator))
+        return out
+
+    def _family_auroc(self, evaluator) -> dict[str, float]:
+        """Image AUROC of the held-out normals against each synthetic family alone
+        (``val/image_auroc_cutpaste``, ``val/image_auroc_perlin``): a method trained on one family
+        is selected on another (docs/methods/dfm.md)."""
+        from adtrain.metrics.image import image_metrics
+
+        scores, defects = evaluator.image_scores, self._val_defects
+        if len(scores) != len(defects):
+            return {}
+        out = {}
+        for family in sorted({d for d in defects if d.startswith("synthetic_")}):
+            keep = [i for i, d in enumerate(defects) if d in ("good", family)]
+            auroc = image_metrics([scores[i] for i in keep], [int(defects[i] != "good") for i in keep])["image_auroc"]
+            if auroc is not None:
+                out[f"val/image_auroc_{family.removeprefix('synthetic_')}"] = float(auroc)
+        return out
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_scores:
-            scores = torch.cat(self._val_scores)
-            self.log("val/normal_score", scores.mean(), prog_bar=True, sync_dist=True)
+        self.last_val_metrics = self.validation_metrics() if self.validating_now() else {}
+        for key, value in self.last_val_metrics.items():
+            self.log(key, value, prog_bar=key in ("val/image_auroc", "val/normal_score"))
         self._val_scores = []
+        self._val_defects = []
+        self._val_evaluator = None
 
     # ----------------------------------------------------------------- thresholds
     @torch.no_grad()

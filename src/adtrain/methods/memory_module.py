@@ -28,6 +28,7 @@ class TaskMemoryMixin:
         self.continual = continual
         self.continual_behaviour = f"memory_{continual}"
         self.task_memories: list[dict[str, torch.Tensor]] = []
+        self.task_open = False  # between begin_task and end_task: the memory being built is the one scored
 
     def reset_memory(self) -> None:
         raise NotImplementedError
@@ -40,6 +41,7 @@ class TaskMemoryMixin:
         raise NotImplementedError
 
     def begin_task(self, task_id: int, categories: list[str]) -> None:
+        self.task_open = True
         if self.continual == "per_task" and task_id > 0:
             self.reset_memory()
 
@@ -49,9 +51,12 @@ class TaskMemoryMixin:
             self.task_memories.append(state)
         else:
             self.task_memories = [state]
+        self.task_open = False
 
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
-        if len(self.task_memories) <= 1:
+        # while a task is trained, validated and thresholded its own (current) memory is scored:
+        # routing among the finished tasks' memories would never score the model being trained
+        if self.task_open or len(self.task_memories) <= 1:
             return super().anomaly_output(images)
         current = {k: v.detach().clone() for k, v in self.memory_state().items()}
         outs = []
@@ -70,10 +75,12 @@ class TaskMemoryMixin:
 
     # task memories travel inside the state dict
     def get_extra_state(self):
-        return {"task_memories": [{k: v.cpu() for k, v in s.items()} for s in self.task_memories]}
+        return {"task_memories": [{k: v.cpu() for k, v in s.items()} for s in self.task_memories],
+                "task_open": self.task_open}
 
     def set_extra_state(self, state) -> None:
         self.task_memories = list((state or {}).get("task_memories", []))
+        self.task_open = bool((state or {}).get("task_open", False))
 
 
 class MemoryModule(TaskMemoryMixin, AnomalyModule):

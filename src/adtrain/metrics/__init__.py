@@ -5,8 +5,10 @@ from adtrain.metrics.evaluator import METRIC_KEYS, AnomalyEvaluator
 from adtrain.metrics.histogram import StreamingHistogram
 from adtrain.metrics.image import auroc, average_precision, f1_max, image_metrics
 from adtrain.metrics.pixel import PixelMetricAccumulator
+from adtrain.metrics.summary import AdaptiveBins
 
 __all__ = [
+    "AdaptiveBins",
     "METRIC_KEYS",
     "AnomalyEvaluator",
     "PixelMetricAccumulator",

@@ -1,10 +1,12 @@
-"""Streaming pixel-level metrics: AUROC, AP, F1-max and AUPRO from one shared histogram.
+"""Streaming pixel-level metrics: AUROC, AP, F1-max and AUPRO from one set of adaptive bins.
 
-State is a fixed-size histogram with three channels over the same bin edges:
-`normal` (count of normal pixels), `anomalous` (count of ground-truth pixels) and `pro`
-(sum over ground-truth pixels of 1 / size of their region). Memory does not grow with the
-test set. Binning is done on the input's device; only bin counts and the (few) anomalous
-pixels' bin indices come to the CPU.
+State (adtrain.metrics.summary.AdaptiveBins): at most `num_bins` score bins with three channels,
+`normal` (count of normal pixels), `anomalous` (count of ground-truth pixels) and `pro` (sum over
+ground-truth pixels of 1 / size of their region). Memory does not grow with the test set. While
+the test set has at most `num_bins` distinct scores the metrics are exact; past that, bins merge
+by equal shares of pixel mass (not of score range, so heavy-tailed maps keep their resolution)
+and `error_bounds()` bounds the difference to the exact values. Distinct scores and their counts
+are found on the input's device; only those and the (few) anomalous pixels' indices come to the CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from adtrain.errors import AdtrainError, ConfigError
 from adtrain.metrics.aupro import check_fpr_limit, region_weights
 from adtrain.metrics.curves import (
     ap_from_counts,
@@ -19,13 +22,13 @@ from adtrain.metrics.curves import (
     f1max_from_counts,
     pro_auc_from_counts,
 )
-from adtrain.metrics.histogram import StreamingHistogram
+from adtrain.metrics.summary import AdaptiveBins
 
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 
 
 def _binning_dtype(device: torch.device) -> torch.dtype:
-    """float64 where the device supports it (exact bin edges), float32 otherwise (e.g. MPS)."""
+    """float64 where the device supports it (exact scores), float32 otherwise (e.g. MPS)."""
     return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
 
 
@@ -33,45 +36,44 @@ class PixelMetricAccumulator:
     """Accumulates pixel statistics batch by batch; compute() gives the four pixel metrics."""
 
     def __init__(self, num_bins: int = 65536, aupro_fpr_limit: float = 0.3):
+        if int(num_bins) != num_bins or num_bins < 2:
+            raise ConfigError("num_bins", f"must be an integer >= 2, got {num_bins}")
         self.aupro_fpr_limit = check_fpr_limit(aupro_fpr_limit)
-        self.hist = StreamingHistogram(
-            num_bins, {"normal": np.int64, "anomalous": np.int64, "pro": np.float64}
-        )
+        self.bins = AdaptiveBins(int(num_bins))
         self.num_regions = 0
 
     def reset(self) -> None:
-        self.hist.reset()
+        self.bins.reset()
         self.num_regions = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes of accumulated state (constant: it does not depend on the data seen)."""
-        return self.hist.nbytes
+        """Bytes of accumulated state (at most bins.max_nbytes, whatever the data seen)."""
+        return self.bins.nbytes
 
     def update(self, anomaly_map: torch.Tensor, mask: torch.Tensor) -> None:
         """anomaly_map: (B,H,W) float; mask: (B,H,W) bool, same device."""
         if anomaly_map.numel() == 0:
             return
         values = anomaly_map.detach().to(_binning_dtype(anomaly_map.device))
-        vmin, vmax = (float(v) for v in torch.aminmax(values.reshape(-1)))
-        self.hist.ensure_range(vmin, vmax)
-        idx = self.hist.bin_index(values)
-        # all pixels binned on the device; anomalous ones are moved from `normal` below
-        self.hist.add_indices("normal", idx)
+        if not bool(torch.isfinite(values).all()):
+            raise AdtrainError("anomaly map contains NaN or inf values; metrics need finite scores")
+        uniq, inverse = torch.unique(values, return_inverse=True)  # inverse: (B,H,W)
+        n = uniq.numel()
+        total = torch.bincount(inverse.reshape(-1), minlength=n).cpu().numpy()
+        anomalous, pro = np.zeros(n, np.int64), np.zeros(n, np.float64)
         has_defect = mask.flatten(1).any(dim=1).cpu()
-        if not bool(has_defect.any()):
-            return
-        defect_masks = mask[has_defect.to(mask.device)]
-        weights, n = region_weights(defect_masks.cpu().numpy())
-        pos_idx = idx[has_defect.to(idx.device)][defect_masks].cpu().numpy()
-        pos_counts = np.bincount(pos_idx, minlength=self.hist.num_bins)
-        self.hist.counts["normal"] -= pos_counts
-        self.hist.counts["anomalous"] += pos_counts
-        self.hist.add_indices("pro", pos_idx, weights=weights)
-        self.num_regions += n
+        if bool(has_defect.any()):
+            defect_masks = mask[has_defect.to(mask.device)]
+            weights, regions = region_weights(defect_masks.cpu().numpy())
+            pos_idx = inverse[has_defect.to(inverse.device)][defect_masks].cpu().numpy()
+            anomalous = np.bincount(pos_idx, minlength=n)
+            pro = np.bincount(pos_idx, weights=weights, minlength=n)
+            self.num_regions += regions
+        self.bins.add(uniq.cpu().numpy().astype(np.float64), total - anomalous, anomalous, pro)
 
     def compute(self) -> dict[str, float | None]:
-        c = self.hist.counts
+        c = self.bins.counts
         if c["anomalous"].sum() == 0:
             return dict.fromkeys(PIXEL_KEYS)
         pos, neg = c["anomalous"], c["normal"]
@@ -83,3 +85,7 @@ class PixelMetricAccumulator:
                 neg, c["pro"], self.num_regions, self.aupro_fpr_limit
             ),
         }
+
+    def error_bounds(self) -> dict[str, float]:
+        """Largest possible |streaming - exact| of pixel_auroc and pixel_aupro (0.0 while exact)."""
+        return self.bins.error_bounds(self.num_regions, self.aupro_fpr_limit)

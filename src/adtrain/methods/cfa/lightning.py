@@ -44,8 +44,15 @@ class Cfa(TaskMemoryMixin, AnomalyModule):
             learn_radius=learn_radius, pool_size=pool_size, blur_sigma=blur_sigma, memory=memory, seed=seed,
         )
 
+    #: the memory of the untrained descriptor already detects anomalies: a selection candidate
+    start_is_detector: bool = True
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "validate":  # the untrained start, validated before training
+            self.on_train_start()
+
     def on_train_start(self) -> None:
-        if len(self.model.memory) > 0:  # resumed, or a later continual task: keep C
+        if len(self.model.memory) > 0:  # resumed, validated start, or a later continual task: keep C
             return
         from tqdm import tqdm
 

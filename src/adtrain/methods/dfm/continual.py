@@ -48,6 +48,7 @@ class DfmContinualMixin:
     # ----------------------------------------------------------------- task hooks
     def begin_task(self, task_id: int, categories: list[str]) -> None:
         self.task_open = True
+        self.rebuilt_round = -1  # a new trainer per task: its rounds count from 0
         if task_id > 0 or self.task_states:
             self.load_trainable_state(self._initial_state)  # fresh adapters, empty memory
             self.pending_key = None
@@ -99,6 +100,7 @@ class DfmContinualMixin:
             "pending_key": None if self.pending_key is None else self.pending_key.cpu(),
             "task_open": self.task_open,
             "memory_builds": self.memory_builds,
+            "rebuilt_round": self.rebuilt_round,
         }
 
     def set_extra_state(self, state) -> None:
@@ -109,3 +111,4 @@ class DfmContinualMixin:
         self.pending_key = state.get("pending_key")
         self.task_open = bool(state.get("task_open", False))
         self.memory_builds = int(state.get("memory_builds", self.memory_builds))
+        self.rebuilt_round = int(state.get("rebuilt_round", -1))

@@ -7,7 +7,8 @@ Sim[n, k] = ||P_n - M_k||_2 for patch features P (N = B*h*w rows) and memory ite
   MaxPool over patches -> s[b] = max_p S'[b, p]    (image score, Eq. 5)
 a, c init 1, b, e init 0: an untrained FMN *is* nearest-neighbour matching (PatchCore's patch
 distance, plain max image score). r is a fixed distance scale (mean nearest distance when the
-memory was built), so the shifts are in units of typical distances.
+memory was last built: every build measures it anew), so the shifts are in units of typical
+distances.
 
 The volume is never held whole: rows x memory chunks, each reduced at once to the few smallest
 modulated entries (candidates, no gradient); the candidates' distances are then recomputed
@@ -138,7 +139,8 @@ class FeatureMatchingNetwork(nn.Module):
         with torch.autocast(device_type=patches.device.type, enabled=False):
             p = patches.float()
             mem = self.memory
-            cand = modulated_candidates(p, mem, self.mem_scale, self.mem_shift, self.candidates,
+            # pre-select on exactly what is matched: a_k * d + b_k * r (r = dist_ref)
+            cand = modulated_candidates(p, mem, self.mem_scale, self.mem_shift * self.dist_ref, self.candidates,
                                         self.row_chunk, self.mem_chunk)
             d = gathered_distances(p, mem, cand)  # exact, (N,c), gradients to p and mem
             v = d * self.mem_scale[cand] + self.mem_shift[cand] * self.dist_ref

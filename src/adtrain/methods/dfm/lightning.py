@@ -10,6 +10,7 @@ every cycle. Continual schedules: per-task state and UCAD task keys (see ``conti
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,11 @@ from adtrain.methods.dfm.torch_model import DfmModel
 
 log = logging.getLogger("adtrain")
 ANOMALY_SOURCES = ("cutpaste", "data", "both")
-SELECTIONS = ("last", "normal_score")
 
 
 class Dfm(DfmContinualMixin, AnomalyModule):
-    #: run.py: keep the last epoch instead of the lowest val/normal_score (method.selection=last)
-    select_last: bool = True
+    #: round 0 is the untrained host (PatchCore's or CFA's matching): a selection candidate
+    start_is_detector: bool = True
 
     def __init__(
         self,
@@ -58,8 +58,9 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         lambda_seg: float = 1.0,
         cutpaste: dict | None = None,
         anomalies: str = "cutpaste",
-        selection: str = "last",
         clip_grad_norm: float | None = None,
+        train_modulates: bool = False,
+        validate_every: str = "round",
         seed: int = 0,
         model: DfmModel | None = None,
     ) -> None:
@@ -71,12 +72,12 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             raise ConfigError("method.stage1_epochs", "stage1_epochs + stage2_epochs must be >= 1")
         if anomalies not in ANOMALY_SOURCES:
             raise ConfigError("method.anomalies", f"must be one of {ANOMALY_SOURCES}, got {anomalies!r}")
-        if selection not in SELECTIONS:
-            raise ConfigError("method.selection", f"must be one of {SELECTIONS}, got {selection!r}")
         if not 0.0 < float(beta) <= 1.0:
             raise ConfigError("method.beta", f"must be in (0, 1], got {beta}")
         if float(gamma) <= 0.0:
             raise ConfigError("method.gamma", f"must be > 0, got {gamma}")
+        if validate_every not in ("round", "epoch"):
+            raise ConfigError("method.validate_every", f"must be 'round' or 'epoch', got {validate_every!r}")
         self.model = model if model is not None else DfmModel(
             backbone, host=host, layers=layers, adapter_layers=adapter_layers, pool_size=pool_size,
             blur_sigma=blur_sigma, cfa_gamma_d=cfa_gamma_d, memory_size=memory_size, coreset_ratio=coreset_ratio,
@@ -89,8 +90,11 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         self.lambda_det, self.lambda_seg = float(lambda_det), float(lambda_seg)
         self.cutpaste = CutPasteConfig.from_any(cutpaste)
         self.anomalies = anomalies
-        self.select_last = selection == "last"
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.train_modulates = bool(train_modulates)
+        #: selection candidates at the end of every round (or every epoch); run.py may override it
+        self.val_every_n_epochs = (self.e1 + self.e2) if validate_every == "round" else 1
+        self.rebuilt_round = -1  # the round whose stage-1 adapters the memory was last rebuilt from
         self.stage = 1 if self.e1 > 0 else 2
         self.memory_builds = 0
         if self.e1 > 0 and not self.model.adapter_parameters():
@@ -113,18 +117,32 @@ class Dfm(DfmContinualMixin, AnomalyModule):
                         "stages cycle (%d + %d epochs) until max_epochs", max_epochs, expected, self.e1, self.e2)
 
     def on_train_epoch_start(self) -> None:
-        _, stage, pos = self.schedule(self.current_epoch)
+        rnd, stage, pos = self.schedule(self.current_epoch)
         if not self.model.fmn.ready:
             self.build_memory(with_keys=self.task_open, reset_patch=True)
         elif stage == 2 and pos == self.e1 and self.e1 > 0:
-            self.build_memory()  # rebuilt from the adapters stage 1 just trained
-            self._reset_memory_moments()
+            self._rebuild(rnd)
         self.set_stage(stage)
 
+    def _rebuild(self, rnd: int) -> None:
+        """The memory rebuilt from the adapters stage 1 of round ``rnd`` trained (once per round)."""
+        if self.rebuilt_round == rnd:
+            return
+        self.build_memory()
+        self._reset_memory_moments()
+        self.rebuilt_round = rnd
+
     def on_validation_epoch_start(self) -> None:
-        # a sanity-check validation runs before the first training epoch: the memory must exist
-        if not self.model.fmn.ready and self._trainer is not None and self.trainer.state.fn == "fit":
+        if self._trainer is None:
+            return
+        fn = self.trainer.state.fn
+        # the untrained start is validated before the first training epoch: the memory must exist
+        if not self.model.fmn.ready and fn in ("fit", "validate"):
             self.build_memory(with_keys=self.task_open, reset_patch=True)
+        elif fn == "fit" and not self.trainer.sanity_checking:
+            rnd, stage, pos = self.schedule(self.current_epoch)
+            if stage == 1 and pos == self.e1 - 1:  # a round that ends with stage 1 validates the rebuilt memory
+                self._rebuild(rnd)
 
     def on_train_end(self) -> None:
         for p in self.model.adapter_parameters() + self.model.fmn_parameters():
@@ -136,7 +154,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         for p in self.model.adapter_parameters():
             p.requires_grad_(stage == 1)
         for p in self.model.fmn_parameters():
-            p.requires_grad_(stage == 2)
+            p.requires_grad_(stage == 2 and (self.train_modulates or p is self.model.fmn.memory))
 
     # ----------------------------------------------------------------- memory
     def _normal_images(self):
@@ -165,10 +183,25 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         finally:
             self.model.train(was)
         self.memory_builds += 1
+        self._scale_memory_lr()
         if "keys" in info:
             self.pending_key = info.pop("keys")
         log.info("DFM memory build %d: %d items on a %s grid", self.memory_builds, info["memory_size"], info["grid"])
         return info
+
+    def memory_lr(self) -> float:
+        """lr_fmn in feature units: times the typical per-coordinate distance r / sqrt(D), so one
+        value fits any backbone (EfficientNet-Lite0 on ELPV: r = 24.5, D = 152, 5e-3 -> 1.0e-2)."""
+        fmn = self.model.fmn
+        return self.lr_fmn * float(fmn.dist_ref) / math.sqrt(fmn.dim) if fmn.ready else self.lr_fmn
+
+    def _scale_memory_lr(self) -> None:
+        if self._trainer is None or 2 not in getattr(self, "_opt_index", {}):
+            return
+        opts = self.trainer.optimizers
+        if len(opts) > self._opt_index[2]:
+            for group in opts[self._opt_index[2]].param_groups:
+                group["lr"] = self.memory_lr()
 
     def _reset_memory_moments(self) -> None:
         """New memory items: forget the optimiser moments of the item-indexed parameters."""
@@ -228,7 +261,8 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             self._opt_index[1] = len(opts)
             opts.append(torch.optim.Adam(adapter, lr=self.lr_adapter, weight_decay=self.weight_decay))
         self._opt_index[2] = len(opts)
-        opts.append(torch.optim.Adam(self.model.fmn_parameters(), lr=self.lr_fmn))
+        fmn = self.model.fmn_parameters() if self.train_modulates else [self.model.fmn.memory]
+        opts.append(torch.optim.Adam(fmn, lr=self.memory_lr()))
         return opts
 
     def _optimizer(self, stage: int):

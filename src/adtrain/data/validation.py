@@ -1,0 +1,150 @@
+"""The validation set: held-out training normals plus synthetic anomalies made from *them*.
+
+Nothing here reads a test image or a test label. Each held-out normal gives ``per_normal``
+anomalous copies, the families taken in turn from ``families`` (a seeded order, so both families
+cover the normals evenly):
+
+* ``cutpaste``: a patch of the image pasted elsewhere in it (Li et al., CVPR 2021), or a thin
+  rotated "scar" (``adtrain.data.cutpaste.CutPaste``);
+* ``perlin``: a Perlin-noise mask filled with a foreign texture blended into the image (DRAEM,
+  Zavrtanik et al., ICCV 2021; ``adtrain.data.perlin.PerlinAnomaly``): a different shape and
+  appearance family (irregular blobs of foreign material instead of displaced own content).
+
+Each anomaly is drawn from a generator seeded by (seed, family, copy, image path) on the image
+at its stored resolution, before any resize: the validation set is the same for every epoch and
+for every method, backbone and input size that runs on the same data with the same seed. Made
+images are cached in memory (bounded by ``cache_mb`` per process) so epochs do not redo them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from adtrain.data.dataset import AnomalyDataset, Sample, _binarise
+from adtrain.errors import ConfigError
+
+FAMILIES = ("cutpaste", "perlin")
+
+
+def _generator(family: str, options: Mapping | None):
+    opts = dict(options or {})
+    opts.pop("p", None)
+    try:
+        if family == "cutpaste":
+            from adtrain.data.cutpaste import CutPaste
+
+            return CutPaste(p=1.0, **opts)
+        from adtrain.data.perlin import PerlinAnomaly
+
+        return PerlinAnomaly(p=1.0, **opts)
+    except TypeError as err:
+        raise ConfigError(f"data.val_anomalies.{family}", str(err)) from None
+
+
+@dataclass
+class ValAnomalies:
+    """``data.val_anomalies``: which synthetic anomalies join the held-out normals."""
+
+    families: Sequence[str] = ("cutpaste", "perlin")
+    per_normal: int = 1
+    cache_mb: float = 512.0
+    cutpaste: dict = field(default_factory=dict)
+    perlin: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        fams = [self.families] if isinstance(self.families, str) else list(self.families or [])
+        bad = [f for f in fams if f not in FAMILIES]
+        if bad:
+            raise ConfigError("data.val_anomalies.families", f"unknown {bad}; choose from {list(FAMILIES)}")
+        self.families = tuple(fams)
+        if int(self.per_normal) < 0:
+            raise ConfigError("data.val_anomalies.per_normal", f"must be >= 0, got {self.per_normal}")
+        self.per_normal = int(self.per_normal) if self.families else 0
+        self.generators = {f: _generator(f, getattr(self, f)) for f in self.families}
+
+    @classmethod
+    def from_any(cls, cfg) -> "ValAnomalies":
+        if cfg is None or cfg is False:
+            return cls(families=(), per_normal=0)
+        if isinstance(cfg, cls):
+            return cfg
+        try:
+            return cls(**dict(cfg))
+        except TypeError as err:
+            raise ConfigError("data.val_anomalies", str(err)) from None
+
+    def plan(self, normals: Sequence[Sample], seed: int) -> list[tuple[Sample, str | None, int]]:
+        """(sample, family or None for the normal itself, copy index) for every validation item."""
+        from adtrain.data.base import seeded_rng
+
+        items: list[tuple[Sample, str | None, int]] = [(s, None, 0) for s in normals]
+        if not self.per_normal or not normals:
+            return items
+        order = seeded_rng(seed, "val_anomaly_order").permutation(len(normals))
+        f = len(self.families)
+        for rank, i in enumerate(order.tolist()):
+            for copy in range(self.per_normal):
+                items.append((normals[i], self.families[(rank * self.per_normal + copy) % f], copy))
+        items[len(normals):] = sorted(items[len(normals):], key=lambda it: (it[0].category, it[0].path, it[2]))
+        return items
+
+
+class ValidationDataset(Dataset):
+    """Held-out normals and their synthetic anomalies, in the batch contract of AnomalyDataset.
+
+    ``base`` is the eval-transform dataset of the normals; ``items`` (from ``ValAnomalies.plan``)
+    starts with those normals in the same order."""
+
+    def __init__(self, base: AnomalyDataset, items: Sequence[tuple[Sample, str | None, int]],
+                 spec: ValAnomalies, seed: int):
+        if [s for s, fam, _ in items if fam is None] != list(base.samples):
+            raise ValueError("ValidationDataset: the items must start with the base dataset's normals")
+        self.base, self.items, self.spec, self.seed = base, list(items), spec, int(seed)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cached_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_anomalies(self) -> int:
+        return sum(1 for _, fam, _ in self.items if fam is not None)
+
+    def _anomaly(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        from adtrain.data.base import seeded_rng
+
+        if index in self._cache:
+            return self._cache[index]
+        sample, family, copy = self.items[index]
+        image, _ = self.base._load(sample)
+        rng = seeded_rng(self.seed, "val_anomaly", family, str(copy), sample.path)
+        image, mask = self.spec.generators[family](image, rng)
+        out = (np.ascontiguousarray(image, dtype=np.uint8), _binarise(mask))
+        size = out[0].nbytes + out[1].nbytes
+        if self._cached_bytes + size <= self.spec.cache_mb * 2**20:
+            self._cache[index] = out
+            self._cached_bytes += size
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        sample, family, _ = self.items[index]
+        if family is None:
+            return self.base[index]  # the normals come first, in the base dataset's order
+        image, mask = self._anomaly(index)
+        out = self.base.transform(image=image, mask=mask)
+        m = (torch.as_tensor(out["mask"]) > 0.5).float().unsqueeze(0)
+        anomalous = bool(m.any())  # a centre crop can cut a pasted region away: then it is normal
+        return {
+            "image": out["image"].float(),
+            "label": torch.tensor(int(anomalous), dtype=torch.int64),
+            "mask": m,
+            "has_mask": torch.tensor(True),
+            "category": sample.category,
+            "defect": f"synthetic_{family}" if anomalous else "good",
+            "path": f"{sample.path}#{family}{self.items[index][2]}",
+        }

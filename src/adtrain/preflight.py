@@ -1,0 +1,103 @@
+"""Checks that run before training, so a bad value or a bad file fails in seconds, not after fitting.
+
+`check_config`: values (threshold.quantile, trainer.max_epochs, a GPU that is not there).
+`check_files`: every image file is non-empty and has a readable header, every mask matches its
+image's size; headers only (PIL's lazy open reads no pixels). The test set is listed for this,
+but only paths are used: no test label is read and no test image is decoded before testing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig
+
+from adtrain.errors import ConfigError, DataError
+
+#: files named in one error at most (the count of the rest follows)
+MAX_LISTED = 3
+
+
+def _number(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    return float(value)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Config values that would otherwise fail only after training (or never end)."""
+    q = (cfg.get("threshold") or {}).get("quantile", 0.99)
+    if not 0.0 <= _number(q, "threshold.quantile") <= 1.0:
+        raise ConfigError("threshold.quantile", f"must be in [0, 1], got {q}")
+    trainer = cfg.get("trainer") or {}
+    epochs = trainer.get("max_epochs")
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int):
+            raise ConfigError("trainer.max_epochs", f"must be a whole number >= 1, got {epochs!r}")
+        if epochs == 0:
+            raise ConfigError("trainer.max_epochs", "is 0: nothing would train (the method keeps its untrained "
+                              "start); set it to 1 or more")
+        if epochs < 0:
+            extra = " (-1 means 'train forever' to Lightning: this run would never end)" if epochs == -1 else ""
+            raise ConfigError("trainer.max_epochs", f"must be >= 1, got {epochs}{extra}")
+    accel = str(trainer.get("accelerator", "auto")).lower()
+    if accel in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.accelerator", f"{accel} asked for, but no CUDA GPU is visible "
+                              "(torch.cuda.is_available() is False); use trainer.accelerator=cpu or auto")
+    elif accel == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ConfigError("trainer.accelerator", "mps asked for, but no Apple GPU is available; use cpu or auto")
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(W, H) from the file's header; DataError naming the file if it is empty or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.stat(path).st_size == 0:
+            raise DataError(path, "empty file (0 bytes)")
+        with Image.open(path) as im:  # lazy: the header only, no pixel is decoded
+            return im.size
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise DataError(path, f"not a readable image ({type(err).__name__}: {err})") from None
+
+
+def _problems(samples, with_masks: bool) -> list[DataError]:
+    found = []
+    for s in samples:
+        try:
+            size = header_size(s.path)
+            if with_masks and s.mask_path is not None:
+                msize = header_size(s.mask_path)
+                if msize != size:
+                    raise DataError(s.mask_path, f"mask size {msize[0]}x{msize[1]} differs from image {s.path} "
+                                    f"{size[0]}x{size[1]}")
+        except DataError as err:
+            found.append(err)
+    return found
+
+
+def check_files(dm, test: bool = True) -> None:
+    """Headers, sizes and emptiness of every training, held-out and (test=true) test file of dm.
+
+    Only for data modules that read files with the default loader (in-memory data is skipped).
+    The test set is listed through dm._test_samples() and only its paths are used."""
+    from adtrain.data.dataset import load_sample
+
+    if dm.sample_loader() is not load_sample:
+        return
+    found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False)
+    if test:
+        found += _problems(dm._test_samples(), with_masks=True)
+    if found:
+        more = f" (and {len(found) - 1} more bad file{'s' if len(found) > 2 else ''}" + (
+            f": {', '.join(str(e.path) for e in found[1:1 + MAX_LISTED])}{', ...' if len(found) > 1 + MAX_LISTED else ''})"
+        ) if len(found) > 1 else ""
+        raise DataError(found[0].path, f"{str(found[0]).removeprefix(f'{found[0].path}: ')}{more}")

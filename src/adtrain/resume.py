@@ -1,0 +1,125 @@
+"""Resume = the run's own config (RUN/config.yaml), with only run-time settings allowed to change.
+
+``python -m adtrain hydra.run.dir=RUN resume=true`` continues the run recorded in RUN, whatever the
+default config is today. An override may change how the run executes (device, progress bar,
+logger, outputs, loader workers) but not the experiment (data, method, backbone, recipe, seed,
+schedule): that would mix two experiments into one result, and is refused with the differences.
+"""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from adtrain.errors import ConfigError
+
+#: config keys (and everything under them) a resumed run may change
+RESUMABLE = ("resume", "overwrite", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar",
+             "trainer.enable_model_summary", "trainer.log_every_n_steps", "logger", "output", "data.num_workers")
+_ABSENT = "<absent>"
+
+
+def resume_command(run_dir: str | Path) -> str:
+    return f"python -m adtrain hydra.run.dir={shlex.quote(str(run_dir))} resume=true"
+
+
+def resumable(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUMABLE)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b.c': leaf} of a nested dict (lists and empty dicts are leaves)."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+def override_keys(overrides) -> list[str]:
+    """The config keys a list of Hydra overrides sets ('data=mvtec' -> 'data'; hydra.* left out)."""
+    keys = []
+    for item in list(overrides or []):
+        key = str(item).split("=", 1)[0].lstrip("~+").split("@", 1)[0]
+        if key and not key.startswith("hydra.") and key != "hydra":
+            keys.append(key)
+    return keys
+
+
+def stored_config(run_dir: Path) -> dict:
+    """RUN/config.yaml of a run that can be resumed (refused: none there, or the run finished)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if (run_dir / "results.json").exists():
+        raise ConfigError("resume", f"{run_dir} holds a finished run (results.json): nothing to resume; "
+                          "overwrite=true runs it again from scratch")
+    if not path.exists():
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.exists():
+            return _config_of_checkpoint(last)
+        raise ConfigError("resume", f"no config.yaml in {run_dir}: nothing to resume. Pass the interrupted run's "
+                          "directory: hydra.run.dir=<that run dir> resume=true")
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable YAML
+        raise ConfigError("resume", f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(stored, dict):
+        raise ConfigError("resume", f"{path}: not a run config")
+    return stored
+
+
+def _config_of_checkpoint(last: Path) -> dict:
+    """No config.yaml (deleted, or an older run): the config last.ckpt carries, read safely
+    (weights only: a crafted file is refused here) and checked like any stored config."""
+    from adtrain.checkpoint import checked_config, read_checkpoint
+
+    return checked_config(read_checkpoint(last).get("adtrain_config"), last)
+
+
+def config_diff(stored: dict, new: dict, keys: list[str] | None = None) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, new value) for each leaf that differs; keys: only those under these."""
+    a, b = flatten(stored), flatten(new)
+    names = sorted(set(a) | set(b))
+    if keys is not None:
+        names = [n for n in names if any(n == k or n.startswith(k + ".") for k in keys)]
+    return [(n, a.get(n, _ABSENT), b.get(n, _ABSENT)) for n in names if a.get(n, _ABSENT) != b.get(n, _ABSENT)]
+
+
+def resumed_config(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> DictConfig:
+    """The config to resume run_dir with: its config.yaml, plus the run-time settings of cfg that
+    differ (keys: only the overridden keys count, as on the command line; None: every key of cfg).
+    Any other difference raises ConfigError('resume') listing it."""
+    stored = stored_config(run_dir)
+    new = OmegaConf.to_container(cfg, resolve=True)
+    diffs = config_diff(stored, new, keys)
+    refused = [d for d in diffs if not resumable(d[0])]
+    if refused:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused[:6])
+        more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+        raise ConfigError("resume", f"{run_dir} was run with another experiment: {shown}{more}. A resumed run may "
+                          f"change only {', '.join(RESUMABLE[2:])}; resume with `{resume_command(run_dir)}` "
+                          "or start a new run directory")
+    merged = copy.deepcopy(stored)
+    for prefix in RESUMABLE:  # each changed run-time setting is taken whole from cfg
+        if any(k == prefix or k.startswith(prefix + ".") for k, _, _ in diffs):
+            _put(merged, new, prefix.split("."))
+    merged["resume"] = True
+    return OmegaConf.create(merged)
+
+
+def _put(dst: dict, src: dict, path: list[str]) -> None:
+    """dst[path] = src[path] (removed from dst where src has none)."""
+    for part in path[:-1]:
+        src = src.get(part) if isinstance(src, dict) else None
+        if not isinstance(dst.get(part), dict):
+            dst[part] = {}
+        dst = dst[part]
+    if isinstance(src, dict) and path[-1] in src:
+        dst[path[-1]] = copy.deepcopy(src[path[-1]])
+    else:
+        dst.pop(path[-1], None)

@@ -1,0 +1,206 @@
+"""One run directory = one run: a lock while a run uses it, no silent reuse, no stale files.
+
+- A run holds an exclusive lock (flock on ``RUN/.adtrain.lock``) for as long as it runs: a second
+  run into the same directory stops at once, naming the directory and the holder's pid.
+- A directory that holds a finished run (results.json) or a started one (checkpoints/, a
+  continual state) is refused unless ``resume=true`` (continue it) or ``overwrite=true`` (its
+  earlier outputs are deleted first).
+- On success, a stale error.txt of an earlier attempt is removed.
+
+``RunDirGuard`` (a Hydra callback, conf/config.yaml) does these checks *before* Hydra writes
+``.hydra/`` into the directory, and for ``resume=true`` keeps the run's original ``.hydra`` record
+(Hydra is told not to write one: ``hydra.output_subdir=null`` for that job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict, read_write
+
+from adtrain.errors import AdtrainError, ConfigError
+
+LOCK_FILE = ".adtrain.lock"
+#: what shows that a run already trained in a directory (results.json: it finished)
+STARTED_MARKERS = ("checkpoints/*.ckpt", "continual_state.json", "tasks/*")
+_HELD: dict[str, int] = {}  # resolved run dir -> fd of its lock, for this process
+
+
+def _key(run_dir: Path) -> str:
+    return str(Path(run_dir).resolve())
+
+
+def check_writable(path: str | os.PathLike, key: str = "hydra.run.dir") -> Path:
+    """Create path (a folder) if needed and prove a file can be written in it; one-line error else."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".adtrain-write-test-{os.getpid()}"
+        with open(probe, "w") as f:
+            f.write("ok")
+        probe.unlink()
+    except OSError as err:
+        why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
+               errno.ENOTDIR: "a file is in the way (not a folder)", errno.EEXIST: "a file is in the way (not a folder)",
+               errno.ENOSPC: "no space left"}.get(err.errno, err.strerror or type(err).__name__)
+        raise ConfigError(key, f"cannot write into {path}: {why}") from None
+    return path
+
+
+def acquire(run_dir: str | os.PathLike) -> bool:
+    """Take the run directory's lock for this process (True), or find it already held here (False).
+    Another process holding it: ConfigError naming the directory, at once (no waiting)."""
+    run_dir = check_writable(run_dir)
+    key = _key(run_dir)
+    if key in _HELD:
+        return False
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError("hydra.run.dir", f"{run_dir} is in use by another run (pid {holder}); wait for it to end "
+                          "or choose another hydra.run.dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[key] = fd
+    return True
+
+
+def holds(run_dir: str | os.PathLike) -> bool:
+    """Does this process hold run_dir's lock?"""
+    return _key(Path(run_dir)) in _HELD
+
+
+def release(run_dir: str | os.PathLike) -> None:
+    fd = _HELD.pop(_key(run_dir), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | os.PathLike):
+    """Hold the run directory's lock for the block (a no-op if this process already holds it)."""
+    mine = acquire(run_dir)
+    try:
+        yield Path(run_dir)
+    finally:
+        if mine:
+            release(run_dir)
+
+
+def finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / "results.json").exists()
+
+
+def started(run_dir: Path) -> bool:
+    return finished(run_dir) or any(any(Path(run_dir).glob(m)) for m in STARTED_MARKERS)
+
+
+def check_outputs_writable(run_dir: Path, sub: str) -> None:
+    """run_dir/sub (checkpoints/, tasks/) can be written, checked without leaving a folder behind
+    (acquire already proved run_dir itself writable)."""
+    path = Path(run_dir) / sub
+    if os.path.lexists(path):
+        check_writable(path)
+
+
+def clear(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """Delete everything in run_dir but the lock file and the names in keep."""
+    for p in Path(run_dir).iterdir():
+        if p.name in (LOCK_FILE, *keep):
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def refuse_earlier(run_dir: Path, overwrite: bool) -> None:
+    """A new run (not resume) may not go into an earlier run's directory unless overwrite=true."""
+    run_dir = Path(run_dir)
+    if started(run_dir) and not overwrite:
+        what = ("a finished run (results.json)" if finished(run_dir)
+                else "an earlier run that did not finish (resume=true continues it)")
+        raise ConfigError("overwrite", f"{run_dir} holds {what}; overwrite=true replaces it, or choose another "
+                          "hydra.run.dir")
+
+
+def prepare_fresh(run_dir: Path, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+    """A new run (not resume) in run_dir: refuse an earlier run's directory unless overwrite, which
+    clears it first. Call with the lock held."""
+    run_dir = Path(run_dir)
+    refuse_earlier(run_dir, overwrite)
+    if started(run_dir):
+        clear(run_dir, keep)
+    else:
+        (run_dir / "error.txt").unlink(missing_ok=True)  # an attempt that failed before training
+
+
+def succeeded(run_dir: Path) -> None:
+    """The run finished: no error.txt of an earlier attempt stays beside its results."""
+    (Path(run_dir) / "error.txt").unlink(missing_ok=True)
+
+
+def hydra_keep(run_dir: Path) -> tuple[str, ...]:
+    """Files Hydra already wrote into run_dir for this very job (kept when clearing)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ()
+    hc = HydraConfig.get()
+    if _key(Path(hc.runtime.output_dir)) != _key(run_dir):
+        return ()
+    return tuple(n for n in (hc.output_subdir, f"{hc.job.name}.log") if n)
+
+
+def fail(err: AdtrainError) -> None:
+    print(f"adtrain: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: lock, check and (overwrite=true) clear the run directory before Hydra writes
+    anything into it; with resume=true, check the overrides against RUN/config.yaml and keep the
+    original .hydra record. The lock is held until the process ends."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from adtrain.preflight import check_config
+        from adtrain.resume import override_keys, resumed_config
+
+        run_dir = Path(str(config.hydra.run.dir))
+        with read_write(config.hydra):
+            config.hydra.run.dir = str(run_dir)  # resolved once: ${now:...} must not move between here and Hydra
+        try:
+            task = _task_config(config)
+            resume = bool(task.get("resume", False))
+            if resume:
+                check_config(resumed_config(task, run_dir, override_keys(config.hydra.overrides.task)))
+            else:
+                check_config(task)
+                refuse_earlier(run_dir, bool(task.get("overwrite", False)))  # before the lock file is made
+            acquire(run_dir)
+            if resume:
+                resumed_config(task, run_dir, override_keys(config.hydra.overrides.task))  # again, under the lock
+                with read_write(config.hydra), open_dict(config.hydra):
+                    config.hydra.output_subdir = None  # the run's own .hydra/ stays as it was
+            else:
+                prepare_fresh(run_dir, bool(task.get("overwrite", False)))
+        except AdtrainError as err:
+            fail(err)
+
+
+def _task_config(config: DictConfig) -> DictConfig:
+    """The job's config without the hydra node (what the task function will get)."""
+    import copy
+
+    task = copy.deepcopy(config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task

@@ -1,0 +1,181 @@
+"""Model selection on the validation set (held-out training normals + synthetic anomalies).
+
+``selection.monitor`` (or the method's ``method.selection``) picks what decides:
+
+| monitor | logged key | better |
+|---|---|---|
+| ``val_image_auroc`` | ``val/image_auroc`` | higher |
+| ``val_pixel_auroc`` | ``val/pixel_auroc`` | higher |
+| ``val_image_auroc_perlin`` (``_cutpaste``) | normals against one synthetic family only | higher |
+| ``normal_score`` | ``val/normal_score`` (mean score of held-out normals) | lower |
+| ``last`` | - | the final state is kept |
+
+The untrained start is a candidate where it already detects anomalies (DFM's round 0 is its
+host; CFA's start is its memory of the untrained descriptor): it is validated before training and
+kept unless a trained state validates strictly better. Test data play no part.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+from adtrain.errors import ConfigError, TrainingError
+
+log = logging.getLogger("adtrain")
+
+MONITORS = {
+    "val_image_auroc": ("val/image_auroc", "max"),
+    "val_pixel_auroc": ("val/pixel_auroc", "max"),
+    "val_image_auroc_cutpaste": ("val/image_auroc_cutpaste", "max"),
+    "val_image_auroc_perlin": ("val/image_auroc_perlin", "max"),
+    "normal_score": ("val/normal_score", "min"),
+    "last": (None, None),
+}
+
+
+def resolve_monitor(cfg) -> str:
+    """selection.monitor, else method.selection, else last; validated."""
+    sel = cfg.get("selection") or {}
+    name = sel.get("monitor") if hasattr(sel, "get") else None
+    key = "selection.monitor"
+    if not name:
+        name, key = cfg.method.get("selection") or "last", "method.selection"
+    if name not in MONITORS:
+        raise ConfigError(key, f"must be one of {list(MONITORS)}, got {name!r}")
+    return str(name)
+
+
+def _better(value: float, best: float, mode: str) -> bool:
+    return value > best if mode == "max" else value < best
+
+
+class Selection(Callback):
+    """Records every validation epoch of a fit, keeps the best state in ``best.ckpt`` (atomic,
+    weights only) and the untrained start in ``start.ckpt``; its record travels in ``last.ckpt``,
+    so a resumed run selects as an uninterrupted one would."""
+
+    def __init__(self, monitor: str, dirpath: str | Path):
+        self.monitor = monitor
+        self.key, self.mode = MONITORS[monitor]
+        self.dirpath = Path(dirpath)
+        self.history: list[dict] = []
+        self.best: dict | None = None  # {"epoch", "value"}
+        self.start: dict | None = None  # {"metrics", "value", "seconds"}
+        self.val_seconds = 0.0
+        self._t0: float | None = None
+
+    @property
+    def best_path(self) -> Path:
+        return self.dirpath / "best.ckpt"
+
+    @property
+    def start_path(self) -> Path:
+        return self.dirpath / "start.ckpt"
+
+    # ------------------------------------------------------------------ the untrained start
+    def validate_start(self, trainer, method, datamodule) -> None:
+        """Validate the untrained start and keep it as the first candidate."""
+        from adtrain.io import torch_save
+
+        t0 = time.perf_counter()
+        trainer.validate(method, datamodule=datamodule, verbose=False)
+        metrics = dict(getattr(method, "last_val_metrics", {}) or {})
+        self.start = {"metrics": metrics, "value": metrics.get(self.key) if self.key else None,
+                      "seconds": round(time.perf_counter() - t0, 3)}
+        torch_save({"state_dict": method.state_dict()}, self.start_path)
+        log.info("Untrained start: %s", _fmt(metrics))
+
+    # ------------------------------------------------------------------ each validation of the fit
+    def _fitting(self, trainer) -> bool:
+        return not trainer.sanity_checking and trainer.state.fn == "fit"
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._fitting(trainer):
+            self._t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._fitting(trainer):
+            return
+        if self._t0 is not None:  # skipped epochs still load their batches: counted too
+            self.val_seconds += time.perf_counter() - self._t0
+            self._t0 = None
+        if not pl_module.validating_now():  # an epoch between candidates
+            return
+        metrics = dict(getattr(pl_module, "last_val_metrics", {}) or {})
+        epoch = int(trainer.current_epoch)
+        entry = {"epoch": epoch, **_stage_of(pl_module, epoch), "metrics": metrics}
+        self.history.append(entry)
+        if self.key is None:
+            return
+        value = metrics.get(self.key)
+        if value is None:
+            raise TrainingError(f"selection.monitor={self.monitor} needs {self.key}, which validation did not "
+                                "produce (no synthetic anomalies in the validation set? see data.val_anomalies)")
+        if self.best is None or _better(value, self.best["value"], self.mode):
+            trainer.save_checkpoint(self.best_path, weights_only=True)
+            self.best = {"epoch": epoch, "value": float(value)}
+
+    # ------------------------------------------------------------------ the choice
+    def choose(self) -> dict:
+        """{"selected": start|epoch|last, "epoch", "value", "metrics"} of the state to keep."""
+        if self.key is not None:
+            start_v = None if self.start is None else self.start.get("value")
+            if start_v is not None and (self.best is None or not _better(self.best["value"], start_v, self.mode)):
+                return {"selected": "start", "epoch": None, "value": start_v, "metrics": self.start["metrics"]}
+            if self.best is not None:
+                entry = next(h for h in self.history if h["epoch"] == self.best["epoch"])
+                return {"selected": "epoch", "value": self.best["value"], **entry}
+        if not self.history:
+            return {"selected": "last", "epoch": None, "metrics": (self.start or {}).get("metrics", {})}
+        return {"selected": "last", **self.history[-1]}
+
+    def restore(self, method, choice: dict) -> None:
+        """Load the chosen state into ``method`` (the last state needs nothing)."""
+        path = {"start": self.start_path, "epoch": self.best_path}.get(choice["selected"])
+        if path is None:
+            return
+        if not path.exists():
+            raise TrainingError(f"{path}: the selected checkpoint is missing; rerun, or select the last state "
+                                "with selection.monitor=last")
+        from adtrain.checkpoint import read_checkpoint
+
+        method.load_state_dict(read_checkpoint(path)["state_dict"])
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        return {"monitor": self.monitor, "history": self.history, "best": self.best, "start": self.start,
+                "val_seconds": self.val_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("monitor") not in (None, self.monitor):
+            raise ConfigError("selection.monitor", f"the interrupted run selected on {state.get('monitor')}, "
+                              f"this one on {self.monitor}; resume with the same monitor")
+        self.history = list(state.get("history") or [])
+        self.best, self.start = state.get("best"), state.get("start")
+        self.val_seconds = float(state.get("val_seconds") or 0.0)
+
+
+def _stage_of(method, epoch: int) -> dict:
+    schedule = getattr(method, "schedule", None)
+    if callable(schedule):
+        rnd, stage, _ = schedule(epoch)
+        return {"round": int(rnd), "stage": int(stage)}
+    return {}
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())) or "no validation figures"
+
+
+def summary(choice: dict, monitor: str, selector: Selection | None) -> dict:
+    """The selection block of results.json."""
+    out = {"monitor": monitor, **{k: v for k, v in choice.items() if k != "metrics"}}
+    if selector is not None:
+        if selector.start is not None:
+            out["start"] = selector.start["metrics"]
+        out["history"] = selector.history
+    return out

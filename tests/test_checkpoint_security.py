@@ -1,0 +1,210 @@
+"""Checkpoints from elsewhere run no code; stored configs build adtrain classes only; files are 0644."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adtrain.errors import DataError
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"): the file appears if a loader runs pickled code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _payload_ckpt(path, marker, config=None):
+    """A checkpoint shaped like adtrain's (state_dict + adtrain_config) carrying the payload."""
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "adtrain_config": config or {"method": {}},
+                "trap": Payload(marker)}, path)
+    return path
+
+
+def _assert_refused_in_one_line(err, path):
+    text = str(err)
+    assert "\n" not in text and str(path) in text and "refused" in text and "open" in text
+
+
+def test_payload_is_real_when_loaded_unsafely(tmp_path):
+    """The control: the same payload does create its marker under weights_only=False."""
+    marker = tmp_path / "control"
+    torch.load(_payload_ckpt(tmp_path / "p.ckpt", marker), weights_only=False)
+    assert marker.exists()
+
+
+def test_read_checkpoint_refuses_payload_missing_and_corrupt_files(tmp_path):
+    from adtrain.checkpoint import read_checkpoint
+
+    marker = tmp_path / "marker"
+    path = _payload_ckpt(tmp_path / "p.ckpt", marker)
+    with pytest.raises(DataError) as e:
+        read_checkpoint(path)
+    _assert_refused_in_one_line(e.value, path)
+    assert e.value.path == str(path) and not marker.exists()
+    with pytest.raises(DataError, match="not found") as e:
+        read_checkpoint(tmp_path / "nope.ckpt")
+    assert e.value.path == str(tmp_path / "nope.ckpt")
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(3)}, "epoch": 2}, good)
+    good.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(DataError, match="cannot read checkpoint") as e:
+        read_checkpoint(good)
+    assert "\n" not in str(e.value)
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    with pytest.raises(DataError, match="not a checkpoint"):
+        read_checkpoint(tmp_path / "list.ckpt")
+
+
+def test_load_method_refuses_payload(tmp_path):
+    from adtrain.checkpoint import load_method
+
+    marker = tmp_path / "marker"
+    path = _payload_ckpt(tmp_path / "model.ckpt", marker)
+    with pytest.raises(DataError) as e:
+        load_method(path)
+    _assert_refused_in_one_line(e.value, path)
+    assert not marker.exists()
+
+
+def test_load_task_checkpoint_refuses_payload(fast_cfg, tmp_path):
+    from adtrain.build import build_method
+    from adtrain.continual.state import load_task_checkpoint
+
+    method = build_method(fast_cfg())
+    before = {k: v.clone() for k, v in method.state_dict().items() if torch.is_tensor(v)}
+    marker = tmp_path / "marker"
+    path = _payload_ckpt(tmp_path / "model.ckpt", marker)
+    with pytest.raises(DataError) as e:
+        load_task_checkpoint(method, path)
+    _assert_refused_in_one_line(e.value, path)
+    assert not marker.exists()
+    after = {k: v for k, v in method.state_dict().items() if torch.is_tensor(v)}
+    torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)  # untouched
+
+
+def test_predict_cli_refuses_payload_in_one_line(tmp_path):
+    marker = tmp_path / "marker"
+    path = _payload_ckpt(tmp_path / "model.ckpt", marker)
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(img_dir / "a.png")
+    p = subprocess.run([sys.executable, "-m", "adtrain.predict", f"checkpoint={path}", f"images={img_dir}"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("adtrain.predict: error: ") and str(path) in lines[0], p.stderr
+    assert "refused" in lines[0] and "Traceback" not in p.stderr
+    assert not marker.exists()
+
+
+def test_lightning_resume_refuses_payload(fast_cfg, tmp_path):
+    from adtrain.checkpointing import AtomicCheckpointIO
+    from adtrain.run import run
+
+    marker = tmp_path / "marker"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    last = _payload_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt", marker)
+    with pytest.raises(DataError) as e:
+        AtomicCheckpointIO().load_checkpoint(last)
+    _assert_refused_in_one_line(e.value, last)
+    with pytest.raises(DataError) as e:  # python -m adtrain ... resume=true: Lightning's own resume path
+        run(fast_cfg("resume=true"), tmp_path / "run")
+    _assert_refused_in_one_line(e.value, last)
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_atomic_checkpoint_io_round_trip_is_weights_only(tmp_path):
+    from adtrain.checkpointing import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    ckpt = {"state_dict": {"a": torch.randn(3)}, "epoch": 4, "loops": {"x": [1, 2.5, None, "s"]}}
+    io.save_checkpoint(ckpt, tmp_path / "last.ckpt")
+    back = io.load_checkpoint(tmp_path / "last.ckpt", weights_only=False)  # asked for unsafe: still safe
+    assert torch.equal(back["state_dict"]["a"], ckpt["state_dict"]["a"]) and back["loops"] == ckpt["loops"]
+
+
+def _stored_config(fast_cfg, **nodes):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(fast_cfg(), resolve=True)
+    for dotted, value in nodes.items():
+        *parents, last = dotted.split("__")
+        node = cfg
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    return cfg
+
+
+@pytest.mark.parametrize("where, key", [
+    ("method___target_", "method._target_"),
+    ("data___target_", "data._target_"),
+    ("method__backbone__weights", "method.backbone.weights._target_"),
+    ("method__extra", "method.extra[1]._target_"),
+])
+def test_config_target_outside_adtrain_is_refused_before_building(fast_cfg, tmp_path, monkeypatch, where, key):
+    import hydra.utils
+
+    from adtrain.checkpoint import load_method
+    from adtrain.continual.state import load_task_checkpoint
+
+    marker = tmp_path / "marker"
+    evil = {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+    value = {"method___target_": "os.system", "data___target_": "os.system",
+             "method__backbone__weights": evil, "method__extra": [1, evil]}[where]
+    cfg = _stored_config(fast_cfg, **{where: value})
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}, "adtrain_config": cfg}, path)
+    built = []
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda *a, **k: built.append(a))
+    with pytest.raises(DataError) as e:
+        load_method(path)
+    msg = str(e.value)
+    assert f"'{key}'" in msg and "os.system" in msg and str(path) in msg and "\n" not in msg
+    with pytest.raises(DataError, match="os.system"):
+        load_task_checkpoint(object(), path)  # refused before the method is touched
+    assert built == [] and not marker.exists()
+
+
+def test_training_only_targets_are_dropped_not_built(fast_cfg, tmp_path):
+    """A csv logger and albumentations augmentations are in ordinary runs' configs: they are
+    never built from a checkpoint, so they are set to null rather than refused."""
+    from adtrain.checkpoint import checked_config
+
+    stored = _stored_config(fast_cfg, logger={"_target_": "lightning.pytorch.loggers.CSVLogger"},
+                            data__augment=[{"_target_": "albumentations.HorizontalFlip", "p": 0.5}])
+    cfg = checked_config(stored, tmp_path / "m.ckpt")
+    assert cfg["logger"] is None and cfg["data"]["augment"] is None
+    assert cfg["method"] == stored["method"] and cfg["data"]["_target_"] == stored["data"]["_target_"]
+    assert stored["logger"]["_target_"] == "lightning.pytorch.loggers.CSVLogger"  # the stored copy is kept
+    assert stored["data"]["augment"][0]["p"] == 0.5
+
+
+@pytest.fixture
+def umask022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_atomic_writes_respect_the_umask(tmp_path, umask022):
+    from adtrain.io import save_image, torch_save, write_json, write_text
+
+    paths = [write_json(tmp_path / "r.json", {"a": 1}), write_text(tmp_path / "c.yaml", "a: 1\n"),
+             torch_save({"x": torch.zeros(1)}, tmp_path / "m.ckpt"),
+             save_image(Image.fromarray(np.zeros((4, 4), np.uint8)), tmp_path / "h.png")]
+    assert [stat.S_IMODE(os.stat(p).st_mode) for p in paths] == [0o644] * 4
+    os.umask(0o027)
+    assert stat.S_IMODE(os.stat(write_json(tmp_path / "r.json", {"a": 2})).st_mode) == 0o640  # replaced, new mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "h.png", "m.ckpt", "r.json"]  # no temp files

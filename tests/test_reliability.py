@@ -1,0 +1,526 @@
+"""Fault injection (issue 11): runs that cannot be mixed up or lost, resume that continues the same
+experiment, the same seed giving the same result, bad input failing before training in one line,
+and predict writing only what describes its own call. docs/RELIABILITY.md lists what each holds."""
+
+import csv
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from adtrain.errors import ConfigError, DataError
+from tests.conftest import FAST
+
+# small enough for seconds per epoch, large enough that an epoch outlasts the kill below
+KILL_FAST = [*FAST, "data.size=64", "trainer.max_epochs=4", "logger=csv", "output.heatmaps=0"]
+TINY_SCHEDULE = [*FAST, "data.num_train=16", "data.num_test_normal=3", "data.num_test_anomalous=3", "data.size=32",
+                 "method.image_size=[32,32]", "method.batch_size=4", "output.heatmaps=0",
+                 "schedule.tasks=[texture,grid]"]
+COMPARED = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
+            "val_image_auroc", "val_pixel_auroc", "val_normal_score", "threshold")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+
+
+def _cli(*args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "adtrain", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _start(*args, cwd, log):
+    out = open(log, "w")
+    return subprocess.Popen([sys.executable, "-m", "adtrain", *args], cwd=cwd, env=_env(), stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def _signal_when(proc, ready, sig, timeout=400):
+    """Send sig to proc as soon as ready() holds; fail if proc ends first."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if ready():
+            proc.send_signal(sig)
+            return proc.wait(timeout=120)
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before it could be interrupted")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("timed out waiting for the run's first checkpoint")
+
+
+def _metrics(path):
+    res = json.loads(Path(path).read_text())
+    return {k: res.get(k) for k in COMPARED}
+
+
+def _one_line_error(stderr: str, *needles: str) -> None:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("adtrain: error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def _never_trains(monkeypatch):
+    from adtrain.methods.stfpm import Stfpm
+
+    def step(self, batch, idx):
+        raise AssertionError("training started before the bad input was found")
+
+    monkeypatch.setattr(Stfpm, "training_step", step)
+
+
+def _crash_at_epoch(monkeypatch, epoch=1):
+    from adtrain.methods.stfpm import Stfpm
+
+    original = getattr(Stfpm.training_step, "unpatched", Stfpm.training_step)
+
+    def step(self, batch, idx):
+        if self.current_epoch == epoch:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, idx)
+
+    step.unpatched = original
+    monkeypatch.setattr(Stfpm, "training_step", step)
+    return original
+
+
+# ---------------------------------------------------------------------------------------- run directories
+def test_two_concurrent_runs_into_one_directory_one_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    procs = [_start(*FAST, f"seed={s}", f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / f"{s}.log")
+             for s in (0, 1)]
+    rcs = [p.wait(timeout=600) for p in procs]
+    logs = [(tmp_path / f"{s}.log").read_text() for s in (0, 1)]
+    assert sorted(rcs) == [0, 2], logs
+    loser = logs[rcs.index(2)]
+    assert str(run_dir) in loser and ("in use by another run" in loser or "finished run" in loser), loser
+    assert "Traceback" not in loser
+    winner_seed = rcs.index(0)
+    # every file describes the one run that finished
+    assert json.loads((run_dir / "results.json").read_text())["seed"] == winner_seed
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == winner_seed
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["seed"] == winner_seed
+    assert not (run_dir / "error.txt").exists()
+
+
+def test_a_locked_directory_is_refused_at_once(fast_cfg, tmp_path, monkeypatch):
+    from adtrain.run import run
+
+    _never_trains(monkeypatch)
+    tmp_path.joinpath(".adtrain.lock").write_text("4242")
+    with open(tmp_path / ".adtrain.lock", "r+") as held:  # another "run" holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match=rf"{tmp_path}.*in use by another run \(pid 4242\)"):
+            run(fast_cfg(), tmp_path)
+        assert time.perf_counter() - t0 < 5
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_finished_run_is_refused_then_overwrite_clears_it(fast_cfg, tmp_path):
+    from adtrain.run import run
+
+    run(fast_cfg("trainer.limit_train_batches=1"), tmp_path)
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ConfigError, match=rf"overwrite.*{tmp_path} holds a finished run"):
+        run(fast_cfg("trainer.limit_train_batches=1", "seed=1"), tmp_path)
+    assert (tmp_path / "results.json").read_text() == before  # untouched
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 0
+
+    (tmp_path / "heatmaps" / "stale_from_old_run.png").write_bytes(b"x")
+    (tmp_path / "error.txt").write_text("ConfigError: an old failure\n")
+    res = run(fast_cfg("trainer.limit_train_batches=1", "seed=1", "overwrite=true"), tmp_path)
+    assert res["seed"] == 1 and json.loads((tmp_path / "results.json").read_text())["seed"] == 1
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 1
+    assert not (tmp_path / "heatmaps" / "stale_from_old_run.png").exists()
+    assert not (tmp_path / "error.txt").exists()
+
+
+def test_an_interrupted_run_is_not_silently_restarted(fast_cfg, tmp_path, monkeypatch):
+    from adtrain.run import run
+
+    _crash_at_epoch(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(fast_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=1"), tmp_path)
+    with pytest.raises(ConfigError, match="did not finish.*resume=true"):
+        run(fast_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=1"), tmp_path)
+
+
+def test_stale_error_txt_is_removed_on_success(fast_cfg, tmp_path, monkeypatch):
+    from adtrain.run import run
+
+    _crash_at_epoch(monkeypatch)
+    over = ["trainer.max_epochs=2", "trainer.limit_train_batches=1"]
+    with pytest.raises(RuntimeError):
+        run(fast_cfg(*over), tmp_path)
+    (tmp_path / "error.txt").write_text("RuntimeError: simulated crash\n")  # as __main__ writes it
+    monkeypatch.undo()
+    run(fast_cfg(*over, "resume=true"), tmp_path)
+    assert (tmp_path / "results.json").exists() and not (tmp_path / "error.txt").exists()
+
+
+def test_cli_refuses_a_finished_run_before_hydra_writes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text('{"seed": 7}')
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- seed=7\n")
+    p = _cli(*FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert p.returncode == 2
+    _one_line_error(p.stderr, str(run_dir), "overwrite=true")
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == "- seed=7\n"  # the old record stays
+    assert sorted(x.name for x in run_dir.iterdir()) == [".hydra", "results.json"]
+
+
+# ---------------------------------------------------------------------------------------- resume
+def _interrupted_run(fast_cfg, run_dir, monkeypatch, *over):
+    from adtrain.run import run
+
+    original = _crash_at_epoch(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(fast_cfg(*over), run_dir)
+    from adtrain.methods.stfpm import Stfpm
+
+    monkeypatch.setattr(Stfpm, "training_step", original)
+
+
+def test_resume_refuses_another_experiment_with_a_diff(fast_cfg, tmp_path, monkeypatch):
+    from adtrain.run import run
+
+    over = ["trainer.max_epochs=2", "trainer.limit_train_batches=1"]
+    _interrupted_run(fast_cfg, tmp_path, monkeypatch, *over)
+    config_before = (tmp_path / "config.yaml").read_text()
+    for change, key in (("method.lr=0.5", "method.lr"), ("data.size=96", "data.size"),
+                        ("backbone=wide_resnet50_2", "backbone.name"), ("seed=3", "seed")):
+        with pytest.raises(ConfigError, match=rf"resume.*{key}: .* -> "):
+            run(fast_cfg(*over, change, "resume=true"), tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == config_before
+    # run-time settings may change
+    res = run(fast_cfg(*over, "resume=true", "trainer.enable_progress_bar=true", "output.heatmaps=1"), tmp_path)
+    assert res["epochs_trained"] == 2
+    assert (tmp_path / "config.yaml").read_text() == config_before  # the run's record is kept
+
+
+def test_continual_resume_refuses_another_lr_image_size_or_data_size(fast_cfg, tmp_path, monkeypatch):
+    from adtrain.methods.stfpm import Stfpm
+    from adtrain.run import run
+
+    original = Stfpm.training_step
+
+    def crash_on_grid(self, batch, idx):
+        if batch["category"][0] == "grid":
+            raise RuntimeError("simulated crash")
+        return original(self, batch, idx)
+
+    monkeypatch.setattr(Stfpm, "training_step", crash_on_grid)
+    over = [*TINY_SCHEDULE[len(FAST):], "trainer.limit_train_batches=1"]
+    with pytest.raises(RuntimeError):
+        run(fast_cfg(*over), tmp_path)
+    monkeypatch.setattr(Stfpm, "training_step", original)
+    for change, key in (("method.lr=0.01", "method.lr"), ("method.image_size=[48,48]", "method.image_size"),
+                        ("data.size=48", "data.size"), ("data.num_train=12", "data.num_train")):
+        with pytest.raises(ConfigError, match=rf"resume.*{key}"):
+            run(fast_cfg(*over, change, "resume=true"), tmp_path)
+    assert json.loads((tmp_path / "continual_state.json").read_text())["finished"] == [0]
+    res = run(fast_cfg(*over, "resume=true"), tmp_path)
+    assert len(res["matrices"]["image_auroc"]) == 2
+
+
+def test_cli_resume_uses_the_runs_own_config_and_keeps_its_record(fast_cfg, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    # an interrupted run made with non-default choices (data=synthetic, resnet18 from random weights...)
+    _interrupted_run(fast_cfg, run_dir, monkeypatch, "trainer.max_epochs=2", "trainer.limit_train_batches=1")
+    (run_dir / ".hydra").mkdir()
+    record = "- data=synthetic\n- trainer.max_epochs=2\n"
+    (run_dir / ".hydra" / "overrides.yaml").write_text(record)
+    config = (run_dir / "config.yaml").read_text()
+
+    p = _cli(f"hydra.run.dir={run_dir}", "resume=true", "method.lr=0.5", cwd=tmp_path)
+    assert p.returncode == 2
+    _one_line_error(p.stderr, "method.lr", "->", str(run_dir))
+    assert not (run_dir / "results.json").exists() and not (run_dir / "error.txt").exists()
+
+    p = _cli(f"hydra.run.dir={run_dir}", "resume=true", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["data"] == "synthetic" and res["epochs_trained"] == 2  # not the default config (elpv)
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == record
+    assert (run_dir / "config.yaml").read_text() == config
+
+
+# ---------------------------------------------------------------------------------------- same seed, same result
+def test_single_run_twice_gives_identical_metrics(fast_cfg, tmp_path):
+    from adtrain.run import run
+
+    over = ["trainer.max_epochs=2", "trainer.limit_train_batches=2"]
+    torch.manual_seed(1)
+    np.random.seed(1)
+    a = run(fast_cfg(*over), tmp_path / "a")
+    torch.manual_seed(2)
+    np.random.seed(2)
+    b = run(fast_cfg(*over), tmp_path / "b")
+    assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
+
+
+def test_schedule_twice_gives_identical_metrics(fast_cfg, tmp_path):
+    """The method used to be built before seed_everything: other initial weights on each run."""
+    from adtrain.run import run
+
+    over = [*TINY_SCHEDULE[len(FAST):], "trainer.limit_train_batches=1"]
+    torch.manual_seed(1)
+    a = run(fast_cfg(*over), tmp_path / "a")
+    torch.manual_seed(2)
+    b = run(fast_cfg(*over), tmp_path / "b")
+    assert a["matrices"] == b["matrices"]
+    assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
+
+
+def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
+    ref, run_dir = tmp_path / "ref", tmp_path / "run"
+    p = _cli(*KILL_FAST, f"hydra.run.dir={ref}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    proc = _start(*KILL_FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
+    rc = _signal_when(proc, lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), signal.SIGKILL)
+    assert rc == -signal.SIGKILL and not (run_dir / "results.json").exists()
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # still plain data only
+    before = first["callbacks"]["adtrain.RunState"]["fit_seconds"]
+    rows_before = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    assert before > 0 and rows_before
+
+    p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)  # nothing else: the run's own config
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["epochs_trained"] == 4 and res["fit_seconds"] > before  # cumulative over both sessions
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    assert len(rows) > len(rows_before) and "0" in {r.get("epoch") for r in rows}  # appended, not restarted
+
+
+def test_kill_9_mid_schedule_then_resume_ends_as_an_uninterrupted_run(tmp_path):
+    over = [*TINY_SCHEDULE, "trainer.max_epochs=4"]
+    ref, run_dir = tmp_path / "ref", tmp_path / "run"
+    p = _cli(*over, f"hydra.run.dir={ref}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
+    last = run_dir / "tasks" / "1" / "checkpoints" / "last.ckpt"
+    rc = _signal_when(proc, last.exists, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    assert json.loads((run_dir / "continual_state.json").read_text())["finished"] == [0]
+    p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = json.loads((run_dir / "results.json").read_text())
+    b = json.loads((ref / "results.json").read_text())
+    assert a["matrices"] == b["matrices"] and _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
+
+
+def test_ctrl_c_says_where_the_run_is_and_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(*KILL_FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "ctrl_c.log")
+    rc = _signal_when(proc, lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), signal.SIGINT)
+    text = (tmp_path / "ctrl_c.log").read_text()
+    assert rc == 130, text[-3000:]
+    assert "Traceback" not in text
+    command = f"python -m adtrain hydra.run.dir={run_dir} resume=true"
+    assert command in text and str(run_dir / "checkpoints" / "last.ckpt") in text
+    p = _cli(*command.split()[3:], cwd=tmp_path)  # the printed command continues the run
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["epochs_trained"] == 4
+
+
+# ---------------------------------------------------------------------------------------- bad input, before training
+@pytest.fixture
+def mvtec(tmp_path):
+    from adtrain.data.testing import write_mvtec_tree
+
+    return write_mvtec_tree(tmp_path / "mvtec", n_train=8, n_test_good=2, defects={"crack": 2}, size=48)
+
+
+def _mvtec_cfg(base_cfg, root, *over):
+    return base_cfg("data=mvtec", f"data.root={root}", "data.category=widget", "data.num_workers=0", *over)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "zero_bytes", "mask_size"])
+def test_bad_test_files_fail_before_training(base_cfg, mvtec, tmp_path, monkeypatch, damage):
+    from adtrain.run import run
+
+    _never_trains(monkeypatch)
+    test_image = mvtec / "widget" / "test" / "crack" / "001.png"
+    bad = test_image
+    if damage == "corrupt":
+        test_image.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image at all")
+    elif damage == "zero_bytes":
+        test_image.write_bytes(b"")
+    else:
+        bad = mvtec / "widget" / "ground_truth" / "crack" / "001_mask.png"
+        Image.fromarray(np.zeros((40, 48), np.uint8)).save(bad)
+    want = {"corrupt": "not a readable image", "zero_bytes": r"empty file \(0 bytes\)",
+            "mask_size": "mask size 48x40 differs from image"}[damage]
+    with pytest.raises(DataError, match=rf"^{bad}: {want}") as err:
+        run(_mvtec_cfg(base_cfg, mvtec), tmp_path / "run")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("over, key, words", [
+    ("threshold.quantile=1.5", "threshold.quantile", "must be in [0, 1]"),
+    ("threshold.quantile=-0.1", "threshold.quantile", "must be in [0, 1]"),
+    ("trainer.max_epochs=-1", "trainer.max_epochs", "train forever"),
+    ("trainer.max_epochs=-3", "trainer.max_epochs", "must be >= 1"),
+    ("trainer.max_epochs=0", "trainer.max_epochs", "nothing would train"),
+])
+def test_bad_config_values_fail_before_anything_is_written(fast_cfg, tmp_path, over, key, words):
+    from adtrain.run import run
+
+    with pytest.raises(ConfigError, match=key) as err:
+        run(fast_cfg(over), tmp_path / "run")
+    assert words in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_gpu_without_gpu_is_one_line(fast_cfg, tmp_path):
+    from adtrain.run import run
+
+    with pytest.raises(ConfigError, match="trainer.accelerator.*no CUDA GPU"):
+        run(fast_cfg("trainer.accelerator=gpu"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_impossible_run_directory_is_one_line(fast_cfg, tmp_path):
+    from adtrain.run import run
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=rf"hydra.run.dir.*cannot write into {tmp_path}/a_file/run"):
+        run(fast_cfg(), tmp_path / "a_file" / "run")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_unwritable_checkpoints_fail_before_training(fast_cfg, tmp_path, monkeypatch):
+    from adtrain.run import run
+
+    _never_trains(monkeypatch)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints").chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match="cannot write into .*checkpoints: permission denied"):
+            run(fast_cfg(), tmp_path)
+    finally:
+        (tmp_path / "checkpoints").chmod(0o755)
+
+
+def test_checkpoints_that_cannot_be_made_fail_before_training(fast_cfg, tmp_path, monkeypatch):
+    from adtrain.run import run
+
+    _never_trains(monkeypatch)
+    (tmp_path / "a_file").write_text("x")
+    os.symlink(tmp_path / "a_file" / "ckpts", tmp_path / "checkpoints")  # leads below a file
+    with pytest.raises(ConfigError, match="cannot write into .*checkpoints"):
+        run(fast_cfg(), tmp_path)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    p = _cli(*FAST, f"hydra.run.dir={tmp_path}/a_file/run", cwd=tmp_path)
+    assert p.returncode == 2
+    _one_line_error(p.stderr, "hydra.run.dir", f"{tmp_path}/a_file/run")
+    p = _cli(*FAST, "trainer.max_epochs=-1", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert p.returncode == 2
+    _one_line_error(p.stderr, "trainer.max_epochs", "forever")
+    assert not (tmp_path / "r").exists()  # nothing written, not even Hydra's .hydra/
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line(base_cfg, mvtec, tmp_path):
+    from adtrain.run import run
+
+    img = mvtec / "widget" / "train" / "good" / "003.png"
+    img.write_bytes(img.read_bytes()[:-40])  # the header reads, the pixels do not
+    with pytest.raises(DataError) as err:
+        run(_mvtec_cfg(base_cfg, mvtec, "data.num_workers=1"), tmp_path / "run")
+    text = str(err.value)
+    assert text.startswith(f"{img}: cannot read image") and "\n" not in text and "Traceback" not in text
+
+
+# ---------------------------------------------------------------------------------------- predict
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from adtrain.run import run
+    from tests.conftest import compose
+
+    run_dir = tmp_path_factory.mktemp("trained")
+    run(compose(*FAST, "trainer.limit_train_batches=1"), run_dir)
+    return run_dir
+
+
+def _images(folder: Path, names: list[str]) -> Path:
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(folder / name)
+    return folder
+
+
+def _predict(capsys, *args):
+    from adtrain.predict import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(list(args))
+    return ex.value.code, capsys.readouterr().err
+
+
+def test_predict_names_heatmaps_by_folder_and_clears_an_earlier_call(trained, tmp_path):
+    from adtrain.predict import predict
+
+    imgs = _images(tmp_path / "new", ["good/000.png", "crack/000.png", "crack/001.png"])
+    out = predict(str(trained / "checkpoints" / "model.ckpt"), str(imgs))
+    assert out == trained / "predictions"  # beside the checkpoint's run
+    assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["crack__000.png", "crack__001.png",
+                                                                       "good__000.png"]
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert {r["heatmap"] for r in rows} == {"heatmaps/crack__000.png", "heatmaps/crack__001.png",
+                                            "heatmaps/good__000.png"}
+    other = _images(tmp_path / "other", ["scratch/000.png"])
+    predict(str(trained / "checkpoints" / "model.ckpt"), str(other))
+    assert [p.name for p in (out / "heatmaps").glob("*.png")] == ["other__scratch__000.png"] or \
+        [p.name for p in (out / "heatmaps").glob("*.png")] == ["scratch__000.png"]
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 1
+
+
+def test_predict_outside_a_run_writes_beside_the_checkpoint(trained, tmp_path):
+    from adtrain.predict import predict
+
+    (tmp_path / "models").mkdir()
+    ckpt = tmp_path / "models" / "model.ckpt"
+    ckpt.write_bytes((trained / "checkpoints" / "model.ckpt").read_bytes())
+    out = predict(str(ckpt), str(_images(tmp_path / "new", ["a.png"])))
+    assert out == tmp_path / "models" / "predictions" and (out / "predictions.csv").exists()
+    assert not (tmp_path / "predictions").exists()
+
+
+def test_predict_refuses_a_checkpoint_without_a_threshold(trained, tmp_path, capsys):
+    imgs = _images(tmp_path / "new", ["a.png"])
+    code, err = _predict(capsys, f"checkpoint={trained}/checkpoints/last.ckpt", f"images={imgs}", f"out={tmp_path}/o")
+    assert code == 2 and "no fitted threshold" in err and "last.ckpt" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_bad_arguments_are_one_line(trained, tmp_path, capsys):
+    imgs = _images(tmp_path / "new", ["a.png"])
+    ckpt = f"checkpoint={trained}/checkpoints/model.ckpt"
+    code, err = _predict(capsys, ckpt, f"images={imgs}", "batch_size=0")
+    assert code == 2 and "batch_size" in err and ">= 1" in err and len(err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        code, err = _predict(capsys, ckpt, f"images={imgs}", "device=cuda")
+        assert code == 2 and "device" in err and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,241 @@
+"""Sweeps optimise validation, never test: the objective, the hparams_search configs, the summary
+grouped by swept overrides, and one real Optuna search that never opens a test image."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from adtrain.errors import ConfigError, DataError
+from adtrain.sweep import (
+    OBJECTIVES, SweepSummary, check_direction, check_objective, dfm_schedule, objective, summarize,
+    swept_keys,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+RESULTS = {"method": "patchcore", "image_auroc": 0.11, "val_image_auroc": 0.83, "val_pixel_auroc": 0.9,
+           "val_pixel_aupro": None, "val_normal_score": 0.25}
+
+
+# ---------------------------------------------------------------- the objective
+
+
+def test_objective_is_the_named_validation_figure():
+    assert objective(RESULTS, "val_image_auroc") == pytest.approx(0.83)
+    assert objective(RESULTS, "val_normal_score") == pytest.approx(0.25)
+    assert isinstance(objective({"val_pixel_auroc": 1}, "val_pixel_auroc"), float)
+    # missing, null or not finite: None, which the Optuna sweeper records as a failed trial
+    assert objective(RESULTS, "val_pixel_aupro") is None
+    assert objective({"method": "stfpm"}, "val_image_auroc") is None
+    assert objective({"val_image_auroc": float("nan")}, "val_image_auroc") is None
+    assert objective(None, "val_image_auroc") is None
+    assert objective(RESULTS, None) is None  # no objective at all
+
+
+@pytest.mark.parametrize("metric", ["image_auroc", "pixel_aupro", "fit_seconds", "val_image_aurco"])
+def test_a_test_metric_is_refused_as_objective(metric):
+    with pytest.raises(ConfigError, match="optimized_metric") as err:
+        check_objective(metric)
+    assert err.value.key == "optimized_metric"
+    with pytest.raises(ConfigError, match="optimized_metric"):
+        objective(RESULTS, metric)  # even when the results hold it
+    if metric == "image_auroc":
+        assert "val_image_auroc" in str(err.value)  # the validation counterpart is named
+
+
+def test_direction_must_match_the_metric(capsys):
+    from hydra_plugins.hydra_optuna_sweeper.config import Direction
+
+    check_direction("val_image_auroc", "maximize")
+    check_direction("val_normal_score", Direction.minimize)
+    check_direction("val_image_auroc", None)  # the basic sweeper has no direction
+    with pytest.raises(ConfigError, match="hydra.sweeper.direction.*minimize"):
+        check_direction("val_normal_score", "maximize")
+    with pytest.raises(ConfigError, match="hydra.sweeper.direction"):
+        check_direction("val_pixel_auroc", Direction.minimize)
+    with pytest.raises(ConfigError, match="hydra.sweeper.direction"):
+        check_direction("val_pixel_auroc", ["maximize", "minimize"])  # one objective only
+    # the callback stops the sweep before the first job (Hydra would only warn on an exception)
+    for metric, direction, key in (("image_auroc", "maximize", "optimized_metric"),
+                                   ("val_normal_score", "maximize", "hydra.sweeper.direction")):
+        cfg = OmegaConf.create({"optimized_metric": metric, "hydra": {"sweeper": {"direction": direction}}})
+        with pytest.raises(SystemExit) as ex:
+            SweepSummary().on_multirun_start(cfg)
+        assert ex.value.code == 2 and f"'{key}'" in capsys.readouterr().err
+    SweepSummary().on_multirun_start(OmegaConf.create({"optimized_metric": "val_normal_score",
+                                                       "hydra": {"sweeper": {"direction": "minimize"}}}))
+
+
+def test_main_returns_the_optimized_validation_metric(fast_cfg, monkeypatch, capsys):
+    import adtrain.run
+    from adtrain.__main__ import main
+
+    monkeypatch.setattr(adtrain.run, "run", lambda cfg: dict(RESULTS))
+    assert main(fast_cfg()) == pytest.approx(0.83)  # the config's default: val_image_auroc
+    assert main(fast_cfg("optimized_metric=val_normal_score")) == pytest.approx(0.25)
+    assert main(fast_cfg("optimized_metric=val_pixel_aupro")) is None  # null: a failed trial
+    ran = []
+    monkeypatch.setattr(adtrain.run, "run", lambda cfg: ran.append(1) or dict(RESULTS))
+    with pytest.raises(SystemExit) as ex:
+        main(fast_cfg("optimized_metric=image_auroc"))
+    assert ex.value.code == 2 and not ran  # refused before anything runs
+    assert "optimized_metric" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the hparams_search configs
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("method", ["dfm", "patchcore", "stfpm"])
+def test_hparams_search_configs_search_real_keys_on_validation(method):
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    from optuna.distributions import CategoricalDistribution, IntUniformDistribution
+
+    cfg = _compose(f"hparams_search={method}_optuna")
+    sweeper = cfg.hydra.sweeper
+    assert cfg.method.name == method and cfg.test is False
+    assert cfg.optimized_metric in OBJECTIVES
+    check_direction(cfg.optimized_metric, sweeper.direction)
+    assert "optuna" in sweeper._target_ and sweeper.n_trials == 20
+    assert sweeper.sampler._target_.endswith("TPESampler") and sweeper.sampler.seed is not None
+    params = {k: str(v) for k, v in sweeper.params.items()}
+    assert len(params) >= 4
+    for key in params:  # every searched key is one of the method's (no typo searches nothing)
+        assert key.startswith("method.") and key.split(".", 1)[1] in cfg.method, key
+    dists, fixed = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
+    assert set(dists) == set(params) and not fixed
+    for key, dist in dists.items():  # integer keys are searched as integers
+        if isinstance(cfg.method[key.split(".", 1)[1]], int) and not isinstance(dist, CategoricalDistribution):
+            assert isinstance(dist, IntUniformDistribution), key
+    # the default config is unchanged: no search, test on
+    plain = _compose()
+    assert plain.test is True and "optuna" not in plain.hydra.sweeper._target_
+
+
+def test_dfm_schedule_sets_the_trainer_epochs_from_the_searched_schedule():
+    import optuna
+
+    cfg = _compose("hparams_search=dfm_optuna")
+    assert cfg.hydra.sweeper.custom_search_space == "adtrain.sweep.dfm_schedule"
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.suggest_int("method.rounds", 3, 3)
+    trial.set_user_attr("method.stage1_epochs", 2)  # a fixed override of the command line
+    dfm_schedule(cfg, trial)  # stage2_epochs from the config: 5
+    assert trial.params["method.max_epochs"] == 3 * (2 + cfg.method.stage2_epochs)
+    trial = study.ask()
+    trial.set_user_attr("method.max_epochs", 7)  # the user fixed it: left alone
+    dfm_schedule(cfg, trial)
+    assert "method.max_epochs" not in trial.params
+
+
+# ---------------------------------------------------------------- the summary
+
+
+def _job(sweep: Path, num: int, overrides: list[str], results: dict | None, error: str | None = None):
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    if results is not None:
+        (job / "results.json").write_text(json.dumps(results))
+    if error is not None:
+        (job / "error.txt").write_text(error)
+
+
+def test_summary_groups_seeds_by_the_swept_overrides(tmp_path):
+    sweep = tmp_path / "sweep"
+    base = {"method": "patchcore", "data": "synthetic", "category": "texture", "backbone": "resnet18"}
+    # image_auroc / val_image_auroc per (ratio, seed)
+    figures = {("0.02", 0): (0.6, 0.7), ("0.02", 1): (0.8, 0.9), ("1.0", 0): (0.9, 0.5), ("1.0", 1): (1.0, 0.6)}
+    for num, ((ratio, seed), (test, val)) in enumerate(figures.items()):
+        _job(sweep, num, ["data=synthetic", f"method.coreset_ratio={ratio}", f"seed={seed}"],
+             {**base, "seed": seed, "image_auroc": test, "val_image_auroc": val, "val_normal_score": 0.1})
+    _job(sweep, 4, ["data=synthetic", "method.coreset_ratio=0.5", "seed=0"], None, "ConfigError: bad")
+
+    csv_path, md_path = summarize(sweep)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["method.coreset_ratio"] for r in rows] == ["0.02", "0.02", "1.0", "1.0", "0.5"]
+    assert "data" in rows[0] and "data=synthetic" not in rows[0]  # a constant override is no column
+    assert [r["val_image_auroc"] for r in rows[:4]] == ["0.7", "0.9", "0.5", "0.6"]
+    assert rows[4]["error"] == "ConfigError: bad"
+
+    md = md_path.read_text()
+    means = md.split("Mean ± std over seeds:")[1]
+    head = next(line for line in means.splitlines() if line.startswith("| method"))
+    assert "method.coreset_ratio" in head and "val_image_auroc" in head
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in means.splitlines()
+            if line.startswith("| patchcore")]
+    by_ratio = {r[cols.index("method.coreset_ratio")]: dict(zip(cols, r)) for r in body}
+    assert set(by_ratio) == {"0.02", "1.0"}  # the error job is no group, the two ratios are not mixed
+    assert by_ratio["0.02"]["n"] == "2" and by_ratio["1.0"]["n"] == "2"
+    assert by_ratio["0.02"]["image_auroc"] == "0.7000 ± 0.1000"
+    assert by_ratio["1.0"]["image_auroc"] == "0.9500 ± 0.0500"
+    assert by_ratio["0.02"]["val_image_auroc"] == "0.8000 ± 0.1000"
+    assert by_ratio["1.0"]["val_image_auroc"] == "0.5500 ± 0.0500"
+
+
+def test_swept_keys_are_those_that_vary():
+    jobs = [{"a": "1", "b": "x", "seed": "0"}, {"a": "2", "b": "x", "seed": "1"}, {"a": "2", "b": "x", "c": "y"}]
+    assert swept_keys(jobs) == ["a", "c"]  # seed is a key column already; b is constant
+    assert swept_keys([]) == []
+
+
+# ---------------------------------------------------------------- a real Optuna search
+
+
+def _tree_with_unreadable_test_set(root: Path) -> Path:
+    """An MVTec-layout tree whose test images and masks are not images: opening one fails."""
+    from adtrain.data.testing import write_mvtec_tree
+
+    write_mvtec_tree(root, "widget", n_train=20, n_test_good=3, defects={"crack": 3}, size=64)
+    broken = [p for d in ("test", "ground_truth") for p in (root / "widget" / d).rglob("*.png")]
+    for p in broken:
+        p.write_bytes(b"not an image: a sweep job must never open the test set")
+    assert len(broken) == 9
+    return root
+
+
+def test_optuna_search_optimises_validation_without_opening_the_test_set(tmp_path):
+    from adtrain.data.image_io import read_image
+    from tests.conftest import FAST_BASE
+
+    root = _tree_with_unreadable_test_set(tmp_path / "mvtec")
+    with pytest.raises(DataError):  # what any test-set read would hit
+        read_image(next((root / "widget" / "test").rglob("*.png")))
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    args = ["hparams_search=patchcore_optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
+            *FAST_BASE, "data=mvtec", f"data.root={root}", "data.category=widget", "data.num_workers=0",
+            "method.memory.backend=torch", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run([sys.executable, "-m", "adtrain", "-m", *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    searched = {"method.coreset_ratio", "method.num_neighbors", "method.pool_size", "method.layers"}
+    assert set(best.best_params) == searched
+    jobs = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3)]
+    assert not list(sweep.glob("*/error.txt"))
+    for res in jobs:
+        assert res["image_auroc"] is None and res["pixel_auroc"] is None  # test=false: no test figure
+        assert 0.0 <= res["val_image_auroc"] <= 1.0
+    assert not list(sweep.glob("*/scores.csv")) and not list(sweep.glob("*/heatmaps/*.png"))
+    # the sweeper saw the validation AUROC: the best value is the best job's, not a test figure
+    assert math.isclose(best.best_value, max(r["val_image_auroc"] for r in jobs))
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert len(rows) == 3 and searched <= set(rows[0])
+    assert {r["method.pool_size"] for r in rows} <= {"1", "3", "5"}
+    assert all(float(r["method.num_neighbors"]).is_integer() for r in rows)

@@ -1,0 +1,223 @@
+"""The validation set (held-out normals + synthetic anomalies), selection on it, and the test set
+kept closed until testing."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adtrain.errors import ConfigError
+
+TINY = ["data.num_train=20", "data.num_test_normal=4", "data.num_test_anomalous=4", "data.size=64"]
+
+
+def _dm(cfg):
+    from adtrain.build import build_datamodule
+
+    return build_datamodule(cfg)
+
+
+def _batches(loader):
+    return [{k: v.clone() if isinstance(v, torch.Tensor) else list(v) for k, v in b.items()} for b in loader]
+
+
+def test_validation_set_is_identical_across_epochs_and_methods(fast_cfg):
+    a = _dm(fast_cfg(*TINY, "method=stfpm"))
+    b = _dm(fast_cfg(*TINY, "method=patchcore", "method.image_size=[48,48]"))
+    va, vb = a.validation_dataset(), b.validation_dataset()
+    n = len(a.val_samples)
+    assert n >= 2 and len(va) == len(vb) == 2 * n and va.num_anomalies == n
+    assert [(s.path, f, c) for s, f, c in va.items] == [(s.path, f, c) for s, f, c in vb.items]
+    assert {f for _, f, _ in va.items[n:]} == {"cutpaste", "perlin"}
+    for i in range(n, len(va)):  # the same anomalous image and mask, before each method's resize
+        (ia, ma), (ib, mb) = va._anomaly(i), vb._anomaly(i)
+        assert np.array_equal(ia, ib) and np.array_equal(ma, mb) and ma.any()
+    first, second = _batches(a.val_dataloader()), _batches(a.val_dataloader())  # two "epochs"
+    for x, y in zip(first, second):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+    labels = torch.cat([x["label"] for x in first])
+    assert int(labels.sum()) == n and int(labels[:n].sum()) == 0
+    masks = torch.cat([x["mask"] for x in first])
+    assert masks[:n].sum() == 0 and all(masks[i].sum() > 0 for i in range(n, 2 * n))
+    # another seed: another held-out split and other anomalies
+    c = _dm(fast_cfg(*TINY, "method=stfpm", "seed=1")).validation_dataset()
+    assert [s.path for s, _, _ in c.items] != [s.path for s, _, _ in va.items] or not np.array_equal(
+        c._anomaly(n)[0], va._anomaly(n)[0])
+
+
+def test_threshold_uses_normals_only(fast_cfg):
+    dm = _dm(fast_cfg(*TINY))
+    labels = torch.cat([b["label"] for b in dm.val_normal_dataloader()])
+    assert len(labels) == len(dm.val_samples) and int(labels.sum()) == 0
+
+
+def test_no_test_image_or_label_is_read_before_testing(base_cfg, tmp_path, monkeypatch):
+    """The test files raise when decoded until testing. The pre-flight check (adtrain.preflight) may
+    list the test set to read file headers, but may use nothing of a test sample but its paths: no
+    label, no pixels; with test=false it does not even list it."""
+    import adtrain.data.dataset as dataset
+    import adtrain.run as run_mod
+    from adtrain.data.mvtec import MVTecDataModule
+    from adtrain.data.testing import write_mvtec_tree
+
+    root = write_mvtec_tree(tmp_path / "mvtec", n_train=10, n_test_good=3, defects={"crack": 3}, size=48)
+    state = {"testing": False, "listed_before": False, "read_before": set()}
+
+    def guard(fn):
+        def wrapped(path, *args, **kwargs):
+            if not state["testing"] and ("/test/" in str(path) or "ground_truth" in str(path)):
+                raise AssertionError(f"test file opened before testing: {path}")
+            return fn(path, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(dataset, "read_image", guard(dataset.read_image))
+    monkeypatch.setattr(dataset, "read_mask", guard(dataset.read_mask))
+    list_test = MVTecDataModule._test_samples
+
+    class Watched:
+        """A listed test sample that records which of its fields are read before testing."""
+
+        def __init__(self, sample):
+            self._sample = sample
+
+        def __getattr__(self, name):
+            if not state["testing"]:
+                state["read_before"].add(name)
+            return getattr(self._sample, name)
+
+    def listing(self):
+        state["listed_before"] |= not state["testing"]
+        return [Watched(s) for s in list_test(self)]
+
+    monkeypatch.setattr(MVTecDataModule, "_test_samples", listing)
+    evaluate = run_mod.evaluate_method
+
+    def evaluate_opened(*args, **kwargs):
+        state["testing"] = True
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "evaluate_method", evaluate_opened)
+    over = ["data=mvtec", f"data.root={root}", "data.category=widget", "data.num_workers=0",
+            "method=dfm", "method.rounds=1", "method.stage1_epochs=1", "method.stage2_epochs=1",
+            "trainer.max_epochs=2", "method.memory_size=16", "test_start=true"]
+    res = run_mod.run(base_cfg(*over, "test=false"), tmp_path / "no_test")
+    assert not state["testing"] and not state["listed_before"]
+    assert res["tested"] is False and res["image_auroc"] is None and res["val_image_auroc"] is not None
+    assert not (tmp_path / "no_test" / "scores.csv").exists()
+    res = run_mod.run(base_cfg(*over), tmp_path / "tested")
+    assert state["testing"] and state["listed_before"]  # listed by the pre-flight header check...
+    assert "path" in state["read_before"] <= {"path", "mask_path"}  # ...which used the paths only, never a label
+    assert res["num_test"] == 6 and res["image_auroc"] is not None and "start_test" in res
+
+
+def test_untrained_start_is_selected_when_training_hurts(fast_cfg, tmp_path, monkeypatch):
+    """Training that inverts the scores: selection keeps DFM's untrained host; `last` does not."""
+    from adtrain.methods.dfm import Dfm
+    from adtrain.run import run
+
+    original = Dfm.training_step
+
+    def wreck(self, batch, idx):
+        out = original(self, batch, idx)
+        with torch.no_grad():
+            self.model.fmn.patch_scale.fill_(-1.0)  # every score negated: anomalies rank lowest
+        return out
+
+    monkeypatch.setattr(Dfm, "training_step", wreck)
+    over = [*TINY, "method=dfm", "method.rounds=1", "method.stage1_epochs=0", "method.stage2_epochs=2",
+            "trainer.max_epochs=2", "method.memory_size=32", "test_start=true"]
+    res = run(fast_cfg(*over), tmp_path / "val")
+    sel = res["selection"]
+    assert sel["monitor"] == "val_image_auroc_perlin"  # DFM: the family stage 2 never trains on
+    assert {"val/image_auroc_cutpaste", "val/image_auroc_perlin"} <= set(sel["start"])
+    assert sel["selected"] == "start" and res["selected_checkpoint"] == "start.ckpt"
+    assert res["val_image_auroc"] == sel["start"]["val/image_auroc"]
+    assert all(h["metrics"]["val/image_auroc_perlin"] <= sel["value"] for h in sel["history"])
+    assert res["image_auroc"] == pytest.approx(res["start_test"]["image_auroc"])
+    last = run(fast_cfg(*over, "selection.monitor=last"), tmp_path / "last")
+    assert last["selection"]["selected"] == "last" and last["selection"]["epoch"] == 1
+    assert last["selection"]["history"][-1]["metrics"]["val/image_auroc_perlin"] < sel["value"]
+
+
+def test_best_epoch_is_selected_and_reloaded(fast_cfg, tmp_path, monkeypatch):
+    """STFPM on val_image_auroc: the kept state is the best validated epoch's, reloaded from
+    best.ckpt before thresholding, testing and model.ckpt."""
+    from adtrain.run import run
+
+    res = run(fast_cfg(*TINY, "method=stfpm", "trainer.max_epochs=3", "selection.monitor=val_image_auroc",
+                       "selection.every_n_epochs=2"), tmp_path)
+    sel = res["selection"]
+    values = [h["metrics"]["val/image_auroc"] for h in sel["history"]]
+    assert [h["epoch"] for h in sel["history"]] == [1, 2]  # every 2nd epoch, and the last
+    assert sel["selected"] == "epoch"
+    assert sel["epoch"] == sel["history"][int(np.argmax(values))]["epoch"] and sel["value"] == max(values)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["val_image_auroc"] == max(values) and saved["val_seconds"] > 0
+    from adtrain.checkpoint import read_checkpoint
+
+    best = read_checkpoint(tmp_path / "checkpoints" / "best.ckpt")["state_dict"]
+    kept = read_checkpoint(tmp_path / "checkpoints" / "model.ckpt")["state_dict"]
+    student = [k for k in best if ".student." in k and torch.is_tensor(best[k])]
+    assert student and all(torch.equal(best[k], kept[k]) for k in student)
+
+
+def test_selection_errors_name_the_key(fast_cfg, tmp_path):
+    from adtrain.run import run
+
+    with pytest.raises(ConfigError, match="selection.monitor"):
+        run(fast_cfg(*TINY, "selection.monitor=test_auroc"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="selection.monitor"):
+        run(fast_cfg(*TINY, "selection.monitor=val_image_auroc", "data.val_anomalies=null"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="data.val_anomalies.families"):
+        _dm(fast_cfg(*TINY, "data.val_anomalies.families=[gan]"))
+
+
+class _Toy(torch.nn.Module):
+    """Scores an image by the distance of its mean to the current 'memory' value."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bank", torch.tensor(0.0))
+
+    def forward(self, images):
+        from adtrain.methods.output import AnomalyOutput
+
+        s = (images.mean(dim=(1, 2, 3)) - self.bank).abs()
+        return AnomalyOutput(s.view(-1, 1, 1, 1).expand(-1, 1, *images.shape[-2:]), s)
+
+
+def test_a_task_in_training_is_scored_with_its_own_memory_not_routed():
+    """With 3+ tasks the memory being built must be the one validated and thresholded (the old
+    rule routed among the finished tasks' memories only, so task 2's model was never scored)."""
+    from adtrain.methods.base import AnomalyModule
+    from adtrain.methods.memory_module import TaskMemoryMixin
+
+    class Toy(TaskMemoryMixin, AnomalyModule):
+        def __init__(self):
+            super().__init__()
+            self._init_task_memory("per_task")
+            self.model = _Toy()
+
+        def reset_memory(self):
+            self.model.bank.fill_(float("nan"))
+
+        def memory_state(self):
+            return {"bank": self.model.bank}
+
+        def load_memory_state(self, state):
+            self.model.bank.copy_(state["bank"])
+
+    m = Toy()
+    for t, value in enumerate([0.0, 10.0]):
+        m.begin_task(t, [str(t)])
+        m.model.bank.fill_(value)
+        m.end_task(t, [str(t)])
+    m.begin_task(2, ["2"])
+    m.model.bank.fill_(20.0)
+    x = torch.full((2, 3, 4, 4), 20.0)
+    assert torch.allclose(m.anomaly_output(x).pred_score, torch.zeros(2))  # task 2's own memory
+    m.end_task(2, ["2"])
+    m.model.bank.fill_(5.0)
+    assert torch.allclose(m.anomaly_output(x).pred_score, torch.zeros(2))  # routed: nearest of 3 tasks
+    assert m.last_routed_tasks.tolist() == [2, 2]
