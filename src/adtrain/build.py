@@ -74,7 +74,7 @@ def _keep_csv_rows(logger) -> None:
         out.writerows(rows)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None):
+def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_every: int = 1):
     """A Trainer writing last.ckpt (resume) each epoch; ``selection`` (adtrain.selection.Selection)
     keeps the selected state in best.ckpt."""
     from lightning.pytorch import Trainer
@@ -90,6 +90,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None):
     # RunState: RNG states and fit time travel in last.ckpt, so a resumed fit ends as an uninterrupted one
     callbacks = [ckpt, RunState()] + ([selection] if selection is not None else [])
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    max_epochs = kwargs.get("max_epochs")
+    if val_every > 1 and kwargs.get("check_val_every_n_epoch") is None and max_epochs and max_epochs % val_every == 0:
+        kwargs["check_val_every_n_epoch"] = int(val_every)  # skipped epochs do not even load the validation set
     try:
         trainer = Trainer(
             **kwargs, logger=logger if logger is not None else False, callbacks=callbacks,

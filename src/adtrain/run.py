@@ -115,7 +115,7 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     if int(val_every) < 1:
         raise ConfigError("selection.every_n_epochs", f"must be >= 1, got {val_every}")
     method.val_every_n_epochs = int(val_every)
-    trainer, _ = build_trainer(cfg, run_dir, logger, selector)
+    trainer, _ = build_trainer(cfg, run_dir, logger, selector, int(val_every))
     method.adtrain_config = OmegaConf.to_container(cfg, resolve=True)
 
     t0 = time.perf_counter()
