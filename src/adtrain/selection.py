@@ -93,8 +93,9 @@ class Selection(Callback):
     def _fitting(self, trainer) -> bool:
         return not trainer.sanity_checking and trainer.state.fn == "fit"
 
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if self._fitting(trainer):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        # from the first batch: a memory bank finalised at validation start is fitting, not validating
+        if self._fitting(trainer) and self._t0 is None:
             self._t0 = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
