@@ -81,11 +81,13 @@ class Selection(Callback):
         """Validate the untrained start and keep it as the first candidate."""
         from adtrain.io import torch_save
 
-        t0 = time.perf_counter()
+        self._t0 = None
         trainer.validate(method, datamodule=datamodule, verbose=False)
+        seconds = time.perf_counter() - self._t0 if self._t0 is not None else 0.0  # from the first batch
+        self._t0 = None
         metrics = dict(getattr(method, "last_val_metrics", {}) or {})
         self.start = {"metrics": metrics, "value": metrics.get(self.key) if self.key else None,
-                      "seconds": round(time.perf_counter() - t0, 3)}
+                      "seconds": round(seconds, 3)}
         torch_save({"state_dict": method.state_dict()}, self.start_path)
         log.info("Untrained start: %s", _fmt(metrics))
 
@@ -94,8 +96,8 @@ class Selection(Callback):
         return not trainer.sanity_checking and trainer.state.fn == "fit"
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        # from the first batch: a memory bank finalised at validation start is fitting, not validating
-        if self._fitting(trainer) and self._t0 is None:
+        # from the first batch: a memory built or finalised at validation start is fitting, not validating
+        if (self._fitting(trainer) or trainer.state.fn == "validate") and self._t0 is None:
             self._t0 = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
