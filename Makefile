@@ -1,4 +1,4 @@
-# adtrain: the two set-up commands are `make install` and `make test`.
+# adtrain: on a fresh clone `make quickstart` (the main job) and `make test`; each runs `make install` first when .venv is missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
