@@ -86,6 +86,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_ev
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_last=False, save_top_k=1,
         enable_version_counter=False,  # no monitor, top 1: the latest epoch, as last.ckpt
+        save_on_train_epoch_end=True,  # every epoch, also those not validated (val_every_n_epochs > 1)
     )
     # RunState: RNG states and fit time travel in last.ckpt, so a resumed fit ends as an uninterrupted one
     callbacks = [ckpt, RunState()] + ([selection] if selection is not None else [])
