@@ -46,6 +46,27 @@ def test_validation_set_is_identical_across_epochs_and_methods(fast_cfg):
         c._anomaly(n)[0], va._anomaly(n)[0])
 
 
+def test_validation_set_does_not_depend_on_the_install_location(tmp_path):
+    """The same data in two folders gives the same validation anomalies (seeded by the path below
+    the data root, not the absolute path)."""
+    from adtrain.data.mvtec import MVTecDataModule
+    from adtrain.data.testing import write_mvtec_tree
+
+    sets = []
+    for where in ("a", "elsewhere/b"):
+        root = write_mvtec_tree(tmp_path / where / "mvtec", n_train=12, size=48)
+        dm = MVTecDataModule(root=str(root), category="widget", image_size=[48, 48], val_split=0.5,
+                             val_anomalies={"families": ["cutpaste", "perlin"]})
+        dm.setup("fit")
+        sets.append(dm.validation_dataset())
+    a, b = sets
+    n = len(a.items) // 2
+    assert n >= 2 and a.num_anomalies == b.num_anomalies == n
+    for i in range(n, 2 * n):
+        (ia, ma), (ib, mb) = a._anomaly(i), b._anomaly(i)
+        assert np.array_equal(ia, ib) and np.array_equal(ma, mb)
+
+
 def test_threshold_uses_normals_only(fast_cfg):
     dm = _dm(fast_cfg(*TINY))
     labels = torch.cat([b["label"] for b in dm.val_normal_dataloader()])

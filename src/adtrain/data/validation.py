@@ -10,7 +10,8 @@ cover the normals evenly):
   Zavrtanik et al., ICCV 2021; ``adtrain.data.perlin.PerlinAnomaly``): a different shape and
   appearance family (irregular blobs of foreign material instead of displaced own content).
 
-Each anomaly is drawn from a generator seeded by (seed, family, copy, image path) on the image
+Each anomaly is drawn from a generator seeded by (seed, family, copy, category and the last three
+parts of the image path, so not the install location) on the image
 at its stored resolution, before any resize: the validation set is the same for every epoch and
 for every method, backbone and input size that runs on the same data with the same seed. Made
 images are cached in memory (bounded by ``cache_mb`` per process) so epochs do not redo them.
@@ -94,6 +95,14 @@ class ValAnomalies:
         return items
 
 
+def sample_key(sample: Sample) -> str:
+    """The category and the last three parts of the image path: the same wherever the data is
+    installed (an absolute path would make the validation set depend on the install location)."""
+    from pathlib import PurePath
+
+    return f"{sample.category}:{'/'.join(PurePath(str(sample.path)).parts[-3:])}"
+
+
 class ValidationDataset(Dataset):
     """Held-out normals and their synthetic anomalies, in the batch contract of AnomalyDataset.
 
@@ -122,7 +131,7 @@ class ValidationDataset(Dataset):
             return self._cache[index]
         sample, family, copy = self.items[index]
         image, _ = self.base._load(sample)
-        rng = seeded_rng(self.seed, "val_anomaly", family, str(copy), sample.path)
+        rng = seeded_rng(self.seed, "val_anomaly", family, str(copy), sample_key(sample))
         image, mask = self.spec.generators[family](image, rng)
         out = (np.ascontiguousarray(image, dtype=np.uint8), _binarise(mask))
         size = out[0].nbytes + out[1].nbytes
