@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from adtrain.data.cutpaste import cutpaste_batch
+from adtrain.metrics.bootstrap import paired_auroc_confidence
 from adtrain.metrics.image import image_metrics
 
 
@@ -119,7 +120,9 @@ VARIANTS = {
 }
 
 
-def run_variant(v: Variant, data, model0, seed, batch=8):
+def run_variant(v: Variant, data, model0, seed, batch=8, on_stage_end=None):
+    """Train one variant; ``on_stage_end(label, model, adapt)`` is called after the start and after
+    every stage (stage 1 with its memory rebuild), the states a per-stage selection sees."""
     from adtrain.methods.dfm.torch_model import _rows
 
     torch.manual_seed(seed)
@@ -145,6 +148,8 @@ def run_variant(v: Variant, data, model0, seed, batch=8):
             fmn.set_memory(mem, grid=tuple(emb.shape[-2:]), dist_ref=ref, reset_patch=True)
 
     build_memory()
+    if on_stage_end is not None:
+        on_stage_end("start", model, adapt)
     if not v.modulates:
         for p in (fmn.mem_scale, fmn.mem_shift, fmn.patch_scale, fmn.patch_shift):
             p.requires_grad_(False)
@@ -175,6 +180,8 @@ def run_variant(v: Variant, data, model0, seed, batch=8):
                 opt1.step()
         if v.e1:
             build_memory()
+            if on_stage_end is not None:
+                on_stage_end(f"round {rnd + 1} stage 1", model, adapt)
         params = list(fmn.parameters()) if v.modulates else [fmn.memory]
         for p in params:
             p.requires_grad_(True)
@@ -196,6 +203,8 @@ def run_variant(v: Variant, data, model0, seed, batch=8):
                 opt2.zero_grad()
                 loss.backward()
                 opt2.step()
+        if v.e2 and on_stage_end is not None:
+            on_stage_end(f"round {rnd + 1} stage 2", model, adapt)
     return model, adapt
 
 
@@ -225,6 +234,10 @@ def main():
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--cache-dir", default="/tmp/dfm_ablation")
     ap.add_argument("--override", nargs="*", default=[])
+    ap.add_argument("--confidence", type=float, nargs="+", default=[0.0, 0.9],
+                    help="with --per-stage: the bootstrap confidence a state needs to replace the start")
+    ap.add_argument("--per-stage", action="store_true",
+                    help="also validate after every stage and print the state a Perlin-val selection keeps")
     args = ap.parse_args()
     torch.set_num_threads(2)
     overrides = ["method=dfm", f"data={args.data}", f"data.category={args.category}", "data.num_workers=0",
@@ -237,13 +250,33 @@ def main():
         from adtrain.build import build_method
 
         model0 = build_method(compose([*overrides, f"seed={seed}"])).model.eval()
+        fam = families(overrides, seed)
+        lab = data["val_label"]
+        normal = torch.tensor([f is None for f in fam])
+        perlin = normal | torch.tensor([f == "perlin" for f in fam])
         for name in args.variants:
             t0 = time.perf_counter()
-            model, adapt = run_variant(VARIANTS[name], data, model0, seed)
+            states = []
+
+            def record(label, model, adapt):
+                sv = scores_of(model, adapt, data["val"])[perlin]
+                conf = (paired_auroc_confidence(sv.numpy(), states[0][3].numpy(), lab[perlin].numpy())
+                        if states else 0.5)
+                states.append((label, auroc(sv, lab[perlin]),
+                               auroc(scores_of(model, adapt, data["test"]), data["test_label"]), sv, conf))
+
+            model, adapt = run_variant(VARIANTS[name], data, model0, seed,
+                                       on_stage_end=record if args.per_stage else None)
+            if args.per_stage:
+                for need in args.confidence:
+                    best = states[0]
+                    for st in states[1:]:  # the start kept unless strictly better (and confidently so)
+                        best = st if st[1] > best[1] and st[4] >= need else best
+                    rows.setdefault(f"{name} (per-stage selection, confidence {need})", []).append(
+                        (best[1], best[1], best[1], best[2]))
+                print(f"seed {seed} {name:18s} per stage (perlin val / confidence vs start / test): "
+                      + "; ".join(f"{st[0]}: {st[1]:.4f}/{st[4]:.2f}/{st[2]:.4f}" for st in states), flush=True)
             sv = scores_of(model, adapt, data["val"])
-            lab = data["val_label"]
-            fam = families(overrides, seed)
-            normal = torch.tensor([f is None for f in fam])
             val = auroc(sv, lab)
             cp = auroc(sv, lab, normal | torch.tensor([f == "cutpaste" for f in fam]))
             pn = auroc(sv, lab, normal | torch.tensor([f == "perlin" for f in fam]))

@@ -133,7 +133,7 @@ def test_dfm_schedule_sets_the_trainer_epochs_from_the_searched_schedule():
     trial = study.ask()
     trial.suggest_int("method.rounds", 3, 3)
     trial.set_user_attr("method.stage1_epochs", 2)  # a fixed override of the command line
-    dfm_schedule(cfg, trial)  # stage2_epochs from the config: 5
+    dfm_schedule(cfg, trial)  # stage2_epochs from the config (its default)
     assert trial.params["method.max_epochs"] == 3 * (2 + cfg.method.stage2_epochs)
     trial = study.ask()
     trial.set_user_attr("method.max_epochs", 7)  # the user fixed it: left alone

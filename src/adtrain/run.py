@@ -109,7 +109,9 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     if monitor.startswith(("val_image_auroc", "val_pixel_auroc")) and not dm.val_anomalies.per_normal:
         raise ConfigError("selection.monitor", f"{monitor} needs synthetic anomalies in the validation set "
                           "(data.val_anomalies is empty); use normal_score or last")
-    selector = Selection(monitor, run_dir / "checkpoints") if has_val else None
+    confidence = (cfg.get("selection") or {}).get("start_confidence")
+    confidence = cfg.method.get("start_confidence", 0.0) if confidence is None else confidence
+    selector = Selection(monitor, run_dir / "checkpoints", float(confidence or 0.0)) if has_val else None
     val_every = ((cfg.get("selection") or {}).get("every_n_epochs") or cfg.method.get("val_every_n_epochs")
                  or getattr(method, "val_every_n_epochs", None) or 1)
     if int(val_every) < 1:

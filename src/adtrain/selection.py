@@ -12,7 +12,11 @@
 
 The untrained start is a candidate where it already detects anomalies (DFM's round 0 is its
 host; CFA's start is its memory of the untrained descriptor): it is validated before training and
-kept unless a trained state validates strictly better. Test data play no part.
+kept unless a trained state validates strictly better. With ``start_confidence`` c > 0 (image
+AUROC monitors), a trained state must also beat the start in a share >= c of paired bootstrap
+resamples of the validation items (``adtrain.metrics.bootstrap``): a gain of a few thousandths on
+~100 items is noise, and replacing a working start on noise is how training loses to it. Test
+data play no part.
 """
 
 from __future__ import annotations
@@ -58,7 +62,10 @@ class Selection(Callback):
     weights only) and the untrained start in ``start.ckpt``; its record travels in ``last.ckpt``,
     so a resumed run selects as an uninterrupted one would."""
 
-    def __init__(self, monitor: str, dirpath: str | Path):
+    def __init__(self, monitor: str, dirpath: str | Path, start_confidence: float = 0.0):
+        if not 0.0 <= float(start_confidence) < 1.0:
+            raise ConfigError("selection.start_confidence", f"must be in [0, 1), got {start_confidence}")
+        self.start_confidence = float(start_confidence)
         self.monitor = monitor
         self.key, self.mode = MONITORS[monitor]
         self.dirpath = Path(dirpath)
@@ -87,7 +94,7 @@ class Selection(Callback):
         self._t0 = None
         metrics = dict(getattr(method, "last_val_metrics", {}) or {})
         self.start = {"metrics": metrics, "value": metrics.get(self.key) if self.key else None,
-                      "seconds": round(seconds, 3)}
+                      "seconds": round(seconds, 3), "items": dict(getattr(method, "last_val_items", {}) or {})}
         torch_save({"state_dict": method.state_dict()}, self.start_path)
         log.info("Untrained start: %s", _fmt(metrics))
 
@@ -118,9 +125,31 @@ class Selection(Callback):
         if value is None:
             raise TrainingError(f"selection.monitor={self.monitor} needs {self.key}, which validation did not "
                                 "produce (no synthetic anomalies in the validation set? see data.val_anomalies)")
+        confidence = self._confidence(getattr(pl_module, "last_val_items", None))
+        if confidence is not None:
+            entry["confidence_vs_start"] = round(confidence, 4)
+        if confidence is not None and confidence < self.start_confidence:
+            return  # not confidently better than the start: not a candidate
         if self.best is None or _better(value, self.best["value"], self.mode):
             trainer.save_checkpoint(self.best_path, weights_only=True)
             self.best = {"epoch": epoch, "value": float(value)}
+
+    def _confidence(self, items: dict | None) -> float | None:
+        """Share of paired bootstrap resamples of the validation items in which this state's image
+        AUROC (on the monitor's items) beats the start's; None where it does not apply."""
+        if not self.start_confidence or not self.key or not self.key.startswith("val/image_auroc"):
+            return None
+        start = (self.start or {}).get("items") or {}
+        if not items or not start or start.get("defects") != items.get("defects"):
+            return None
+        family = self.key.removeprefix("val/image_auroc").removeprefix("_")
+        keep = [i for i, d in enumerate(items["defects"]) if d == "good" or not family or d == f"synthetic_{family}"]
+        labels = [int(items["defects"][i] != "good") for i in keep]
+        if not keep or len(set(labels)) < 2:
+            return None
+        from adtrain.metrics.bootstrap import paired_auroc_confidence
+
+        return paired_auroc_confidence([items["scores"][i] for i in keep], [start["scores"][i] for i in keep], labels)
 
     # ------------------------------------------------------------------ the choice
     def choose(self) -> dict:

@@ -54,6 +54,8 @@ class AnomalyModule(LightningModule):
         self._val_evaluator = None
         self._val_defects: list[str] = []
         self.last_val_metrics: dict[str, float] = {}
+        #: the image scores and kinds ("good" or "synthetic_<family>") of the last validation
+        self.last_val_items: dict[str, list] = {"scores": [], "defects": []}
 
     # ----------------------------------------------------------------- inference
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
@@ -137,6 +139,9 @@ class AnomalyModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.last_val_metrics = self.validation_metrics() if self.validating_now() else {}
+        ev = self._val_evaluator
+        if self.validating_now() and ev is not None and len(ev.image_scores) == len(self._val_defects):
+            self.last_val_items = {"scores": [float(v) for v in ev.image_scores], "defects": list(self._val_defects)}
         for key, value in self.last_val_metrics.items():
             self.log(key, value, prog_bar=key in ("val/image_auroc", "val/normal_score"))
         self._val_scores = []
