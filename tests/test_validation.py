@@ -154,7 +154,7 @@ def test_best_epoch_is_selected_and_reloaded(fast_cfg, tmp_path, monkeypatch):
     assert sel["epoch"] == sel["history"][int(np.argmax(values))]["epoch"] and sel["value"] == max(values)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["val_image_auroc"] == max(values) and saved["val_seconds"] > 0
-    from adtrain.checkpoint import read_checkpoint
+    from adtrain.loading import read_checkpoint
 
     best = read_checkpoint(tmp_path / "checkpoints" / "best.ckpt")["state_dict"]
     kept = read_checkpoint(tmp_path / "checkpoints" / "model.ckpt")["state_dict"]

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_memory_mb": res["peak_memory_mb"], "peak_memory_kind": res["peak_memory_kind"],
     }
     if bench_args.get("model_only", "false").lower() == "true":
-        from adtrain.checkpoint import load_method
+        from adtrain.loading import load_method
 
         method, _, _ = load_method(run_dir / "checkpoints" / "model.ckpt")
         figures["model_only_images_per_second"] = round(model_only_throughput(
