@@ -139,6 +139,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     """Test on dm's test set: the seven metrics, timing and peak memory (heatmaps if a dir is given)."""
     device = trainer.strategy.root_device
     method.heatmap_dir = heatmap_dir if cfg.output.heatmaps else None
+    method.heatmap_size = int(cfg.output.get("heatmap_size") or 320)
     method.heatmap_paths = (pick_heatmap_paths(dm.test_samples, int(cfg.output.heatmaps), int(cfg.seed))
                             if method.heatmap_dir is not None else set())
     if device.type == "cuda":

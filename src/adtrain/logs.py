@@ -23,7 +23,7 @@ DELIBERATE = (
     r".*smaller than the logging interval",
     r".*isinstance\(treespec, LeafSpec\)",
 )
-NO_OPTIMIZER = r".*`configure_optimizers` returned `None`"
+NO_OPTIMIZER = r".*configure_optimizers` returned `None`"
 
 
 def quiet() -> None:

@@ -71,18 +71,19 @@ def plain(title: str, head: list[str], rows: list[list[str]], footer: str = "") 
     """Aligned columns: text left-aligned, numbers right-aligned."""
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
 
-    def numeric(cell: str) -> bool:
-        try:
-            float(cell)
-            return True
-        except ValueError:
-            return False
-
     def line(cells) -> str:
-        return "  ".join(c.rjust(w) if numeric(c) else c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return "  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([title, line(head), rule, *(line(r) for r in rows), *([footer] if footer else [])])
+
+
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return cell == "-"
 
 
 def render(title: str, head: list[str], rows: list[list[str]], footer: str = "", file=None) -> None:
@@ -92,12 +93,17 @@ def render(title: str, head: list[str], rows: list[list[str]], footer: str = "",
     except ImportError:
         print(plain(title, head, rows, footer), file=file or sys.stdout, flush=True)
         return
-    table = Table(title=title, caption=footer or None, title_justify="left", caption_justify="left")
+    table = Table()
     for i, h in enumerate(head):
-        table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+        right = i > 0 and all(_numeric(r[i]) for r in rows)
+        table.add_column(h, justify="right" if right else "left", overflow="fold")
     for r in rows:
         table.add_row(*r)
-    Console(file=file, soft_wrap=False).print(table)
+    console = Console(file=file, soft_wrap=True, highlight=False)
+    console.print(title, style="bold")
+    console.print(table)
+    if footer:
+        console.print(footer)
 
 
 def show_run(results: dict, run_dir: Path | str, file=None) -> None:
