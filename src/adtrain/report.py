@@ -23,9 +23,9 @@ RUN_ROWS = (
     ("val_normal_score", "mean normal score", "validation"),
     ("threshold", "image threshold", "validation"),
     ("selected_checkpoint", "state kept", "validation"),
-    ("fit_seconds", "fit seconds", "-"),
-    ("test_images_per_second", "test images/s", "-"),
-    ("peak_memory_mb", "peak memory MB", "-"),
+    ("fit_seconds", "fit seconds", ""),
+    ("test_images_per_second", "test images/s", "test"),
+    ("peak_memory_mb", "peak memory MB", ""),
 )
 SWEEP_VALUES = ("val_image_auroc", "image_auroc", "pixel_auroc", "fit_seconds")
 
@@ -34,7 +34,7 @@ def fmt(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}" if abs(value) >= 100 else f"{value:.4f}"
+        return "nan" if math.isnan(value) else f"{value:.1f}" if abs(value) >= 10 else f"{value:.4f}"
     return str(value)
 
 
