@@ -95,7 +95,7 @@ def render(title: str, head: list[str], rows: list[list[str]], footer: str = "",
         return
     table = Table()
     for i, h in enumerate(head):
-        right = i > 0 and all(_numeric(r[i]) for r in rows)
+        right = i > 0 and 2 * sum(_numeric(r[i]) for r in rows) > len(rows)
         table.add_column(h, justify="right" if right else "left", overflow="fold")
     for r in rows:
         table.add_row(*r)
