@@ -103,5 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
     return figures
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `adtrain-bench` command (main's figures are printed, not returned as an exit status)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
