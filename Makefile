@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test quickstart bench clean
+.PHONY: install test quickstart bench notebook clean
 
 install:  ## virtual environment + adtrain with its dev extra (tests, notebook, offline data/weights)
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,13 @@ test: | $(PY)  ## the whole test suite on CPU
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 quickstart: | $(PY)  ## the README quickstart: PatchCore on real ELPV cells with real ImageNet weights (< 2 min on 2 cores)
-	$(PY) -m adtrain method=patchcore data=elpv backbone=efficientnet_lite0
+	$(PY) -m adtrain method=patchcore data=elpv backbone=efficientnet_lite0   # = python -m adtrain (no arguments)
 
-bench: | $(PY)  ## throughput and memory figures (see docs/BENCHMARKS.md)
+bench: | $(PY)  ## throughput and memory figures of the quickstart's run (see docs/BENCHMARKS.md), offline
 	$(PY) -m adtrain.bench
+
+notebook: | $(PY)  ## the notebooks in JupyterLab (the notebook extra, part of dev)
+	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -43,7 +43,7 @@ def test_payload_is_real_when_loaded_unsafely(tmp_path):
 
 
 def test_read_checkpoint_refuses_payload_missing_and_corrupt_files(tmp_path):
-    from adtrain.checkpoint import read_checkpoint
+    from adtrain.loading import read_checkpoint
 
     marker = tmp_path / "marker"
     path = _payload_ckpt(tmp_path / "p.ckpt", marker)
@@ -66,7 +66,7 @@ def test_read_checkpoint_refuses_payload_missing_and_corrupt_files(tmp_path):
 
 
 def test_load_method_refuses_payload(tmp_path):
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
 
     marker = tmp_path / "marker"
     path = _payload_ckpt(tmp_path / "model.ckpt", marker)
@@ -108,7 +108,7 @@ def test_predict_cli_refuses_payload_in_one_line(tmp_path):
 
 
 def test_lightning_resume_refuses_payload(fast_cfg, tmp_path):
-    from adtrain.checkpointing import AtomicCheckpointIO
+    from adtrain.checkpoint_io import AtomicCheckpointIO
     from adtrain.run import run
 
     marker = tmp_path / "marker"
@@ -125,7 +125,7 @@ def test_lightning_resume_refuses_payload(fast_cfg, tmp_path):
 
 
 def test_atomic_checkpoint_io_round_trip_is_weights_only(tmp_path):
-    from adtrain.checkpointing import AtomicCheckpointIO
+    from adtrain.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     ckpt = {"state_dict": {"a": torch.randn(3)}, "epoch": 4, "loops": {"x": [1, 2.5, None, "s"]}}
@@ -156,7 +156,7 @@ def _stored_config(fast_cfg, **nodes):
 def test_config_target_outside_adtrain_is_refused_before_building(fast_cfg, tmp_path, monkeypatch, where, key):
     import hydra.utils
 
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
     from adtrain.continual.state import load_task_checkpoint
 
     marker = tmp_path / "marker"
@@ -180,7 +180,7 @@ def test_config_target_outside_adtrain_is_refused_before_building(fast_cfg, tmp_
 def test_training_only_targets_are_dropped_not_built(fast_cfg, tmp_path):
     """A csv logger and albumentations augmentations are in ordinary runs' configs: they are
     never built from a checkpoint, so they are set to null rather than refused."""
-    from adtrain.checkpoint import checked_config
+    from adtrain.loading import checked_config
 
     stored = _stored_config(fast_cfg, logger={"_target_": "lightning.pytorch.loggers.CSVLogger"},
                             data__augment=[{"_target_": "albumentations.HorizontalFlip", "p": 0.5}])

@@ -47,7 +47,7 @@ def _record_training(monkeypatch, crash_on=None, modes=None):
 
 
 def test_three_task_schedule_end_to_end(fast_cfg, tmp_path, monkeypatch):
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
     from adtrain.methods.stfpm import Stfpm
     from adtrain.run import run
 

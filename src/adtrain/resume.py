@@ -76,7 +76,7 @@ def stored_config(run_dir: Path) -> dict:
 def _config_of_checkpoint(last: Path) -> dict:
     """No config.yaml (deleted, or an older run): the config last.ckpt carries, read safely
     (weights only: a crafted file is refused here) and checked like any stored config."""
-    from adtrain.checkpoint import checked_config, read_checkpoint
+    from adtrain.loading import checked_config, read_checkpoint
 
     return checked_config(read_checkpoint(last).get("adtrain_config"), last)
 

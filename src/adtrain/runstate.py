@@ -4,7 +4,7 @@ A run killed mid-epoch resumes from the end of its last finished epoch. Lightnin
 weights, optimiser and loop counters; this callback restores the torch / numpy / Python (and CUDA)
 random states of that moment, so the resumed epochs shuffle, augment and draw synthetic anomalies
 exactly as the uninterrupted run did. The states are stored as plain tensors and lists, so the
-checkpoint still loads with weights_only=True (adtrain.checkpoint.read_checkpoint).
+checkpoint still loads with weights_only=True (adtrain.loading.read_checkpoint).
 """
 
 from __future__ import annotations

@@ -130,7 +130,8 @@ class Selection(Callback):
             entry["confidence_vs_start"] = round(confidence, 4)
         if confidence is not None and confidence < self.start_confidence:
             return  # not confidently better than the start: not a candidate
-        if self.best is None or _better(value, self.best["value"], self.mode):
+        best_nan = self.best is not None and self.best["value"] != self.best["value"]
+        if self.best is None or (best_nan and value == value) or _better(value, self.best["value"], self.mode):
             trainer.save_checkpoint(self.best_path, weights_only=True)
             self.best = {"epoch": epoch, "value": float(value)}
 
@@ -173,7 +174,7 @@ class Selection(Callback):
         if not path.exists():
             raise TrainingError(f"{path}: the selected checkpoint is missing; rerun, or select the last state "
                                 "with selection.monitor=last")
-        from adtrain.checkpoint import read_checkpoint
+        from adtrain.loading import read_checkpoint
 
         method.load_state_dict(read_checkpoint(path)["state_dict"])
 
@@ -201,6 +202,34 @@ def _stage_of(method, epoch: int) -> dict:
 
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())) or "no validation figures"
+
+
+def _value(v) -> str:
+    return "undefined (nan)" if v is None or v != v else f"{v:.4f}"
+
+
+def describe(choice: dict, monitor: str, selector: Selection | None, epochs: int) -> str:
+    """One line: which state is kept, its file, and why (what it was compared with)."""
+    key = MONITORS[monitor][0]
+    n = len(selector.history) if selector is not None else 0
+    if choice["selected"] == "start":
+        best = selector.best if selector is not None else None
+        beaten = (f"no trained state did better (best: epoch {best['epoch']}, {_value(best['value'])})"
+                  if best else "no trained state was validated")
+        return (f"Kept the untrained start (start.ckpt): its {key} {_value(choice.get('value'))} on the "
+                f"validation set; {beaten}")
+    if choice["selected"] == "epoch":
+        start = (selector.start or {}).get("value") if selector is not None else None
+        vs = f"; the untrained start had {_value(start)}" if start is not None else ""
+        return (f"Selected epoch {choice.get('epoch')} (best.ckpt): the best {key} of {n} validated "
+                f"state{'s' if n != 1 else ''}, {_value(choice.get('value'))}{vs}")
+    if selector is None:
+        why = "no validation set (data.val_split=0)"
+    elif key is None:
+        why = "selection.monitor=last" + (" (one pass: nothing to select)" if epochs <= 1 else "")
+    else:
+        why = f"no validation produced {key}"
+    return f"Kept the last state (last.ckpt, after {epochs} epoch{'s' if epochs != 1 else ''}): {why}"
 
 
 def summary(choice: dict, monitor: str, selector: Selection | None) -> dict:

@@ -207,6 +207,10 @@ class SweepSummary(Callback):
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        out = summarize(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        out = summarize(sweep_dir)
         if out:
-            log.info("Sweep summary: %s and %s", *out)
+            from adtrain.report import show_sweep
+
+            rows = collect(sweep_dir)
+            show_sweep(rows, swept_keys([r["_overrides"] for r in rows]), sweep_dir, out)

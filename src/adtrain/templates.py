@@ -27,7 +27,7 @@ DEFAULTS = {"checkpoint": None, "images": None, "out": None, "recompress": False
 def add_images(checkpoint: str, images: str, out: str | None = None, recompress: bool = False,
                batch_size: int = 8, device: str = "auto") -> dict:
     from adtrain.build import _instantiate
-    from adtrain.checkpoint import load_method, save_method
+    from adtrain.loading import load_method, save_method
     from adtrain.predict import list_images
 
     method, cfg, ckpt = load_method(checkpoint)

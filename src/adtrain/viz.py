@@ -1,6 +1,15 @@
-"""Heatmap overlays: image | anomaly map over the image | ground truth, as one PNG."""
+"""Heatmaps and the score histogram, drawn with matplotlib's object API (no pyplot, no backend
+switch: a notebook keeps its inline backend).
+
+`heatmap_figure`: input | anomaly map over the input with its colour bar (the threshold level
+marked) | ground truth, titled with the score, the predicted label and the truth, at the source
+image's aspect ratio. `overlay_panel` is the plain PIL strip (adtrain.predict).
+"""
 
 from __future__ import annotations
+
+import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,22 +57,99 @@ def overlay_panel(
     return canvas
 
 
-def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None, path) -> None:
-    """Histogram of image scores by label, with the fitted threshold as a line."""
-    import matplotlib
+def _figure_png(fig, path) -> Path:
+    """Save a Figure atomically as PNG (adtrain.io), through a memory buffer."""
+    from adtrain.io import save_image
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    return save_image(Image.open(buf), path)
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+
+def _resized(array: np.ndarray, height: int, width: int, resample=Image.BILINEAR) -> np.ndarray:
+    return np.asarray(Image.fromarray(array).resize((width, height), resample))
+
+
+def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | None, *, score: float,
+                   threshold: float | None, label: int | None, defect: str = "", source_size=None,
+                   height: int = 320, alpha: float = 0.5):
+    """A Figure: input | map over the input (+ colour bar, threshold at 0.5) | ground truth.
+
+    norm_map is in [0, 1], 0.5 = the image threshold (adtrain.methods.base.normalize; without a
+    threshold, min-max of this map). source_size (h, w) sets the aspect ratio; height the panel
+    height in pixels."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    h0, w0 = (source_size if source_size is not None else image.shape[:2])
+    height = int(height)
+    width = max(1, round(height * float(w0) / float(h0)))
+    img = _resized(image, height, width)
+    heat = _resized(colorize(norm_map), height, width)
+    blend = (alpha * heat + (1 - alpha) * img).round().astype(np.uint8)
+    has_threshold = threshold is not None and np.isfinite(threshold)
+    predicted = (score > threshold) if has_threshold else None
+
+    dpi = 100
+    panel_w, panel_h = width / dpi, height / dpi
+    fig = Figure(figsize=(3 * panel_w + 1.6, panel_h + 1.1), dpi=dpi, layout="constrained")
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(img)
+    axes[0].set_title("input", fontsize=9)
+    axes[1].imshow(blend)
+    axes[1].set_title("anomaly map", fontsize=9)
+    if mask is not None:
+        axes[2].imshow(_resized((mask > 0.5).astype(np.uint8) * 255, height, width, Image.NEAREST),
+                       cmap="gray", vmin=0, vmax=255)
+        axes[2].set_title("ground truth", fontsize=9)
+    else:
+        axes[2].imshow(np.full((height, width, 3), 235, np.uint8))
+        axes[2].text(width / 2, height / 2, "no mask", ha="center", va="center", fontsize=9, color="0.4")
+        axes[2].set_title("ground truth", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), ax=axes[1], fraction=0.06, pad=0.02)
+    if has_threshold:
+        bar.ax.axhline(0.5, color="white", linewidth=2.5)
+        bar.ax.axhline(0.5, color="black", linewidth=1, linestyle="--")
+        bar.set_ticks([0.0, 0.5, 1.0], labels=["normal median", "threshold", "2x threshold"], fontsize=7)
+    else:
+        bar.set_ticks([0.0, 1.0], labels=["min", "max"], fontsize=7)
+        bar.set_label("no threshold: min-max", fontsize=7)
+    truth = {0: "normal", 1: "anomalous"}.get(label, "unknown")
+    guess = "no threshold" if predicted is None else ("ANOMALOUS" if predicted else "normal")
+    right = predicted is None or label is None or bool(predicted) == bool(label)
+    thr_text = f" (threshold {threshold:.4g})" if has_threshold else ""
+    fig.suptitle(f"{defect}: score {score:.4g}{thr_text}\npredicted {guess}, truth {truth}", fontsize=9,
+                 color="black" if right else "firebrick")
+    return fig
+
+
+def save_heatmap(path, **kwargs) -> Path:
+    """heatmap_figure(**kwargs) written to path as PNG (atomic)."""
+    return _figure_png(heatmap_figure(**kwargs), path)
+
+
+def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | None):
+    """Image scores by label, the fitted threshold as a dashed line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.4), dpi=100, layout="constrained")
+    ax = fig.subplots()
     bins = np.histogram_bin_edges(scores, bins=30)
-    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="normal")
-    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="anomalous")
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"normal ({int((labels == 0).sum())})")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"anomalous ({int((labels == 1).sum())})")
     if threshold is not None and np.isfinite(threshold):
-        ax.axvline(threshold, color="k", linestyle="--", label="threshold")
+        ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.4g}")
     ax.set_xlabel("image score")
-    ax.set_ylabel("images")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax.set_ylabel("test images")
+    ax.set_title("test image scores (threshold from held-out normals)", fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None, path) -> Path:
+    """histogram_figure written to path as PNG (atomic)."""
+    return _figure_png(histogram_figure(scores, labels, threshold), path)

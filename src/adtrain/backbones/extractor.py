@@ -55,6 +55,7 @@ class FeatureExtractor(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         channels_last: bool = True,
+        role: str = "backbone",
         **timm_kwargs: Any,
     ):
         super().__init__()
@@ -101,9 +102,12 @@ class FeatureExtractor(nn.Module):
             state, source = resolve_weights(name, cfg, weights)
             n = load_into(self.model, state, source, _vit_convert if kind == "vit" else None)
             self.weights_source = source
-            log.info("backbone %s: %d tensors loaded from %s", name, n, source)
+            log.info("%s %s: %d pretrained tensors loaded from %s%s", role, name, n, source,
+                     " (frozen)" if frozen else "")
+        elif role == "student":
+            log.info("student %s: random init, trained to match the teacher", name)
         else:
-            log.info("backbone %s: random init (pretrained=false)", name)
+            log.info("%s %s: random init (pretrained=false)", role, name)
         self._use_channels_last(channels_last)
         if frozen:
             self.requires_grad_(False)
@@ -171,9 +175,10 @@ def build_extractor(
     layers: Sequence[str],
     pretrained: bool | None = None,
     frozen: bool = False,
+    role: str = "backbone",
 ) -> FeatureExtractor:
     """FeatureExtractor from a ``backbone`` config node (name, kind, pretrained, weights,
-    stages, mean, std, optional timm_kwargs). ``pretrained=None`` uses the config's value."""
+    stages, mean, std, optional timm_kwargs). ``pretrained=None`` uses the config's value; ``role`` names it in the log (teacher, student)."""
     cfg = _to_dict(backbone_cfg)
     if not cfg.get("name"):
         raise ConfigError("backbone.name", "missing")
@@ -190,6 +195,7 @@ def build_extractor(
         mean=cfg.get("mean"),
         std=cfg.get("std"),
         channels_last=bool(cfg.get("channels_last", True)),
+        role=role,
         **(cfg.get("timm_kwargs") or {}),
     )
 

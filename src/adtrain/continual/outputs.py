@@ -26,15 +26,14 @@ def plot_matrix(R: Matrix, task_names: list[str], metric: str, path: Path, joint
                 subtitle: str = "") -> Path:
     """Annotated heatmap: rows = after training task t, columns = evaluated on task i."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from PIL import Image
 
     data = np.array([[v if _num(v) else np.nan for v in row] for row in R], dtype=float)
     data = data.reshape(len(R), len(task_names))
     n_rows, n_cols = data.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.75 * n_cols + 2.5), max(2.2, 0.5 * n_rows + 1.8)), dpi=100)
+    fig = Figure(figsize=(max(4.0, 0.75 * n_cols + 2.5), max(2.2, 0.5 * n_rows + 1.8)), dpi=100)
+    ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for t in range(n_rows):
@@ -54,7 +53,6 @@ def plot_matrix(R: Matrix, task_names: list[str], metric: str, path: Path, joint
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     buf.seek(0)
     return save_image(Image.open(buf), path)
 

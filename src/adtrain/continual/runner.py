@@ -26,7 +26,7 @@ from adtrain.errors import ConfigError
 from adtrain.io import write_json
 from adtrain.loggers import is_wandb
 from adtrain.preflight import check_files
-from adtrain.run import METRIC_KEYS, VAL_RESULT_KEYS, evaluate_method, fit_and_select, write_scores_csv
+from adtrain.engine import METRIC_KEYS, VAL_RESULT_KEYS, evaluate_method, fit_and_select, write_scores_csv
 
 log = logging.getLogger("adtrain")
 
@@ -183,10 +183,7 @@ class _Sequence:
         if cfg.output.scores_csv and self.records:
             write_scores_csv(self.run_dir / "scores.csv", self.records)
         log_final(self.logger, results, heatmaps)
-        for m in MATRIX_METRICS:
-            log.info("%s: final %s, forgetting %s", m, _fmt(summary[f"final_{m}"]), _fmt(summary[f"forgetting_{m}"]))
-        log.info("results: %s", self.run_dir / "results.json")
-        return results
+        return results  # adtrain.run shows its table (final and forgetting of each metric)
 
 
 def _fmt(v) -> str:

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adtrain.checkpoint import checked_config, read_checkpoint
+from adtrain.loading import checked_config, read_checkpoint
 from adtrain.continual.metrics import Matrix, make_row
 from adtrain.errors import ConfigError, DataError
 from adtrain.io import torch_save, write_json
@@ -92,7 +92,7 @@ def save_task_checkpoint(method, path: Path, extra: dict | None = None) -> Path:
 
 def load_task_checkpoint(method, path: Path) -> dict:
     """Restore a method saved by save_task_checkpoint (on_load_checkpoint first, as Lightning does).
-    The file is read safely (adtrain.checkpoint.read_checkpoint) and its stored config checked."""
+    The file is read safely (adtrain.loading.read_checkpoint) and its stored config checked."""
     if not Path(path).exists():
         raise DataError(path, "task checkpoint missing: the continual state lists this task as finished; "
                         "start the sequence over in a new run directory")

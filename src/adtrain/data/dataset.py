@@ -114,6 +114,7 @@ class AnomalyDataset(Dataset):
                     label, defect, has_mask = 1, "synthetic", True
             if hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(int(rng.integers(0, 2**31 - 1)))
+        source_size = torch.tensor(image.shape[:2], dtype=torch.int64)  # (h, w) before resizing: heatmaps' aspect
         out = self.transform(image=image, mask=mask)
         return {
             "image": out["image"].float(),
@@ -123,6 +124,7 @@ class AnomalyDataset(Dataset):
             "category": sample.category,
             "defect": defect,
             "path": sample.path,
+            "source_size": source_size,
         }
 
 

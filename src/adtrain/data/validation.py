@@ -156,4 +156,5 @@ class ValidationDataset(Dataset):
             "category": sample.category,
             "defect": f"synthetic_{family}" if anomalous else "good",
             "path": f"{sample.path}#{family}{self.items[index][2]}",
+            "source_size": torch.tensor(image.shape[:2], dtype=torch.int64),
         }

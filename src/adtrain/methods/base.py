@@ -209,21 +209,25 @@ class AnomalyModule(LightningModule):
             if self.heatmap_dir is not None and path in self.heatmap_paths:
                 self._write_heatmap(batch, out, i)
 
-    def _write_heatmap(self, batch: dict, out: AnomalyOutput, i: int) -> None:
-        from adtrain.io import save_image
-        from adtrain.viz import denormalize, overlay_panel
+    #: heatmap panel height in pixels (output.heatmap_size; set by adtrain.engine)
+    heatmap_size: int = 320
 
-        image = denormalize(batch["image"][i])
+    def _write_heatmap(self, batch: dict, out: AnomalyOutput, i: int) -> None:
+        from adtrain.viz import denormalize, save_heatmap
+
         norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center).clamp(0, 1)
         if not torch.isfinite(self.threshold):  # no threshold: min-max for display only
             m = out.anomaly_map[i, 0]
             norm_map = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
-        mask = batch["mask"][i, 0].cpu().numpy() if bool(batch["has_mask"][i]) and int(batch["label"][i]) else None
-        title = f"{batch['defect'][i]}  score {float(out.pred_score[i]):.4g}"
+        mask = batch["mask"][i, 0].cpu().numpy() if bool(batch["has_mask"][i]) else None
+        source = batch.get("source_size")
         stem = Path(batch["path"][i]).stem
         name = f"{len(self.heatmap_files):03d}_{batch['category'][i]}_{batch['defect'][i]}_{stem}.png"
         path = self.heatmap_dir / name.replace("/", "_")
-        save_image(overlay_panel(image, norm_map.float().cpu().numpy(), mask, title), path)
+        save_heatmap(path, image=denormalize(batch["image"][i]), norm_map=norm_map.float().cpu().numpy(), mask=mask,
+                     score=float(out.pred_score[i]), threshold=float(self.threshold), label=int(batch["label"][i]),
+                     defect=str(batch["defect"][i]), height=int(self.heatmap_size),
+                     source_size=tuple(int(v) for v in source[i]) if source is not None else None)
         self.heatmap_files.append(str(path))
 
     def test_results(self) -> dict[str, Any]:

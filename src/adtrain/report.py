@@ -1,0 +1,114 @@
+"""The tables a person reads at the end of a run and of a sweep (rich if installed, else plain text).
+
+`run_table` / `sweep_table` return (title, header, rows, footer); `render` draws one with rich when
+it is importable and as plain aligned columns otherwise; `show_run` / `show_sweep` print it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+#: (results.json key, label, which data it was measured on) in the order shown
+RUN_ROWS = (
+    ("image_auroc", "image AUROC", "test"),
+    ("image_ap", "image AP", "test"),
+    ("image_f1max", "image F1-max", "test"),
+    ("pixel_auroc", "pixel AUROC", "test"),
+    ("pixel_ap", "pixel AP", "test"),
+    ("pixel_f1max", "pixel F1-max", "test"),
+    ("pixel_aupro", "pixel AUPRO", "test"),
+    ("val_image_auroc", "image AUROC", "validation"),
+    ("val_normal_score", "mean normal score", "validation"),
+    ("threshold", "image threshold", "validation"),
+    ("selected_checkpoint", "state kept", "validation"),
+    ("fit_seconds", "fit seconds", ""),
+    ("test_images_per_second", "test images/s", "test"),
+    ("peak_memory_mb", "peak memory MB", ""),
+)
+SWEEP_VALUES = ("val_image_auroc", "image_auroc", "pixel_auroc", "fit_seconds")
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.1f}" if abs(value) >= 10 else f"{value:.4f}"
+    return str(value)
+
+
+def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[list[str]], str]:
+    """A single run: each figure with the data it was measured on; a continual run: final and
+    forgetting of each matrix metric."""
+    what = (f"{results.get('method')} on {results.get('data')}/{results.get('category')} "
+            f"({results.get('backbone')}, seed {results.get('seed')})")
+    footer = f"run directory: {run_dir}  (results.json, heatmaps/, checkpoints/model.ckpt)"
+    if isinstance(results.get("summary"), dict) and "matrices" in results:
+        summary = results["summary"]
+        metrics = list(results["matrices"])
+        rows = [[m, fmt(summary.get(f"final_{m}")), fmt(summary.get(f"forgetting_{m}"))] for m in metrics]
+        return (f"{what}: continual, {results['summary'].get('num_tasks')} tasks", ["metric", "final (mean over tasks)",
+                "forgetting"], rows, footer)
+    rows = [[label, fmt(results.get(key)), where] for key, label, where in RUN_ROWS
+            if key in results and not (where == "test" and results.get(key) is None)]
+    if results.get("tested") is False:
+        footer = "test=false: the test set was not opened; " + footer
+    return what, ["figure", "value", "measured on"], rows, footer
+
+
+def sweep_table(rows: list[dict], swept: list[str], sweep_dir: Path | str,
+                files: tuple = ()) -> tuple[str, list[str], list[list[str]], str]:
+    head = ["job", "method", "category", *swept, *SWEEP_VALUES]
+    body = [[str(r.get("job")), str(r.get("method", "-")), str(r.get("category", "-")), *(fmt(r.get(k)) for k in swept),
+             *(fmt(r.get(k)) if "error" not in r else ("failed" if i == 0 else "") for i, k in enumerate(SWEEP_VALUES))]
+            for r in rows]
+    footer = f"sweep directory: {sweep_dir}" + (f"  (summary: {', '.join(Path(f).name for f in files)})" if files else "")
+    return f"sweep: {len(rows)} jobs", head, body, footer
+
+
+def plain(title: str, head: list[str], rows: list[list[str]], footer: str = "") -> str:
+    """Aligned columns: text left-aligned, numbers right-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+
+    def line(cells) -> str:
+        return "  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([title, line(head), rule, *(line(r) for r in rows), *([footer] if footer else [])])
+
+
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return cell == "-"
+
+
+def render(title: str, head: list[str], rows: list[list[str]], footer: str = "", file=None) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(plain(title, head, rows, footer), file=file or sys.stdout, flush=True)
+        return
+    table = Table()
+    for i, h in enumerate(head):
+        right = i > 0 and 2 * sum(_numeric(r[i]) for r in rows) > len(rows)
+        table.add_column(h, justify="right" if right else "left", overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console = Console(file=file, soft_wrap=True, highlight=False)
+    console.print(title, style="bold")
+    console.print(table)
+    if footer:
+        console.print(footer)
+
+
+def show_run(results: dict, run_dir: Path | str, file=None) -> None:
+    render(*run_table(results, run_dir), file=file)
+
+
+def show_sweep(rows: list[dict], swept: list[str], sweep_dir: Path | str, files: tuple = (), file=None) -> None:
+    render(*sweep_table(rows, swept, sweep_dir, files), file=file)

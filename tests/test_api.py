@@ -1,0 +1,136 @@
+"""The Python API (adtrain.compose/fit/test, Run), the tables people read, --help and the no-argument quickstart."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import FAST, ROOT
+
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys):
+    import adtrain
+    from adtrain.errors import ConfigError
+
+    cfg = adtrain.compose([*FAST, "method=patchcore", "method.coreset_ratio=0.5", "output.heatmaps=3"])
+    assert cfg.method.name == "patchcore" and cfg.data.name == "synthetic"
+    run = adtrain.fit(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "image AUROC" in out and f"run directory: {tmp_path / 'run'}" in out  # the results table
+    assert run["method"] == "patchcore" and 0.0 <= run["image_auroc"] <= 1.0
+    assert len(run.heatmaps) == 3 and run.histogram.exists() and run.checkpoint.exists()
+    assert len(run.scores()) == run["num_test"] == 16
+    assert adtrain.Run.open(run.run_dir).results == run.results
+    assert "image threshold" in run.table() and str(run.run_dir) in repr(run)
+
+    # the finished run's model.ckpt on its test set again: the same figures, same threshold
+    again = adtrain.test(run.run_dir, out_dir=tmp_path / "again")
+    assert again["image_auroc"] == pytest.approx(run["image_auroc"], abs=1e-9)
+    assert again["pixel_auroc"] == pytest.approx(run["pixel_auroc"], abs=1e-6)
+    assert (tmp_path / "again" / "scores.csv").exists()
+    other = adtrain.test(run.checkpoint, ["data.category=grid", "output.heatmaps=0"])
+    assert other["num_test"] == 16 and other["image_auroc"] is not None
+
+    with pytest.raises(ConfigError, match="overrides"):
+        adtrain.compose(["method=no_such_method"])
+
+
+def test_import_adtrain_is_light():
+    code = "import sys, adtrain; print('torch' in sys.modules, 'hydra' in sys.modules, callable(adtrain.compose))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.stdout.split() == ["False", "False", "True"], out.stderr
+
+
+def test_plain_tables_name_the_directory_and_align():
+    from adtrain.report import plain, run_table, sweep_table
+
+    results = {"method": "patchcore", "data": "elpv", "category": "mono", "backbone": "efficientnet_lite0",
+               "seed": 0, "image_auroc": 0.91234, "pixel_auroc": None, "val_image_auroc": 0.8, "threshold": 1.5,
+               "selected_checkpoint": "last.ckpt", "fit_seconds": 12.0, "tested": True}
+    text = plain(*run_table(results, "outputs/x"))
+    lines = text.splitlines()
+    assert lines[0].startswith("patchcore on elpv/mono") and lines[-1].startswith("run directory: outputs/x")
+    assert "0.9123" in text and "pixel AUROC" not in text  # a test figure that is undefined is left out
+    ends = {line.index(v) + len(v) for line in lines for v in ("0.9123", "0.8000", "12.0", "last.ckpt") if v in line}
+    assert len(ends) == 1  # the value column is right-aligned
+    rows = [{"job": "0", "method": "cfa", "category": "a", "image_auroc": 0.5, "_overrides": {}},
+            {"job": "1", "error": "ConfigError: x", "_overrides": {}}]
+    sweep = plain(*sweep_table(rows, [], "multirun/s", ("summary.csv",)))
+    assert "failed" in sweep and sweep.splitlines()[-1] == "sweep directory: multirun/s  (summary: summary.csv)"
+
+
+def test_heatmap_keeps_the_source_aspect_and_the_backend(tmp_path):
+    import matplotlib
+
+    from adtrain.viz import save_heatmap
+
+    backend = matplotlib.get_backend()
+    image = np.zeros((64, 64, 3), np.uint8)
+    amap = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    kw = dict(image=image, norm_map=amap, mask=None, score=2.0, threshold=1.0, label=0, defect="good", height=120)
+    wide = Image.open(save_heatmap(tmp_path / "wide.png", source_size=(100, 300), **kw))
+    square = Image.open(save_heatmap(tmp_path / "square.png", source_size=(100, 100), **kw))
+    assert wide.size[0] > square.size[0] + 2 * 2 * 120  # three panels, each 3x as wide as tall vs square
+    assert abs(wide.size[1] - square.size[1]) <= 2  # same height: the size option
+    assert matplotlib.get_backend() == backend
+
+
+def test_selection_says_what_was_kept_and_why():
+    from adtrain.selection import Selection, describe
+
+    sel = Selection("val_image_auroc", "/tmp")
+    sel.history = [{"epoch": 0, "metrics": {}}, {"epoch": 1, "metrics": {}}]
+    sel.start = {"value": 0.7, "metrics": {}}
+    line = describe({"selected": "epoch", "epoch": 1, "value": 0.9}, "val_image_auroc", sel, 2)
+    assert line.startswith("Selected epoch 1 (best.ckpt)") and "of 2 validated states" in line and "0.7000" in line
+    sel.best = {"epoch": 1, "value": 0.6}
+    line = describe({"selected": "start", "value": 0.7}, "val_image_auroc", sel, 2)
+    assert line.startswith("Kept the untrained start (start.ckpt)") and "epoch 1" in line
+    last = describe({"selected": "last"}, "last", Selection("last", "/tmp"), 1)
+    assert "last.ckpt" in last and "nothing to select" in last
+    assert "no validation set" in describe({"selected": "last"}, "normal_score", None, 3)
+
+
+def test_no_arguments_runs_the_quickstart(monkeypatch, capsys):
+    import adtrain.__main__ as cli_mod
+    from adtrain.api import QUICKSTART
+
+    seen = []
+    monkeypatch.setattr(cli_mod, "main", lambda: seen.append(list(sys.argv[1:])))
+    monkeypatch.setattr(sys, "argv", ["adtrain"])
+    cli_mod.cli()
+    assert seen == [list(QUICKSTART)] and "quickstart" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["adtrain", "method=cfa"])
+    cli_mod.cli()
+    assert seen[-1] == ["method=cfa"]
+
+
+def test_help_says_what_adtrain_is():
+    out = subprocess.run([sys.executable, "-m", "adtrain", "--help"], capture_output=True, text=True, env=_env(),
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("adtrain: train and evaluate industrial visual anomaly detectors")
+    assert "method: cfa, dfm, hetmm, patchcore, stfpm" in out.stdout
+    examples = out.stdout.split("== Examples ==")[1].split("\n\n")[0].strip().splitlines()
+    assert len(examples) == 5 and all(e.startswith("python -m adtrain") for e in examples)
+
+
+def test_quiet_drops_library_noise(caplog):
+    import logging
+
+    from adtrain.logs import quiet
+
+    quiet()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("faiss.loader").info("Could not load library with AVX512 support")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False")
+        logging.getLogger("adtrain").info("kept")
+    assert [r.getMessage() for r in caplog.records] == ["kept"]
