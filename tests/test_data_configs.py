@@ -11,7 +11,7 @@ from adtrain.data import (AnomalyDataModule, ElpvDataModule, FolderDataModule, M
                           SyntheticDataModule, VisADataModule)
 from adtrain.data.testing import write_mvtec_tree, write_visa_tree
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF = Path(__file__).resolve().parents[1] / "src" / "adtrain" / "conf" / "data"
 EXPECTED = {"mvtec": MVTecDataModule, "visa": VisADataModule, "folder": FolderDataModule,
             "elpv": ElpvDataModule, "synthetic": SyntheticDataModule}
 COMMON_KEYS = {"image_size", "center_crop", "batch_size", "eval_batch_size", "num_workers", "val_split",

@@ -16,11 +16,12 @@ log = logging.getLogger("adtrain")
 
 
 def config_dir() -> str:
-    """conf/ of the checkout (editable install), or $ADTRAIN_CONFIG_DIR."""
+    """The package's configs (adtrain/conf, in the wheel too), or $ADTRAIN_CONFIG_DIR."""
     env = os.environ.get("ADTRAIN_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parent / "conf"
     if not (path / "config.yaml").exists():
-        sys.exit(f"adtrain: error: no config.yaml in {path}; set ADTRAIN_CONFIG_DIR to the conf/ folder")
+        where = "ADTRAIN_CONFIG_DIR" if env else "the installed package (reinstall adtrain)"
+        sys.exit(f"adtrain: error: no config.yaml in {path} ({where}); ADTRAIN_CONFIG_DIR names a config folder")
     return str(path)
 
 
