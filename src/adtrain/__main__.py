@@ -59,6 +59,10 @@ def main(cfg: DictConfig) -> float | None:
     from adtrain.sweep import check_objective, objective
 
     run_dir = run_dir_from_hydra()
+    if cfg.get("print_config", False):
+        from adtrain.config_tree import print_config_tree
+
+        print_config_tree(cfg)
     try:
         metric = check_objective(cfg.get("optimized_metric"))
     except AdtrainError as err:  # a wrong objective is the whole sweep's fault: stop it
