@@ -87,7 +87,7 @@ def test_each_debug_option_composes(option):
     assert cfg.trainer.accelerator == "cpu" and cfg.data.num_workers == 0
     assert "/debug/" in cfg.hydra.run.dir
     expected = {"fdr": ("limit_train_batches", 1), "overfit": ("overfit_batches", 1),
-                "limit": ("limit_train_batches", 0.2), "profiler": ("profiler", None)}.get(option)
+                "limit": ("limit_train_batches", 8), "profiler": ("profiler", None)}.get(option)
     if expected and expected[1] is not None:
         assert cfg.trainer[expected[0]] == expected[1]
     if option == "profiler":
