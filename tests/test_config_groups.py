@@ -137,6 +137,10 @@ def test_local_overrides_are_optional_and_apply_when_present(tmp_path, monkeypat
     cfg = compose_dir(conf, "data=mvtec")
     assert cfg.paths.data_dir == "/mnt/data" and cfg.seed == 5
     assert compose_dir(conf, "seed=1").seed == 1  # the command line still wins
+    # an installed wheel: the same local/ folder anywhere, added to Hydra's search path
+    mine = tmp_path / "mine"
+    shutil.copytree(conf / "local", mine / "local")
+    assert _compose_hydra(f"hydra.searchpath=[file://{mine}]").seed == 5
 
 
 def compose_dir(conf, *overrides):

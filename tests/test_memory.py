@@ -317,3 +317,25 @@ def test_backend_routing_and_faiss_gpu_wiring(monkeypatch):
     mb_h = MemoryBank(backend="auto", index="hnsw")
     mb_h.set_bank(torch.randn(200, 8, generator=_gen(9)))
     assert not isinstance(mb_h._faiss_index(torch.device("cuda", 0)), tuple)  # no HNSW on FAISS GPU
+
+
+def test_both_faiss_builds_installed_is_warned_once(monkeypatch, caplog):
+    """faiss-cpu and faiss-gpu-* are exclusive extras: both installed overwrite one module."""
+    import logging
+    from types import SimpleNamespace
+
+    import adtrain.memory.index as index
+
+    dists = [SimpleNamespace(metadata={"Name": n}) for n in ("faiss-cpu", "faiss-gpu-cu12", "torch")]
+    monkeypatch.setattr("importlib.metadata.distributions", lambda: dists)
+    monkeypatch.setattr(index, "_BUILDS_CHECKED", False)
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        index._warn_if_both_builds()
+        index._warn_if_both_builds()
+    warned = [r.getMessage() for r in caplog.records if "faiss-cpu and faiss-gpu-cu12" in r.getMessage()]
+    assert len(warned) == 1
+    monkeypatch.setattr(index, "_BUILDS_CHECKED", False)
+    monkeypatch.setattr("importlib.metadata.distributions", lambda: dists[:1])
+    caplog.clear()
+    index._warn_if_both_builds()
+    assert not caplog.records
