@@ -65,6 +65,16 @@ def test_callback_errors_name_the_key():
         build_callbacks(cfg)
     with pytest.raises(ConfigError, match="trainer.callbacks.0"):
         build_callbacks(compose(*FAST), ["early_stopping"])
+    with pytest.raises(ConfigError, match="callbacks.x"):
+        build_callbacks(compose(*FAST, "+callbacks.x=3"))
+
+
+def test_contradicting_callback_and_trainer_flag_is_a_config_error(tmp_path):
+    from adtrain.build import build_trainer
+
+    cfg = compose(*FAST, "callbacks=[rich_progress_bar]", "trainer.enable_progress_bar=false")
+    with pytest.raises(ConfigError, match="config key 'trainer'.*enable_progress_bar"):
+        build_trainer(cfg, tmp_path, None)
 
 
 def test_trainer_callbacks_join_adtrains_own(fast_cfg, tmp_path):

@@ -91,6 +91,8 @@ def build_callbacks(cfg: DictConfig, extra=None) -> list:
         raise ConfigError("callbacks", f"a mapping of name -> {{_target_: ...}} is expected, got {named!r}; "
                           "choose options with callbacks=[early_stopping,lr_monitor]")
     for name, node in named.items():
+        if node is not None and not OmegaConf.is_dict(node):
+            raise ConfigError(f"callbacks.{name}", f"{{_target_: ...}} expected, got {node!r}")
         if node is not None:
             out.append(_instantiate(node, f"callbacks.{name}"))
     if extra is None:
@@ -110,6 +112,7 @@ def build_callbacks(cfg: DictConfig, extra=None) -> list:
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_every: int = 1):
     """A Trainer writing last.ckpt (resume) each epoch; ``selection`` (adtrain.selection.Selection)
     keeps the selected state in best.ckpt."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -138,4 +141,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_ev
         )
     except TypeError as err:
         raise ConfigError("trainer", str(err)) from None
+    except MisconfigurationException as err:  # e.g. a progress bar callback with enable_progress_bar=false
+        raise ConfigError("trainer", str(err).replace("\n", " ")) from None
     return trainer, ckpt
