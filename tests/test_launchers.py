@@ -57,7 +57,8 @@ def test_joblib_runs_jobs_in_parallel_with_a_complete_summary_and_wandb_group(tm
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                WANDB_DIR=str(tmp_path))
     env.pop("WANDB_API_KEY", None)
-    p = subprocess.run([sys.executable, "-m", "adtrain", "-m", *TINY, "logger=wandb", "seed=0,1",
+    # data.num_workers=1: DataLoader workers inside joblib's (loky) workers (adtrain.launchers)
+    p = subprocess.run([sys.executable, "-m", "adtrain", "-m", *TINY, "data.num_workers=1", "logger=wandb", "seed=0,1",
                         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
