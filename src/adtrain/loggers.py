@@ -64,11 +64,11 @@ def default_group(cfg) -> str | None:
 
 
 def log_config(logger, cfg) -> None:
-    """The resolved run config as the logger's hyper-parameters (W&B: the run's config; CSV:
-    csv/hparams.yaml); `hydra` is left out (it is in .hydra/)."""
+    """W&B: the resolved run config as the run's config (`hydra` left out: it is in .hydra/).
+    Other loggers are left alone (the run directory has config.yaml already)."""
     from omegaconf import OmegaConf
 
-    if logger is None:
+    if not is_wandb(logger):
         return
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
