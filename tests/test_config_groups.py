@@ -184,19 +184,29 @@ def test_print_config_tree(fast_cfg, capsys):
 
 
 def test_tiny_run_with_callbacks_and_debug_options(tmp_path):
-    """The CLI end to end: debug=fdr (one batch each) with early stopping, an LR monitor and the
-    config tree; every file of a run is written and the LR is in the CSV log."""
-    over = [*FAST, "data.num_train=16", "data.size=64", "callbacks=[early_stopping,lr_monitor]", "debug=fdr",
-            "logger=csv", "trainer.max_epochs=2", "method.val_every_n_epochs=1", "print_config=true",
-            f"hydra.run.dir={tmp_path / 'run'}"]
-    p = subprocess.run([sys.executable, "-m", "adtrain", *over], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "CONFIG" in p.stdout and "EarlyStopping" in p.stdout  # the tree
-    run = tmp_path / "run"
-    res = json.loads((run / "results.json").read_text())
+    """A whole run with debug=fdr (one batch of each set), early stopping and an LR monitor: every
+    file of a run is written and the LR is in the CSV log (the CLI path: tests/test_wheel.py)."""
+    from adtrain.run import run
+
+    cfg = compose(*FAST, "data.num_train=16", "data.size=64", "callbacks=[early_stopping,lr_monitor]", "debug=fdr",
+                  "logger=csv", "trainer.max_epochs=2", "method.val_every_n_epochs=1")
+    assert cfg.trainer.limit_train_batches == 1 and cfg.trainer.detect_anomaly is True
+    res = run(cfg, tmp_path / "run")
+    run_dir = tmp_path / "run"
     assert res["epochs_trained"] >= 1 and res["num_test"] == 8  # limit_test_batches=1: one batch of 8
-    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    assert json.loads((run_dir / "results.json").read_text())["num_test"] == 8
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert any(r.get("lr-SGD") not in (None, "") and float(r["lr-SGD"]) == pytest.approx(0.4) for r in rows)
-    saved = OmegaConf.load(run / "config.yaml")
+    saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.trainer.limit_train_batches == 1 and "early_stopping" in saved.callbacks
+
+
+def test_print_config_at_start_of_main(fast_cfg, monkeypatch, capsys):
+    import adtrain.run
+    from adtrain.__main__ import main
+
+    monkeypatch.setattr(adtrain.run, "run", lambda cfg: {"val_image_auroc": 0.5})
+    main(fast_cfg("print_config=true"))
+    assert "CONFIG" in capsys.readouterr().out
+    main(fast_cfg())
+    assert "CONFIG" not in capsys.readouterr().out
