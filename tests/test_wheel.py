@@ -29,6 +29,9 @@ def wheel_venv(tmp_path_factory):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "src", src / "src",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "local", "*.pyc"))
+    local = src / "src" / "adtrain" / "conf" / "local"  # a machine's overrides: never packaged
+    local.mkdir()
+    (local / "default.yaml").write_text("# @package _global_\nseed: 77\n")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp / "dist"), str(src)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = (tmp / "dist").glob("adtrain-*.whl")
@@ -62,6 +65,7 @@ def test_wheel_holds_configs_typing_marker_and_console_scripts(wheel_venv):
     in_checkout = {str(p.relative_to(ROOT / "src/adtrain/conf")) for p in (ROOT / "src/adtrain/conf").rglob("*.yaml")
                    if "local" not in p.parts}
     assert in_checkout and in_checkout <= confs, sorted(in_checkout - confs)
+    assert not [n for n in names if "conf/local" in n]
     assert "adtrain/py.typed" in names and "adtrain/methods/hetmm/hetmm_categories.yaml" in names
     (ep,) = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel_venv["wheel"]).read(ep).decode()
