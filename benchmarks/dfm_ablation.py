@@ -30,7 +30,7 @@ from adtrain.metrics.image import image_metrics
 def compose(overrides):
     from hydra import compose as hc, initialize_config_dir
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[1] / "src" / "adtrain" / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return hc("config", overrides=list(overrides))
 

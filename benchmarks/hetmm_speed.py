@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from _timing import peak_mb, reset_peak, sync
 from adtrain.methods.hetmm.torch_model import HetmmModel
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "src" / "adtrain" / "conf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

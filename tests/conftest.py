@@ -14,7 +14,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "src" / "adtrain" / "conf"
 
 # A small, quick run on synthetic data: what most end-to-end tests start from.
 FAST_BASE = [
@@ -68,7 +68,7 @@ def fast_cfg():
 @pytest.fixture
 def one_faiss_thread():
     """Tests run beside others on 2 cores: OpenMP spinning in FAISS makes small jobs crawl."""
-    import faiss  # a hard dependency: a broken install fails the tests, it does not skip them
+    import faiss  # in the dev extra (faiss-cpu): a broken install fails the tests, it does not skip them
 
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)

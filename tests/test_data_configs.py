@@ -1,4 +1,4 @@
-"""Each conf/data/*.yaml composes with a root config and instantiates through Hydra."""
+"""Each src/adtrain/conf/data/*.yaml composes with a root config and instantiates through Hydra."""
 
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from adtrain.data import (AnomalyDataModule, ElpvDataModule, FolderDataModule, M
                           SyntheticDataModule, VisADataModule)
 from adtrain.data.testing import write_mvtec_tree, write_visa_tree
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF = Path(__file__).resolve().parents[1] / "src" / "adtrain" / "conf" / "data"
 EXPECTED = {"mvtec": MVTecDataModule, "visa": VisADataModule, "folder": FolderDataModule,
             "elpv": ElpvDataModule, "synthetic": SyntheticDataModule}
 COMMON_KEYS = {"image_size", "center_crop", "batch_size", "eval_batch_size", "num_workers", "val_split",
@@ -20,7 +20,8 @@ COMMON_KEYS = {"image_size", "center_crop", "batch_size", "eval_batch_size", "nu
 
 def _compose(name: str, tmp_path: Path, **overrides):
     data = OmegaConf.load(CONF / f"{name}.yaml")
-    root = OmegaConf.create({"seed": 7, "method": {"batch_size": 2, "image_size": [32, 32], "center_crop": None}})
+    root = OmegaConf.create({"seed": 7, "method": {"batch_size": 2, "image_size": [32, 32], "center_crop": None},
+                             "paths": {"data_dir": "data"}})  # paths/default.yaml
     root.data = data
     for k, v in overrides.items():
         OmegaConf.update(root, f"data.{k}", v)

@@ -23,7 +23,7 @@ from adtrain.methods.hetmm import (
 from adtrain.methods.hetmm.pts import _cosine_dist
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-CATEGORIES = Path(__file__).resolve().parents[1] / "conf" / "params" / "hetmm_categories.yaml"
+CATEGORIES = Path(__file__).resolve().parents[1] / "src" / "adtrain" / "methods" / "hetmm" / "hetmm_categories.yaml"
 
 
 def unit(*shape, seed=0, device="cpu"):

@@ -33,6 +33,33 @@ def test_wandb_offline_logs_heatmaps_table_and_checkpoint(fast_cfg, tmp_path, mo
     for key in keys:
         assert key in records, key
     assert res["image_auroc"] is not None
+    # the run read back from its offline files: the resolved config, the test metrics, tags
+    from tests.wandb_offline import read_run
+
+    wb = read_run(runs[0])
+    assert wb["config"]["method"]["_target_"] == "adtrain.methods.stfpm.Stfpm"
+    assert wb["config"]["data"]["num_train"] == 24 and wb["config"]["trainer"]["max_epochs"] == 2
+    assert "hydra" not in wb["config"]
+    assert wb["history"]["test/image_auroc"] == pytest.approx(res["image_auroc"])
+    assert wb["history"]["test/pixel_auroc"] == pytest.approx(res["pixel_auroc"])
+    assert {"stfpm", "synthetic", "schedule:single"} <= set(wb["tags"]) and wb["group"] is None
+
+
+def test_wandb_group_is_the_sweep_or_the_continual_schedule(fast_cfg, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from adtrain.loggers import default_group
+
+    assert default_group(fast_cfg()) is None
+    assert default_group(fast_cfg("data=synthetic", "schedule=synthetic_3")) == "synthetic_3-stfpm-synthetic"
+    hydra = OmegaConf.create({"mode": "MULTIRUN", "sweep": {"dir": "multirun/stfpm/2026-01-01_00-00-00"}})
+    from hydra.types import RunMode
+
+    hydra.mode = RunMode.MULTIRUN
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
+    assert default_group(fast_cfg("schedule=synthetic_3")) == "multirun/stfpm/2026-01-01_00-00-00"
 
 
 def test_logger_none_writes_no_logger_files(fast_cfg, tmp_path):

@@ -164,6 +164,37 @@ def test_kmeans_returns_k_centres_near_the_clusters():
         kmeans(x, 0)
 
 
+def test_kmeans_and_search_without_faiss(monkeypatch):
+    """The default install has no FAISS (it is an extra): k-means and search fall back to torch."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss" or name.startswith("faiss."):
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "faiss", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    from adtrain.memory.index import faiss_available
+
+    assert not faiss_available()
+    g = _gen(8)
+    true = torch.randn(6, 16, generator=g) * 10
+    x = true.repeat_interleave(200, dim=0) + 0.1 * torch.randn(1200, 16, generator=g)
+    centres = kmeans(x, 6, niter=30, seed=0)
+    assert centres.shape == (6, 16) and torch.cdist(true, centres).min(dim=1).values.max() < 1.0
+    mb = MemoryBank()
+    mb.add(x)
+    mb.build(coreset_ratio=0.1)
+    q = x[:50] + 0.01
+    dist, _ = mb.search(q, k=1)
+    ref = torch.cdist(q.double(), mb.bank.double()).min(dim=1).values
+    assert torch.allclose(dist.reshape(-1).double(), ref, atol=1e-4)
+
+
 def test_build_with_coreset_and_kmeans():
     x = torch.randn(1000, 12, generator=_gen(9))
     mb = MemoryBank()
@@ -317,3 +348,25 @@ def test_backend_routing_and_faiss_gpu_wiring(monkeypatch):
     mb_h = MemoryBank(backend="auto", index="hnsw")
     mb_h.set_bank(torch.randn(200, 8, generator=_gen(9)))
     assert not isinstance(mb_h._faiss_index(torch.device("cuda", 0)), tuple)  # no HNSW on FAISS GPU
+
+
+def test_both_faiss_builds_installed_is_warned_once(monkeypatch, caplog):
+    """faiss-cpu and faiss-gpu-* are exclusive extras: both installed overwrite one module."""
+    import logging
+    from types import SimpleNamespace
+
+    import adtrain.memory.index as index
+
+    dists = [SimpleNamespace(metadata={"Name": n}) for n in ("faiss-cpu", "faiss-gpu-cu12", "torch")]
+    monkeypatch.setattr("importlib.metadata.distributions", lambda: dists)
+    monkeypatch.setattr(index, "_BUILDS_CHECKED", False)
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        index._warn_if_both_builds()
+        index._warn_if_both_builds()
+    warned = [r.getMessage() for r in caplog.records if "faiss-cpu and faiss-gpu-cu12" in r.getMessage()]
+    assert len(warned) == 1
+    monkeypatch.setattr(index, "_BUILDS_CHECKED", False)
+    monkeypatch.setattr("importlib.metadata.distributions", lambda: dists[:1])
+    caplog.clear()
+    index._warn_if_both_builds()
+    assert not caplog.records

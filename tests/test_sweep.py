@@ -18,7 +18,7 @@ from adtrain.sweep import (
     swept_keys,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "src" / "adtrain" / "conf"
 RESULTS = {"method": "patchcore", "image_auroc": 0.11, "val_image_auroc": 0.83, "val_pixel_auroc": 0.9,
            "val_pixel_aupro": None, "val_normal_score": 0.25}
 

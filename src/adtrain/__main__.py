@@ -1,7 +1,7 @@
 """python -m adtrain [overrides]: one run or a multirun sweep (-m), composed by Hydra.
 
 With no arguments at all it runs the offline quickstart (adtrain.api.QUICKSTART); --help says
-what adtrain is, the groups a user sets and example commands (conf/hydra/help/adtrain.yaml)."""
+what adtrain is, the groups a user sets and example commands (src/adtrain/conf/hydra/help/adtrain.yaml)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ log = logging.getLogger("adtrain")
 
 
 def config_dir() -> str:
-    """conf/ of the checkout (editable install), or $ADTRAIN_CONFIG_DIR."""
+    """The package's configs (adtrain/conf, in the wheel too), or $ADTRAIN_CONFIG_DIR."""
     env = os.environ.get("ADTRAIN_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parent / "conf"
     if not (path / "config.yaml").exists():
-        sys.exit(f"adtrain: error: no config.yaml in {path}; set ADTRAIN_CONFIG_DIR to the conf/ folder")
+        where = "ADTRAIN_CONFIG_DIR" if env else "the installed package (reinstall adtrain)"
+        sys.exit(f"adtrain: error: no config.yaml in {path} ({where}); ADTRAIN_CONFIG_DIR names a config folder")
     return str(path)
 
 
@@ -63,6 +64,10 @@ def main(cfg: DictConfig) -> float | None:
 
     quiet()
     run_dir = run_dir_from_hydra()
+    if cfg.get("print_config", False):
+        from adtrain.config_tree import print_config_tree
+
+        print_config_tree(cfg)
     try:
         metric = check_objective(cfg.get("optimized_metric"))
     except AdtrainError as err:  # a wrong objective is the whole sweep's fault: stop it

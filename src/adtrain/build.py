@@ -15,12 +15,12 @@ METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "image_size", "center_
                       "start_confidence", "val_every_n_epochs")
 
 
-def _instantiate(node: DictConfig, group: str, drop: tuple[str, ...] = (), **kwargs):
+def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **kwargs):
     cfg = OmegaConf.to_container(node, resolve=True)
     for key in drop:
         cfg.pop(key, None)
     if not cfg.get("_target_"):
-        raise ConfigError(f"{group}._target_", "missing: say which class builds this group")
+        raise ConfigError(f"{where}._target_", "missing: say which class builds this group")
     try:
         return hydra.utils.instantiate(cfg, _convert_="all", **kwargs)
     except InstantiationException as err:
@@ -28,7 +28,7 @@ def _instantiate(node: DictConfig, group: str, drop: tuple[str, ...] = (), **kwa
         if isinstance(cause, AdtrainError):
             raise cause from None
         if isinstance(cause, TypeError) and "argument" in str(cause):
-            raise ConfigError(group, f"{cause} (target {cfg['_target_']})") from None
+            raise ConfigError(where, f"{cause} (target {cfg['_target_']})") from None
         raise
 
 
@@ -46,9 +46,16 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if cfg.get("logger") is None or not cfg.logger.get("_target_"):
         return None
     extra = {"save_dir": str(run_dir)} if cfg.logger.get("save_dir", None) is None else {}
+    if "group" in cfg.logger and cfg.logger.group is None:  # W&B: the sweep, else the continual schedule
+        from adtrain.loggers import default_group
+
+        extra["group"] = default_group(cfg)
     logger = _instantiate(cfg.logger, "logger", **extra)
     if cfg.get("resume", False):
         _keep_csv_rows(logger)
+    from adtrain.loggers import log_config
+
+    log_config(logger, cfg)
     return logger
 
 
@@ -74,9 +81,38 @@ def _keep_csv_rows(logger) -> None:
         out.writerows(rows)
 
 
+def build_callbacks(cfg: DictConfig, extra=None) -> list:
+    """The user's Lightning callbacks: each entry of `callbacks` (group callbacks/, a name -> a node
+    with `_target_`; null entries dropped) and of `trainer.callbacks` (a list or such a mapping)."""
+    out = []
+    named = cfg.get("callbacks")
+    named = {} if named is None else named
+    if not isinstance(named, dict) and not OmegaConf.is_dict(named):
+        raise ConfigError("callbacks", f"a mapping of name -> {{_target_: ...}} is expected, got {named!r}; "
+                          "choose options with callbacks=[early_stopping,lr_monitor]")
+    for name, node in named.items():
+        if node is not None and not OmegaConf.is_dict(node):
+            raise ConfigError(f"callbacks.{name}", f"{{_target_: ...}} expected, got {node!r}")
+        if node is not None:
+            out.append(_instantiate(node, f"callbacks.{name}"))
+    if extra is None:
+        return out
+    items = list(extra.items()) if isinstance(extra, dict) else list(enumerate(extra)) if isinstance(extra, list) else None
+    if items is None:
+        raise ConfigError("trainer.callbacks", f"a list of {{_target_: ...}} is expected, got {extra!r}")
+    for key, node in items:
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"trainer.callbacks.{key}", f"{{_target_: ...}} expected, got {node!r}")
+        out.append(_instantiate(OmegaConf.create(node), f"trainer.callbacks.{key}"))
+    return out
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_every: int = 1):
     """A Trainer writing last.ckpt (resume) each epoch; ``selection`` (adtrain.selection.Selection)
     keeps the selected state in best.ckpt."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -91,6 +127,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_ev
     # RunState: RNG states and fit time travel in last.ckpt, so a resumed fit ends as an uninterrupted one
     callbacks = [ckpt, RunState()] + ([selection] if selection is not None else [])
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    callbacks += build_callbacks(cfg, kwargs.pop("callbacks", None))
+    for key, value in kwargs.items():  # e.g. trainer.profiler={_target_: ...SimpleProfiler}
+        if isinstance(value, dict) and value.get("_target_"):
+            kwargs[key] = _instantiate(OmegaConf.create(value), f"trainer.{key}")
     max_epochs = kwargs.get("max_epochs")
     if val_every > 1 and kwargs.get("check_val_every_n_epoch") is None and max_epochs and max_epochs % val_every == 0:
         kwargs["check_val_every_n_epoch"] = int(val_every)  # skipped epochs do not even load the validation set
@@ -101,4 +141,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_ev
         )
     except TypeError as err:
         raise ConfigError("trainer", str(err)) from None
+    except MisconfigurationException as err:  # e.g. a progress bar callback with enable_progress_bar=false
+        raise ConfigError("trainer", str(err).replace("\n", " ")) from None
     return trainer, ckpt

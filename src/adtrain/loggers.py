@@ -48,6 +48,33 @@ def wandb_logger(
     return logger
 
 
+def default_group(cfg) -> str | None:
+    """The W&B group of a run whose logger.group is null: the sweep directory in a multirun (every
+    job of one sweep together), else `<schedule>-<method>-<data>` for a continual schedule, else none."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode is not None and hc.mode.name == "MULTIRUN":
+            return str(hc.sweep.dir)[-128:]  # W&B groups hold at most 128 characters
+    schedule = cfg.get("schedule")
+    if schedule is not None and schedule.get("tasks"):
+        return f"{schedule.name}-{cfg.method.name}-{cfg.data.name}"
+    return None
+
+
+def log_config(logger, cfg) -> None:
+    """W&B: the resolved run config as the run's config (`hydra` left out: it is in .hydra/).
+    Other loggers are left alone (the run directory has config.yaml already)."""
+    from omegaconf import OmegaConf
+
+    if not is_wandb(logger):
+        return
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    logger.log_hyperparams(container)
+
+
 def is_wandb(logger) -> bool:
     return type(logger).__name__ == "WandbLogger"
 

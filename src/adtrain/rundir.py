@@ -7,7 +7,7 @@
   earlier outputs are deleted first).
 - On success, a stale error.txt of an earlier attempt is removed.
 
-``RunDirGuard`` (a Hydra callback, conf/config.yaml) does these checks *before* Hydra writes
+``RunDirGuard`` (a Hydra callback, adtrain/conf/config.yaml) does these checks *before* Hydra writes
 ``.hydra/`` into the directory, and for ``resume=true`` keeps the run's original ``.hydra`` record
 (Hydra is told not to write one: ``hydra.output_subdir=null`` for that job).
 """

@@ -233,18 +233,35 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def kmeans(features: torch.Tensor, k: int, niter: int = 20, seed: int = 0) -> torch.Tensor:
-    """k-means centres (k,D): k-means++ seeding, then FAISS Lloyd iterations (faiss.Kmeans).
-    Returned on the features' device, fp32."""
-    import faiss
+    """k-means centres (k,D): k-means++ seeding, then FAISS Lloyd iterations (faiss.Kmeans), or
+    the same iterations in torch when FAISS is not installed (an empty cluster keeps its centre
+    where FAISS splits a large one). Returned on the features' device, fp32."""
     import numpy as np
 
     n_points, dim = features.shape
     if not 1 <= k <= n_points:
         raise AdtrainError(f"kmeans: k must be in [1, {n_points}], got {k}")
     xt = features.detach().float()
-    init = xt[kmeans_plus_plus(xt, int(k), seed).to(xt.device)].cpu().numpy()
+    init_t = xt[kmeans_plus_plus(xt, int(k), seed).to(xt.device)]
+    try:
+        import faiss
+    except ImportError:  # the default install has no FAISS (extras faiss-cpu | faiss-gpu)
+        return _lloyd_torch(xt, init_t, int(niter)).to(features.device)
+    init = init_t.cpu().numpy()
     x = np.ascontiguousarray(xt.cpu().numpy())
     km = faiss.Kmeans(dim, int(k), niter=int(niter), seed=int(seed), verbose=False,
                       max_points_per_centroid=max(256, math.ceil(n_points / k)))
     km.train(x, init_centroids=np.ascontiguousarray(init))
     return torch.from_numpy(km.centroids.copy()).to(features.device)
+
+
+def _lloyd_torch(x: torch.Tensor, centres: torch.Tensor, niter: int, chunk: int = 16384) -> torch.Tensor:
+    """Lloyd iterations: assign each point to its nearest centre (chunked), move centres to means."""
+    c = centres.clone()
+    for _ in range(niter):
+        assign = torch.cat([torch.cdist(x[i:i + chunk], c).argmin(dim=1) for i in range(0, len(x), chunk)])
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=len(c))
+        filled = counts > 0
+        c[filled] = sums[filled] / counts[filled].unsqueeze(1).to(c.dtype)
+    return c

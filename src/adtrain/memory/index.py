@@ -19,11 +19,33 @@ BACKENDS = ("auto", "faiss", "torch")
 _GPU_RESOURCES = None
 
 
+_BUILDS_CHECKED = False
+
+
+def _warn_if_both_builds() -> None:
+    """faiss-cpu and faiss-gpu-* install the same module: one overwrites the other (FAISS: pick one)."""
+    global _BUILDS_CHECKED
+    if _BUILDS_CHECKED:
+        return
+    _BUILDS_CHECKED = True
+    from importlib.metadata import distributions
+
+    names = {(d.metadata["Name"] or "").lower() for d in distributions()}
+    found = sorted(n for n in names if n == "faiss-cpu" or n.startswith("faiss-gpu"))
+    if "faiss-cpu" in found and len(found) > 1:
+        import logging
+
+        logging.getLogger("adtrain").warning(
+            "both %s are installed: they provide the same `faiss` module; keep one "
+            "(pip uninstall faiss-cpu for GPU search, adtrain's extras faiss-cpu | faiss-gpu)", " and ".join(found))
+
+
 def faiss_available() -> bool:
     try:
         import faiss  # noqa: F401
     except ImportError:
         return False
+    _warn_if_both_builds()
     return True
 
 

@@ -15,9 +15,7 @@ def _params_path(name: str | None) -> Path | None:
         return None
     path = Path(name)
     if not path.is_absolute() and not path.exists():
-        from adtrain.__main__ import config_dir
-
-        path = Path(config_dir()) / "params" / name
+        path = Path(__file__).resolve().parent / name  # shipped beside this module (package data)
     return path
 
 

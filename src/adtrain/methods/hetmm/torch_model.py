@@ -61,7 +61,7 @@ class HetmmModel(nn.Module):
     Defaults (WRN101-2 layers 1-3 in the paper) are the per-layer most common values of the 15
     MVTec AD settings in the official repository (configs/MVTec_AD.yaml): windows forward
     13/9/7, backward 3/5/3, alpha 0.5/0.7/0.3 (layer-1 alphas are a three-way 5/5/5 tie, 0.5
-    is the middle), lambda 1/0.5/0.3. Per-category values: conf/params/hetmm_categories.yaml
+    is the middle), lambda 1/0.5/0.3. Per-category values: adtrain/methods/hetmm/hetmm_categories.yaml
     via `set_match_params(**load_category_params(path, category))`.
 
     S = sum_j lambda_j [alpha_j S_f^j + (1 - alpha_j) S_b^j], each layer's map upsampled to the
