@@ -14,6 +14,7 @@ Output: RUN/export/model.{pt,onnx,xml} by default. docs/EXPORT.md has the detail
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 
@@ -61,7 +62,9 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
     }
     path = Path(out) if out else default_export_path(checkpoint, format)
     example = _trace_inputs(layout, min(batch, limit or batch), pre.image_size)
-    WRITERS[format](graph, example, meta, path)
+    with warnings.catch_warnings():  # the tracer's notes on shapes fixed at export (sizes, bank length)
+        warnings.simplefilter("ignore")
+        WRITERS[format](graph, example, meta, path)
     log.info("exported %s (%s) to %s", meta["method"], format, path)
     return path
 

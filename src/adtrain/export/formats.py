@@ -135,7 +135,9 @@ def open_export(path: str | Path, device: str = "cpu") -> tuple[dict, Callable[[
             core = ov.Core()
             model = core.read_model(str(path))
             meta = json.loads(model.get_rt_info(META_KEY).astype(str))
-            compiled = core.compile_model(model, "GPU" if device.startswith("cuda") else "CPU")
+            # f32 throughout: OpenVINO otherwise runs bf16/f16 where the CPU or GPU has it
+            compiled = core.compile_model(model, "GPU" if device.startswith("cuda") else "CPU",
+                                          {"INFERENCE_PRECISION_HINT": "f32"})
 
             def run(batch: np.ndarray) -> dict:
                 res = compiled(batch)

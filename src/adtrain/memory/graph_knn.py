@@ -61,3 +61,11 @@ def graph_knn(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int = 8,
     d = graph_distances(queries, bank, cand, eps=0.0)
     d, order = torch.sort(d, dim=1)
     return d[:, :k], torch.gather(cand, 1, order)[:, :k]
+
+
+def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """torch.logsumexp, written out while traced: OpenVINO (2026.4) misreads ONNX ReduceLogSumExp."""
+    if not in_graph():
+        return torch.logsumexp(x, dim=dim)
+    top = x.amax(dim=dim, keepdim=True)
+    return (top + (x - top).exp().sum(dim=dim, keepdim=True).log()).squeeze(dim)
