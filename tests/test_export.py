@@ -70,7 +70,7 @@ def _check_against_run(pred, run_dir):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
     from adtrain import Detector
-    from adtrain.export import export
+    from adtrain.export import FORMATS, export
 
     run_dir = runs(method)
     ckpt = run_dir / "checkpoints" / "model.ckpt"
@@ -79,7 +79,7 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
     _check_against_run(from_ckpt, run_dir)
     formats = ["torchscript", "onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
     for fmt in formats:
-        path = export(ckpt, fmt, out=tmp_path / f"model.{fmt}", batch=2)
+        path = export(ckpt, fmt, out=tmp_path / f"model{FORMATS[fmt]}", batch=2)
         pred = Detector.load(path, device="cpu", batch_size=3).predict(paths)  # not the traced batch of 2
         _check_against_run(pred, run_dir)
         np.testing.assert_allclose(pred.maps, from_ckpt.maps, atol=1e-4)

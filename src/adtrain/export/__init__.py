@@ -49,6 +49,8 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         raise ConfigError("layout", f"must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError("batch", f"must be a whole number >= 1, got {batch!r}")
+    if out and format != "torchscript" and Path(out).suffix != FORMATS[format]:
+        raise ConfigError("out", f"a {format} export is a {FORMATS[format]} file, got {out}")
     method, cfg, _ = load_method(checkpoint)
     check_exportable(method, checkpoint)
     pre, _ = run_preprocessing(cfg)
