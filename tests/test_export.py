@@ -21,7 +21,8 @@ METHODS = {
     "stfpm": ["trainer.limit_train_batches=1"],
     "dfm": ["trainer.max_epochs=2", "method.rounds=1", "method.stage1_epochs=1", "method.stage2_epochs=1",
             "method.memory_size=32", "method.mem_chunk=8"],  # 4 memory chunks in the graph
-    "hetmm": ["method.chunk_size=2"],  # two template chunks; batches above 2 are split
+    "hetmm": ["method.chunk_size=2", "method.forward_windows=[3,3,3]", "method.backward_windows=[5,3,3]"],
+    # two template chunks, batches above 2 split; small windows keep the unrolled graph small
 }
 
 

@@ -10,6 +10,7 @@ checkpoints are the format that runs no code when read.
 from __future__ import annotations
 
 import json
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,8 @@ FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "openvino": ".xml"}
 META_KEY = "adtrain.json"
 INPUT_NAME = "images"
 OPSET = 17
+#: an ONNX graph with more tensor bytes than this stores them in a .data file beside it
+LARGE_BYTES = 3 << 29
 
 
 def _require(module: str, fmt: str):
@@ -56,19 +59,22 @@ def _dynamic_axes(layout: str) -> dict:
 
 
 def write_onnx(graph, example: torch.Tensor, meta: dict, path: Path) -> Path:
+    """No constant folding: folded slices of a memory bank would store it twice. A graph over
+    ONNX's 2 GB protobuf limit keeps its tensors in one PATH.data file beside it."""
     onnx = _require("onnx", "onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.trace")
-    try:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        traced = Path(tmp) / "model.onnx"  # torch writes its own external files beside it when large
         with torch.no_grad():
-            torch.onnx.export(graph, (example,), str(tmp), input_names=[INPUT_NAME], output_names=list(OUTPUTS),
-                              dynamic_axes=_dynamic_axes(meta["layout"]), opset_version=OPSET, dynamo=False)
-        model = onnx.load(str(tmp))
-    finally:
-        tmp.unlink(missing_ok=True)
+            torch.onnx.export(graph, (example,), str(traced), input_names=[INPUT_NAME], output_names=list(OUTPUTS),
+                              dynamic_axes=_dynamic_axes(meta["layout"]), opset_version=OPSET, dynamo=False,
+                              do_constant_folding=False)
+        model = onnx.load(str(traced))
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
-    return _atomic(path, lambda t: onnx.save(model, t))
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > LARGE_BYTES
+    return _atomic(path, lambda t: onnx.save(model, t, save_as_external_data=big, all_tensors_to_one_file=True,
+                                             location=f"{path.name}.data"))
 
 
 def write_openvino(graph, example: torch.Tensor, meta: dict, path: Path) -> Path:
