@@ -84,6 +84,17 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
         pred = Detector.load(path, device="cpu", batch_size=5).predict(paths)  # not the traced 2; HETMM: split to 4
         _check_against_run(pred, run_dir)
         np.testing.assert_allclose(pred.maps, from_ckpt.maps, atol=1e-4)
+        if method == "dfm" and fmt == "onnx":
+            _assert_memory_read_in_chunks(path, memory=32, chunk=8)
+
+
+def _assert_memory_read_in_chunks(path, memory: int, chunk: int):
+    """One distance block (MatMul) per chunk of the memory, not one over the whole memory (the
+    search has the graph's only MatMuls)."""
+    import onnx
+
+    matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == -(-memory // chunk), [n.name for n in matmuls]
 
 
 def test_raw_onnx_graph_takes_uint8_nchw_of_any_size_and_resizes_inside(runs, tmp_path):

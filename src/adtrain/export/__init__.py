@@ -34,8 +34,9 @@ def default_export_path(checkpoint: str | Path, fmt: str) -> Path:
 def max_batch(method) -> int | None:
     """The largest batch one call of the export may take (None: any). HETMM's image chunking is
     fixed when traced: batches above its chunk_size would be cut."""
-    chunk = getattr(getattr(method, "model", None), "chunk_size", None)
-    return int(chunk) if chunk is not None and hasattr(method.model, "template_set") else None
+    from adtrain.methods.hetmm.torch_model import HetmmModel
+
+    return int(method.model.chunk_size) if isinstance(method.model, HetmmModel) else None
 
 
 def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None = None, layout: str = "nhwc",
