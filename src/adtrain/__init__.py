@@ -14,6 +14,8 @@ _LAZY = {
     "test": "adtrain.api",
     "Run": "adtrain.api",
     "QUICKSTART": "adtrain.api",
+    "Detector": "adtrain.inference.detector",
+    "Prediction": "adtrain.inference.detector",
 }
 
 __all__ = ["__version__", *_LAZY]

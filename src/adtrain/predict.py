@@ -3,8 +3,9 @@
     python -m adtrain.predict checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB' [out=DIR]
         [batch_size=16] [device=auto|cpu|cuda] [heatmaps=true]
 
-The decision threshold is the one fitted on held-out normals during training: a checkpoint without
-one (a training checkpoint such as last.ckpt) is refused. Output goes to RUN/predictions by
+checkpoint: a finished run's model.ckpt or an export of it (adtrain-export: .onnx, .pt, .xml); both
+go through `adtrain.Detector`. The decision threshold is the one fitted on held-out normals during
+training: a checkpoint without one (a training checkpoint such as last.ckpt) is refused. Output goes to RUN/predictions by
 default (RUN: the run the checkpoint belongs to), replaces the heatmaps and CSV of an earlier call
 there, and heatmaps are named after each image's folder and file (good__000.png, crack__000.png).
 """
@@ -16,9 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from adtrain.errors import AdtrainError, ConfigError, DataError
@@ -67,19 +68,11 @@ def heatmap_names(files: list[str]) -> list[str]:
 
 
 def _check_args(batch_size, device: str) -> torch.device:
+    from adtrain.inference.detector import resolve_device
+
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", f"must be a whole number >= 1, got {batch_size!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError("device", f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", f"{device} asked for, but no CUDA GPU is visible; use device=cpu or auto")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError("device", f"unsupported device {device!r}; use auto, cpu or cuda")
-    return dev
+    return resolve_device(device)
 
 
 def _clear_earlier(out_dir: Path) -> None:
@@ -91,40 +84,34 @@ def _clear_earlier(out_dir: Path) -> None:
 
 def predict(checkpoint: str, images: str, out: str | None = None, batch_size: int = 16, device: str = "auto",
             heatmaps: bool = True, num_workers: int = 0) -> Path:
-    from adtrain.build import _instantiate
-    from adtrain.checkpoint import load_method
+    from adtrain.inference.detector import Detector
     from adtrain.io import save_image
-    from adtrain.run import write_scores_csv
-    from adtrain.viz import denormalize, overlay_panel
+    from adtrain.engine import write_scores_csv
+    from adtrain.viz import overlay_panel
 
-    dev = _check_args(batch_size, device)
+    _check_args(batch_size, device)
     files = list_images(images)
-    method, cfg, _ = load_method(checkpoint)
-    if not torch.isfinite(method.threshold):
+    detector = Detector.load(checkpoint, device=device, batch_size=batch_size)
+    if not np.isfinite(detector.threshold):
         raise DataError(checkpoint, "holds no fitted threshold (a training checkpoint such as last.ckpt?): "
                         "use the finished run's checkpoints/model.ckpt")
-    method.to(dev)
     out_dir = Path(out) if out else default_out_dir(checkpoint)
     _clear_earlier(out_dir)
     names = dict(zip(files, heatmap_names(files)))
-    dm = _instantiate(cfg.data, "data", drop=("name",))
-    loader = DataLoader(dm.predict_dataset(files), batch_size=batch_size, num_workers=num_workers)
-    thr = float(method.threshold)
+    thr = detector.threshold
     records = []
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="predict", unit="batch"):
-            res = method.anomaly_output(batch["image"].to(dev))
-            norm = method.normalize(res.pred_score, method.score_center).cpu()
-            for i, path in enumerate(batch["path"]):
-                score = float(res.pred_score[i])
-                records.append({
-                    "path": path, "heatmap": f"heatmaps/{names[path]}" if heatmaps else None, "score": score, "normalized_score": float(norm[i]),
-                    "threshold": thr, "is_anomalous": int(score > thr) if thr == thr else None,
-                })
-                if heatmaps:
-                    amap = method.normalize(res.anomaly_map[i, 0], method.map_center).clamp(0, 1).cpu().numpy()
-                    panel = overlay_panel(denormalize(batch["image"][i]), amap, None, f"score {score:.4g}")
-                    save_image(panel, out_dir / "heatmaps" / names[path])
+    batches = detector.predict_batches(files, batch_size, num_workers=num_workers)
+    for pred in tqdm(batches, desc="predict", unit="batch", total=-(-len(files) // batch_size)):
+        for i, path in enumerate(pred.names):
+            score = float(pred.scores[i])
+            records.append({
+                "path": path, "heatmap": f"heatmaps/{names[path]}" if heatmaps else None, "score": score,
+                "normalized_score": float(pred.normalized_scores[i]), "threshold": thr,
+                "is_anomalous": int(pred.decisions[i]),
+            })
+            if heatmaps:
+                panel = overlay_panel(pred.inputs[i], pred.maps[i], None, f"score {score:.4g}")
+                save_image(panel, out_dir / "heatmaps" / names[path])
     write_scores_csv(out_dir / "predictions.csv", records)
     log.info("%d images scored; %s", len(records), out_dir / "predictions.csv")
     return out_dir

@@ -13,7 +13,7 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from adtrain.build import build_datamodule, build_logger, build_method
-from adtrain.engine import fit_and_test, write_scores_csv  # noqa: F401 (write_scores_csv: adtrain.predict)
+from adtrain.engine import fit_and_test
 from adtrain.errors import ConfigError
 from adtrain.io import write_text
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory.coreset import greedy_coreset, kmeans
+from adtrain.memory.graph_knn import graph_knn, in_graph
 from adtrain.memory.index import (
     BACKENDS,
     INDEXES,
@@ -283,6 +284,8 @@ class MemoryBank(nn.Module):
         if queries.shape[0] == 0:
             return (torch.empty(0, k, device=queries.device),
                     torch.empty(0, k, dtype=torch.long, device=queries.device))
+        if in_graph():  # traced for export: FAISS and in-place chunking cannot be recorded
+            return graph_knn(queries, bank, k, RERANK_PAD, self.bank_chunk)
         kc = min(bank.shape[0], k + RERANK_PAD)
         # a host bank searched by CUDA queries is streamed to their GPU; else the bank's device
         dev = queries.device if queries.is_cuda and not bank.is_cuda else bank.device

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from adtrain.memory.bank import RERANK_PAD, MemoryBank, rerank
+from adtrain.memory.graph_knn import graph_distances, in_graph
 from adtrain.memory.index import torch_search
 
 _ELEMS = 1 << 23  # rows per chunk: about this many gathered floats
@@ -71,6 +72,8 @@ class _GatheredDistance(torch.autograd.Function):
 
 def gathered_distances(queries, bank, idx, eps: float = 1e-12, squared: bool = False):
     """Distances (M,k) between queries (M,D) and bank[idx] (idx (M,k)), differentiable."""
+    if in_graph():  # traced for export: the same distances as plain ops
+        return graph_distances(queries, bank, idx, eps=eps, squared=squared)
     return _GatheredDistance.apply(queries, bank, idx.to(bank.device), float(eps), bool(squared))
 
 

@@ -66,6 +66,31 @@ class AnomalyModule(LightningModule):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         return self.anomaly_output(images)
 
+    def inference_outputs(self, out: AnomalyOutput) -> dict[str, torch.Tensor]:
+        """What a prediction returns, from the model's raw output: ``score`` (B,) raw image score,
+        ``normalized_score`` (B,) (0 at the normal median, 0.5 at the threshold), ``map`` (B,H,W)
+        display-normalised to [0, 1] (0.5 = threshold; per-image min-max when no threshold is
+        fitted) and ``decision`` (B,) bool, score > threshold. Exports trace this very code."""
+        score = out.pred_score.float()
+        amap = out.anomaly_map[:, 0].float()
+        if torch.isfinite(self.threshold):
+            norm_map = self.normalize(amap, self.map_center).clamp(0, 1)
+        else:
+            low = amap.flatten(1).amin(dim=1).view(-1, 1, 1)
+            norm_map = (amap - low) / (amap.flatten(1).amax(dim=1).view(-1, 1, 1) - low).clamp_min(1e-12)
+        return {"score": score, "normalized_score": self.normalize(score, self.score_center),
+                "map": norm_map, "decision": score > self.threshold}
+
+    def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Any]:
+        """``trainer.predict``: a batch of normalised images (a tensor, or a dict with ``image`` and
+        optionally ``path``) -> `inference_outputs` on the CPU (plus ``path`` when given)."""
+        images = batch["image"] if isinstance(batch, dict) else batch
+        with torch.no_grad():
+            res = {k: v.cpu() for k, v in self.inference_outputs(self.anomaly_output(images)).items()}
+        if isinstance(batch, dict) and "path" in batch:
+            res["path"] = list(batch["path"])
+        return res
+
     # ----------------------------------------------------------------- helpers
     def check_finite(self, loss: torch.Tensor, name: str = "loss") -> None:
         if not torch.isfinite(loss).all():

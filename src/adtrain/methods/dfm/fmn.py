@@ -24,6 +24,7 @@ from torch import nn
 
 from adtrain.errors import AdtrainError
 from adtrain.memory import gathered_distances
+from adtrain.memory.graph_knn import graph_candidates, in_graph
 
 
 def _sq_block(p: torch.Tensor, m: torch.Tensor, m_sq: torch.Tensor) -> torch.Tensor:
@@ -140,8 +141,12 @@ class FeatureMatchingNetwork(nn.Module):
             p = patches.float()
             mem = self.memory
             # pre-select on exactly what is matched: a_k * d + b_k * r (r = dist_ref)
-            cand = modulated_candidates(p, mem, self.mem_scale, self.mem_shift * self.dist_ref, self.candidates,
-                                        self.row_chunk, self.mem_chunk)
+            if in_graph():  # traced for export: chunked over memory only, plain ops
+                cand = graph_candidates(p, mem, self.candidates, self.mem_chunk, self.mem_scale,
+                                        self.mem_shift * self.dist_ref)
+            else:
+                cand = modulated_candidates(p, mem, self.mem_scale, self.mem_shift * self.dist_ref,
+                                            self.candidates, self.row_chunk, self.mem_chunk)
             d = gathered_distances(p, mem, cand)  # exact, (N,c), gradients to p and mem
             v = d * self.mem_scale[cand] + self.mem_shift[cand] * self.dist_ref
             s, j = v.min(dim=1)

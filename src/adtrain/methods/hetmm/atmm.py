@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from adtrain.errors import ConfigError
+from adtrain.memory.graph_knn import in_graph
 
 __all__ = ["atmm_forward", "atmm_backward", "atmm_mutual", "atmm_naive"]
 
@@ -50,6 +51,8 @@ def _shift_map(x: torch.Tensor, dy: int, dx: int, r: int) -> torch.Tensor:
 def _position_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(n,C,H,W) -> contiguous (H*W, n, C) in `dtype`, as one 2-d transpose copy."""
     n, c, h, w = x.shape
+    if in_graph():  # traced for export: no in-place copy; the batch size stays symbolic
+        return x.reshape(n * c, h * w).t().to(dtype).reshape(h * w, -1, c)
     out = torch.empty(h * w, n * c, dtype=dtype, device=x.device)
     out.copy_(x.reshape(n * c, h * w).t())
     return out.view(h * w, n, c)
@@ -80,8 +83,8 @@ def atmm_mutual(
     hw = h * w
     dev = query.device
     neg = float("-inf")
-    s_f = torch.full((b_all, h, w), neg, dtype=torch.float32, device=dev)
-    s_b = torch.full((b_all, h, w), neg, dtype=torch.float32, device=dev)
+    f_parts: dict[int, torch.Tensor] = {}  # per image chunk: running maxima over template chunks
+    b_parts: dict[int, torch.Tensor] = {}
     # validity of q + o for every offset: built once on the (H,W) grid
     ones = torch.zeros(1, h, w, dtype=torch.float32, device=dev)
     offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
@@ -94,22 +97,25 @@ def atmm_mutual(
             qc = query[b0 : b0 + chunk_size]
             nb = qc.shape[0]
             # (b,C,H+2r,W+2r) -> (H+2r, W+2r, b, C): slicing a window offset is then cheap
-            qp = _position_major(F.pad(qc, (r, r, r, r)), compute_dtype).view(h + 2 * r, w + 2 * r, nb, c)
-            f_acc = s_f[b0 : b0 + nb]
-            b_acc = s_b[b0 : b0 + nb]
+            qp = _position_major(F.pad(qc, (r, r, r, r)), compute_dtype).reshape(h + 2 * r, w + 2 * r, -1, c)
+            f_acc = f_parts.get(b0, torch.full_like(qc[:, 0], neg, dtype=torch.float32))
+            b_acc = b_parts.get(b0, torch.full_like(qc[:, 0], neg, dtype=torch.float32))
             # several offsets share one bmm (rows = offsets x images): T is read once per group
             group = max(1, min(len(offsets), rows_per_bmm // nb))
             for g0 in range(0, len(offsets), group):
                 offs = offsets[g0 : g0 + group]
                 qs = torch.stack([qp[r + dy : r + dy + h, r + dx : r + dx + w] for dy, dx in offs], dim=2)
-                dots = torch.bmm(qs.reshape(hw, len(offs) * nb, c), tc)  # <Q(q+o), T_t(q)>
-                best = dots.amax(dim=2).float().reshape(h, w, len(offs), nb)
+                dots = torch.bmm(qs.reshape(hw, -1, c), tc)  # <Q(q+o), T_t(q)>
+                best = dots.amax(dim=2).float().reshape(h, w, len(offs), -1)
                 for i, (dy, dx) in enumerate(offs):
                     r_o = best[:, :, i].permute(2, 0, 1) + valid[(dy, dx)]  # (b,H,W)
                     if abs(dy) <= rb and abs(dx) <= rb:
-                        torch.maximum(b_acc, r_o, out=b_acc)
+                        b_acc = torch.maximum(b_acc, r_o)
                     if abs(dy) <= rf and abs(dx) <= rf:
-                        torch.maximum(f_acc, _shift_map(r_o, -dy, -dx, r), out=f_acc)
+                        f_acc = torch.maximum(f_acc, _shift_map(r_o, -dy, -dx, r))
+            f_parts[b0], b_parts[b0] = f_acc, b_acc
+    s_f = torch.cat([f_parts[k] for k in sorted(f_parts)])
+    s_b = torch.cat([b_parts[k] for k in sorted(b_parts)])
     return 1.0 - s_f, 1.0 - s_b
 
 

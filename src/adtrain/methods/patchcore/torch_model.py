@@ -11,6 +11,7 @@ from torch import nn
 
 from adtrain.errors import ConfigError
 from adtrain.memory import MemoryBank, bank_distances, nearest_distances
+from adtrain.memory.graph_knn import logsumexp
 from adtrain.methods.output import AnomalyOutput
 from adtrain.methods.patch_features import frozen_extractor, gaussian_blur2d, pooled_concat
 
@@ -79,7 +80,7 @@ class PatchcoreModel(nn.Module):
             return torch.ones_like(nn_dist)
         _, support = self.memory.search(self.memory.gather(nn_index), b)
         support_dist = bank_distances(query, self.memory, support).to(nn_dist.device)
-        return 1.0 - torch.exp(nn_dist - torch.logsumexp(support_dist, dim=1))
+        return 1.0 - torch.exp(nn_dist - logsumexp(support_dist, dim=1))
 
     def image_score(self, embedding: torch.Tensor, dist: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Reweighted max patch distance, (B,)."""

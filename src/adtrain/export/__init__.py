@@ -1,0 +1,104 @@
+"""Export a finished run's model as one graph: TorchScript, ONNX or OpenVINO.
+
+    adtrain-export checkpoint=RUN/checkpoints/model.ckpt format=torchscript|onnx|openvino
+        [out=FILE] [layout=nhwc|nchw] [batch=2]
+
+The graph takes a uint8 image batch (any size: it resizes to the run's image_size) and holds the
+run's preprocessing, the method's anomaly map and image score, the fitted threshold and the
+display normalisation; it returns score (B,), map (B,h,w) in [0,1] (0.5 = threshold), decision
+(B,) bool and normalized_score (B,). Memory banks are constants searched by a chunked exact
+nearest neighbour (adtrain.memory.graph_knn): no FAISS, memory bounded whatever the bank size.
+Output: RUN/export/model.{pt,onnx,xml} by default. docs/EXPORT.md has the details.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+
+from adtrain.errors import ConfigError
+from adtrain.export.formats import FORMATS, WRITERS, _trace_inputs
+from adtrain.inference.graph import LAYOUTS, InferenceGraph, check_exportable, run_preprocessing
+
+log = logging.getLogger("adtrain")
+
+
+def default_export_path(checkpoint: str | Path, fmt: str) -> Path:
+    from adtrain.predict import default_out_dir
+
+    return default_out_dir(checkpoint).parent / "export" / f"model{FORMATS[fmt]}"
+
+
+def max_batch(method) -> int | None:
+    """The largest batch one call of the export may take (None: any). HETMM's image chunking is
+    fixed when traced: batches above its chunk_size would be cut."""
+    from adtrain.methods.hetmm.torch_model import HetmmModel
+
+    return int(method.model.chunk_size) if isinstance(method.model, HetmmModel) else None
+
+
+def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None = None, layout: str = "nhwc",
+           batch: int = 2) -> Path:
+    """Write the export of a finished run's checkpoint; returns its path."""
+    from adtrain.loading import load_method
+
+    if format not in FORMATS:
+        raise ConfigError("format", f"must be one of {', '.join(FORMATS)}, got {format!r}")
+    if layout not in LAYOUTS:
+        raise ConfigError("layout", f"must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError("batch", f"must be a whole number >= 1, got {batch!r}")
+    if out and format != "torchscript" and Path(out).suffix != FORMATS[format]:
+        raise ConfigError("out", f"a {format} export is a {FORMATS[format]} file, got {out}")
+    method, cfg, _ = load_method(checkpoint)
+    check_exportable(method, checkpoint)
+    pre, _ = run_preprocessing(cfg)
+    graph = InferenceGraph(method.cpu(), pre, layout).eval()
+    limit = max_batch(method)
+    meta = {
+        "format": format, "method": str(cfg.method.get("name", type(method).__name__)), "layout": layout,
+        "preprocessing": pre.to_dict(), "threshold": float(method.threshold),
+        "score_center": float(method.score_center), "map_center": float(method.map_center),
+        "max_batch": limit, "checkpoint": str(checkpoint), "adtrain_version": _version(),
+    }
+    path = Path(out) if out else default_export_path(checkpoint, format)
+    example = _trace_inputs(layout, min(batch, limit or batch), pre.image_size)
+    with warnings.catch_warnings():  # the tracer's notes on shapes fixed at export (sizes, bank length)
+        warnings.simplefilter("ignore")
+        WRITERS[format](graph, example, meta, path)
+    log.info("exported %s (%s) to %s", meta["method"], format, path)
+    return path
+
+
+def _version() -> str:
+    from adtrain import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from adtrain.errors import AdtrainError
+
+    defaults = {"checkpoint": None, "format": "onnx", "out": None, "layout": "nhwc", "batch": 2}
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    args = OmegaConf.merge(OmegaConf.create(defaults),
+                           OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        unknown = set(args.keys()) - set(defaults)
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], f"unknown option; known: {', '.join(defaults)}")
+        if not args.checkpoint:
+            raise ConfigError("checkpoint", "required, e.g. checkpoint=RUN/checkpoints/model.ckpt format=onnx")
+        print(export(**OmegaConf.to_container(args)))
+    except AdtrainError as err:
+        print(f"adtrain-export: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["export", "main", "FORMATS"]

@@ -1,0 +1,3 @@
+from adtrain.export import main
+
+main()

@@ -1,0 +1,121 @@
+"""The whole inference path of a trained method as one torch module: what an export traces.
+
+uint8 images (B,H,W,3) or (B,3,H,W) -> resize to the run's image_size (bilinear, half-pixel
+centres, rounded to whole grey levels as OpenCV's uint8 resize is) -> centre crop -> ImageNet
+normalisation (the run's eval transform) -> the method's model -> `AnomalyModule.inference_outputs`
+(score, display map, decision against the fitted threshold, normalised score).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adtrain.errors import DataError
+
+LAYOUTS = ("nhwc", "nchw")
+#: output names, in the order the graph returns them
+OUTPUTS = ("score", "map", "decision", "normalized_score")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The run's eval transform, as data: stored with every export."""
+
+    image_size: tuple[int, int]
+    center_crop: tuple[int, int] | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the images the model sees."""
+        return tuple(self.center_crop or self.image_size)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        crop = d.get("center_crop")
+        return cls(tuple(d["image_size"]), tuple(crop) if crop else None, tuple(d["mean"]), tuple(d["std"]))
+
+
+def run_preprocessing(cfg) -> tuple[Preprocessing, object]:
+    """(Preprocessing, albumentations eval transform) of a run's config, from its data module
+    (built, not set up: no data is read)."""
+    from adtrain.build import _instantiate
+
+    dm = _instantiate(cfg.data, "data", drop=("name",))
+    pre = Preprocessing(tuple(dm.image_size), tuple(dm.center_crop) if dm.center_crop else None,
+                        tuple(float(v) for v in dm.mean), tuple(float(v) for v in dm.std))
+    return pre, dm.eval_transform()
+
+
+def routes_tasks(method) -> bool:
+    """Does the method route each image among several task states (a continual run)?"""
+    return bool(getattr(method, "routing", False)) or len(getattr(method, "task_memories", [])) > 1
+
+
+def check_exportable(method, checkpoint) -> None:
+    if not torch.isfinite(method.threshold):
+        raise DataError(checkpoint, "holds no fitted threshold (a training checkpoint such as last.ckpt?): "
+                                    "use the finished run's checkpoints/model.ckpt")
+    if routes_tasks(method):
+        raise DataError(checkpoint, "is a continual run that routes images among several tasks: export "
+                                    "is for one task's model (export a task's checkpoint from a single-task run)")
+
+
+class MethodScorer(nn.Module):
+    """A method's torch model, fitted threshold and centres, scored by the method's own code
+    (`AnomalyModule.anomaly_output`, `inference_outputs`) without the Lightning module, which
+    cannot be traced. For one-task models (see `check_exportable`)."""
+
+    def __init__(self, method):
+        super().__init__()
+        from adtrain.methods.base import AnomalyModule
+
+        self.model = method.model
+        for name in ("threshold", "score_center", "map_center"):
+            self.register_buffer(name, getattr(method, name).detach().clone())
+        self._bind = AnomalyModule
+
+    def anomaly_output(self, images):
+        return self._bind.anomaly_output(self, images)
+
+    def normalize(self, values, center):
+        return self._bind.normalize(self, values, center)
+
+    def inference_outputs(self, out):
+        return self._bind.inference_outputs(self, out)
+
+
+class InferenceGraph(nn.Module):
+    """uint8 images -> (score (B,), map (B,h,w) in [0,1], decision (B,) bool, normalized_score (B,))."""
+
+    def __init__(self, method, pre: Preprocessing, layout: str = "nhwc"):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.method = MethodScorer(method).eval()
+        self.pre, self.layout = pre, layout
+        self.register_buffer("shift", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("scale", 1.0 / (torch.tensor(pre.std, dtype=torch.float64) * 255.0).float().view(1, 3, 1, 1))
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2) if self.layout == "nhwc" else images
+        x = F.interpolate(x.float(), size=self.pre.image_size, mode="bilinear", align_corners=False)
+        x = x.round().clamp(0.0, 255.0)  # same size: exact identity
+        if self.pre.center_crop is not None:
+            (h, w), (ch, cw) = self.pre.image_size, self.pre.center_crop
+            top, left = (h - ch) // 2, (w - cw) // 2
+            x = x[:, :, top : top + ch, left : left + cw]
+        return (x - self.shift) * self.scale
+
+    def forward(self, images: torch.Tensor):
+        with torch.no_grad():
+            res = self.method.inference_outputs(self.method.anomaly_output(self.preprocess(images)))
+        return tuple(res[name] for name in OUTPUTS)

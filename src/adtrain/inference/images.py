@@ -1,0 +1,49 @@
+"""What `Detector.predict` accepts as images, as RGB uint8 (H,W,3) arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adtrain.errors import DataError
+
+
+def _from_array(arr: np.ndarray, where: str) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        raise DataError(where, f"image arrays must be uint8 (0-255), got {arr.dtype}")
+    if arr.ndim == 2:
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return np.ascontiguousarray(arr[:, :, :3])
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        return np.repeat(arr, 3, axis=2)
+    raise DataError(where, f"expected an (H,W), (H,W,3) or (H,W,4) image, got shape {arr.shape}")
+
+
+def as_rgb(image: Any, where: str) -> np.ndarray:
+    """A path, PIL image or uint8 array -> RGB uint8 (H,W,3); DataError naming it otherwise."""
+    from PIL import Image
+
+    from adtrain.data.image_io import image_to_rgb, read_image
+
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return image_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, where)
+    raise DataError(where, f"not an image: give a path, a PIL image or a uint8 array, got {type(image).__name__}")
+
+
+def image_list(images: Any) -> tuple[list[Any], list[str]]:
+    """(items, names) from one image, a list of them, or an (N,H,W[,C]) uint8 batch array."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        items = list(images)
+    elif isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        items = [images]
+    names = [str(x) if isinstance(x, (str, Path)) else f"images[{i}]" for i, x in enumerate(items)]
+    return items, names

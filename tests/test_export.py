@@ -1,0 +1,208 @@
+"""Export and the inference API: every method's export (TorchScript, ONNX; OpenVINO where it is
+installed) and `adtrain.Detector` reproduce the run's scores.csv on its test images."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import FAST_BASE, compose
+
+pytest.importorskip("onnxruntime")
+
+RTOL = 1e-4
+METHODS = {
+    "patchcore": ["method.coreset_ratio=0.25", "method.center_crop=[56,56]"],  # crop inside the graph
+    "cfa": ["trainer.limit_train_batches=1"],
+    "stfpm": ["trainer.limit_train_batches=1"],
+    "dfm": ["trainer.max_epochs=2", "method.rounds=1", "method.stage1_epochs=1", "method.stage2_epochs=1",
+            "method.memory_size=32", "method.mem_chunk=8"],  # 4 memory chunks in the graph
+    "hetmm": ["method.chunk_size=4", "method.forward_windows=[3,3,3]", "method.backward_windows=[5,3,3]"],
+    # two template chunks, batches above 4 split; small windows keep the unrolled graph small
+}
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory):
+    from adtrain.data.testing import write_mvtec_tree
+
+    return write_mvtec_tree(tmp_path_factory.mktemp("data"), "widget", n_train=10, n_test_good=3,
+                            defects={"crack": 3}, size=64)
+
+
+@pytest.fixture(scope="module")
+def runs(mvtec_root, tmp_path_factory):
+    """One tiny finished run per method, made on first use."""
+    from adtrain.run import run
+
+    made = {}
+
+    def get(method: str):
+        if method not in made:
+            out = tmp_path_factory.mktemp(method)
+            run(compose(*FAST_BASE, "data=mvtec", f"data.root={mvtec_root}", "data.category=widget",
+                        "data.num_workers=0", f"method={method}", *METHODS[method]), out)
+            made[method] = out
+        return made[method]
+
+    return get
+
+
+def _scores_csv(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "scores.csv")))
+    return ([r["path"] for r in rows], np.array([float(r["score"]) for r in rows]),
+            np.array([float(r["normalized_score"]) for r in rows]), np.array([int(r["prediction"]) for r in rows]))
+
+
+def _check_against_run(pred, run_dir):
+    paths, scores, norm, decisions = _scores_csv(run_dir)
+    assert pred.names == paths
+    np.testing.assert_allclose(pred.scores, scores, rtol=RTOL, atol=0)
+    np.testing.assert_allclose(pred.normalized_scores, norm, rtol=RTOL, atol=1e-6)
+    assert pred.decisions.tolist() == decisions.astype(bool).tolist()
+    assert 0 < pred.decisions.sum() < len(pred) or len(set(decisions)) == 1  # the test can tell
+    assert pred.maps.shape[0] == len(paths) and 0.0 <= pred.maps.min() and pred.maps.max() <= 1.0
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
+    from adtrain import Detector
+    from adtrain.export import FORMATS, export
+
+    run_dir = runs(method)
+    ckpt = run_dir / "checkpoints" / "model.ckpt"
+    paths = _scores_csv(run_dir)[0]
+    from_ckpt = Detector.load(ckpt, device="cpu", batch_size=4).predict(paths)
+    _check_against_run(from_ckpt, run_dir)
+    formats = ["torchscript", "onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    for fmt in formats:
+        path = export(ckpt, fmt, out=tmp_path / f"model{FORMATS[fmt]}", batch=2)
+        pred = Detector.load(path, device="cpu", batch_size=5).predict(paths)  # not the traced 2; HETMM: split to 4
+        _check_against_run(pred, run_dir)
+        np.testing.assert_allclose(pred.maps, from_ckpt.maps, atol=1e-4)
+        if method == "dfm" and fmt == "onnx":
+            _assert_memory_read_in_chunks(path, memory=32, chunk=8)
+
+
+def _assert_memory_read_in_chunks(path, memory: int, chunk: int):
+    """One distance block (MatMul) per chunk of the memory, not one over the whole memory (the
+    search has the graph's only MatMuls)."""
+    import onnx
+
+    matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == -(-memory // chunk), [n.name for n in matmuls]
+
+
+def test_raw_onnx_graph_takes_uint8_nchw_of_any_size_and_resizes_inside(runs, tmp_path):
+    """The graph itself, without Detector: resize + crop + normalise inside, as the eval transform
+    does (an image at the run's size is passed through exactly; another size within a grey level)."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    from adtrain.export import export
+
+    run_dir = runs("patchcore")
+    paths, scores, _, decisions = _scores_csv(run_dir)
+    path = export(run_dir / "checkpoints" / "model.ckpt", "onnx", out=tmp_path / "m.onnx", layout="nchw")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).transpose(0, 3, 1, 2)
+    score, amap, decision, _ = sess.run(None, {"images": np.ascontiguousarray(imgs)})
+    np.testing.assert_allclose(score, scores, rtol=RTOL)
+    assert decision.tolist() == decisions.astype(bool).tolist() and amap.shape == (len(paths), 56, 56)
+    big = np.ascontiguousarray(np.repeat(np.repeat(imgs, 2, axis=2), 2, axis=3))  # 128x128 -> resized inside
+    score_big = sess.run(["score"], {"images": big})[0]
+    np.testing.assert_allclose(score_big, scores, rtol=RTOL)  # 2x2 blocks: bilinear halves exactly
+
+
+def test_graph_knn_is_exact_with_many_chunks():
+    from adtrain.memory.graph_knn import graph_candidates, graph_knn
+
+    g = torch.Generator().manual_seed(0)
+    bank, q = torch.randn(1000, 16, generator=g), torch.randn(50, 16, generator=g)
+    d, idx = graph_knn(q, bank, 3, chunk=64)
+    ref = torch.cdist(q.double(), bank.double())
+    ref_d, ref_i = ref.topk(3, largest=False)
+    assert torch.equal(idx, ref_i) and torch.allclose(d.double(), ref_d, rtol=1e-5)
+    scale, shift = torch.rand(1000, generator=g) + 0.5, torch.rand(1000, generator=g)
+    cand = graph_candidates(q, bank, 2, 64, scale, shift)
+    assert torch.equal(cand, (ref.float() * scale + shift).topk(2, largest=False).indices)
+
+
+def test_trainer_predict_returns_what_detector_returns(runs):
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from adtrain import Detector
+    from adtrain.loading import load_method
+    from adtrain.inference.graph import run_preprocessing
+
+    run_dir = runs("stfpm")
+    ckpt = run_dir / "checkpoints" / "model.ckpt"
+    method, cfg, _ = load_method(ckpt)
+    from adtrain.data.dataset import PredictDataset
+
+    paths = _scores_csv(run_dir)[0]
+    loader = DataLoader(PredictDataset(paths, run_preprocessing(cfg)[1]), batch_size=4)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = trainer.predict(method, loader)
+    assert [p for b in batches for p in b["path"]] == paths
+    pred = Detector.load(ckpt, device="cpu").predict(paths)
+    np.testing.assert_allclose(torch.cat([b["score"] for b in batches]).numpy(), pred.scores, rtol=1e-6)
+    assert torch.cat([b["decision"] for b in batches]).tolist() == pred.decisions.tolist()
+    assert torch.cat([b["map"] for b in batches]).shape == pred.maps.shape
+
+
+def test_detector_takes_arrays_pil_and_paths_and_names_bad_input(runs):
+    from PIL import Image
+
+    from adtrain import Detector
+    from adtrain.errors import ConfigError, DataError
+
+    run_dir = runs("stfpm")
+    det = Detector.load(run_dir / "checkpoints" / "model.ckpt", device="cpu")
+    path = _scores_csv(run_dir)[0][0]
+    arr = np.asarray(Image.open(path).convert("RGB"))
+    pred = det.predict([path, Image.open(path), arr, arr[None][0]])
+    assert pred.scores.shape == (4,) and np.ptp(pred.scores) < 1e-5 * abs(pred.scores[0])
+    assert det.predict(arr[None].repeat(2, 0)).scores.shape == (2,)  # an (N,H,W,3) batch
+    with pytest.raises(DataError, match=r"images\[0\].*uint8"):
+        det.predict(arr.astype(np.float32))
+    with pytest.raises(DataError, match="nope.png"):
+        det.predict(["nope.png"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        Detector.load(run_dir / "checkpoints" / "model.ckpt", batch_size=0)
+
+
+def test_export_cli_refuses_what_it_cannot_export_in_one_line(runs, tmp_path, capsys):
+    from adtrain.export import main
+
+    run_dir = runs("stfpm")
+    for args, needle in (([f"checkpoint={run_dir}/checkpoints/last.ckpt"], "no fitted threshold"),
+                         ([f"checkpoint={run_dir}/checkpoints/model.ckpt", "format=tflite"], "format"),
+                         ([f"checkpoint={tmp_path}/none.ckpt"], "none.ckpt"), (["chekpoint=x"], "chekpoint")):
+        with pytest.raises(SystemExit) as ex:
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert ex.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_predict_cli_takes_an_export_and_writes_what_the_checkpoint_gives(runs, mvtec_root, tmp_path):
+    from adtrain.export import export
+    from adtrain.predict import predict
+
+    ckpt = runs("stfpm") / "checkpoints" / "model.ckpt"
+    images = str(mvtec_root / "widget" / "test")
+    onnx_path = export(ckpt, "onnx", out=tmp_path / "m.onnx")
+    rows = {}
+    for name, source in (("ckpt", ckpt), ("onnx", onnx_path)):
+        out = predict(str(source), images, out=str(tmp_path / name), batch_size=4)
+        rows[name] = list(csv.DictReader(open(out / "predictions.csv")))
+        assert len(list((out / "heatmaps").glob("*.png"))) == len(rows[name]) == 6
+    assert [r["path"] for r in rows["ckpt"]] == [r["path"] for r in rows["onnx"]]
+    np.testing.assert_allclose([float(r["score"]) for r in rows["onnx"]], [float(r["score"]) for r in rows["ckpt"]],
+                               rtol=RTOL)
+    assert [r["is_anomalous"] for r in rows["onnx"]] == [r["is_anomalous"] for r in rows["ckpt"]]
