@@ -123,10 +123,12 @@ def test_paper_experiments_cover_mvtec_with_the_methods_recipe(name):
     paper_backbone = {"stfpm": "resnet18", "patchcore": "wide_resnet50_2", "cfa": "wide_resnet50_2",
                       "hetmm": "wide_resnet101_2", "dfm": "efficientnet_lite0"}[method]
     assert paper_backbone in cfg.backbone.name
-    plain = compose(f"method={method}")  # the experiment pins the method config's recipe, changes nothing
+    plain = compose(f"method={method}")  # the experiment pins the method config's recipe...
+    paper = {"dfm": {"stage2_epochs": 5, "max_epochs": 16}}.get(method, {})  # ...or the paper's, where they differ
     for key, value in cfg.method.items():
         if key not in ("backbone",):
-            assert plain.method[key] == value, key
+            assert paper.get(key, plain.method[key]) == value, key
+    assert all(plain.method[key] != value for key, value in paper.items())
     assert set(_options("experiment")) >= {name, "ucad_mvtec_dfm"}
 
 
