@@ -294,11 +294,17 @@ def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
 
     proc = _start(*KILL_FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
-    rc = _signal_when(proc, lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), signal.SIGKILL)
+    metrics_csv = run_dir / "csv" / "metrics.csv"
+
+    def mid_run() -> bool:  # last.ckpt is written before the CSV logger flushes: wait for both
+        return (run_dir / "checkpoints" / "last.ckpt").exists() and metrics_csv.exists() and \
+            len(metrics_csv.read_text().splitlines()) > 1
+
+    rc = _signal_when(proc, mid_run, signal.SIGKILL)
     assert rc == -signal.SIGKILL and not (run_dir / "results.json").exists()
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # still plain data only
     before = first["callbacks"]["adtrain.RunState"]["fit_seconds"]
-    rows_before = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    rows_before = list(csv.DictReader(open(metrics_csv)))
     assert before > 0 and rows_before
 
     p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)  # nothing else: the run's own config
