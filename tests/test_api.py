@@ -94,6 +94,15 @@ def test_selection_says_what_was_kept_and_why():
     sel.best = {"epoch": 1, "value": 0.6}
     line = describe({"selected": "start", "value": 0.7}, "val_image_auroc", sel, 2)
     assert line.startswith("Kept the untrained start (start.ckpt)") and "epoch 1" in line
+    # trained states validated but none confidently better than the start: say so, not "none validated"
+    sel = Selection("val_image_auroc", "/tmp", start_confidence=0.9)
+    sel.history = [{"epoch": 2, "metrics": {}, "confidence_vs_start": 0.48},
+                   {"epoch": 5, "metrics": {}, "confidence_vs_start": 0.70}]
+    sel.start = {"value": 0.7, "metrics": {}}
+    line = describe({"selected": "start", "value": 0.7}, "val_image_auroc", sel, 6)
+    assert "none of the 2 validated trained states" in line and "90%" in line and "epoch 5: 70%" in line
+    sel.history = []
+    assert "no trained state was validated" in describe({"selected": "start", "value": 0.7}, "val_image_auroc", sel, 6)
     last = describe({"selected": "last"}, "last", Selection("last", "/tmp"), 1)
     assert "last.ckpt" in last and "nothing to select" in last
     assert "no validation set" in describe({"selected": "last"}, "normal_score", None, 3)

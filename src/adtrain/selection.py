@@ -208,14 +208,30 @@ def _value(v) -> str:
     return "undefined (nan)" if v is None or v != v else f"{v:.4f}"
 
 
+def _not_confident(selector: Selection) -> str:
+    """Why no trained state became a candidate although some were validated."""
+    conf = [(h["confidence_vs_start"], h["epoch"]) for h in selector.history if "confidence_vs_start" in h]
+    n = len(selector.history)
+    if not conf:
+        return f"none of the {n} validated trained state{'s' if n != 1 else ''} was better"
+    top, epoch = max(conf)
+    return (f"none of the {n} validated trained state{'s' if n != 1 else ''} beat it in "
+            f"{selector.start_confidence:.0%} of paired bootstrap resamples (selection.start_confidence; "
+            f"the most confident, epoch {epoch}: {top:.0%})")
+
+
 def describe(choice: dict, monitor: str, selector: Selection | None, epochs: int) -> str:
     """One line: which state is kept, its file, and why (what it was compared with)."""
     key = MONITORS[monitor][0]
     n = len(selector.history) if selector is not None else 0
     if choice["selected"] == "start":
         best = selector.best if selector is not None else None
-        beaten = (f"no trained state did better (best: epoch {best['epoch']}, {_value(best['value'])})"
-                  if best else "no trained state was validated")
+        if best:
+            beaten = f"no trained state did better (best: epoch {best['epoch']}, {_value(best['value'])})"
+        elif selector is not None and selector.history:
+            beaten = _not_confident(selector)
+        else:
+            beaten = "no trained state was validated"
         return (f"Kept the untrained start (start.ckpt): its {key} {_value(choice.get('value'))} on the "
                 f"validation set; {beaten}")
     if choice["selected"] == "epoch":
