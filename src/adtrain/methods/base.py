@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
@@ -49,6 +48,8 @@ class AnomalyModule(LightningModule):
         self.heatmap_dir: Path | None = None
         self.heatmap_paths: set[str] = set()
         self.heatmap_files: list[str] = []
+        self.test_outputs = None  # methods.test_outputs.TestOutputs during a test epoch
+        self._writer = None  # adtrain.writer.BackgroundWriter while heatmaps are queued
         self.pixel_metrics = True
         self._val_scores: list[torch.Tensor] = []
         self._val_evaluator = None
@@ -206,39 +207,57 @@ class AnomalyModule(LightningModule):
         return 0.5 * (values - center) / (thr - center)
 
     # ----------------------------------------------------------------- test
+    # The test path has no per-image Python on the hot path: scores stay batched on the device
+    # (TestOutputs), pixel statistics are updated per batch, and only the sampled heatmaps leave
+    # the device, drawn and written by a background thread. At epoch end `finish_test` turns the
+    # accumulated outputs into the image metrics and the per-image records in one pass.
     def on_test_epoch_start(self) -> None:
+        from adtrain.methods.test_outputs import TestOutputs
         from adtrain.metrics import AnomalyEvaluator
 
         self.evaluator = AnomalyEvaluator(pixel_metrics=self.pixel_metrics)
+        self.test_outputs = TestOutputs()
         self.test_records = []
         self.heatmap_files = []
+        self._close_writer()
+        self._writer = None
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         out = self.anomaly_output(batch["image"])
-        self.evaluator.update(out.pred_score, batch["label"], out.anomaly_map, batch["mask"], batch["has_mask"])
-        norm = self.normalize(out.pred_score, self.score_center).cpu()
-        thr = float(self.threshold)
-        for i, path in enumerate(batch["path"]):
-            score = float(out.pred_score[i])
-            self.test_records.append(
-                {
-                    "path": path,
-                    "category": batch["category"][i],
-                    "defect": batch["defect"][i],
-                    "label": int(batch["label"][i]),
-                    "score": score,
-                    "normalized_score": float(norm[i]),
-                    "prediction": int(score > thr) if np.isfinite(thr) else None,
-                }
-            )
-            if self.heatmap_dir is not None and path in self.heatmap_paths:
-                self._write_heatmap(batch, out, i)
+        self.evaluator.update_pixels(out.anomaly_map, batch["label"], batch["mask"], batch["has_mask"])
+        self.test_outputs.add(batch, out.pred_score)
+        if self.heatmap_dir is not None and self.heatmap_paths:
+            for i, path in enumerate(batch["path"]):
+                if path in self.heatmap_paths:
+                    self._queue_heatmap(batch, out, i)
+
+    def on_test_epoch_end(self) -> None:
+        self.finish_test(self.test_outputs)
+
+    def finish_test(self, outputs) -> None:
+        """The epoch's accumulated (or gathered) TestOutputs -> image metrics + test_records;
+        every queued heatmap is written (errors raised here, naming the file) before it returns."""
+        from adtrain.methods.test_outputs import build_records
+
+        self._close_writer()
+        t = outputs.tensors()
+        self.evaluator.update(t["score"], t["label"])
+        self.test_records = build_records(t["score"], t["label"], outputs.meta,
+                                          lambda s: self.normalize(s, self.score_center.to(s.device)),
+                                          float(self.threshold))
+
+    def _close_writer(self) -> None:
+        writer, self._writer = getattr(self, "_writer", None), None
+        if writer is not None:
+            writer.close()
 
     #: heatmap panel height in pixels (output.heatmap_size; set by adtrain.engine)
     heatmap_size: int = 320
 
-    def _write_heatmap(self, batch: dict, out: AnomalyOutput, i: int) -> None:
+    def _queue_heatmap(self, batch: dict, out: AnomalyOutput, i: int) -> None:
+        """Host copies of image i's inputs to the heatmap, drawn and written by the background writer."""
         from adtrain.viz import denormalize, save_heatmap
+        from adtrain.writer import BackgroundWriter
 
         norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center).clamp(0, 1)
         if not torch.isfinite(self.threshold):  # no threshold: min-max for display only
@@ -249,10 +268,14 @@ class AnomalyModule(LightningModule):
         stem = Path(batch["path"][i]).stem
         name = f"{len(self.heatmap_files):03d}_{batch['category'][i]}_{batch['defect'][i]}_{stem}.png"
         path = self.heatmap_dir / name.replace("/", "_")
-        save_heatmap(path, image=denormalize(batch["image"][i]), norm_map=norm_map.float().cpu().numpy(), mask=mask,
-                     score=float(out.pred_score[i]), threshold=float(self.threshold), label=int(batch["label"][i]),
-                     defect=str(batch["defect"][i]), height=int(self.heatmap_size),
-                     source_size=tuple(int(v) for v in source[i]) if source is not None else None)
+        if self._writer is None:
+            self._writer = BackgroundWriter()
+        self._writer.submit(path, save_heatmap, image=denormalize(batch["image"][i]),
+                            norm_map=norm_map.float().cpu().numpy(), mask=mask,
+                            score=float(out.pred_score[i]), threshold=float(self.threshold),
+                            label=int(batch["label"][i]), defect=str(batch["defect"][i]),
+                            height=int(self.heatmap_size),
+                            source_size=tuple(int(v) for v in source[i]) if source is not None else None)
         self.heatmap_files.append(str(path))
 
     def test_results(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from adtrain.errors import AdtrainError
@@ -27,6 +28,10 @@ class AnomalyEvaluator:
     Images with label 1 and has_mask False count for image metrics only. Pixel metrics are
     None when the test set has no anomalous pixel; a metric is None when undefined (one class).
     Per-image records: `image_scores` (list[float]) and `image_labels` (list[int]).
+
+    Image scores and labels stay on their device batch by batch (no host sync per batch); they
+    come to the host once, when `image_scores` / `image_labels` or `compute()` first asks, and
+    are checked (finite scores, labels 0/1) there.
     """
 
     def __init__(
@@ -36,13 +41,36 @@ class AnomalyEvaluator:
         self.num_bins = int(num_bins)
         self.aupro_fpr_limit = float(aupro_fpr_limit)
         self.pixel = PixelMetricAccumulator(num_bins, aupro_fpr_limit)
-        self.image_scores: list[float] = []
-        self.image_labels: list[int] = []
+        self.reset()
 
     def reset(self) -> None:
         self.pixel.reset()
-        self.image_scores = []
-        self.image_labels = []
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scores, labels) on device
+        self._scores: list[float] = []
+        self._labels: list[int] = []
+
+    def _sync(self) -> None:
+        """The pending device batches -> host lists (one transfer each), checked."""
+        if not self._pending:
+            return
+        scores = to_numpy(torch.cat([s.to(self._pending[0][0].device) for s, _ in self._pending]))
+        labels = to_numpy(torch.cat([l.to(self._pending[0][1].device) for _, l in self._pending]), dtype=int)
+        self._pending = []
+        check_finite(scores, "pred_score")
+        if labels.size and not ((labels == 0) | (labels == 1)).all():
+            raise AdtrainError("label must be 0 (normal) or 1 (anomalous)")
+        self._scores.extend(scores.tolist())
+        self._labels.extend(labels.tolist())
+
+    @property
+    def image_scores(self) -> list[float]:
+        self._sync()
+        return self._scores
+
+    @property
+    def image_labels(self) -> list[int]:
+        self._sync()
+        return self._labels
 
     def update(
         self,
@@ -53,15 +81,20 @@ class AnomalyEvaluator:
         has_mask: torch.Tensor | None = None,
     ) -> None:
         """Add a batch: pred_score (B,), label (B,), maps/masks (B,1,H,W), has_mask (B,) bool."""
-        scores = to_numpy(pred_score).reshape(-1)
-        labels = to_numpy(label, dtype=int).reshape(-1)
-        if scores.size != labels.size:
-            raise AdtrainError(f"pred_score has {scores.size} values but label has {labels.size}")
-        check_finite(scores, "pred_score")
-        if labels.size and not ((labels == 0) | (labels == 1)).all():
-            raise AdtrainError("label must be 0 (normal) or 1 (anomalous)")
-        self.image_scores.extend(scores.tolist())
-        self.image_labels.extend(labels.tolist())
+        if isinstance(pred_score, torch.Tensor):  # as to_numpy: floating scores via float32
+            scores = pred_score.detach().reshape(-1)
+            scores = (scores.float() if scores.is_floating_point() else scores.double()).clone()
+        else:
+            scores = torch.from_numpy(to_numpy(pred_score).reshape(-1))
+        labels = (label.detach().reshape(-1).clone() if isinstance(label, torch.Tensor)
+                  else torch.from_numpy(to_numpy(label, dtype=np.int64).reshape(-1)))
+        if scores.numel() != labels.numel():
+            raise AdtrainError(f"pred_score has {scores.numel()} values but label has {labels.numel()}")
+        self._pending.append((scores, labels))
+        self.update_pixels(anomaly_map, label, mask, has_mask)
+
+    def update_pixels(self, anomaly_map, label, mask=None, has_mask=None) -> None:
+        """Pixel statistics of a batch alone (its image scores added elsewhere, e.g. at epoch end)."""
         if self.pixel_metrics and anomaly_map is not None:
             self._update_pixels(anomaly_map, torch.as_tensor(label).reshape(-1), mask, has_mask)
 
@@ -90,7 +123,7 @@ class AnomalyEvaluator:
 
     def compute(self) -> dict[str, float | None]:
         """All seven metrics as floats in [0, 1] or None where undefined."""
-        result = image_metrics(self.image_scores, self.image_labels)
+        result = image_metrics(self.image_scores, self.image_labels)  # the one host sync
         if self.pixel_metrics:
             result.update(self.pixel.compute())
         else:
