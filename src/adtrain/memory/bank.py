@@ -9,6 +9,8 @@ from torch import nn
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory.coreset import greedy_coreset, kmeans
 from adtrain.memory.graph_knn import graph_knn, in_graph
+from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_search, exact_search,
+                             fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
 from adtrain.memory.index import (
     BACKENDS,
     INDEXES,
@@ -23,11 +25,14 @@ from adtrain.memory.index import (
 
 _CPU = torch.device("cpu")
 RERANK_PAD = 8  # extra candidates re-ranked by exact distance
+LOWP_PAD = 32  # candidates past k kept by the low-precision pass (its certificate needs a gap)
 
 
 def rerank(queries: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, k: int, device=None):
-    """Exact distances of candidate indices, sorted; first k columns (d (M,k), idx (M,k)),
-    computed on ``device`` (default: the bank's)."""
+    """Exact distances of candidate indices, sorted (equal distances by bank index, so every
+    backend breaks ties alike); first k columns (d (M,k), idx (M,k)), computed on ``device``
+    (default: the bank's)."""
+    cand, _ = torch.sort(cand.to(device if device is not None else bank.device), dim=1)
     d = exact_distances(queries, bank, cand, device)
     cand = cand.to(d.device)
     d, order = torch.sort(d, dim=1, stable=True)
@@ -46,6 +51,10 @@ class MemoryBank(nn.Module):
     keep_on_host: the bank stays in (pinned) host memory when the module moves to a GPU; the
     torch backend then streams it to the queries' GPU in ``bank_chunk`` slices, so GPU memory
     is bounded by the slices, not by the bank (banks larger than the GPU's memory).
+    distance_dtype: ``float16`` / ``bfloat16`` run an exact flat search's distance pass in that
+    precision, certified per query (memory.lowp) and re-searched in fp32 where not certified,
+    so the neighbours are the fp32 ones; ``float32`` never; ``auto`` = float16 for CUDA
+    queries, float32 on the CPU.
     """
 
     AUTO_IVF_ABOVE = 2_000_000
@@ -64,6 +73,7 @@ class MemoryBank(nn.Module):
         bank_chunk: int = 4096,
         hnsw_ef_search: int = 128,
         keep_on_host: bool = False,
+        distance_dtype: str = "auto",
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -77,6 +87,9 @@ class MemoryBank(nn.Module):
                 raise ConfigError(f"memory.{key}", f"must be >= 1, got {val}")
         if max_features is not None and int(max_features) < 1:
             raise ConfigError("memory.max_features", f"must be >= 1 or null, got {max_features}")
+        if distance_dtype not in DISTANCE_DTYPES:
+            raise ConfigError("memory.distance_dtype", f"'{distance_dtype}' is not one of {DISTANCE_DTYPES}")
+        self.distance_dtype = distance_dtype
         self.backend, self.index = backend, index
         self.nlist, self.nprobe, self.hnsw_m, self.pq_m = nlist, int(nprobe), int(hnsw_m), int(pq_m)
         self.hnsw_ef_search = int(hnsw_ef_search)
@@ -246,6 +259,20 @@ class MemoryBank(nn.Module):
             return "torch"
         return "faiss"
 
+    def low_precision(self, queries: torch.Tensor, device: torch.device) -> torch.dtype | None:
+        """The certified low-precision pass's dtype for these queries, or None (fp32 search):
+        only for an exact (flat) search not forced onto FAISS, inputs within the dtype's range."""
+        low = resolve_distance_dtype(self.distance_dtype, device)
+        if low is None or self.backend == "faiss" or self.resolve_index() != "flat":
+            return None
+        return low if fits_dtype(queries, self._bank_max_norm(), low) else None
+
+    def _bank_max_norm(self) -> float:
+        key = ("max_norm", self.bank.data_ptr(), self.bank._version)
+        if key not in self._index_cache:
+            self._index_cache[key] = max_norm(self.bank)
+        return self._index_cache[key]
+
     def resolve_index(self) -> str:
         if self.backend == "auto" and self.index == "flat" and len(self) > self.AUTO_IVF_ABOVE:
             return "ivf"
@@ -289,7 +316,11 @@ class MemoryBank(nn.Module):
         kc = min(bank.shape[0], k + RERANK_PAD)
         # a host bank searched by CUDA queries is streamed to their GPU; else the bank's device
         dev = queries.device if queries.is_cuda and not bank.is_cuda else bank.device
-        if self.resolve_backend(queries) == "torch":
+        low = self.low_precision(queries, dev)
+        ok = None
+        if low is not None:
+            cand, ok = certified_search(queries, bank, k, LOWP_PAD, low, self.search_chunk, self.bank_chunk, dev)
+        elif self.resolve_backend(queries) == "torch":
             cand = torch_search(queries, bank, kc, self.search_chunk, self.bank_chunk, dev)
         else:
             cand = faiss_search(self._faiss_index(queries.device), queries, kc, self.search_chunk)
@@ -298,10 +329,20 @@ class MemoryBank(nn.Module):
             if short.numel():  # IVF probed lists held fewer than kc items: exact fallback
                 cand[short] = torch_search(queries[short.to(queries.device)], bank, kc,
                                            self.search_chunk, self.bank_chunk, dev)
-        d, idx = rerank(queries, bank, cand, k, dev)
+        d, idx = rerank(queries, bank, cand, cand.shape[1], dev)
+        if self.resolve_index() == "flat":  # an exact search: prove it, redo what is not proven
+            if ok is None:
+                q_norm = queries.detach().float().norm(dim=1)
+                ok = certified_from_rerank(d, k, q_norm, self._bank_max_norm(), bank.shape[1], matmul_dtype(dev))
+            redo = torch.nonzero(~ok.to(d.device)).squeeze(1)
+            d, idx = d[:, :k].contiguous(), idx[:, :k].contiguous()
+            if redo.numel():
+                d[redo], idx[redo] = exact_search(queries[redo.to(queries.device)], bank, k, rerank, dev)
+        d, idx = d[:, :k].contiguous(), idx[:, :k].contiguous()
         return d.to(queries.device), idx.to(queries.device)
 
     def extra_repr(self) -> str:
         size = "empty" if self.bank.numel() == 0 else f"{len(self)}x{self.dim}"
         host = ", keep_on_host=True" if self.keep_on_host else ""
+        host += f", distance_dtype={self.distance_dtype}" if self.distance_dtype != "auto" else ""
         return f"bank={size}, backend={self.backend}, index={self.index}{host}"

@@ -23,10 +23,10 @@ from adtrain.errors import ConfigError
 DISTANCE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 #: unit roundoff of each low precision (half an ulp at 1) and of fp32
-_UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+_UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 _U32 = 2.0 ** -24
 #: largest absolute error of rounding a tiny value into the format (fp16 subnormal spacing / 2)
-_UNDERFLOW = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134}
+_UNDERFLOW = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 2.0 ** -150}
 _FP16_SAFE = 30000.0  # stay well inside fp16's 65504 for every input and product
 
 
@@ -51,12 +51,15 @@ def error_bound(q_norm: torch.Tensor, m_norm_max: float, dim: int, dtype: torch.
     return 2 * (cross + under) + fp32
 
 
-def fits_dtype(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dtype) -> bool:
+def max_norm(x: torch.Tensor) -> float:
+    return float(x.detach().float().norm(dim=1).max()) if x.numel() else 0.0
+
+
+def fits_dtype(queries: torch.Tensor, bank_max_norm: float, dtype: torch.dtype) -> bool:
     """fp16 only: every input and every q.m product far from overflow (bf16 has fp32's range)."""
     if dtype != torch.float16:
         return True
-    qn = float(queries.float().norm(dim=1).max()) if queries.numel() else 0.0
-    mn = float(bank.float().norm(dim=1).max()) if bank.numel() else 0.0
+    qn, mn = max_norm(queries), float(bank_max_norm)
     return math.isfinite(qn * mn) and qn * mn < _FP16_SAFE and max(qn, mn) < _FP16_SAFE
 
 
@@ -96,3 +99,52 @@ def certified_search(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int
     eps = error_bound(qsq[:, 0].sqrt(), m_norm_max, q32.shape[1], dtype)
     certified = finite & (best_d[:, kc] > best_d[:, k - 1] + 2 * eps)
     return best_i[:, :kc].contiguous(), certified
+
+
+
+def matmul_dtype(device: torch.device) -> torch.dtype:
+    """The precision an fp32 matmul really runs at: TF32 (fp16's mantissa) on a CUDA device
+    allowed to use it, fp32 otherwise; the error bounds of fp32 passes use it."""
+    if torch.device(device).type == "cuda" and (torch.backends.cuda.matmul.allow_tf32
+                                                or torch.get_float32_matmul_precision() != "highest"):
+        return torch.float16
+    return torch.float32
+
+
+def certified_from_rerank(d: torch.Tensor, k: int, q_norm: torch.Tensor, m_norm_max: float, dim: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """(M,) bool: an exact (flat) fp32 pass's kc candidates, re-ranked (d (M,kc) exact, ascending),
+    provably hold every item that could rank among the k nearest: an excluded item's computed
+    distance is at least the largest kept one's, so its exact squared distance exceeds
+    d[:, kc-1]^2 - 2 eps; certified where that is above d[:, k-1]^2. kc == K: all kept."""
+    if d.shape[1] <= k:
+        return torch.ones(d.shape[0], dtype=torch.bool, device=d.device)
+    eps = error_bound(q_norm.to(d.device), m_norm_max, dim, dtype)
+    return d[:, -1].square() - 2 * eps > d[:, k - 1].square()
+
+
+def exact_search(queries: torch.Tensor, bank: torch.Tensor, k: int, rerank, device=None):
+    """(d (M,k), idx (M,k)): the exact fp32 neighbours, every tie considered: each query's
+    candidates are all items within 2 eps (fp32 error bound) of its k-th fp32 expansion
+    distance, re-ranked exactly by ``rerank`` (ties by index). For the queries no certificate
+    covered (near ties past the candidates kept): a full pass over the bank."""
+    dev = torch.device(device) if device is not None else bank.device
+    q32 = queries.detach().to(dev, torch.float32)
+    n, dim = bank.shape
+    b32 = bank.detach().to(dev, torch.float32)
+    bsq = (b32 * b32).sum(dim=1)
+    m_norm_max = float(bsq.max().sqrt())
+    rows = max(1, (1 << 24) // max(1, n))
+    ds, idxs = [], []
+    for s in range(0, q32.shape[0], rows):
+        q = q32[s: s + rows]
+        qsq = (q * q).sum(dim=1, keepdim=True)
+        d = torch.addmm(bsq.unsqueeze(0), q, b32.t(), alpha=-2.0).add_(qsq)
+        kth = torch.kthvalue(d, min(k, n), dim=1).values
+        tau = kth + 2 * error_bound(qsq[:, 0].sqrt(), m_norm_max, dim, matmul_dtype(dev))
+        c = int((d <= tau.unsqueeze(1)).sum(dim=1).max())
+        cand = torch.topk(d, min(n, max(c, k)), dim=1, largest=False).indices
+        dd, ii = rerank(q, bank, cand, k, dev)
+        ds.append(dd)
+        idxs.append(ii)
+    return torch.cat(ds), torch.cat(idxs)

@@ -1,0 +1,255 @@
+"""The batched test path (issue 14): identical metrics / records / heatmaps to the per-image
+reference, background writer errors naming the file, certified low-precision k-NN search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adtrain.errors import AdtrainError, ConfigError
+from adtrain.memory import MemoryBank
+from adtrain.memory.index import exact_distances
+from adtrain.methods.base import AnomalyModule
+from adtrain.methods.output import AnomalyOutput
+from adtrain.metrics import AnomalyEvaluator
+from adtrain.writer import BackgroundWriter
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class _Model(torch.nn.Module):
+    """Deterministic maps from the images: per-pixel mean over channels, score = map max."""
+
+    def forward(self, images):
+        amap = images.mean(dim=1, keepdim=True) * 3.0
+        return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
+
+
+class _Method(AnomalyModule):
+    def __init__(self):
+        super().__init__()
+        self.model = _Model()
+
+
+def _batches(n_batches=3, b=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for j in range(n_batches):
+        label = torch.randint(0, 2, (b,), generator=g)
+        label[0] = j % 2
+        mask = (torch.rand(b, 1, size, size, generator=g) > 0.8).float() * label.view(-1, 1, 1, 1)
+        out.append({"image": torch.randn(b, 3, size, size, generator=g) + mask, "label": label, "mask": mask,
+                    "has_mask": torch.tensor([True] * (b - 1) + [bool(j % 2)]),
+                    "path": [f"/d/{j}_{i}.png" for i in range(b)], "category": ["c"] * b,
+                    "defect": ["bad" if int(v) else "good" for v in label],
+                    "source_size": torch.tensor([[size, 2 * size]] * b)})
+    return out
+
+
+def _reference(method: AnomalyModule, batches, heatmap_dir: Path | None):
+    """The per-image test path as it was before the batched one (copied from base.py)."""
+    from adtrain.viz import denormalize, save_heatmap
+
+    ev, records, files = AnomalyEvaluator(pixel_metrics=True), [], []
+    for batch in batches:
+        out = method.anomaly_output(batch["image"])
+        ev.update(out.pred_score, batch["label"], out.anomaly_map, batch["mask"], batch["has_mask"])
+        norm = method.normalize(out.pred_score, method.score_center).cpu()
+        thr = float(method.threshold)
+        for i, path in enumerate(batch["path"]):
+            score = float(out.pred_score[i])
+            records.append({"path": path, "category": batch["category"][i], "defect": batch["defect"][i],
+                            "label": int(batch["label"][i]), "score": score, "normalized_score": float(norm[i]),
+                            "prediction": int(score > thr) if np.isfinite(thr) else None})
+            if heatmap_dir is not None and path in method.heatmap_paths:
+                norm_map = method.normalize(out.anomaly_map[i, 0], method.map_center).clamp(0, 1)
+                if not torch.isfinite(method.threshold):
+                    m = out.anomaly_map[i, 0]
+                    norm_map = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+                mask = batch["mask"][i, 0].numpy() if bool(batch["has_mask"][i]) else None
+                name = f"{len(files):03d}_{batch['category'][i]}_{batch['defect'][i]}_{Path(path).stem}.png"
+                save_heatmap(heatmap_dir / name, image=denormalize(batch["image"][i]), norm_map=norm_map.float().numpy(),
+                             mask=mask, score=score, threshold=thr, label=int(batch["label"][i]),
+                             defect=str(batch["defect"][i]), height=int(method.heatmap_size),
+                             source_size=tuple(int(v) for v in batch["source_size"][i]))
+                files.append(str(heatmap_dir / name))
+    return ev.compute(), records, files
+
+
+def _run_batched(method: AnomalyModule, batches):
+    method.on_test_epoch_start()
+    for j, batch in enumerate(batches):
+        method.test_step(batch, j)
+    method.on_test_epoch_end()
+    return method.test_results(), method.test_records, method.heatmap_files
+
+
+@pytest.mark.parametrize("threshold", [1.5, float("nan")])
+def test_batched_path_matches_per_image_reference(tmp_path, threshold):
+    batches = _batches()
+    method = _Method().eval()
+    method.threshold.fill_(threshold)
+    method.score_center.fill_(0.25)
+    method.map_center.fill_(0.1)
+    method.heatmap_size = 48
+    method.heatmap_paths = {"/d/0_1.png", "/d/1_0.png", "/d/2_3.png"}
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "new").mkdir()
+    want = _reference(method, batches, tmp_path / "ref")
+    method.heatmap_dir = tmp_path / "new"
+    got = _run_batched(method, batches)
+    assert got[0] == want[0] and got[0]["pixel_auroc"] is not None
+    assert got[1] == want[1] and len(got[1]) == 12
+    assert [Path(f).name for f in got[2]] == [Path(f).name for f in want[2]] and len(got[2]) == 3
+    for a, b in zip(got[2], want[2]):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    # a second epoch starts clean
+    assert _run_batched(method, batches[:1])[1] == want[1][:4]
+
+
+def test_finish_test_takes_gathered_outputs():
+    """The hook a multi-process run uses: replaced (gathered) outputs give the records/metrics."""
+    from adtrain.methods.test_outputs import TestOutputs
+
+    batches = _batches()
+    method = _Method().eval()
+    method.on_test_epoch_start()
+    outs = TestOutputs()
+    for batch in batches:
+        outs.add(batch, method.anomaly_output(batch["image"]).pred_score)
+    t = outs.tensors()
+    gathered = TestOutputs()
+    gathered.set({"score": t["score"].flip(0), "label": t["label"].flip(0)}, {k: v[::-1] for k, v in outs.meta.items()})
+    method.finish_test(gathered)
+    assert [r["path"] for r in method.test_records] == outs.meta["path"][::-1]
+    assert method.evaluator.image_scores == t["score"].flip(0).double().tolist()
+
+
+def test_evaluator_defers_checks_to_compute():
+    ev = AnomalyEvaluator(pixel_metrics=False)
+    ev.update(torch.tensor([0.5, float("nan")]), torch.tensor([0, 1]))
+    with pytest.raises(AdtrainError, match="pred_score"):
+        ev.compute()
+    ev.reset()
+    ev.update(torch.tensor([0.5]), torch.tensor([2]))
+    with pytest.raises(AdtrainError, match="label must be 0"):
+        ev.compute()
+    with pytest.raises(AdtrainError, match="values but label"):
+        ev.update(torch.tensor([0.5, 0.2]), torch.tensor([1]))
+
+
+def _boom(path):
+    raise OSError("disk full")
+
+
+def test_writer_error_is_raised_with_the_file_name(tmp_path):
+    writer = BackgroundWriter(max_pending=2)
+    writer.submit(tmp_path / "a.png", lambda p: Path(p).write_text("ok"))
+    writer.submit(tmp_path / "bad.png", _boom)
+    writer.submit(tmp_path / "c.png", lambda p: Path(p).write_text("late"))  # skipped after the error
+    with pytest.raises(AdtrainError, match=r"bad\.png.*disk full"):
+        writer.close()
+    assert (tmp_path / "a.png").read_text() == "ok" and not (tmp_path / "c.png").exists()
+    with pytest.raises(AdtrainError, match="closed"):
+        writer.submit(tmp_path / "d.png", _boom)
+
+
+def test_heatmap_write_failure_surfaces_at_epoch_end(tmp_path):
+    method = _Method().eval()
+    method.heatmap_dir = tmp_path / "not_a_dir"
+    method.heatmap_dir.write_text("a file where the heatmap folder should be")
+    method.heatmap_paths = {"/d/0_1.png"}
+    with pytest.raises(AdtrainError, match=r"not_a_dir/000_c_\w+_0_1\.png"):
+        _run_batched(method, _batches(1))
+
+
+# ---------------------------------------------------------------- certified low-precision search
+def _fp32_reference(queries, bank, k):
+    """Exact fp32 neighbours: difference distances to every row, ties by index."""
+    full = exact_distances(queries, bank, torch.arange(bank.shape[0]).expand(queries.shape[0], -1))
+    d, i = torch.sort(full, dim=1, stable=True)
+    return d[:, :k], i[:, :k]
+
+
+def _tie_data(seed=0, n=2000, dim=48):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, dim, generator=g) * 3
+    bank = centres[torch.randint(0, 20, (n,), generator=g)] + torch.randn(n, dim, generator=g)
+    bank[100:140] = bank[99]  # exact duplicates: ties
+    bank[200:260] = bank[199] + 1e-5 * torch.randn(60, dim, generator=g)  # near ties
+    queries = torch.cat([bank[99:100] + 0.01, bank[199:200] + 1e-3, bank[:50],
+                         centres[torch.randint(0, 20, (100,), generator=g)] + torch.randn(100, dim, generator=g)])
+    return queries, bank
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("k", [1, 9])
+def test_low_precision_search_returns_exact_fp32_neighbours(dtype, k):
+    queries, bank = _tie_data()
+    mb = MemoryBank(backend="torch", distance_dtype=dtype, bank_chunk=512, search_chunk=64)
+    mb.set_bank(bank)
+    assert mb.low_precision(queries, torch.device("cpu")) is not None
+    d, idx = mb.search(queries, k)
+    rd, ri = _fp32_reference(queries, bank, k)
+    assert torch.equal(idx, ri) and torch.equal(d, rd)
+    ref32 = MemoryBank(backend="torch", distance_dtype="float32")
+    ref32.set_bank(bank)
+    assert torch.equal(ref32.search(queries, k)[1], ri)  # fp32 path breaks ties the same way
+
+
+def test_certificate_rejects_what_it_cannot_prove_and_fp32_redoes_it():
+    from adtrain.memory.lowp import certified_search
+
+    queries, bank = _tie_data()
+    _, ok = certified_search(queries, bank, 1, 4, torch.float16, 64, 512)
+    assert not bool(ok[:2].any())  # 40 duplicates / 60 near ties past a pad of 4: not provable
+    assert bool(ok[2:].float().mean() > 0.9)  # bank rows themselves and well-separated queries are
+    _, ok16 = certified_search(queries, bank, 1, 32, torch.bfloat16, 64, 512)
+    assert ok16[52:].float().mean() < ok[52:].float().mean()  # bf16's coarser bound proves less
+    # fp16 inputs out of range: no low-precision pass at all (fp32 search)
+    mb = MemoryBank(backend="torch", distance_dtype="float16")
+    mb.set_bank(bank * 1e4)
+    assert mb.low_precision(queries * 1e4, torch.device("cpu")) is None
+    assert torch.equal(mb.search(queries * 1e4, 3)[1], _fp32_reference(queries * 1e4, bank * 1e4, 3)[1])
+
+
+def test_distance_dtype_config():
+    from adtrain.memory.lowp import resolve_distance_dtype
+
+    assert resolve_distance_dtype("auto", "cpu") is None
+    assert resolve_distance_dtype("auto", "cuda") is torch.float16
+    assert resolve_distance_dtype("bfloat16", "cpu") is torch.bfloat16
+    with pytest.raises(ConfigError, match="memory.distance_dtype"):
+        MemoryBank(distance_dtype="int8")
+    assert MemoryBank(index="ivf", distance_dtype="float16").low_precision(torch.zeros(1, 2), torch.device("cpu")) is None
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_low_precision_search_on_cuda_is_exact(dtype):
+    queries, bank = _tie_data()
+    mb = MemoryBank(backend="torch", distance_dtype=dtype).cuda()
+    mb.set_bank(bank)
+    d, idx = mb.search(queries.cuda(), 9)
+    rd, ri = _fp32_reference(queries.cuda(), bank.cuda(), 9)
+    assert torch.equal(idx, ri) and torch.equal(d, rd)
+    host = MemoryBank(backend="torch", distance_dtype=dtype, keep_on_host=True, bank_chunk=256).cuda()
+    host.set_bank(bank)
+    assert torch.equal(host.search(queries.cuda(), 9)[1], ri)
+
+
+@cuda
+def test_batched_test_path_on_cuda_matches_reference(tmp_path):
+    batches = _batches()
+    method = _Method().eval()
+    method.threshold.fill_(1.5)
+    want = _reference(method, batches, None)
+    method.cuda()
+    cuda_batches = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+    got = _run_batched(method, cuda_batches)
+    assert got[1] == want[1]
+    assert got[0]["image_auroc"] == want[0]["image_auroc"]
