@@ -253,3 +253,17 @@ def test_batched_test_path_on_cuda_matches_reference(tmp_path):
     got = _run_batched(method, cuda_batches)
     assert got[1] == want[1]
     assert got[0]["image_auroc"] == want[0]["image_auroc"]
+
+
+def test_pixel_work_skipped_only_where_no_test_image_can_have_truth():
+    from types import SimpleNamespace
+
+    from adtrain.data.dataset import Sample, load_sample
+    from adtrain.engine import has_pixel_truth
+
+    no_masks = [Sample("a.png", 0, None, "c", "good"), Sample("b.png", 1, None, "c", "bad")]
+    with_mask = no_masks + [Sample("d.png", 1, "d_mask.png", "c", "bad")]
+    assert not has_pixel_truth(SimpleNamespace(sample_loader=lambda: load_sample, test_samples=no_masks))
+    assert has_pixel_truth(SimpleNamespace(sample_loader=lambda: load_sample, test_samples=with_mask))
+    # a custom loader may make masks without files (synthetic data): never skipped
+    assert has_pixel_truth(SimpleNamespace(sample_loader=lambda: (lambda s: None), test_samples=no_masks))

@@ -55,6 +55,18 @@ def pick_heatmap_paths(samples, n: int, seed: int) -> set[str]:
     return {str(p) for p in pick}
 
 
+def has_pixel_truth(dm) -> bool:
+    """False only where no test image can have an anomalous ground-truth pixel: masks come from
+    files alone (the default sample loader) and no anomalous test sample names one. The pixel
+    metrics are then None whatever the maps, so the test skips their per-batch work."""
+    from adtrain.data.dataset import load_sample
+
+    loader = getattr(dm, "sample_loader", None)
+    if loader is None or loader() is not load_sample:
+        return True
+    return any(s.label == 1 and s.mask_path for s in dm.test_samples)
+
+
 def write_scores_csv(path: Path, records: list[dict]) -> None:
     if not records:
         return
@@ -147,7 +159,12 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t1 = time.perf_counter()
-    trainer.test(method, datamodule=dm, verbose=False)
+    pixel_before = method.pixel_metrics
+    method.pixel_metrics = pixel_before and has_pixel_truth(dm)
+    try:
+        trainer.test(method, datamodule=dm, verbose=False)
+    finally:
+        method.pixel_metrics = pixel_before
     metrics = method.test_results()
     test_seconds = time.perf_counter() - t1
     peak, peak_kind = peak_memory_mb(device)

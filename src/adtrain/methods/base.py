@@ -182,7 +182,7 @@ class AnomalyModule(LightningModule):
         scores, pixels = [], []
         per_batch = max(1, max_pixels // max(1, len(dataloader)))
         for batch in dataloader:
-            out = self.anomaly_output(batch["image"].to(self.device))
+            out = self.anomaly_output(batch["image"].to(self.device, non_blocking=True))
             scores.append(out.pred_score.cpu())
             flat = out.anomaly_map.flatten().cpu()
             pixels.append(flat[:: max(1, flat.numel() // per_batch)])
