@@ -267,3 +267,15 @@ def test_pixel_work_skipped_only_where_no_test_image_can_have_truth():
     assert has_pixel_truth(SimpleNamespace(sample_loader=lambda: load_sample, test_samples=with_mask))
     # a custom loader may make masks without files (synthetic data): never skipped
     assert has_pixel_truth(SimpleNamespace(sample_loader=lambda: (lambda s: None), test_samples=no_masks))
+
+
+def test_exact_search_over_several_bank_slices_keeps_every_tie():
+    from adtrain.memory.bank import rerank
+    from adtrain.memory.lowp import exact_search
+
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randint(-2, 3, (9000, 4), generator=g).float()  # a coarse grid: many exact ties
+    queries = torch.randint(-2, 3, (20, 4), generator=g).float() + 0.5
+    d, idx = exact_search(queries, bank, 5, rerank)
+    rd, ri = _fp32_reference(queries, bank, 5)
+    assert torch.equal(idx, ri) and torch.equal(d, rd)

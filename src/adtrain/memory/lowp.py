@@ -131,15 +131,18 @@ def exact_search(queries: torch.Tensor, bank: torch.Tensor, k: int, rerank, devi
     dev = torch.device(device) if device is not None else bank.device
     q32 = queries.detach().to(dev, torch.float32)
     n, dim = bank.shape
-    b32 = bank.detach().to(dev, torch.float32)
-    bsq = (b32 * b32).sum(dim=1)
-    m_norm_max = float(bsq.max().sqrt())
+    step = 4096  # the bank is read in slices: a host bank is streamed, never copied whole
+    m_norm_max = max_norm(bank)
     rows = max(1, (1 << 24) // max(1, n))
     ds, idxs = [], []
     for s in range(0, q32.shape[0], rows):
         q = q32[s: s + rows]
         qsq = (q * q).sum(dim=1, keepdim=True)
-        d = torch.addmm(bsq.unsqueeze(0), q, b32.t(), alpha=-2.0).add_(qsq)
+        d = torch.empty(q.shape[0], n, device=dev)
+        for b0 in range(0, n, step):
+            mb = bank[b0: b0 + step].detach().to(dev, torch.float32, non_blocking=True)
+            d[:, b0: b0 + mb.shape[0]] = torch.addmm((mb * mb).sum(dim=1).unsqueeze(0), q, mb.t(), alpha=-2.0)
+        d.add_(qsq)
         kth = torch.kthvalue(d, min(k, n), dim=1).values
         tau = kth + 2 * error_bound(qsq[:, 0].sqrt(), m_norm_max, dim, matmul_dtype(dev))
         c = int((d <= tau.unsqueeze(1)).sum(dim=1).max())
