@@ -63,6 +63,21 @@ def test_cached_tensors_bit_identical_to_uncached_cold_and_warm(tree, tmp_path):
     assert not list((tmp_path / "c").glob(".*.tmp"))  # built in a temp folder, renamed into place
 
 
+def test_key_is_the_same_in_another_process(tree):
+    import subprocess
+    import sys
+
+    from adtrain.data.image_cache import cache_key
+
+    dm = _dm(tree, "off", tree)
+    ds = dm.make_dataset(dm.train_samples)
+    code = ("import sys; from adtrain.data.mvtec import MVTecDataModule as M; from adtrain.data.image_cache import "
+            "cache_key; d = M(root=sys.argv[1], category='widget', image_size=[40, 36], val_anomalies=None); "
+            "s = d.make_dataset(d.train_samples); print(cache_key(s.samples, s.loader, (40, 36)))")
+    out = subprocess.run([sys.executable, "-c", code, str(tree)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == cache_key(ds.samples, ds.loader, (40, 36))
+
+
 def test_changed_or_touched_file_gets_a_new_entry(tree, tmp_path):
     dm = _dm(tree, "auto", tmp_path / "c")
     samples = dm.train_samples

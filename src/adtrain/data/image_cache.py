@@ -19,6 +19,7 @@ and renamed into place: a concurrent job either wins the rename or uses the winn
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -71,10 +72,20 @@ def _stat(path) -> list | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def describe_loader(loader) -> str:
+    """The loader by name and settings, the same in every process (a default repr has an address)."""
+    if inspect.isfunction(loader) or inspect.isbuiltin(loader):
+        return f"{loader.__module__}.{loader.__qualname__}"
+    kind = f"{type(loader).__module__}.{type(loader).__qualname__}"
+    if type(loader).__repr__ is not object.__repr__:
+        return f"{kind}:{loader!r}"
+    return f"{kind}:{sorted((k, repr(v)) for k, v in vars(loader).items())}" if hasattr(loader, "__dict__") else kind
+
+
 def cache_key(samples: Sequence, loader, image_size: tuple[int, int]) -> str:
     """SHA-256 of everything the cached arrays depend on (see the module docstring)."""
     h = hashlib.sha256()
-    head = {"loader": repr(loader), "loader_type": f"{type(loader).__module__}.{type(loader).__qualname__}",
+    head = {"loader": describe_loader(loader),
             "size": list(image_size), "resize": "albumentations.Resize linear / mask nearest",
             "versions": _versions()}
     h.update(json.dumps(head, sort_keys=True).encode())
