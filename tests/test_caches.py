@@ -164,3 +164,12 @@ def test_feature_cache_budget_evicts_least_recently_used(tmp_path):
     assert ext.feature_cache.hits == hits + 2
     ext(xs[0])
     assert ext.feature_cache.misses == 4
+
+
+def test_unwritable_cache_dir_falls_back_to_decoding(tree, tmp_path, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    dm = _dm(tree, "auto", blocker / "images")
+    ds = dm.make_dataset(dm.train_samples)
+    assert ds.cached is None and dm.image_cache.state() == "off" and "not writable" in caplog.text
+    _same(_items(ds), _items(_dm(tree, "off", blocker).make_dataset(dm.train_samples)))

@@ -176,12 +176,17 @@ class ImageCache:
             self.events.append("skip")
             return None
         try:
-            _build(tmp, dataset, image_size, num_workers)
+            _build(tmp, dataset, image_size, num_workers)  # a bad image raises its DataError here
             try:
                 os.rename(tmp, folder)
             except OSError:  # another job renamed its identical entry first: use that one
                 if not (folder / "meta.json").is_file():
                     raise
+        except OSError as e:  # disk full, folder removed meanwhile...: decode as before
+            log.warning("data.cache_dir=%s: cannot write the image cache (%s): images are decoded without it",
+                        self.root, e)
+            self.events.append("skip")
+            return None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.events.append("miss")
