@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the image and feature caches (paths.cache_dir) of every test, and of the runs tests start, in a temp
+# folder removed at exit: tests never write to ~/.cache/adtrain
+_CACHE_DIR = tempfile.mkdtemp(prefix="adtrain-test-cache-")
+os.environ["ADTRAIN_CACHE_DIR"] = _CACHE_DIR
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "src" / "adtrain" / "conf"

@@ -15,13 +15,13 @@ CONF = Path(__file__).resolve().parents[1] / "src" / "adtrain" / "conf" / "data"
 EXPECTED = {"mvtec": MVTecDataModule, "visa": VisADataModule, "folder": FolderDataModule,
             "elpv": ElpvDataModule, "synthetic": SyntheticDataModule}
 COMMON_KEYS = {"image_size", "center_crop", "batch_size", "eval_batch_size", "num_workers", "val_split",
-               "seed", "shots", "augment", "synthetic_anomaly", "category"}
+               "seed", "shots", "augment", "synthetic_anomaly", "category", "cache", "cache_dir"}
 
 
 def _compose(name: str, tmp_path: Path, **overrides):
     data = OmegaConf.load(CONF / f"{name}.yaml")
     root = OmegaConf.create({"seed": 7, "method": {"batch_size": 2, "image_size": [32, 32], "center_crop": None},
-                             "paths": {"data_dir": "data"}})  # paths/default.yaml
+                             "paths": {"data_dir": "data", "cache_dir": str(tmp_path / "cache")}})  # paths/default.yaml
     root.data = data
     for k, v in overrides.items():
         OmegaConf.update(root, f"data.{k}", v)

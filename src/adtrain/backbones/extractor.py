@@ -152,7 +152,15 @@ class FeatureExtractor(nn.Module):
         """A frozen extractor stays in eval mode (batch-norm statistics fixed)."""
         return super().train(False if self.frozen else mode)
 
+    feature_cache = None  # adtrain.backbones.feature_cache.FeatureCache (feature_cache=on; frozen only)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.feature_cache is not None and self.frozen and not x.requires_grad:
+            return self.feature_cache(self, x)
+        return self.extract(x)
+
+    def extract(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone's features for x (forward without the feature cache)."""
         if self._renorm:
             x = x * self._scale.to(x.dtype) + self._shift.to(x.dtype)
         if self.kind == "vit":

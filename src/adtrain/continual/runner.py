@@ -26,7 +26,8 @@ from adtrain.errors import ConfigError
 from adtrain.io import write_json
 from adtrain.loggers import is_wandb
 from adtrain.preflight import check_files
-from adtrain.engine import METRIC_KEYS, VAL_RESULT_KEYS, evaluate_method, fit_and_select, write_scores_csv
+from adtrain.engine import (METRIC_KEYS, VAL_RESULT_KEYS, cache_states, evaluate_method, fit_and_select,
+                            write_scores_csv)
 
 log = logging.getLogger("adtrain")
 
@@ -124,10 +125,11 @@ class _Sequence:
             log.info("  after task %d, task %d (%s): %s", t, i, self.names[i],
                      ", ".join(f"{m}={evals[i][m]:.4f}" for m in MATRIX_METRICS if evals[i].get(m) is not None))
         thr = info.pop("threshold_info")
+        caches = cache_states(dm, info.pop("feature_cache"))
         entry = {
             "task": t, "name": task_name(cats), "categories": list(cats),
             "num_train": len(self.own_train[t]), "num_val": len(dm.val_samples), "replay_images": replayed,
-            **info, **thr, "device": self.device,
+            **info, **thr, **caches, "device": self.device,
             "evaluations": [{"task": i, "name": self.names[i], **evals[i]} for i in seen],
         }
         save_task_checkpoint(self.method, task_checkpoint(self.run_dir, t),

@@ -55,6 +55,8 @@ class AnomalyDataModule(LightningDataModule):
     val_split: fraction of the training normals held out (seeded, per category) for model
     selection, thresholds and normalisation; never the test set.
     shots: keep k training normals per category (seeded), chosen after the held-out split.
+    cache: auto = decoded, resized images kept in ``cache_dir`` (adtrain.data.image_cache) and
+    shared by epochs, jobs and tasks; off = decoded every time.
     augment: albumentations transforms (objects or `_target_` dicts), training images only.
     synthetic_anomaly: callable(image_uint8, rng) -> (image, mask), training images only.
     val_anomalies: synthetic anomalies made from the held-out normals for validation
@@ -68,7 +70,8 @@ class AnomalyDataModule(LightningDataModule):
                  center_crop: Sequence[int] | int | None = None, batch_size: int = 32,
                  eval_batch_size: int | None = None, num_workers: int = 0, val_split: float = 0.2,
                  seed: int = 0, shots: int | None = None, augment: list | None = None,
-                 synthetic_anomaly: object | None = None, val_anomalies: object | None = None):
+                 synthetic_anomaly: object | None = None, val_anomalies: object | None = None,
+                 cache: str | bool = "off", cache_dir: str | None = None):
         super().__init__()
         category = to_plain(category)
         if isinstance(category, (list, tuple)):
@@ -102,6 +105,11 @@ class AnomalyDataModule(LightningDataModule):
         from adtrain.data.validation import ValAnomalies
 
         self.val_anomalies = ValAnomalies.from_any(to_plain(val_anomalies))
+        from adtrain.data.image_cache import ImageCache, cache_mode
+
+        if cache_mode(cache) != "off" and not cache_dir:
+            raise ConfigError("data.cache_dir", "missing: where data.cache=auto keeps decoded images")
+        self.image_cache = ImageCache(cache_dir or ".", cache)
         self._train: list[Sample] | None = None
         self._val: list[Sample] | None = None
         self._test: list[Sample] | None = None
@@ -184,9 +192,14 @@ class AnomalyDataModule(LightningDataModule):
 
     def make_dataset(self, samples: Sequence[Sample], train: bool = False) -> AnomalyDataset:
         """train=True: augment and synthetic anomalies apply; False: the eval transform."""
-        return AnomalyDataset(samples, self.train_transform() if train else self.eval_transform(),
-                              loader=self.sample_loader(), train=train,
-                              synthetic_anomaly=self.synthetic_anomaly if train else None)
+        ds = AnomalyDataset(samples, self.train_transform() if train else self.eval_transform(),
+                            loader=self.sample_loader(), train=train,
+                            synthetic_anomaly=self.synthetic_anomaly if train else None)
+        if ds.cacheable:
+            ds.cached = self.image_cache.entry(ds, self.image_size, self.num_workers)
+        elif self.image_cache.mode != "off":
+            self.image_cache.events.append("skip")
+        return ds
 
     def make_dataloader(self, samples: Sequence[Sample], train: bool = False, shuffle: bool = False,
                         batch_size: int | None = None) -> DataLoader:

@@ -85,6 +85,12 @@ class AnomalyDataset(Dataset):
         self.loader = loader
         self.train = train
         self.synthetic_anomaly = synthetic_anomaly
+        self.cached = None  # adtrain.data.image_cache.CachedImages: resized images decoded once
+
+    @property
+    def cacheable(self) -> bool:
+        """Synthetic training anomalies are drawn on the full-resolution image: those sets are not cached."""
+        return not (self.train and self.synthetic_anomaly is not None)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -99,10 +105,15 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        image, mask = self._load(sample)
         label, defect = int(sample.label), sample.defect
-        has_mask = mask is not None or label == 0
-        mask = np.zeros(image.shape[:2], np.uint8) if mask is None else _binarise(mask)
+        if self.cached is not None:  # already resized: the transform's Resize is then an identity
+            image, mask, source, has = self.cached.get(index)
+            has_mask = has or label == 0
+        else:
+            image, mask = self._load(sample)
+            source = image.shape[:2]
+            has_mask = mask is not None or label == 0
+            mask = np.zeros(image.shape[:2], np.uint8) if mask is None else _binarise(mask)
         if self.train:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
             if self.synthetic_anomaly is not None:
@@ -114,7 +125,7 @@ class AnomalyDataset(Dataset):
                     label, defect, has_mask = 1, "synthetic", True
             if hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(int(rng.integers(0, 2**31 - 1)))
-        source_size = torch.tensor(image.shape[:2], dtype=torch.int64)  # (h, w) before resizing: heatmaps' aspect
+        source_size = torch.tensor(tuple(source), dtype=torch.int64)  # (h, w) before resizing: heatmaps' aspect
         out = self.transform(image=image, mask=mask)
         return {
             "image": out["image"].float(),

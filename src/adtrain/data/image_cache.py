@@ -1,0 +1,216 @@
+"""The decoded-image cache (``data.cache=auto``): every image of a sample list decoded and resized
+once, stored as a memory-mapped uint8 array on local disk and shared by epochs, the jobs of a
+sweep and the tasks of a continual schedule.
+
+What is stored is exactly what the uncached path makes before its centre crop: the loader's
+image resized by the same albumentations ``Resize`` (bilinear image, nearest mask), the mask
+(zeros where there is none) and the image's size before resizing. The dataset then runs its
+usual transform on it; that transform's ``Resize`` is then an identity (albumentations returns
+a same-size input unchanged), so crop, augmentation, normalisation and the random stream are
+those of the uncached path and the tensors are bit-identical (tests/test_caches.py).
+
+An entry's key (a SHA-256) covers the sample list (path, label, mask path, category, defect),
+each file's size and modification time, the loader, the resize rule and the versions of adtrain
+and the decoding libraries: a changed or touched file gets a new entry, never a stale one. An
+entry is a folder ``<key>/`` (images.npy, masks.npy, meta.json), built in a temp folder beside it
+and renamed into place: a concurrent job either wins the rename or uses the winner's entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from adtrain.errors import ConfigError
+
+log = logging.getLogger("adtrain")
+
+MODES = ("auto", "off")
+FORMAT = 1  # bump when the layout of an entry changes
+
+
+def cache_mode(value) -> str:
+    """``data.cache``: auto | off (YAML reads a bare off as false)."""
+    if value is False or value is None:
+        return "off"
+    if value is True:
+        return "auto"
+    mode = str(value).lower()
+    if mode not in MODES:
+        raise ConfigError("data.cache", f"{value!r}; choose auto or off")
+    return mode
+
+
+def _versions() -> dict:
+    import albumentations
+    import cv2
+    import PIL
+
+    import adtrain
+
+    return {"adtrain": getattr(adtrain, "__version__", "?"), "numpy": np.__version__, "pillow": PIL.__version__,
+            "opencv": cv2.__version__, "albumentations": albumentations.__version__, "format": FORMAT}
+
+
+def _stat(path) -> list | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # not a file (e.g. synthetic://...): the loader's key covers it
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def describe_loader(loader) -> str:
+    """The loader by name and settings, the same in every process (a default repr has an address)."""
+    if inspect.isfunction(loader) or inspect.isbuiltin(loader):
+        return f"{loader.__module__}.{loader.__qualname__}"
+    kind = f"{type(loader).__module__}.{type(loader).__qualname__}"
+    if type(loader).__repr__ is not object.__repr__:
+        return f"{kind}:{loader!r}"
+    return f"{kind}:{sorted((k, repr(v)) for k, v in vars(loader).items())}" if hasattr(loader, "__dict__") else kind
+
+
+def cache_key(samples: Sequence, loader, image_size: tuple[int, int]) -> str:
+    """SHA-256 of everything the cached arrays depend on (see the module docstring)."""
+    h = hashlib.sha256()
+    head = {"loader": describe_loader(loader),
+            "size": list(image_size), "resize": "albumentations.Resize linear / mask nearest",
+            "versions": _versions()}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for s in samples:
+        row = [s.path, int(s.label), s.mask_path, s.category, s.defect, _stat(s.path), _stat(s.mask_path)]
+        h.update(json.dumps(row).encode())
+    return h.hexdigest()[:40]
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decode + resize one sample (the work the cache saves), run by the DataLoader's workers."""
+
+    def __init__(self, dataset, resize):
+        self.dataset, self.resize = dataset, resize
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        from adtrain.data.dataset import _binarise
+
+        image, mask = self.dataset._load(self.dataset.samples[index])
+        has = mask is not None
+        mask = np.zeros(image.shape[:2], np.uint8) if mask is None else _binarise(mask)
+        out = self.resize(image=image, mask=mask)
+        return index, out["image"], out["mask"], image.shape[:2], has
+
+
+def _as_is(item):
+    return item
+
+
+def _build(folder: Path, dataset, image_size, num_workers: int) -> None:
+    import albumentations as A
+    import cv2
+
+    resize = A.Resize(image_size[0], image_size[1], interpolation=cv2.INTER_LINEAR,
+                      mask_interpolation=cv2.INTER_NEAREST)
+    n, (h, w) = len(dataset), image_size
+    images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, h, w, 3))
+    masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, h, w))
+    source = np.zeros((n, 2), np.int64)
+    has_mask = np.zeros(n, bool)
+    loader = torch.utils.data.DataLoader(_Decode(dataset, resize), batch_size=None, num_workers=num_workers,
+                                         collate_fn=_as_is, generator=torch.Generator())
+    # (its own generator: building must not draw from torch's global RNG, which later shuffles the
+    # training set; a cold run would otherwise see another order than an uncached or warm one)
+    for i, image, mask, size, has in loader:
+        images[i], masks[i], source[i], has_mask[i] = image, mask, size, has
+    images.flush()
+    masks.flush()
+    del images, masks
+    meta = {"n": n, "size": [h, w], "source_size": source.tolist(), "has_mask": has_mask.tolist(),
+            "paths": [s.path for s in dataset.samples]}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+class ImageCache:
+    """Where the entries live, and what the runs of this process did with them (for results.json)."""
+
+    def __init__(self, root: str | os.PathLike, mode: str = "auto"):
+        self.mode = cache_mode(mode)
+        self.root = Path(os.path.expanduser(str(root)))
+        self.events: list[str] = []  # "hit" | "miss" | "skip" (not cacheable) per dataset made
+
+    def state(self) -> str:
+        """off | hit (every set served from the cache) | miss (at least one set decoded into it)."""
+        if self.mode == "off" or not any(e in ("hit", "miss") for e in self.events):
+            return "off"
+        return "miss" if "miss" in self.events else "hit"
+
+    def entry(self, dataset, image_size, num_workers: int = 0) -> "CachedImages | None":
+        """The cached arrays for ``dataset`` (built now if missing); None when the cache is off or
+        the folder is not writable (then the dataset decodes as before, and the log says why)."""
+        if self.mode == "off" or not len(dataset):
+            return None
+        key = cache_key(dataset.samples, dataset.loader, image_size)
+        folder = self.root / key
+        if (folder / "meta.json").is_file():
+            self.events.append("hit")
+            return CachedImages(folder)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".{key}.{secrets.token_hex(6)}.tmp"
+            tmp.mkdir()
+        except OSError as e:
+            log.warning("data.cache_dir=%s is not writable (%s): images are decoded without the cache", self.root, e)
+            self.events.append("skip")
+            return None
+        try:
+            _build(tmp, dataset, image_size, num_workers)  # a bad image raises its DataError here
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another job renamed its identical entry first: use that one
+                if not (folder / "meta.json").is_file():
+                    raise
+        except OSError as e:  # disk full, folder removed meanwhile...: decode as before
+            log.warning("data.cache_dir=%s: cannot write the image cache (%s): images are decoded without it",
+                        self.root, e)
+            self.events.append("skip")
+            return None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.events.append("miss")
+        log.debug("image cache: %d images decoded into %s", len(dataset), folder)
+        return CachedImages(folder)
+
+
+class CachedImages:
+    """One entry, opened memory-mapped on first use in each process (picklable for workers)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / "meta.json").read_text())
+        self.source_size = meta["source_size"]
+        self.has_mask = meta["has_mask"]
+        self._arrays = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray, list, bool]:
+        if self._arrays is None:
+            self._arrays = (np.load(self.folder / "images.npy", mmap_mode="r"),
+                            np.load(self.folder / "masks.npy", mmap_mode="r"))
+        images, masks = self._arrays
+        return (np.array(images[index]), np.array(masks[index]), self.source_size[index],
+                bool(self.has_mask[index]))

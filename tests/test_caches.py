@@ -1,0 +1,175 @@
+"""The decoded-image cache (data.cache) and the frozen-backbone feature cache (feature_cache)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adtrain.data.testing import write_mvtec_tree
+
+KEYS = ("image", "label", "mask", "has_mask", "category", "defect", "path", "source_size")
+
+
+def _dm(root, cache, cache_dir, augment=None):
+    from adtrain.data.mvtec import MVTecDataModule
+
+    return MVTecDataModule(root=str(root), category="widget", image_size=[40, 36], center_crop=[32, 32],
+                           batch_size=4, num_workers=0, seed=0, augment=augment, val_anomalies=None,
+                           cache=cache, cache_dir=str(cache_dir))
+
+
+def _items(ds, seed=0):
+    torch.manual_seed(seed)  # the train set draws its augmentation seeds from torch's RNG
+    return [ds[i] for i in range(len(ds))]
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for k in KEYS:
+            if isinstance(x[k], torch.Tensor):
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+            else:
+                assert x[k] == y[k], k
+
+
+@pytest.fixture
+def tree(tmp_path):
+    # images of a size other than image_size, masks on the anomalies, one defect without ground truth
+    return write_mvtec_tree(tmp_path / "mvtec", "widget", n_train=6, n_test_good=2, defects={"crack": 3},
+                            defects_without_gt={"hole": 1}, size=50)
+
+
+def test_cached_tensors_bit_identical_to_uncached_cold_and_warm(tree, tmp_path):
+    flip = [{"_target_": "albumentations.HorizontalFlip", "p": 0.5},
+            {"_target_": "albumentations.ColorJitter", "p": 0.5}]
+    off, on = _dm(tree, "off", tmp_path / "c", flip), _dm(tree, "auto", tmp_path / "c", flip)
+    for train, samples in ((True, off.train_samples), (False, off.test_samples)):
+        ref = _items(off.make_dataset(samples, train=train))
+        cold = on.make_dataset(samples, train=train)
+        assert cold.cached is not None
+        _same(ref, _items(cold))
+        _same(ref, _items(on.make_dataset(samples, train=train)))  # warm: served from the entry
+    assert on.image_cache.events == ["miss", "hit", "miss", "hit"]
+    assert on.image_cache.state() == "miss" and off.image_cache.state() == "off"
+    test = _items(on.make_dataset(on.test_samples))
+    assert any(x["mask"].any() for x in test) and not all(bool(x["has_mask"]) for x in test)
+    assert all(x["source_size"].tolist() == [50, 50] for x in test)
+    warm = _dm(tree, "auto", tmp_path / "c")  # another job: every set already there
+    warm.make_dataset(warm.test_samples)
+    assert warm.image_cache.state() == "hit"
+    assert not list((tmp_path / "c").glob(".*.tmp"))  # built in a temp folder, renamed into place
+
+
+def test_key_is_the_same_in_another_process(tree):
+    import subprocess
+    import sys
+
+    from adtrain.data.image_cache import cache_key
+
+    dm = _dm(tree, "off", tree)
+    ds = dm.make_dataset(dm.train_samples)
+    code = ("import sys; from adtrain.data.mvtec import MVTecDataModule as M; from adtrain.data.image_cache import "
+            "cache_key; d = M(root=sys.argv[1], category='widget', image_size=[40, 36], val_anomalies=None); "
+            "s = d.make_dataset(d.train_samples); print(cache_key(s.samples, s.loader, (40, 36)))")
+    out = subprocess.run([sys.executable, "-c", code, str(tree)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == cache_key(ds.samples, ds.loader, (40, 36))
+
+
+def test_changed_or_touched_file_gets_a_new_entry(tree, tmp_path):
+    dm = _dm(tree, "auto", tmp_path / "c")
+    samples = dm.train_samples
+    first = _items(dm.make_dataset(samples))
+    path = samples[0].path
+    Image.fromarray(np.full((50, 50, 3), 7, np.uint8)).save(path)  # rewritten: new pixels
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = _items(dm.make_dataset(samples))
+    assert not torch.equal(first[0]["image"], changed[0]["image"])
+    _same(changed, _items(_dm(tree, "off", tmp_path / "c").make_dataset(samples)))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))  # touched only: not trusted either
+    dm.make_dataset(samples)
+    assert dm.image_cache.events == ["miss", "miss", "miss"]
+    assert len([p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]) == 3
+
+
+def test_bad_cache_value_names_the_key(tree, tmp_path):
+    from adtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.cache"):
+        _dm(tree, "sometimes", tmp_path / "c")
+
+
+def test_run_results_identical_with_caches_on_and_off(fast_cfg, tmp_path):
+    from adtrain.run import run
+
+    base = ["method=patchcore", "backbone=resnet18", "backbone.pretrained=false", "method.image_size=[64,64]",
+            "method.center_crop=null", "output.heatmaps=0", "data.num_test_normal=6", "data.num_test_anomalous=6",
+            f"paths.cache_dir={tmp_path / 'cache'}"]
+    off = run(fast_cfg(*base, "data.cache=off"), tmp_path / "off")
+    cold = run(fast_cfg(*base, "feature_cache=on"), tmp_path / "cold")
+    warm = run(fast_cfg(*base, "feature_cache=on"), tmp_path / "warm")
+    assert (off["image_cache"], off["feature_cache"]) == ("off", "off")
+    assert (cold["image_cache"], cold["feature_cache"]) == ("miss", "miss")
+    assert (warm["image_cache"], warm["feature_cache"]) == ("hit", "hit")
+    assert warm["feature_cache_lookups"]["miss"] == 0 and warm["feature_cache_lookups"]["hit"] > 0
+    keys = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro", "val_image_auroc", "threshold")
+    assert [off[k] for k in keys] == [cold[k] for k in keys] == [warm[k] for k in keys]
+    scores = [(tmp_path / d / "scores.csv").read_text() for d in ("off", "cold", "warm")]
+    assert scores[0] == scores[1] == scores[2]  # every image's score, bit for bit
+
+
+def _extractor():
+    from adtrain.backbones import build_extractor
+
+    cfg = {"name": "resnet18", "pretrained": False, "stages": {"layer1": 1, "layer2": 2}}
+    return build_extractor(cfg, ["layer1"], frozen=True)
+
+
+def test_feature_cache_hit_is_bit_identical_and_keyed_on_the_input(tmp_path):
+    from adtrain.backbones.feature_cache import FeatureCache
+
+    ext = _extractor()
+    x = torch.randn(2, 3, 32, 32)
+    ref = ext(x)
+    ext.feature_cache = FeatureCache(tmp_path / "f")
+    cold, warm = ext(x), ext(x.clone())
+    assert (ext.feature_cache.misses, ext.feature_cache.hits) == (1, 1)
+    assert torch.equal(ref["layer1"], cold["layer1"]) and torch.equal(ref["layer1"], warm["layer1"])
+    y = x.clone()
+    y[0, 0, 0, 0] += 1e-6  # one value differs: another key
+    ext(y)
+    assert ext.feature_cache.misses == 2 and ext.feature_cache.state() == "miss"
+
+
+def test_feature_cache_budget_evicts_least_recently_used(tmp_path):
+    from adtrain.backbones.feature_cache import SUFFIX, FeatureCache
+
+    ext = _extractor()
+    xs = [torch.full((1, 3, 32, 32), float(i)) for i in range(4)]
+    entry = sum(v.numel() * 4 for v in ext.extract(xs[0]).values())
+    ext.feature_cache = FeatureCache(tmp_path / "f", max_gb=2.5 * entry / 2**30)  # room for two entries
+    cache = ext.feature_cache
+    for i in (0, 1):
+        ext(xs[i])
+        os.utime(tmp_path / "f" / (cache.key(ext, xs[i]) + SUFFIX), ns=(i + 1, i + 1))  # xs[0] the oldest
+    ext(xs[1])  # a hit refreshes xs[1]
+    ext(xs[2])  # over budget: the least recently used (xs[0]) goes
+    assert len(list((tmp_path / "f").glob("*" + SUFFIX))) == 2
+    hits = ext.feature_cache.hits
+    ext(xs[2])
+    ext(xs[1])
+    assert ext.feature_cache.hits == hits + 2
+    ext(xs[0])
+    assert ext.feature_cache.misses == 4
+
+
+def test_unwritable_cache_dir_falls_back_to_decoding(tree, tmp_path, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    dm = _dm(tree, "auto", blocker / "images")
+    ds = dm.make_dataset(dm.train_samples)
+    assert ds.cached is None and dm.image_cache.state() == "off" and "not writable" in caplog.text
+    _same(_items(ds), _items(_dm(tree, "off", blocker).make_dataset(dm.train_samples)))
