@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
+from adtrain import distributed
 from adtrain.errors import TrainingError
 from adtrain.methods.output import AnomalyOutput
 
@@ -49,6 +50,8 @@ class AnomalyModule(LightningModule):
         self.heatmap_dir: Path | None = None
         self.heatmap_paths: set[str] = set()
         self.heatmap_files: list[str] = []
+        self.heatmap_numbers: dict[str, int] = {}  # path -> its number in the heatmap names (test order)
+        self.sample_index: list[int] = []  # the dataset index of each test record / validation item (DDP)
         self.pixel_metrics = True
         self._val_scores: list[torch.Tensor] = []
         self._val_evaluator = None
@@ -124,7 +127,8 @@ class AnomalyModule(LightningModule):
         if not self.validating_now():
             return
         if self._val_evaluator is None:
-            self._val_evaluator = AnomalyEvaluator(pixel_metrics=True)
+            self._val_evaluator = distributed.wrap_evaluator(lambda: AnomalyEvaluator(pixel_metrics=True))
+        distributed.note_batch(self, self._val_evaluator, batch)
         out = self.anomaly_output(batch["image"])
         labels = batch["label"].to(out.pred_score.device)
         amap, mask = _coarse(out.anomaly_map, batch["mask"].to(out.anomaly_map.device))
@@ -163,15 +167,19 @@ class AnomalyModule(LightningModule):
         return out
 
     def on_validation_epoch_end(self) -> None:
+        if self.validating_now():
+            distributed.sync_validation(self)  # DDP: every rank's items, each once, in dataset order
         self.last_val_metrics = self.validation_metrics() if self.validating_now() else {}
         ev = self._val_evaluator
         if self.validating_now() and ev is not None and len(ev.image_scores) == len(self._val_defects):
             self.last_val_items = {"scores": [float(v) for v in ev.image_scores], "defects": list(self._val_defects)}
         for key, value in self.last_val_metrics.items():
-            self.log(key, value, prog_bar=key in ("val/image_auroc", "val/normal_score"))
+            self.log(key, value, prog_bar=key in ("val/image_auroc", "val/normal_score"),
+                     sync_dist=distributed.world_size() > 1)  # equal on every rank already: quiets Lightning
         self._val_scores = []
         self._val_defects = []
         self._val_evaluator = None
+        self.sample_index = []
 
     # ----------------------------------------------------------------- thresholds
     @torch.no_grad()
@@ -209,9 +217,16 @@ class AnomalyModule(LightningModule):
     def on_test_epoch_start(self) -> None:
         from adtrain.metrics import AnomalyEvaluator
 
-        self.evaluator = AnomalyEvaluator(pixel_metrics=self.pixel_metrics)
+        self.evaluator = distributed.wrap_evaluator(lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics))
         self.test_records = []
         self.heatmap_files = []
+        self.sample_index = []
+
+    def on_test_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        distributed.note_batch(self, self.evaluator, batch)
+
+    def on_test_epoch_end(self) -> None:
+        distributed.sync_test(self)  # DDP: every test image once, in dataset order, on every rank
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         out = self.anomaly_output(batch["image"])
@@ -247,12 +262,14 @@ class AnomalyModule(LightningModule):
         mask = batch["mask"][i, 0].cpu().numpy() if bool(batch["has_mask"][i]) else None
         source = batch.get("source_size")
         stem = Path(batch["path"][i]).stem
-        name = f"{len(self.heatmap_files):03d}_{batch['category'][i]}_{batch['defect'][i]}_{stem}.png"
+        number = self.heatmap_numbers.get(batch["path"][i], len(self.heatmap_files))
+        name = f"{number:03d}_{batch['category'][i]}_{batch['defect'][i]}_{stem}.png"
         path = self.heatmap_dir / name.replace("/", "_")
-        save_heatmap(path, image=denormalize(batch["image"][i]), norm_map=norm_map.float().cpu().numpy(), mask=mask,
-                     score=float(out.pred_score[i]), threshold=float(self.threshold), label=int(batch["label"][i]),
-                     defect=str(batch["defect"][i]), height=int(self.heatmap_size),
-                     source_size=tuple(int(v) for v in source[i]) if source is not None else None)
+        with distributed.own_outputs():  # under DDP each rank writes the heatmaps of the images it scored
+            save_heatmap(path, image=denormalize(batch["image"][i]), norm_map=norm_map.float().cpu().numpy(), mask=mask,
+                         score=float(out.pred_score[i]), threshold=float(self.threshold), label=int(batch["label"][i]),
+                         defect=str(batch["defect"][i]), height=int(self.heatmap_size),
+                         source_size=tuple(int(v) for v in source[i]) if source is not None else None)
         self.heatmap_files.append(str(path))
 
     def test_results(self) -> dict[str, Any]:

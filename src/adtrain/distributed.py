@@ -1,0 +1,174 @@
+"""DDP helpers: who writes, and per-sample results gathered back into the dataset's order.
+
+Every batch carries each sample's dataset ``index``. Lightning's DistributedSampler gives each
+rank a strided shard, padded with repeats of the first samples so every rank has as many batches;
+what is gathered here is keyed by ``index``: repeats are dropped and the dataset order restored,
+so every rank ends with exactly what a single process would have seen (docs/ARCHITECTURE.md,
+"Distributed").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_OWN_OUTPUTS = False  # inside own_outputs(): this rank writes what it alone produced (heatmaps)
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def rank() -> int:
+    """The global rank: from the process group once it exists, else from the launcher's environment
+    (Lightning sets NODE_RANK/LOCAL_RANK in the processes it starts, torchrun sets RANK)."""
+    if initialized():
+        return dist.get_rank()
+    ranks = [int(os.environ.get(k) or 0) for k in ("RANK", "NODE_RANK", "LOCAL_RANK")]
+    return next((r for r in ranks if r), 0)  # 0 only for the process that starts the others
+
+
+def is_writer() -> bool:
+    """Rank 0 writes the run's files (results.json, checkpoints, scores.csv); the others do not."""
+    return rank() == 0 or _OWN_OUTPUTS
+
+
+@contextlib.contextmanager
+def own_outputs():
+    """Let this rank write files only it produces (the heatmaps of the test images it scored)."""
+    global _OWN_OUTPUTS
+    before, _OWN_OUTPUTS = _OWN_OUTPUTS, True
+    try:
+        yield
+    finally:
+        _OWN_OUTPUTS = before
+
+
+def barrier() -> None:
+    if initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """obj from every rank, in rank order ([obj] without a process group)."""
+    if not initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def by_index(pairs_per_rank: list[list[tuple[int, Any]]]) -> list[Any]:
+    """(index, item) pairs from every rank -> items in index order, each index once (the
+    DistributedSampler's padding repeats dropped)."""
+    seen: dict[int, Any] = {}
+    for pairs in pairs_per_rank:
+        for index, item in pairs:
+            seen.setdefault(int(index), item)
+    return [seen[i] for i in sorted(seen)]
+
+
+def gather_batch(batch: dict, seen: set[int]) -> list[dict]:
+    """A training batch from every rank (same step), as the batches a single unshuffled process
+    sees: samples in index order, those in ``seen`` (the padding repeats) dropped, cut into the local
+    batch size. The DistributedSampler must not shuffle (AnomalyDataModule.train_dataloader)."""
+    if world_size() == 1:
+        return [batch]
+    size = len(batch["index"])
+    gathered = {}
+    for k in [k for k, v in batch.items() if isinstance(v, torch.Tensor)]:
+        parts = [torch.empty_like(batch[k]) for _ in range(world_size())]
+        dist.all_gather(parts, batch[k].detach().contiguous())
+        gathered[k] = torch.cat(parts)
+    order = []
+    for i in torch.argsort(gathered["index"], stable=True).tolist():
+        if int(gathered["index"][i]) not in seen:
+            seen.add(int(gathered["index"][i]))
+            order.append(i)
+    merged = {k: v[order] for k, v in gathered.items()}
+    return [{k: v[i:i + size] for k, v in merged.items()} for i in range(0, len(order), size)]
+
+
+class RecordingEvaluator:
+    """Stands in for AnomalyEvaluator under DDP: keeps each sample's inputs with its dataset index
+    (``next_index``, set before the step); ``merged`` replays every rank's samples, each once and in
+    dataset order, in batches of the loader's size into a fresh evaluator: the single-process figures."""
+
+    def __init__(self, make):
+        self.make = make
+        self.pixel_metrics = make().pixel_metrics
+        self.next_index: torch.Tensor | None = None
+        self.batch_size = 1
+        self.items: list[tuple[int, tuple]] = []
+
+    def update(self, pred_score, label, anomaly_map=None, mask=None, has_mask=None) -> None:
+        index = self.next_index.tolist()
+        self.batch_size = max(self.batch_size, len(index))
+        cols = [t.detach().cpu() if isinstance(t, torch.Tensor) else t
+                for t in (pred_score, label, anomaly_map, mask, has_mask)]
+        for i, idx in enumerate(index):
+            self.items.append((idx, tuple(None if c is None else c[i] for c in cols)))
+
+    def merged(self):
+        gathered = all_gather_objects((self.batch_size, self.items))
+        size = max(b for b, _ in gathered)
+        samples = by_index([items for _, items in gathered])
+        ev = self.make()
+        for start in range(0, len(samples), size):
+            chunk = samples[start:start + size]
+            ev.update(*[None if chunk[0][j] is None else torch.stack([s[j] for s in chunk]) for j in range(5)])
+        return ev
+
+
+def wrap_evaluator(make):
+    """A RecordingEvaluator under DDP (more than one process), else the plain evaluator."""
+    return RecordingEvaluator(make) if world_size() > 1 else make()
+
+
+def note_batch(module, evaluator, batch: dict) -> None:
+    """Before a validation/test step: the batch's dataset indices, for the evaluator and the records."""
+    if isinstance(evaluator, RecordingEvaluator):
+        evaluator.next_index = batch["index"]
+        module.sample_index.extend(int(i) for i in batch["index"])
+
+
+def _in_order(module, items: list) -> list:
+    return by_index(all_gather_objects(list(zip(module.sample_index, items))))
+
+
+def sync_validation(module) -> None:
+    """The validation evaluator, normal scores and item kinds of every rank, in dataset order."""
+    ev = module._val_evaluator
+    if not isinstance(ev, RecordingEvaluator):
+        return
+    module._val_defects = _in_order(module, module._val_defects)
+    module._val_evaluator = ev = ev.merged()
+    normal = [s for s, label in zip(ev.image_scores, ev.image_labels) if label == 0]
+    module._val_scores = [torch.tensor(normal, dtype=torch.float32)]
+
+
+def sync_test(module) -> None:
+    """The test evaluator, records and heatmap files of every rank: each test image once, in order."""
+    if not isinstance(module.evaluator, RecordingEvaluator):
+        return
+    module.test_records = _in_order(module, module.test_records)
+    module.evaluator = module.evaluator.merged()
+    module.heatmap_files = sorted(f for files in all_gather_objects(module.heatmap_files) for f in files)
+
+
+def broadcast_buffers(module: torch.nn.Module, names=("threshold", "score_center", "map_center")) -> None:
+    """Rank 0's fitted values on every rank."""
+    if world_size() == 1:
+        return
+    for name in names:
+        buf = getattr(module, name, None)
+        if isinstance(buf, torch.Tensor):
+            dist.broadcast(buf.data, src=0)
