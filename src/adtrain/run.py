@@ -86,6 +86,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
 def _run_rank(cfg: DictConfig, run_dir: Path) -> dict:
     """A DDP rank > 0: the same computation as rank 0 (collectives pair up), no lock, no files."""
+    log.setLevel(logging.WARNING)  # rank 0 tells the run; the others would repeat every line
     if bool(cfg.get("resume", False)):
         from adtrain.resume import resumed_config
 
