@@ -102,3 +102,19 @@ def test_spawned_strategies_are_refused(strategy):
 
     with pytest.raises(ConfigError, match="trainer.strategy.*use trainer=ddp"):
         resolve(strategy)
+
+
+def test_plain_ddp_names_become_the_adtrain_strategy():
+    from adtrain.strategy import AdtrainDDPStrategy, resolve
+
+    assert isinstance(resolve("ddp"), AdtrainDDPStrategy)  # trainer.strategy=ddp, as a new user types it
+    assert resolve("ddp_find_unused_parameters_true")._ddp_kwargs["find_unused_parameters"] is True
+    assert resolve("auto") == "auto"
+
+
+def test_by_index_drops_the_padding_repeats_and_restores_order():
+    from adtrain.distributed import by_index
+
+    # 5 samples on 2 ranks: the DistributedSampler pads rank 1 with sample 0 again
+    rank0, rank1 = [(0, "a"), (2, "c"), (4, "e")], [(1, "b"), (3, "d"), (0, "a")]
+    assert by_index([rank0, rank1]) == ["a", "b", "c", "d", "e"]
