@@ -118,3 +118,18 @@ def test_by_index_drops_the_padding_repeats_and_restores_order():
     # 5 samples on 2 ranks: the DistributedSampler pads rank 1 with sample 0 again
     rank0, rank1 = [(0, "a"), (2, "c"), (4, "e")], [(1, "b"), (3, "d"), (0, "a")]
     assert by_index([rank0, rank1]) == ["a", "b", "c", "d", "e"]
+
+
+def test_rank_from_the_launchers_environment(monkeypatch):
+    from adtrain.distributed import rank
+
+    for key in ("RANK", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank() == 0  # a stray LOCAL_RANK without a world: a single run, which writes its files
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert rank() == 1  # a process Lightning's launcher started
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert rank() == 1  # rank 0 of another node, started by the user

@@ -28,12 +28,15 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """The global rank: from the process group once it exists, else from the launcher's environment
-    (Lightning sets NODE_RANK/LOCAL_RANK in the processes it starts, torchrun sets RANK)."""
+    """The global rank once the process group exists; before, from the launcher's environment: 0 for the
+    process that owns the run, non-zero for the others (Lightning gives the processes it starts
+    LOCAL_RANK and WORLD_SIZE, another node is started with NODE_RANK, torchrun sets RANK)."""
     if initialized():
         return dist.get_rank()
-    ranks = [int(os.environ.get(k) or 0) for k in ("RANK", "NODE_RANK", "LOCAL_RANK")]
-    return next((r for r in ranks if r), 0)  # 0 only for the process that starts the others
+    env = {k: int(os.environ.get(k) or 0) for k in ("RANK", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    if env["WORLD_SIZE"] <= 1 and env["NODE_RANK"] == 0:
+        return 0  # a stray RANK/LOCAL_RANK (a cluster's environment) does not make a single run a rank
+    return next((env[k] for k in ("RANK", "NODE_RANK", "LOCAL_RANK") if env[k]), 0)
 
 
 def is_writer() -> bool:
