@@ -4,7 +4,8 @@ One CLI run per method and mode. PatchCore and HETMM are training-free: the bank
 figures equal. CFA and DFM run at learning rate 0 (a trained comparison cannot be exact: DDP averages
 gradients over shards of a batch): their memory is built from the same images in the same order, so the
 figures match to 1e-6 (CPU reductions on one thread per rank may differ in the last bits). STFPM trains:
-DDP cannot be bit-identical to one process, so its test asserts what is true (every test image once,
+DDP cannot be bit-identical to one process, so its test asserts what is true (the ranks agree on the test
+metrics, or the run fails: engine.evaluate_method checks it; every test image once;
 results.json computed from the very scores in scores.csv).
 """
 

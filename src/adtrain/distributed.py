@@ -167,6 +167,15 @@ def sync_test(module) -> None:
     module.heatmap_files = sorted(f for files in all_gather_objects(module.heatmap_files) for f in files)
 
 
+def check_agree(values: dict, what: str) -> None:
+    """Every rank computed the same values (e.g. the test metrics); a TrainingError naming them if not."""
+    gathered = all_gather_objects(values)
+    if any(repr(g) != repr(gathered[0]) for g in gathered[1:]):  # repr: NaN equals NaN
+        from adtrain.errors import TrainingError
+
+        raise TrainingError(f"DDP ranks disagree on the {what}: {gathered}; please report this with the config")
+
+
 def broadcast_buffers(module: torch.nn.Module, names=("threshold", "score_center", "map_center")) -> None:
     """Rank 0's fitted values on every rank."""
     if world_size() == 1:

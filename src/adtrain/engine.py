@@ -155,6 +155,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     t1 = time.perf_counter()
     trainer.test(method, datamodule=dm, verbose=False)
     metrics = method.test_results()
+    distributed.check_agree({k: metrics.get(k) for k in METRIC_KEYS}, "test metrics")  # DDP: one answer
     test_seconds = time.perf_counter() - t1
     peak, peak_kind = peak_memory_mb(device)
     n_test = len(method.test_records)  # images actually scored (trainer.limit_test_batches may cut the set)
