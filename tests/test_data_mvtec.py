@@ -50,7 +50,7 @@ def test_counts_labels_and_masks(root):
 def test_batch_contract(root):
     dm = _dm(root, image_size=[40, 40], center_crop=[32, 24], eval_batch_size=3)
     batch = next(iter(dm.test_dataloader()))
-    assert set(batch) == {"image", "label", "mask", "has_mask", "category", "defect", "path", "source_size"}
+    assert set(batch) == {"image", "label", "mask", "has_mask", "category", "defect", "path", "source_size", "index"}
     assert batch["source_size"].dtype == torch.int64 and batch["source_size"].tolist() == [[32, 32]] * 3  # before resize
     assert batch["image"].dtype == torch.float32 and batch["image"].shape == (3, 3, 32, 24)
     assert batch["label"].dtype == torch.int64 and batch["label"].shape == (3,)

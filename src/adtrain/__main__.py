@@ -77,7 +77,9 @@ def main(cfg: DictConfig) -> float | None:
 
     mine = False
     try:
-        if HydraConfig.initialized():
+        from adtrain import distributed
+
+        if HydraConfig.initialized() and distributed.rank() == 0:  # DDP ranks > 0: rank 0 holds the lock
             mine = rundir.acquire(run_dir)  # held already when RunDirGuard checked the directory
             if cfg.get("resume", False):
                 from adtrain.resume import override_keys, resumed_config

@@ -131,6 +131,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_ev
     for key, value in kwargs.items():  # e.g. trainer.profiler={_target_: ...SimpleProfiler}
         if isinstance(value, dict) and value.get("_target_"):
             kwargs[key] = _instantiate(OmegaConf.create(value), f"trainer.{key}")
+    if "strategy" in kwargs:
+        from adtrain.strategy import resolve
+
+        kwargs["strategy"] = resolve(kwargs["strategy"])  # ddp -> AdtrainDDPStrategy; spawn/fork refused
     max_epochs = kwargs.get("max_epochs")
     if val_every > 1 and kwargs.get("check_val_every_n_epoch") is None and max_epochs and max_epochs % val_every == 0:
         kwargs["check_val_every_n_epoch"] = int(val_every)  # skipped epochs do not even load the validation set

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from adtrain import distributed
 from adtrain.build import build_trainer
 from adtrain.errors import ConfigError
 from adtrain.io import write_json, write_text
@@ -115,6 +116,7 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     trainer, _ = build_trainer(cfg, run_dir, logger, selector, int(val_every))
     method.adtrain_config = OmegaConf.to_container(cfg, resolve=True)
 
+    dm.shuffle_train = not getattr(method, "training_free", False)  # a memory's one pass: in index order
     t0 = time.perf_counter()
     if selector is not None and ckpt_path is None and getattr(method, "start_is_detector", False):
         selector.validate_start(trainer, method, dm)
@@ -127,6 +129,7 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
                                                  if type(c).__name__ == "RunState")
 
     choice = selector.choose() if selector is not None else {"selected": "last", "epoch": None, "metrics": {}}
+    distributed.barrier()  # rank 0 has written the selected checkpoint every rank restores
     if selector is not None:
         selector.restore(method, choice)
     log.info("%s", describe(choice, monitor, selector, int(trainer.current_epoch)))
@@ -137,6 +140,7 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     if has_val:
         with trainer.precision_plugin.forward_context():
             thr_info = method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile)
+    distributed.broadcast_buffers(method)  # every rank fitted on all held-out normals; rank 0's values rule
     val_seconds = (selector.val_seconds + (selector.start or {}).get("seconds", 0.0)) if selector else 0.0
     info = {
         "fit_seconds": round(fit_seconds, 3),
@@ -168,6 +172,8 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     method.heatmap_size = int(cfg.output.get("heatmap_size") or 320)
     method.heatmap_paths = (pick_heatmap_paths(dm.test_samples, int(cfg.output.heatmaps), int(cfg.seed))
                             if method.heatmap_dir is not None else set())
+    picked = [str(s.path) for s in dm.test_samples if str(s.path) in method.heatmap_paths]
+    method.heatmap_numbers = {p: k for k, p in enumerate(picked)}  # names numbered in test order, on any rank
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t1 = time.perf_counter()
@@ -178,6 +184,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     finally:
         method.pixel_metrics = pixel_before
     metrics = method.test_results()
+    distributed.check_agree({k: metrics.get(k) for k in METRIC_KEYS}, "test metrics")  # DDP: one answer
     test_seconds = time.perf_counter() - t1
     peak, peak_kind = peak_memory_mb(device)
     n_test = len(method.test_records)  # images actually scored (trainer.limit_test_batches may cut the set)
@@ -234,7 +241,9 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         if cfg.output.scores_csv:
             write_scores_csv(run_dir / "scores.csv", method.test_records)
         _histogram(run_dir, method)
-        log_test_outputs(logger, results, method.test_records, method.heatmap_files, model_ckpt)
+        if distributed.is_writer():
+            log_test_outputs(logger, results, method.test_records, method.heatmap_files, model_ckpt)
+    distributed.barrier()  # the other ranks wait until rank 0 has written the run's files
     return results
 
 

@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from adtrain import distributed
+
 
 def _new_temp(path: Path) -> str:
     """Create an empty, unique temp file beside path, mode 0o666 & ~umask (mkstemp would give 0600)."""
@@ -29,6 +31,8 @@ def _new_temp(path: Path) -> str:
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
+    if not distributed.is_writer():  # under DDP rank 0 writes the run's files (adtrain.distributed)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temp(path)
     try:

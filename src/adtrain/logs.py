@@ -22,6 +22,7 @@ DELIBERATE = (
     r".*module\(s\) in eval mode at the start of training",  # frozen backbones / teachers
     r".*smaller than the logging interval",
     r".*isinstance\(treespec, LeafSpec\)",
+    r"Using `DistributedSampler` with the dataloaders",  # DDP: adtrain.distributed drops its repeats
 )
 NO_OPTIMIZER = r".*configure_optimizers` returned `None`"
 

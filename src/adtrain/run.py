@@ -12,6 +12,7 @@ from pathlib import Path
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
+from adtrain import distributed
 from adtrain.build import build_datamodule, build_logger, build_method
 from adtrain.engine import fit_and_test
 from adtrain.errors import ConfigError
@@ -53,6 +54,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     from adtrain.resume import resumed_config
 
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
+    if distributed.rank() != 0:  # a DDP rank started by rank 0: it computes, rank 0 owns the directory
+        return _run_rank(cfg, run_dir)
     resume = bool(cfg.get("resume", False))
     if resume:
         cfg = resumed_config(cfg, run_dir)  # the run's own config; another experiment is refused
@@ -79,6 +82,20 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
     show_run(results, run_dir)  # the results table, naming the run directory
     return results
+
+
+def _run_rank(cfg: DictConfig, run_dir: Path) -> dict:
+    """A DDP rank > 0: the same computation as rank 0 (collectives pair up), no lock, no files."""
+    log.setLevel(logging.WARNING)  # rank 0 tells the run; the others would repeat every line
+    if bool(cfg.get("resume", False)):
+        from adtrain.resume import resumed_config
+
+        cfg = resumed_config(cfg, run_dir)
+    if cfg.get("schedule") is not None and bool(cfg.schedule.get("tasks")):
+        from adtrain.continual.runner import run_schedule
+
+        return run_schedule(cfg, run_dir)
+    return _run_single(cfg, run_dir)
 
 
 def _run_single(cfg: DictConfig, run_dir: Path) -> dict:

@@ -174,6 +174,10 @@ class RunDirGuard(Callback):
         from adtrain.preflight import check_config
         from adtrain.resume import override_keys, resumed_config
 
+        from adtrain import distributed
+
+        if distributed.rank() != 0:  # a DDP rank started by rank 0, which holds the lock and checked it all
+            return
         run_dir = Path(str(config.hydra.run.dir))
         with read_write(config.hydra):
             config.hydra.run.dir = str(run_dir)  # resolved once: ${now:...} must not move between here and Hydra

@@ -23,6 +23,7 @@ from adtrain.continual.state import (MATRIX_METRICS, ContinualState, load_task_c
                                      task_checkpoint, task_dir)
 from adtrain.data.base import seeded_rng
 from adtrain.errors import ConfigError
+from adtrain import distributed
 from adtrain.io import write_json
 from adtrain.loggers import is_wandb
 from adtrain.preflight import check_files
@@ -185,6 +186,7 @@ class _Sequence:
         if cfg.output.scores_csv and self.records:
             write_scores_csv(self.run_dir / "scores.csv", self.records)
         log_final(self.logger, results, heatmaps)
+        distributed.barrier()  # DDP: the other ranks wait until rank 0 has written the run's files
         return results  # adtrain.run shows its table (final and forgetting of each metric)
 
 

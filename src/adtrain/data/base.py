@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from adtrain import distributed
 from adtrain.data.dataset import AnomalyDataset, Loaded, PredictDataset, Sample, load_sample
 from adtrain.data.image_io import expand_image_paths
 from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment, build_transform,
@@ -212,8 +213,19 @@ class AnomalyDataModule(LightningDataModule):
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
 
+    #: False for training-free methods (set by adtrain.engine): their one pass sees the samples in
+    #: index order, so a DDP run's gathered memory is the single-process one (adtrain.distributed)
+    shuffle_train: bool = True
+
     def train_dataloader(self) -> DataLoader:
-        return self.make_dataloader(self.train_samples, train=True, shuffle=True)
+        loader = self.make_dataloader(self.train_samples, train=True, shuffle=self.shuffle_train)
+        if self.shuffle_train or distributed.world_size() == 1:
+            return loader
+        from torch.utils.data import DistributedSampler  # Lightning's own would shuffle a training set
+
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=DistributedSampler(
+            loader.dataset, shuffle=False), num_workers=self.num_workers, pin_memory=loader.pin_memory,
+            persistent_workers=self.num_workers > 0)
 
     def validation_dataset(self):
         """Held-out normals + synthetic anomalies made from them (``data.val_anomalies``)."""

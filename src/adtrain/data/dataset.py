@@ -136,6 +136,7 @@ class AnomalyDataset(Dataset):
             "defect": defect,
             "path": sample.path,
             "source_size": source_size,
+            "index": torch.tensor(index, dtype=torch.int64),  # the sample's place: DDP restores the order
         }
 
 

@@ -157,4 +157,5 @@ class ValidationDataset(Dataset):
             "defect": f"synthetic_{family}" if anomalous else "good",
             "path": f"{sample.path}#{family}{self.items[index][2]}",
             "source_size": torch.tensor(image.shape[:2], dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
         }

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from adtrain import distributed
 from adtrain.errors import TrainingError
 from adtrain.methods.output import AnomalyOutput
 
@@ -50,6 +51,8 @@ class AnomalyModule(LightningModule):
         self.heatmap_files: list[str] = []
         self.test_outputs = None  # methods.test_outputs.TestOutputs during a test epoch
         self._writer = None  # adtrain.writer.BackgroundWriter while heatmaps are queued
+        self.heatmap_numbers: dict[str, int] = {}  # path -> its number in the heatmap names (test order)
+        self.sample_index: list[int] = []  # the dataset index of each test record / validation item (DDP)
         self.pixel_metrics = True
         self._val_scores: list[torch.Tensor] = []
         self._val_evaluator = None
@@ -125,7 +128,8 @@ class AnomalyModule(LightningModule):
         if not self.validating_now():
             return
         if self._val_evaluator is None:
-            self._val_evaluator = AnomalyEvaluator(pixel_metrics=True)
+            self._val_evaluator = distributed.wrap_evaluator(lambda: AnomalyEvaluator(pixel_metrics=True))
+        distributed.note_batch(self, self._val_evaluator, batch)
         out = self.anomaly_output(batch["image"])
         labels = batch["label"].to(out.pred_score.device)
         amap, mask = _coarse(out.anomaly_map, batch["mask"].to(out.anomaly_map.device))
@@ -164,15 +168,19 @@ class AnomalyModule(LightningModule):
         return out
 
     def on_validation_epoch_end(self) -> None:
+        if self.validating_now():
+            distributed.sync_validation(self)  # DDP: every rank's items, each once, in dataset order
         self.last_val_metrics = self.validation_metrics() if self.validating_now() else {}
         ev = self._val_evaluator
         if self.validating_now() and ev is not None and len(ev.image_scores) == len(self._val_defects):
             self.last_val_items = {"scores": [float(v) for v in ev.image_scores], "defects": list(self._val_defects)}
         for key, value in self.last_val_metrics.items():
-            self.log(key, value, prog_bar=key in ("val/image_auroc", "val/normal_score"))
+            self.log(key, value, prog_bar=key in ("val/image_auroc", "val/normal_score"),
+                     sync_dist=distributed.world_size() > 1)  # equal on every rank already: quiets Lightning
         self._val_scores = []
         self._val_defects = []
         self._val_evaluator = None
+        self.sample_index = []
 
     # ----------------------------------------------------------------- thresholds
     @torch.no_grad()
@@ -215,12 +223,16 @@ class AnomalyModule(LightningModule):
         from adtrain.methods.test_outputs import TestOutputs
         from adtrain.metrics import AnomalyEvaluator
 
-        self.evaluator = AnomalyEvaluator(pixel_metrics=self.pixel_metrics)
+        self.evaluator = distributed.wrap_evaluator(lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics))
         self.test_outputs = TestOutputs()
         self.test_records = []
         self.heatmap_files = []
+        self.sample_index = []
         self._close_writer()
         self._writer = None
+
+    def on_test_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        distributed.note_batch(self, self.evaluator, batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         out = self.anomaly_output(batch["image"])
@@ -232,6 +244,8 @@ class AnomalyModule(LightningModule):
                     self._queue_heatmap(batch, out, i)
 
     def on_test_epoch_end(self) -> None:
+        self._close_writer()  # this process's heatmaps are written
+        distributed.sync_test(self)  # DDP: every test image once, in dataset order, on every rank
         self.finish_test(self.test_outputs)
 
     def finish_test(self, outputs) -> None:
@@ -266,11 +280,13 @@ class AnomalyModule(LightningModule):
         mask = batch["mask"][i, 0].cpu().numpy() if bool(batch["has_mask"][i]) else None
         source = batch.get("source_size")
         stem = Path(batch["path"][i]).stem
-        name = f"{len(self.heatmap_files):03d}_{batch['category'][i]}_{batch['defect'][i]}_{stem}.png"
+        number = self.heatmap_numbers.get(batch["path"][i], len(self.heatmap_files))
+        name = f"{number:03d}_{batch['category'][i]}_{batch['defect'][i]}_{stem}.png"
         path = self.heatmap_dir / name.replace("/", "_")
         if self._writer is None:
             self._writer = BackgroundWriter()
-        self._writer.submit(path, save_heatmap, image=denormalize(batch["image"][i]),
+        # under DDP each rank writes the heatmaps of the images it scored
+        self._writer.submit(path, distributed.as_own_output(save_heatmap), image=denormalize(batch["image"][i]),
                             norm_map=norm_map.float().cpu().numpy(), mask=mask,
                             score=float(out.pred_score[i]), threshold=float(self.threshold),
                             label=int(batch["label"][i]), defect=str(batch["defect"][i]),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from adtrain import distributed
 from adtrain.errors import ConfigError
 from adtrain.methods.base import AnomalyModule
 from adtrain.methods.output import AnomalyOutput
@@ -93,6 +94,7 @@ class MemoryModule(TaskMemoryMixin, AnomalyModule):
         self._init_task_memory(continual)
         self.automatic_optimization = False
         self._ready = False
+        self._gathered: set[int] = set()
 
     def collect(self, images: torch.Tensor) -> None:
         raise NotImplementedError
@@ -106,10 +108,12 @@ class MemoryModule(TaskMemoryMixin, AnomalyModule):
 
     def on_train_epoch_start(self) -> None:
         self._ready = False
+        self._gathered: set[int] = set()  # DDP: the indices collected this pass (padding repeats are skipped)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        with torch.no_grad():
-            self.collect(batch["image"])
+        with torch.no_grad():  # under DDP every rank collects every rank's batch: one identical bank
+            for part in distributed.gather_batch(batch, self._gathered):
+                self.collect(part["image"])
         return None
 
     def _ensure_ready(self) -> None:

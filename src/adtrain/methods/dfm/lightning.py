@@ -109,6 +109,9 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         rnd, pos = divmod(int(epoch), cycle)
         return rnd, (1 if pos < self.e1 else 2), pos
 
+    #: stage 1 trains the adapters, stage 2 the memory: under DDP each stage leaves the other's unused
+    ddp_find_unused_parameters = True
+
     def on_fit_start(self) -> None:
         expected = self.rounds * (self.e1 + self.e2)
         max_epochs = self.trainer.max_epochs

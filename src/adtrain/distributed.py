@@ -1,0 +1,214 @@
+"""DDP helpers: who writes, and per-sample results gathered back into the dataset's order.
+
+Every batch carries each sample's dataset ``index``. Lightning's DistributedSampler gives each
+rank a strided shard, padded with repeats of the first samples so every rank has as many batches;
+what is gathered here is keyed by ``index``: repeats are dropped and the dataset order restored,
+so every rank ends with exactly what a single process would have seen (docs/ARCHITECTURE.md,
+"Distributed").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from adtrain.methods.test_outputs import META_KEYS
+
+_OWN = threading.local()  # inside own_outputs() (per thread): this rank writes what it alone produced (heatmaps)
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def rank() -> int:
+    """The global rank once the process group exists; before, from the launcher's environment: 0 for the
+    process that owns the run, non-zero for the others (Lightning gives the processes it starts
+    LOCAL_RANK and WORLD_SIZE, another node is started with NODE_RANK, torchrun sets RANK)."""
+    if initialized():
+        return dist.get_rank()
+    env = {k: int(os.environ.get(k) or 0) for k in ("RANK", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    if env["WORLD_SIZE"] <= 1 and env["NODE_RANK"] == 0:
+        return 0  # a stray RANK/LOCAL_RANK (a cluster's environment) does not make a single run a rank
+    return next((env[k] for k in ("RANK", "NODE_RANK", "LOCAL_RANK") if env[k]), 0)
+
+
+def is_writer() -> bool:
+    """Rank 0 writes the run's files (results.json, checkpoints, scores.csv); the others do not."""
+    return rank() == 0 or getattr(_OWN, "on", False)
+
+
+@contextlib.contextmanager
+def own_outputs():
+    """Let this rank (this thread) write files only it produces (the heatmaps of the test images it scored)."""
+    before, _OWN.on = getattr(_OWN, "on", False), True
+    try:
+        yield
+    finally:
+        _OWN.on = before
+
+
+def as_own_output(fn):
+    """fn run inside own_outputs() (in whichever thread calls it: the background heatmap writer)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with own_outputs():
+            return fn(*args, **kwargs)
+    return run
+
+
+def barrier() -> None:
+    if initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """obj from every rank, in rank order ([obj] without a process group)."""
+    if not initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def by_index(pairs_per_rank: list[list[tuple[int, Any]]]) -> list[Any]:
+    """(index, item) pairs from every rank -> items in index order, each index once (the
+    DistributedSampler's padding repeats dropped)."""
+    seen: dict[int, Any] = {}
+    for pairs in pairs_per_rank:
+        for index, item in pairs:
+            seen.setdefault(int(index), item)
+    return [seen[i] for i in sorted(seen)]
+
+
+def gather_batch(batch: dict, seen: set[int]) -> list[dict]:
+    """A training batch from every rank (same step), as the batches a single unshuffled process
+    sees: samples in index order, those in ``seen`` (the padding repeats) dropped, cut into the local
+    batch size. The DistributedSampler must not shuffle (AnomalyDataModule.train_dataloader)."""
+    if world_size() == 1:
+        return [batch]
+    size = len(batch["index"])
+    gathered = {}
+    for k in [k for k, v in batch.items() if isinstance(v, torch.Tensor)]:
+        parts = [torch.empty_like(batch[k]) for _ in range(world_size())]
+        dist.all_gather(parts, batch[k].detach().contiguous())
+        gathered[k] = torch.cat(parts)
+    order = []
+    for i in torch.argsort(gathered["index"], stable=True).tolist():
+        if int(gathered["index"][i]) not in seen:
+            seen.add(int(gathered["index"][i]))
+            order.append(i)
+    merged = {k: v[order] for k, v in gathered.items()}
+    return [{k: v[i:i + size] for k, v in merged.items()} for i in range(0, len(order), size)]
+
+
+class RecordingEvaluator:
+    """Stands in for AnomalyEvaluator under DDP: keeps each sample's inputs with its dataset index
+    (``next_index``, set before the step); ``merged`` replays every rank's samples, each once and in
+    dataset order, in batches of the loader's size into a fresh evaluator: the single-process figures."""
+
+    def __init__(self, make):
+        self.make = make
+        self.pixel_metrics = make().pixel_metrics
+        self.next_index: torch.Tensor | None = None
+        self.batch_size = 1
+        self.items: list[tuple[int, tuple]] = []
+
+    def update_pixels(self, anomaly_map, label, mask=None, has_mask=None) -> None:
+        """Pixel inputs alone (the test path adds image scores at epoch end from TestOutputs)."""
+        self.update(None, label, anomaly_map, mask, has_mask)
+
+    def update(self, pred_score, label, anomaly_map=None, mask=None, has_mask=None) -> None:
+        index = self.next_index.tolist()
+        self.batch_size = max(self.batch_size, len(index))
+        cols = [t.detach().cpu() if isinstance(t, torch.Tensor) else t
+                for t in (pred_score, label, anomaly_map, mask, has_mask)]
+        for i, idx in enumerate(index):
+            self.items.append((idx, tuple(None if c is None else c[i] for c in cols)))
+
+    def merged(self):
+        gathered = all_gather_objects((self.batch_size, self.items))
+        size = max(b for b, _ in gathered)
+        samples = by_index([items for _, items in gathered])
+        ev = self.make()
+        for start in range(0, len(samples), size):
+            chunk = samples[start:start + size]
+            cols = [None if chunk[0][j] is None else torch.stack([s[j] for s in chunk]) for j in range(5)]
+            if cols[0] is None:  # pixel inputs alone (update_pixels)
+                ev.update_pixels(cols[2], cols[1], cols[3], cols[4])
+            else:
+                ev.update(*cols)
+        return ev
+
+
+def wrap_evaluator(make):
+    """A RecordingEvaluator under DDP (more than one process), else the plain evaluator."""
+    return RecordingEvaluator(make) if world_size() > 1 else make()
+
+
+def note_batch(module, evaluator, batch: dict) -> None:
+    """Before a validation/test step: the batch's dataset indices, for the evaluator and the records."""
+    if isinstance(evaluator, RecordingEvaluator):
+        evaluator.next_index = batch["index"]
+        module.sample_index.extend(int(i) for i in batch["index"])
+
+
+def _in_order(module, items: list) -> list:
+    return by_index(all_gather_objects(list(zip(module.sample_index, items))))
+
+
+def sync_validation(module) -> None:
+    """The validation evaluator, normal scores and item kinds of every rank, in dataset order."""
+    ev = module._val_evaluator
+    if not isinstance(ev, RecordingEvaluator):
+        return
+    module._val_defects = _in_order(module, module._val_defects)
+    module._val_evaluator = ev = ev.merged()
+    normal = [s for s, label in zip(ev.image_scores, ev.image_labels) if label == 0]
+    module._val_scores = [torch.tensor(normal, dtype=torch.float32)]
+
+
+def sync_test(module) -> None:
+    """The test outputs (TestOutputs), pixel evaluator and heatmap files of every rank: each test image
+    once, in order."""
+    if not isinstance(module.evaluator, RecordingEvaluator):
+        return
+    outputs = module.test_outputs
+    t = outputs.tensors()
+    rows = list(zip(t["score"].cpu(), t["label"].cpu(), *(outputs.meta[k] for k in META_KEYS)))
+    rows = _in_order(module, rows)
+    scores = torch.stack([r[0] for r in rows]) if rows else torch.empty(0)
+    labels = torch.stack([r[1] for r in rows]) if rows else torch.empty(0, dtype=torch.long)
+    outputs.set({"score": scores, "label": labels},
+                {k: [r[2 + j] for r in rows] for j, k in enumerate(META_KEYS)})
+    module.evaluator = module.evaluator.merged()
+    module.heatmap_files = sorted(f for files in all_gather_objects(module.heatmap_files) for f in files)
+
+
+def check_agree(values: dict, what: str) -> None:
+    """Every rank computed the same values (e.g. the test metrics); a TrainingError naming them if not."""
+    gathered = all_gather_objects(values)
+    if any(repr(g) != repr(gathered[0]) for g in gathered[1:]):  # repr: NaN equals NaN
+        from adtrain.errors import TrainingError
+
+        raise TrainingError(f"DDP ranks disagree on the {what}: {gathered}; please report this with the config")
+
+
+def broadcast_buffers(module: torch.nn.Module, names=("threshold", "score_center", "map_center")) -> None:
+    """Rank 0's fitted values on every rank."""
+    if world_size() == 1:
+        return
+    for name in names:
+        buf = getattr(module, name, None)
+        if isinstance(buf, torch.Tensor):
+            dist.broadcast(buf.data, src=0)

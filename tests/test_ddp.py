@@ -1,0 +1,137 @@
+"""trainer=ddp (2 CPU processes, gloo) gives the single-process answer (adtrain.distributed, adtrain.strategy).
+
+One CLI run per method and mode. PatchCore and HETMM are training-free: the bank is identical and the
+figures equal. CFA and DFM run at learning rate 0 (a trained comparison cannot be exact: DDP averages
+gradients over shards of a batch): their memory is built from the same images in the same order, so the
+figures match to 1e-6 (CPU reductions on one thread per rank may differ in the last bits). STFPM trains:
+DDP cannot be bit-identical to one process, so its test asserts what is true (the ranks agree on the test
+metrics, or the run fails: engine.evaluate_method checks it; every test image once;
+results.json computed from the very scores in scores.csv).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adtrain.errors import ConfigError
+from adtrain.metrics.image import image_metrics
+from tests.conftest import FAST
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"fit_seconds", "val_seconds", "test_seconds", "test_images_per_second", "peak_memory_mb",
+          "image_cache", "feature_cache", "feature_cache_lookups"}  # not results: the second run hits the cache
+EXACT = {"patchcore": [], "hetmm": [],
+         "cfa": ["method.lr=0"],
+         "dfm": ["trainer.max_epochs=2", "method.rounds=1", "method.stage1_epochs=1", "method.stage2_epochs=1",
+                 "method.lr_adapter=0", "method.lr_fmn=0", "method.memory_size=30"]}
+
+
+def _cli(run_dir: Path, *args: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "src"))
+    p = subprocess.run([sys.executable, "-m", "adtrain", *FAST, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(run_dir.rglob("results.json")) == [run_dir / "results.json"]  # one results.json, rank 0's
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _scores(run_dir: Path) -> list[dict]:
+    with open(run_dir / "scores.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _same(single: dict, ddp: dict, tol: float) -> None:
+    for key, value in single.items():
+        if key in TIMING or key == "selection":
+            continue
+        if isinstance(value, float):
+            assert ddp[key] == pytest.approx(value, abs=tol), key
+        else:
+            assert ddp[key] == value, key
+
+
+@pytest.mark.parametrize("method", sorted(EXACT))
+def test_ddp_gives_the_single_process_answer(tmp_path, method):
+    args = [f"method={method}", *EXACT[method]]
+    single = _cli(tmp_path / "single", *args)
+    ddp = _cli(tmp_path / "ddp", *args, "trainer=ddp", "trainer.devices=2")
+    exact = method in ("patchcore", "hetmm")
+    _same(single, ddp, 0.0 if exact else 1e-6)
+    assert ddp["num_test"] == single["num_test"] == 16  # every test image once (the sampler pads one rank)
+    a, b = _scores(tmp_path / "single"), _scores(tmp_path / "ddp")
+    assert [r["path"] for r in b] == [r["path"] for r in a]  # dataset order, no repeat
+    assert [float(r["score"]) for r in b] == pytest.approx([float(r["score"]) for r in a], abs=0 if exact else 1e-6)
+    assert sorted(p.name for p in (tmp_path / "ddp" / "heatmaps").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "single" / "heatmaps").iterdir())
+    if method == "patchcore":
+        banks = [torch.load(tmp_path / d / "checkpoints" / "model.ckpt", weights_only=False)["state_dict"]
+                 for d in ("single", "ddp")]
+        assert banks[0]["model.memory.bank"].numel() > 0
+        assert torch.equal(banks[0]["model.memory.bank"], banks[1]["model.memory.bank"])
+
+
+def test_ddp_trained_method_scores_every_test_image_once(tmp_path):
+    res = _cli(tmp_path / "ddp", "method=stfpm", "trainer=ddp", "trainer.devices=2")
+    rows = _scores(tmp_path / "ddp")
+    assert res["num_test"] == len(rows) == len({r["path"] for r in rows}) == 16
+    scores, labels = [float(r["score"]) for r in rows], [int(r["label"]) for r in rows]
+    assert res["image_auroc"] == pytest.approx(image_metrics(scores, labels)["image_auroc"], abs=1e-12)
+    thr = res["threshold"]  # rank 0's threshold decided every rank's predictions
+    assert [int(r["prediction"]) for r in rows] == [int(s > thr) for s in scores]
+
+
+def test_ddp_continual_schedule(tmp_path):
+    args = ["method=patchcore", "schedule=synthetic_3", "data.num_train=10", "data.num_test_normal=3",
+            "data.num_test_anomalous=3", "data.size=32", "method.image_size=[32,32]", "method.batch_size=4",
+            "output.heatmaps=0"]
+    single = _cli(tmp_path / "single", *args)
+    ddp = _cli(tmp_path / "ddp", *args, "trainer=ddp")
+    assert ddp["matrices"] == single["matrices"]
+    assert [[e["num_test"] for e in p["evaluations"]] for p in ddp["per_task"]] == [[6], [6, 6], [6, 6, 6]]
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork", "ddp_notebook"])
+def test_spawned_strategies_are_refused(strategy):
+    from adtrain.strategy import resolve
+
+    with pytest.raises(ConfigError, match="trainer.strategy.*use trainer=ddp"):
+        resolve(strategy)
+
+
+def test_plain_ddp_names_become_the_adtrain_strategy():
+    from adtrain.strategy import AdtrainDDPStrategy, resolve
+
+    assert isinstance(resolve("ddp"), AdtrainDDPStrategy)  # trainer.strategy=ddp, as a new user types it
+    assert resolve("ddp_find_unused_parameters_true")._ddp_kwargs["find_unused_parameters"] is True
+    assert resolve("auto") == "auto"
+
+
+def test_by_index_drops_the_padding_repeats_and_restores_order():
+    from adtrain.distributed import by_index
+
+    # 5 samples on 2 ranks: the DistributedSampler pads rank 1 with sample 0 again
+    rank0, rank1 = [(0, "a"), (2, "c"), (4, "e")], [(1, "b"), (3, "d"), (0, "a")]
+    assert by_index([rank0, rank1]) == ["a", "b", "c", "d", "e"]
+
+
+def test_rank_from_the_launchers_environment(monkeypatch):
+    from adtrain.distributed import rank
+
+    for key in ("RANK", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank() == 0  # a stray LOCAL_RANK without a world: a single run, which writes its files
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert rank() == 1  # a process Lightning's launcher started
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert rank() == 1  # rank 0 of another node, started by the user
