@@ -78,8 +78,16 @@ def test_ddp_gives_the_single_process_answer(tmp_path, method):
         assert torch.equal(banks[0]["model.memory.bank"], banks[1]["model.memory.bank"])
 
 
-def test_ddp_trained_method_scores_every_test_image_once(tmp_path):
-    res = _cli(tmp_path / "ddp", "method=stfpm", "trainer=ddp", "trainer.devices=2")
+TRAINED = {"stfpm": [],  # DFM trained (lr > 0): its memory is resized after DDP wraps the module
+           "dfm": ["trainer.max_epochs=2", "method.rounds=1", "method.stage1_epochs=1", "method.stage2_epochs=1",
+                   "method.memory_size=30"]}
+
+
+@pytest.mark.parametrize("method", sorted(TRAINED))
+def test_ddp_trained_method_scores_every_test_image_once(tmp_path, method):
+    """Trained under DDP (gradients averaged over shards: not the single-process numbers). The run
+    itself fails (distributed.check_parameters_agree) if the ranks' parameters differ after the fit."""
+    res = _cli(tmp_path / "ddp", f"method={method}", *TRAINED[method], "trainer=ddp", "trainer.devices=2")
     rows = _scores(tmp_path / "ddp")
     assert res["num_test"] == len(rows) == len({r["path"] for r in rows}) == 16
     scores, labels = [float(r["score"]) for r in rows], [int(r["label"]) for r in rows]
@@ -135,3 +143,16 @@ def test_rank_from_the_launchers_environment(monkeypatch):
     monkeypatch.setenv("NODE_RANK", "1")
     monkeypatch.delenv("WORLD_SIZE")
     assert rank() == 1  # rank 0 of another node, started by the user
+
+
+def test_parameters_that_differ_across_ranks_fail_the_run(monkeypatch):
+    from adtrain import distributed
+    from adtrain.errors import TrainingError
+
+    net = torch.nn.Linear(3, 2)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda obj: [obj, dict(obj)])
+    distributed.check_parameters_agree(net)  # equal on both "ranks": passes
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda obj: [obj, {**obj, "weight": obj["weight"] + 1}])
+    with pytest.raises(TrainingError, match="parameters after fit"):
+        distributed.check_parameters_agree(net)

@@ -204,6 +204,15 @@ def check_agree(values: dict, what: str) -> None:
         raise TrainingError(f"DDP ranks disagree on the {what}: {gathered}; please report this with the config")
 
 
+def check_parameters_agree(module: torch.nn.Module) -> None:
+    """After a DDP fit every rank must hold the same parameters (gradients are averaged, so they move
+    alike); a rank that trained alone (a parameter DDP does not know) raises a TrainingError here."""
+    if world_size() == 1:
+        return
+    digest = {name: float(p.detach().double().sum()) for name, p in module.named_parameters()}
+    check_agree(digest, "parameters after fit (sums per tensor)")
+
+
 def broadcast_buffers(module: torch.nn.Module, names=("threshold", "score_center", "map_center")) -> None:
     """Rank 0's fitted values on every rank."""
     if world_size() == 1:

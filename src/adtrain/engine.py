@@ -124,6 +124,7 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
         if getattr(method, "training_free", False):  # one pass, no optimiser: as designed
             warnings.filterwarnings("ignore", message=NO_OPTIMIZER)
         trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
+    distributed.check_parameters_agree(method)  # DDP: the ranks trained one model
     # a resumed fit counts the time its interrupted session(s) spent too (adtrain.runstate)
     fit_seconds = time.perf_counter() - t0 + sum(getattr(c, "seconds_before", 0.0) for c in trainer.callbacks
                                                  if type(c).__name__ == "RunState")
