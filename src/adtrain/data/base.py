@@ -208,8 +208,8 @@ class AnomalyDataModule(LightningDataModule):
         return self._loader(self.make_dataset(samples, train=train), shuffle,
                             batch_size or (self.batch_size if train else self.eval_batch_size))
 
-    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False,
+    def _loader(self, dataset, shuffle: bool, batch_size: int, sampler=None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=False,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
 
@@ -218,14 +218,12 @@ class AnomalyDataModule(LightningDataModule):
     shuffle_train: bool = True
 
     def train_dataloader(self) -> DataLoader:
-        loader = self.make_dataloader(self.train_samples, train=True, shuffle=self.shuffle_train)
         if self.shuffle_train or distributed.world_size() == 1:
-            return loader
+            return self.make_dataloader(self.train_samples, train=True, shuffle=self.shuffle_train)
         from torch.utils.data import DistributedSampler  # Lightning's own would shuffle a training set
 
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=DistributedSampler(
-            loader.dataset, shuffle=False), num_workers=self.num_workers, pin_memory=loader.pin_memory,
-            persistent_workers=self.num_workers > 0)
+        dataset = self.make_dataset(self.train_samples, train=True)
+        return self._loader(dataset, False, self.batch_size, sampler=DistributedSampler(dataset, shuffle=False))
 
     def validation_dataset(self):
         """Held-out normals + synthetic anomalies made from them (``data.val_anomalies``)."""

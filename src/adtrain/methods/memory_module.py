@@ -108,7 +108,7 @@ class MemoryModule(TaskMemoryMixin, AnomalyModule):
 
     def on_train_epoch_start(self) -> None:
         self._ready = False
-        self._gathered: set[int] = set()  # DDP: the indices collected this pass (padding repeats are skipped)
+        self._gathered = set()  # DDP: the indices collected this pass (padding repeats are skipped)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():  # under DDP every rank collects every rank's batch: one identical bank
