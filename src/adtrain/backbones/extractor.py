@@ -56,6 +56,7 @@ class FeatureExtractor(nn.Module):
         std: Sequence[float] | None = None,
         channels_last: bool = True,
         role: str = "backbone",
+        fuse_batchnorm: bool = True,
         **timm_kwargs: Any,
     ):
         super().__init__()
@@ -109,6 +110,8 @@ class FeatureExtractor(nn.Module):
         else:
             log.info("%s %s: random init (pretrained=false)", role, name)
         self._use_channels_last(channels_last)
+        self.fuse_batchnorm = bool(fuse_batchnorm) and kind == "cnn"
+        self._fused: dict = {}  # {"key": ..., "model": folded copy or None}; not a submodule
         if frozen:
             self.requires_grad_(False)
             self.eval()
@@ -167,12 +170,36 @@ class FeatureExtractor(nn.Module):
             feats = self.model.forward_intermediates(
                 x, indices=self._indices, norm=False, output_fmt="NCHW", intermediates_only=True
             )
-        elif self.channels_last:
-            feats = [f.contiguous() for f in self.model(x.contiguous(memory_format=torch.channels_last))]
         else:
-            feats = self.model(x)
+            model = self._inference_model(x)
+            if self.channels_last:
+                feats = [f.contiguous() for f in model(x.contiguous(memory_format=torch.channels_last))]
+            else:
+                feats = model(x)
         by_index = dict(zip(self._indices, feats))
         return {layer: by_index[self._index[layer]] for layer in self.layers}
+
+    def _inference_model(self, x: torch.Tensor) -> nn.Module:
+        """The timm model, or its batch-norm-folded copy (adtrain.backbones.fuse) for a frozen
+        extractor in eval mode without gradients; the copy is rebuilt when the weights, device
+        or dtype change (e.g. a checkpoint loaded into the extractor)."""
+        if not (self.fuse_batchnorm and self.frozen and not self.training and not torch.is_grad_enabled()
+                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
+            return self.model
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        key = (x.device, tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
+        if self._fused.get("key") != key:
+            from adtrain.backbones.fuse import fold_batchnorm
+
+            example = x[:1].detach()
+            with torch.autocast(x.device.type, enabled=False):
+                if self.channels_last:
+                    example = example.float().contiguous(memory_format=torch.channels_last)
+                fused, count = fold_batchnorm(self.model, example.float())
+            if fused is not None:
+                log.debug("%s: %d batch norms folded into their convolutions", self.name, count)
+            self._fused = {"key": key, "model": fused}
+        return self._fused["model"] or self.model
 
     def extra_repr(self) -> str:
         return f"name={self.name}, layers={self.layers}, weights={self.weights_source}"
@@ -204,6 +231,7 @@ def build_extractor(
         std=cfg.get("std"),
         channels_last=bool(cfg.get("channels_last", True)),
         role=role,
+        fuse_batchnorm=bool(cfg.get("fuse_batchnorm", True)),
         **(cfg.get("timm_kwargs") or {}),
     )
 

@@ -78,6 +78,7 @@ class FeatureCache:
         autocast = torch.is_autocast_enabled(dev.type) if dev.type in ("cpu", "cuda") else False
         head = {"weights": extractor._weights_digest, "name": extractor.name, "kind": extractor.kind,
                 "layers": list(extractor.layers), "channels_last": extractor.channels_last,
+                "fuse_batchnorm": bool(getattr(extractor, "fuse_batchnorm", False)),
                 "renorm": bool(extractor._renorm), "shape": list(x.shape), "dtype": str(x.dtype),
                 "device": str(dev), "autocast": [autocast, str(torch.get_autocast_dtype(dev.type)) if autocast else None],
                 "torch": torch.__version__}
