@@ -370,3 +370,35 @@ def test_both_faiss_builds_installed_is_warned_once(monkeypatch, caplog):
     caplog.clear()
     index._warn_if_both_builds()
     assert not caplog.records
+
+
+def test_a_bank_set_under_inference_mode_can_be_searched():
+    """Inference tensors have no version counter: the index cache must not read one."""
+    from adtrain.memory.bank import MemoryBank
+
+    torch.manual_seed(0)
+    bank, q = torch.randn(50, 8), torch.randn(7, 8)
+    mem = MemoryBank()
+    with torch.inference_mode():
+        mem.set_bank(bank)
+        d, i = mem.search(q, 1)
+    want = torch.cdist(q, bank).min(dim=1)
+    assert torch.equal(i[:, 0], want.indices) and torch.allclose(d[:, 0], want.values, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_flat_faiss_search_equals_the_full_exact_ranking_with_ties(k):
+    """The narrowed re-rank of an exact FAISS pass (MemoryBank._rerank_flat) returns what
+    ranking every bank item by its exact distance returns, ties to the lower index."""
+    pytest.importorskip("faiss")
+    from adtrain.memory.bank import MemoryBank, rerank
+
+    torch.manual_seed(0)
+    bank = torch.randn(1500, 32).round(decimals=1)
+    bank[700:760] = bank[:60]  # duplicate rows: exact ties
+    q = torch.cat([torch.randn(600, 32), bank[:40] + 1e-7, bank[300:310]])  # near ties, exact hits
+    mem = MemoryBank(backend="faiss")
+    mem.set_bank(bank)
+    d, i = mem.search(q, k)
+    dr, ir = rerank(q, bank, torch.arange(len(bank)).expand(len(q), -1), k)
+    assert torch.equal(i, ir) and torch.equal(d, dr)

@@ -186,8 +186,10 @@ class FeatureExtractor(nn.Module):
         if not (self.fuse_batchnorm and self.frozen and not self.training and not torch.is_grad_enabled()
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
             return self.model
+        from adtrain.memory.bank import tensor_version
+
         tensors = list(self.model.parameters()) + list(self.model.buffers())
-        key = (x.device, tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
+        key = (x.device, tuple((t.data_ptr(), tensor_version(t), t.dtype) for t in tensors))
         if self._fused.get("key") != key:
             from adtrain.backbones.fuse import fold_batchnorm
 

@@ -9,8 +9,8 @@ from torch import nn
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory.coreset import greedy_coreset, kmeans
 from adtrain.memory.graph_knn import graph_knn, in_graph
-from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_search, exact_search,
-                             fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
+from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_search, error_bound,
+                             exact_search, fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
 from adtrain.memory.index import (
     BACKENDS,
     INDEXES,
@@ -26,6 +26,15 @@ from adtrain.memory.index import (
 _CPU = torch.device("cpu")
 RERANK_PAD = 8  # extra candidates re-ranked by exact distance
 LOWP_PAD = 32  # candidates past k kept by the low-precision pass (its certificate needs a gap)
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """In-place version counter of ``t``; -1 for an inference tensor (created under
+    ``torch.inference_mode``), which has none and cannot be changed in place outside it."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return -1
 
 
 def rerank(queries: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, k: int, device=None):
@@ -268,7 +277,7 @@ class MemoryBank(nn.Module):
         return low if fits_dtype(queries, self._bank_max_norm(), low) else None
 
     def _bank_max_norm(self) -> float:
-        key = ("max_norm", self.bank.data_ptr(), self.bank._version)
+        key = ("max_norm", self.bank.data_ptr(), tensor_version(self.bank))
         if key not in self._index_cache:
             self._index_cache[key] = max_norm(self.bank)
         return self._index_cache[key]
@@ -281,7 +290,7 @@ class MemoryBank(nn.Module):
     def _faiss_index(self, device: torch.device):
         bank = self._require_bank()
         kind = self.resolve_index()
-        key = (kind, bank.data_ptr(), tuple(bank.shape), bank._version)
+        key = (kind, bank.data_ptr(), tuple(bank.shape), tensor_version(bank))
         use_gpu = device.type == "cuda" and faiss_num_gpus() > 0 and kind != "hnsw"
         cpu = self._index_cache.get(key)
         if cpu is None:
@@ -323,12 +332,15 @@ class MemoryBank(nn.Module):
         elif self.resolve_backend(queries) == "torch":
             cand = torch_search(queries, bank, kc, self.search_chunk, self.bank_chunk, dev)
         else:
-            cand = faiss_search(self._faiss_index(queries.device), queries, kc, self.search_chunk)
+            cand, approx = faiss_search(self._faiss_index(queries.device), queries, kc, self.search_chunk,
+                                        distances=True)
             cand = cand.to(dev)
             short = torch.nonzero((cand < 0).any(dim=1)).squeeze(1)
             if short.numel():  # IVF probed lists held fewer than kc items: exact fallback
                 cand[short] = torch_search(queries[short.to(queries.device)], bank, kc,
                                            self.search_chunk, self.bank_chunk, dev)
+            if self.resolve_index() == "flat" and not short.numel() and kc > k:
+                return self._rerank_flat(queries, bank, cand, approx.to(dev), k, dev)
         d, idx = rerank(queries, bank, cand, cand.shape[1], dev)
         if self.resolve_index() == "flat":  # an exact search: prove it, redo what is not proven
             if ok is None:
@@ -339,6 +351,32 @@ class MemoryBank(nn.Module):
             if redo.numel():
                 d[redo], idx[redo] = exact_search(queries[redo.to(queries.device)], bank, k, rerank, dev)
         d, idx = d[:, :k].contiguous(), idx[:, :k].contiguous()
+        return d.to(queries.device), idx.to(queries.device)
+
+    def _rerank_flat(self, queries, bank, cand, approx, k: int, dev):
+        """Exact neighbours from an exact (flat) FAISS pass, re-ranking only what can matter.
+
+        With eps the fp32 error bound of FAISS's squared distances (memory.lowp.error_bound),
+        every item whose exact distance could rank among the k nearest (ties included) has an
+        approximate distance of at most thr = approx[:, k-1] + 2 eps; a query is certified when
+        its last candidate lies beyond thr (nothing outside the candidates can reach thr).
+        Queries with at most k + 1 candidates within thr (nearly all) re-rank only those
+        columns, the others all; uncertified queries are searched again over every tie."""
+        q_norm = queries.detach().to(dev, torch.float32).norm(dim=1)
+        eps = error_bound(q_norm, self._bank_max_norm(), bank.shape[1], torch.float32)
+        thr = approx[:, k - 1] + 2 * eps
+        ok = approx[:, -1] > thr
+        within = (approx <= thr.unsqueeze(1)).sum(dim=1)
+        narrow = within <= k + 1
+        d = torch.empty(cand.shape[0], k, device=dev)
+        idx = torch.empty(cand.shape[0], k, dtype=torch.long, device=dev)
+        for rows, cols in ((torch.nonzero(narrow).squeeze(1), k + 1), (torch.nonzero(~narrow).squeeze(1), None)):
+            if rows.numel():
+                c = cand[rows] if cols is None else cand[rows, :cols]
+                d[rows], idx[rows] = rerank(queries[rows.to(queries.device)], bank, c, k, dev)
+        redo = torch.nonzero(~ok).squeeze(1)
+        if redo.numel():
+            d[redo], idx[redo] = exact_search(queries[redo.to(queries.device)], bank, k, rerank, dev)
         return d.to(queries.device), idx.to(queries.device)
 
     def extra_repr(self) -> str:

@@ -124,15 +124,19 @@ def index_to_gpu(index, device: torch.device):
         return None
 
 
-def faiss_search(index, queries: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """Candidate indices (M,k) int64 on CPU; -1 where the index found fewer than k."""
+def faiss_search(index, queries: torch.Tensor, k: int, chunk: int, distances: bool = False):
+    """Candidate indices (M,k) int64 on CPU; -1 where the index found fewer than k. With
+    ``distances``: (indices, FAISS's squared distances (M,k) fp32, ascending)."""
     m = queries.shape[0]
     out = torch.empty(m, k, dtype=torch.long)
+    dist = torch.empty(m, k) if distances else None
     for s in range(0, m, chunk):
         q = np.ascontiguousarray(queries[s : s + chunk].detach().float().cpu().numpy())
-        _, idx = index.search(q, k)
+        d, idx = index.search(q, k)
         out[s : s + chunk] = torch.from_numpy(idx)
-    return out
+        if dist is not None:
+            dist[s : s + chunk] = torch.from_numpy(d)
+    return (out, dist) if distances else out
 
 
 def torch_search(
