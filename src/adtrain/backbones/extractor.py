@@ -200,7 +200,7 @@ class FeatureExtractor(nn.Module):
                 fused, count = fold_batchnorm(self.model, example.float())
             if fused is not None:
                 log.debug("%s: %d batch norms folded into their convolutions", self.name, count)
-            self._fused = {"key": key, "model": fused}
+            self._fused = {"key": key, "model": fused, "count": count}
         return self._fused["model"] or self.model
 
     def extra_repr(self) -> str:
