@@ -35,9 +35,10 @@ def main() -> None:
     bank = read_checkpoint(f"{args.run_dir}/checkpoints/model.ckpt")["state_dict"]["model.memory.bank"]
     mem = method.model.memory
     mem.set_bank(bank)
-    batch = next(iter(build_datamodule(cfg).test_dataloader()))
+    dm = build_datamodule(cfg)
+    batch = next(iter(dm.test_dataloader()))
     with torch.no_grad():
-        emb = method.model.embed(batch["image"][: args.images])
+        emb = method.model.embed(dm.input_normalizer(batch["image"][: args.images]))  # uint8: data.device_normalize
     q = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
     print(f"bank {tuple(bank.shape)}, queries {tuple(q.shape)}")
     for dtype in (torch.float16, torch.bfloat16):

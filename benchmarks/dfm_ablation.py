@@ -52,9 +52,11 @@ def pooled_layers(model, images):
 
 
 def extract(model, loader, anomalies_per_image=0, gen=None):
+    from adtrain.data.device_norm import device_normalizer
+
     feats, labels, masks = [], [], []
     for batch in loader:
-        x = batch["image"]
+        x = device_normalizer()(batch["image"])  # uint8 under data.device_normalize=auto (ImageNet stats)
         feats.append(torch.cat(pooled_layers(model, x), 1))
         labels.append(batch["label"])
         masks.append(batch["mask"])

@@ -15,7 +15,8 @@ CONF = Path(__file__).resolve().parents[1] / "src" / "adtrain" / "conf" / "data"
 EXPECTED = {"mvtec": MVTecDataModule, "visa": VisADataModule, "folder": FolderDataModule,
             "elpv": ElpvDataModule, "synthetic": SyntheticDataModule}
 COMMON_KEYS = {"image_size", "center_crop", "batch_size", "eval_batch_size", "num_workers", "val_split",
-               "seed", "shots", "augment", "synthetic_anomaly", "category", "cache", "cache_dir"}
+               "seed", "shots", "augment", "synthetic_anomaly", "category", "cache", "cache_dir",
+               "device_normalize"}
 
 
 def _compose(name: str, tmp_path: Path, **overrides):
@@ -51,7 +52,8 @@ def test_yaml_composes_and_instantiates(name, tmp_path):
     assert dm.batch_size == 2 and dm.image_size == (32, 32) and dm.seed == 7 and dm.val_split == 0.2
     if name != "elpv":  # elpv: only a cheap check, no decoding of the full set here
         batch = next(iter(dm.test_dataloader()))
-        assert batch["image"].shape[1:] == (3, 32, 32) and batch["image"].dtype == torch.float32
+        # data.device_normalize=auto: uint8, normalised on the model's device (tests/test_device_norm.py)
+        assert batch["image"].shape[1:] == (3, 32, 32) and batch["image"].dtype == torch.uint8
 
 
 def test_yaml_augment_targets_are_instantiated(tmp_path):

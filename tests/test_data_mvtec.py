@@ -52,7 +52,10 @@ def test_batch_contract(root):
     batch = next(iter(dm.test_dataloader()))
     assert set(batch) == {"image", "label", "mask", "has_mask", "category", "defect", "path", "source_size", "index"}
     assert batch["source_size"].dtype == torch.int64 and batch["source_size"].tolist() == [[32, 32]] * 3  # before resize
-    assert batch["image"].dtype == torch.float32 and batch["image"].shape == (3, 3, 32, 24)
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 3, 32, 24)  # data.device_normalize
+    off = next(iter(_dm(root, image_size=[40, 40], center_crop=[32, 24], eval_batch_size=3,
+                        device_normalize="off").test_dataloader()))
+    assert off["image"].dtype == torch.float32 and torch.equal(dm.input_normalizer(batch["image"]), off["image"])
     assert batch["label"].dtype == torch.int64 and batch["label"].shape == (3,)
     assert batch["mask"].dtype == torch.float32 and batch["mask"].shape == (3, 1, 32, 24)
     assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
@@ -125,7 +128,8 @@ def test_augment_flips_image_and_mask_together(root):
     plain = dm.make_dataset([crack], train=False)[0]
     assert plain["mask"].sum() > 0
     torch.testing.assert_close(flipped["mask"], plain["mask"].flip(-1))
-    torch.testing.assert_close(flipped["image"], plain["image"].flip(-1))
+    assert flipped["image"].dtype == torch.float32 and plain["image"].dtype == torch.uint8  # augmented: float path
+    torch.testing.assert_close(flipped["image"], dm.input_normalizer(plain["image"]).flip(-1), rtol=0, atol=0)
     assert not torch.equal(flipped["mask"], plain["mask"])  # the defect is off-centre
     # objects work too, and the eval loaders are never augmented
     dm2 = _dm(root, augment=[A.HorizontalFlip(p=1.0)])

@@ -21,7 +21,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """(3,H,W) normalised tensor -> (H,W,3) uint8."""
+    """(3,H,W) normalised tensor -> (H,W,3) uint8. A uint8 tensor (``data.device_normalize``: not yet
+    normalised) is returned as it is: the same array, as the round trip of every uint8 value
+    through the ImageNet normalisation and back is exact (tests/test_device_norm.py)."""
+    if image.dtype == torch.uint8:
+        return image.detach().cpu().permute(1, 2, 0).numpy().copy()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     x = image.detach().float().cpu() * std_t + mean_t

@@ -60,6 +60,9 @@ class AnomalyDataModule(LightningDataModule):
     shared by epochs, jobs and tasks; off = decoded every time.
     augment: albumentations transforms (objects or `_target_` dicts), training images only.
     synthetic_anomaly: callable(image_uint8, rng) -> (image, mask), training images only.
+    device_normalize: auto = the datasets hand over uint8 images (resized, cropped), normalised on
+    the model's device once per batch (``adtrain.data.device_norm``; bit-identical); training sets
+    with ``augment`` keep the float path. off = normalised float32 from the workers.
     val_anomalies: synthetic anomalies made from the held-out normals for validation
     (``adtrain.data.validation.ValAnomalies``: families, per_normal); null = normals only.
 
@@ -72,7 +75,8 @@ class AnomalyDataModule(LightningDataModule):
                  eval_batch_size: int | None = None, num_workers: int = 0, val_split: float = 0.2,
                  seed: int = 0, shots: int | None = None, augment: list | None = None,
                  synthetic_anomaly: object | None = None, val_anomalies: object | None = None,
-                 cache: str | bool = "off", cache_dir: str | None = None):
+                 cache: str | bool = "off", cache_dir: str | None = None,
+                 device_normalize: str | bool = "auto"):
         super().__init__()
         category = to_plain(category)
         if isinstance(category, (list, tuple)):
@@ -111,6 +115,9 @@ class AnomalyDataModule(LightningDataModule):
         if cache_mode(cache) != "off" and not cache_dir:
             raise ConfigError("data.cache_dir", "missing: where data.cache=auto keeps decoded images")
         self.image_cache = ImageCache(cache_dir or ".", cache)
+        from adtrain.data.device_norm import device_norm_mode
+
+        self.device_normalize = device_norm_mode(device_normalize)
         self._train: list[Sample] | None = None
         self._val: list[Sample] | None = None
         self._test: list[Sample] | None = None
@@ -184,16 +191,31 @@ class AnomalyDataModule(LightningDataModule):
     def std(self) -> tuple[float, float, float]:
         return IMAGENET_STD
 
-    # ----- transforms, datasets, loaders ----------------------------------------------------
-    def eval_transform(self):
-        return build_transform(self.image_size, self.center_crop, None, self.mean, self.std)
+    @property
+    def input_normalizer(self):
+        """Normalises the uint8 batches of this module's datasets on their device (device_norm)."""
+        from adtrain.data.device_norm import device_normalizer
 
-    def train_transform(self):
-        return build_transform(self.image_size, self.center_crop, self.augment, self.mean, self.std)
+        return device_normalizer(tuple(self.mean), tuple(self.std))
+
+    def uint8_images(self, train: bool = False) -> bool:
+        """Do this module's (train or eval) datasets hand over uint8 images (data.device_normalize)?
+        Not a training set with albumentations augmentation: that stays on the float path."""
+        return self.device_normalize == "auto" and not (train and self.augment)
+
+    # ----- transforms, datasets, loaders ----------------------------------------------------
+    def eval_transform(self, normalize: bool = True):
+        """normalize=False: uint8 (C,H,W) tensors (self.input_normalizer finishes them)."""
+        return build_transform(self.image_size, self.center_crop, None, self.mean, self.std, normalize)
+
+    def train_transform(self, normalize: bool = True):
+        return build_transform(self.image_size, self.center_crop, self.augment, self.mean, self.std, normalize)
 
     def make_dataset(self, samples: Sequence[Sample], train: bool = False) -> AnomalyDataset:
-        """train=True: augment and synthetic anomalies apply; False: the eval transform."""
-        ds = AnomalyDataset(samples, self.train_transform() if train else self.eval_transform(),
+        """train=True: augment and synthetic anomalies apply; False: the eval transform. The image is
+        uint8 where ``uint8_images(train)`` (normalised later on the device), else float32."""
+        normalize = not self.uint8_images(train)
+        ds = AnomalyDataset(samples, self.train_transform(normalize) if train else self.eval_transform(normalize),
                             loader=self.sample_loader(), train=train,
                             synthetic_anomaly=self.synthetic_anomaly if train else None)
         if ds.cacheable:
@@ -245,7 +267,8 @@ class AnomalyDataModule(LightningDataModule):
         return self.make_dataloader(self.test_samples, train=False)
 
     def predict_dataset(self, paths) -> PredictDataset:
-        """Images only ({'image', 'path'}) with the eval transform; paths: list, folder or glob."""
+        """Images only ({'image', 'path'}) with the eval transform (normalised float32, for callers
+        outside a trainer); paths: list, folder or glob."""
         if isinstance(paths, (str, Path)):
             paths = expand_image_paths(paths)
         return PredictDataset(list(paths), self.eval_transform())

@@ -37,6 +37,13 @@ def load_sample(sample: Sample) -> Loaded:
     return image, mask
 
 
+def image_tensor(image) -> torch.Tensor:
+    """The transform's image as the batch carries it: uint8 stays uint8 (normalised later, on the
+    device: adtrain.data.device_norm), anything else float32 (already normalised)."""
+    image = torch.as_tensor(image)
+    return image.contiguous() if image.dtype == torch.uint8 else image.float()
+
+
 class WorkerDataError(DataError):
     """A DataError that torch can rebuild from its message when it re-raises a worker's error."""
 
@@ -128,7 +135,7 @@ class AnomalyDataset(Dataset):
         source_size = torch.tensor(tuple(source), dtype=torch.int64)  # (h, w) before resizing: heatmaps' aspect
         out = self.transform(image=image, mask=mask)
         return {
-            "image": out["image"].float(),
+            "image": image_tensor(out["image"]),
             "label": torch.tensor(label, dtype=torch.int64),
             "mask": (torch.as_tensor(out["mask"]) > 0.5).float().unsqueeze(0),
             "has_mask": torch.tensor(bool(has_mask)),

@@ -1,4 +1,5 @@
-"""Albumentations pipelines: Resize (+ CenterCrop) + augment + ImageNet Normalize + ToTensorV2."""
+"""Albumentations pipelines: Resize (+ CenterCrop) + augment + ImageNet Normalize + ToTensorV2
+(without Normalize: uint8 tensors, normalised on the device by adtrain.data.device_norm)."""
 
 from __future__ import annotations
 
@@ -87,8 +88,12 @@ def size_pair(value, key: str) -> tuple[int, int] | None:
 
 
 def build_transform(image_size: tuple[int, int], center_crop: tuple[int, int] | None = None,
-                    augment: Sequence | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Compose:
-    """Resize (bilinear image, nearest mask) [+ CenterCrop] [+ augment] + Normalize + ToTensorV2."""
+                    augment: Sequence | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    normalize: bool = True) -> A.Compose:
+    """Resize (bilinear image, nearest mask) [+ CenterCrop] [+ augment] [+ Normalize] + ToTensorV2.
+
+    normalize=False: the image stays uint8 (C,H,W); ``DeviceNormalize(mean, std)`` later gives the
+    very tensor Normalize would have (adtrain.data.device_norm)."""
     steps = [A.Resize(image_size[0], image_size[1], interpolation=cv2.INTER_LINEAR,
                       mask_interpolation=cv2.INTER_NEAREST)]
     if center_crop is not None:
@@ -96,5 +101,7 @@ def build_transform(image_size: tuple[int, int], center_crop: tuple[int, int] | 
             raise ConfigError("data.center_crop", f"{list(center_crop)} is larger than image_size {list(image_size)}")
         steps.append(A.CenterCrop(center_crop[0], center_crop[1]))
     steps += list(augment or [])
-    steps += [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+    if normalize:
+        steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
+    steps.append(ToTensorV2())
     return A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=0)

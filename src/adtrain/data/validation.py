@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from adtrain.data.dataset import AnomalyDataset, Sample, _binarise
+from adtrain.data.dataset import AnomalyDataset, Sample, _binarise, image_tensor
 from adtrain.errors import ConfigError
 
 FAMILIES = ("cutpaste", "perlin")
@@ -149,7 +149,7 @@ class ValidationDataset(Dataset):
         m = (torch.as_tensor(out["mask"]) > 0.5).float().unsqueeze(0)
         anomalous = bool(m.any())  # a centre crop can cut a pasted region away: then it is normal
         return {
-            "image": out["image"].float(),
+            "image": image_tensor(out["image"]),
             "label": torch.tensor(int(anomalous), dtype=torch.int64),
             "mask": m,
             "has_mask": torch.tensor(True),

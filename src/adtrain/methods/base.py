@@ -61,9 +61,47 @@ class AnomalyModule(LightningModule):
         #: the image scores and kinds ("good" or "synthetic_<family>") of the last validation
         self.last_val_items: dict[str, list] = {"scores": [], "defects": []}
 
+    # ----------------------------------------------------------------- inputs
+    #: what normalises uint8 image batches on the device (adtrain.data.device_norm.DeviceNormalize);
+    #: None: the trainer's data module's ``input_normalizer``, else ImageNet's statistics
+    input_norm = None
+
+    def input_normalizer(self):
+        if self.input_norm is not None:
+            return self.input_norm
+        try:
+            norm = getattr(self._trainer.datamodule, "input_normalizer", None) if self._trainer is not None else None
+        except (AttributeError, RuntimeError):
+            norm = None
+        if norm is None:
+            from adtrain.data.device_norm import device_normalizer
+
+            norm = device_normalizer()
+        return norm
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as the model takes them: on its device (a non-blocking copy, from pinned memory
+        where the loader pins) and, when the loader handed over uint8 (``data.device_normalize``),
+        normalised there, bit-identical to the workers' float path."""
+        images = images.to(self.device, non_blocking=True)
+        return self.input_normalizer()(images) if images.dtype == torch.uint8 else images
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Every batch of the trainer's loops (fit, validate, test, predict), once on the device: a
+        uint8 image is normalised there, once per batch; a float one is left as it is."""
+        from adtrain.data.device_norm import normalize_batch
+
+        image = batch.get("image") if isinstance(batch, dict) else batch
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+            return normalize_batch(batch, self.input_normalizer())
+        return batch
+
     # ----------------------------------------------------------------- inference
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
-        """Scores for a batch of normalised images; the model must be in eval mode."""
+        """Scores for a batch of normalised images (uint8 ones are normalised first: `model_input`);
+        the model must be in eval mode."""
+        if images.dtype == torch.uint8:
+            images = self.model_input(images)
         out = self.model(images)
         return AnomalyOutput(out.anomaly_map.float(), out.pred_score.float())
 
@@ -190,7 +228,7 @@ class AnomalyModule(LightningModule):
         scores, pixels = [], []
         per_batch = max(1, max_pixels // max(1, len(dataloader)))
         for batch in dataloader:
-            out = self.anomaly_output(batch["image"].to(self.device, non_blocking=True))
+            out = self.anomaly_output(self.model_input(batch["image"]))
             scores.append(out.pred_score.cpu())
             flat = out.anomaly_map.flatten().cpu()
             pixels.append(flat[:: max(1, flat.numel() // per_batch)])

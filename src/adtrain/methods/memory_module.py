@@ -55,6 +55,8 @@ class TaskMemoryMixin:
         self.task_open = False
 
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
+        if images.dtype == torch.uint8:  # raw pixels (data.device_normalize): normalised once, here
+            images = self.model_input(images)
         # while a task is trained, validated and thresholded its own (current) memory is scored:
         # routing among the finished tasks' memories would never score the model being trained
         if self.task_open or len(self.task_memories) <= 1:

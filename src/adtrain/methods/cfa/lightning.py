@@ -60,7 +60,7 @@ class Cfa(TaskMemoryMixin, AnomalyModule):
         was_training = self.model.training
         self.model.eval()
         for batch in tqdm(loader, desc="CFA memory init", unit="batch", disable=not self.trainer.progress_bar_callback):
-            self.model.update_memory_mean(batch["image"].to(self.device))
+            self.model.update_memory_mean(self.model_input(batch["image"]))
         self.model.finalize_memory()
         self.model.train(was_training)
 

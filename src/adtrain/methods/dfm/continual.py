@@ -73,6 +73,8 @@ class DfmContinualMixin:
         return self.router.route(self.model.key_features(images).float())
 
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
+        if images.dtype == torch.uint8:  # raw pixels (data.device_normalize): normalised once, here
+            images = self.model_input(images)
         if not self.routing:
             return super().anomaly_output(images)
         tasks = self.route(images)

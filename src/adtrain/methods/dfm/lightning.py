@@ -172,7 +172,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             if "label" in batch:
                 images = images[batch["label"] == 0]
             if images.shape[0]:
-                yield images.to(self.device)
+                yield self.model_input(images)  # uint8 (data.device_normalize) normalised on the device
 
     def build_memory(self, batches=None, with_keys: bool = False, reset_patch: bool = False) -> dict:
         """(Re)build the FMN memory from the training normals (one pass, no gradients)."""
