@@ -14,8 +14,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,13 +36,57 @@ EXACT = {"patchcore": [], "hetmm": [],
                  "method.lr_adapter=0", "method.lr_fmn=0", "method.memory_size=30"]}
 
 
-def _cli(run_dir: Path, *args: str) -> dict:
+def _start(run_dir: Path, *args: str) -> subprocess.Popen:
+    """Start one CLI run. A thread drains its output (rank 0's and the ranks it starts) into a log beside
+    run_dir until every rank has closed it: two runs at once never block on a full pipe."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "src"))
-    p = subprocess.run([sys.executable, "-m", "adtrain", *FAST, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "adtrain", *FAST, *args, f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own group: a failed test ends every rank
+    log = run_dir.parent / f"{run_dir.name}.log"
+    proc.drain = threading.Thread(target=lambda: log.write_bytes(proc.stdout.read()), daemon=True)
+    proc.drain.start()
+    return proc
+
+
+def _finish(proc: subprocess.Popen, run_dir: Path) -> dict:
+    try:
+        rc = proc.wait(timeout=600)
+        proc.drain.join(timeout=120)  # the other ranks end too (as subprocess.run waited for the pipe's end)
+    finally:
+        _end(proc)
+    assert rc == 0, (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")[-3000:]
     assert list(run_dir.rglob("results.json")) == [run_dir / "results.json"]  # one results.json, rank 0's
     return json.loads((run_dir / "results.json").read_text())
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Nothing of a run outlives its test: whatever is left of its process group is killed (once)."""
+    if getattr(proc, "ended", False):
+        return
+    proc.ended = True
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    proc.drain.join(timeout=10)
+    proc.stdout.close()
+
+
+def _cli(run_dir: Path, *args: str) -> dict:
+    return _finish(_start(run_dir, *args), run_dir)
+
+
+def _single_and_ddp(tmp_path: Path, args: list[str], ddp: list[str]) -> tuple[dict, dict]:
+    """The single-process run and the DDP run of one config, at the same time: they share nothing (own
+    run directories), and the DDP run leaves a core idle while its second rank starts."""
+    procs = [_start(tmp_path / "ddp", *args, *ddp), _start(tmp_path / "single", *args)]
+    try:
+        return _finish(procs[1], tmp_path / "single"), _finish(procs[0], tmp_path / "ddp")
+    finally:
+        for p in procs:
+            _end(p)
 
 
 def _scores(run_dir: Path) -> list[dict]:
@@ -61,8 +107,7 @@ def _same(single: dict, ddp: dict, tol: float) -> None:
 @pytest.mark.parametrize("method", sorted(EXACT))
 def test_ddp_gives_the_single_process_answer(tmp_path, method):
     args = [f"method={method}", *EXACT[method]]
-    single = _cli(tmp_path / "single", *args)
-    ddp = _cli(tmp_path / "ddp", *args, "trainer=ddp", "trainer.devices=2")
+    single, ddp = _single_and_ddp(tmp_path, args, ["trainer=ddp", "trainer.devices=2"])
     exact = method in ("patchcore", "hetmm")
     _same(single, ddp, 0.0 if exact else 1e-6)
     assert ddp["num_test"] == single["num_test"] == 16  # every test image once (the sampler pads one rank)
@@ -100,8 +145,7 @@ def test_ddp_continual_schedule(tmp_path):
     args = ["method=patchcore", "schedule=synthetic_3", "data.num_train=10", "data.num_test_normal=3",
             "data.num_test_anomalous=3", "data.size=32", "method.image_size=[32,32]", "method.batch_size=4",
             "output.heatmaps=0"]
-    single = _cli(tmp_path / "single", *args)
-    ddp = _cli(tmp_path / "ddp", *args, "trainer=ddp")
+    single, ddp = _single_and_ddp(tmp_path, args, ["trainer=ddp"])
     assert ddp["matrices"] == single["matrices"]
     assert [[e["num_test"] for e in p["evaluations"]] for p in ddp["per_task"]] == [[6], [6, 6], [6, 6, 6]]
 

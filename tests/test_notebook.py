@@ -19,7 +19,7 @@ def _execute(name: str, cwd: Path):
 
 
 def test_quickstart_notebook_shows_heatmaps_and_histogram(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADTRAIN_NB_IMAGE_SIZE", "96")
+    monkeypatch.setenv("ADTRAIN_NB_IMAGE_SIZE", "64")
     monkeypatch.setenv("ADTRAIN_NB_LIMIT", "2")
     monkeypatch.setenv("ADTRAIN_NB_TEST_LIMIT", "2")
     monkeypatch.setenv("ADTRAIN_NB_RUN_DIR", str(tmp_path / "run"))

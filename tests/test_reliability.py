@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,21 @@ def _start(*args, cwd, log):
     out = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", "adtrain", *args], cwd=cwd, env=_env(), stdout=out,
                             stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def _reference_beside(*args, cwd, log):
+    """The uninterrupted run a resumed one must equal, run beside the with-block (which kills and resumes
+    its own run in another directory) rather than before it: on 2 cores each leaves the other room."""
+    proc = _start(*args, cwd=cwd, log=log)
+    try:
+        yield
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, Path(log).read_text()[-3000:]
 
 
 def _signal_when(proc, ready, sig, timeout=400):
@@ -290,45 +306,41 @@ def test_schedule_twice_gives_identical_metrics(fast_cfg, tmp_path):
 
 def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
-    p = _cli(*KILL_FAST, f"hydra.run.dir={ref}", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    with _reference_beside(*KILL_FAST, f"hydra.run.dir={ref}", cwd=tmp_path, log=tmp_path / "ref.log"):
+        proc = _start(*KILL_FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
+        metrics_csv = run_dir / "csv" / "metrics.csv"
 
-    proc = _start(*KILL_FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
-    metrics_csv = run_dir / "csv" / "metrics.csv"
+        def mid_run() -> bool:  # last.ckpt is written before the CSV logger flushes: wait for both
+            return (run_dir / "checkpoints" / "last.ckpt").exists() and metrics_csv.exists() and \
+                len(metrics_csv.read_text().splitlines()) > 1
 
-    def mid_run() -> bool:  # last.ckpt is written before the CSV logger flushes: wait for both
-        return (run_dir / "checkpoints" / "last.ckpt").exists() and metrics_csv.exists() and \
-            len(metrics_csv.read_text().splitlines()) > 1
+        rc = _signal_when(proc, mid_run, signal.SIGKILL)
+        assert rc == -signal.SIGKILL and not (run_dir / "results.json").exists()
+        first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # still plain data only
+        before = first["callbacks"]["adtrain.RunState"]["fit_seconds"]
+        rows_before = list(csv.DictReader(open(metrics_csv)))
+        assert before > 0 and rows_before
 
-    rc = _signal_when(proc, mid_run, signal.SIGKILL)
-    assert rc == -signal.SIGKILL and not (run_dir / "results.json").exists()
-    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # still plain data only
-    before = first["callbacks"]["adtrain.RunState"]["fit_seconds"]
-    rows_before = list(csv.DictReader(open(metrics_csv)))
-    assert before > 0 and rows_before
-
-    p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)  # nothing else: the run's own config
-    assert p.returncode == 0, p.stderr[-3000:]
+        p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)  # nothing else: the run's own config
+        assert p.returncode == 0, p.stderr[-3000:]
+        res = json.loads((run_dir / "results.json").read_text())
+        assert res["epochs_trained"] == 4 and res["fit_seconds"] > before  # cumulative over both sessions
+        rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+        assert len(rows) > len(rows_before) and "0" in {r.get("epoch") for r in rows}  # appended, not restarted
     assert _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
-    res = json.loads((run_dir / "results.json").read_text())
-    assert res["epochs_trained"] == 4 and res["fit_seconds"] > before  # cumulative over both sessions
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
-    assert len(rows) > len(rows_before) and "0" in {r.get("epoch") for r in rows}  # appended, not restarted
 
 
 def test_kill_9_mid_schedule_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     over = [*TINY_SCHEDULE, "trainer.max_epochs=4"]
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
-    p = _cli(*over, f"hydra.run.dir={ref}", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-
-    proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
-    last = run_dir / "tasks" / "1" / "checkpoints" / "last.ckpt"
-    rc = _signal_when(proc, last.exists, signal.SIGKILL)
-    assert rc == -signal.SIGKILL
-    assert json.loads((run_dir / "continual_state.json").read_text())["finished"] == [0]
-    p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    with _reference_beside(*over, f"hydra.run.dir={ref}", cwd=tmp_path, log=tmp_path / "ref.log"):
+        proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
+        last = run_dir / "tasks" / "1" / "checkpoints" / "last.ckpt"
+        rc = _signal_when(proc, last.exists, signal.SIGKILL)
+        assert rc == -signal.SIGKILL
+        assert json.loads((run_dir / "continual_state.json").read_text())["finished"] == [0]
+        p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
     a = json.loads((run_dir / "results.json").read_text())
     b = json.loads((ref / "results.json").read_text())
     assert a["matrices"] == b["matrices"] and _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
