@@ -402,3 +402,100 @@ def test_flat_faiss_search_equals_the_full_exact_ranking_with_ties(k):
     d, i = mem.search(q, k)
     dr, ir = rerank(q, bank, torch.arange(len(bank)).expand(len(q), -1), k)
     assert torch.equal(i, ir) and torch.equal(d, dr)
+
+
+# ---------------------------------------------------------------- small-bank CPU pass (memory.dense_exact)
+def _dense_ties(seed=0, n=1200, dim=24):
+    """Clusters plus exact duplicates and near ties, and queries on and between them."""
+    g = _gen(seed)
+    centres = torch.randn(15, dim, generator=g) * 3
+    bank = centres[torch.randint(0, 15, (n,), generator=g)] + torch.randn(n, dim, generator=g)
+    bank[100:130] = bank[99]  # 31 exact duplicates: past any pad, only the full pass can rank them
+    bank[200:204] = bank[199] + 1e-6 * torch.randn(4, dim, generator=g)  # near ties within the pad
+    queries = torch.cat([bank[99:100] + 0.01, bank[199:200] + 1e-3, bank[:40],
+                         centres[torch.randint(0, 15, (80,), generator=g)] + torch.randn(80, dim, generator=g)])
+    return queries, bank
+
+
+def _full_reference(queries, bank, k):
+    from adtrain.memory.index import exact_distances
+
+    full = exact_distances(queries, bank, torch.arange(bank.shape[0]).expand(queries.shape[0], -1))
+    d, i = torch.sort(full, dim=1, stable=True)  # fp32 difference distances, ties by bank index
+    return d[:, :k], i[:, :k]
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_dense_cpu_pass_equals_faiss_path_and_full_reference(k, monkeypatch):
+    from adtrain.memory import dense_exact
+
+    queries, bank = _dense_ties()
+    calls = {"redo": 0}
+    real_exact = dense_exact.exact_search
+
+    def counting(*args, **kwargs):
+        calls["redo"] += 1
+        return real_exact(*args, **kwargs)
+
+    monkeypatch.setattr(dense_exact, "exact_search", counting)
+    dense, flat = MemoryBank(backend="auto"), MemoryBank(backend="faiss")
+    dense.set_bank(bank)
+    flat.set_bank(bank)
+    assert dense.dense_exact(queries, torch.device("cpu")) and not flat.dense_exact(queries, torch.device("cpu"))
+    d, idx = dense.search(queries, k)
+    rd, ri = _full_reference(queries, bank, k)
+    assert torch.equal(idx, ri) and torch.equal(d, rd)  # bit for bit, ties by index
+    fd, fi = flat.search(queries, k)
+    assert torch.equal(idx, fi) and torch.equal(d, fd)  # what the general path returned before
+    assert calls["redo"] == 1  # the 31 duplicates cannot be certified within the pad: full pass
+
+
+def test_dense_cpu_pass_reranks_only_as_wide_as_needed(monkeypatch):
+    from adtrain.memory import bank as bank_mod
+    from adtrain.memory.dense_exact import dense_certified_search, widths
+
+    assert widths(3, 11) == [3, 4, 5, 7, 11] and widths(1, 9) == [1, 2, 3, 5, 9] and widths(3, 3) == [3]
+    queries, bank = _dense_ties(seed=1)
+    seen = []
+
+    def spy(q, b, cand, k, device=None):
+        seen.append(cand.shape[1])
+        return bank_mod.rerank(q, b, cand, k, device)
+
+    d, idx = dense_certified_search(queries, bank, 3, 8, spy, float(bank.norm(dim=1).max()))
+    rd, ri = _full_reference(queries, bank, 3)
+    assert torch.equal(idx, ri) and torch.equal(d, rd)
+    assert seen[0] == 3 and max(seen[:-1]) <= 11  # most queries need just their k candidates
+    assert seen[-1] >= 31  # the duplicates: the full pass (exact_search) ranks every tie
+    # a bank no larger than k + pad: every item is a candidate, nothing to certify
+    small = bank[:6]
+    d, idx = dense_certified_search(queries, small, 3, 8, bank_mod.rerank, float(small.norm(dim=1).max()))
+    rd, ri = _full_reference(queries, small, 3)
+    assert torch.equal(idx, ri) and torch.equal(d, rd)
+
+
+def test_dense_cpu_pass_selection():
+    queries, bank = _dense_ties()
+    cpu = torch.device("cpu")
+    for backend in ("auto", "torch"):
+        mb = MemoryBank(backend=backend)
+        mb.set_bank(bank)
+        assert mb.dense_exact(queries, cpu)
+    for kwargs in ({"backend": "faiss"}, {"index": "ivf"}, {"distance_dtype": "bfloat16"}):
+        mb = MemoryBank(**kwargs)
+        mb.set_bank(bank)
+        assert not mb.dense_exact(queries, cpu), kwargs
+    big = MemoryBank()
+    big.set_bank(torch.randn(MemoryBank.DENSE_MAX_ROWS + 1, 4, generator=_gen(5)))
+    assert not big.dense_exact(torch.zeros(2, 4), cpu)  # larger banks: FAISS flat (faster there)
+    mb = MemoryBank()
+    mb.set_bank(bank)
+    before = torch.get_float32_matmul_precision()
+    try:  # a reduced-precision fp32 matmul (oneDNN bf16) would break the fp32 bound: not taken
+        torch.set_float32_matmul_precision("medium")
+        assert not mb.dense_exact(queries, cpu)
+        rd, ri = _full_reference(queries, bank, 3)
+        assert torch.equal(mb.search(queries, 3)[1], ri)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert mb.dense_exact(queries, cpu)

@@ -62,3 +62,30 @@ def test_patchcore_shared_bank_grows_across_tasks(fast_cfg, tmp_path):
     run(fast_cfg("method=patchcore", "schedule=synthetic_3", "method.continual=shared", "method.coreset_ratio=0.25"), tmp_path)
     sizes = [len(load_method(p)[0].model.memory) for p in sorted((tmp_path / "tasks").glob("*/model.ckpt"))]
     assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_cfa_eval_batch_size_keeps_the_memory_and_the_scores(fast_cfg, tmp_path):
+    """The eval batch (CFA: 32; elsewhere the training batch) is a speed setting: the memory is the
+    same (its init keeps the training batch: C is an equal-weight mean of batch means) and so are
+    the scores. Bit for bit on ELPV at 224x224 (docs/BENCHMARKS.md); at this 64x64 size oneDNN's
+    blur convolution may round differently per batch shape, so here to float32 precision."""
+    import csv
+
+    from adtrain.build import build_datamodule
+    from adtrain.loading import load_method
+    from adtrain.run import run
+
+    cfg = fast_cfg("method=cfa")
+    assert cfg.method.eval_batch_size == 32 and build_datamodule(cfg).eval_batch_size == 32
+    assert fast_cfg("method=patchcore").data.eval_batch_size is None  # other methods: batch_size
+    runs, rows, res = {}, {}, {}
+    for name, eval_bs in (("same", "null"), ("other", "5")):
+        res[name] = run(fast_cfg("method=cfa", "trainer.limit_train_batches=1",
+                                 f"method.eval_batch_size={eval_bs}"), tmp_path / name)
+        runs[name] = load_method(tmp_path / name / "checkpoints" / "model.ckpt")[0]
+        rows[name] = list(csv.DictReader(open(tmp_path / name / "scores.csv")))
+    assert torch.equal(runs["same"].model.memory.bank, runs["other"].model.memory.bank)
+    assert [r["path"] for r in rows["same"]] == [r["path"] for r in rows["other"]]
+    a, b = ([float(r["score"]) for r in rows[n]] for n in ("same", "other"))
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=0)
+    assert res["same"]["image_auroc"] == res["other"]["image_auroc"]

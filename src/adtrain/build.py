@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from adtrain.errors import AdtrainError, ConfigError
 
 #: keys of a method config that other groups read (the recipe), not constructor arguments
-METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "image_size", "center_crop", "selection",
-                      "start_confidence", "val_every_n_epochs")
+METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "eval_batch_size", "image_size", "center_crop",
+                      "selection", "start_confidence", "val_every_n_epochs")
 
 
 def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **kwargs):

@@ -8,6 +8,7 @@ from torch import nn
 
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory.coreset import greedy_coreset, kmeans
+from adtrain.memory.dense_exact import cpu_matmul_dtype, dense_certified_search
 from adtrain.memory.graph_knn import graph_knn, in_graph
 from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_search, error_bound,
                              exact_search, fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
@@ -26,6 +27,7 @@ from adtrain.memory.index import (
 _CPU = torch.device("cpu")
 RERANK_PAD = 8  # extra candidates re-ranked by exact distance
 LOWP_PAD = 32  # candidates past k kept by the low-precision pass (its certificate needs a gap)
+DENSE_PAD = 8  # candidates past k kept by the small-bank CPU pass (memory.dense_exact)
 
 
 def tensor_version(t: torch.Tensor) -> int:
@@ -67,6 +69,9 @@ class MemoryBank(nn.Module):
     """
 
     AUTO_IVF_ABOVE = 2_000_000
+    #: CPU exact search of a bank of at most this many rows (backend auto or torch): one fused,
+    #: certified fp32 pass re-ranked only as wide as each query needs (memory.dense_exact)
+    DENSE_MAX_ROWS = 8192
 
     def __init__(
         self,
@@ -282,6 +287,12 @@ class MemoryBank(nn.Module):
             self._index_cache[key] = max_norm(self.bank)
         return self._index_cache[key]
 
+    def dense_exact(self, queries: torch.Tensor, device: torch.device) -> bool:
+        """Whether these queries take the small-bank CPU pass (see ``DENSE_MAX_ROWS``)."""
+        return (device.type == "cpu" and not queries.is_cuda and self.backend != "faiss"
+                and self.resolve_index() == "flat" and len(self) <= self.DENSE_MAX_ROWS
+                and self.low_precision(queries, device) is None and cpu_matmul_dtype() == torch.float32)
+
     def resolve_index(self) -> str:
         if self.backend == "auto" and self.index == "flat" and len(self) > self.AUTO_IVF_ABOVE:
             return "ivf"
@@ -325,6 +336,8 @@ class MemoryBank(nn.Module):
         kc = min(bank.shape[0], k + RERANK_PAD)
         # a host bank searched by CUDA queries is streamed to their GPU; else the bank's device
         dev = queries.device if queries.is_cuda and not bank.is_cuda else bank.device
+        if self.dense_exact(queries, dev):
+            return dense_certified_search(queries, bank, k, DENSE_PAD, rerank, self._bank_max_norm())
         low = self.low_precision(queries, dev)
         ok = None
         if low is not None:

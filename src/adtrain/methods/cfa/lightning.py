@@ -56,7 +56,9 @@ class Cfa(TaskMemoryMixin, AnomalyModule):
             return
         from tqdm import tqdm
 
-        loader = self.trainer.datamodule.make_dataloader(self.trainer.datamodule.train_samples, train=False)
+        dm = self.trainer.datamodule
+        # the training batch size, whatever the eval batch: C is an equal-weight mean of batch means
+        loader = dm.make_dataloader(dm.train_samples, train=False, batch_size=dm.batch_size)
         was_training = self.model.training
         self.model.eval()
         for batch in tqdm(loader, desc="CFA memory init", unit="batch", disable=not self.trainer.progress_bar_callback):

@@ -1,0 +1,96 @@
+"""Exact k-NN for a small bank on the CPU: one fused fp32 pass, certified, re-ranked only as wide
+as each query needs.
+
+For a bank of a few thousand rows (CFA's memory: one item per feature-grid position; PatchCore
+at a small training set) the general path (FAISS flat for k + 8 candidates, then an exact
+re-ranking of all k + 8 by differences, then its certificate) spends as much time gathering and
+re-ranking the candidates as in the distance matmul. Here:
+
+1. squared distances ||q||^2 - 2 q.m + ||m||^2 as one GEMM of the augmented vectors
+   [-2q, ||q||^2, 1] . [m, 1, ||m||^2] per block of queries, and the ``k + pad + 1`` smallest of
+   each row (``topk``). Its rounding error is at most 1.01 (D+2) u (|q| + |m|)^2 (any summation
+   order), plus the norms' D u (|q|^2 + |m|^2) and the exact distance's own D u (|q| + |m|)^2:
+   within the fp32 term 4 (D+8) u (|q| + |m|)^2 of ``lowp.error_bound``. Full fp32 GEMMs only:
+   ``MemoryBank`` does not take this pass where a reduced-precision fp32 matmul is allowed;
+2. per query the fp32 error bound eps of that expansion (``lowp.error_bound``): no item whose
+   computed distance is above d_(k) + 2 eps can rank among the exact k nearest (ties included),
+   so the candidates a query needs are only those at or below d_(k) + 2 eps; the query is
+   certified when the first excluded one, d_(k+pad+1), is above that;
+3. each certified query is re-ranked by exact differences (``rerank``, ties by bank index) over
+   just its needed candidates, rounded up to a width of k, k+1, k+2, k+4, ... k+pad (queries of
+   one width together); the others go through ``exact_search`` (a full pass, every tie kept).
+
+The neighbours and their distances are exactly those of the general path (the same exact
+re-ranking of a candidate set that provably holds every item that can rank among the k nearest).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adtrain.memory.lowp import error_bound, exact_search
+
+#: a query block's distances: about this many floats (32 MiB; smaller blocks slow the GEMM down)
+BLOCK_FLOATS = 1 << 23
+
+
+def cpu_matmul_dtype() -> torch.dtype:
+    """The precision an fp32 matmul really runs at on the CPU: fp32 unless reduced precision is
+    allowed (``torch.set_float32_matmul_precision`` below ``highest``: oneDNN may use bf16)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return torch.bfloat16
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if str(getattr(mkldnn, "fp32_precision", "ieee")) not in ("ieee", "none", "highest"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def widths(k: int, kc: int) -> list[int]:
+    """Re-ranking widths: k, k+1, k+2, k+4, ... up to kc (kc included)."""
+    out, step = [k], 1
+    while out[-1] < kc:
+        out.append(min(kc, k + step))
+        step *= 2
+    return out
+
+
+@torch.no_grad()
+def dense_certified_search(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, rerank,
+                           m_norm_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d (M,k) exact Euclidean, idx (M,k) int64), ascending, ties by bank index; queries and bank
+    on the CPU. ``m_norm_max``: the bank's largest row norm. ``rerank`` is MemoryBank's."""
+    q = queries.detach().float()
+    b = bank.detach().float()
+    m, n = q.shape[0], b.shape[0]
+    kc = min(n, k + pad)
+    keep = min(n, kc + 1)  # one more: the best excluded item certifies the kept ones
+    qsq = (q * q).sum(dim=1)
+    # one GEMM gives the whole expansion: [-2q, ||q||^2, 1] . [m, 1, ||m||^2]
+    bat = torch.cat([b, torch.ones(n, 1), (b * b).sum(dim=1, keepdim=True)], dim=1).t()
+    dv = torch.empty(m, keep)
+    di = torch.empty(m, keep, dtype=torch.long)
+    rows = max(256, BLOCK_FLOATS // n)
+    for s in range(0, m, rows):
+        qb = q[s: s + rows]
+        qa = torch.cat([qb * -2.0, qsq[s: s + rows].unsqueeze(1), torch.ones(qb.shape[0], 1)], dim=1)
+        torch.topk(qa @ bat, keep, dim=1, largest=False, sorted=True, out=(dv[s: s + rows], di[s: s + rows]))
+    if keep == kc:  # the whole bank is kept: nothing excluded, every query certified
+        need = torch.full((m,), kc, dtype=torch.long)
+        ok = torch.ones(m, dtype=torch.bool)
+    else:
+        eps = error_bound(qsq.sqrt(), m_norm_max, q.shape[1], torch.float32)  # full fp32 GEMM (caller)
+        thr = dv[:, k - 1] + 2 * eps
+        ok = torch.isfinite(dv).all(dim=1) & (dv[:, kc] > thr)
+        need = (dv[:, :kc] <= thr.unsqueeze(1)).sum(dim=1)
+    d_out = torch.empty(m, k)
+    i_out = torch.empty(m, k, dtype=torch.long)
+    lower = k - 1
+    for w in widths(k, kc):
+        sel = torch.nonzero(ok & (need > lower) & (need <= w)).squeeze(1)
+        lower = w
+        if sel.numel():
+            d_out[sel], i_out[sel] = rerank(q[sel], b, di[sel, :w], k)
+    redo = torch.nonzero(~ok).squeeze(1)
+    if redo.numel():
+        d_out[redo], i_out[redo] = exact_search(q[redo], b, k, rerank)
+    return d_out, i_out
