@@ -15,7 +15,9 @@
 Printed per job: wall, fit, validation and test seconds, the caches' states and the image AUROC;
 then the totals, on / off, and whether the results (image AUROC / AP / F1-max, validation AUROC,
 threshold) and every image's score (scores.csv) are identical. Runs in this process
-(adtrain.run.run); extra arguments after ``--`` are overrides for every job. One JSON object at the end.
+(adtrain.run.run); extra arguments after ``--`` are overrides for every job; each job's figures are
+also written to <run dir>/sweep_job.json (``--reuse-off`` takes finished off jobs from there). One
+JSON object at the end (the load average is the 1-minute one at each job's end).
 """
 
 from __future__ import annotations
@@ -33,21 +35,27 @@ KEYS = ("image_auroc", "image_ap", "image_f1max", "val_image_auroc", "threshold"
 COLS = ("wall_seconds", "fit_seconds", "val_seconds", "test_seconds", "image_auroc", "feature_cache", "nested_cache")
 
 
-def one_run(overrides: list[str], run_dir: Path) -> dict:
+def one_run(overrides: list[str], run_dir: Path, reuse: bool = False) -> dict:
     from adtrain.api import compose
     from adtrain.run import run
+
+    saved = run_dir / "sweep_job.json"
+    if reuse and saved.is_file():  # --reuse-off: a finished job of an earlier invocation
+        return {**json.loads(saved.read_text()), "scores_csv": (run_dir / "scores.csv").read_text(), "reused": True}
 
     t0 = time.perf_counter()
     res = run(compose(["logger=none", "output.heatmaps=0", "trainer.enable_progress_bar=false", *overrides]), run_dir)
     wall = time.perf_counter() - t0
-    return {"wall_seconds": round(wall, 2), **{k: res[k] for k in ("fit_seconds", "val_seconds", "test_seconds")},
+    out = {"wall_seconds": round(wall, 2), **{k: res[k] for k in ("fit_seconds", "val_seconds", "test_seconds")},
             "image_cache": res["image_cache"], "feature_cache": res["feature_cache"],
             "nested_cache": res.get("nested_cache", "off"), "nested_cache_lookups": res.get("nested_cache_lookups"),
-            "scores_csv": (run_dir / "scores.csv").read_text(), **{k: res[k] for k in KEYS}}
+            **{k: res[k] for k in KEYS}, "load": round(os.getloadavg()[0], 2)}
+    saved.write_text(json.dumps(out, indent=1))
+    return {**out, "scores_csv": (run_dir / "scores.csv").read_text()}
 
 
 def row(name: str, r: dict) -> str:
-    return f"{name:<18}" + "".join(f"{str(r[c]):>16}" for c in COLS)
+    return f"{name:<18}" + "".join(f"{str(r[c]):>16} " for c in COLS)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ratios", default="0.01,0.02,0.03,0.04,0.05,0.06,0.07,0.08,0.09,0.1")
     p.add_argument("--work", default=None, help="folder for run directories and caches (default: a temp dir)")
     p.add_argument("--skip-off", action="store_true", help="only the cached sweep (no comparison)")
+    p.add_argument("--reuse-off", action="store_true",
+                   help="take the off jobs already finished in --work (their sweep_job.json) instead of rerunning them")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from adtrain.logs import quiet
@@ -75,17 +85,18 @@ def main(argv: list[str] | None = None) -> dict:
     common = ["method=patchcore", *extra, f"paths.cache_dir={work / 'cache'}"]
     off_args = [*common, "data.cache=off", "feature_cache=off", "method.nested_cache=off"]
     on_args = [*common, "data.cache=auto", "feature_cache=on"]
-    print(f"{'job':<18}" + "".join(f"{c:>16}" for c in COLS), flush=True)
+    print(f"{'job':<18}" + "".join(f"{c:>16} " for c in COLS), flush=True)
     off, on = {}, {}
     if not args.skip_off:
         for r in ratios:
-            off[r] = one_run([*off_args, f"method.coreset_ratio={r}"], work / f"off_{r}")
-            print(row(f"off {r}", off[r]), f"load {os.getloadavg()[0]:.1f}", flush=True)
+            off[r] = one_run([*off_args, f"method.coreset_ratio={r}"], work / f"off_{r}", args.reuse_off)
+            print(row(f"off {r}", off[r]), f"load {off[r]['load']}" + (" (reused)" if off[r].get("reused") else ""),
+                  flush=True)
     warm_up = one_run([*on_args, "method.nested_cache=off", f"method.coreset_ratio={ratios[0]}"], work / "warm_up")
-    print(row(f"warm-up {ratios[0]}", warm_up), f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(row(f"warm-up {ratios[0]}", warm_up), f"load {warm_up['load']}", flush=True)
     for r in ratios:
         on[r] = one_run([*on_args, f"method.coreset_ratio={r}"], work / f"on_{r}")
-        print(row(f"on {r}", on[r]), f"load {os.getloadavg()[0]:.1f}", flush=True)
+        print(row(f"on {r}", on[r]), f"load {on[r]['load']}", flush=True)
     on_total = sum(v["wall_seconds"] for v in on.values())
     out = {"command": command, "machine": machine(), "ratios": ratios, "overrides": extra,
            "on_wall_seconds": round(on_total, 2), "warm_up_wall_seconds": warm_up["wall_seconds"]}

@@ -45,7 +45,8 @@ log = logging.getLogger("adtrain")
 VERSION = 1  # bump when the greedy schedule, its arithmetic or the records' definition change
 MODES = ("auto", "on", "off")
 _BANK_BLOCK = 2048
-_QUERY_CHUNK = 4096
+_QUERY_CHUNK = 8192
+_SUB = 64  # sub-block of bank rows whose minima pre-select the candidates
 _SQRT_MARGIN = 2.0 ** -20  # rerank compares sqrt(r): equal square roots can hide r a few ulps apart
 
 
@@ -121,24 +122,31 @@ def scan_records(q32: torch.Tensor, tol: torch.Tensor, run: torch.Tensor, rows: 
     query's records in bank order (queries not sorted)."""
     dev = q32.device
     qsq = (q32 * q32).sum(dim=1, keepdim=True)
-    fresh = bool(torch.isinf(run).any())
     out_q, out_p, out_d = [], [], []
     b0 = 0
     while b0 < rows.shape[0]:
-        size = min(_BANK_BLOCK, max(64, b0)) if fresh else _BANK_BLOCK  # fresh rows: small blocks first
-        mb = rows[b0: b0 + size].to(dev, torch.float32)
+        mb = rows[b0: b0 + _BANK_BLOCK].to(dev, torch.float32)
         msq_t, mb_t = (mb * mb).sum(dim=1).unsqueeze(0), mb.t()
         for s in range(0, q32.shape[0], _QUERY_CHUNK):
             e = min(s + _QUERY_CHUNK, q32.shape[0])
             d = torch.addmm(msq_t, q32[s:e], mb_t, alpha=-2.0).add_(qsq[s:e])  # as lowp.exact_search
-            dmin = d.amin(dim=1)
+            if d.shape[1] % _SUB:  # the last block: pad to whole sub-blocks (inf is never a record)
+                d = torch.cat([d, d.new_full((d.shape[0], _SUB - d.shape[1] % _SUB), float("inf"))], dim=1)
+            smin = d.view(d.shape[0], -1, _SUB).amin(dim=2)  # (m, sub-blocks)
+            dmin = smin.amin(dim=1)
             run_s, tol_s = run[s:e], tol[s:e]
             hit = torch.nonzero(dmin <= run_s + tol_s).squeeze(1)
             if hit.numel():
-                # only entries within tol of the running min can be records, and only they (at most
-                # tol above it) can lower a row's min below it: prefix minima over them alone
-                sub, thr = d[hit], (run_s[hit] + tol_s[hit]).unsqueeze(1)
-                r, c = torch.nonzero(sub <= thr, as_tuple=True)  # row-major: by row, then column
+                # a record is within tol of the running min before it, so of the min before its
+                # sub-block; and only such candidates (at most tol above it) can lower a row's min
+                # below that: the exact prefix minima are taken over them alone
+                sm = smin[hit]
+                before_sub = torch.cummin(sm, dim=1).values.roll(1, dims=1)
+                before_sub[:, 0] = float("inf")
+                thr = torch.minimum(before_sub, run_s[hit].unsqueeze(1)) + tol_s[hit].unsqueeze(1)
+                sub = d[hit]
+                cand = sub.view(sub.shape[0], -1, _SUB) <= thr.unsqueeze(2)
+                r, c = torch.nonzero(cand.view(sub.shape[0], -1), as_tuple=True)  # by row, then column
                 v = sub[r, c]
                 cnt = torch.bincount(r, minlength=hit.shape[0])
                 k = torch.arange(r.shape[0], device=dev) - (torch.cumsum(cnt, 0) - cnt)[r]
