@@ -12,7 +12,7 @@ from adtrain.errors import AdtrainError, ConfigError
 
 #: keys of a method config that other groups read (the recipe), not constructor arguments
 METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "eval_batch_size", "image_size", "center_crop",
-                      "selection", "start_confidence", "val_every_n_epochs")
+                      "selection", "start_confidence", "val_every_n_epochs", "nested_cache")
 
 
 def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **kwargs):

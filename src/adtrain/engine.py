@@ -89,10 +89,12 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     fit the threshold on the held-out normals. Returns (trainer, info); the method is left on the
     trainer's device. Nothing here opens a test image."""
     from adtrain.backbones.feature_cache import attach_feature_cache
+    from adtrain.memory.nested import attach_nested_cache
     from adtrain.selection import Selection, describe, resolve_monitor, summary
 
     run_dir.mkdir(parents=True, exist_ok=True)
     feature_cache = attach_feature_cache(method, cfg)
+    nested_cache = attach_nested_cache(method, cfg)
     monitor = resolve_monitor(cfg)
     has_val = len(dm.val_samples) > 0
     if monitor != "last" and not has_val:
@@ -153,17 +155,20 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
         "num_val_anomalies": dm.validation_dataset().num_anomalies if has_val else 0,
         "threshold_info": thr_info,
         "feature_cache": feature_cache,
+        "nested_cache": nested_cache,
     }
     return trainer, info
 
 
-def cache_states(dm, feature_cache) -> dict:
-    """What the caches did: image_cache / feature_cache off | hit | miss (results.json)."""
+def cache_states(dm, feature_cache, nested_cache=None) -> dict:
+    """What the caches did: image_cache / feature_cache / nested_cache off | hit | miss (results.json)."""
     image_cache = getattr(dm, "image_cache", None)
     return {"image_cache": image_cache.state() if image_cache is not None else "off",
             "feature_cache": feature_cache.state() if feature_cache is not None else "off",
             "feature_cache_lookups": ({"hit": feature_cache.hits, "miss": feature_cache.misses}
-                                      if feature_cache is not None else None)}
+                                      if feature_cache is not None else None),
+            "nested_cache": nested_cache.state() if nested_cache is not None else "off",
+            "nested_cache_lookups": nested_cache.report() if nested_cache is not None else None}
 
 
 def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | None) -> dict:
@@ -232,7 +237,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         **({"start_test": start_test} if start_test is not None else {}),
         "device": str(device),
         "precision": str(cfg.trainer.precision),
-        **cache_states(dm, info["feature_cache"]),
+        **cache_states(dm, info["feature_cache"], info["nested_cache"]),
         **info["threshold_info"],
     }
     model_ckpt = run_dir / "checkpoints" / "model.ckpt"

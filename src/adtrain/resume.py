@@ -21,7 +21,8 @@ from adtrain.errors import ConfigError
 RESUMABLE = ("resume", "overwrite", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar",
              "trainer.enable_model_summary", "trainer.log_every_n_steps", "logger", "output", "data.num_workers",
              "print_config", "paths",
-             "data.cache", "data.cache_dir", "data.device_normalize", "feature_cache", "feature_cache_max_gb", "feature_cache_dir")
+             "data.cache", "data.cache_dir", "data.device_normalize", "feature_cache", "feature_cache_max_gb",
+             "feature_cache_dir", "coreset_cache_dir", "coreset_cache_max_gb", "method.nested_cache")
 _ABSENT = "<absent>"
 
 

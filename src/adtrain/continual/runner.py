@@ -126,7 +126,7 @@ class _Sequence:
             log.info("  after task %d, task %d (%s): %s", t, i, self.names[i],
                      ", ".join(f"{m}={evals[i][m]:.4f}" for m in MATRIX_METRICS if evals[i].get(m) is not None))
         thr = info.pop("threshold_info")
-        caches = cache_states(dm, info.pop("feature_cache"))
+        caches = cache_states(dm, info.pop("feature_cache"), info.pop("nested_cache", None))
         entry = {
             "task": t, "name": task_name(cats), "categories": list(cats),
             "num_train": len(self.own_train[t]), "num_val": len(dm.val_samples), "replay_images": replayed,

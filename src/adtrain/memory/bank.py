@@ -191,11 +191,13 @@ class MemoryBank(nn.Module):
         projection_dim: int = 128,
         seed: int = 0,
         device: torch.device | str | None = None,
+        coreset=None,
     ) -> "MemoryBank":
         """Concatenate the added features, optionally compress them (greedy coreset of that
         ratio, or k-means to kmeans_k centres), store them as ``bank`` and build the index.
         Compression runs on ``device`` (default: the bank buffer's device); for the coreset only
-        the features' (N, projection_dim) random projection is moved there."""
+        the features' (N, projection_dim) random projection is moved there. ``coreset``: a
+        callable with greedy_coreset's signature to use instead (memory.nested's cache)."""
         if coreset_ratio is not None and kmeans_k is not None:
             raise ConfigError("memory", "give coreset_ratio or kmeans_k, not both")
         if coreset_ratio is not None and not 0.0 < float(coreset_ratio) <= 1.0:
@@ -204,7 +206,7 @@ class MemoryBank(nn.Module):
         dev = torch.device(device) if device is not None else self.bank.device
         if coreset_ratio is not None and float(coreset_ratio) < 1.0:
             # only the (N, projection_dim) projection goes to `dev`; the features stay on the host
-            idx = greedy_coreset(feats, float(coreset_ratio), projection_dim=projection_dim, seed=seed, device=dev)
+            idx = (coreset or greedy_coreset)(feats, float(coreset_ratio), projection_dim=projection_dim, seed=seed, device=dev)
             bank = feats[idx]
         elif kmeans_k is not None:
             bank = kmeans(feats, int(kmeans_k), seed=seed)

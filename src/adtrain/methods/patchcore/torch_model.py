@@ -48,6 +48,7 @@ class PatchcoreModel(nn.Module):
         self.seed = int(seed)
         self.extractor = frozen_extractor(backbone, self.layers, extractor)
         self.memory = MemoryBank(**dict(memory or {}))
+        self.nested_cache = None  # memory.nested.NestedCache (method.nested_cache): a sweep's shared work
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features (B, D, h, w) at the first layer's grid."""
@@ -62,14 +63,21 @@ class PatchcoreModel(nn.Module):
     def build(self, device: torch.device | str | None = None) -> None:
         """Greedy coreset of the collected patches (on ``device``, default this module's)."""
         ratio = self.coreset_ratio if self.coreset_ratio < 1.0 else None
-        self.memory.build(coreset_ratio=ratio, projection_dim=self.projection_dim, seed=self.seed, device=device)
+        coreset = self.nested_cache.coreset if self.nested_cache is not None else None
+        self.memory.build(coreset_ratio=ratio, projection_dim=self.projection_dim, seed=self.seed, device=device,
+                          coreset=coreset)
 
     def patch_distances(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance of every patch to its nearest memory item and that item's index, (B,h,w)
         each. Differentiable w.r.t. the embedding (and the bank if it requires grad)."""
         b, dim, h, w = embedding.shape
         flat = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
-        d, idx = nearest_distances(flat, self.memory, 1)
+        idx = self.nested_cache.nearest(flat, self.memory) if self.nested_cache is not None else None
+        if idx is None:
+            d, idx = nearest_distances(flat, self.memory, 1)
+        else:  # the same neighbours from the sweep's cached near-records (memory.nested)
+            idx = idx.unsqueeze(1)
+            d = bank_distances(flat, self.memory, idx)
         return d.reshape(b, h, w), idx.reshape(b, h, w)
 
     def reweight(self, query: torch.Tensor, nn_dist: torch.Tensor, nn_index: torch.Tensor) -> torch.Tensor:
