@@ -113,25 +113,9 @@ class FeatureCache:
 
     def evict(self) -> int:
         """Delete the least recently used entries until the folder fits the budget; returns how many."""
-        entries = []
-        for p in self.root.glob("*" + SUFFIX):
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            entries.append((st.st_mtime_ns, st.st_size, p))
-        total = sum(size for _, size, _ in entries)
-        removed = 0
-        for _, size, p in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            try:
-                p.unlink()
-            except OSError:
-                continue
-            total -= size
-            removed += 1
-        return removed
+        from adtrain.cache_files import evict_lru
+
+        return evict_lru(self.root.glob("*" + SUFFIX), self.max_bytes)
 
 
 def attach_feature_cache(method: torch.nn.Module, cfg) -> FeatureCache | None:

@@ -24,21 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from adtrain.errors import ConfigError
 
 MODES = ("auto", "off")
 
 
 def device_norm_mode(value) -> str:
     """``data.device_normalize``: auto | off (YAML reads a bare off as false)."""
-    if value is False or value is None:
-        return "off"
-    if value is True:
-        return "auto"
-    mode = str(value).lower()
-    if mode not in MODES:
-        raise ConfigError("data.device_normalize", f"{value!r}; choose auto or off")
-    return mode
+    from adtrain.cache_files import parse_mode
+
+    return parse_mode(value, "data.device_normalize", MODES, "auto")
 
 
 def normalize_lut(mean, std) -> torch.Tensor:

@@ -31,7 +31,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from adtrain.errors import ConfigError
 
 log = logging.getLogger("adtrain")
 
@@ -41,14 +40,9 @@ FORMAT = 1  # bump when the layout of an entry changes
 
 def cache_mode(value) -> str:
     """``data.cache``: auto | off (YAML reads a bare off as false)."""
-    if value is False or value is None:
-        return "off"
-    if value is True:
-        return "auto"
-    mode = str(value).lower()
-    if mode not in MODES:
-        raise ConfigError("data.cache", f"{value!r}; choose auto or off")
-    return mode
+    from adtrain.cache_files import parse_mode
+
+    return parse_mode(value, "data.cache", MODES, "auto")
 
 
 def _versions() -> dict:

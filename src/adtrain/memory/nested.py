@@ -51,14 +51,9 @@ _SQRT_MARGIN = 2.0 ** -20  # rerank compares sqrt(r): equal square roots can hid
 
 
 def nested_mode(value) -> str:
-    if value is None or value is False:
-        return "off"
-    if value is True:
-        return "on"
-    v = str(value).lower()
-    if v not in MODES:
-        raise ConfigError("method.nested_cache", f"{value!r}; choose auto, on or off")
-    return v
+    from adtrain.cache_files import parse_mode
+
+    return parse_mode(value, "method.nested_cache", MODES, "on")
 
 
 def _digest(head: dict, *tensors: torch.Tensor) -> str:
@@ -237,24 +232,9 @@ class NestedCache:
             log.warning("coreset_cache_dir=%s: cannot store (%s); computed without the cache", self.root, e)
 
     def evict(self) -> int:
-        entries = []
-        for p in self.root.rglob("*.pt"):
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            entries.append((st.st_mtime_ns, st.st_size, p))
-        total, removed = sum(e[1] for e in entries), 0
-        for _, size, p in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            try:
-                p.unlink()
-            except OSError:
-                continue
-            total -= size
-            removed += 1
-        return removed
+        from adtrain.cache_files import evict_lru
+
+        return evict_lru(self.root.rglob("*.pt"), self.max_bytes)
 
     # ---------------------------------------------------------- coreset (MemoryBank.build's hook)
     def coreset(self, features: torch.Tensor, ratio: float, *, projection_dim: int = 128, seed: int = 0,
