@@ -8,7 +8,7 @@ from torch import nn
 
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory.coreset import greedy_coreset, kmeans
-from adtrain.memory.dense_exact import cpu_matmul_dtype, dense_certified_search
+from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense_certified_search
 from adtrain.memory.graph_knn import graph_knn, in_graph
 from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_search, error_bound,
                              exact_search, fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
@@ -369,29 +369,13 @@ class MemoryBank(nn.Module):
         return d.to(queries.device), idx.to(queries.device)
 
     def _rerank_flat(self, queries, bank, cand, approx, k: int, dev):
-        """Exact neighbours from an exact (flat) FAISS pass, re-ranking only what can matter.
-
-        With eps the fp32 error bound of FAISS's squared distances (memory.lowp.error_bound),
-        every item whose exact distance could rank among the k nearest (ties included) has an
-        approximate distance of at most thr = approx[:, k-1] + 2 eps; a query is certified when
-        its last candidate lies beyond thr (nothing outside the candidates can reach thr).
-        Queries with at most k + 1 candidates within thr (nearly all) re-rank only those
-        columns, the others all; uncertified queries are searched again over every tie."""
+        """Exact neighbours from an exact (flat) FAISS pass, re-ranking only what can matter:
+        with eps the fp32 error bound of FAISS's squared distances (memory.lowp.error_bound), the
+        candidates within approx[:, k-1] + 2 eps, certified by the last one
+        (memory.dense_exact.certified_rerank, as the small-bank pass)."""
         q_norm = queries.detach().to(dev, torch.float32).norm(dim=1)
         eps = error_bound(q_norm, self._bank_max_norm(), bank.shape[1], torch.float32)
-        thr = approx[:, k - 1] + 2 * eps
-        ok = approx[:, -1] > thr
-        within = (approx <= thr.unsqueeze(1)).sum(dim=1)
-        narrow = within <= k + 1
-        d = torch.empty(cand.shape[0], k, device=dev)
-        idx = torch.empty(cand.shape[0], k, dtype=torch.long, device=dev)
-        for rows, cols in ((torch.nonzero(narrow).squeeze(1), k + 1), (torch.nonzero(~narrow).squeeze(1), None)):
-            if rows.numel():
-                c = cand[rows] if cols is None else cand[rows, :cols]
-                d[rows], idx[rows] = rerank(queries[rows.to(queries.device)], bank, c, k, dev)
-        redo = torch.nonzero(~ok).squeeze(1)
-        if redo.numel():
-            d[redo], idx[redo] = exact_search(queries[redo.to(queries.device)], bank, k, rerank, dev)
+        d, idx = certified_rerank(queries, bank, cand, approx, k, eps, rerank, dev)
         return d.to(queries.device), idx.to(queries.device)
 
     def extra_repr(self) -> str:

@@ -75,22 +75,39 @@ def dense_certified_search(queries: torch.Tensor, bank: torch.Tensor, k: int, pa
         qa = torch.cat([qb * -2.0, qsq[s: s + rows].unsqueeze(1), torch.ones(qb.shape[0], 1)], dim=1)
         torch.topk(qa @ bat, keep, dim=1, largest=False, sorted=True, out=(dv[s: s + rows], di[s: s + rows]))
     if keep == kc:  # the whole bank is kept: nothing excluded, every query certified
-        need = torch.full((m,), kc, dtype=torch.long)
-        ok = torch.ones(m, dtype=torch.bool)
+        return certified_rerank(q, b, di, dv, k, None, rerank)
+    eps = error_bound(qsq.sqrt(), m_norm_max, q.shape[1], torch.float32)  # full fp32 GEMM (caller)
+    return certified_rerank(q, b, di, dv, k, eps, rerank)
+
+
+def certified_rerank(queries, bank, cand, approx, k: int, eps, rerank, device=None):
+    """Exact neighbours from an fp32 expansion pass's sorted candidates ``cand`` / squared distances
+    ``approx`` (M, c): no item whose approximate distance is above thr = approx[:, k-1] + 2 eps (eps:
+    the pass's error bound per query) can rank among the exact k nearest, ties included. The last
+    column certifies (a query is proven when it lies beyond thr; ``eps`` None: the candidates are
+    the whole bank, all proven, none certifies); each proven query is re-ranked (``rerank``) over
+    only the columns within thr, rounded up to a width of k, k+1, k+2, k+4, ...; the others are
+    searched again over every tie (``exact_search``)."""
+    m = cand.shape[0]
+    if eps is None:
+        kc = cand.shape[1]
+        need = torch.full((m,), kc, dtype=torch.long, device=cand.device)
+        ok = torch.ones(m, dtype=torch.bool, device=cand.device)
     else:
-        eps = error_bound(qsq.sqrt(), m_norm_max, q.shape[1], torch.float32)  # full fp32 GEMM (caller)
-        thr = dv[:, k - 1] + 2 * eps
-        ok = torch.isfinite(dv).all(dim=1) & (dv[:, kc] > thr)
-        need = (dv[:, :kc] <= thr.unsqueeze(1)).sum(dim=1)
-    d_out = torch.empty(m, k)
-    i_out = torch.empty(m, k, dtype=torch.long)
+        kc = cand.shape[1] - 1
+        thr = approx[:, k - 1] + 2 * eps
+        ok = torch.isfinite(approx).all(dim=1) & (approx[:, kc] > thr)
+        need = (approx[:, :kc] <= thr.unsqueeze(1)).sum(dim=1)
+    dev = cand.device if device is None else device
+    d_out = torch.empty(m, k, device=dev)
+    i_out = torch.empty(m, k, dtype=torch.long, device=dev)
     lower = k - 1
     for w in widths(k, kc):
         sel = torch.nonzero(ok & (need > lower) & (need <= w)).squeeze(1)
         lower = w
         if sel.numel():
-            d_out[sel], i_out[sel] = rerank(q[sel], b, di[sel, :w], k)
+            d_out[sel], i_out[sel] = rerank(queries[sel.to(queries.device)], bank, cand[sel, :w], k, device)
     redo = torch.nonzero(~ok).squeeze(1)
     if redo.numel():
-        d_out[redo], i_out[redo] = exact_search(q[redo], b, k, rerank)
+        d_out[redo], i_out[redo] = exact_search(queries[redo.to(queries.device)], bank, k, rerank, device)
     return d_out, i_out
