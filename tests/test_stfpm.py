@@ -88,3 +88,81 @@ def test_training_lowers_loss_and_ranks_defects_above_normals(fast_cfg, tmp_path
     assert res["image_auroc"] > 0.8
     assert res["pixel_auroc"] > 0.8
     assert res["selected_checkpoint"] == "best.ckpt"
+
+
+class _StubData:
+    """What recalibrate_student_bn reads from the trainer's data module: training samples and a
+    loader over them; the loader draws from the global RNG, as real loaders do."""
+
+    input_normalizer = None
+
+    def __init__(self, images: torch.Tensor, batch: int = 2):
+        self.images, self.batch = images, batch
+        self.train_samples = list(range(len(images)))
+
+    def make_dataloader(self, samples, train=False):
+        assert train is False  # the eval transform: the statistics test images will meet
+        for i in range(0, len(self.images), self.batch):
+            torch.rand(1)
+            yield {"image": self.images[i:i + self.batch]}
+
+
+def test_recalibrated_student_bn_holds_the_population_statistics_of_its_weights():
+    """method.recalibrate_bn: every batch norm's running mean/var become the cumulative average over
+    the training images of its input's batch statistics under the *current* weights (not an EMA
+    of earlier weights), and the global RNG is left as it was."""
+    from types import SimpleNamespace
+
+    from adtrain.methods.stfpm import Stfpm
+
+    backbone = {"name": "resnet18", "kind": "cnn", "pretrained": False, "weights": None,
+                "stages": {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}}
+    torch.manual_seed(0)
+    m = Stfpm(backbone, recalibrate_bn=True)
+    images = torch.randn(6, 3, 64, 64)
+    bns = [mod for mod in m.model.student.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    first = bns[0]
+    seen = []
+    hook = first.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    m._trainer = SimpleNamespace(datamodule=_StubData(images))
+    rng = torch.get_rng_state()
+    m.model.student.eval()
+    assert m.recalibrate_student_bn()
+    hook.remove()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(seen) == 3  # one pass, batches of 2
+    mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0)
+    var = torch.stack([x.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for x in seen]).mean(0)
+    assert torch.allclose(first.running_mean, mean, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(first.running_var, var, rtol=1e-4, atol=1e-5)
+    assert first.momentum == 0.1 and not m.model.student.training  # momentum and mode restored
+    assert all(int(bn.num_batches_tracked) > 0 for bn in bns)
+    # without a data module nothing happens (and nothing breaks)
+    m._trainer = SimpleNamespace(datamodule=None)
+    assert not m.recalibrate_student_bn()
+
+
+def test_recalibrate_bn_run_saves_recalibrated_statistics(fast_cfg, tmp_path):
+    """The hook order: the checkpoint a run keeps holds the recalibrated statistics (the pass ran
+    before ModelCheckpoint saved the epoch), and off, the plain running averages (they differ)."""
+    from torch.optim.swa_utils import update_bn
+
+    from adtrain.build import build_datamodule
+    from adtrain.loading import load_method
+    from adtrain.run import run
+
+    stats = {}
+    for flag in (True, False):
+        cfg = fast_cfg("method=stfpm", f"method.recalibrate_bn={str(flag).lower()}", "seed=3")
+        run(cfg, tmp_path / str(flag))
+        method, run_cfg, _ = load_method(tmp_path / str(flag) / "checkpoints" / "model.ckpt")
+        stats[flag] = [b.clone() for n, b in method.model.student.named_buffers() if "running" in n]
+    assert any(not torch.allclose(a, b) for a, b in zip(stats[True], stats[False]))
+    # the kept statistics are those of a recalibration pass over the training normals
+    dm = build_datamodule(run_cfg)
+    dm.setup("fit")
+    method.input_norm = getattr(dm, "input_normalizer", None)
+    loader = dm.make_dataloader(dm.train_samples, train=False)
+    update_bn((method.model_input(b["image"]) for b in loader), method.model.student)
+    redone = [b for n, b in method.model.student.named_buffers() if "running" in n]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(stats[True], redone))

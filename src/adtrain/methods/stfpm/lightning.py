@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.optim.swa_utils import update_bn
 
 from adtrain.errors import ConfigError
 from adtrain.methods.base import AnomalyModule
@@ -18,6 +19,7 @@ class Stfpm(AnomalyModule):
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         loss_reduction: str = "official",
+        recalibrate_bn: bool = False,
         model: StfpmModel | None = None,
     ) -> None:
         super().__init__()
@@ -26,6 +28,8 @@ class Stfpm(AnomalyModule):
         self.model = model if model is not None else StfpmModel(backbone, layers)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.loss_reduction = loss_reduction
+        self.recalibrate_bn = bool(recalibrate_bn)
+        self._bn_epoch: int | None = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         teacher, student = self.model(batch["image"])
@@ -33,6 +37,38 @@ class Stfpm(AnomalyModule):
         self.check_finite(loss)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
+
+    # ------------------------------------------------- batch-norm statistics of the student
+    def recalibrate_student_bn(self) -> bool:
+        """Recompute the student's batch-norm running statistics for its current weights: one
+        forward pass over the training normals (eval transform, fixed order) in train mode with a
+        cumulative average (torch's ``swa_utils.update_bn``). At lr 0.4 the weights move faster
+        than the running averages (momentum 0.1) follow, so the eval-mode student is otherwise a
+        seed-dependent blend of recent weights (docs/methods/stfpm.md). The global RNG is forked,
+        so the training that follows draws exactly what it would have drawn without this pass."""
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is None or not hasattr(dm, "make_dataloader") or not getattr(dm, "train_samples", None):
+            return False
+        loader = dm.make_dataloader(dm.train_samples, train=False)
+        with torch.random.fork_rng(devices=[]):
+            update_bn((self.model_input(b["image"]) for b in loader), self.model.student)
+        return True
+
+    def _recalibrate_once(self) -> None:
+        if not self.recalibrate_bn or self._bn_epoch == self.current_epoch:
+            return
+        if self._trainer is None or self.trainer.sanity_checking:
+            return
+        if self.recalibrate_student_bn():
+            self._bn_epoch = self.current_epoch
+
+    def on_validation_epoch_start(self) -> None:  # validation runs before on_train_epoch_end
+        if self.trainer.state.fn == "fit":
+            self._recalibrate_once()
+
+    def on_train_epoch_end(self) -> None:  # before ModelCheckpoint saves the epoch's state
+        self._recalibrate_once()
 
     def configure_optimizers(self):
         return torch.optim.SGD(
