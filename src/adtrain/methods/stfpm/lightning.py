@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.optim.swa_utils import update_bn
 
 from adtrain.errors import ConfigError
 from adtrain.methods.base import AnomalyModule
 from adtrain.methods.stfpm.torch_model import LOSS_REDUCTIONS, StfpmModel, stfpm_loss
+
+log = logging.getLogger("adtrain")
 
 
 class Stfpm(AnomalyModule):
@@ -62,6 +66,10 @@ class Stfpm(AnomalyModule):
             return
         if self.recalibrate_student_bn():
             self._bn_epoch = self.current_epoch
+        elif self._bn_epoch is None:  # say it once: the option asked for cannot act here
+            self._bn_epoch = -1
+            log.warning("method.recalibrate_bn: the trainer has no data module with training samples; "
+                        "the student keeps its running batch-norm averages")
 
     def on_validation_epoch_start(self) -> None:  # validation runs before on_train_epoch_end
         if self.trainer.state.fn == "fit":
