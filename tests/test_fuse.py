@@ -85,3 +85,33 @@ def test_a_graph_folding_would_change_is_left_alone():
     _randomise_bn(m)
     fused, count = fold_batchnorm(m, torch.randn(1, 3, 16, 16))
     assert fused is None and count == 0
+
+
+def test_a_trained_extractor_folds_in_eval_and_follows_each_optimiser_step():
+    """STFPM's student: trained (not frozen), evaluated with folded batch norms; after every
+    in-place optimiser step the folded copy is rebuilt, so evaluation sees the current weights."""
+    torch.manual_seed(0)
+    student = FeatureExtractor("resnet18", STAGES, ["layer2", "layer3"], pretrained=False, frozen=False)
+    plain = FeatureExtractor("resnet18", STAGES, ["layer2", "layer3"], pretrained=False, frozen=False,
+                             fuse_batchnorm=False)
+    _randomise_bn(student.model)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    for step in range(2):
+        student.eval()
+        plain.load_state_dict(student.state_dict())
+        plain.eval()
+        with torch.no_grad():
+            got, want = student(x)["layer3"], plain(x)["layer3"]
+        assert student._fused["model"] is not None, step  # folded, although trainable
+        assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max()), step
+        student.train()
+        loss = sum(f.square().mean() for f in student(x).values())  # train mode: BN as trained
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    before_key = student._fused["key"]
+    student.eval()
+    with torch.no_grad():
+        student(x)
+    assert student._fused["key"] != before_key  # the last step's weights: folded again

@@ -180,10 +180,11 @@ class FeatureExtractor(nn.Module):
         return {layer: by_index[self._index[layer]] for layer in self.layers}
 
     def _inference_model(self, x: torch.Tensor) -> nn.Module:
-        """The timm model, or its batch-norm-folded copy (adtrain.backbones.fuse) for a frozen
-        extractor in eval mode without gradients; the copy is rebuilt when the weights, device
+        """The timm model, or its batch-norm-folded copy (adtrain.backbones.fuse) for an extractor
+        in eval mode without gradients (a frozen one, or a trained one being evaluated: STFPM's
+        student at validation and test); the copy is rebuilt when the weights, device
         or dtype change (e.g. a checkpoint loaded into the extractor)."""
-        if not (self.fuse_batchnorm and self.frozen and not self.training and not torch.is_grad_enabled()
+        if not (self.fuse_batchnorm and not self.training and not torch.is_grad_enabled()
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
             return self.model
         from adtrain.memory.bank import tensor_version

@@ -1,6 +1,7 @@
-"""Batch-norm folding for frozen CNN extractors: the same function with one op fewer per conv.
+"""Batch-norm folding for CNN extractors in eval mode: the same function with one op fewer per conv.
 
-A frozen extractor runs its batch norms in eval mode, i.e. as a fixed per-channel affine map
+An extractor in eval mode (a frozen one, or STFPM's trained student at validation and test; the
+folded copy is rebuilt whenever its weights change) runs its batch norms as a fixed per-channel affine map
 ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` applied to a convolution's output. Folding it
 into the convolution (``W' = W * s``, ``b' = (b - mean) * s + beta`` with
 ``s = gamma / sqrt(var + eps)``) removes a full pass over every feature map: on a 2-core CPU the

@@ -10,6 +10,7 @@ from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory.coreset import greedy_coreset, kmeans
 from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense_certified_search
 from adtrain.memory.graph_knn import graph_knn, in_graph
+from adtrain.memory.projected import PROJECTIONS, Projection, choose_dim, projected_search
 from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_search, error_bound,
                              exact_search, fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
 from adtrain.memory.index import (
@@ -65,7 +66,10 @@ class MemoryBank(nn.Module):
     distance_dtype: ``float16`` / ``bfloat16`` run an exact flat search's distance pass in that
     precision, certified per query (memory.lowp) and re-searched in fp32 where not certified,
     so the neighbours are the fp32 ones; ``float32`` never; ``auto`` = float16 for CUDA
-    queries, float32 on the CPU.
+    queries, float32 on the CPU. projection: ``auto`` searches a CPU bank of at most
+    ``DENSE_MAX_ROWS`` in its principal subspace first, where its spectrum makes that at least
+    twice cheaper (memory.projected: a certified lower bound, then the exact re-ranking; the
+    same neighbours), ``off`` never.
     """
 
     AUTO_IVF_ABOVE = 2_000_000
@@ -88,6 +92,7 @@ class MemoryBank(nn.Module):
         hnsw_ef_search: int = 128,
         keep_on_host: bool = False,
         distance_dtype: str = "auto",
+        projection: str = "auto",
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -103,7 +108,10 @@ class MemoryBank(nn.Module):
             raise ConfigError("memory.max_features", f"must be >= 1 or null, got {max_features}")
         if distance_dtype not in DISTANCE_DTYPES:
             raise ConfigError("memory.distance_dtype", f"'{distance_dtype}' is not one of {DISTANCE_DTYPES}")
+        if projection not in PROJECTIONS:
+            raise ConfigError("memory.projection", f"'{projection}' is not one of {PROJECTIONS}")
         self.distance_dtype = distance_dtype
+        self.projection = projection
         self.backend, self.index = backend, index
         self.nlist, self.nprobe, self.hnsw_m, self.pq_m = nlist, int(nprobe), int(hnsw_m), int(pq_m)
         self.hnsw_ef_search = int(hnsw_ef_search)
@@ -289,6 +297,17 @@ class MemoryBank(nn.Module):
             self._index_cache[key] = max_norm(self.bank)
         return self._index_cache[key]
 
+    def _projection(self) -> Projection | None:
+        """The bank's principal subspace for the projected pass (memory.projected), or None
+        (``projection=off``, or a spectrum too flat for the pass to pay off); cached per bank."""
+        if self.projection == "off":
+            return None
+        key = ("projection", self.bank.data_ptr(), tuple(self.bank.shape), tensor_version(self.bank))
+        if key not in self._index_cache:
+            dim = choose_dim(self.bank)
+            self._index_cache[key] = Projection(self.bank, dim) if dim is not None else None
+        return self._index_cache[key]
+
     def dense_exact(self, queries: torch.Tensor, device: torch.device) -> bool:
         """Whether these queries take the small-bank CPU pass (see ``DENSE_MAX_ROWS``)."""
         return (device.type == "cpu" and not queries.is_cuda and self.backend != "faiss"
@@ -339,6 +358,9 @@ class MemoryBank(nn.Module):
         # a host bank searched by CUDA queries is streamed to their GPU; else the bank's device
         dev = queries.device if queries.is_cuda and not bank.is_cuda else bank.device
         if self.dense_exact(queries, dev):
+            proj = self._projection()
+            if proj is not None:
+                return projected_search(queries, bank, k, proj, rerank)
             return dense_certified_search(queries, bank, k, DENSE_PAD, rerank, self._bank_max_norm())
         low = self.low_precision(queries, dev)
         ok = None

@@ -197,7 +197,8 @@ def exact_distances(
     rows = max(1, (1 << 23) // max(1, k * dim))
     out = torch.empty(m, k, device=dev)
     for s in range(0, m, rows):
-        items = bank[idx[s : s + rows]].to(dev, torch.float32)
-        diff = q_all[s : s + rows].unsqueeze(1) - items
-        out[s : s + rows] = diff.pow_(2).sum(dim=-1).sqrt_()
+        sl = idx[s : s + rows]
+        items = bank.index_select(0, sl.reshape(-1)).to(dev, torch.float32).view(sl.shape[0], k, dim)
+        torch.sub(q_all[s : s + rows].unsqueeze(1), items, out=items)  # in place: one pass fewer
+        torch.linalg.vector_norm(items, dim=-1, out=out[s : s + rows])  # fused square-sum-root
     return out

@@ -1,0 +1,100 @@
+"""Where a memory-bank method's test time goes, per image, on one batch of a finished run's test set.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/search_parts.py RUN_DIR [--repeat 3] [--batch 32]
+
+RUN_DIR is a PatchCore or CFA run directory (e.g. `python -m adtrain.bench ... bench.run_dir=DIR`,
+or one that `benchmarks/vs_anomalib.py` leaves in its workdir). On one test batch it times, in
+milliseconds per image (median of --repeat): the backbone, `pooled_concat` channels-last (today)
+and NCHW (before 2026-12-04), CFA's descriptor, and the exact k-NN search with
+`memory.projection=off` (the dense fp32 pass) and `auto` (the projected pass, when the bank's
+spectrum allows it); then it checks that both searches return the same neighbours and distances
+and that both pooled layouts give the same values, bit for bit. It prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from adtrain.build import build_datamodule
+from adtrain.loading import load_method
+from adtrain.methods.patch_features import pooled_concat
+
+
+def pooled_concat_nchw(feats, layers, pool_size):
+    """pooled_concat as it was before channels-last (the comparison's 'before')."""
+    out, grid = [], None
+    for name in layers:
+        f = feats[name].float().contiguous()
+        if pool_size > 1:
+            f = F.avg_pool2d(f, pool_size, stride=1, padding=pool_size // 2)
+        if grid is None:
+            grid = f.shape[-2:]
+        elif f.shape[-2:] != grid:
+            f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+def timed(fn, repeat: int, n_images: int) -> tuple[float, object]:
+    out = fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(times) / n_images, 2), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    method, cfg, _ = load_method(f"{args.run_dir}/checkpoints/model.ckpt")
+    method.eval()
+    model = method.model
+    dm = build_datamodule(cfg)
+    dm.setup("test")
+    batch = next(iter(dm.make_dataloader(dm.test_samples[: args.batch], train=False)))
+    n = int(batch["image"].shape[0])
+    res = {"run_dir": args.run_dir, "method": str(cfg.method.name), "backbone": str(cfg.backbone.name),
+           "images": n, "threads": torch.get_num_threads(), "ms_per_image": {}}
+    ms = res["ms_per_image"]
+    k = int(getattr(model, "K", 1))
+    with torch.inference_mode():
+        x = method.model_input(batch["image"])
+        ms["backbone"], feats = timed(lambda: model.extractor(x), args.repeat, n)
+        ms["pooled_concat_channels_last"], pooled = timed(
+            lambda: pooled_concat(feats, model.layers, model.pool_size), args.repeat, n)
+        ms["pooled_concat_nchw_before"], pooled_old = timed(
+            lambda: pooled_concat_nchw(feats, model.layers, model.pool_size), args.repeat, n)
+        res["pooled_layouts_identical"] = bool(torch.equal(pooled, pooled_old))
+        emb = pooled
+        if hasattr(model, "descriptor"):
+            ms["descriptor"], emb = timed(lambda: model.descriptor(pooled), args.repeat, n)
+        elif hasattr(model, "embed"):
+            emb = model.embed(x)
+        q = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        bank = model.memory
+        res.update(queries=int(q.shape[0]), bank=list(bank.bank.shape), k=k)
+        found = {}
+        for mode in ("off", "auto"):
+            bank.projection = mode
+            bank._invalidate()
+            proj = bank._projection()
+            res[f"subspace_dim_{mode}"] = proj.dim if proj is not None else None
+            ms[f"search_projection_{mode}"], found[mode] = timed(lambda: bank.search(q, k), args.repeat, n)
+        res["searches_identical"] = bool(torch.equal(found["off"][0], found["auto"][0])
+                                         and torch.equal(found["off"][1], found["auto"][1]))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
