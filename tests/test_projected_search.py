@@ -9,7 +9,7 @@ from adtrain.errors import ConfigError
 from adtrain.memory import MemoryBank
 from adtrain.memory import projected
 from adtrain.memory.bank import rerank
-from adtrain.memory.index import exact_distances
+from tests.test_memory import _full_reference
 
 
 def _low_rank(seed=0, n=1500, dim=96, rank=6, noise=0.03):
@@ -26,10 +26,7 @@ def _low_rank(seed=0, n=1500, dim=96, rank=6, noise=0.03):
     return queries, bank
 
 
-def _reference(queries, bank, k):
-    full = exact_distances(queries, bank, torch.arange(bank.shape[0]).expand(queries.shape[0], -1))
-    d, i = torch.sort(full, dim=1, stable=True)  # fp32 difference distances, ties by bank index
-    return d[:, :k], i[:, :k]
+_reference = _full_reference  # fp32 difference distances of every item, ties by bank index
 
 
 def test_the_bound_never_exceeds_the_exact_distance():

@@ -10,7 +10,7 @@ from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory.coreset import greedy_coreset, kmeans
 from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense_certified_search
 from adtrain.memory.graph_knn import graph_knn, in_graph
-from adtrain.memory.projected import PROJECTIONS, Projection, choose_dim, projected_search
+from adtrain.memory.projected import PROJECTIONS, Projection, projected_search, projection_for
 from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_search, error_bound,
                              exact_search, fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
 from adtrain.memory.index import (
@@ -304,8 +304,7 @@ class MemoryBank(nn.Module):
             return None
         key = ("projection", self.bank.data_ptr(), tuple(self.bank.shape), tensor_version(self.bank))
         if key not in self._index_cache:
-            dim = choose_dim(self.bank)
-            self._index_cache[key] = Projection(self.bank, dim) if dim is not None else None
+            self._index_cache[key] = projection_for(self.bank)
         return self._index_cache[key]
 
     def dense_exact(self, queries: torch.Tensor, device: torch.device) -> bool:

@@ -48,12 +48,10 @@ PROJECTIONS = ("auto", "off")
 class Projection:
     """The bank's subspace (mu, V) and the bank's side of the bound's GEMM, all in fp32."""
 
-    def __init__(self, bank: torch.Tensor, dim: int):
-        b64 = bank.detach().to("cpu", torch.float64)
-        c64 = b64 - b64.mean(dim=0)
-        _, vecs = torch.linalg.eigh(c64.T @ c64)
+    def __init__(self, bank: torch.Tensor, dim: int, spectrum=None):
+        mean, _, vecs = spectrum if spectrum is not None else _spectrum(bank)
         # any centre and any near-orthonormal basis work: their rounding is in bound_error
-        self.mu = b64.mean(dim=0).float()
+        self.mu = mean.float()
         self.basis = vecs[:, -dim:].flip(1).float().contiguous()  # (D, p), leading axes first
         self.dim, self.full_dim = dim, int(bank.shape[1])
         p, r, sq, norm = self.parts(bank.detach().to("cpu", torch.float32))
@@ -85,15 +83,17 @@ class Projection:
         return c * _U32 * (q_norm.double() + self.bank_norm_max) ** 2
 
 
-def choose_dim(bank: torch.Tensor) -> int | None:
-    """The smallest multiple of 8 whose principal axes leave at most RESIDUAL_SHARE of the bank's
-    variance out, or None where the pass would not be at least twice cheaper than a full one."""
-    n, d = bank.shape
-    if n < 64 or d < 16:
-        return None
+def _spectrum(bank: torch.Tensor):
+    """(mean, eigenvalues ascending, eigenvectors) of the bank's centred scatter, float64."""
     b = bank.detach().to("cpu", torch.float64)
-    centred = b - b.mean(dim=0)
-    ev = torch.linalg.eigvalsh(centred.T @ centred).flip(0).clamp_min(0)
+    mean = b.mean(dim=0)
+    centred = b - mean
+    vals, vecs = torch.linalg.eigh(centred.T @ centred)
+    return mean, vals, vecs
+
+
+def _dim_from(vals: torch.Tensor, d: int) -> int | None:
+    ev = vals.flip(0).clamp_min(0)
     total = float(ev.sum())
     if total <= 0:
         return None
@@ -101,6 +101,25 @@ def choose_dim(bank: torch.Tensor) -> int | None:
     p = int(torch.searchsorted(share, torch.tensor(1.0 - RESIDUAL_SHARE, dtype=torch.float64))) + 1
     p = min(d, ((p + 7) // 8) * 8)
     return p if 2 * (p + 3) <= d + 2 else None
+
+
+def choose_dim(bank: torch.Tensor) -> int | None:
+    """The smallest multiple of 8 whose principal axes leave at most RESIDUAL_SHARE of the bank's
+    variance out, or None where the pass would not be at least twice cheaper than a full one."""
+    n, d = bank.shape
+    if n < 64 or d < 16:
+        return None
+    return _dim_from(_spectrum(bank)[1], d)
+
+
+def projection_for(bank: torch.Tensor) -> Projection | None:
+    """The bank's Projection at ``choose_dim``'s dimension, or None; one eigendecomposition."""
+    n, d = bank.shape
+    if n < 64 or d < 16:
+        return None
+    spectrum = _spectrum(bank)
+    dim = _dim_from(spectrum[1], d)
+    return Projection(bank, dim, spectrum) if dim is not None else None
 
 
 @torch.no_grad()
