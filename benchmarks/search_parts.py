@@ -7,8 +7,10 @@ or one that `benchmarks/vs_anomalib.py` leaves in its workdir). On one test batc
 milliseconds per image (median of --repeat): the backbone, `pooled_concat` channels-last (today)
 and NCHW (before 2026-12-04), CFA's descriptor, and the exact k-NN search with
 `memory.projection=off` (the dense fp32 pass) and `auto` (the projected pass, when the bank's
-spectrum allows it); then it checks that both searches return the same neighbours and distances
-and that both pooled layouts give the same values, bit for bit. It prints one JSON object.
+spectrum allows it); for k = 1 without a subspace also the sorted dense pass that the unsorted
+one (`dense_exact.dense_nearest`) replaced; then it checks that the searches return the same
+neighbours and distances and that both pooled layouts give the same values, bit for bit. It
+prints one JSON object.
 """
 
 from __future__ import annotations
@@ -93,6 +95,16 @@ def main() -> None:
             ms[f"search_projection_{mode}"], found[mode] = timed(lambda: bank.search(q, k), args.repeat, n)
         res["searches_identical"] = bool(torch.equal(found["off"][0], found["auto"][0])
                                          and torch.equal(found["off"][1], found["auto"][1]))
+        if k == 1 and res["subspace_dim_auto"] is None and bank.dense_exact(q, q.device):
+            # k = 1 takes dense_exact.dense_nearest (no sort); the sorted pass it replaced, for comparison
+            from adtrain.memory.bank import DENSE_PAD, rerank
+            from adtrain.memory.dense_exact import dense_certified_search
+
+            ms["search_sorted_pass_before"], before = timed(
+                lambda: dense_certified_search(q, bank.bank, 1, DENSE_PAD, rerank, bank._bank_max_norm()),
+                args.repeat, n)
+            res["sorted_pass_identical"] = bool(torch.equal(before[0], found["auto"][0])
+                                                and torch.equal(before[1], found["auto"][1]))
     print(json.dumps(res, indent=1))
 
 

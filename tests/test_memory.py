@@ -475,6 +475,45 @@ def test_dense_cpu_pass_reranks_only_as_wide_as_needed(monkeypatch):
     assert torch.equal(idx, ri) and torch.equal(d, rd)
 
 
+def test_nearest_pass_without_sorting_equals_the_sorted_pass(monkeypatch):
+    """k = 1 (dense_exact.dense_nearest): group minima instead of topk, over several query blocks
+    and a bank that is no multiple of the group; the same neighbours and distances bit for bit
+    as the sorted pass and the full reference, duplicates past the pad searched in full, a NaN
+    query and huge inputs handed to the sorted pass."""
+    from adtrain.memory import bank as bank_mod
+    from adtrain.memory import dense_exact
+
+    queries, bank = _dense_ties(seed=2, n=1201)
+    monkeypatch.setattr(dense_exact, "NEAREST_BLOCK_FLOATS", 40 * 1216)  # 40-query blocks: 4 blocks
+    widths_seen = []
+
+    def spy(q, b, cand, k, device=None):
+        widths_seen.append(cand.shape[1])
+        return bank_mod.rerank(q, b, cand, k, device)
+
+    m_max = float(bank.norm(dim=1).max())
+    d, idx = dense_exact.dense_nearest(queries, bank, 8, spy, m_max)
+    rd, ri = _full_reference(queries, bank, 1)
+    assert torch.equal(idx, ri) and torch.equal(d, rd)
+    sd, si = dense_exact.dense_certified_search(queries, bank, 1, 8, bank_mod.rerank, m_max)
+    assert torch.equal(idx, si) and torch.equal(d, sd)
+    assert widths_seen[0] == 1  # most queries: their nearest item alone
+    assert 5 in widths_seen  # the 5 near ties of bank[199]: all of them, no more
+    assert widths_seen[-1] >= 31  # the 31 exact duplicates: the full pass ranks every tie
+    # a NaN query: no item lies at or below its threshold; it is searched again in full
+    nan_q = queries[:3].clone()
+    nan_q[1, 0] = float("nan")
+    d, idx = dense_exact.dense_nearest(nan_q, bank, 8, bank_mod.rerank, m_max)
+    sd, si = dense_exact.dense_certified_search(nan_q, bank, 1, 8, bank_mod.rerank, m_max)
+    assert torch.equal(idx, si) and torch.equal(d[[0, 2]], sd[[0, 2]]) and torch.isnan(d[1]).all() == torch.isnan(sd[1]).all()
+    # the search takes it for k = 1 on the CPU
+    calls = []
+    monkeypatch.setattr(bank_mod, "dense_nearest", lambda *a: calls.append(1) or dense_exact.dense_nearest(*a))
+    mb = MemoryBank()
+    mb.set_bank(bank)
+    assert torch.equal(mb.search(queries, 1)[1], ri) and calls == [1]
+
+
 def test_dense_cpu_pass_selection():
     queries, bank = _dense_ties()
     cpu = torch.device("cpu")

@@ -279,3 +279,57 @@ def test_exact_search_over_several_bank_slices_keeps_every_tie():
     d, idx = exact_search(queries, bank, 5, rerank)
     rd, ri = _fp32_reference(queries, bank, 5)
     assert torch.equal(idx, ri) and torch.equal(d, rd)
+
+
+class _CountingModel(_Model):
+    """_Model that records the batch size of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, images):
+        self.calls.append(int(images.shape[0]))
+        return super().forward(images)
+
+
+def test_cpu_inference_runs_in_chunks_with_the_same_outputs():
+    """inference.cpu_chunk_pixels: a CPU forward without gradients calls the model on at most that
+    many input pixels (whole images), the outputs bit-identical to one call on the batch; with
+    gradients (training) or 0, whole batches."""
+    method = _Method()
+    method.model = _CountingModel()
+    images = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    method.cpu_chunk_pixels = 0
+    with torch.no_grad():
+        whole = method.anomaly_output(images)
+    assert method.model.calls == [10]
+    method.model.calls.clear()
+    method.cpu_chunk_pixels = 4 * 16 * 16 + 100  # 4 whole images per call
+    with torch.no_grad():
+        chunked = method.anomaly_output(images)
+    assert method.model.calls == [4, 4, 2]
+    assert torch.equal(chunked.anomaly_map, whole.anomaly_map) and torch.equal(chunked.pred_score, whole.pred_score)
+    method.model.calls.clear()
+    method.cpu_chunk_pixels = 10  # smaller than one image: one image per call
+    with torch.no_grad():
+        method.anomaly_output(images[:3])
+    assert method.model.calls == [1, 1, 1]
+    method.model.calls.clear()
+    method.anomaly_output(images)  # gradients enabled (a training step): one call
+    assert method.model.calls == [10]
+    method.model.calls.clear()
+    with torch.no_grad():  # traced for export: one call, no loop baked into the graph
+        torch.jit.trace(lambda x: method.anomaly_output(x).pred_score, images, check_trace=False)
+    assert method.model.calls == [10]
+
+
+def test_cpu_chunk_config_key(tmp_path):
+    from adtrain.build import build_method
+    from tests.conftest import compose
+
+    cfg = compose("method=patchcore", "backbone=resnet18", "backbone.pretrained=false", "inference.cpu_chunk_pixels=1024")
+    assert build_method(cfg).cpu_chunk_pixels == 1024
+    assert build_method(compose("method=patchcore", "backbone=resnet18", "backbone.pretrained=false")).cpu_chunk_pixels == 262144
+    with pytest.raises(ConfigError, match="inference.cpu_chunk_pixels"):
+        build_method(compose("method=patchcore", "backbone=resnet18", "backbone.pretrained=false", "inference.cpu_chunk_pixels=-1"))

@@ -39,7 +39,13 @@ def build_datamodule(cfg: DictConfig, **overrides):
 
 
 def build_method(cfg: DictConfig):
-    return _instantiate(cfg.method, "method", drop=METHOD_RECIPE_KEYS)
+    method = _instantiate(cfg.method, "method", drop=METHOD_RECIPE_KEYS)
+    chunk = (cfg.get("inference") or {}).get("cpu_chunk_pixels")
+    if chunk is not None:  # absent from the configs of runs older than the key: the default
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ConfigError("inference.cpu_chunk_pixels", f"must be an integer >= 0 (0 = whole batches), got {chunk!r}")
+        method.cpu_chunk_pixels = chunk
+    return method
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):

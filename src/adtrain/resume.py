@@ -22,7 +22,7 @@ RESUMABLE = ("resume", "overwrite", "trainer.accelerator", "trainer.devices", "t
              "trainer.enable_model_summary", "trainer.log_every_n_steps", "logger", "output", "data.num_workers",
              "print_config", "paths",
              "data.cache", "data.cache_dir", "data.device_normalize", "feature_cache", "feature_cache_max_gb",
-             "feature_cache_dir", "coreset_cache_dir", "coreset_cache_max_gb", "method.nested_cache")
+             "feature_cache_dir", "coreset_cache_dir", "coreset_cache_max_gb", "method.nested_cache", "inference")
 _ABSENT = "<absent>"
 
 

@@ -183,7 +183,8 @@ class FeatureExtractor(nn.Module):
         """The timm model, or its batch-norm-folded copy (adtrain.backbones.fuse) for an extractor
         in eval mode without gradients (a frozen one, or a trained one being evaluated: STFPM's
         student at validation and test); the copy is rebuilt when the weights, device
-        or dtype change (e.g. a checkpoint loaded into the extractor)."""
+        or dtype change (e.g. a checkpoint loaded into the extractor). On the CPU the copy's TF
+        "same" convolutions skip their padded input copy (adtrain.backbones.same_pad, bit-identical)."""
         if not (self.fuse_batchnorm and not self.training and not torch.is_grad_enabled()
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
             return self.model
@@ -201,6 +202,10 @@ class FeatureExtractor(nn.Module):
                 fused, count = fold_batchnorm(self.model, example.float())
             if fused is not None:
                 log.debug("%s: %d batch norms folded into their convolutions", self.name, count)
+                if x.device.type == "cpu":  # one copy of the input less per TF-padded conv (bit-identical)
+                    from adtrain.backbones.same_pad import use_strip_padding
+
+                    use_strip_padding(fused)
             self._fused = {"key": key, "model": fused, "count": count}
         return self._fused["model"] or self.model
 

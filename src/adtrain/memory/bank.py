@@ -8,7 +8,7 @@ from torch import nn
 
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory.coreset import greedy_coreset, kmeans
-from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense_certified_search
+from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense_certified_search, dense_nearest
 from adtrain.memory.graph_knn import graph_knn, in_graph
 from adtrain.memory.projected import PROJECTIONS, Projection, projected_search, projection_for
 from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_search, error_bound,
@@ -360,6 +360,8 @@ class MemoryBank(nn.Module):
             proj = self._projection()
             if proj is not None:
                 return projected_search(queries, bank, k, proj, rerank)
+            if k == 1:
+                return dense_nearest(queries, bank, DENSE_PAD, rerank, self._bank_max_norm())
             return dense_certified_search(queries, bank, k, DENSE_PAD, rerank, self._bank_max_norm())
         low = self.low_precision(queries, dev)
         ok = None

@@ -22,9 +22,20 @@ re-ranking the candidates as in the distance matmul. Here:
 
 The neighbours and their distances are exactly those of the general path (the same exact
 re-ranking of a candidate set that provably holds every item that can rank among the k nearest).
+
+For k = 1 (PatchCore's scores) ``dense_nearest`` needs no sort at all: per block of queries (a
+few MiB, so the distances stay in cache) the minimum of each group of 64 bank columns (``amin``,
+vectorised, about ten times cheaper than ``topk`` or ``min`` with indices) and the row minimum
+from those; then the items at or below minimum + 2 eps, looked for only in the groups whose
+minimum is (almost always one group and one item). Those items are exactly the candidates the
+sorted pass would re-rank (every item that can tie with or beat the nearest), so the neighbours
+and distances are the same, bit for bit; a query with more than ``1 + pad`` of them is searched
+again in full (``exact_search``), as in the sorted pass.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -32,6 +43,10 @@ from adtrain.memory.lowp import error_bound, exact_search
 
 #: a query block's distances: about this many floats (32 MiB; smaller blocks slow the GEMM down)
 BLOCK_FLOATS = 1 << 23
+#: k = 1: a query block's distances, about this many floats (4 MiB, read again from cache)
+NEAREST_BLOCK_FLOATS = 1 << 20
+#: k = 1: bank columns per group; a row's group minima show which groups can hold candidates
+NEAREST_GROUP = 64
 
 
 def cpu_matmul_dtype() -> torch.dtype:
@@ -78,6 +93,71 @@ def dense_certified_search(queries: torch.Tensor, bank: torch.Tensor, k: int, pa
         return certified_rerank(q, b, di, dv, k, None, rerank)
     eps = error_bound(qsq.sqrt(), m_norm_max, q.shape[1], torch.float32)  # full fp32 GEMM (caller)
     return certified_rerank(q, b, di, dv, k, eps, rerank)
+
+
+def _overflow_free(q: torch.Tensor, m_norm_max: float) -> bool:
+    """Every input finite and every distance of the expansion far below fp32's overflow (and
+    below ``_FAR``, the padding columns' distance)."""
+    if not (math.isfinite(m_norm_max) and bool(torch.isfinite(q).all())):
+        return False
+    q_max = float(q.norm(dim=1).max()) if q.numel() else 0.0
+    return (q_max + m_norm_max) ** 2 < 1e30
+
+
+#: k = 1: squared distance of the padding columns (above any distance ``_overflow_free`` admits)
+_FAR = 1e35
+
+
+@torch.no_grad()
+def dense_nearest(queries: torch.Tensor, bank: torch.Tensor, pad: int, rerank,
+                  m_norm_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dense_certified_search`` for k = 1 without sorting (module docstring): (d (M,1), idx
+    (M,1)), the same values bit for bit. Non-finite or huge inputs take the sorted pass."""
+    q = queries.detach().float()
+    b = bank.detach().float()
+    m, (n, dim) = q.shape[0], b.shape
+    if not _overflow_free(q, m_norm_max) or n <= 1 + pad:
+        return dense_certified_search(queries, bank, 1, pad, rerank, m_norm_max)
+    g = NEAREST_GROUP
+    groups = -(-n // g)
+    qsq = (q * q).sum(dim=1)
+    qa = torch.cat([q * -2.0, qsq.unsqueeze(1), torch.ones(m, 1)], dim=1)
+    ba = torch.zeros(groups * g, dim + 2)  # padded to whole groups with far-away columns
+    ba[:n, :dim] = b
+    ba[:, dim] = 1.0
+    ba[:n, dim + 1] = (b * b).sum(dim=1)
+    ba[n:, dim + 1] = _FAR
+    bat = ba.t()
+    slack = 2 * error_bound(qsq.sqrt(), m_norm_max, dim, torch.float32)  # full fp32 GEMM (caller)
+    rows = max(64, NEAREST_BLOCK_FLOATS // (groups * g))
+    block = torch.empty(min(rows, m), groups * g)
+    hit_rows, hit_cols = [], []
+    for s in range(0, m, rows):
+        e = min(m, s + rows)
+        dist = block[: e - s]
+        torch.mm(qa[s:e], bat, out=dist)
+        by_group = dist.view(e - s, groups, g)
+        group_min = by_group.amin(dim=2)
+        thr = group_min.amin(dim=1) + slack[s:e]
+        # every item at or below thr lies in a group whose minimum is: look only inside those
+        pr, pg = torch.nonzero(group_min <= thr.unsqueeze(1), as_tuple=True)  # rows ascending
+        pi, pj = torch.nonzero(by_group[pr, pg] <= thr[pr].unsqueeze(1), as_tuple=True)
+        hit_rows.append(pr[pi] + s)
+        hit_cols.append(pg[pi] * g + pj)
+    rows_all, cols_all = torch.cat(hit_rows), torch.cat(hit_cols)
+    need = torch.bincount(rows_all, minlength=m)
+    start = torch.cumsum(need, dim=0) - need
+    d_out = torch.empty(m, 1)
+    i_out = torch.empty(m, 1, dtype=torch.long)
+    for w in range(1, 2 + pad):  # candidate sets of w items (the sorted pass keeps 1 + pad)
+        sel = torch.nonzero(need == w).squeeze(1)
+        if sel.numel():
+            cand = cols_all[start[sel].unsqueeze(1) + torch.arange(w)]
+            d_out[sel], i_out[sel] = rerank(q[sel], b, cand, 1)
+    redo = torch.nonzero((need == 0) | (need > 1 + pad)).squeeze(1)  # need 0: a NaN distance row
+    if redo.numel():
+        d_out[redo], i_out[redo] = exact_search(q[redo], b, 1, rerank)
+    return d_out, i_out
 
 
 def certified_rerank(queries, bank, cand, approx, k: int, eps, rerank, device=None):

@@ -33,6 +33,16 @@ def _coarse(amap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
             torch.nn.functional.adaptive_max_pool2d(mask.float(), size))
 
 
+def cpu_chunk(images: torch.Tensor, pixels: int) -> int:
+    """Images per model call (``AnomalyModule.cpu_chunk_pixels``): the whole batch, except for a
+    CPU forward without gradients that is not being traced for export."""
+    n = int(images.shape[0])
+    if (images.device.type != "cpu" or torch.is_grad_enabled() or int(pixels) <= 0 or images.dim() != 4
+            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        return n
+    return max(1, int(pixels) // max(1, images.shape[-1] * images.shape[-2]))
+
+
 class AnomalyModule(LightningModule):
     #: memory-bank / training-free methods set this: one pass over the data, no optimiser
     training_free: bool = False
@@ -102,8 +112,20 @@ class AnomalyModule(LightningModule):
         the model must be in eval mode."""
         if images.dtype == torch.uint8:
             images = self.model_input(images)
-        out = self.model(images)
-        return AnomalyOutput(out.anomaly_map.float(), out.pred_score.float())
+        step = cpu_chunk(images, getattr(self, "cpu_chunk_pixels", 0))  # 0: export's MethodScorer
+        if step >= images.shape[0]:
+            out = self.model(images)
+            return AnomalyOutput(out.anomaly_map.float(), out.pred_score.float())
+        outs = [self.model(images[s: s + step]) for s in range(0, images.shape[0], step)]
+        return AnomalyOutput(torch.cat([o.anomaly_map.float() for o in outs]),
+                             torch.cat([o.pred_score.float() for o in outs]))
+
+    #: CPU inference without gradients runs the model on at most this many input pixels per call
+    #: (4 images of 256 x 256); 0 = whole batches. Large activations (over glibc's 32 MiB mmap
+    #: limit) are mapped fresh and page-faulted on every call; smaller ones come from the heap
+    #: and stay in cache (docs/BENCHMARKS.md: STFPM 2.2x faster per image at batch 32).
+    #: Set from the config's ``inference.cpu_chunk_pixels``.
+    cpu_chunk_pixels: int = 1 << 18
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         return self.anomaly_output(images)
