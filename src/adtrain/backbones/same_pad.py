@@ -4,14 +4,15 @@ timm's ``Conv2dSame`` (the TF-ported EfficientNets: ``tf_efficientnet_lite0`` an
 each stride-2 convolution's input with ``F.pad`` before convolving: for an asymmetric pad (e.g.
 0 above, 1 below for a 3x3 kernel on an even size) a full copy of the input, by far the largest
 tensor of that block (the expanded channels before a depthwise convolution). On a CPU that copy
-is memory-bound: 14 % of STFPM's test time on EfficientNet-Lite0 (docs/BENCHMARKS.md).
+is memory-bound: 6.1 of 40 s of an STFPM test on EfficientNet-Lite0 under cProfile
+(docs/BENCHMARKS.md, "Projected exact search").
 
 ``conv2d_same_strips`` computes the same output without the copy: PyTorch's symmetric padding
 of the smaller side (pad top/left) gives every output row and column whose window does not reach
 the larger bottom/right pad, identical to TF's; the last row and column (whose windows do) come
 from two small convolutions of padded edge strips. The output is assembled in one tensor (a
 copy of the output: a quarter of the input's size at stride 2). Every output element is the
-same sum of the same products: the result is bit-identical (tests/test_backbones.py), so this
+same sum of the same products: the result is bit-identical (tests/test_same_pad.py), so this
 runs in the extractors' private inference copies (``backbones.extractor``), on the CPU only.
 """
 

@@ -123,7 +123,7 @@ class AnomalyModule(LightningModule):
     #: CPU inference without gradients runs the model on at most this many input pixels per call
     #: (4 images of 256 x 256); 0 = whole batches. Large activations (over glibc's 32 MiB mmap
     #: limit) are mapped fresh and page-faulted on every call; smaller ones come from the heap
-    #: and stay in cache (docs/BENCHMARKS.md: STFPM 2.2x faster per image at batch 32).
+    #: and stay in cache (docs/BENCHMARKS.md: STFPM about 2x faster per image at batch 32).
     #: Set from the config's ``inference.cpu_chunk_pixels``.
     cpu_chunk_pixels: int = 1 << 18
 
