@@ -8,6 +8,11 @@ and Perlin anomalies made from them: what selection sees) and the test image AUR
 choose), for the untrained host and the trained state, over the given seeds.
 
     .venv/bin/python benchmarks/dfm_ablation.py --category mono --seeds 0 1 --variants host paper memory
+    .venv/bin/python benchmarks/dfm_ablation.py --category mono --seeds 0 1 2 --variants compress --per-stage --monitor all
+
+``compress*`` variants: the defaults' stage 2 (the memory trained on normal images with stage 1's
+hinge, plain learning rates); ``--monitor all`` selects per stage on the whole validation set, as
+the defaults do (``perlin``: its Perlin half, as the supervised stage 2 needs).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ class Variant:
     """One DFM design: which parts train, with which losses."""
 
     def __init__(self, name, rounds=2, e1=3, e2=5, lr_adapter=1e-4, lr_fmn=1e-3, modulates=True, stage1="hinge",
-                 lambda_normal=0.0, lambda_id=0.0, beta=0.9, gamma=1.1, memory="coreset"):
+                 lambda_normal=0.0, lambda_id=0.0, beta=0.9, gamma=1.1, memory="coreset", stage2="supervised"):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -113,6 +118,18 @@ VARIANTS = {
     "stage1_only_r2": Variant("stage1_only_r2", rounds=2, e2=0),
     "stage1_lr3": Variant("stage1_lr3", rounds=1, e2=0, lr_adapter=1e-3),
     "stage1_e6": Variant("stage1_e6", rounds=1, e1=6, e2=0),
+    "relative_r2": Variant("relative_r2", rounds=2, e2=0, stage1="relative"),
+    "relative_r2_lr3": Variant("relative_r2_lr3", rounds=2, e2=0, stage1="relative", lr_adapter=1e-3),
+    "stage1_r2_lr3": Variant("stage1_r2_lr3", rounds=2, e2=0, lr_adapter=1e-3),
+    "compress": Variant("compress", rounds=1, e1=0, e2=5, modulates=False, lr_fmn=3e-2, stage2="compress"),
+    "compress_lr3e3": Variant("compress_lr3e3", rounds=1, e1=0, e2=5, modulates=False, lr_fmn=3e-3, stage2="compress"),
+    "compress_lr1e2": Variant("compress_lr1e2", rounds=1, e1=0, e2=5, modulates=False, lr_fmn=1e-2, stage2="compress"),
+    "compress_lr1e1": Variant("compress_lr1e1", rounds=1, e1=0, e2=5, modulates=False, lr_fmn=1e-1, stage2="compress"),
+    "compress_e10": Variant("compress_e10", rounds=1, e1=0, e2=10, modulates=False, lr_fmn=3e-2, stage2="compress"),
+    "compress_beta05": Variant("compress_beta05", rounds=1, e1=0, e2=5, modulates=False, lr_fmn=3e-2,
+                               stage2="compress", beta=0.5),
+    "stage1_compress": Variant("stage1_compress", rounds=2, e1=3, e2=5, modulates=False, lr_fmn=3e-2,
+                               stage2="compress"),
     "memory_lr1": Variant("memory_lr1", modulates=False, lr_fmn=1e-3),
     "memory_only_s2": Variant("memory_only_s2", modulates=False, lr_fmn=1e-2, e1=0),
     "sup_adapter": Variant("sup_adapter", modulates=False, lr_fmn=1e-2, stage1="supervised", lambda_id=1.0,
@@ -167,8 +184,13 @@ def run_variant(v: Variant, data, model0, seed, batch=8, on_stage_end=None):
             for i in torch.randperm(n).split(batch):
                 emb_n = adapt(data["train"][i])
                 maps, scores = fmn(emb_n)
-                loss = F.relu(scores - (v.beta * scores.max()).detach()).mean() / ref
-                loss = loss + F.relu(maps - (v.beta * maps.max()).detach()).mean() / ref
+                if v.stage1 == "relative":  # scale-free: the tail against the batch's own mean patch score
+                    unit = maps.mean()
+                    loss = F.relu(scores / unit - (v.beta * scores.max() / unit).detach()).mean()
+                    loss = loss + F.relu(maps / unit - (v.beta * maps.max() / unit).detach()).mean()
+                else:
+                    loss = F.relu(scores - (v.beta * scores.max()).detach()).mean() / ref
+                    loss = loss + F.relu(maps - (v.beta * maps.max()).detach()).mean() / ref
                 if v.stage1 == "supervised":
                     j = torch.randint(na, (len(i),))
                     ma, sa = fmn(adapt(data["anom"][j]))
@@ -192,6 +214,16 @@ def run_variant(v: Variant, data, model0, seed, batch=8, on_stage_end=None):
         opt2 = torch.optim.Adam(params, lr=v.lr_fmn)
         for _ in range(v.e2):
             for i in torch.randperm(n).split(batch):
+                if v.stage2 == "compress":  # normal-only: the memory moves to cover the tail of normal distances
+                    with torch.no_grad():
+                        emb_n = adapt(data["train"][i])
+                    maps, scores = fmn(emb_n)
+                    loss = (F.relu(scores - (v.beta * scores.max()).detach()).mean()
+                            + F.relu(maps - (v.beta * maps.max()).detach()).mean()) / ref
+                    opt2.zero_grad()
+                    loss.backward()
+                    opt2.step()
+                    continue
                 j = torch.randint(na, (len(i),))
                 with torch.no_grad():
                     emb_n, emb_a = adapt(data["train"][i]), adapt(data["anom"][j])
@@ -238,6 +270,8 @@ def main():
     ap.add_argument("--override", nargs="*", default=[])
     ap.add_argument("--confidence", type=float, nargs="+", default=[0.0, 0.9],
                     help="with --per-stage: the bootstrap confidence a state needs to replace the start")
+    ap.add_argument("--monitor", choices=["perlin", "all"], default="perlin",
+                    help="with --per-stage: the validation items selection sees (Perlin half or all)")
     ap.add_argument("--per-stage", action="store_true",
                     help="also validate after every stage and print the state a Perlin-val selection keeps")
     args = ap.parse_args()
@@ -256,15 +290,16 @@ def main():
         lab = data["val_label"]
         normal = torch.tensor([f is None for f in fam])
         perlin = normal | torch.tensor([f == "perlin" for f in fam])
+        seen = perlin if args.monitor == "perlin" else torch.ones_like(perlin)
         for name in args.variants:
             t0 = time.perf_counter()
             states = []
 
             def record(label, model, adapt):
-                sv = scores_of(model, adapt, data["val"])[perlin]
-                conf = (paired_auroc_confidence(sv.numpy(), states[0][3].numpy(), lab[perlin].numpy())
+                sv = scores_of(model, adapt, data["val"])[seen]
+                conf = (paired_auroc_confidence(sv.numpy(), states[0][3].numpy(), lab[seen].numpy())
                         if states else 0.5)
-                states.append((label, auroc(sv, lab[perlin]),
+                states.append((label, auroc(sv, lab[seen]),
                                auroc(scores_of(model, adapt, data["test"]), data["test_label"]), sv, conf))
 
             model, adapt = run_variant(VARIANTS[name], data, model0, seed,
@@ -276,7 +311,7 @@ def main():
                         best = st if st[1] > best[1] and st[4] >= need else best
                     rows.setdefault(f"{name} (per-stage selection, confidence {need})", []).append(
                         (best[1], best[1], best[1], best[2]))
-                print(f"seed {seed} {name:18s} per stage (perlin val / confidence vs start / test): "
+                print(f"seed {seed} {name:18s} per stage ({args.monitor} val / confidence vs start / test): "
                       + "; ".join(f"{st[0]}: {st[1]:.4f}/{st[4]:.2f}/{st[2]:.4f}" for st in states), flush=True)
             sv = scores_of(model, adapt, data["val"])
             val = auroc(sv, lab)

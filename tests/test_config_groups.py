@@ -124,7 +124,9 @@ def test_paper_experiments_cover_mvtec_with_the_methods_recipe(name):
                       "hetmm": "wide_resnet101_2", "dfm": "efficientnet_lite0"}[method]
     assert paper_backbone in cfg.backbone.name
     plain = compose(f"method={method}")  # the experiment pins the method config's recipe...
-    paper = {"dfm": {"stage2_epochs": 5, "max_epochs": 16}}.get(method, {})  # ...or the paper's, where they differ
+    paper = {"dfm": {"rounds": 2, "stage1_epochs": 3, "max_epochs": 16, "lr_fmn": 5e-3,
+                     "stage2_objective": "supervised", "selection": "val_image_auroc_perlin"},
+             }.get(method, {})  # ...or the paper's, where they differ
     for key, value in cfg.method.items():
         if key not in ("backbone",):
             assert paper.get(key, plain.method[key]) == value, key

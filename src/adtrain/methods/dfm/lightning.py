@@ -1,8 +1,9 @@
 """DFM as a LightningModule: manual optimisation of two alternating stages (docs/methods/dfm.md).
 
 Epoch e of a cycle of stage1_epochs + stage2_epochs epochs: stage 1 (adapters, normal images,
-hinge losses that compress normal scores) or stage 2 (FMN memory + modulate layers, normal
-images and synthetic anomalies with masks). The memory is initialised (greedy coreset of the
+hinge losses that compress normal scores) or stage 2 (FMN memory + modulate layers: with
+``stage2_objective=supervised`` (the paper) normal images and synthetic anomalies with masks, with
+``compress`` the same hinge on normal images only). The memory is initialised (greedy coreset of the
 adapted training features) before the first epoch and rebuilt at the first stage-2 epoch of
 every cycle. Continual schedules: per-task state and UCAD task keys (see ``continual.py``).
 """
@@ -23,6 +24,7 @@ from adtrain.methods.dfm.torch_model import DfmModel
 
 log = logging.getLogger("adtrain")
 ANOMALY_SOURCES = ("cutpaste", "data", "both")
+STAGE2_OBJECTIVES = ("supervised", "compress")
 
 
 class Dfm(DfmContinualMixin, AnomalyModule):
@@ -51,6 +53,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         stage2_epochs: int = 5,
         lr_adapter: float = 1e-4,
         lr_fmn: float = 1e-3,
+        stage2_objective: str = "supervised",
         weight_decay: float = 0.0,
         beta: float = 0.9,
         gamma: float = 1.1,
@@ -70,6 +73,9 @@ class Dfm(DfmContinualMixin, AnomalyModule):
                 raise ConfigError(f"method.{key}", f"must be >= 0, got {val}")
         if int(stage1_epochs) + int(stage2_epochs) < 1:
             raise ConfigError("method.stage1_epochs", "stage1_epochs + stage2_epochs must be >= 1")
+        if stage2_objective not in STAGE2_OBJECTIVES:
+            raise ConfigError("method.stage2_objective",
+                              f"must be one of {STAGE2_OBJECTIVES}, got {stage2_objective!r}")
         if anomalies not in ANOMALY_SOURCES:
             raise ConfigError("method.anomalies", f"must be one of {ANOMALY_SOURCES}, got {anomalies!r}")
         if not 0.0 < float(beta) <= 1.0:
@@ -90,6 +96,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         self.lambda_det, self.lambda_seg = float(lambda_det), float(lambda_seg)
         self.cutpaste = CutPasteConfig.from_any(cutpaste)
         self.anomalies = anomalies
+        self.stage2_objective = stage2_objective
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.train_modulates = bool(train_modulates)
         #: selection candidates at the end of every round (or every epoch); run.py may override it
@@ -215,8 +222,19 @@ class Dfm(DfmContinualMixin, AnomalyModule):
 
     # ----------------------------------------------------------------- losses
     def stage1_loss(self, normal: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Compress normal scores: hinge above beta * the batch's max (image and patch level)."""
-        maps, scores = self.model.score(normal)
+        """Compress normal scores through the adapters (the matching fixed)."""
+        return self.compress_loss(*self.model.score(normal))
+
+    def stage2_compress_loss(self, normal: torch.Tensor) -> dict[str, torch.Tensor]:
+        """stage2_objective=compress: the same hinge, on the memory (features fixed): the items move
+        to cover the tail of the normal patches' nearest distances (a gradient refinement of the
+        greedy coreset's k-center cover; docs/methods/dfm.md, "Stage 2 on normals only")."""
+        with torch.no_grad():
+            emb = self.model.embed(normal)
+        return self.compress_loss(*self.model.fmn(emb))
+
+    def compress_loss(self, maps: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Hinge above beta * the batch's max normal score, at image and patch level (targets detached)."""
         ref = self.model.fmn.dist_ref
         t_img = (self.beta * scores.max()).detach()
         t_seg = (self.beta * maps.max()).detach()
@@ -280,6 +298,8 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             return None
         if self.stage == 1:
             losses = self.stage1_loss(normal)
+        elif self.stage2_objective == "compress":
+            losses = self.stage2_compress_loss(normal)
         else:
             anomalous, masks = self.synthetic_anomalies(batch, normal)
             if anomalous.shape[0] == 0:
