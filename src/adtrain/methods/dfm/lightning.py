@@ -228,7 +228,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
     def stage2_compress_loss(self, normal: torch.Tensor) -> dict[str, torch.Tensor]:
         """stage2_objective=compress: the same hinge, on the memory (features fixed): the items move
         to cover the tail of the normal patches' nearest distances (a gradient refinement of the
-        greedy coreset's k-center cover; docs/methods/dfm.md, "Stage 2 on normals only")."""
+        greedy coreset's k-center cover; docs/methods/dfm.md, "Stage 2 on normal images only")."""
         with torch.no_grad():
             emb = self.model.embed(normal)
         return self.compress_loss(*self.model.fmn(emb))
