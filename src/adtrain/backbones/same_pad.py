@@ -18,15 +18,10 @@ runs in the extractors' private inference copies (``backbones.extractor``), on t
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-
-
-def same_pad(size: int, kernel: int, stride: int, dilation: int) -> int:
-    """Total TF 'same' padding along one dimension (timm's get_same_padding for ints)."""
-    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.padding import get_same_padding
 
 
 def conv2d_same_strips(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -36,7 +31,7 @@ def conv2d_same_strips(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]
     (sh, sw), (dh, dw) = stride, dilation
-    ph, pw = same_pad(h, kh, sh, dh), same_pad(w, kw, sw, dw)
+    ph, pw = get_same_padding(h, kh, sh, dh), get_same_padding(w, kw, sw, dw)  # TF's totals
     pt, pl = ph // 2, pw // 2
     main = F.conv2d(x, weight, bias, stride, (pt, pl), dilation, groups)
     if ph == 2 * pt and pw == 2 * pl:  # symmetric: PyTorch's padding is TF's
@@ -59,14 +54,6 @@ def conv2d_same_strips(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out
 
 
-def _conv2d_same_class():
-    try:
-        from timm.layers.conv2d_same import Conv2dSame
-    except ImportError:  # a timm without it has no such convolutions to replace
-        return None
-    return Conv2dSame
-
-
 class StripConv2dSame(torch.nn.Conv2d):
     """timm's Conv2dSame computed by ``conv2d_same_strips`` (same parameters, same output)."""
 
@@ -77,12 +64,9 @@ class StripConv2dSame(torch.nn.Conv2d):
 def use_strip_padding(model: torch.nn.Module) -> int:
     """Make every timm Conv2dSame of ``model`` (a private inference copy) a StripConv2dSame, in
     place; the number replaced."""
-    same = _conv2d_same_class()
-    if same is None:
-        return 0
     done = 0
     for mod in model.modules():
-        if type(mod) is same:
+        if type(mod) is Conv2dSame:
             mod.__class__ = StripConv2dSame  # Conv2dSame holds nothing beyond nn.Conv2d's state
             done += 1
     return done
