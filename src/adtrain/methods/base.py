@@ -257,6 +257,7 @@ class AnomalyModule(LightningModule):
         if not scores:
             return {"threshold": None}
         s = torch.cat(scores).double()
+        self.normal_scores = s  # the held-out normals' image scores (continual DFM's per-task calibration)
         self.threshold.fill_(float(torch.quantile(s, quantile)))
         self.score_center.fill_(float(s.median()))
         self.map_center.fill_(float(torch.cat(pixels).double().median()))

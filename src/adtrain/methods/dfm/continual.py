@@ -6,6 +6,14 @@ aggregated features of its training normals, taken at the memory initialisation 
 still the identity there). A test image goes to the task whose keys are nearest on average over
 its patches (adtrain.continual.routing.TaskRouter) and is scored with that task's state. Every task
 starts from the initial (untrained) state, so training task t cannot change tasks < t.
+
+Per-task calibration (``task_score_norm=normal``, design: the paper does not say how scores of
+different task states are made comparable): each task's states give raw distances on their own
+scale (a trained memory gives lower ones), and one test set mixes images routed to different
+states. Routed scores and maps are therefore expressed in units of the task's own held-out
+normals: (x - median) / (1.4826 * MAD) of the image scores its selected state gave them when the
+task's threshold was fitted. The run's threshold then lives in those units too (the mean over
+tasks of each task's calibrated threshold; the normal median is 0). ``none``: raw scores.
 """
 
 from __future__ import annotations
@@ -13,16 +21,22 @@ from __future__ import annotations
 import torch
 
 from adtrain.continual.routing import TaskRouter
-from adtrain.errors import TrainingError
+from adtrain.errors import ConfigError, TrainingError
 from adtrain.methods.output import AnomalyOutput
 
 _TRAINABLE = ("adapters", "head", "fmn")
+TASK_SCORE_NORMS = ("normal", "none")
 
 
 class DfmContinualMixin:
     continual_behaviour = "dfm_per_task_state_key_routing"
 
-    def init_continual(self) -> None:
+    def init_continual(self, task_score_norm: str = "normal") -> None:
+        if task_score_norm not in TASK_SCORE_NORMS:
+            raise ConfigError("method.task_score_norm", f"must be one of {TASK_SCORE_NORMS}, got {task_score_norm!r}")
+        self.task_score_norm = task_score_norm
+        self.task_calibration: list[dict[str, float] | None] = []  # per finished task (None: no held-out normals)
+        self.normal_scores: torch.Tensor | None = None  # set by fit_threshold
         self.task_states: list[dict[str, torch.Tensor]] = []
         self.router = TaskRouter(max_keys=None)
         self.pending_key: torch.Tensor | None = None
@@ -48,6 +62,7 @@ class DfmContinualMixin:
     # ----------------------------------------------------------------- task hooks
     def begin_task(self, task_id: int, categories: list[str]) -> None:
         self.task_open = True
+        self.normal_scores = None  # this task's threshold fit sets them
         self.rebuilt_round = -1  # a new trainer per task: its rounds count from 0
         if task_id > 0 or self.task_states:
             self.load_trainable_state(self._initial_state)  # fresh adapters, empty memory
@@ -58,9 +73,42 @@ class DfmContinualMixin:
             raise TrainingError(f"DFM: task {task_id} ({categories}) has no task key: its memory was never "
                                 "initialised (did training run?)")
         self.task_states.append({k: v.cpu() for k, v in self.trainable_state().items()})
+        self.task_calibration.append(self.normal_calibration())
         self.router.add_task(self.pending_key.cpu())
         self.pending_key = None
         self.task_open = False
+        if self.routing and self.calibrated:
+            self._calibrated_threshold()
+
+    # ----------------------------------------------------------------- calibration
+    def normal_calibration(self) -> dict[str, float] | None:
+        """The current task's held-out normal scores as (center, scale), with its threshold and map center."""
+        s = self.normal_scores
+        if s is None or s.numel() < 2:
+            return None
+        center = float(s.median())
+        scale = 1.4826 * float((s - center).abs().median())
+        if not scale > 0:
+            scale = float(s.std())
+        if not scale > 0:
+            return None
+        return {"center": center, "scale": scale, "threshold": float(self.threshold),
+                "map_center": float(self.map_center)}
+
+    @property
+    def calibrated(self) -> bool:
+        """Routed scores in units of each task's held-out normals (every finished task has them)."""
+        return (self.task_score_norm == "normal" and len(self.task_calibration) == len(self.task_states)
+                and all(c is not None for c in self.task_calibration))
+
+    @torch.no_grad()
+    def _calibrated_threshold(self) -> None:
+        """Threshold and display centres in calibrated units: each task's, averaged over tasks."""
+        cal = self.task_calibration
+        thr = [(c["threshold"] - c["center"]) / c["scale"] for c in cal]
+        self.threshold.fill_(sum(thr) / len(thr))
+        self.score_center.fill_(0.0)
+        self.map_center.fill_(sum((c["map_center"] - c["center"]) / c["scale"] for c in cal) / len(cal))
 
     # ----------------------------------------------------------------- routing
     @property
@@ -80,6 +128,7 @@ class DfmContinualMixin:
         tasks = self.route(images)
         self.last_routed_tasks = tasks
         current = self.trainable_state()
+        calibrated = self.calibrated
         maps = scores = None
         try:
             for t in torch.unique(tasks).tolist():
@@ -89,7 +138,11 @@ class DfmContinualMixin:
                 if maps is None:
                     maps = out.anomaly_map.new_zeros((images.shape[0], *out.anomaly_map.shape[1:]))
                     scores = out.pred_score.new_zeros(images.shape[0])
-                maps[sel], scores[sel] = out.anomaly_map, out.pred_score
+                amap, score = out.anomaly_map, out.pred_score
+                if calibrated:
+                    c = self.task_calibration[t]
+                    amap, score = (amap - c["center"]) / c["scale"], (score - c["center"]) / c["scale"]
+                maps[sel], scores[sel] = amap, score
         finally:
             self.load_trainable_state(current)
         return AnomalyOutput(maps, scores)
@@ -99,6 +152,7 @@ class DfmContinualMixin:
         return {
             "task_states": [{k: v.cpu() for k, v in s.items()} for s in self.task_states],
             "router": self.router.state_dict(),
+            "task_calibration": list(self.task_calibration),
             "pending_key": None if self.pending_key is None else self.pending_key.cpu(),
             "task_open": self.task_open,
             "memory_builds": self.memory_builds,
@@ -110,6 +164,7 @@ class DfmContinualMixin:
         self.task_states = list(state.get("task_states", []))
         if "router" in state:
             self.router.load_state_dict(state["router"])
+        self.task_calibration = list(state.get("task_calibration", []))  # older checkpoints: raw scores
         self.pending_key = state.get("pending_key")
         self.task_open = bool(state.get("task_open", False))
         self.memory_builds = int(state.get("memory_builds", self.memory_builds))

@@ -64,6 +64,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         clip_grad_norm: float | None = None,
         train_modulates: bool = False,
         validate_every: str = "round",
+        task_score_norm: str = "normal",
         seed: int = 0,
         model: DfmModel | None = None,
     ) -> None:
@@ -107,7 +108,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         if self.e1 > 0 and not self.model.adapter_parameters():
             raise ConfigError("method.stage1_epochs", "stage 1 trains the adapters, but there are none "
                               "(method.adapter_layers is empty): set stage1_epochs=0")
-        self.init_continual()
+        self.init_continual(task_score_norm)
 
     # ----------------------------------------------------------------- schedule
     def schedule(self, epoch: int) -> tuple[int, int, int]:
