@@ -134,6 +134,20 @@ def test_paper_experiments_cover_mvtec_with_the_methods_recipe(name):
     assert set(_options("experiment")) >= {name, "ucad_mvtec_dfm"}
 
 
+def test_dfm_cfa_is_dfm_over_cfa_with_stage_1_on():
+    from omegaconf import OmegaConf
+
+    from adtrain.build import build_method
+
+    cfg = compose("method=dfm_cfa")
+    plain = compose("method=dfm", "method.host=cfa", "method.stage1_epochs=3", "method.max_epochs=8")
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(plain)
+    assert cfg.method.name == "dfm" and cfg.trainer.max_epochs == 8
+    cfg.backbone.pretrained = False
+    m = build_method(cfg)
+    assert m.model.host == "cfa" and (m.rounds, m.e1, m.e2) == (1, 3, 5) and m.stage == 1
+
+
 def test_ucad_experiment_is_the_15_class_continual_schedule():
     cfg = _compose_hydra("experiment=ucad_mvtec_dfm")
     assert cfg.method.name == "dfm" and cfg.data.name == "mvtec"

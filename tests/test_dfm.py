@@ -293,7 +293,7 @@ def test_continual_scores_are_calibrated_per_task_on_its_held_out_normals(tmp_pa
     # the calibration travels in the checkpoint
     torch.save(cal.state_dict(), tmp_path / "dfm.pt")
     fresh = Dfm(RESNET18, memory_size=30, num_keys=30, rounds=1, stage1_epochs=1, stage2_epochs=1)
-    fresh.load_state_dict(torch.load(tmp_path / "dfm.pt", weights_only=False))
+    fresh.load_state_dict(torch.load(tmp_path / "dfm.pt", weights_only=True))  # plain floats: the safe loader
     fresh.eval()
     with torch.no_grad():
         assert torch.allclose(fresh.anomaly_output(x).pred_score, c.pred_score)
