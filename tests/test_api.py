@@ -127,7 +127,7 @@ def test_help_says_what_adtrain_is():
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("adtrain: train and evaluate industrial visual anomaly detectors")
-    assert "method: cfa, dfm, hetmm, patchcore, stfpm" in out.stdout
+    assert "method: cfa, dfm, dfm_cfa, hetmm, patchcore, stfpm" in out.stdout
     examples = out.stdout.split("== Examples ==")[1].split("\n\n")[0].strip().splitlines()
     assert len(examples) == 5 and all(e.startswith("python -m adtrain") for e in examples)
 
