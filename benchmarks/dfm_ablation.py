@@ -139,6 +139,12 @@ VARIANTS = {
 }
 
 
+def tail_hinge(maps, scores, beta):
+    """Stage 1's compress hinge: patch and image scores above beta * the batch's max pushed down."""
+    return (F.relu(scores - (beta * scores.max()).detach()).mean()
+            + F.relu(maps - (beta * maps.max()).detach()).mean())
+
+
 def run_variant(v: Variant, data, model0, seed, batch=8, on_stage_end=None):
     """Train one variant; ``on_stage_end(label, model, adapt)`` is called after the start and after
     every stage (stage 1 with its memory rebuild), the states a per-stage selection sees."""
@@ -186,11 +192,9 @@ def run_variant(v: Variant, data, model0, seed, batch=8, on_stage_end=None):
                 maps, scores = fmn(emb_n)
                 if v.stage1 == "relative":  # scale-free: the tail against the batch's own mean patch score
                     unit = maps.mean()
-                    loss = F.relu(scores / unit - (v.beta * scores.max() / unit).detach()).mean()
-                    loss = loss + F.relu(maps / unit - (v.beta * maps.max() / unit).detach()).mean()
+                    loss = tail_hinge(maps / unit, scores / unit, v.beta)
                 else:
-                    loss = F.relu(scores - (v.beta * scores.max()).detach()).mean() / ref
-                    loss = loss + F.relu(maps - (v.beta * maps.max()).detach()).mean() / ref
+                    loss = tail_hinge(maps, scores, v.beta) / ref
                 if v.stage1 == "supervised":
                     j = torch.randint(na, (len(i),))
                     ma, sa = fmn(adapt(data["anom"][j]))
@@ -218,8 +222,7 @@ def run_variant(v: Variant, data, model0, seed, batch=8, on_stage_end=None):
                     with torch.no_grad():
                         emb_n = adapt(data["train"][i])
                     maps, scores = fmn(emb_n)
-                    loss = (F.relu(scores - (v.beta * scores.max()).detach()).mean()
-                            + F.relu(maps - (v.beta * maps.max()).detach()).mean()) / ref
+                    loss = tail_hinge(maps, scores, v.beta) / ref
                     opt2.zero_grad()
                     loss.backward()
                     opt2.step()
