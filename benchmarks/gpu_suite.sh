@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and figures for docs/BENCHMARKS.md, run on the lent GPU machine through the device
 # tool (repo root; wheels from shared/gpu-wheels.sh carried in .whl; results written to $OUT):
-#   bash benchmarks/gpu_suite.sh tests|hetmm|bank|patchcore ...
+#   bash benchmarks/gpu_suite.sh tests|cudatests|hetmm|bank|patchcore|e2e ...
 # Each part has its own time limit so one slow step cannot eat the others.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -18,6 +18,8 @@ for part in "$@"; do
     tests)
       timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory.py tests/test_hetmm.py \
         2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
+    cudatests)  # every method end to end on CUDA, the GPU binning, the certified search on CUDA
+      timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_test_path.py tests/test_memory.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 ;;
     hetmm)
       timeout 300 python3 benchmarks/hetmm_speed.py --pts-sizes 220 391 --out "$OUT/hetmm_speed.json" \
         2>&1 | tee "$OUT/hetmm_speed.log" | tail -30 ;;
@@ -39,6 +41,19 @@ for part in "$@"; do
       timeout 200 python3 -m adtrain.bench method=patchcore trainer=gpu backbone.pretrained=false \
         data=synthetic data.size=300 data.num_train=440 data.num_test_normal=200 data.num_test_anomalous=200 \
         data.num_workers=12 bench.out="$OUT/bench_patchcore.json" 2>&1 | tail -30 ;;
+    e2e)  # issue 14's GPU targets: end-to-end test images/s at 256x256, caches cold then warm, and
+          # the profile of the warm test (what bounds it). 4,000 test images (2,000 with defect masks).
+      for m in "patchcore method.center_crop=null" "stfpm trainer.max_epochs=1"; do
+        set -- $m
+        for state in cold warm; do
+          timeout 80 python3 -m adtrain.bench method=$m trainer=gpu backbone.pretrained=false data=synthetic \
+            data.size=256 data.num_train=440 data.num_test_normal=2000 data.num_test_anomalous=2000 \
+            data.num_workers=12 data.eval_batch_size=128 paths.cache_dir=/tmp/adcache_$1 bench.model_only=true \
+            bench.run_dir=/tmp/e2e_$1_$state bench.out="$OUT/e2e_$1_$state.json" 2>&1 | grep -E '"(test_images_per_second|fit_seconds|model_only_images_per_second|image_auroc|pixel_auroc|peak_memory_mb)"|Error|error'
+        done
+        timeout 70 python3 benchmarks/profile_test.py /tmp/e2e_$1_warm --repeat 1 --top 30 \
+          --out "$OUT/profile_$1.json" 2>&1 | grep -v '^ \{4,\}"\|^ *[{}],\?$\|^ *"runs\|^ *\],\?$' | head -45
+      done ;;
     methods)  # the trained methods: a few epochs each, to time fit and test per image
       for m in "cfa trainer.max_epochs=5" "stfpm trainer.max_epochs=5" "dfm"; do
         set -- $m

@@ -53,3 +53,36 @@ def test_coreset_on_gpu_from_host_features_matches_cpu():
     mb.add(feats)
     mb.build(coreset_ratio=0.05, device="cuda")
     assert mb.bank.is_cuda and len(mb) == cpu.numel()
+
+
+@pytest.mark.parametrize("num_bins", [65536, 512])
+def test_pixel_binning_on_cuda_matches_the_cpu(num_bins):
+    """The pixel metrics' adaptive bins live on the GPU in a GPU test: the same bins and metrics
+    as on the CPU, exact (65536) and merged (512: the merge's cumulative sums run on the GPU)."""
+    from adtrain.metrics.pixel import PixelMetricAccumulator
+
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for i in range(4):
+        maps = torch.rand(4, 32, 32, generator=g, dtype=torch.float64) * (1 + i)
+        masks = torch.zeros(4, 32, 32, dtype=torch.bool)
+        masks[:2, 5:12, 8:20] = True
+        masks[0, 20:24, 20:30] = True
+        batches.append((maps + 0.5 * masks, masks))
+    cpu, gpu = PixelMetricAccumulator(num_bins), PixelMetricAccumulator(num_bins)
+    for maps, masks in batches:
+        cpu.update(maps, masks)
+        gpu.update(maps.cuda(), masks.cuda())
+    assert gpu.bins.device.type == "cuda" and cpu.bins.device.type == "cpu"
+    assert (num_bins < 4096) == (not cpu.bins.exact) == (not gpu.bins.exact)
+    a, b = cpu.compute(), gpu.compute()
+    assert (gpu.bins.counts["anomalous"].sum(), gpu.bins.counts["normal"].sum()) == \
+        (cpu.bins.counts["anomalous"].sum(), cpu.bins.counts["normal"].sum())
+    if cpu.bins.exact:  # one bin per distinct score on both devices: the same numbers
+        assert all((gpu.bins.counts[c] == cpu.bins.counts[c]).all() for c in ("normal", "anomalous"))
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-12), key
+    else:  # merged by cumulative mass, summed in another order on the GPU: within the bounds
+        bound = cpu.error_bounds()
+        assert abs(b["pixel_auroc"] - a["pixel_auroc"]) <= 2 * bound["pixel_auroc"] + 1e-12
+        assert abs(b["pixel_aupro"] - a["pixel_aupro"]) <= 2 * bound["pixel_aupro"] + 1e-12

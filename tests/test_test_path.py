@@ -217,6 +217,41 @@ def test_certificate_rejects_what_it_cannot_prove_and_fp32_redoes_it():
     assert torch.equal(mb.search(queries * 1e4, 3)[1], _fp32_reference(queries * 1e4, bank * 1e4, 3)[1])
 
 
+def test_centred_pair_bounds_certify_a_dense_bank_with_a_large_mean(monkeypatch):
+    """Post-ReLU features share a large mean and lie close together (a PatchCore bank of texture
+    patches): bounds scaled by the raw norms prove almost no query there, bounds of each pair on
+    vectors centred on the bank's mean prove them all, and the search stays the exact fp32 one."""
+    from adtrain.memory.lowp import certified_search
+
+    g = torch.Generator().manual_seed(5)
+    mean = torch.rand(256, generator=g) * 2 + 1
+    bank = torch.relu(mean + 0.3 * torch.randn(3000, 256, generator=g))
+    queries = torch.relu(mean + 0.3 * torch.randn(400, 256, generator=g))
+    _, raw = certified_search(queries, bank, 1, 32, torch.float16, 128, 1024)
+    _, centred = certified_search(queries, bank, 1, 32, torch.float16, 128, 1024, center=bank.mean(0))
+    assert raw.float().mean() < 0.05 and centred.float().mean() > 0.95
+    mb = MemoryBank(backend="torch", distance_dtype="float16", bank_chunk=1024, search_chunk=128)
+    mb.set_bank(bank)
+    import adtrain.memory.bank as bank_mod
+
+    widths = []
+
+    def spy(q, b, cand, k, device=None):
+        widths.append((cand.shape[0], cand.shape[1]))
+        return bank_mod.rerank.__wrapped__(q, b, cand, k, device)
+
+    spy.__wrapped__ = bank_mod.rerank
+    monkeypatch.setattr(bank_mod, "rerank", spy)
+    for k in (1, 9):
+        widths.clear()
+        d, idx = mb.search(queries, k)
+        rd, ri = _fp32_reference(queries, bank, k)
+        assert torch.equal(idx, ri) and torch.equal(d, rd)
+        # only the candidates whose lower bound reaches the k-th upper bound are re-ranked exactly
+        reranked = sum(rows * width for rows, width in widths)
+        assert reranked < 0.5 * len(queries) * (k + 32), (k, widths)
+
+
 def test_distance_dtype_config():
     from adtrain.memory.lowp import resolve_distance_dtype
 
@@ -247,9 +282,10 @@ def test_batched_test_path_on_cuda_matches_reference(tmp_path):
     batches = _batches()
     method = _Method().eval()
     method.threshold.fill_(1.5)
-    want = _reference(method, batches, None)
     method.cuda()
     cuda_batches = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+    # the per-image path on the same device (a CUDA convolution rounds differently from the CPU's)
+    want = _reference(method, cuda_batches, None)
     got = _run_batched(method, cuda_batches)
     assert got[1] == want[1]
     assert got[0]["image_auroc"] == want[0]["image_auroc"]

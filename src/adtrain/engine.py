@@ -181,6 +181,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     picked = [str(s.path) for s in dm.test_samples if str(s.path) in method.heatmap_paths]
     method.heatmap_numbers = {p: k for k, p in enumerate(picked)}  # names numbered in test order, on any rank
     if device.type == "cuda":
+        torch.zeros(1, device=device)  # a fresh process (adtrain.test) has no CUDA allocator yet to reset
         torch.cuda.reset_peak_memory_stats(device)
     t1 = time.perf_counter()
     pixel_before = method.pixel_metrics

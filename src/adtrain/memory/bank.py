@@ -11,7 +11,7 @@ from adtrain.memory.coreset import greedy_coreset, kmeans
 from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense_certified_search, dense_nearest
 from adtrain.memory.graph_knn import graph_knn, in_graph
 from adtrain.memory.projected import PROJECTIONS, Projection, projected_search, projection_for
-from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_search, error_bound,
+from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_pass, error_bound,
                              exact_search, fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
 from adtrain.memory.index import (
     BACKENDS,
@@ -289,7 +289,16 @@ class MemoryBank(nn.Module):
         low = resolve_distance_dtype(self.distance_dtype, device)
         if low is None or self.backend == "faiss" or self.resolve_index() != "flat":
             return None
-        return low if fits_dtype(queries, self._bank_max_norm(), low) else None
+        shift = float(self._bank_center().norm())  # the pass centres both sides on the bank's mean
+        return low if fits_dtype(queries, self._bank_max_norm(), low, shift) else None
+
+    def _bank_center(self) -> torch.Tensor:
+        """The bank's mean row (fp32, on the bank's device), cached per bank: the low-precision
+        pass subtracts it from queries and items (the same distances, smaller norms and bounds)."""
+        key = ("center", self.bank.data_ptr(), tuple(self.bank.shape), tensor_version(self.bank))
+        if key not in self._index_cache:
+            self._index_cache[key] = self.bank.detach().float().mean(dim=0)
+        return self._index_cache[key]
 
     def _bank_max_norm(self) -> float:
         key = ("max_norm", self.bank.data_ptr(), tensor_version(self.bank))
@@ -364,10 +373,12 @@ class MemoryBank(nn.Module):
                 return dense_nearest(queries, bank, DENSE_PAD, rerank, self._bank_max_norm())
             return dense_certified_search(queries, bank, k, DENSE_PAD, rerank, self._bank_max_norm())
         low = self.low_precision(queries, dev)
-        ok = None
-        if low is not None:
-            cand, ok = certified_search(queries, bank, k, LOWP_PAD, low, self.search_chunk, self.bank_chunk, dev)
-        elif self.resolve_backend(queries) == "torch":
+        if low is not None:  # certified low-precision pass, re-ranked only as wide as each query needs
+            cand, lows, thr = certified_pass(queries, bank, k, LOWP_PAD, low, self.search_chunk, self.bank_chunk,
+                                             dev, center=self._bank_center())
+            d, idx = certified_rerank(queries, bank, cand, lows, k, None, rerank, dev, thr=thr)
+            return d.to(queries.device), idx.to(queries.device)
+        if self.resolve_backend(queries) == "torch":
             cand = torch_search(queries, bank, kc, self.search_chunk, self.bank_chunk, dev)
         else:
             cand, approx = faiss_search(self._faiss_index(queries.device), queries, kc, self.search_chunk,
@@ -381,9 +392,8 @@ class MemoryBank(nn.Module):
                 return self._rerank_flat(queries, bank, cand, approx.to(dev), k, dev)
         d, idx = rerank(queries, bank, cand, cand.shape[1], dev)
         if self.resolve_index() == "flat":  # an exact search: prove it, redo what is not proven
-            if ok is None:
-                q_norm = queries.detach().float().norm(dim=1)
-                ok = certified_from_rerank(d, k, q_norm, self._bank_max_norm(), bank.shape[1], matmul_dtype(dev))
+            q_norm = queries.detach().float().norm(dim=1)
+            ok = certified_from_rerank(d, k, q_norm, self._bank_max_norm(), bank.shape[1], matmul_dtype(dev))
             redo = torch.nonzero(~ok.to(d.device)).squeeze(1)
             d, idx = d[:, :k].contiguous(), idx[:, :k].contiguous()
             if redo.numel():

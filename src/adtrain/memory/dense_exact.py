@@ -160,22 +160,24 @@ def dense_nearest(queries: torch.Tensor, bank: torch.Tensor, pad: int, rerank,
     return d_out, i_out
 
 
-def certified_rerank(queries, bank, cand, approx, k: int, eps, rerank, device=None):
+def certified_rerank(queries, bank, cand, approx, k: int, eps, rerank, device=None, thr=None):
     """Exact neighbours from an fp32 expansion pass's sorted candidates ``cand`` / squared distances
     ``approx`` (M, c): no item whose approximate distance is above thr = approx[:, k-1] + 2 eps (eps:
     the pass's error bound per query) can rank among the exact k nearest, ties included. The last
-    column certifies (a query is proven when it lies beyond thr; ``eps`` None: the candidates are
-    the whole bank, all proven, none certifies); each proven query is re-ranked (``rerank``) over
-    only the columns within thr, rounded up to a width of k, k+1, k+2, k+4, ...; the others are
-    searched again over every tie (``exact_search``)."""
+    column certifies (a query is proven when it lies beyond thr; ``eps`` and ``thr`` None: the
+    candidates are the whole bank, all proven, none certifies); each proven query is re-ranked
+    (``rerank``) over only the columns within thr, rounded up to a width of k, k+1, k+2, k+4, ...;
+    the others are searched again over every tie (``exact_search``). ``thr`` given (M,): ``approx``
+    holds lower bounds and ``thr`` the bound no candidate that matters is above (lowp.certified_pass)."""
     m = cand.shape[0]
-    if eps is None:
+    if thr is None and eps is not None:
+        thr = approx[:, k - 1] + 2 * eps
+    if thr is None:
         kc = cand.shape[1]
         need = torch.full((m,), kc, dtype=torch.long, device=cand.device)
         ok = torch.ones(m, dtype=torch.bool, device=cand.device)
     else:
         kc = cand.shape[1] - 1
-        thr = approx[:, k - 1] + 2 * eps
         ok = torch.isfinite(approx).all(dim=1) & (approx[:, kc] > thr)
         need = (approx[:, :kc] <= thr.unsqueeze(1)).sum(dim=1)
     dev = cand.device if device is None else device

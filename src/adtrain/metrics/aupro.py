@@ -28,8 +28,13 @@ def region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """For boolean masks (N,H,W): 1/region size for each True pixel (row-major), region count."""
     weights, num_regions = [], 0
     for mask in masks:
-        if not mask.any():
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size == 0:
             continue
+        cols = np.flatnonzero(mask.any(axis=0))
+        # labelled inside the defect's bounding box: the same regions, the True pixels in the same
+        # (row-major) order, a fraction of the pixels to scan
+        mask = mask[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
         labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
         sizes = np.bincount(labels.reshape(-1))
         weights.append(1.0 / sizes[labels[mask]])

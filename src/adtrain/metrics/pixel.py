@@ -6,7 +6,8 @@ ground-truth pixels of 1 / size of their region). Memory does not grow with the 
 the test set has at most `num_bins` distinct scores the metrics are exact; past that, bins merge
 by equal shares of pixel mass (not of score range, so heavy-tailed maps keep their resolution)
 and `error_bounds()` bounds the difference to the exact values. Distinct scores and their counts
-are found on the input's device; only those and the (few) anomalous pixels' indices come to the CPU.
+are found on the input's device and binned there; only the (few) anomalous pixels' indices
+come to the CPU (for their regions), and the bins once, when the metrics are computed.
 """
 
 from __future__ import annotations
@@ -60,17 +61,22 @@ class PixelMetricAccumulator:
             raise AdtrainError("anomaly map contains NaN or inf values; metrics need finite scores")
         uniq, inverse = torch.unique(values, return_inverse=True)  # inverse: (B,H,W)
         n = uniq.numel()
-        total = torch.bincount(inverse.reshape(-1), minlength=n).cpu().numpy()
-        anomalous, pro = np.zeros(n, np.int64), np.zeros(n, np.float64)
-        has_defect = mask.flatten(1).any(dim=1).cpu()
+        total = torch.bincount(inverse.reshape(-1), minlength=n)
+        anomalous = torch.zeros(n, dtype=torch.int64, device=uniq.device)
+        pro = torch.zeros(n, dtype=torch.float64, device=uniq.device)
+        has_defect = mask.flatten(1).any(dim=1)
         if bool(has_defect.any()):
-            defect_masks = mask[has_defect.to(mask.device)]
+            defect_masks = mask[has_defect]
             weights, regions = region_weights(defect_masks.cpu().numpy())
-            pos_idx = inverse[has_defect.to(inverse.device)][defect_masks].cpu().numpy()
-            anomalous = np.bincount(pos_idx, minlength=n)
-            pro = np.bincount(pos_idx, weights=weights, minlength=n)
+            # the anomalous pixels' distinct score indices, found on the device; their PRO weights
+            # are summed on the host in pixel order (deterministic float sums) and scattered back
+            pos = inverse[has_defect.to(inverse.device)][defect_masks.to(inverse.device)]
+            idx, inv = torch.unique(pos, return_inverse=True)
+            anomalous[idx] = torch.bincount(inv, minlength=idx.numel())
+            pro[idx] = torch.from_numpy(np.bincount(inv.cpu().numpy(), weights=weights,
+                                                    minlength=idx.numel())).to(uniq.device)
             self.num_regions += regions
-        self.bins.add(uniq.cpu().numpy().astype(np.float64), total - anomalous, anomalous, pro)
+        self.bins.add(uniq, total - anomalous, anomalous, pro)
 
     def compute(self) -> dict[str, float | None]:
         c = self.bins.counts

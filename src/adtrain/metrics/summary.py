@@ -8,36 +8,70 @@ tail or a spike cannot squash the bulk of the scores into one bin (as linear bin
 capacity/2 + 1 bins survive a merge, and each merged group holds, besides its last bin, less than
 6/capacity of any channel's mass at the time. Scores that later fall inside a merged bin's range
 join it. Metrics from these bins are exact up to the order inside multi-score bins, and
-`error_bounds` says how far off they can be. Memory: at most 5 x 8 x capacity bytes.
+`error_bounds` says how far off they can be. Memory: at most 5 x 8 x capacity bytes, on the
+device of the scores (a GPU test's binning never leaves the GPU).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 CHANNELS = ("normal", "anomalous", "pro")
+_DTYPES = {"normal": torch.int64, "anomalous": torch.int64, "pro": torch.float64}
+
+
+def _as_tensor(x, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.reshape(-1).to(device=device if device is not None else t.device, dtype=dtype)
 
 
 class AdaptiveBins:
-    """Sorted score bins with channels normal (int), anomalous (int), pro (float)."""
+    """Sorted score bins with channels normal (int), anomalous (int), pro (float).
+
+    The state lives on the device of the first values added (a GPU test keeps it there: no host
+    copy per batch); ``lo``, ``hi`` and ``counts`` are host (numpy) copies, for the metrics.
+    """
 
     def __init__(self, capacity: int):
         self.capacity = int(capacity)
         self.reset()
 
     def reset(self) -> None:
-        self.lo = np.zeros(0, dtype=np.float64)
-        self.hi = np.zeros(0, dtype=np.float64)
-        self.counts = {"normal": np.zeros(0, np.int64), "anomalous": np.zeros(0, np.int64),
-                       "pro": np.zeros(0, np.float64)}
+        self._lo = torch.zeros(0, dtype=torch.float64)
+        self._hi = torch.zeros(0, dtype=torch.float64)
+        self._c = {name: torch.zeros(0, dtype=dt) for name, dt in _DTYPES.items()}
+        self._host: dict | None = None
         self.merges = 0
 
     def __len__(self) -> int:
-        return int(self.lo.size)
+        return int(self._lo.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self._lo.device
+
+    def _host_state(self) -> dict:
+        if self._host is None:
+            self._host = {"lo": self._lo.cpu().numpy(), "hi": self._hi.cpu().numpy(),
+                          "counts": {name: c.cpu().numpy() for name, c in self._c.items()}}
+        return self._host
+
+    @property
+    def lo(self) -> np.ndarray:
+        return self._host_state()["lo"]
+
+    @property
+    def hi(self) -> np.ndarray:
+        return self._host_state()["hi"]
+
+    @property
+    def counts(self) -> dict[str, np.ndarray]:
+        return self._host_state()["counts"]
 
     @property
     def nbytes(self) -> int:
-        return int(self.lo.nbytes + self.hi.nbytes + sum(c.nbytes for c in self.counts.values()))
+        return int(sum(t.numel() * t.element_size() for t in (self._lo, self._hi, *self._c.values())))
 
     @property
     def max_nbytes(self) -> int:
@@ -47,46 +81,67 @@ class AdaptiveBins:
     @property
     def exact(self) -> bool:
         """True while every bin holds one distinct score (metrics equal the exact ones)."""
-        return bool(np.all(self.lo == self.hi))
+        return bool(torch.equal(self._lo, self._hi))
 
-    def add(self, values: np.ndarray, normal: np.ndarray, anomalous: np.ndarray, pro: np.ndarray) -> None:
-        """Add distinct, ascending float64 `values` with their per-channel sums."""
-        if values.size == 0:
+    def add(self, values, normal, anomalous, pro) -> None:
+        """Add distinct, ascending float64 `values` with their per-channel sums (tensors on any
+        device, or arrays; an empty state moves to the values' device, else they move to it)."""
+        if len(values) == 0:
             return
-        new = {"normal": normal.astype(np.int64), "anomalous": anomalous.astype(np.int64),
-               "pro": pro.astype(np.float64)}
+        if len(self) == 0 and isinstance(values, torch.Tensor) and values.device != self.device:
+            self._lo, self._hi = self._lo.to(values.device), self._hi.to(values.device)
+            self._c = {name: c.to(values.device) for name, c in self._c.items()}
+        dev = self.device
+        self._host = None
+        values = _as_tensor(values, torch.float64, dev)
+        new = {name: _as_tensor(x, _DTYPES[name], dev) for name, x in
+               (("normal", normal), ("anomalous", anomalous), ("pro", pro))}
         # a value inside an existing bin's [lo, hi] (an equal score included) joins that bin
-        k = np.searchsorted(self.lo, values, side="right") - 1
+        k = torch.searchsorted(self._lo, values, right=True) - 1
         inside = k >= 0
-        inside[inside] = values[inside] <= self.hi[k[inside]]
-        if inside.any():
-            for name, c in self.counts.items():
-                c += np.bincount(k[inside], weights=new[name][inside], minlength=c.size).astype(c.dtype)
+        if len(self):
+            inside &= values <= self._hi[k.clamp(min=0)]
+        if bool(inside.any()):
+            ki = k[inside]
+            for name, c in self._c.items():
+                c.index_add_(0, ki, new[name][inside])
         rest = ~inside
-        if rest.any():
-            order = np.argsort(np.concatenate([self.lo, values[rest]]), kind="stable")
-            self.lo = np.concatenate([self.lo, values[rest]])[order]
-            self.hi = np.concatenate([self.hi, values[rest]])[order]
-            for name in CHANNELS:
-                self.counts[name] = np.concatenate([self.counts[name], new[name][rest]])[order]
+        if bool(rest.any()):
+            # both lists are sorted and no new value equals an old bound: a merge, not a sort
+            v = values[rest]
+            m = len(self)
+            pos_new = torch.searchsorted(self._lo, v) + torch.arange(v.numel(), device=dev)
+            pos_old = torch.searchsorted(v, self._lo) + torch.arange(m, device=dev)
+
+            def merged(old: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+                out = torch.empty(m + add.numel(), dtype=old.dtype, device=dev)
+                out[pos_old] = old
+                out[pos_new] = add
+                return out
+
+            self._lo, self._hi = merged(self._lo, v), merged(self._hi, v)
+            self._c = {name: merged(c, new[name][rest]) for name, c in self._c.items()}
         if len(self) > self.capacity:
             self._merge()
 
     def _merge(self) -> None:
         """Group adjacent bins by equal shares of combined normalised mass: <= capacity/2 + 1 bins."""
-        mass = np.zeros(len(self))
-        for c in self.counts.values():
+        n, dev = len(self), self.device
+        mass = torch.zeros(n, dtype=torch.float64, device=dev)
+        for c in self._c.values():
             total = float(c.sum())
             if total > 0:
-                mass += c / total
+                mass += c.double() / total
         share = float(mass.sum()) / (self.capacity // 2)
-        before = np.concatenate(([0.0], np.cumsum(mass)[:-1]))
-        group = np.floor(before / share).astype(np.int64)
-        starts = np.flatnonzero(np.diff(group, prepend=-1))
-        ends = np.r_[starts[1:], len(self)] - 1
-        self.lo, self.hi = self.lo[starts], self.hi[ends]
-        for name, c in self.counts.items():
-            self.counts[name] = np.add.reduceat(c, starts)
+        before = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev), torch.cumsum(mass, 0)[:-1]])
+        group = torch.floor(before / share).long()
+        first = torch.diff(group, prepend=group.new_full((1,), -1)) != 0
+        starts = torch.nonzero(first).flatten()
+        ends = torch.cat([starts[1:], starts.new_full((1,), n)]) - 1
+        segment = torch.cumsum(first.long(), 0) - 1
+        self._lo, self._hi = self._lo[starts], self._hi[ends]
+        self._c = {name: torch.zeros(starts.numel(), dtype=c.dtype, device=dev).index_add_(0, segment, c)
+                   for name, c in self._c.items()}
         self.merges += 1
 
     def error_bounds(self, num_regions: int, fpr_limit: float) -> dict[str, float]:
