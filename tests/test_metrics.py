@@ -374,3 +374,17 @@ def test_heavy_tail_arriving_late_keeps_the_resolution():
     m = ev.compute()
     assert m["pixel_auroc"] == pytest.approx(exact_auroc, abs=0.005)
     assert m["pixel_aupro"] == pytest.approx(exact_aupro, abs=0.02)
+
+
+def test_sorted_segment_sums_match_index_add():
+    """The GPU's deterministic grouping of the PRO weights (one cumulative sum) gives the sums
+    index_add_ gives, per distinct index, for a nondecreasing index."""
+    from adtrain.metrics.summary import sorted_segment_sums
+
+    g = torch.Generator().manual_seed(4)
+    index = torch.sort(torch.randint(0, 50, (1000,), generator=g)).values
+    values = torch.rand(1000, generator=g, dtype=torch.float64)
+    at, sums = sorted_segment_sums(index, values)
+    want = torch.zeros(50, dtype=torch.float64).index_add_(0, index, values)
+    assert torch.equal(at, torch.unique(index))
+    assert torch.allclose(sums, want[at], rtol=0, atol=1e-12)

@@ -31,6 +31,7 @@ _U32 = 2.0 ** -24
 #: largest absolute error of rounding a tiny value into the format (fp16 subnormal spacing / 2)
 _UNDERFLOW = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 2.0 ** -150}
 _FP16_SAFE = 30000.0  # stay well inside fp16's 65504 for every input and product
+_CUDA_BLOCK = 1 << 28  # distances per (queries x bank) block of a GPU-resident bank (1 GiB in fp32)
 
 
 def resolve_distance_dtype(name: str, device: torch.device | str) -> torch.dtype | None:
@@ -136,6 +137,8 @@ def certified_pass(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, 
     best_i = torch.zeros(m, keep, dtype=torch.long, device=dev)
     finite = torch.isfinite(qadj[:, 0]) & torch.isfinite(qlow.float()).all(dim=1)  # inputs, not the (M, N) pass
     m_norm = torch.empty(n, device=dev)
+    if dev.type == "cuda" and bank.device == dev:  # a resident bank needs no streaming slices: blocks
+        bank_chunk = max(bank_chunk, _CUDA_BLOCK // max(1, min(query_chunk, m)))  # of up to 1 GiB
     for bs in range(0, n, bank_chunk):
         mb = bank[bs: bs + bank_chunk].detach().to(dev, torch.float32, non_blocking=True)
         if cen is not None:

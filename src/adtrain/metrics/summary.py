@@ -9,7 +9,8 @@ capacity/2 + 1 bins survive a merge, and each merged group holds, besides its la
 6/capacity of any channel's mass at the time. Scores that later fall inside a merged bin's range
 join it. Metrics from these bins are exact up to the order inside multi-score bins, and
 `error_bounds` says how far off they can be. Memory: at most 5 x 8 x capacity bytes, on the
-device of the scores (a GPU test's binning never leaves the GPU).
+device of the scores (a GPU test's binning never leaves the GPU). Every sum runs in one order on
+every run (on a GPU the float channel is summed by cumulative sums, not atomic adds).
 """
 
 from __future__ import annotations
@@ -24,6 +25,28 @@ _DTYPES = {"normal": torch.int64, "anomalous": torch.int64, "pro": torch.float64
 def _as_tensor(x, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     return t.reshape(-1).to(device=device if device is not None else t.device, dtype=dtype)
+
+
+def sorted_segment_sums(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct indices, their sums) of ``values`` grouped by a nondecreasing ``index``, from one
+    cumulative sum: the same order of additions on every run (unlike CUDA's atomic adds)."""
+    last = torch.ones_like(index, dtype=torch.bool)
+    last[:-1] = index[1:] != index[:-1]
+    ends = torch.nonzero(last).flatten()
+    cum = torch.cumsum(values, 0)[ends]
+    return index[ends], cum - torch.cat([cum.new_zeros(1), cum[:-1]])
+
+
+def _segment_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """target[index] += values for a nondecreasing index. Integers, and anything on the CPU, by
+    index_add_ (exact, or one order); floats on a GPU by ``sorted_segment_sums`` (deterministic)."""
+    if index.numel() == 0:
+        return target
+    if target.device.type == "cpu" or not values.is_floating_point():
+        return target.index_add_(0, index, values)
+    at, sums = sorted_segment_sums(index, values)
+    target[at] += sums
+    return target
 
 
 class AdaptiveBins:
@@ -104,7 +127,7 @@ class AdaptiveBins:
         if bool(inside.any()):
             ki = k[inside]
             for name, c in self._c.items():
-                c.index_add_(0, ki, new[name][inside])
+                _segment_add(c, ki, new[name][inside])  # ki ascends with the values
         rest = ~inside
         if bool(rest.any()):
             # both lists are sorted and no new value equals an old bound: a merge, not a sort
@@ -140,7 +163,7 @@ class AdaptiveBins:
         ends = torch.cat([starts[1:], starts.new_full((1,), n)]) - 1
         segment = torch.cumsum(first.long(), 0) - 1
         self._lo, self._hi = self._lo[starts], self._hi[ends]
-        self._c = {name: torch.zeros(starts.numel(), dtype=c.dtype, device=dev).index_add_(0, segment, c)
+        self._c = {name: _segment_add(torch.zeros(starts.numel(), dtype=c.dtype, device=dev), segment, c)
                    for name, c in self._c.items()}
         self.merges += 1
 
