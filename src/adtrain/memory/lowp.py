@@ -9,10 +9,11 @@ underflow; the fp32 re-ranking's own rounding included), candidates are ranked b
 bound d~ - eps, and a query is certified when the best excluded lower bound is above the k-th
 smallest upper bound d~ + eps of the kept ones. Both sides are centred on the bank's mean first
 (the same distances, smaller norms): on a dense bank of post-ReLU CNN features this turns a
-certificate that held for under 1 % of the queries into one that holds for most (docs/BENCHMARKS.md). Then any item within the true k nearest (ties
-included) is kept, and the exact fp32 re-ranking (`MemoryBank.rerank`, ties by index) returns
-exactly the fp32 neighbours. Queries not certified (near ties past the pad) and inputs outside
-fp16's range are searched again in fp32 by the caller.
+certificate that held for under 1 % of the queries into one that holds for most
+(docs/BENCHMARKS.md). Then any item within the true k nearest (ties included) is kept, and the
+exact fp32 re-ranking (`MemoryBank.rerank`, ties by index) returns exactly the fp32 neighbours.
+Queries not certified (near ties past the pad) and inputs outside fp16's range are searched again
+in fp32 by the caller.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def fits_dtype(queries: torch.Tensor, bank_max_norm: float, dtype: torch.dtype, 
 def pair_bound(dim: int, dtype: torch.dtype) -> tuple[float, float, float]:
     """(a, b, c) with eps(|q|, |m|) = a |q| |m| + b (|q| + |m|)^2 + c (|q| + |m|): ``error_bound``
     for one pair of norms (the item's own norm, not the bank's largest), with margins for the
-    centring, the augmented column and the adjusted norms of ``certified_search``."""
+    centring, the augmented column and the adjusted norms of ``certified_pass``."""
     u = _UNIT[dtype]
     a = 2 * (3 * u + u * u + 1.01 * (dim + 1) * _U32) * (1 + 4 * u)
     b = 4 * (dim + 10) * _U32
