@@ -43,6 +43,7 @@ for part in "$@"; do
         data.num_workers=12 bench.out="$OUT/bench_patchcore.json" 2>&1 | tail -30 ;;
     e2e)  # issue 14's GPU targets: end-to-end test images/s at 256x256, caches cold then warm, and
           # the profile of the warm test (what bounds it). 4,000 test images (2,000 with defect masks).
+      timeout 30 python3 benchmarks/pixel_update.py --device cuda --batch 128 2>&1 | head -1
       for m in "patchcore method.center_crop=null" "stfpm trainer.max_epochs=1"; do
         set -- $m
         for state in cold warm; do
