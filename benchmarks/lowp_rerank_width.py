@@ -8,7 +8,9 @@ Embeds the first --images test images and runs ``memory.lowp.certified_pass`` (t
 with the bank's mean as the centre and without it. Prints the share of queries certified and
 how many candidates each certified query needs re-ranked exactly (lower bound at or below the
 k-th upper bound), against the k + pad the search re-ranked before (all kept candidates), and
-times both re-rankings on this machine; both give the same neighbours (checked).
+times both re-rankings on this machine; both give the same neighbours (checked). ``old`` is the
+certificate before 2026-12-04 on the same queries: one bound per query from the bank's largest
+norm (``lowp.error_bound``), raw (uncentred) fp16 distances, the k + pad smallest kept.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def main() -> dict:
     from adtrain.loading import load_method
     from adtrain.memory.bank import LOWP_PAD, rerank
     from adtrain.memory.dense_exact import certified_rerank
-    from adtrain.memory.lowp import certified_pass
+    from adtrain.memory.lowp import certified_pass, error_bound
 
     method, cfg, _ = load_method(f"{args.run_dir}/checkpoints/model.ckpt")
     method.eval()
@@ -43,6 +45,17 @@ def main() -> dict:
     q = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float()
     dtype = getattr(torch, args.dtype)
     out = {"bank": list(bank.shape), "queries": q.shape[0], "dtype": args.dtype}
+    approx = ((q * q).sum(1, keepdim=True) + (bank * bank).sum(1) - 2 * (q.to(dtype) @ bank.to(dtype).t()).float())
+    top = approx.topk(LOWP_PAD + 10, dim=1, largest=False).values
+    eps = error_bound(q.norm(dim=1), float(bank.norm(dim=1).max()), q.shape[1], dtype)
+    nearest = torch.cdist(q, bank).min(dim=1).values.square()
+    for k in (1, method.model.num_neighbors):
+        kc = k + LOWP_PAD
+        old_ok = top[:, kc] > top[:, k - 1] + 2 * eps
+        out[f"k{k}_old"] = {"certified": round(float(old_ok.float().mean()), 4)}
+        print(f"k={k} old: {out[f'k{k}_old']}", flush=True)
+    out["old_2eps_over_nearest_sq"] = round(float((2 * eps).mean() / nearest.mean()), 2)
+    print("old bound 2 eps / nearest squared distance (means):", out["old_2eps_over_nearest_sq"])
     for k in (1, method.model.num_neighbors):
         for name, center in (("raw", None), ("centred", bank.mean(0))):
             cand, low, thr = certified_pass(q, bank, k, LOWP_PAD, dtype, 16384, 65536, "cpu", center)

@@ -136,7 +136,7 @@ def certified_pass(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, 
     qadj = qadj.unsqueeze(1)
     best_l = torch.full((m, keep), float("inf"), device=dev)
     best_i = torch.zeros(m, keep, dtype=torch.long, device=dev)
-    finite = torch.isfinite(qadj[:, 0]) & torch.isfinite(qlow.float()).all(dim=1)  # inputs, not the (M, N) pass
+    finite = torch.isfinite(qadj[:, 0]) & torch.isfinite(qlow).all(dim=1)  # inputs, not the (M, N) pass
     m_norm = torch.empty(n, device=dev)
     if dev.type == "cuda" and bank.device == dev:  # a resident bank needs no streaming slices: blocks
         bank_chunk = max(bank_chunk, _CUDA_BLOCK // max(1, min(query_chunk, m)))  # of up to 1 GiB
@@ -146,7 +146,7 @@ def certified_pass(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, 
             mb = mb - cen
         mlow, madj, mn = augmented(mb)
         m_norm[bs: bs + mb.shape[0]] = mn
-        finite &= torch.isfinite(madj).all() & torch.isfinite(mlow.float()).all()
+        finite &= torch.isfinite(madj).all() & torch.isfinite(mlow).all()
         mlow_t = mlow.mul_(-2.0).t()  # exact (a power of two): one pass less over the (M, N) block
         kk = min(keep, mb.shape[0])
         for qs in range(0, m, query_chunk):
