@@ -81,7 +81,11 @@ def test_extract_is_atomic_on_corrupt_archive(tmp_path):
     assert list(root.iterdir()) == []
 
 
-def test_extract_refuses_paths_outside_root(tmp_path):
+@pytest.mark.parametrize("has_filter", [True, False])
+def test_extract_refuses_paths_outside_root(tmp_path, monkeypatch, has_filter):
+    """Refused with tarfile's "data" filter and without it (Python 3.11 before 3.11.4 has none)."""
+    if not has_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
     evil = tmp_path / "evil.tar"
     with tarfile.open(evil, "w") as tar:
         info = tarfile.TarInfo("../escaped.txt")
@@ -90,6 +94,13 @@ def test_extract_refuses_paths_outside_root(tmp_path):
     with pytest.raises(DataError):
         dl.extract_archive(evil, tmp_path / "root")
     assert not (tmp_path / "escaped.txt").exists()
+    link = tmp_path / "link.tar"
+    with tarfile.open(link, "w") as tar:
+        info = tarfile.TarInfo("data/out")
+        info.type, info.linkname = tarfile.SYMTYPE, "../../../outside"
+        tar.addfile(info)
+    with pytest.raises(DataError, match="refusing to extract member 'data/out'"):
+        dl.extract_archive(link, tmp_path / "root2")
 
 
 def _visa_tar(tmp_path):

@@ -85,6 +85,23 @@ def _content_root(folder: Path, wanted: Sequence[str]) -> Path:
     return folder
 
 
+def _check_members(tar: tarfile.TarFile, archive: Path, dest: Path) -> None:
+    """Refuse an archive with a member (or a link's target) outside ``dest``, or a device file,
+    before anything is written (what tarfile's "data" filter refuses, also where it is missing)."""
+    base = dest.resolve()
+    for member in tar.getmembers():
+        where = (base / member.name).resolve()
+        if member.issym():
+            link = (where.parent / member.linkname).resolve()
+        elif member.islnk():
+            link = (base / member.linkname).resolve()
+        else:
+            link = where
+        if member.isdev() or not (where.is_relative_to(base) and link.is_relative_to(base)):
+            raise DataError(archive, f"refusing to extract member {member.name!r}: it leaves the "
+                            "extraction folder or is a device file")
+
+
 def extract_archive(archive: Path, root: Path, wanted: Sequence[str] = ()) -> list[str]:
     """Extract a tar archive into root atomically: first into a temp dir inside root, then each
     top-level entry is renamed into place (entries already in root are kept). Single wrapping
@@ -95,9 +112,10 @@ def extract_archive(archive: Path, root: Path, wanted: Sequence[str] = ()) -> li
     try:
         try:
             with tarfile.open(archive) as tar:
+                _check_members(tar, archive, tmp)  # every Python: 3.11 before 3.11.4 has no filter
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(tmp, filter="data")
-                else:  # pragma: no cover - old Python
+                else:
                     tar.extractall(tmp)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(archive, f"cannot extract archive: {e}") from e
