@@ -57,7 +57,7 @@ def test_batch_contract(root):
                         device_normalize="off").test_dataloader()))
     assert off["image"].dtype == torch.float32 and torch.equal(dm.input_normalizer(batch["image"]), off["image"])
     assert batch["label"].dtype == torch.int64 and batch["label"].shape == (3,)
-    assert batch["mask"].dtype == torch.float32 and batch["mask"].shape == (3, 1, 32, 24)
+    assert batch["mask"].dtype == torch.uint8 and batch["mask"].shape == (3, 1, 32, 24)
     assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
     assert batch["has_mask"].dtype == torch.bool and batch["has_mask"].shape == (3,)
     for key in ("category", "defect", "path"):

@@ -453,3 +453,76 @@ def test_compress_objective_moves_the_memory_to_cover_the_normal_tail():
 def test_stage2_objective_is_checked():
     with pytest.raises(ConfigError, match="method.stage2_objective"):
         Dfm(RESNET18, memory_size=8, stage2_objective="cutpaste")
+
+
+def test_embedding_cache_checks_the_images_and_keeps_to_its_budget():
+    from adtrain.methods.dfm.embed_cache import EmbeddingCache
+
+    calls = []
+
+    def embed(x):
+        calls.append(x.shape[0])
+        return x.mean(dim=1, keepdim=True) * 2
+
+    x = torch.randn(4, 3, 8, 8)
+    chunks = [slice(0, 2), slice(2, 4)]
+    cache = EmbeddingCache(budget_mb=1)
+    first = cache.embeddings((0, 0), x, chunks, embed)
+    again = cache.embeddings((0, 0), x.clone(), chunks, embed)
+    assert calls == [2, 2] and all(torch.equal(a, b) for a, b in zip(first, again))
+    y = x.clone()
+    y[3, 1, 5, 5] += 1e-3  # another batch under the same index: computed anew
+    other = cache.embeddings((0, 0), y, chunks, embed)
+    assert calls == [2, 2, 2, 2] and torch.equal(other[1], embed(y[2:4]))
+    assert (cache.hits, cache.misses) == (1, 2)
+    tiny = EmbeddingCache(budget_mb=1e-4)  # 104 bytes: nothing fits, everything recomputed
+    tiny.embeddings((0, 0), x, chunks, embed)
+    tiny.embeddings((0, 0), x, chunks, embed)
+    assert tiny.entries == {} and tiny.misses == 2 and not EmbeddingCache(0).enabled
+    lin = torch.nn.Linear(2, 2)
+    cache.sync([lin])
+    cache.embeddings((0, 1), x, chunks, embed)
+    cache.sync([lin])  # unchanged: kept
+    assert (0, 1) in cache.entries
+    with torch.no_grad():
+        lin.weight[0, 0] += 1.0
+    cache.sync([lin])  # the extractor changed: dropped
+    assert cache.entries == {}
+
+
+def test_validation_feature_cache_gives_the_same_selection_and_is_dropped_when_adapters_train(
+        fast_cfg, tmp_path, monkeypatch):
+    """Stage 1 (epoch 0) moves the adapters, stage 2 (epochs 1-2) only the memory: validating every
+    epoch, the passes after epochs 1 and 2 reuse the features; every figure equals an uncached run."""
+    import json
+
+    from adtrain.methods.dfm.embed_cache import EmbeddingCache
+    from adtrain.run import run
+
+    seen = []
+    orig = EmbeddingCache.embeddings
+
+    def embeddings(self, key, images, chunks, embed):
+        hits = self.hits
+        out = orig(self, key, images, chunks, embed)
+        seen.append(self.hits > hits)
+        return out
+
+    monkeypatch.setattr(EmbeddingCache, "embeddings", embeddings)
+    common = ("method=dfm", "trainer.max_epochs=3", "method.rounds=1", "method.stage1_epochs=1",
+              "method.stage2_epochs=2", "method.memory_size=32", "method.validate_every=epoch",
+              "method.selection=val_pixel_auroc", "test=false")
+    history = {}
+    for mb in (0, 64):
+        out = tmp_path / f"mb{mb}"
+        seen.clear()
+        run(fast_cfg(*common, f"method.val_cache_mb={mb}"), out)
+        history[mb] = json.loads((out / "results.json").read_text())["selection"]
+        if mb:
+            per_pass = len(seen) // 4  # the start and 3 epochs
+            assert per_pass >= 1 and len(seen) == 4 * per_pass
+            assert seen == [False] * (2 * per_pass) + [True] * (2 * per_pass)
+        else:
+            assert seen == []
+    assert history[0]["history"] == history[64]["history"] and history[0]["start"] == history[64]["start"]
+    assert len(history[0]["history"]) == 3

@@ -46,6 +46,30 @@ def test_validation_set_is_identical_across_epochs_and_methods(fast_cfg):
         c._anomaly(n)[0], va._anomaly(n)[0])
 
 
+def test_validation_anomalies_are_made_once_per_split_and_inherited_by_workers(fast_cfg):
+    """val_dataloader makes the anomalies in the main process (workers inherit them): the same images
+    as made lazily, one dataset for every pass, and the seconds it took are reported once."""
+    lazy = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=0"))
+    eager = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=1"))
+    first = _batches(eager.val_dataloader())
+    ds = eager.validation_dataset()
+    n = len(eager.val_samples)
+    assert ds is eager.validation_dataset() and set(ds._cache) == set(range(n, 2 * n))
+    assert eager.val_prep_seconds > 0.0 and lazy.val_prep_seconds == 0.0
+    made = dict(ds._cache)
+    second = _batches(eager.val_dataloader())  # a second pass makes nothing again
+    assert all(ds._cache[i] is made[i] for i in made)
+    for x, y, z in zip(first, second, _batches(lazy.val_dataloader())):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["image"], z["image"])
+        assert torch.equal(x["mask"], z["mask"]) and torch.equal(x["label"], z["label"])
+    from adtrain.selection import _prep_seconds
+
+    assert _prep_seconds(eager) > 0.0 and _prep_seconds(eager) == 0.0  # counted once, as validation time
+    tight = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=1", "data.val_anomalies.cache_mb=0"))
+    tight.validation_dataset().prefill()  # over the budget: nothing kept, the workers make them
+    assert tight.validation_dataset()._cache == {}
+
+
 def test_validation_set_does_not_depend_on_the_install_location(tmp_path):
     """The same data in two folders gives the same validation anomalies (seeded by the path below
     the data root, not the absolute path)."""

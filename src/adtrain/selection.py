@@ -91,6 +91,7 @@ class Selection(Callback):
         self._t0 = None
         trainer.validate(method, datamodule=datamodule, verbose=False)
         seconds = time.perf_counter() - self._t0 if self._t0 is not None else 0.0  # from the first batch
+        seconds += _prep_seconds(datamodule)
         self._t0 = None
         metrics = dict(getattr(method, "last_val_metrics", {}) or {})
         self.start = {"metrics": metrics, "value": metrics.get(self.key) if self.key else None,
@@ -113,6 +114,7 @@ class Selection(Callback):
         if self._t0 is not None:  # skipped epochs still load their batches: counted too
             self.val_seconds += time.perf_counter() - self._t0
             self._t0 = None
+        self.val_seconds += _prep_seconds(getattr(trainer, "datamodule", None))
         if not pl_module.validating_now():  # an epoch between candidates
             return
         metrics = dict(getattr(pl_module, "last_val_metrics", {}) or {})
@@ -256,3 +258,11 @@ def summary(choice: dict, monitor: str, selector: Selection | None) -> dict:
             out["start"] = selector.start["metrics"]
         out["history"] = selector.history
     return out
+
+
+def _prep_seconds(datamodule) -> float:
+    """Seconds the data module spent making validation anomalies since the last call (then reset)."""
+    seconds = float(getattr(datamodule, "val_prep_seconds", 0.0) or 0.0)
+    if seconds:
+        datamodule.val_prep_seconds = 0.0
+    return seconds

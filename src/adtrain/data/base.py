@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -121,6 +123,9 @@ class AnomalyDataModule(LightningDataModule):
         self._train: list[Sample] | None = None
         self._val: list[Sample] | None = None
         self._test: list[Sample] | None = None
+        self._val_dataset = None  # (key, ValidationDataset): made once, its anomalies kept across loaders
+        #: seconds spent making validation anomalies in this process (``Selection`` counts them as validation)
+        self.val_prep_seconds = 0.0
 
     # ----- hooks for subclasses -------------------------------------------------------------
     def _train_samples(self) -> list[Sample]:
@@ -248,16 +253,28 @@ class AnomalyDataModule(LightningDataModule):
         return self._loader(dataset, False, self.batch_size, sampler=DistributedSampler(dataset, shuffle=False))
 
     def validation_dataset(self):
-        """Held-out normals + synthetic anomalies made from them (``data.val_anomalies``)."""
+        """Held-out normals + synthetic anomalies made from them (``data.val_anomalies``): one dataset
+        per held-out split, so anomalies made for one pass are not made again for the next."""
         from adtrain.data.validation import ValidationDataset
 
-        items = self.val_anomalies.plan(self.val_samples, self.seed)
-        return ValidationDataset(self.make_dataset(self.val_samples, train=False), items, self.val_anomalies,
-                                 self.seed)
+        key = (tuple((s.category, str(s.path)) for s in self.val_samples), self.seed, self.image_size,
+               self.center_crop, self.device_normalize)
+        if self._val_dataset is None or self._val_dataset[0] != key:
+            items = self.val_anomalies.plan(self.val_samples, self.seed)
+            self._val_dataset = (key, ValidationDataset(self.make_dataset(self.val_samples, train=False), items,
+                                                        self.val_anomalies, self.seed))
+        return self._val_dataset[1]
 
     def val_dataloader(self) -> DataLoader:
-        """The validation set: held-out training normals and their synthetic anomalies (eval transform)."""
-        return self._loader(self.validation_dataset(), False, self.eval_batch_size)
+        """The validation set: held-out training normals and their synthetic anomalies (eval transform).
+        With workers, the anomalies are made here once (within ``cache_mb``), so each pass's new
+        workers inherit them instead of making them again."""
+        dataset = self.validation_dataset()
+        if self.num_workers > 0:
+            t0 = time.perf_counter()
+            dataset.prefill()
+            self.val_prep_seconds += time.perf_counter() - t0
+        return self._loader(dataset, False, self.eval_batch_size)
 
     def val_normal_dataloader(self) -> DataLoader:
         """Held-out training normals only (eval transform): thresholds and score normalisation."""

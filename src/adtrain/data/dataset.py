@@ -137,7 +137,7 @@ class AnomalyDataset(Dataset):
         return {
             "image": image_tensor(out["image"]),
             "label": torch.tensor(label, dtype=torch.int64),
-            "mask": (torch.as_tensor(out["mask"]) > 0.5).float().unsqueeze(0),
+            "mask": (torch.as_tensor(out["mask"]) > 0.5).to(torch.uint8).unsqueeze(0),  # {0, 1}: 1/4 of float32
             "has_mask": torch.tensor(bool(has_mask)),
             "category": sample.category,
             "defect": defect,

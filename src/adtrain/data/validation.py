@@ -140,13 +140,22 @@ class ValidationDataset(Dataset):
             self._cached_bytes += size
         return out
 
+    def prefill(self) -> None:
+        """Make every anomaly now (in this process) while they fit in ``cache_mb``: DataLoader
+        workers then inherit them, and a later pass's workers do not make them again."""
+        for index, (_, family, _) in enumerate(self.items):
+            if family is not None and index not in self._cache:
+                self._anomaly(index)
+                if index not in self._cache:  # over the budget: the rest are made by the workers
+                    return
+
     def __getitem__(self, index: int) -> dict:
         sample, family, _ = self.items[index]
         if family is None:
             return self.base[index]  # the normals come first, in the base dataset's order
         image, mask = self._anomaly(index)
         out = self.base.transform(image=image, mask=mask)
-        m = (torch.as_tensor(out["mask"]) > 0.5).float().unsqueeze(0)
+        m = (torch.as_tensor(out["mask"]) > 0.5).to(torch.uint8).unsqueeze(0)
         anomalous = bool(m.any())  # a centre crop can cut a pasted region away: then it is normal
         return {
             "image": image_tensor(out["image"]),

@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from adtrain.data.cutpaste import CutPasteConfig, cutpaste_batch
 from adtrain.errors import ConfigError
 from adtrain.methods.base import AnomalyModule
+from adtrain.methods.output import AnomalyOutput
+from adtrain.methods.base import cpu_chunk
 from adtrain.methods.dfm.continual import DfmContinualMixin
+from adtrain.methods.dfm.embed_cache import EmbeddingCache
 from adtrain.methods.dfm.torch_model import DfmModel
 
 log = logging.getLogger("adtrain")
@@ -65,6 +68,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         train_modulates: bool = False,
         validate_every: str = "round",
         task_score_norm: str = "normal",
+        val_cache_mb: float = 1024.0,
         seed: int = 0,
         model: DfmModel | None = None,
     ) -> None:
@@ -108,6 +112,11 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         if self.e1 > 0 and not self.model.adapter_parameters():
             raise ConfigError("method.stage1_epochs", "stage 1 trains the adapters, but there are none "
                               "(method.adapter_layers is empty): set stage1_epochs=0")
+        if not float(val_cache_mb) >= 0:
+            raise ConfigError("method.val_cache_mb", f"must be >= 0 (0 = off), got {val_cache_mb}")
+        #: validation patch features reused while the extractor is unchanged (embed_cache.py)
+        self.val_cache = EmbeddingCache(val_cache_mb)
+        self._val_key: tuple | None = None
         self.init_continual(task_score_norm)
 
     # ----------------------------------------------------------------- schedule
@@ -154,6 +163,38 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             rnd, stage, pos = self.schedule(self.current_epoch)
             if stage == 1 and pos == self.e1 - 1:  # a round that ends with stage 1 validates the rebuilt memory
                 self._rebuild(rnd)
+        if self.val_cache.enabled and self.validating_now():
+            self.val_cache.sync([self.model.adapters, self.model.head])
+
+    def on_fit_end(self) -> None:
+        cache = self.val_cache
+        if cache.enabled:
+            log.info("DFM validation feature cache: %d batches reused, %d computed", cache.hits, cache.misses)
+        cache.clear()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._val_key = (dataloader_idx, batch_idx)
+        try:
+            super().validation_step(batch, batch_idx)
+        finally:
+            self._val_key = None
+
+    def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
+        """In validation, the patch features come from ``val_cache`` while the extractor is unchanged;
+        the matching runs as in an uncached pass (same chunks), so the outputs are equal."""
+        if self._val_key is None or not self.val_cache.enabled or self.routing or self.model.training:
+            return super().anomaly_output(images)
+        if images.dtype == torch.uint8:
+            images = self.model_input(images)
+        step = max(1, cpu_chunk(images, self.cpu_chunk_pixels))
+        chunks = [slice(s, s + step) for s in range(0, images.shape[0], step)]
+        embs = self.val_cache.embeddings(self._val_key, images, chunks, self.model.embed)
+        maps, scores = [], []
+        for emb in embs:
+            patch, score = self.model.fmn(emb)
+            maps.append(self.model.anomaly_map(patch, images.shape[-2:]).float())
+            scores.append(score.float())
+        return AnomalyOutput(torch.cat(maps), torch.cat(scores))
 
     def on_train_end(self) -> None:
         for p in self.model.adapter_parameters() + self.model.fmn_parameters():
