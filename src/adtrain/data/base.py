@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-
 import zlib
 from collections import defaultdict
 from pathlib import Path

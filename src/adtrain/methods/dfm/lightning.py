@@ -18,12 +18,11 @@ import torch.nn.functional as F
 
 from adtrain.data.cutpaste import CutPasteConfig, cutpaste_batch
 from adtrain.errors import ConfigError
-from adtrain.methods.base import AnomalyModule
-from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.base import cpu_chunk
+from adtrain.methods.base import AnomalyModule, cpu_chunk
 from adtrain.methods.dfm.continual import DfmContinualMixin
 from adtrain.methods.dfm.embed_cache import EmbeddingCache
 from adtrain.methods.dfm.torch_model import DfmModel
+from adtrain.methods.output import AnomalyOutput
 
 log = logging.getLogger("adtrain")
 ANOMALY_SOURCES = ("cutpaste", "data", "both")
@@ -171,6 +170,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         if cache.enabled:
             log.info("DFM validation feature cache: %d batches reused, %d computed", cache.hits, cache.misses)
         cache.clear()
+        cache.hits = cache.misses = 0
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._val_key = (dataloader_idx, batch_idx)
