@@ -18,7 +18,7 @@ from adtrain.memory.index import torch_search
 
 #: rows per chunk: about this many gathered floats. On the CPU 2 MB blocks stay in the heap and the
 #: caches (32 MB ones are mapped fresh and page-faulted on every call): DFM's and CFA's shapes run
-#: 1.5-3x faster forward and backward, with the same bits (benchmarks/gathered_chunk.py)
+#: 1.5-3.7x faster forward and backward, with the same bits (benchmarks/gathered_chunk.py)
 _ELEMS = {"cpu": 1 << 19}
 _ELEMS_DEFAULT = 1 << 23
 
