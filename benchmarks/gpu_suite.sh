@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and figures for docs/BENCHMARKS.md, run on the lent GPU machine through the device
 # tool (repo root; wheels from shared/gpu-wheels.sh carried in .whl; results written to $OUT):
-#   bash benchmarks/gpu_suite.sh tests|cudatests|hetmm|bank|patchcore|e2e ...
+#   bash benchmarks/gpu_suite.sh tests|cudatests|nearest|hetmm|bank|patchcore|e2e|parts ...
 # Each part has its own time limit so one slow step cannot eat the others.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -19,7 +19,9 @@ for part in "$@"; do
       timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory.py tests/test_hetmm.py \
         2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
     cudatests)  # every method end to end on CUDA, the GPU binning, the certified search on CUDA
-      timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_test_path.py tests/test_memory.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 ;;
+      timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_test_path.py tests/test_memory.py tests/test_device_norm.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 ;;
+    nearest)  # PatchCore's k = 1 search: the sorted (topk) pass against the row-minimum pass
+      timeout 120 python3 benchmarks/nearest_pass.py --device cuda 2>&1 | tee "$OUT/nearest_pass.log" | tail -20 ;;
     hetmm)
       timeout 300 python3 benchmarks/hetmm_speed.py --pts-sizes 220 391 --out "$OUT/hetmm_speed.json" \
         2>&1 | tee "$OUT/hetmm_speed.log" | tail -30 ;;
@@ -55,6 +57,21 @@ for part in "$@"; do
         timeout 70 python3 benchmarks/profile_test.py /tmp/e2e_$1_warm --repeat 1 --top 30 \
           --out "$OUT/profile_$1.json" 2>&1 | grep -v '^ \{4,\}"\|^ *[{}],\?$\|^ *"runs\|^ *\],\?$' | head -45
       done ;;
+    parts)  # what bounds each model on real test batches (benchmarks/gpu_model_parts.py), and STFPM's
+            # end-to-end test with fewer DataLoader workers / a larger test batch (the same cached images)
+      common="trainer=gpu backbone.pretrained=false data=synthetic data.size=256 data.num_train=440 data.num_test_normal=2000 data.num_test_anomalous=2000"
+      timeout 90 python3 -m adtrain.bench method=patchcore method.center_crop=null $common data.num_workers=12 \
+        data.eval_batch_size=128 paths.cache_dir=/tmp/adcache_patchcore bench.run_dir=/tmp/parts_patchcore \
+        bench.out="$OUT/parts_patchcore_e2e.json" 2>&1 | grep -E '"(test_images_per_second|fit_seconds|image_auroc|pixel_auroc)"|Error|error'
+      timeout 60 python3 benchmarks/gpu_model_parts.py /tmp/parts_patchcore --out "$OUT/parts_patchcore.json" 2>&1 | tail -48
+      for v in "12 128 cold" "12 128 warm" "4 128 warm" "8 128 warm" "4 256 warm"; do
+        set -- $v
+        echo "stfpm workers=$1 batch=$2 $3"
+        timeout 60 python3 -m adtrain.bench method=stfpm trainer.max_epochs=1 $common data.num_workers=$1 \
+          data.eval_batch_size=$2 paths.cache_dir=/tmp/adcache_stfpm bench.run_dir=/tmp/parts_stfpm_$1_$2_$3 \
+          bench.out=/tmp/parts_stfpm_$1_$2_$3.json 2>&1 | grep -E '"(test_images_per_second|fit_seconds|image_auroc|pixel_auroc)"|Error|error'
+      done
+      timeout 60 python3 benchmarks/gpu_model_parts.py /tmp/parts_stfpm_12_128_warm --out "$OUT/parts_stfpm.json" 2>&1 | tail -40 ;;
     methods)  # the trained methods: a few epochs each, to time fit and test per image
       for m in "cfa trainer.max_epochs=5" "stfpm trainer.max_epochs=5" "dfm"; do
         set -- $m

@@ -201,6 +201,35 @@ def test_low_precision_search_returns_exact_fp32_neighbours(dtype, k):
     assert torch.equal(ref32.search(queries, k)[1], ri)  # fp32 path breaks ties the same way
 
 
+@pytest.mark.parametrize("chunks", [(64, 512), (1000, 300), (7, 2000)])
+def test_nearest_pass_keeps_every_tie_across_query_and_bank_blocks(chunks, monkeypatch):
+    """k = 1 without sorting (memory.lowp_nearest): the same exact neighbours as the fp32
+    reference over duplicates past the cap (searched again), near ties, non-finite rows and
+    running thresholds carried across bank slices; candidates per query stay few."""
+    import adtrain.memory.lowp_nearest as ln
+    from adtrain.memory.bank import rerank
+
+    queries, bank = _tie_data()
+    queries[5] = float("nan")
+    queries[6, 3] = float("inf")
+    redone = []
+
+    def spy_exact(q, b, k, rr, device=None):
+        redone.append(q.shape[0])
+        return ln.exact_search.__wrapped__(q, b, k, rr, device)
+
+    spy_exact.__wrapped__ = ln.exact_search
+    monkeypatch.setattr(ln, "exact_search", spy_exact)
+    for dtype in (torch.float16, torch.bfloat16):
+        redone.clear()
+        d, idx = ln.certified_nearest(queries, bank, dtype, *chunks, rerank, center=bank.mean(0), cap=33)
+        rd, ri = _fp32_reference(queries, bank, 1)
+        fin = torch.isfinite(queries).all(dim=1)
+        assert torch.equal(idx[fin], ri[fin]) and torch.equal(d[fin], rd[fin])
+        # fp16: the duplicates, the near ties, the two non-finite rows; bf16's coarser bound proves less
+        assert 4 <= sum(redone) <= (4 if dtype == torch.float16 else 25)
+
+
 def test_certificate_rejects_what_it_cannot_prove_and_fp32_redoes_it():
     from adtrain.memory.lowp import certified_search
 
@@ -269,12 +298,33 @@ def test_low_precision_search_on_cuda_is_exact(dtype):
     queries, bank = _tie_data()
     mb = MemoryBank(backend="torch", distance_dtype=dtype).cuda()
     mb.set_bank(bank)
-    d, idx = mb.search(queries.cuda(), 9)
-    rd, ri = _fp32_reference(queries.cuda(), bank.cuda(), 9)
-    assert torch.equal(idx, ri) and torch.equal(d, rd)
     host = MemoryBank(backend="torch", distance_dtype=dtype, keep_on_host=True, bank_chunk=256).cuda()
     host.set_bank(bank)
-    assert torch.equal(host.search(queries.cuda(), 9)[1], ri)
+    for k in (1, 9):  # k = 1: the row-minimum pass (lowp_nearest, fp32-output GEMM on CUDA)
+        d, idx = mb.search(queries.cuda(), k)
+        rd, ri = _fp32_reference(queries.cuda(), bank.cuda(), k)
+        assert torch.equal(idx, ri) and torch.equal(d, rd)
+        assert torch.equal(host.search(queries.cuda(), k)[1], ri)
+
+
+@cuda
+def test_nearest_pass_on_cuda_equals_the_sorted_pass_on_a_dense_bank():
+    from adtrain.memory.bank import LOWP_PAD, rerank
+    from adtrain.memory.dense_exact import certified_rerank
+    from adtrain.memory.lowp import certified_pass
+    from adtrain.memory.lowp_nearest import certified_nearest
+
+    g = torch.Generator().manual_seed(5)
+    mean = torch.rand(256, generator=g) * 2 + 1
+    bank = torch.relu(mean + 0.3 * torch.randn(3000, 256, generator=g)).cuda()
+    queries = torch.relu(mean + 0.3 * torch.randn(4000, 256, generator=g)).cuda()
+    queries[7] = float("nan")
+    cen = bank.mean(0)
+    for chunks in ((16384, 4096), (512, 700)):
+        d, i = certified_nearest(queries, bank, torch.float16, *chunks, rerank, center=cen, cap=1 + LOWP_PAD)
+        cand, low, thr = certified_pass(queries, bank, 1, LOWP_PAD, torch.float16, *chunks, center=cen)
+        rd, ri = certified_rerank(queries, bank, cand, low, 1, None, rerank, thr=thr)
+        assert torch.equal(i, ri) and torch.equal(d[~d.isnan()], rd[~rd.isnan()])
 
 
 @cuda

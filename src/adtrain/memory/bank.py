@@ -13,6 +13,7 @@ from adtrain.memory.graph_knn import graph_knn, in_graph
 from adtrain.memory.projected import PROJECTIONS, Projection, projected_search, projection_for
 from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_pass, error_bound,
                              exact_search, fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
+from adtrain.memory.lowp_nearest import certified_nearest
 from adtrain.memory.index import (
     BACKENDS,
     INDEXES,
@@ -373,6 +374,10 @@ class MemoryBank(nn.Module):
                 return dense_nearest(queries, bank, DENSE_PAD, rerank, self._bank_max_norm())
             return dense_certified_search(queries, bank, k, DENSE_PAD, rerank, self._bank_max_norm())
         low = self.low_precision(queries, dev)
+        if low is not None and k == 1:  # the nearest item alone: a row minimum, no sort (lowp_nearest)
+            d, idx = certified_nearest(queries, bank, low, self.search_chunk, self.bank_chunk, rerank, dev,
+                                       center=self._bank_center(), cap=1 + LOWP_PAD)
+            return d.to(queries.device), idx.to(queries.device)
         if low is not None:  # certified low-precision pass, re-ranked only as wide as each query needs
             cand, lows, thr = certified_pass(queries, bank, k, LOWP_PAD, low, self.search_chunk, self.bank_chunk,
                                              dev, center=self._bank_center())
