@@ -214,9 +214,9 @@ def test_nearest_pass_keeps_every_tie_across_query_and_bank_blocks(chunks, monke
     queries[6, 3] = float("inf")
     redone = []
 
-    def spy_exact(q, b, k, rr, device=None):
+    def spy_exact(q, b, k, rr, device=None, center=None):
         redone.append(q.shape[0])
-        return ln.exact_search.__wrapped__(q, b, k, rr, device)
+        return ln.exact_search.__wrapped__(q, b, k, rr, device, center)
 
     spy_exact.__wrapped__ = ln.exact_search
     monkeypatch.setattr(ln, "exact_search", spy_exact)
@@ -419,3 +419,72 @@ def test_cpu_chunk_config_key(tmp_path):
     assert build_method(compose("method=patchcore", "backbone=resnet18", "backbone.pretrained=false")).cpu_chunk_pixels == 262144
     with pytest.raises(ConfigError, match="inference.cpu_chunk_pixels"):
         build_method(compose("method=patchcore", "backbone=resnet18", "backbone.pretrained=false", "inference.cpu_chunk_pixels=-1"))
+
+
+def test_full_fp32_search_reranks_each_query_over_its_own_candidates_only():
+    """exact_search (the fallback of every certified pass): per-pair thresholds, centring on the
+    bank's mean and one width per query give the exact fp32 neighbours while re-ranking a small
+    fraction of what the old block-wide candidate count (max over a block of 2 eps windows at the
+    bank's largest raw norm) re-ranked."""
+    from adtrain.memory.bank import rerank
+    from adtrain.memory.lowp import error_bound, exact_search
+
+    g = torch.Generator().manual_seed(5)
+    mean = torch.rand(256, generator=g) * 2 + 1
+    bank = torch.relu(mean + 0.3 * torch.randn(3000, 256, generator=g))
+    queries = torch.relu(mean + 0.3 * torch.randn(300, 256, generator=g))
+    queries[3] = bank[10]  # an exact match
+    widths = []
+
+    def spy(q, b, cand, k, device=None):
+        widths.append(cand.shape[0] * cand.shape[1])
+        return rerank(q, b, cand, k, device)
+
+    for k in (1, 9):
+        rd, ri = _fp32_reference(queries, bank, k)
+        work = {}
+        for name, cen in (("raw", None), ("centred", bank.mean(0))):
+            widths.clear()
+            d, idx = exact_search(queries, bank, k, spy, center=cen)
+            assert torch.equal(idx, ri) and torch.equal(d, rd), (k, name)
+            work[name] = sum(widths)
+        full = torch.cdist(queries, bank).square()
+        kth = full.kthvalue(k, dim=1).values
+        old_c = int((full <= (kth + 2 * error_bound(queries.norm(dim=1), float(bank.norm(dim=1).max()), 256,
+                                                   torch.float32)).unsqueeze(1)).sum(dim=1).max())
+        assert work["centred"] <= work["raw"] < len(queries) * old_c, (k, work, old_c)
+        assert work["centred"] < 0.5 * len(queries) * old_c
+
+
+def test_flat_faiss_pass_on_centred_vectors_certifies_a_dense_bank(monkeypatch):
+    """The FAISS flat index holds the bank less its mean, and queries are centred the same way:
+    the same neighbours, and the fp32 bound (at centred norms) proves nearly every query, where
+    raw norms left most of them to the full fp32 re-search."""
+    pytest.importorskip("faiss")
+    import adtrain.memory.dense_exact as dense_exact
+    from adtrain.memory.lowp import error_bound
+
+    g = torch.Generator().manual_seed(5)
+    mean = torch.rand(256, generator=g) * 20 + 10  # a large shared mean: raw norms ~ 300
+    bank = torch.relu(mean + 0.3 * torch.randn(3000, 256, generator=g))
+    queries = torch.relu(mean + 0.3 * torch.randn(400, 256, generator=g))
+    redone = []
+    real = dense_exact.exact_search
+
+    def spy(q, *args, **kwargs):
+        redone.append(q.shape[0])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(dense_exact, "exact_search", spy)
+    mb = MemoryBank(backend="faiss", index="flat")
+    mb.set_bank(bank)
+    for k in (1, 9):
+        redone.clear()
+        d, idx = mb.search(queries, k)
+        rd, ri = _fp32_reference(queries, bank, k)
+        assert torch.equal(idx, ri) and torch.equal(d, rd)
+        assert sum(redone) < 0.05 * len(queries), (k, sum(redone))
+    # the raw-norm bound of before: its 2 eps dwarfs the gap to the 9 candidates kept
+    full = torch.cdist(queries, bank).square().sort(dim=1).values
+    raw = 2 * error_bound(queries.norm(dim=1), float(bank.norm(dim=1).max()), 256, torch.float32)
+    assert (full[:, 9] > full[:, 0] + 2 * raw).float().mean() < 0.5

@@ -11,8 +11,9 @@ from adtrain.memory.coreset import greedy_coreset, kmeans
 from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense_certified_search, dense_nearest
 from adtrain.memory.graph_knn import graph_knn, in_graph
 from adtrain.memory.projected import PROJECTIONS, Projection, projected_search, projection_for
-from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_pass, error_bound,
-                             exact_search, fits_dtype, matmul_dtype, max_norm, resolve_distance_dtype)
+from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_pass,
+                             exact_search, fits_dtype, matmul_dtype, max_norm, pair_bound,
+                             resolve_distance_dtype)
 from adtrain.memory.lowp_nearest import certified_nearest
 from adtrain.memory.index import (
     BACKENDS,
@@ -30,6 +31,10 @@ _CPU = torch.device("cpu")
 RERANK_PAD = 8  # extra candidates re-ranked by exact distance
 LOWP_PAD = 32  # candidates past k kept by the low-precision pass (its certificate needs a gap)
 DENSE_PAD = 8  # candidates past k kept by the small-bank CPU pass (memory.dense_exact)
+#: candidates past k kept by the flat FAISS pass: only the needed ones are re-ranked exactly, and
+#: on dense banks (many items within the fp32 bound of the nearest) a wider gap certifies more
+#: queries (each uncertified one costs a full fp32 pass; docs/BENCHMARKS.md)
+FLAT_PAD = 128
 
 
 def tensor_version(t: torch.Tensor) -> int:
@@ -301,6 +306,13 @@ class MemoryBank(nn.Module):
             self._index_cache[key] = self.bank.detach().float().mean(dim=0)
         return self._index_cache[key]
 
+    def _centred_max_norm(self) -> float:
+        """The largest norm of the bank's rows less their mean (cached per bank)."""
+        key = ("centred_max_norm", self.bank.data_ptr(), tuple(self.bank.shape), tensor_version(self.bank))
+        if key not in self._index_cache:
+            self._index_cache[key] = max_norm(self.bank.detach().float() - self._bank_center())
+        return self._index_cache[key]
+
     def _bank_max_norm(self) -> float:
         key = ("max_norm", self.bank.data_ptr(), tensor_version(self.bank))
         if key not in self._index_cache:
@@ -336,7 +348,10 @@ class MemoryBank(nn.Module):
         cpu = self._index_cache.get(key)
         if cpu is None:
             self._index_cache = {}
-            arr = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
+            # centred on the bank's mean (queries too, in search): the same distances, smaller
+            # norms, so the flat pass's error bound certifies far more queries (_rerank_flat)
+            centred = bank.detach().float() - self._bank_center()
+            arr = np.ascontiguousarray(centred.cpu().numpy(), dtype=np.float32)
             cpu = build_faiss_index(arr, kind, self.nlist, self.nprobe, self.hnsw_m, self.pq_m,
                                     self.hnsw_ef_search, self.seed)
             self._index_cache[key] = cpu
@@ -381,12 +396,16 @@ class MemoryBank(nn.Module):
         if low is not None:  # certified low-precision pass, re-ranked only as wide as each query needs
             cand, lows, thr = certified_pass(queries, bank, k, LOWP_PAD, low, self.search_chunk, self.bank_chunk,
                                              dev, center=self._bank_center())
-            d, idx = certified_rerank(queries, bank, cand, lows, k, None, rerank, dev, thr=thr)
+            d, idx = certified_rerank(queries, bank, cand, lows, k, None, rerank, dev, thr=thr,
+                                      center=self._bank_center())
             return d.to(queries.device), idx.to(queries.device)
         if self.resolve_backend(queries) == "torch":
             cand = torch_search(queries, bank, kc, self.search_chunk, self.bank_chunk, dev)
         else:
-            cand, approx = faiss_search(self._faiss_index(queries.device), queries, kc, self.search_chunk,
+            if self.resolve_index() == "flat":  # more kept: the certificate needs a gap (_rerank_flat)
+                kc = min(bank.shape[0], k + FLAT_PAD)
+            centred = queries.detach().float() - self._bank_center().to(queries.device)
+            cand, approx = faiss_search(self._faiss_index(queries.device), centred, kc, self.search_chunk,
                                         distances=True)
             cand = cand.to(dev)
             short = torch.nonzero((cand < 0).any(dim=1)).squeeze(1)
@@ -402,18 +421,23 @@ class MemoryBank(nn.Module):
             redo = torch.nonzero(~ok.to(d.device)).squeeze(1)
             d, idx = d[:, :k].contiguous(), idx[:, :k].contiguous()
             if redo.numel():
-                d[redo], idx[redo] = exact_search(queries[redo.to(queries.device)], bank, k, rerank, dev)
+                d[redo], idx[redo] = exact_search(queries[redo.to(queries.device)], bank, k, rerank, dev,
+                                                      self._bank_center())
         d, idx = d[:, :k].contiguous(), idx[:, :k].contiguous()
         return d.to(queries.device), idx.to(queries.device)
 
     def _rerank_flat(self, queries, bank, cand, approx, k: int, dev):
         """Exact neighbours from an exact (flat) FAISS pass, re-ranking only what can matter:
-        with eps the fp32 error bound of FAISS's squared distances (memory.lowp.error_bound), the
-        candidates within approx[:, k-1] + 2 eps, certified by the last one
-        (memory.dense_exact.certified_rerank, as the small-bank pass)."""
-        q_norm = queries.detach().to(dev, torch.float32).norm(dim=1)
-        eps = error_bound(q_norm, self._bank_max_norm(), bank.shape[1], torch.float32)
-        d, idx = certified_rerank(queries, bank, cand, approx, k, eps, rerank, dev)
+        with eps the fp32 error bound of FAISS's squared distances of the centred vectors
+        (memory.lowp.pair_bound, which has the centring's margin, at the query's centred norm and
+        the bank's largest centred norm), the candidates within approx[:, k-1] + 2 eps, certified
+        by the last one (memory.dense_exact.certified_rerank, as the small-bank pass)."""
+        center = self._bank_center()
+        qn = (queries.detach().to(dev, torch.float32) - center.to(dev)).norm(dim=1)
+        mn = self._centred_max_norm()
+        a, b, c = pair_bound(bank.shape[1], torch.float32)
+        eps = a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn)
+        d, idx = certified_rerank(queries, bank, cand, approx, k, eps, rerank, dev, center=self._bank_center())
         return d.to(queries.device), idx.to(queries.device)
 
     def extra_repr(self) -> str:

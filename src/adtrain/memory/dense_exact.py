@@ -160,7 +160,7 @@ def dense_nearest(queries: torch.Tensor, bank: torch.Tensor, pad: int, rerank,
     return d_out, i_out
 
 
-def certified_rerank(queries, bank, cand, approx, k: int, eps, rerank, device=None, thr=None):
+def certified_rerank(queries, bank, cand, approx, k: int, eps, rerank, device=None, thr=None, center=None):
     """Exact neighbours from an fp32 expansion pass's sorted candidates ``cand`` / squared distances
     ``approx`` (M, c): no item whose approximate distance is above thr = approx[:, k-1] + 2 eps (eps:
     the pass's error bound per query) can rank among the exact k nearest, ties included. The last
@@ -168,7 +168,8 @@ def certified_rerank(queries, bank, cand, approx, k: int, eps, rerank, device=No
     candidates are the whole bank, all proven, none certifies); each proven query is re-ranked
     (``rerank``) over only the columns within thr, rounded up to a width of k, k+1, k+2, k+4, ...;
     the others are searched again over every tie (``exact_search``). ``thr`` given (M,): ``approx``
-    holds lower bounds and ``thr`` the bound no candidate that matters is above (lowp.certified_pass)."""
+    holds lower bounds and ``thr`` the bound no candidate that matters is above (lowp.certified_pass).
+    ``center``: passed to ``exact_search`` (the bank's mean: tighter bounds there)."""
     m = cand.shape[0]
     if thr is None and eps is not None:
         thr = approx[:, k - 1] + 2 * eps
@@ -191,5 +192,5 @@ def certified_rerank(queries, bank, cand, approx, k: int, eps, rerank, device=No
             d_out[sel], i_out[sel] = rerank(queries[sel.to(queries.device)], bank, cand[sel, :w], k, device)
     redo = torch.nonzero(~ok).squeeze(1)
     if redo.numel():
-        d_out[redo], i_out[redo] = exact_search(queries[redo.to(queries.device)], bank, k, rerank, device)
+        d_out[redo], i_out[redo] = exact_search(queries[redo.to(queries.device)], bank, k, rerank, device, center)
     return d_out, i_out

@@ -188,31 +188,61 @@ def certified_from_rerank(d: torch.Tensor, k: int, q_norm: torch.Tensor, m_norm_
     return d[:, -1].square() - 2 * eps > d[:, k - 1].square()
 
 
-def exact_search(queries: torch.Tensor, bank: torch.Tensor, k: int, rerank, device=None):
-    """(d (M,k), idx (M,k)): the exact fp32 neighbours, every tie considered: each query's
-    candidates are all items within 2 eps (fp32 error bound) of its k-th fp32 expansion
-    distance, re-ranked exactly by ``rerank`` (ties by index). For the queries no certificate
-    covered (near ties past the candidates kept): a full pass over the bank."""
+def exact_search(queries: torch.Tensor, bank: torch.Tensor, k: int, rerank, device=None,
+                 center: torch.Tensor | None = None):
+    """(d (M,k), idx (M,k)): the exact fp32 neighbours, every tie considered, for the queries no
+    certificate covered (near ties past the candidates kept): a full fp32 expansion pass over the
+    bank (read in slices: a host bank is streamed, never copied whole), then per query
+
+    - thr = the k-th smallest upper bound d~ + eps(|q|, |m|) among its k + 8 smallest d~ (any k
+      items' upper bounds bound the k-th exact distance; eps per pair, ``pair_bound`` with the
+      precision the fp32 matmul really runs at, +1 %), and
+    - its candidates = every item with d~ <= thr + eps(|q|, largest |m|): each item that can rank
+      among the k nearest (exact distance <= thr, lower bound d~ - eps), ties included;
+
+    each query is re-ranked exactly (``rerank``, ties by index) over only its own candidates,
+    queries of one width together (k, k+1, k+2, k+4, ...). ``center`` (e.g. the bank's mean) is
+    subtracted from both sides of the expansion first: the same distances, smaller norms and
+    bounds (``pair_bound`` has the margin for it). The re-ranking reads the raw vectors."""
+    from adtrain.memory.dense_exact import widths
+
     dev = torch.device(device) if device is not None else bank.device
-    q32 = queries.detach().to(dev, torch.float32)
+    q_all = queries.detach().to(dev, torch.float32)
+    cen = None if center is None else center.detach().to(dev, torch.float32).reshape(1, -1)
+    q32 = q_all if cen is None else q_all - cen
     n, dim = bank.shape
     step = 4096  # the bank is read in slices: a host bank is streamed, never copied whole
-    m_norm_max = max_norm(bank)
+    a, b, c = pair_bound(dim, matmul_dtype(dev))
+    a, b, c = 1.01 * a, 1.01 * b, 1.01 * c  # the elementwise roundings of the bounds themselves
+
+    def eps(qn: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        return a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn)
+
+    m_norm = torch.empty(n, device=dev)
     rows = max(1, (1 << (27 if dev.type == "cuda" else 24)) // max(1, n))  # GPU: fewer, larger blocks
-    ds, idxs = [], []
+    d_out = torch.empty(q32.shape[0], k, device=dev)
+    i_out = torch.empty(q32.shape[0], k, dtype=torch.long, device=dev)
     for s in range(0, q32.shape[0], rows):
         q = q32[s: s + rows]
         qsq = (q * q).sum(dim=1, keepdim=True)
         d = torch.empty(q.shape[0], n, device=dev)
         for b0 in range(0, n, step):
             mb = bank[b0: b0 + step].detach().to(dev, torch.float32, non_blocking=True)
-            d[:, b0: b0 + mb.shape[0]] = torch.addmm((mb * mb).sum(dim=1).unsqueeze(0), q, mb.t(), alpha=-2.0)
+            if cen is not None:
+                mb = mb - cen
+            msq = (mb * mb).sum(dim=1)
+            m_norm[b0: b0 + mb.shape[0]] = msq.sqrt()
+            d[:, b0: b0 + mb.shape[0]] = torch.addmm(msq.unsqueeze(0), q, mb.t(), alpha=-2.0)
         d.add_(qsq)
-        kth = torch.kthvalue(d, min(k, n), dim=1).values
-        tau = kth + 2 * error_bound(qsq[:, 0].sqrt(), m_norm_max, dim, matmul_dtype(dev))
-        c = int((d <= tau.unsqueeze(1)).sum(dim=1).max())
-        cand = torch.topk(d, min(n, max(c, k)), dim=1, largest=False).indices
-        dd, ii = rerank(q, bank, cand, k, dev)
-        ds.append(dd)
-        idxs.append(ii)
-    return torch.cat(ds), torch.cat(idxs)
+        qn = qsq.sqrt()
+        top_d, top_i = torch.topk(d, min(n, k + 8), dim=1, largest=False)
+        thr = torch.kthvalue(top_d + eps(qn, m_norm[top_i]), min(k, n), dim=1).values
+        need = (d <= (thr + eps(qn[:, 0], m_norm.max())).unsqueeze(1)).sum(dim=1).clamp(min=k)  # NaN rows: k
+        lower = 0
+        for w in widths(k, max(k, int(need.max()))):
+            sel = torch.nonzero((need > lower) & (need <= w)).squeeze(1)
+            lower = w
+            if sel.numel():
+                cand = torch.topk(d[sel], w, dim=1, largest=False).indices
+                d_out[s + sel], i_out[s + sel] = rerank(q_all[s + sel], bank, cand, k, dev)
+    return d_out, i_out

@@ -136,5 +136,5 @@ def certified_nearest(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dt
             d_out[sel], i_out[sel] = rerank(queries[sel.to(queries.device)], bank, cand, 1, dev)
     redo = torch.nonzero(~ok).squeeze(1)
     if redo.numel():
-        d_out[redo], i_out[redo] = exact_search(queries[redo.to(queries.device)], bank, 1, rerank, dev)
+        d_out[redo], i_out[redo] = exact_search(queries[redo.to(queries.device)], bank, 1, rerank, dev, center)
     return d_out, i_out
