@@ -8,8 +8,9 @@ as in a test); then, under the run's precision (autocast), ``anomaly_output`` ru
 
 1. plainly (images/s of the model alone on real inputs, no data loading or metrics);
 2. with synchronising timers around the model's parts (PatchCore / CFA: ``embed``,
-   ``patch_distances``, ``image_score``, ``anomaly_map``; the memory's searches; for k = 1 the
-   row-minimum pass's re-ranking and full fp32 re-searches, with the queries each took);
+   ``patch_distances``, ``image_score``, ``anomaly_map``), then, in another pass, around the
+   memory's searches and inside them (the k = 1 pass, the exact re-rankings, the full fp32
+   re-searches; each with its calls and query rows; a part inside another is counted in both);
 3. under ``torch.profiler`` (CUDA kernels by their own GPU time, top ``--top``).
 
 Prints one JSON object (and writes it to --out).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -53,7 +54,8 @@ def part_timers(targets):
                 rec = spent.setdefault(__label, [0.0, 0, 0])
                 rec[0] += time.perf_counter() - t0
                 rec[1] += 1
-                rec[2] += int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) else 0
+                first = next((a for a in args if isinstance(a, torch.Tensor)), None)  # (self,) queries, ...
+                rec[2] += int(first.shape[0]) if first is not None else 0
                 depth["n"] -= 1
 
         setattr(owner, name, wrapped)
@@ -123,12 +125,13 @@ def main() -> dict:
         run_all()
         _sync()
         timed = time.perf_counter() - t0
-    with part_timers(inner[:1]) as search_t, part_timers(inner[1:]) as deep_t:
+    with ExitStack() as stack:  # one context per part: each is timed even inside another
+        found = [stack.enter_context(part_timers([t])) for t in inner]
         run_all()
+    deep_t = {k: v for part in found for k, v in part.items()}
     res["timed_images_per_second"] = round(n / timed, 1)
     res["parts_ms_per_batch"] = {k: round(1000 * v[0] / args.batches, 2) for k, v in outer.items()}
-    res["search_ms_per_batch"] = {k: round(1000 * v[0] / args.batches, 2) for k, v in search_t.items()}
-    res["search_inner"] = {k: {"ms_per_batch": round(1000 * v[0] / args.batches, 2), "calls": v[1], "rows": v[2]}
+    res["search_parts"] = {k: {"ms_per_batch": round(1000 * v[0] / args.batches, 2), "calls": v[1], "rows": v[2]}
                            for k, v in deep_t.items()}
 
     from torch.profiler import ProfilerActivity, profile
