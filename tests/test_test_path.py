@@ -484,6 +484,28 @@ def test_flat_faiss_pass_on_centred_vectors_certifies_a_dense_bank(monkeypatch):
         rd, ri = _fp32_reference(queries, bank, k)
         assert torch.equal(idx, ri) and torch.equal(d, rd)
         assert sum(redone) < 0.05 * len(queries), (k, sum(redone))
+    # near-duplicates (clusters of 60 items, far closer together than the fp32 bound): k + 8
+    # proves nothing, the second FAISS search with k + 128 kept proves them without a full pass
+    import adtrain.memory.bank as bank_mod
+
+    searched = []
+    real_faiss = bank_mod.faiss_search
+
+    def spy_faiss(index, q, k, chunk, distances=False):
+        searched.append((q.shape[0], k))
+        return real_faiss(index, q, k, chunk, distances)
+
+    monkeypatch.setattr(bank_mod, "faiss_search", spy_faiss)
+    centres = torch.randn(50, 256, generator=g) + 5
+    dup = centres.repeat_interleave(60, 0) + 1e-4 * torch.randn(3000, 256, generator=g)
+    qd = centres[torch.arange(100) % 50] + 1e-4 * torch.randn(100, 256, generator=g)
+    mb = MemoryBank(backend="faiss", index="flat")
+    mb.set_bank(dup)
+    redone.clear()
+    d, idx = mb.search(qd, 1)
+    rd, ri = _fp32_reference(qd, dup, 1)
+    assert torch.equal(idx, ri) and torch.equal(d, rd)
+    assert searched[-2:] == [(100, 9), (100, 129)] and sum(redone) == 0, (searched, redone)
     # the raw-norm bound of before: its 2 eps dwarfs the gap to the 9 candidates kept
     full = torch.cdist(queries, bank).square().sort(dim=1).values
     raw = 2 * error_bound(queries.norm(dim=1), float(bank.norm(dim=1).max()), 256, torch.float32)

@@ -31,9 +31,10 @@ _CPU = torch.device("cpu")
 RERANK_PAD = 8  # extra candidates re-ranked by exact distance
 LOWP_PAD = 32  # candidates past k kept by the low-precision pass (its certificate needs a gap)
 DENSE_PAD = 8  # candidates past k kept by the small-bank CPU pass (memory.dense_exact)
-#: candidates past k kept by the flat FAISS pass: only the needed ones are re-ranked exactly, and
-#: on dense banks (many items within the fp32 bound of the nearest) a wider gap certifies more
-#: queries (each uncertified one costs a full fp32 pass; docs/BENCHMARKS.md)
+#: candidates past k kept by the flat FAISS pass's second search, of the queries that k + 8 did not
+#: certify: only the needed ones are re-ranked exactly, and on dense banks (many items within the
+#: fp32 bound of the nearest) a wider gap certifies more queries (each uncertified one costs a
+#: full fp32 pass; docs/BENCHMARKS.md)
 FLAT_PAD = 128
 
 
@@ -402,8 +403,6 @@ class MemoryBank(nn.Module):
         if self.resolve_backend(queries) == "torch":
             cand = torch_search(queries, bank, kc, self.search_chunk, self.bank_chunk, dev)
         else:
-            if self.resolve_index() == "flat":  # more kept: the certificate needs a gap (_rerank_flat)
-                kc = min(bank.shape[0], k + FLAT_PAD)
             centred = queries.detach().float() - self._bank_center().to(queries.device)
             cand, approx = faiss_search(self._faiss_index(queries.device), centred, kc, self.search_chunk,
                                         distances=True)
@@ -431,13 +430,33 @@ class MemoryBank(nn.Module):
         with eps the fp32 error bound of FAISS's squared distances of the centred vectors
         (memory.lowp.pair_bound, which has the centring's margin, at the query's centred norm and
         the bank's largest centred norm), the candidates within approx[:, k-1] + 2 eps, certified
-        by the last one (memory.dense_exact.certified_rerank, as the small-bank pass)."""
+        by the last one (memory.dense_exact.certified_rerank, as the small-bank pass). Queries
+        that k + 8 candidates do not certify (a dense bank: many items within the bound of the
+        nearest) are searched again with k + ``FLAT_PAD`` kept before any full fp32 pass."""
         center = self._bank_center()
         qn = (queries.detach().to(dev, torch.float32) - center.to(dev)).norm(dim=1)
         mn = self._centred_max_norm()
         a, b, c = pair_bound(bank.shape[1], torch.float32)
         eps = a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn)
-        d, idx = certified_rerank(queries, bank, cand, approx, k, eps, rerank, dev, center=self._bank_center())
+        wide = min(bank.shape[0], k + FLAT_PAD)
+        weak = torch.zeros(cand.shape[0], dtype=torch.bool, device=dev)
+        if cand.shape[1] < wide:
+            weak = ~(torch.isfinite(approx).all(dim=1) & (approx[:, -1] > approx[:, k - 1] + 2 * eps))
+        if not bool(weak.any()):
+            d, idx = certified_rerank(queries, bank, cand, approx, k, eps, rerank, dev, center=center)
+            return d.to(queries.device), idx.to(queries.device)
+        d = torch.empty(cand.shape[0], k, device=dev)
+        idx = torch.empty(cand.shape[0], k, dtype=torch.long, device=dev)
+        strong = torch.nonzero(~weak).squeeze(1)
+        if strong.numel():
+            d[strong], idx[strong] = certified_rerank(queries[strong.to(queries.device)], bank, cand[strong],
+                                                      approx[strong], k, eps[strong], rerank, dev, center=center)
+        weak = torch.nonzero(weak).squeeze(1)
+        qw = queries[weak.to(queries.device)]
+        c2, a2 = faiss_search(self._faiss_index(queries.device), qw.detach().float() - center.to(qw.device), wide,
+                              self.search_chunk, distances=True)
+        d[weak], idx[weak] = certified_rerank(qw, bank, c2.to(dev), a2.to(dev), k, eps[weak], rerank, dev,
+                                              center=center)
         return d.to(queries.device), idx.to(queries.device)
 
     def extra_repr(self) -> str:
