@@ -46,12 +46,14 @@ for part in "$@"; do
     e2e)  # issue 14's GPU targets: end-to-end test images/s at 256x256, caches cold then warm, and
           # the profile of the warm test (what bounds it). 4,000 test images (2,000 with defect masks).
       timeout 30 python3 benchmarks/pixel_update.py --device cuda --batch 128 2>&1 | head -1
-      for m in "patchcore method.center_crop=null" "stfpm trainer.max_epochs=1"; do
+      # workers: 12 for PatchCore (model-bound), 4 for STFPM (a worker's fork costs more than it
+      # feeds once the image cache is warm: docs/BENCHMARKS.md, calls 3-4)
+      for m in "patchcore method.center_crop=null data.num_workers=12" "stfpm trainer.max_epochs=1 data.num_workers=4"; do
         set -- $m
         for state in cold warm; do
           timeout 80 python3 -m adtrain.bench method=$m trainer=gpu backbone.pretrained=false data=synthetic \
             data.size=256 data.num_train=440 data.num_test_normal=2000 data.num_test_anomalous=2000 \
-            data.num_workers=12 data.eval_batch_size=128 paths.cache_dir=/tmp/adcache_$1 bench.model_only=true \
+            data.eval_batch_size=128 paths.cache_dir=/tmp/adcache_$1 bench.model_only=true \
             bench.run_dir=/tmp/e2e_$1_$state bench.out="$OUT/e2e_$1_$state.json" 2>&1 | grep -E '"(test_images_per_second|fit_seconds|model_only_images_per_second|image_auroc|pixel_auroc|peak_memory_mb)"|Error|error'
         done
         timeout 70 python3 benchmarks/profile_test.py /tmp/e2e_$1_warm --repeat 1 --top 30 \

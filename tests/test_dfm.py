@@ -53,6 +53,12 @@ def test_chunked_distance_volume_equals_unchunked_and_candidates_are_the_minima(
     modulated = full * a + b
     assert torch.equal(cand[:, 0], modulated.argmin(dim=1))
     assert torch.allclose(modulated.gather(1, cand), modulated.topk(3, dim=1, largest=False).values)
+    # identity modulates skip their pass: the same candidates as the plain distances' k smallest
+    ones, zeros = torch.ones(29), torch.zeros(29)
+    plain = modulated_candidates(p, m, ones, zeros, k=3, row_chunk=8, mem_chunk=5)
+    assert torch.equal(plain[:, 0], full.argmin(dim=1))
+    assert torch.allclose(full.gather(1, plain), full.topk(3, dim=1, largest=False).values)
+    assert not torch.equal(plain, cand)  # the modulated pass was applied above
 
 
 def test_untrained_fmn_is_exactly_patchcore(dfm):

@@ -57,12 +57,15 @@ def modulated_candidates(patches: torch.Tensor, memory: torch.Tensor, scale: tor
     n, size = p.shape[0], m.shape[0]
     k = min(int(k), size)
     m_sq = (m * m).sum(dim=1)
+    # untrained (identity) modulates: x * 1 + 0 == x exactly, so the pass over each block is skipped
+    identity = bool((a == 1).all()) and bool((b == 0).all())
     out = torch.empty(n, k, dtype=torch.long, device=p.device)
     for r in range(0, n, row_chunk):
         best_v = best_i = None
         for c in range(0, size, mem_chunk):
             v = _sq_block(p[r:r + row_chunk], m[c:c + mem_chunk], m_sq[c:c + mem_chunk]).sqrt_()
-            v.mul_(a[c:c + mem_chunk]).add_(b[c:c + mem_chunk])
+            if not identity:
+                v.mul_(a[c:c + mem_chunk]).add_(b[c:c + mem_chunk])
             val, idx = torch.topk(v, min(k, v.shape[1]), dim=1, largest=False)
             idx += c
             if best_v is not None:
