@@ -197,8 +197,8 @@ def exact_search(queries: torch.Tensor, bank: torch.Tensor, k: int, rerank, devi
     - thr = the k-th smallest upper bound d~ + eps(|q|, |m|) among its k + 8 smallest d~ (any k
       items' upper bounds bound the k-th exact distance; eps per pair, ``pair_bound`` with the
       precision the fp32 matmul really runs at, +1 %), and
-    - its candidates = every item with d~ <= thr + eps(|q|, largest |m|): each item that can rank
-      among the k nearest (exact distance <= thr, lower bound d~ - eps), ties included;
+    - its candidates = every item whose lower bound d~ - eps(|q|, |m|) is at or below thr: each
+      item that can rank among the k nearest (exact distance <= thr), ties included;
 
     each query is re-ranked exactly (``rerank``, ties by index) over only its own candidates,
     queries of one width together (k, k+1, k+2, k+4, ...). ``center`` (e.g. the bank's mean) is
@@ -237,12 +237,13 @@ def exact_search(queries: torch.Tensor, bank: torch.Tensor, k: int, rerank, devi
         qn = qsq.sqrt()
         top_d, top_i = torch.topk(d, min(n, k + 8), dim=1, largest=False)
         thr = torch.kthvalue(top_d + eps(qn, m_norm[top_i]), min(k, n), dim=1).values
-        need = (d <= (thr + eps(qn[:, 0], m_norm.max())).unsqueeze(1)).sum(dim=1).clamp(min=k)  # NaN rows: k
+        d.sub_(eps(qn, m_norm.unsqueeze(0)))  # now each pair's lower bound
+        need = (d <= thr.unsqueeze(1)).sum(dim=1).clamp(min=k)  # NaN rows: k
         lower = 0
         for w in widths(k, max(k, int(need.max()))):
             sel = torch.nonzero((need > lower) & (need <= w)).squeeze(1)
             lower = w
-            if sel.numel():
+            if sel.numel():  # the w smallest lower bounds hold every item at or below thr
                 cand = torch.topk(d[sel], w, dim=1, largest=False).indices
                 d_out[s + sel], i_out[s + sel] = rerank(q_all[s + sel], bank, cand, k, dev)
     return d_out, i_out

@@ -1,0 +1,68 @@
+"""How many bank items each query must re-rank exactly for its nearest item to be proven.
+
+    PYTHONPATH=src python benchmarks/window_density.py RUN_DIR [--images 4]
+
+RUN_DIR: a finished PatchCore run. Embeds its first --images test images and, for the fp32 pass
+(CPU) and the fp16 pass (CUDA's default), both centred on the bank's mean with per-pair bounds
+(``lowp.pair_bound``), counts per query the items whose lower bound is at or below the smallest
+upper bound: every one of them can be the nearest item, so the certified search re-ranks them
+all exactly (or searches the query again in full when they exceed its candidates). Prints the
+mean nearest squared distance, the mean window 2 eps and the count's mean, 90th percentile and
+maximum: device-independent arithmetic, so a CPU measures what a GPU's pass faces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def main() -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir")
+    ap.add_argument("--images", type=int, default=4)
+    args = ap.parse_args()
+    from adtrain.build import build_datamodule
+    from adtrain.loading import load_method
+    from adtrain.memory.lowp import pair_bound
+
+    method, cfg, _ = load_method(f"{args.run_dir}/checkpoints/model.ckpt")
+    method.eval()
+    bank = method.model.memory.bank.float()
+    dm = build_datamodule(cfg)
+    dm.setup("test")
+    x = next(iter(dm.make_dataloader(dm.test_samples[: args.images], train=False)))["image"]
+    x = dm.input_normalizer(x) if x.dtype == torch.uint8 else x
+    with torch.no_grad():
+        emb = method.model.embed(x)
+    q = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float()
+    cen = bank.mean(0)
+    qc, bc = q - cen, bank - cen
+    qn, mn = qc.norm(dim=1), bc.norm(dim=1)
+    out = {"run_dir": args.run_dir, "backbone": str(cfg.backbone.name), "bank": list(bank.shape),
+           "queries": q.shape[0]}
+    nearest = []
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+        a, b, c = pair_bound(q.shape[1], dtype)
+        need, window = [], []
+        for s in range(0, q.shape[0], 512):
+            qq, qk = qc[s: s + 512], qn[s: s + 512].unsqueeze(1)
+            d = (qq * qq).sum(1, keepdim=True) + (bc * bc).sum(1) - 2 * (qq.to(dtype) @ bc.to(dtype).t()).float()
+            eps = a * qk * mn + b * (qk + mn) ** 2 + c * (qk + mn)
+            upper_min = (d + eps).min(dim=1).values
+            need.append(((d - eps) <= upper_min.unsqueeze(1)).sum(dim=1).float())
+            window.append((2 * eps).mean(dim=1))
+            if name == "fp32":
+                nearest.append(torch.cdist(q[s: s + 512], bank).min(dim=1).values.square())
+        need = torch.cat(need)
+        out[name] = {"window_2eps_mean": float(torch.cat(window).mean()), "items_in_window_mean": round(float(need.mean()), 2),
+                     "p90": float(need.quantile(0.9)), "max": int(need.max())}
+    out["nearest_squared_distance_mean"] = float(torch.cat(nearest).mean())
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
