@@ -29,3 +29,20 @@ def peak_mb(device) -> float:
     """Peak GPU memory on a GPU, else the process's peak RSS."""
     gpu = peak_gpu_mb(device)
     return gpu if gpu is not None else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def run_patch_queries(run_dir: str, images: int):
+    """(method in eval mode, its config, the datamodule, queries (M,D) fp32): the patch features of
+    a finished run's first ``images`` test images, as its model embeds them."""
+    from adtrain.build import build_datamodule
+    from adtrain.loading import load_method
+
+    method, cfg, _ = load_method(f"{run_dir}/checkpoints/model.ckpt")
+    method.eval()
+    dm = build_datamodule(cfg)
+    dm.setup("test")
+    x = next(iter(dm.make_dataloader(dm.test_samples[:images], train=False)))["image"]
+    x = dm.input_normalizer(x) if x.dtype == torch.uint8 else x
+    with torch.no_grad():
+        emb = method.model.embed(x)
+    return method, cfg, dm, emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float().contiguous()

@@ -30,22 +30,14 @@ def main() -> dict:
     args = ap.parse_args()
     import adtrain.memory.bank as bank_mod
     import adtrain.memory.dense_exact as dense_exact
-    from adtrain.build import build_datamodule
-    from adtrain.loading import load_method
+    from _timing import run_patch_queries
+
     from adtrain.memory.index import exact_distances
 
-    method, cfg, _ = load_method(f"{args.run_dir}/checkpoints/model.ckpt")
-    method.eval()
+    method, cfg, _, q = run_patch_queries(args.run_dir, args.images)
     mem = method.model.memory
     mem.backend = args.backend
     mem._invalidate()
-    dm = build_datamodule(cfg)
-    dm.setup("test")
-    x = next(iter(dm.make_dataloader(dm.test_samples[: args.images], train=False)))["image"]
-    x = dm.input_normalizer(x) if x.dtype == torch.uint8 else x
-    with torch.no_grad():
-        emb = method.model.embed(x)
-    q = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float().contiguous()
     counts = {"redone": 0, "reranked": 0}
     real_rerank, real_exact = bank_mod.rerank, dense_exact.exact_search
 

@@ -24,20 +24,12 @@ def main() -> dict:
     ap.add_argument("run_dir")
     ap.add_argument("--images", type=int, default=4)
     args = ap.parse_args()
-    from adtrain.build import build_datamodule
-    from adtrain.loading import load_method
+    from _timing import run_patch_queries
+
     from adtrain.memory.lowp import pair_bound
 
-    method, cfg, _ = load_method(f"{args.run_dir}/checkpoints/model.ckpt")
-    method.eval()
+    method, cfg, _, q = run_patch_queries(args.run_dir, args.images)
     bank = method.model.memory.bank.float()
-    dm = build_datamodule(cfg)
-    dm.setup("test")
-    x = next(iter(dm.make_dataloader(dm.test_samples[: args.images], train=False)))["image"]
-    x = dm.input_normalizer(x) if x.dtype == torch.uint8 else x
-    with torch.no_grad():
-        emb = method.model.embed(x)
-    q = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float()
     cen = bank.mean(0)
     qc, bc = q - cen, bank - cen
     qn, mn = qc.norm(dim=1), bc.norm(dim=1)
