@@ -80,6 +80,19 @@ def pair_bound(dim: int, dtype: torch.dtype) -> tuple[float, float, float]:
     return a, b, c
 
 
+def augment(x: torch.Tensor, dtype: torch.dtype, s: float, b: float, c: float):
+    """The low-precision pass's side of ``x`` (R, D) fp32: ((R, W) in ``dtype``, the vectors and
+    s |x| in column D, W = D + 1 padded to a multiple of 8 for tensor cores), the fp32 per-row
+    term |x|^2 - b |x|^2 - c |x| of the lower bound, and |x| (``pair_bound``'s b and c)."""
+    dim = x.shape[1]
+    sq = (x * x).sum(dim=1)
+    norm = sq.sqrt()
+    out = torch.zeros(x.shape[0], -(-(dim + 1) // 8) * 8, device=x.device, dtype=dtype)
+    out[:, :dim] = x.to(dtype)
+    out[:, dim] = (s * norm).to(dtype)
+    return out, sq - b * sq - c * norm, norm
+
+
 def certified_search(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, dtype: torch.dtype,
                      query_chunk: int, bank_chunk: int, device=None,
                      center: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,15 +135,9 @@ def certified_pass(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, 
     keep = min(n, kc + 1)  # one more: the best excluded item certifies the kept ones
     a, b, c = pair_bound(dim, dtype)
     s = math.sqrt(a / 2 + b)
-    width = -(-(dim + 1) // 8) * 8  # the extra column, padded for tensor cores
 
     def augmented(x: torch.Tensor):
-        sq = (x * x).sum(dim=1)
-        norm = sq.sqrt()
-        out = torch.zeros(x.shape[0], width, device=dev, dtype=dtype)
-        out[:, :dim] = x.to(dtype)
-        out[:, dim] = (s * norm).to(dtype)
-        return out, sq - b * sq - c * norm, norm
+        return augment(x, dtype, s, b, c)
 
     qlow, qadj, qn = augmented(q32)
     qadj = qadj.unsqueeze(1)

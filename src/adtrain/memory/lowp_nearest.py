@@ -32,7 +32,7 @@ import math
 import torch
 
 from adtrain.memory.dense_exact import widths
-from adtrain.memory.lowp import _CUDA_BLOCK, exact_search, pair_bound
+from adtrain.memory.lowp import _CUDA_BLOCK, augment, exact_search, pair_bound
 
 #: devices on which ``addmm(..., out_dtype=float32)`` of half inputs failed once (older torch)
 _NO_OUT_DTYPE: set[str] = set()
@@ -63,16 +63,10 @@ def certified_nearest(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dt
     m, (n, dim) = q32.shape[0], bank.shape
     a, b, c = pair_bound(dim, dtype)
     s = math.sqrt(a / 2 + b)
-    width = -(-(dim + 1) // 8) * 8  # the extra column, padded for tensor cores
     cen = None if center is None else center.detach().to(dev, torch.float32).reshape(1, -1)
 
     def augmented(x: torch.Tensor):  # as lowp.certified_pass
-        sq = (x * x).sum(dim=1)
-        norm = sq.sqrt()
-        out = torch.zeros(x.shape[0], width, device=dev, dtype=dtype)
-        out[:, :dim] = x.to(dtype)
-        out[:, dim] = (s * norm).to(dtype)
-        return out, sq - b * sq - c * norm, norm
+        return augment(x, dtype, s, b, c)
 
     def slack(qn: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:  # U - L = 2 eps(|q|, |m|)
         return 2 * (a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn))
