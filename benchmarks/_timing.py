@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import resource
+import time
+from contextlib import contextmanager
 
 import torch
 
@@ -46,3 +48,47 @@ def run_patch_queries(run_dir: str, images: int):
     with torch.no_grad():
         emb = method.model.embed(x)
     return method, cfg, dm, emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float().contiguous()
+
+
+def sync_if_cuda() -> None:
+    """Wait for the GPU where CUDA has started (a no-op on a CPU-only run)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def part_timers(targets):
+    """Wrap ``owner.attribute`` of each (label, owner, attribute) with a timer that synchronises
+    the GPU before it starts and stops (GPU time is charged to the part that queued it); a part
+    called inside another of the same context is counted in the outer one only. Yields
+    {label: [seconds, calls, rows]} (rows: first dimension of the first tensor argument)."""
+    spent: dict[str, list] = {}
+    depth = {"n": 0}
+    originals = []
+    for label, owner, name in targets:
+        fn = getattr(owner, name)
+        originals.append((owner, name, fn))
+
+        def wrapped(*args, __fn=fn, __label=label, **kwargs):
+            if depth["n"]:  # nested inside another timed part: counted there
+                return __fn(*args, **kwargs)
+            depth["n"] += 1
+            sync_if_cuda()
+            t0 = time.perf_counter()
+            try:
+                return __fn(*args, **kwargs)
+            finally:
+                sync_if_cuda()
+                rec = spent.setdefault(__label, [0.0, 0, 0])
+                rec[0] += time.perf_counter() - t0
+                rec[1] += 1
+                first = next((a for a in args if isinstance(a, torch.Tensor)), None)  # (self,) queries, ...
+                rec[2] += int(first.shape[0]) if first is not None else 0
+                depth["n"] -= 1
+
+        setattr(owner, name, wrapped)
+    try:
+        yield spent
+    finally:
+        for owner, name, fn in reversed(originals):
+            setattr(owner, name, fn)

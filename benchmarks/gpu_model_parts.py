@@ -21,49 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import torch
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-@contextmanager
-def part_timers(targets):
-    """targets: [(label, owner, attribute)]; yields {label: [seconds, calls, rows]}."""
-    spent: dict[str, list] = {}
-    depth = {"n": 0}
-    originals = []
-    for label, owner, name in targets:
-        fn = getattr(owner, name)
-        originals.append((owner, name, fn))
-
-        def wrapped(*args, __fn=fn, __label=label, **kwargs):
-            if depth["n"]:  # nested: charged to the outer part
-                return __fn(*args, **kwargs)
-            depth["n"] += 1
-            _sync()
-            t0 = time.perf_counter()
-            try:
-                return __fn(*args, **kwargs)
-            finally:
-                _sync()
-                rec = spent.setdefault(__label, [0.0, 0, 0])
-                rec[0] += time.perf_counter() - t0
-                rec[1] += 1
-                first = next((a for a in args if isinstance(a, torch.Tensor)), None)  # (self,) queries, ...
-                rec[2] += int(first.shape[0]) if first is not None else 0
-                depth["n"] -= 1
-
-        setattr(owner, name, wrapped)
-    try:
-        yield spent
-    finally:
-        for owner, name, fn in reversed(originals):
-            setattr(owner, name, fn)
+from _timing import part_timers, sync_if_cuda as _sync
 
 
 def main() -> dict:

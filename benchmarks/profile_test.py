@@ -25,17 +25,12 @@ import sys
 import time
 from contextlib import contextmanager
 
-import torch
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+from _timing import part_timers
 
 
 @contextmanager
 def timers():
-    """Wrap the test path's parts with synchronising timers; yields the {part: seconds} dict."""
+    """Wrap the test path's parts with synchronising timers; yields {part: [seconds, calls, rows]}."""
     from torch.utils.data import dataloader
 
     from adtrain.methods.base import AnomalyModule
@@ -49,8 +44,6 @@ def timers():
         for sub in cls.__subclasses__():
             yield from family(sub)
 
-    spent: dict[str, float] = {}
-    depth = {"n": 0}
     hooks = ("on_after_batch_transfer", "anomaly_output", "on_test_epoch_end")
     labels = {"on_after_batch_transfer": "transfer + normalisation (on_after_batch_transfer)",
               "anomaly_output": "model (anomaly_output)", "on_test_epoch_end": "epoch end (on_test_epoch_end)"}
@@ -58,30 +51,8 @@ def timers():
                ("pixel metrics (update_pixels)", AnomalyEvaluator, "update_pixels")]
     targets += [(labels[name], cls, name) for cls in set(family(AnomalyModule)) for name in hooks
                 if name in vars(cls)]  # every class that defines the hook (overrides nest: counted once)
-    originals = []
-    for label, owner, name in targets:
-        fn = getattr(owner, name)
-        originals.append((owner, name, fn))
-
-        def wrapped(*args, __fn=fn, __label=label, **kwargs):
-            if depth["n"]:  # nested inside another timed part: counted there
-                return __fn(*args, **kwargs)
-            depth["n"] += 1
-            _sync()
-            t0 = time.perf_counter()
-            try:
-                return __fn(*args, **kwargs)
-            finally:
-                _sync()
-                spent[__label] = spent.get(__label, 0.0) + time.perf_counter() - t0
-                depth["n"] -= 1
-
-        setattr(owner, name, wrapped)
-    try:
+    with part_timers(targets) as spent:
         yield spent
-    finally:
-        for owner, name, fn in originals:
-            setattr(owner, name, fn)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         timed = adtrain.test(args.run_dir, overrides)
         timed_wall = time.perf_counter() - t0
-    split = {k: round(v, 3) for k, v in spent.items()}
+    split = {k: round(v[0], 3) for k, v in spent.items()}
     test_seconds = float(timed["test_seconds"])
     print(f"timed test: {timed['test_images_per_second']} images/s, test {test_seconds:.2f} s")
     for label, sec in split.items():

@@ -57,13 +57,13 @@ def certified_nearest(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dt
     fp32 nearest bank item of each query, ties by index (module docstring). ``cap``: most
     candidates a query is re-ranked over before it is searched again in full."""
     dev = torch.device(device) if device is not None else bank.device
+    cen = None if center is None else center.detach().to(dev, torch.float32).reshape(1, -1)
     q32 = queries.detach().to(dev, torch.float32)
-    if center is not None:
-        q32 = q32 - center.detach().to(dev, torch.float32).reshape(1, -1)
+    if cen is not None:
+        q32 = q32 - cen
     m, (n, dim) = q32.shape[0], bank.shape
     a, b, c = pair_bound(dim, dtype)
     s = math.sqrt(a / 2 + b)
-    cen = None if center is None else center.detach().to(dev, torch.float32).reshape(1, -1)
 
     def augmented(x: torch.Tensor):  # as lowp.certified_pass
         return augment(x, dtype, s, b, c)
