@@ -70,3 +70,17 @@ def test_mvtec_root_default_reads_env(monkeypatch, tmp_path):
     assert cfg["root"] == str(tmp_path / "elsewhere")
     monkeypatch.delenv("MVTEC_ROOT")
     assert _compose("mvtec", tmp_path)["root"] == "data/mvtec"
+
+
+def test_elpv_poly_gets_its_own_perlin_opacity_and_mono_keeps_the_default():
+    """data/elpv.yaml's by_category: poly's Perlin anomalies at 25-85 % opacity, mono's (and every
+    other option of both) as the family's defaults."""
+    from tests.conftest import compose
+
+    from adtrain.data.validation import ValAnomalies
+
+    spec = ValAnomalies.from_any(compose("data=elpv").data.val_anomalies)
+    mono, poly = spec.generator("perlin", "mono").config, spec.generator("perlin", "poly").config
+    assert mono.beta == (0.75, 0.95) and poly.beta == (0.25, 0.85)
+    assert {k: v for k, v in vars(poly).items() if k != "beta"} == {k: v for k, v in vars(mono).items() if k != "beta"}
+    assert spec.generator("cutpaste", "poly") is spec.generator("cutpaste", "mono")

@@ -91,6 +91,46 @@ def test_validation_set_does_not_depend_on_the_install_location(tmp_path):
         assert np.array_equal(ia, ib) and np.array_equal(ma, mb)
 
 
+def test_by_category_overrides_one_category_and_leaves_the_others_identical(tmp_path):
+    """``by_category`` merges its options over the family's for that category only: the other
+    category's anomalies are bit-identical, the overridden one's change (here: the Perlin opacity)."""
+    from adtrain.data.mvtec import MVTecDataModule
+    from adtrain.data.testing import write_mvtec_tree
+
+    root = tmp_path / "mvtec"
+    for i, cat in enumerate(("widget", "gadget")):
+        write_mvtec_tree(root, category=cat, n_train=8, size=48, seed=i)
+
+    def val_set(**extra):
+        dm = MVTecDataModule(root=str(root), category=["widget", "gadget"], image_size=[48, 48], val_split=0.5,
+                             val_anomalies={"families": ["perlin"], "perlin": {"beta": [0.9, 0.95]}, **extra})
+        dm.setup("fit")
+        return dm.validation_dataset()
+
+    base, over = val_set(), val_set(by_category={"gadget": {"perlin": {"beta": [0.0, 0.05]}}})
+    assert over.spec.generator("perlin", "gadget").config.beta == (0.0, 0.05)
+    assert over.spec.generator("perlin", "widget").config.beta == (0.9, 0.95)
+    assert over.spec.generator("perlin", "gadget").config.area_ratio == base.spec.generators["perlin"].config.area_ratio
+    n = len(base.items) // 2
+    cats = set()
+    for i in range(n, 2 * n):
+        (ia, ma), (ib, mb) = base._anomaly(i), over._anomaly(i)
+        cat = base.items[i][0].category
+        cats.add(cat)
+        assert np.array_equal(ma, mb)  # same rng: the same mask, only the blend differs
+        if cat == "widget":
+            assert np.array_equal(ia, ib)
+        else:  # 5-10 % of the image left inside the mask instead of 90-95 %: a visibly stronger anomaly
+            inside = ma.astype(bool)
+            orig = base.base._load(base.items[i][0])[0][inside].astype(np.float32)
+            assert np.abs(ib[inside] - orig).mean() > 3 * np.abs(ia[inside] - orig).mean()
+    assert cats == {"widget", "gadget"}
+    for bad, key in (({"gadget": {"gan": {}}}, "by_category.gadget"), ([1], "by_category"),
+                     ({"gadget": {"perlin": {"beta": [2, 3]}}}, "perlin.beta")):
+        with pytest.raises(ConfigError, match=key):
+            val_set(by_category=bad)
+
+
 def test_threshold_uses_normals_only(fast_cfg):
     dm = _dm(fast_cfg(*TINY))
     labels = torch.cat([b["label"] for b in dm.val_normal_dataloader()])

@@ -10,6 +10,9 @@ cover the normals evenly):
   Zavrtanik et al., ICCV 2021; ``adtrain.data.perlin.PerlinAnomaly``): a different shape and
   appearance family (irregular blobs of foreign material instead of displaced own content).
 
+``by_category`` overrides a family's options for one category (e.g. a stronger Perlin opacity
+where a category's own texture hides a faint one: ELPV poly, docs/data.md).
+
 Each anomaly is drawn from a generator seeded by (seed, family, copy, category and the last three
 parts of the image path, so not the install location) on the image
 at its stored resolution, before any resize: the validation set is the same for every epoch and
@@ -56,6 +59,7 @@ class ValAnomalies:
     cache_mb: float = 512.0
     cutpaste: dict = field(default_factory=dict)
     perlin: dict = field(default_factory=dict)
+    by_category: dict = field(default_factory=dict)
 
     def __post_init__(self):
         fams = [self.families] if isinstance(self.families, str) else list(self.families or [])
@@ -67,6 +71,25 @@ class ValAnomalies:
             raise ConfigError("data.val_anomalies.per_normal", f"must be >= 0, got {self.per_normal}")
         self.per_normal = int(self.per_normal) if self.families else 0
         self.generators = {f: _generator(f, getattr(self, f)) for f in self.families}
+        self.category_generators: dict[str, dict] = {}
+        if not isinstance(self.by_category or {}, Mapping):
+            raise ConfigError("data.val_anomalies.by_category",
+                              f"expected a mapping category -> {{family: options}}, got {self.by_category!r}")
+        for cat, over in dict(self.by_category or {}).items():
+            key = f"data.val_anomalies.by_category.{cat}"
+            if not isinstance(over, Mapping):
+                raise ConfigError(key, f"expected a mapping family -> options, got {over!r}")
+            bad = [f for f in over if f not in FAMILIES]
+            if bad:
+                raise ConfigError(key, f"unknown families {bad}; choose from {list(FAMILIES)}")
+            self.category_generators[str(cat)] = {
+                f: _generator(f, {**dict(getattr(self, f) or {}), **dict(over[f] or {})}) if f in over
+                else self.generators[f] for f in self.families}
+
+    def generator(self, family: str, category: str):
+        """The generator of ``family`` for an image of ``category`` (``by_category`` options merged
+        over the family's own, key by key)."""
+        return self.category_generators.get(str(category), self.generators)[family]
 
     @classmethod
     def from_any(cls, cfg) -> "ValAnomalies":
@@ -132,7 +155,7 @@ class ValidationDataset(Dataset):
         sample, family, copy = self.items[index]
         image, _ = self.base._load(sample)
         rng = seeded_rng(self.seed, "val_anomaly", family, str(copy), sample_key(sample))
-        image, mask = self.spec.generators[family](image, rng)
+        image, mask = self.spec.generator(family, sample.category)(image, rng)
         out = (np.ascontiguousarray(image, dtype=np.uint8), _binarise(mask))
         size = out[0].nbytes + out[1].nbytes
         if self._cached_bytes + size <= self.spec.cache_mb * 2**20:
