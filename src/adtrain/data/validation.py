@@ -11,7 +11,7 @@ cover the normals evenly):
   appearance family (irregular blobs of foreign material instead of displaced own content).
 
 ``by_category`` overrides a family's options for one category (e.g. a stronger Perlin opacity
-where a category's own texture hides a faint one: ELPV poly, docs/data.md).
+where a category's own texture hides a faint one: ELPV poly, README "Data").
 
 Each anomaly is drawn from a generator seeded by (seed, family, copy, category and the last three
 parts of the image path, so not the install location) on the image
