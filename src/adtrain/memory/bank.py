@@ -12,7 +12,7 @@ from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense
 from adtrain.memory.graph_knn import graph_knn, in_graph
 from adtrain.memory.projected import PROJECTIONS, Projection, projected_search, projection_for
 from adtrain.memory.lowp import (DISTANCE_DTYPES, certified_from_rerank, certified_pass,
-                             exact_search, fits_dtype, matmul_dtype, max_norm, pair_bound,
+                             exact_search, fits_dtype, matmul_dtype, max_norm, pair_bound, pair_eps,
                              resolve_distance_dtype)
 from adtrain.memory.lowp_nearest import certified_nearest
 from adtrain.memory.index import (
@@ -436,8 +436,7 @@ class MemoryBank(nn.Module):
         center = self._bank_center()
         qn = (queries.detach().to(dev, torch.float32) - center.to(dev)).norm(dim=1)
         mn = self._centred_max_norm()
-        a, b, c = pair_bound(bank.shape[1], torch.float32)
-        eps = a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn)
+        eps = pair_eps(qn, mn, pair_bound(bank.shape[1], torch.float32))
         wide = min(bank.shape[0], k + FLAT_PAD)
         weak = torch.zeros(cand.shape[0], dtype=torch.bool, device=dev)
         if cand.shape[1] < wide:

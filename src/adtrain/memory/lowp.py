@@ -80,6 +80,13 @@ def pair_bound(dim: int, dtype: torch.dtype) -> tuple[float, float, float]:
     return a, b, c
 
 
+def pair_eps(qn, mn, bound: tuple[float, float, float]):
+    """``pair_bound``'s eps at query norms ``qn`` and item norms ``mn`` (tensors or floats that
+    broadcast): a |q| |m| + b (|q| + |m|)^2 + c (|q| + |m|)."""
+    a, b, c = bound
+    return a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn)
+
+
 def augment(x: torch.Tensor, dtype: torch.dtype, s: float, b: float, c: float):
     """The low-precision pass's side of ``x`` (R, D) fp32: ((R, W) in ``dtype``, the vectors and
     s |x| in column D, W = D + 1 padded to a multiple of 8 for tensor cores), the fp32 per-row
@@ -170,7 +177,7 @@ def certified_pass(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, 
         return best_i, best_l, None
     kept_n = m_norm[best_i[:, :kc]]
     qk = qn.unsqueeze(1)
-    upper = best_l[:, :kc] + 2 * (a * qk * kept_n + b * (qk + kept_n) ** 2 + c * (qk + kept_n))
+    upper = best_l[:, :kc] + 2 * pair_eps(qk, kept_n, (a, b, c))
     return best_i, best_l, torch.kthvalue(upper, k, dim=1).values
 
 
@@ -223,7 +230,7 @@ def exact_search(queries: torch.Tensor, bank: torch.Tensor, k: int, rerank, devi
     a, b, c = 1.01 * a, 1.01 * b, 1.01 * c  # the elementwise roundings of the bounds themselves
 
     def eps(qn: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
-        return a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn)
+        return pair_eps(qn, mn, (a, b, c))
 
     m_norm = torch.empty(n, device=dev)
     rows = max(1, (1 << (27 if dev.type == "cuda" else 24)) // max(1, n))  # GPU: fewer, larger blocks

@@ -32,7 +32,7 @@ import math
 import torch
 
 from adtrain.memory.dense_exact import widths
-from adtrain.memory.lowp import _CUDA_BLOCK, augment, exact_search, pair_bound
+from adtrain.memory.lowp import _CUDA_BLOCK, augment, exact_search, pair_bound, pair_eps
 
 #: devices on which ``addmm(..., out_dtype=float32)`` of half inputs failed once (older torch)
 _NO_OUT_DTYPE: set[str] = set()
@@ -69,7 +69,7 @@ def certified_nearest(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dt
         return augment(x, dtype, s, b, c)
 
     def slack(qn: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:  # U - L = 2 eps(|q|, |m|)
-        return 2 * (a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn))
+        return 2 * pair_eps(qn, mn, (a, b, c))
 
     qlow, qadj, qn = augmented(q32)
     finite = torch.isfinite(qadj) & torch.isfinite(qlow).all(dim=1)
