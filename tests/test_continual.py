@@ -87,6 +87,15 @@ def test_three_task_schedule_end_to_end(fast_cfg, tmp_path, monkeypatch):
         png = tmp_path / f"matrix_{m}.png"
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [len(p["evaluations"]) for p in saved["per_task"]] == [1, 2, 3]
+    # routed validation (schedule.routed_val=last): every task's validation set after the last task,
+    # scored as the test sets are; its average is the run's val_* (a sweep's objective)
+    assert [len(p["routed_validation"]) for p in saved["per_task"]] == [0, 0, 3]
+    routed = [r["val/image_auroc"] for r in saved["per_task"][2]["routed_validation"]]
+    assert saved["val_source"] == "routed" and saved["val_image_auroc"] == pytest.approx(sum(routed) / 3)
+    # the last task's own validation is the final model's: the same figure through the routed path
+    assert routed[2] == pytest.approx(saved["per_task"][2]["val_image_auroc"])
+    own = [p["val_image_auroc"] for p in saved["per_task"]]
+    assert saved["own_state_val"]["val_image_auroc"] == pytest.approx(sum(own) / 3)
     assert saved["fit_seconds"] == pytest.approx(sum(p["fit_seconds"] for p in saved["per_task"]), abs=0.01)
 
     for t in range(3):
@@ -260,6 +269,9 @@ def test_schedule_configs_and_errors(fast_cfg, tmp_path):
         parse_tasks([[]])
     with pytest.raises(ConfigError, match="schedule.replay"):
         read_schedule(compose("schedule=synthetic_3", "schedule.replay=-1"))
+    assert read_schedule(compose("schedule=synthetic_3")).routed_val == "last"
+    with pytest.raises(ConfigError, match="schedule.routed_val"):
+        read_schedule(compose("schedule=synthetic_3", "schedule.routed_val=first"))
     # a category the data set does not have fails before any training, naming the task
     with pytest.raises(ConfigError, match=r"schedule.tasks.*task 1 \(bottle\)"):
         run(fast_cfg(*TINY, "schedule.tasks=[texture,bottle]"), tmp_path)

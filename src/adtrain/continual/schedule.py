@@ -10,12 +10,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from adtrain.errors import ConfigError
 
 
+ROUTED_VAL = ("last", "all", "off")
+
+
 @dataclass(frozen=True)
 class Schedule:
     name: str
     tasks: list[list[str]]      # each task: its categories
     joint: bool = False         # upper bound: train once on the union, evaluate per task
     replay: int = 0             # images kept from each finished task for later training
+    routed_val: str = "last"    # validation sets scored as the test sets are (routed): last row | all | off
 
     @property
     def task_names(self) -> list[str]:
@@ -67,11 +71,14 @@ def read_schedule(cfg: DictConfig) -> Schedule:
     replay = node.get("replay", 0) or 0
     if not isinstance(replay, int) or replay < 0:
         raise ConfigError("schedule.replay", f"must be an integer >= 0, got {replay!r}")
+    routed_val = str(node.get("routed_val", "last"))
+    if routed_val not in ROUTED_VAL:
+        raise ConfigError("schedule.routed_val", f"must be one of {ROUTED_VAL}, got {routed_val!r}")
     name = str(node.get("name") or "custom")
     if name == "single":
         name = "custom"
     return Schedule(name=name, tasks=parse_tasks(node.tasks), joint=bool(node.get("joint", False)),
-                    replay=int(replay))
+                    replay=int(replay), routed_val=routed_val)
 
 
 def task_config(cfg: DictConfig, categories: list[str]) -> DictConfig:

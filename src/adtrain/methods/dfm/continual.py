@@ -14,27 +14,36 @@ states. Routed scores and maps are therefore expressed in units of the task's ow
 normals: (x - median) / (1.4826 * MAD) of the image scores its selected state gave them when the
 task's threshold was fitted. The run's threshold then lives in those units too (the mean over
 tasks of each task's calibrated threshold; the normal median is 0). ``none``: raw scores.
+
+Routing (``task_routing``): ``keys`` (UCAD's rule, the paper's) as above; ``score`` (design, the
+per-task memory methods' rule): every image is scored by every task's state and keeps its lowest
+score, in the units above (calibrated or raw). It costs one pass per task at test time
+(docs/methods/dfm.md has the measurement).
 """
 
 from __future__ import annotations
 
 import torch
 
-from adtrain.continual.routing import TaskRouter
+from adtrain.continual.routing import TaskRouter, select_by_score
 from adtrain.errors import ConfigError, TrainingError
 from adtrain.methods.output import AnomalyOutput
 
 _TRAINABLE = ("adapters", "head", "fmn")
 TASK_SCORE_NORMS = ("normal", "none")
+TASK_ROUTINGS = ("keys", "score")
 
 
 class DfmContinualMixin:
     continual_behaviour = "dfm_per_task_state_key_routing"
 
-    def init_continual(self, task_score_norm: str = "normal") -> None:
+    def init_continual(self, task_score_norm: str = "normal", task_routing: str = "keys") -> None:
         if task_score_norm not in TASK_SCORE_NORMS:
             raise ConfigError("method.task_score_norm", f"must be one of {TASK_SCORE_NORMS}, got {task_score_norm!r}")
+        if task_routing not in TASK_ROUTINGS:
+            raise ConfigError("method.task_routing", f"must be one of {TASK_ROUTINGS}, got {task_routing!r}")
         self.task_score_norm = task_score_norm
+        self.task_routing = task_routing
         self.task_calibration: list[dict[str, float] | None] = []  # per finished task (None: no held-out normals)
         self.normal_scores: torch.Tensor | None = None  # set by fit_threshold
         self.task_states: list[dict[str, torch.Tensor]] = []
@@ -120,32 +129,43 @@ class DfmContinualMixin:
         """Task index (B,) of each image: argmin over tasks of the mean nearest-key distance."""
         return self.router.route(self.model.key_features(images).float())
 
+    def _task_output(self, t: int, images: torch.Tensor, calibrated: bool) -> AnomalyOutput:
+        """Task t's state on ``images`` (its state loaded by the caller), in routed units."""
+        self.load_trainable_state(self.task_states[t])
+        out = super().anomaly_output(images)
+        if not calibrated:
+            return out
+        c = self.task_calibration[t]
+        return AnomalyOutput((out.anomaly_map - c["center"]) / c["scale"], (out.pred_score - c["center"]) / c["scale"])
+
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
         if images.dtype == torch.uint8:  # raw pixels (data.device_normalize): normalised once, here
             images = self.model_input(images)
         if not self.routing:
             return super().anomaly_output(images)
-        tasks = self.route(images)
-        self.last_routed_tasks = tasks
         current = self.trainable_state()
         calibrated = self.calibrated
-        maps = scores = None
         try:
+            if self.task_routing == "score":  # every task's state; the lowest score wins
+                outs = [self._task_output(t, images, calibrated) for t in range(len(self.task_states))]
+                best = select_by_score(torch.stack([o.pred_score for o in outs]))
+                rows = torch.arange(images.shape[0], device=best.device)
+                self.last_routed_tasks = best
+                return AnomalyOutput(torch.stack([o.anomaly_map for o in outs])[best, rows],
+                                     torch.stack([o.pred_score for o in outs])[best, rows])
+            tasks = self.route(images)
+            self.last_routed_tasks = tasks
+            maps = scores = None
             for t in torch.unique(tasks).tolist():
                 sel = tasks == t
-                self.load_trainable_state(self.task_states[t])
-                out = super().anomaly_output(images[sel])
+                out = self._task_output(t, images[sel], calibrated)
                 if maps is None:
                     maps = out.anomaly_map.new_zeros((images.shape[0], *out.anomaly_map.shape[1:]))
                     scores = out.pred_score.new_zeros(images.shape[0])
-                amap, score = out.anomaly_map, out.pred_score
-                if calibrated:
-                    c = self.task_calibration[t]
-                    amap, score = (amap - c["center"]) / c["scale"], (score - c["center"]) / c["scale"]
-                maps[sel], scores[sel] = amap, score
+                maps[sel], scores[sel] = out.anomaly_map, out.pred_score
+            return AnomalyOutput(maps, scores)
         finally:
             self.load_trainable_state(current)
-        return AnomalyOutput(maps, scores)
 
     # ----------------------------------------------------------------- checkpoint
     def get_extra_state(self):

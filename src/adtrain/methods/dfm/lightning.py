@@ -67,6 +67,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         train_modulates: bool = False,
         validate_every: str = "round",
         task_score_norm: str = "normal",
+        task_routing: str = "keys",
         val_cache_mb: float = 1024.0,
         seed: int = 0,
         model: DfmModel | None = None,
@@ -116,7 +117,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         #: validation patch features reused while the extractor is unchanged (embed_cache.py)
         self.val_cache = EmbeddingCache(val_cache_mb)
         self._val_key: tuple | None = None
-        self.init_continual(task_score_norm)
+        self.init_continual(task_score_norm, task_routing)
 
     # ----------------------------------------------------------------- schedule
     def schedule(self, epoch: int) -> tuple[int, int, int]:
