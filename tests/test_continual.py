@@ -90,6 +90,7 @@ def test_three_task_schedule_end_to_end(fast_cfg, tmp_path, monkeypatch):
     # routed validation (schedule.routed_val=last): every task's validation set after the last task,
     # scored as the test sets are; its average is the run's val_* (a sweep's objective)
     assert [len(p["routed_validation"]) for p in saved["per_task"]] == [0, 0, 3]
+    assert [p["routed_val_seconds"] > 0 for p in saved["per_task"]] == [False, False, True]
     routed = [r["val/image_auroc"] for r in saved["per_task"][2]["routed_validation"]]
     assert saved["val_source"] == "routed" and saved["val_image_auroc"] == pytest.approx(sum(routed) / 3)
     # the last task's own validation is the final model's: the same figure through the routed path

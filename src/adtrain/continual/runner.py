@@ -14,6 +14,7 @@ objective). Each task's own-state figures stay in ``per_task`` and ``own_state_v
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,7 @@ class _Sequence:
                 self.records += [{"task": i, **r} for r in self.method.test_records]
             log.info("  after task %d, task %d (%s): %s", t, i, self.names[i],
                      ", ".join(f"{m}={evals[i][m]:.4f}" for m in MATRIX_METRICS if evals[i].get(m) is not None))
-        routed = {}
+        routed, t_routed = {}, time.perf_counter()
         if len(sched.tasks) > 1 and not sched.joint and (sched.routed_val == "all"
                                                          or (sched.routed_val == "last" and final_row)):
             for i in seen:
@@ -145,6 +146,7 @@ class _Sequence:
             **info, **thr, **caches, "device": self.device,
             "evaluations": [{"task": i, "name": self.names[i], **evals[i]} for i in seen],
             "routed_validation": [{"task": i, "name": self.names[i], **routed[i]} for i in routed],
+            "routed_val_seconds": round(time.perf_counter() - t_routed, 3) if routed else 0.0,
         }
         save_task_checkpoint(self.method, task_checkpoint(self.run_dir, t),
                              {"task": t, "categories": list(cats), "schedule": sched.as_dict()})
