@@ -148,11 +148,11 @@ class DfmContinualMixin:
         try:
             if self.task_routing == "score":  # every task's state; the lowest score wins
                 outs = [self._task_output(t, images, calibrated) for t in range(len(self.task_states))]
-                best = select_by_score(torch.stack([o.pred_score for o in outs]))
+                scores = torch.stack([o.pred_score for o in outs])
+                best = select_by_score(scores)
                 rows = torch.arange(images.shape[0], device=best.device)
                 self.last_routed_tasks = best
-                return AnomalyOutput(torch.stack([o.anomaly_map for o in outs])[best, rows],
-                                     torch.stack([o.pred_score for o in outs])[best, rows])
+                return AnomalyOutput(torch.stack([o.anomaly_map for o in outs])[best, rows], scores[best, rows])
             tasks = self.route(images)
             self.last_routed_tasks = tasks
             maps = scores = None
