@@ -156,6 +156,26 @@ def test_ucad_experiment_is_the_15_class_continual_schedule():
     assert _compose_hydra("experiment=ucad_mvtec_dfm", "method=patchcore").method.name == "patchcore"
 
 
+def test_elpv_mono_poly_dfm_is_dfm_sized_and_routed_like_per_task_patchcore():
+    from adtrain.build import build_method
+
+    cfg = _compose_hydra("experiment=elpv_mono_poly_dfm")
+    plain = _compose_hydra("method=dfm", "data=elpv", "schedule=elpv_mono_poly")
+    assert cfg.data.name == "elpv" and list(cfg.schedule.tasks) == ["mono", "poly"]
+    patchcore = compose("method=patchcore")
+    assert cfg.method.memory_size is None and cfg.method.coreset_ratio == patchcore.method.coreset_ratio
+    assert list(cfg.method.image_size) == [256, 256] and cfg.data.image_size == [256, 256]
+    assert (cfg.method.task_routing, cfg.method.task_score_norm) == ("score", "none")
+    changed = {k for k in cfg.method if k != "backbone" and cfg.method[k] != plain.method[k]}
+    assert changed == {"memory_size", "image_size", "task_routing", "task_score_norm"}  # the named deviations only
+    cfg = OmegaConf.to_container(cfg, resolve=False)
+    cfg.pop("hydra")
+    cfg = OmegaConf.create(cfg)
+    cfg.backbone.pretrained = False
+    m = build_method(cfg)
+    assert (m.task_routing, m.task_score_norm) == ("score", "none")
+
+
 def test_local_overrides_are_optional_and_apply_when_present(tmp_path, monkeypatch):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf, ignore=shutil.ignore_patterns("local"))
