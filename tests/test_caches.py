@@ -173,3 +173,47 @@ def test_unwritable_cache_dir_falls_back_to_decoding(tree, tmp_path, caplog):
     ds = dm.make_dataset(dm.train_samples)
     assert ds.cached is None and dm.image_cache.state() == "off" and "not writable" in caplog.text
     _same(_items(ds), _items(_dm(tree, "off", blocker).make_dataset(dm.train_samples)))
+
+
+def test_too_little_disk_skips_the_cache_before_writing(tree, tmp_path, caplog, monkeypatch):
+    """A full disk must never reach the memory map (a write there is SIGBUS, not an exception)."""
+    import collections
+
+    import adtrain.data.image_cache as ic
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(ic.shutil, "disk_usage", lambda p: usage(10**9, 10**9, ic.HEADROOM_BYTES // 2))
+    dm = _dm(tree, "auto", tmp_path / "images")
+    ds = dm.make_dataset(dm.train_samples)
+    assert ds.cached is None and dm.image_cache.events == ["skip"] and "GB free" in caplog.text
+    assert not any((tmp_path / "images").iterdir())  # nothing written, not even a temp folder
+    _same(_items(ds), _items(_dm(tree, "off", tmp_path / "off").make_dataset(dm.train_samples)))
+
+
+def test_refused_reservation_falls_back_and_leaves_no_partial_entry(tree, tmp_path, caplog, monkeypatch):
+    """Free space can vanish between the check and the write (another job): the reservation
+    fails with ENOSPC, the run decodes as before and no partial entry is left behind."""
+    import errno
+
+    import adtrain.data.image_cache as ic
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ic.os, "posix_fallocate", full, raising=False)
+    dm = _dm(tree, "auto", tmp_path / "images")
+    ds = dm.make_dataset(dm.train_samples)
+    assert ds.cached is None and dm.image_cache.events == ["skip"] and "No space left" in caplog.text
+    assert not any((tmp_path / "images").iterdir())
+
+
+def test_reserved_entry_is_allocated_and_reads_back(tmp_path):
+    from adtrain.data.image_cache import _open_reserved
+
+    a = _open_reserved(tmp_path / "a.npy", (3, 8, 8, 3))
+    a[1] = 7
+    a.flush()
+    del a
+    b = np.load(tmp_path / "a.npy")
+    assert b.shape == (3, 8, 8, 3) and b.dtype == np.uint8 and int(b.sum()) == 7 * 8 * 8 * 3
+    assert os.stat(tmp_path / "a.npy").st_blocks * 512 >= b.nbytes  # blocks allocated, not sparse

@@ -33,6 +33,7 @@ def test_quickstart_notebook_shows_heatmaps_and_histogram(tmp_path, monkeypatch)
 
 def test_continual_and_sweep_notebook_shows_matrices_and_heatmaps(tmp_path, monkeypatch):
     monkeypatch.setenv("ADTRAIN_NB_TINY", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's WORK = mkdtemp(): removed with tmp_path
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
     text, images = _execute("02_continual_and_sweeps.ipynb", tmp_path)
     # two matrices (image and pixel AUROC), two heatmaps of each of three tasks, the sweep's bars

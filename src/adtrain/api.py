@@ -156,9 +156,12 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     dm = build_datamodule(cfg)
     check_files(dm, test=True)
-    work = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="adtrain-test-"))
+    if out_dir is None:  # nothing to keep: the trainer's folder is removed afterwards
+        with tempfile.TemporaryDirectory(prefix="adtrain-test-") as work:
+            trainer, _ = build_trainer(cfg, Path(work), None)
+            return evaluate_method(cfg, trainer, method, dm, None)
+    work = Path(out_dir)
     trainer, _ = build_trainer(cfg, work, None)
-    figures = evaluate_method(cfg, trainer, method, dm, work / "heatmaps" if out_dir is not None else None)
-    if out_dir is not None:
-        write_scores_csv(work / "scores.csv", method.test_records)
+    figures = evaluate_method(cfg, trainer, method, dm, work / "heatmaps")
+    write_scores_csv(work / "scores.csv", method.test_records)
     return figures

@@ -14,6 +14,11 @@ each file's size and modification time, the loader, the resize rule and the vers
 and the decoding libraries: a changed or touched file gets a new entry, never a stale one. An
 entry is a folder ``<key>/`` (images.npy, masks.npy, meta.json), built in a temp folder beside it
 and renamed into place: a concurrent job either wins the rename or uses the winner's entry.
+
+Disk space is reserved before a single image is written (``posix_fallocate``): writing a
+memory-mapped file whose pages the disk cannot hold kills the process with SIGBUS ("Bus error"),
+not an exception, so a full disk or tmpfs must be found first. Too little room (or a filesystem
+that refuses the reservation) skips the cache with a warning and the run decodes as before.
 """
 
 from __future__ import annotations
@@ -112,6 +117,36 @@ def _as_is(item):
     return item
 
 
+#: free space left over on the cache's disk after an entry is reserved
+HEADROOM_BYTES = 256 * 2**20
+
+
+def entry_bytes(n: int, image_size) -> int:
+    """What an entry's two arrays take on disk (without the small .npy headers and meta.json)."""
+    h, w = image_size
+    return n * h * w * 4  # uint8 RGB image + uint8 mask
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate every block of the open file now, so a full disk raises OSError (ENOSPC) here
+    instead of SIGBUS on the first write through the memory map."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+        return
+    chunk = b"\0" * (16 * 2**20)  # no fallocate (macOS, Windows): write the zeros ourselves
+    for start in range(0, size, len(chunk)):
+        os.pwrite(fd, chunk[:min(len(chunk), size - start)], start)
+
+
+def _open_reserved(path: Path, shape: tuple) -> np.memmap:
+    """A zero-filled uint8 .npy of ``shape`` with its blocks allocated, opened memory-mapped."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+        f.flush()
+        _reserve(f.fileno(), f.tell() + int(np.prod(shape)))
+    return np.load(path, mmap_mode="r+")
+
+
 def _build(folder: Path, dataset, image_size, num_workers: int) -> None:
     import albumentations as A
     import cv2
@@ -119,8 +154,8 @@ def _build(folder: Path, dataset, image_size, num_workers: int) -> None:
     resize = A.Resize(image_size[0], image_size[1], interpolation=cv2.INTER_LINEAR,
                       mask_interpolation=cv2.INTER_NEAREST)
     n, (h, w) = len(dataset), image_size
-    images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, h, w, 3))
-    masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, h, w))
+    images = _open_reserved(folder / "images.npy", (n, h, w, 3))
+    masks = _open_reserved(folder / "masks.npy", (n, h, w))
     source = np.zeros((n, 2), np.int64)
     has_mask = np.zeros(n, bool)
     loader = torch.utils.data.DataLoader(_Decode(dataset, resize), batch_size=None, num_workers=num_workers,
@@ -163,6 +198,18 @@ class ImageCache:
             return CachedImages(folder)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.root).free
+        except OSError as e:
+            log.warning("data.cache_dir=%s is not writable (%s): images are decoded without the cache", self.root, e)
+            self.events.append("skip")
+            return None
+        need = entry_bytes(len(dataset), image_size)
+        if free < need + HEADROOM_BYTES:
+            log.warning("data.cache_dir=%s: %.2f GB free, the image cache needs %.2f GB (+%.2f GB left free): "
+                        "images are decoded without it", self.root, free / 1e9, need / 1e9, HEADROOM_BYTES / 1e9)
+            self.events.append("skip")
+            return None
+        try:
             tmp = self.root / f".{key}.{secrets.token_hex(6)}.tmp"
             tmp.mkdir()
         except OSError as e:
