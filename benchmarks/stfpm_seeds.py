@@ -17,7 +17,9 @@ and range.
 - adtrain variants (`VARIANTS` below): `base` = adtrain's EfficientNet-Lite0 config
   (`tf_efficientnet_lite0`, its TF padding and 0.5/0.5 statistics, weight decay 1e-4); `wd` =
   base + weight decay 1e-3; `full` = anomalib's recipe in full (its model, statistics and weight
-  decay); `*_rc` = the same with `method.recalibrate_bn=true`.
+  decay); `*_rc` = the same with `method.recalibrate_bn=true`; `full_swa` = `full` with
+  `method.average_weights=1` (the mean of the student's weights over the last epoch's steps,
+  batch norms recomputed for it).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ VARIANTS = {
     "wd": ["method.weight_decay=1e-3"],
     "full": ANOMALIB_RECIPE,
     "full_rc": ["method.recalibrate_bn=true", *ANOMALIB_RECIPE],
+    "full_swa": ["method.average_weights=1", *ANOMALIB_RECIPE],
 }
 COMMON = ["method=stfpm", "data=elpv", "data.category=mono", "data.val_split=0", "data.seed=0",
           "backbone=efficientnet_lite0", "trainer.max_epochs=2", "method.batch_size=16",

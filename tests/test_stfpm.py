@@ -166,3 +166,81 @@ def test_recalibrate_bn_run_saves_recalibrated_statistics(fast_cfg, tmp_path):
     update_bn((method.model_input(b["image"]) for b in loader), method.model.student)
     redone = [b for n, b in method.model.student.named_buffers() if "running" in n]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(stats[True], redone))
+
+
+def test_average_weights_keeps_the_mean_of_the_last_epochs_steps(fast_cfg, tmp_path, monkeypatch):
+    """method.average_weights=1: the kept student is the mean of its weights after each step of the
+    last epoch (not the last step's), with batch norms recomputed for those averaged weights."""
+    from torch.optim.swa_utils import update_bn
+
+    from adtrain.build import build_datamodule
+    from adtrain.loading import load_method
+    from adtrain.methods.stfpm import Stfpm
+    from adtrain.run import run
+
+    seen = []
+    original = Stfpm.on_train_batch_end
+
+    def record(self, outputs, batch, batch_idx):
+        seen.append((self.current_epoch, {k: p.detach().clone() for k, p in self.model.student.named_parameters()}))
+        return original(self, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(Stfpm, "on_train_batch_end", record)
+    cfg = fast_cfg("method=stfpm", "method.average_weights=1", "trainer.max_epochs=2", "selection.monitor=last",
+                   "seed=5")
+    run(cfg, tmp_path)
+    last = [w for epoch, w in seen if epoch == 1]
+    assert len(last) == 3 and len(seen) == 6  # 24 images, batch 8: three steps an epoch
+    method, run_cfg, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
+    kept = dict(method.model.student.named_parameters())
+    for k, p in kept.items():
+        mean = torch.stack([w[k] for w in last]).mean(0)
+        assert torch.allclose(p, mean, rtol=1e-5, atol=1e-6), k
+    assert any(not torch.allclose(p, last[-1][k]) for k, p in kept.items())  # not the last step's weights
+    stats = [b.clone() for n, b in method.model.student.named_buffers() if "running" in n]
+    dm = build_datamodule(run_cfg)
+    dm.setup("fit")
+    method.input_norm = getattr(dm, "input_normalizer", None)
+    update_bn((method.model_input(b["image"]) for b in dm.make_dataloader(dm.train_samples, train=False)),
+              method.model.student)
+    redone = [b for n, b in method.model.student.named_buffers() if "running" in n]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(stats, redone))
+
+
+def test_average_weights_must_be_a_count_of_epochs():
+    from adtrain.errors import ConfigError
+    from adtrain.methods.stfpm import Stfpm
+
+    backbone = {"name": "resnet18", "kind": "cnn", "pretrained": False, "weights": None,
+                "stages": {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}}
+    for bad in (-1, 0.5, True):
+        with pytest.raises(ConfigError, match="method.average_weights"):
+            Stfpm(backbone, average_weights=bad)
+
+
+def test_average_weights_survive_a_crash_and_resume(fast_cfg, tmp_path, monkeypatch):
+    """average_weights=2 over a 2-epoch run: the epoch-0 checkpoint carries the running mean, so a
+    run that crashes in epoch 1 and resumes keeps the same student as an uninterrupted run."""
+    from adtrain.loading import load_method
+    from adtrain.methods.stfpm import Stfpm
+    from adtrain.run import run
+
+    over = ("method=stfpm", "method.average_weights=2", "trainer.max_epochs=2", "selection.monitor=last", "seed=2")
+    run(fast_cfg(*over), tmp_path / "ref")
+    original = Stfpm.training_step
+
+    def crashing(self, batch, idx):
+        if self.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, idx)
+
+    monkeypatch.setattr(Stfpm, "training_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(fast_cfg(*over), tmp_path / "run")
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["stfpm_weight_average"]["steps"] == 3  # epoch 0's three steps
+    monkeypatch.setattr(Stfpm, "training_step", original)
+    run(fast_cfg(*over, "resume=true"), tmp_path / "run")
+    a = load_method(tmp_path / "ref" / "checkpoints" / "model.ckpt")[0].model.student.state_dict()
+    b = load_method(tmp_path / "run" / "checkpoints" / "model.ckpt")[0].model.student.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6) for k in a)
