@@ -311,7 +311,7 @@ def test_continual_scores_are_calibrated_per_task_on_its_held_out_normals(tmp_pa
 def test_score_routing_keeps_each_images_lowest_score_over_the_task_states(norm):
     m = _two_task_dfm(norm)
     x = torch.cat([_smooth(2, 40), _stripes(2, 41)])
-    m.route = lambda images: torch.tensor([1, 1, 0, 0])  # keys that send every image to the other task
+    m.router.route = lambda keys: torch.tensor([1, 1, 0, 0])  # keys that send every image to the other task
     with torch.no_grad():
         keyed = m.anomaly_output(x)
         m.task_routing = "score"  # ignores the keys
@@ -336,6 +336,33 @@ def test_score_routing_keeps_each_images_lowest_score_over_the_task_states(norm)
     assert torch.equal(m.trainable_state()["fmn.memory"], m.task_states[1]["fmn.memory"])
     with pytest.raises(ConfigError, match="method.task_routing"):
         Dfm(RESNET18, memory_size=30, task_routing="nearest")
+
+
+@pytest.mark.parametrize("routing", ["keys", "score"])
+def test_routing_runs_the_frozen_backbone_once_per_image(routing):
+    """CNN backbones: the routing keys and every task state read one extractor pass (a state's
+    adapters act after it); the outputs are those of running each state's whole model."""
+    m = _two_task_dfm("normal")
+    m.task_routing = routing
+    with torch.no_grad():  # a trained task-0 state: its adapters differ from task 1's
+        m.task_states[0] = {k: v + 0.01 if k.startswith("adapters.") and k.endswith("bias") else v
+                            for k, v in m.task_states[0].items()}
+    m.cpu_chunk_pixels = 2 * 64 * 64  # two images a call: the chunks are kept
+    x = torch.cat([_smooth(3, 40), _stripes(3, 41)])
+    calls = []
+    hook = m.model.extractor.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        shared = m.anomaly_output(x)
+        tasks = m.last_routed_tasks.clone()
+        assert calls == [2, 2, 2]  # each image once
+        calls.clear()
+        separate = m._routed_per_state(x, m.calibrated)
+    hook.remove()
+    assert sum(calls) > len(x)  # the per-state path runs the extractor again for the keys or each state
+    assert torch.equal(tasks, m.last_routed_tasks)
+    assert routing == "score" or tasks.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.allclose(shared.pred_score, separate.pred_score, atol=1e-5)
+    assert torch.allclose(shared.anomaly_map, separate.anomaly_map, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -322,7 +322,7 @@ def test_cuda_search_matches_cpu(keep_on_host):
 def test_backend_routing_and_faiss_gpu_wiring(monkeypatch):
     """auto: torch for CUDA queries when FAISS has no GPU, FAISS otherwise; with faiss-gpu the
     CPU index is copied once per device and cached (faiss-gpu itself is stood in for here)."""
-    from adtrain.memory import bank as bank_mod
+    from adtrain.memory import bank_search as bank_mod  # the module whose search reads these names
 
     mb = MemoryBank(backend="auto")
     mb.set_bank(torch.randn(200, 8, generator=_gen(8)))
@@ -480,7 +480,7 @@ def test_nearest_pass_without_sorting_equals_the_sorted_pass(monkeypatch):
     and a bank that is no multiple of the group; the same neighbours and distances bit for bit
     as the sorted pass and the full reference, duplicates past the pad searched in full, a NaN
     query and huge inputs handed to the sorted pass."""
-    from adtrain.memory import bank as bank_mod
+    from adtrain.memory import bank_search as bank_mod
     from adtrain.memory import dense_exact
 
     queries, bank = _dense_ties(seed=2, n=1201)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 
@@ -89,3 +90,50 @@ def test_cfa_eval_batch_size_keeps_the_memory_and_the_scores(fast_cfg, tmp_path)
     a, b = ([float(r["score"]) for r in rows[n]] for n in ("same", "other"))
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=0)
     assert res["same"]["image_auroc"] == res["other"]["image_auroc"]
+
+
+def _per_state(m, images):
+    """The routed output the slow way: every task's memory runs the whole model."""
+    from adtrain.methods.base import AnomalyModule
+
+    current = {k: v.clone() for k, v in m.memory_state().items()}
+    outs = []
+    for state in m.task_memories:
+        m.load_memory_state(state)
+        outs.append(AnomalyModule.anomaly_output(m, images))
+    m.load_memory_state(current)
+    scores = torch.stack([o.pred_score for o in outs])
+    best, rows = scores.argmin(0), torch.arange(images.shape[0])
+    return best, torch.stack([o.anomaly_map for o in outs])[best, rows], scores[best, rows]
+
+
+
+@pytest.mark.parametrize("method", ["patchcore", "cfa", "hetmm"])
+def test_per_task_memories_share_one_frozen_pass_per_image(fast_cfg, tmp_path, method):
+    """Routing among T task memories runs the memory-independent part of the model (backbone,
+    pooling) once per image, not T times, with the outputs of running each memory's whole model."""
+    from adtrain.build import build_datamodule
+    from adtrain.loading import load_method
+    from adtrain.run import run
+
+    over = [f"method={method}", "schedule=synthetic_3", "method.continual=per_task", "trainer.max_epochs=1",
+            "output.heatmaps=0"]
+    if method == "patchcore":
+        over.append("method.coreset_ratio=0.25")
+    run(fast_cfg(*over), tmp_path)
+    m, _, _ = load_method(sorted((tmp_path / "tasks").glob("*/model.ckpt"))[-1])
+    m.eval()
+    assert len(m.task_memories) == 3 and not m.task_open
+    m.cpu_chunk_pixels = 3 * 64 * 64  # three images a call
+    images = next(iter(build_datamodule(fast_cfg(f"method={method}", "data.category=grid")).test_dataloader()))["image"]
+    images = images[:6].float() if images.dtype != torch.uint8 else m.model_input(images[:6])
+    calls = []
+    hook = m.model.extractor.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        shared = m.anomaly_output(images)
+        assert calls == [3, 3]  # each image once, in the chunks of a single pass
+        best, maps, scores = _per_state(m, images)
+    hook.remove()
+    assert sum(calls) == 3 * 6 + 6  # the slow way: once per task memory
+    assert torch.equal(m.last_routed_tasks, best)
+    assert torch.allclose(shared.pred_score, scores, atol=1e-6) and torch.allclose(shared.anomaly_map, maps, atol=1e-5)

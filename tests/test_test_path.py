@@ -261,7 +261,7 @@ def test_centred_pair_bounds_certify_a_dense_bank_with_a_large_mean(monkeypatch)
     assert raw.float().mean() < 0.05 and centred.float().mean() > 0.95
     mb = MemoryBank(backend="torch", distance_dtype="float16", bank_chunk=1024, search_chunk=128)
     mb.set_bank(bank)
-    import adtrain.memory.bank as bank_mod
+    import adtrain.memory.bank_search as bank_mod  # the module whose search reads these names
 
     widths = []
 
@@ -486,7 +486,7 @@ def test_flat_faiss_pass_on_centred_vectors_certifies_a_dense_bank(monkeypatch):
         assert sum(redone) < 0.05 * len(queries), (k, sum(redone))
     # near-duplicates (clusters of 60 items, far closer together than the fp32 bound): k + 8
     # proves nothing, the second FAISS search with k + 128 kept proves them without a full pass
-    import adtrain.memory.bank as bank_mod
+    import adtrain.memory.bank_search as bank_mod  # the module whose search reads these names
 
     searched = []
     real_faiss = bank_mod.faiss_search

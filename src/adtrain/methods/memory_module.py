@@ -13,7 +13,7 @@ import torch
 
 from adtrain import distributed
 from adtrain.errors import ConfigError
-from adtrain.methods.base import AnomalyModule
+from adtrain.methods.base import AnomalyModule, cpu_chunk
 from adtrain.methods.output import AnomalyOutput
 
 CONTINUAL_CHOICES = ("per_task", "shared")
@@ -62,11 +62,12 @@ class TaskMemoryMixin:
         if self.task_open or len(self.task_memories) <= 1:
             return super().anomaly_output(images)
         current = {k: v.detach().clone() for k, v in self.memory_state().items()}
+        shared = self._frozen_passes(images)
         outs = []
         try:
             for state in self.task_memories:
                 self.load_memory_state({k: v.to(images.device) for k, v in state.items()})
-                outs.append(super().anomaly_output(images))
+                outs.append(super().anomaly_output(images) if shared is None else self._output_from(shared, images))
         finally:
             self.load_memory_state(current)
         scores = torch.stack([o.pred_score for o in outs])  # (T,B)
@@ -75,6 +76,21 @@ class TaskMemoryMixin:
         b = torch.arange(images.shape[0], device=scores.device)
         maps = torch.stack([o.anomaly_map for o in outs])  # (T,B,1,H,W)
         return AnomalyOutput(maps[task, b], scores[task, b])
+
+    def _frozen_passes(self, images: torch.Tensor) -> list | None:
+        """The memory-independent features of each chunk of ``images`` (the chunks of
+        ``AnomalyModule.anomaly_output``), computed once for every task's memory; None when the
+        model cannot split its forward (``frozen_features`` / ``output_from``)."""
+        model = self.model
+        if not (hasattr(model, "frozen_features") and hasattr(model, "output_from")):
+            return None
+        step = max(1, cpu_chunk(images, getattr(self, "cpu_chunk_pixels", 0)))
+        return [model.frozen_features(images[s: s + step]) for s in range(0, images.shape[0], step)]
+
+    def _output_from(self, shared: list, images: torch.Tensor) -> AnomalyOutput:
+        outs = [self.model.output_from(f, images.shape[-2:]) for f in shared]
+        return AnomalyOutput(torch.cat([o.anomaly_map.float() for o in outs]),
+                             torch.cat([o.pred_score.float() for o in outs]))
 
     # task memories travel inside the state dict
     def get_extra_state(self):

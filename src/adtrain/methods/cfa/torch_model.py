@@ -161,7 +161,9 @@ class CfaModel(nn.Module):
 
     def score_map(self, images: torch.Tensor) -> torch.Tensor:
         """softmin(d_1..K)[0] * d_1 per position at the feature grid, (B,1,H,W)."""
-        phi = self.descriptors(images)
+        return self._score_map(self.descriptors(images))
+
+    def _score_map(self, phi: torch.Tensor) -> torch.Tensor:
         b, dim, h, w = phi.shape
         d, _ = self.memory.search(phi.permute(0, 2, 3, 1).reshape(-1, dim), self.K)
         score = F.softmin(d, dim=-1)[:, 0] * d[:, 0]
@@ -177,7 +179,16 @@ class CfaModel(nn.Module):
         """Eval: AnomalyOutput. Training mode: the loss dict."""
         if self.training:
             return self.loss(images)
-        amap = F.interpolate(self.score_map(images), size=tuple(images.shape[-2:]),
-                             mode="bilinear", align_corners=False)
+        return self.output_from(self.features(images), images.shape[-2:])
+
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What does not depend on a task's memory (the frozen backbone's pooled features; the
+        descriptor and the bank are per task): one pass serves every task's state."""
+        return self.features(images)
+
+    def output_from(self, feats: torch.Tensor, size) -> AnomalyOutput:
+        """Eval output from ``frozen_features``, with maps of ``size``: what ``forward`` gives."""
+        amap = F.interpolate(self._score_map(self.descriptor(feats)), size=tuple(size), mode="bilinear",
+                             align_corners=False)
         amap = gaussian_blur2d(amap, self.blur_sigma)
         return AnomalyOutput(anomaly_map=amap, pred_score=amap.flatten(1).amax(dim=1))

@@ -27,6 +27,7 @@ import torch
 
 from adtrain.continual.routing import TaskRouter, select_by_score
 from adtrain.errors import ConfigError, TrainingError
+from adtrain.methods.base import cpu_chunk
 from adtrain.methods.output import AnomalyOutput
 
 _TRAINABLE = ("adapters", "head", "fmn")
@@ -129,14 +130,16 @@ class DfmContinualMixin:
         """Task index (B,) of each image: argmin over tasks of the mean nearest-key distance."""
         return self.router.route(self.model.key_features(images).float())
 
-    def _task_output(self, t: int, images: torch.Tensor, calibrated: bool) -> AnomalyOutput:
-        """Task t's state on ``images`` (its state loaded by the caller), in routed units."""
-        self.load_trainable_state(self.task_states[t])
-        out = super().anomaly_output(images)
+    def _in_units(self, t: int, out: AnomalyOutput, calibrated: bool) -> AnomalyOutput:
         if not calibrated:
             return out
         c = self.task_calibration[t]
         return AnomalyOutput((out.anomaly_map - c["center"]) / c["scale"], (out.pred_score - c["center"]) / c["scale"])
+
+    def _task_output(self, t: int, images: torch.Tensor, calibrated: bool) -> AnomalyOutput:
+        """Task t's state on ``images`` (its state loaded by the caller), in routed units."""
+        self.load_trainable_state(self.task_states[t])
+        return self._in_units(t, super().anomaly_output(images), calibrated)
 
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
         if images.dtype == torch.uint8:  # raw pixels (data.device_normalize): normalised once, here
@@ -144,28 +147,72 @@ class DfmContinualMixin:
         if not self.routing:
             return super().anomaly_output(images)
         current = self.trainable_state()
-        calibrated = self.calibrated
         try:
-            if self.task_routing == "score":  # every task's state; the lowest score wins
-                outs = [self._task_output(t, images, calibrated) for t in range(len(self.task_states))]
-                scores = torch.stack([o.pred_score for o in outs])
-                best = select_by_score(scores)
-                rows = torch.arange(images.shape[0], device=best.device)
-                self.last_routed_tasks = best
-                return AnomalyOutput(torch.stack([o.anomaly_map for o in outs])[best, rows], scores[best, rows])
-            tasks = self.route(images)
-            self.last_routed_tasks = tasks
-            maps = scores = None
-            for t in torch.unique(tasks).tolist():
-                sel = tasks == t
-                out = self._task_output(t, images[sel], calibrated)
-                if maps is None:
-                    maps = out.anomaly_map.new_zeros((images.shape[0], *out.anomaly_map.shape[1:]))
-                    scores = out.pred_score.new_zeros(images.shape[0])
-                maps[sel], scores[sel] = out.anomaly_map, out.pred_score
-            return AnomalyOutput(maps, scores)
+            if self.model.adapters.inside:  # ViT: the adapters act inside the backbone's blocks
+                return self._routed_per_state(images, self.calibrated)
+            return self._routed_shared(images, self.calibrated)
         finally:
             self.load_trainable_state(current)
+
+    def _pick(self, outs: list[AnomalyOutput]) -> AnomalyOutput:
+        """Lowest-score routing: each image keeps the output of the state that scores it lowest."""
+        scores = torch.stack([o.pred_score for o in outs])
+        best = select_by_score(scores)
+        rows = torch.arange(scores.shape[1], device=best.device)
+        self.last_routed_tasks = best
+        return AnomalyOutput(torch.stack([o.anomaly_map for o in outs])[best, rows], scores[best, rows])
+
+    def _routed_per_state(self, images: torch.Tensor, calibrated: bool) -> AnomalyOutput:
+        """Each state runs the whole model (backbone included) on its images."""
+        if self.task_routing == "score":  # every task's state; the lowest score wins
+            return self._pick([self._task_output(t, images, calibrated) for t in range(len(self.task_states))])
+        tasks = self.route(images)
+        self.last_routed_tasks = tasks
+        maps = scores = None
+        for t in torch.unique(tasks).tolist():
+            sel = tasks == t
+            out = self._task_output(t, images[sel], calibrated)
+            if maps is None:
+                maps = out.anomaly_map.new_zeros((images.shape[0], *out.anomaly_map.shape[1:]))
+                scores = out.pred_score.new_zeros(images.shape[0])
+            maps[sel], scores[sel] = out.anomaly_map, out.pred_score
+        return AnomalyOutput(maps, scores)
+
+    @torch.no_grad()
+    def _routed_shared(self, images: torch.Tensor, calibrated: bool) -> AnomalyOutput:
+        """CNN backbones: the frozen extractor runs once per chunk of images, and the routing keys
+        and every task state read its features (a state's adapters act after the extractor):
+        one backbone pass per image instead of one for the keys and one per state scored."""
+        m, n, size = self.model, images.shape[0], images.shape[-2:]
+        step = max(1, cpu_chunk(images, self.cpu_chunk_pixels))
+        parts = [slice(s, s + step) for s in range(0, n, step)]
+        feats = [m.extract(images[p]) for p in parts]
+
+        def state_output(t: int, rows: torch.Tensor | None = None) -> AnomalyOutput:
+            self.load_trainable_state(self.task_states[t])
+            outs = []
+            for p, f in zip(parts, feats):
+                sel = None if rows is None else rows[p]
+                if sel is not None and not bool(sel.any()):
+                    continue
+                out = m.output_from(f if sel is None else {k: v[sel] for k, v in f.items()}, size)
+                outs.append(AnomalyOutput(out.anomaly_map.float(), out.pred_score.float()))
+            return self._in_units(t, AnomalyOutput(torch.cat([o.anomaly_map for o in outs]),
+                                                   torch.cat([o.pred_score for o in outs])), calibrated)
+
+        if self.task_routing == "score":
+            return self._pick([state_output(t) for t in range(len(self.task_states))])
+        tasks = torch.cat([self.router.route(m.aggregate(f, adapt=False).float()) for f in feats])
+        self.last_routed_tasks = tasks
+        maps = scores = None
+        for t in torch.unique(tasks).tolist():
+            sel = tasks == t
+            out = state_output(t, sel)
+            if maps is None:
+                maps = out.anomaly_map.new_zeros((n, *out.anomaly_map.shape[1:]))
+                scores = out.pred_score.new_zeros(n)
+            maps[sel], scores[sel] = out.anomaly_map, out.pred_score
+        return AnomalyOutput(maps, scores)
 
     # ----------------------------------------------------------------- checkpoint
     def get_extra_state(self):

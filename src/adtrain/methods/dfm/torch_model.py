@@ -115,12 +115,27 @@ class DfmModel(nn.Module):
         if self.adapters.inside:  # ViT: adapters act inside the blocks; gradients pass the frozen blocks
             with self.adapters.enabled(adapt):
                 feats = self.extractor(images)
-        else:
-            with torch.no_grad():
-                feats = self.extractor(images)
-            if adapt:
-                feats = self.adapters(feats)
+            return pooled_concat(feats, self.layers, self.pool_size)
+        return self.aggregate(self.extract(images), adapt)
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen extractor's per-layer features (CNN backbones: the adapters act after it)."""
+        if self.adapters.inside:
+            raise AdtrainError("DFM.extract: a ViT's adapters act inside the blocks; use features()")
+        return self.extractor(images)
+
+    def aggregate(self, feats: dict[str, torch.Tensor], adapt: bool = True) -> torch.Tensor:
+        """``features`` from the extractor's output: adapters (adapt=True), then local aggregation."""
+        if adapt:
+            feats = self.adapters(feats)
         return pooled_concat(feats, self.layers, self.pool_size)
+
+    def output_from(self, feats: dict[str, torch.Tensor], size) -> AnomalyOutput:
+        """Eval-mode output from the extractor's features (CNN backbones): what ``forward`` gives
+        for the images they came from, with maps of ``size``."""
+        maps, scores = self.fmn(self.head(self.aggregate(feats)))
+        return AnomalyOutput(self.anomaly_map(maps, size), scores)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch features P the FMN matches, (B,D,h,w)."""

@@ -257,8 +257,21 @@ class HetmmModel(nn.Module):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.num_templates == 0:
             raise AdtrainError("HETMM has no templates: fit on normal images (add_templates) first")
-        query = self.extract(images)
-        size = tuple(images.shape[-2:])
+        return self.output_from(self.extract(images), images.shape[-2:])
+
+    @torch.no_grad()
+    def frozen_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The query features (the templates are per task): one pass serves every task's set."""
+        return self.extract(images)
+
+    @torch.no_grad()
+    def output_from(self, query: dict[str, torch.Tensor], size) -> AnomalyOutput:
+        """Eval output from ``frozen_features``, with maps of ``size``: what ``forward`` gives."""
+        if self.num_templates == 0:
+            raise AdtrainError("HETMM has no templates: fit on normal images (add_templates) first")
+        size = tuple(size)
+        b = next(iter(query.values())).shape[0]
+        device = next(iter(query.values())).device
         total = None
         for j, name in enumerate(self.layers):
             lam, alpha = self.lambdas[j], self.alphas[j]
@@ -278,5 +291,5 @@ class HetmmModel(nn.Module):
             up = F.interpolate(s.unsqueeze(1), size=size, mode="bilinear", align_corners=True)
             total = up if total is None else total + up
         if total is None:
-            total = torch.zeros(images.shape[0], 1, *size, device=images.device)
+            total = torch.zeros(b, 1, *size, device=device)
         return AnomalyOutput(total, total.flatten(1).amax(dim=1))

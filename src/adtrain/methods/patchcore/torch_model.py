@@ -115,6 +115,14 @@ class PatchcoreModel(nn.Module):
         emb = self.embed(images)
         if self.training:
             return emb
+        return self.output_from(emb, images.shape[-2:])
+
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What does not depend on the memory (the patch embedding): one pass serves every task's bank."""
+        return self.embed(images)
+
+    def output_from(self, emb: torch.Tensor, size) -> AnomalyOutput:
+        """Eval output from ``frozen_features``, with maps of ``size``: what ``forward`` gives."""
         dist, index = self.patch_distances(emb)
         score = self.image_score(emb, dist, index)
-        return AnomalyOutput(anomaly_map=self.anomaly_map(dist, images.shape[-2:]), pred_score=score)
+        return AnomalyOutput(anomaly_map=self.anomaly_map(dist, size), pred_score=score)
