@@ -196,24 +196,20 @@ class ImageCache:
         if (folder / "meta.json").is_file():
             self.events.append("hit")
             return CachedImages(folder)
+        need, tmp = entry_bytes(len(dataset), image_size), None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.root).free
+            if free >= need + HEADROOM_BYTES:
+                tmp = self.root / f".{key}.{secrets.token_hex(6)}.tmp"
+                tmp.mkdir()
         except OSError as e:
             log.warning("data.cache_dir=%s is not writable (%s): images are decoded without the cache", self.root, e)
             self.events.append("skip")
             return None
-        need = entry_bytes(len(dataset), image_size)
-        if free < need + HEADROOM_BYTES:
+        if tmp is None:
             log.warning("data.cache_dir=%s: %.2f GB free, the image cache needs %.2f GB (+%.2f GB left free): "
                         "images are decoded without it", self.root, free / 1e9, need / 1e9, HEADROOM_BYTES / 1e9)
-            self.events.append("skip")
-            return None
-        try:
-            tmp = self.root / f".{key}.{secrets.token_hex(6)}.tmp"
-            tmp.mkdir()
-        except OSError as e:
-            log.warning("data.cache_dir=%s is not writable (%s): images are decoded without the cache", self.root, e)
             self.events.append("skip")
             return None
         try:

@@ -166,15 +166,19 @@ class DfmContinualMixin:
         """Each state runs the whole model (backbone included) on its images."""
         if self.task_routing == "score":  # every task's state; the lowest score wins
             return self._pick([self._task_output(t, images, calibrated) for t in range(len(self.task_states))])
-        tasks = self.route(images)
+        return self._by_key(self.route(images), lambda t, sel: self._task_output(t, images[sel], calibrated))
+
+    def _by_key(self, tasks: torch.Tensor, output) -> AnomalyOutput:
+        """Key routing: each image gets the output of its routed task, ``output(t, rows)`` for the
+        images (a boolean row mask) routed to task t."""
         self.last_routed_tasks = tasks
         maps = scores = None
         for t in torch.unique(tasks).tolist():
             sel = tasks == t
-            out = self._task_output(t, images[sel], calibrated)
+            out = output(t, sel)
             if maps is None:
-                maps = out.anomaly_map.new_zeros((images.shape[0], *out.anomaly_map.shape[1:]))
-                scores = out.pred_score.new_zeros(images.shape[0])
+                maps = out.anomaly_map.new_zeros((tasks.shape[0], *out.anomaly_map.shape[1:]))
+                scores = out.pred_score.new_zeros(tasks.shape[0])
             maps[sel], scores[sel] = out.anomaly_map, out.pred_score
         return AnomalyOutput(maps, scores)
 
@@ -202,17 +206,8 @@ class DfmContinualMixin:
 
         if self.task_routing == "score":
             return self._pick([state_output(t) for t in range(len(self.task_states))])
-        tasks = torch.cat([self.router.route(m.aggregate(f, adapt=False).float()) for f in feats])
-        self.last_routed_tasks = tasks
-        maps = scores = None
-        for t in torch.unique(tasks).tolist():
-            sel = tasks == t
-            out = state_output(t, sel)
-            if maps is None:
-                maps = out.anomaly_map.new_zeros((n, *out.anomaly_map.shape[1:]))
-                scores = out.pred_score.new_zeros(n)
-            maps[sel], scores[sel] = out.anomaly_map, out.pred_score
-        return AnomalyOutput(maps, scores)
+        return self._by_key(torch.cat([self.router.route(m.aggregate(f, adapt=False).float()) for f in feats]),
+                            state_output)
 
     # ----------------------------------------------------------------- checkpoint
     def get_extra_state(self):

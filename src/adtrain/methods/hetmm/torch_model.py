@@ -255,7 +255,7 @@ class HetmmModel(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        if self.num_templates == 0:
+        if self.num_templates == 0:  # before the extractor runs
             raise AdtrainError("HETMM has no templates: fit on normal images (add_templates) first")
         return self.output_from(self.extract(images), images.shape[-2:])
 
