@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule
 
 from adtrain import distributed
 from adtrain.errors import TrainingError
-from adtrain.methods.output import AnomalyOutput
+from adtrain.methods.output import AnomalyOutput, concat
 
 
 #: validation pixel metrics on maps of at most this many pixels a side (the test's are full size)
@@ -41,6 +41,12 @@ def cpu_chunk(images: torch.Tensor, pixels: int) -> int:
             or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
         return n
     return max(1, int(pixels) // max(1, images.shape[-1] * images.shape[-2]))
+
+
+def cpu_chunks(images: torch.Tensor, pixels: int) -> list[slice]:
+    """The row slices of ``images`` that one model call each takes (``cpu_chunk``)."""
+    step = max(1, cpu_chunk(images, pixels))
+    return [slice(s, s + step) for s in range(0, int(images.shape[0]), step)]
 
 
 class AnomalyModule(LightningModule):
@@ -112,13 +118,11 @@ class AnomalyModule(LightningModule):
         the model must be in eval mode."""
         if images.dtype == torch.uint8:
             images = self.model_input(images)
-        step = cpu_chunk(images, getattr(self, "cpu_chunk_pixels", 0))  # 0: export's MethodScorer
-        if step >= images.shape[0]:
+        parts = cpu_chunks(images, getattr(self, "cpu_chunk_pixels", 0))  # 0: export's MethodScorer
+        if len(parts) <= 1:
             out = self.model(images)
             return AnomalyOutput(out.anomaly_map.float(), out.pred_score.float())
-        outs = [self.model(images[s: s + step]) for s in range(0, images.shape[0], step)]
-        return AnomalyOutput(torch.cat([o.anomaly_map.float() for o in outs]),
-                             torch.cat([o.pred_score.float() for o in outs]))
+        return concat([self.model(images[p]) for p in parts])
 
     #: CPU inference without gradients runs the model on at most this many input pixels per call
     #: (4 images of 256 x 256); 0 = whole batches. Large activations (over glibc's 32 MiB mmap

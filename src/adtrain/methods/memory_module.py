@@ -13,8 +13,8 @@ import torch
 
 from adtrain import distributed
 from adtrain.errors import ConfigError
-from adtrain.methods.base import AnomalyModule, cpu_chunk
-from adtrain.methods.output import AnomalyOutput
+from adtrain.methods.base import AnomalyModule, cpu_chunks
+from adtrain.methods.output import AnomalyOutput, concat
 
 CONTINUAL_CHOICES = ("per_task", "shared")
 
@@ -67,7 +67,7 @@ class TaskMemoryMixin:
         try:
             for state in self.task_memories:
                 self.load_memory_state({k: v.to(images.device) for k, v in state.items()})
-                outs.append(super().anomaly_output(images) if shared is None else self._output_from(shared, images))
+                outs.append(super().anomaly_output(images) if shared is None else concat([self.model.output_from(f, images.shape[-2:]) for f in shared]))
         finally:
             self.load_memory_state(current)
         scores = torch.stack([o.pred_score for o in outs])  # (T,B)
@@ -84,13 +84,7 @@ class TaskMemoryMixin:
         model = self.model
         if not (hasattr(model, "frozen_features") and hasattr(model, "output_from")):
             return None
-        step = max(1, cpu_chunk(images, getattr(self, "cpu_chunk_pixels", 0)))
-        return [model.frozen_features(images[s: s + step]) for s in range(0, images.shape[0], step)]
-
-    def _output_from(self, shared: list, images: torch.Tensor) -> AnomalyOutput:
-        outs = [self.model.output_from(f, images.shape[-2:]) for f in shared]
-        return AnomalyOutput(torch.cat([o.anomaly_map.float() for o in outs]),
-                             torch.cat([o.pred_score.float() for o in outs]))
+        return [model.frozen_features(images[p]) for p in cpu_chunks(images, getattr(self, "cpu_chunk_pixels", 0))]
 
     # task memories travel inside the state dict
     def get_extra_state(self):

@@ -12,3 +12,9 @@ class AnomalyOutput(NamedTuple):
 
     anomaly_map: torch.Tensor
     pred_score: torch.Tensor
+
+
+def concat(outs) -> AnomalyOutput:
+    """The outputs of consecutive chunks of one batch as one fp32 output."""
+    return AnomalyOutput(torch.cat([o.anomaly_map.float() for o in outs]),
+                         torch.cat([o.pred_score.float() for o in outs]))

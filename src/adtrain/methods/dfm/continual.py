@@ -27,8 +27,8 @@ import torch
 
 from adtrain.continual.routing import TaskRouter, select_by_score
 from adtrain.errors import ConfigError, TrainingError
-from adtrain.methods.base import cpu_chunk
-from adtrain.methods.output import AnomalyOutput
+from adtrain.methods.base import cpu_chunks
+from adtrain.methods.output import AnomalyOutput, concat
 
 _TRAINABLE = ("adapters", "head", "fmn")
 TASK_SCORE_NORMS = ("normal", "none")
@@ -187,9 +187,8 @@ class DfmContinualMixin:
         """CNN backbones: the frozen extractor runs once per chunk of images, and the routing keys
         and every task state read its features (a state's adapters act after the extractor):
         one backbone pass per image instead of one for the keys and one per state scored."""
-        m, n, size = self.model, images.shape[0], images.shape[-2:]
-        step = max(1, cpu_chunk(images, self.cpu_chunk_pixels))
-        parts = [slice(s, s + step) for s in range(0, n, step)]
+        m, size = self.model, images.shape[-2:]
+        parts = cpu_chunks(images, self.cpu_chunk_pixels)
         feats = [m.extract(images[p]) for p in parts]
 
         def state_output(t: int, rows: torch.Tensor | None = None) -> AnomalyOutput:
@@ -199,10 +198,8 @@ class DfmContinualMixin:
                 sel = None if rows is None else rows[p]
                 if sel is not None and not bool(sel.any()):
                     continue
-                out = m.output_from(f if sel is None else {k: v[sel] for k, v in f.items()}, size)
-                outs.append(AnomalyOutput(out.anomaly_map.float(), out.pred_score.float()))
-            return self._in_units(t, AnomalyOutput(torch.cat([o.anomaly_map for o in outs]),
-                                                   torch.cat([o.pred_score for o in outs])), calibrated)
+                outs.append(m.output_from(f if sel is None else {k: v[sel] for k, v in f.items()}, size))
+            return self._in_units(t, concat(outs), calibrated)
 
         if self.task_routing == "score":
             return self._pick([state_output(t) for t in range(len(self.task_states))])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from adtrain.data.cutpaste import CutPasteConfig, cutpaste_batch
 from adtrain.errors import ConfigError
-from adtrain.methods.base import AnomalyModule, cpu_chunk
+from adtrain.methods.base import AnomalyModule, cpu_chunks
 from adtrain.methods.dfm.continual import DfmContinualMixin
 from adtrain.methods.dfm.embed_cache import EmbeddingCache
 from adtrain.methods.dfm.torch_model import DfmModel
@@ -187,8 +187,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             return super().anomaly_output(images)
         if images.dtype == torch.uint8:
             images = self.model_input(images)
-        step = max(1, cpu_chunk(images, self.cpu_chunk_pixels))
-        chunks = [slice(s, s + step) for s in range(0, images.shape[0], step)]
+        chunks = cpu_chunks(images, self.cpu_chunk_pixels)
         embs = self.val_cache.embeddings(self._val_key, images, chunks, self.model.embed)
         maps, scores = [], []
         for emb in embs:
