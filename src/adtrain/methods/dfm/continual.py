@@ -53,6 +53,11 @@ class DfmContinualMixin:
         self.task_open = False
         self.last_routed_tasks: torch.Tensor | None = None
         self._initial_state = self.trainable_state()
+        #: validation outputs kept for the routed validation (a CNN's validation cache, embed_cache.py):
+        #: the open task's validated states by cache pass, and each finished task's kept pass
+        self.val_states: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.val_outputs: dict[int, list[int]] = {}
+        self.val_output_hits = 0
 
     # ----------------------------------------------------------------- state
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -72,6 +77,7 @@ class DfmContinualMixin:
     # ----------------------------------------------------------------- task hooks
     def begin_task(self, task_id: int, categories: list[str]) -> None:
         self.task_open = True
+        self.val_states = []
         self.normal_scores = None  # this task's threshold fit sets them
         self.rebuilt_round = -1  # a new trainer per task: its rounds count from 0
         if task_id > 0 or self.task_states:
@@ -83,12 +89,22 @@ class DfmContinualMixin:
             raise TrainingError(f"DFM: task {task_id} ({categories}) has no task key: its memory was never "
                                 "initialised (did training run?)")
         self.task_states.append({k: v.cpu() for k, v in self.trainable_state().items()})
+        self._keep_validation_outputs(task_id, self.task_states[-1])
         self.task_calibration.append(self.normal_calibration())
         self.router.add_task(self.pending_key.cpu())
         self.pending_key = None
         self.task_open = False
         if self.routing and self.calibrated:
             self._calibrated_threshold()
+
+    def _keep_validation_outputs(self, task_id: int, state: dict[str, torch.Tensor]) -> None:
+        """The validation outputs of the pass that validated the kept state (compared exactly) stay for
+        the routed validation; the other candidates' go."""
+        self.val_outputs[task_id] = [gen for gen, st in self.val_states if st.keys() == state.keys()
+                                     and all(torch.equal(v.cpu(), state[k]) for k, v in st.items())]
+        self.val_states = []
+        live = {gen for gens in self.val_outputs.values() for gen in gens}
+        self.val_cache.drop(lambda key: len(key) != 3 or key[1] != "output" or key[2] in live)
 
     # ----------------------------------------------------------------- calibration
     def normal_calibration(self) -> dict[str, float] | None:
@@ -189,9 +205,18 @@ class DfmContinualMixin:
         one backbone pass per image instead of one for the keys and one per state scored."""
         m, size = self.model, images.shape[-2:]
         parts = cpu_chunks(images, self.cpu_chunk_pixels)
-        feats = [m.extract(images[p]) for p in parts]
+        key = self.val_cache.key(images, parts) if self.caching_validation() else None
+        feats = self.cached_features(images, parts, key)  # validation: reused from the tasks' own passes
+        feats = [m.extract(images[p]) for p in parts] if feats is None else feats
 
         def state_output(t: int, rows: torch.Tensor | None = None) -> AnomalyOutput:
+            kept = None if key is None else next(
+                (o for o in (self.val_cache.lookup((key, "output", g)) for g in self.val_outputs.get(t, ()))
+                 if o is not None), None)
+            if kept is not None:  # validated under this very state in its task's own pass
+                self.val_output_hits += 1
+                out = kept if rows is None else AnomalyOutput(kept.anomaly_map[rows], kept.pred_score[rows])
+                return self._in_units(t, out, calibrated)
             self.load_trainable_state(self.task_states[t])
             outs = []
             for p, f in zip(parts, feats):

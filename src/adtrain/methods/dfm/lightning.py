@@ -20,9 +20,9 @@ from adtrain.data.cutpaste import CutPasteConfig, cutpaste_batch
 from adtrain.errors import ConfigError
 from adtrain.methods.base import AnomalyModule, cpu_chunks
 from adtrain.methods.dfm.continual import DfmContinualMixin
-from adtrain.methods.dfm.embed_cache import EmbeddingCache
+from adtrain.methods.dfm.embed_cache import ValidationFeatureCache
 from adtrain.methods.dfm.torch_model import DfmModel
-from adtrain.methods.output import AnomalyOutput
+from adtrain.methods.output import AnomalyOutput, concat
 
 log = logging.getLogger("adtrain")
 ANOMALY_SOURCES = ("cutpaste", "data", "both")
@@ -114,8 +114,8 @@ class Dfm(DfmContinualMixin, AnomalyModule):
                               "(method.adapter_layers is empty): set stage1_epochs=0")
         if not float(val_cache_mb) >= 0:
             raise ConfigError("method.val_cache_mb", f"must be >= 0 (0 = off), got {val_cache_mb}")
-        #: validation patch features reused while the extractor is unchanged (embed_cache.py)
-        self.val_cache = EmbeddingCache(val_cache_mb)
+        #: validation features reused while what computes them is unchanged (embed_cache.py)
+        self.val_cache = ValidationFeatureCache(val_cache_mb)
         self._val_key: tuple | None = None
         self.init_continual(task_score_norm, task_routing)
 
@@ -164,14 +164,32 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             if stage == 1 and pos == self.e1 - 1:  # a round that ends with stage 1 validates the rebuilt memory
                 self._rebuild(rnd)
         if self.val_cache.enabled and self.validating_now():
-            self.val_cache.sync([self.model.adapters, self.model.head])
+            m = self.model
+            if m.adapters.inside:  # ViT: the patch features P, computed through the adapters and head
+                self.val_cache.sync([m.adapters, m.head], [m.extractor])
+            else:  # CNN: the frozen extractor's features, whatever the adapters and head do after it
+                self.val_cache.sync([], [m.extractor])
+                if self.task_open:  # a continual task's candidate: its outputs may serve the routed validation
+                    self.val_states.append((self.val_cache.generation, self.trainable_state()))
 
     def on_fit_end(self) -> None:
         cache = self.val_cache
         if cache.enabled:
             log.info("DFM validation feature cache: %d batches reused, %d computed", cache.hits, cache.misses)
-        cache.clear()
+        if not self.task_open:  # a continual task's entries serve the routed validation after the last task
+            cache.clear()
         cache.hits = cache.misses = 0
+
+    def cached_features(self, images: torch.Tensor, chunks: list[slice], key: tuple | None = None) -> list | None:
+        """In a validation pass with the cache on: the extractor's features of each chunk (CNN) or
+        the patch features P (ViT), from ``val_cache`` where this batch was computed before."""
+        if not self.caching_validation():
+            return None
+        m = self.model
+        return self.val_cache.get(images, chunks, m.embed if m.adapters.inside else m.extract, key)
+
+    def caching_validation(self) -> bool:
+        return self._val_key is not None and self.val_cache.enabled and not self.model.training
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._val_key = (dataloader_idx, batch_idx)
@@ -181,20 +199,25 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             self._val_key = None
 
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
-        """In validation, the patch features come from ``val_cache`` while the extractor is unchanged;
-        the matching runs as in an uncached pass (same chunks), so the outputs are equal."""
-        if self._val_key is None or not self.val_cache.enabled or self.routing or self.model.training:
+        """In validation, the features come from ``val_cache`` (``cached_features``); everything
+        after them runs as in an uncached pass (same chunks), so the outputs are equal."""
+        if self.routing or not self.caching_validation():
             return super().anomaly_output(images)
         if images.dtype == torch.uint8:
             images = self.model_input(images)
-        chunks = cpu_chunks(images, self.cpu_chunk_pixels)
-        embs = self.val_cache.embeddings(self._val_key, images, chunks, self.model.embed)
-        maps, scores = [], []
-        for emb in embs:
-            patch, score = self.model.fmn(emb)
-            maps.append(self.model.anomaly_map(patch, images.shape[-2:]).float())
-            scores.append(score.float())
-        return AnomalyOutput(torch.cat(maps), torch.cat(scores))
+        m, size, chunks = self.model, images.shape[-2:], cpu_chunks(images, self.cpu_chunk_pixels)
+        key = self.val_cache.key(images, chunks)
+        feats = self.cached_features(images, chunks, key)
+        if not m.adapters.inside:
+            out = concat([m.output_from(f, size) for f in feats])
+            if self.task_open:  # kept for the routed validation if this state is the task's (end_task)
+                self.val_cache.put((key, "output", self.val_cache.generation), out)
+            return out
+        outs = []
+        for emb in feats:
+            patch, score = m.fmn(emb)
+            outs.append(AnomalyOutput(m.anomaly_map(patch, size), score))
+        return concat(outs)
 
     def on_train_end(self) -> None:
         for p in self.model.adapter_parameters() + self.model.fmn_parameters():
