@@ -34,28 +34,13 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def _checksum(images: torch.Tensor) -> tuple:
     flat = images.detach().reshape(images.shape[0], -1).double()
     ramp = torch.linspace(1.0, 2.0, flat.shape[1], dtype=torch.float64, device=flat.device)
     return (tuple(images.shape), images.dtype, tuple((flat @ ramp).tolist()), float(flat.sum()))
-
-
-def _nbytes(out) -> int:
-    if isinstance(out, torch.Tensor):
-        return out.numel() * out.element_size()
-    if isinstance(out, dict):
-        return sum(_nbytes(v) for v in out.values())
-    return sum(_nbytes(v) for v in out)
-
-
-def _detach(out):
-    if isinstance(out, torch.Tensor):
-        return out.detach()
-    if isinstance(out, dict):
-        return {k: _detach(v) for k, v in out.items()}
-    return type(out)(*(_detach(v) for v in out)) if hasattr(out, "_fields") else [_detach(v) for v in out]
 
 
 def fingerprint(modules: list[nn.Module]) -> tuple:
@@ -123,13 +108,13 @@ class ValidationFeatureCache:
 
     def put(self, key: tuple, value) -> bool:
         """Keep ``value`` (tensors) under ``key`` if it fits; False if it does not."""
-        size = _nbytes(value)
+        size = sum(t.numel() * t.element_size() for t in tree_leaves(value))
         old = self.entries.pop(key, None)
         if old is not None:
             self.nbytes -= old[1]
         if not self._make_room(size):
             return False
-        self.entries[key] = (self.generation, size, _detach(value))
+        self.entries[key] = (self.generation, size, tree_map(lambda t: t.detach(), value))
         self.nbytes += size
         return True
 
