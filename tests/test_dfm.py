@@ -61,6 +61,84 @@ def test_chunked_distance_volume_equals_unchunked_and_candidates_are_the_minima(
     assert not torch.equal(plain, cand)  # the modulated pass was applied above
 
 
+def _match(fmn, p, plain: bool):
+    """FMN.match with or without the nearest-item path; (scores, indices, grad to p, grad to memory)."""
+    fmn.memory.grad = None
+    if not plain:
+        fmn._plain_matching = lambda: False
+    try:
+        q = p.clone().requires_grad_(True)
+        s, idx = fmn.match(q)
+        (s * torch.linspace(0.5, 2.0, s.numel())).sum().backward()
+    finally:
+        fmn.__dict__.pop("_plain_matching", None)
+    return s.detach(), idx, q.grad, fmn.memory.grad.clone()
+
+
+def test_matching_the_nearest_item_alone_gives_the_candidates_result_to_the_bit():
+    """With untrained modulates the exact distance of each row's nearest item replaces the volume's
+    top-k; rows whose nearest items are within rounding of each other (near and exact duplicates
+    here) take the candidates' path: scores, indices and both gradients equal to the bit."""
+    from adtrain.methods.dfm.fmn import FeatureMatchingNetwork, unambiguous_nearest
+
+    g = torch.Generator().manual_seed(0)
+    mem = torch.randn(60, 24, generator=g) * 3 + 10
+    mem[1] = mem[0] + 1e-5 * torch.randn(24, generator=g)
+    mem[2] = mem[3]
+    p = mem[torch.randint(4, 10, (700,), generator=g)] + 0.7 * torch.randn(700, 24, generator=g)
+    p[300:310] = (mem[4] + mem[5]) / 2  # ties amid rows that share their nearest items: the order in which
+    p[500:510] = (mem[6] + mem[7]) / 2  # the gradients reach those items counts
+    p[600:610] = mem[1]
+    p[650:660] = mem[3]
+    fmn = FeatureMatchingNetwork(24, candidates=8, row_chunk=128)
+    fmn.set_memory(mem, grid=(7, 100))
+    fmn.memory.requires_grad_(True)
+    fmn.mem_scale.requires_grad_(False)
+    fmn.mem_shift.requires_grad_(False)
+    assert fmn._plain_matching()
+    _, ambiguous = unambiguous_nearest(p, fmn.memory, 128)
+    assert 40 <= int(ambiguous.sum()) < 100  # the ties' and duplicates' rows at least, not most rows
+    plain, cands = _match(fmn, p, True), _match(fmn, p, False)
+    for a, b in zip(plain, cands):
+        assert torch.equal(a, b)
+    # trained (or gradient-taking) modulates, a memory of several chunks: the candidates' path
+    fmn.mem_scale.requires_grad_(True)
+    assert not fmn._plain_matching()
+    fmn.mem_scale.requires_grad_(False)
+    with torch.no_grad():
+        fmn.mem_shift[5] = 0.1
+    assert not fmn._plain_matching()
+    fmn.mem_shift.data.zero_()
+    fmn.mem_chunk = 16
+    assert not fmn._plain_matching()
+
+
+def test_validation_maps_come_reduced_straight_from_the_patch_scores(dfm):
+    """Inside ``reduced_maps`` the map is the area average of the blurred full-size map (resize,
+    blur and pooling are linear and separable) without making it; image scores are unchanged."""
+    from adtrain.methods.base import _coarse, coarse_size
+    from adtrain.methods.patch_features import gaussian_blur2d, reduced_map
+
+    g = torch.Generator().manual_seed(0)
+    for grid, size, sigma in [((28, 28), (224, 224), 4.0), ((7, 9), (70, 90), 2.0), ((32, 32), (256, 256), 0.0)]:
+        s = torch.rand(3, *grid, generator=g) * 30
+        full = gaussian_blur2d(F.interpolate(s.unsqueeze(1), size=size, mode="bilinear", align_corners=False), sigma)
+        want, mask = _coarse(full, torch.zeros(3, 1, *size))
+        got = reduced_map(s, size, sigma, coarse_size(*size))
+        assert got.shape == want.shape == (3, 1, *coarse_size(*size)) and mask.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    model = dfm.model.eval()
+    x = torch.cat([_smooth(2, 70, size=128), _stripes(1, 71, size=128)])
+    with torch.no_grad():
+        full = model(x)
+        with model.reduced_maps(coarse_size):
+            small = model(x)
+    assert model.map_size_rule is None and small.anomaly_map.shape == (3, 1, 64, 64)
+    assert torch.equal(small.pred_score, full.pred_score)
+    assert torch.allclose(small.anomaly_map, _coarse(full.anomaly_map, torch.zeros(3, 1, 128, 128))[0],
+                          rtol=1e-5, atol=1e-5)
+
+
 def test_untrained_fmn_is_exactly_patchcore(dfm):
     from adtrain.methods.patchcore import PatchcoreModel
 

@@ -70,6 +70,25 @@ def test_validation_anomalies_are_made_once_per_split_and_inherited_by_workers(f
     assert tight.validation_dataset()._cache == {}
 
 
+def test_validation_anomalies_made_in_threads_are_the_ones_made_one_by_one(fast_cfg):
+    """prefill's threads draw each item from its own seeded generator: the same bytes for any count,
+    and the budget still stops it at the first anomaly that does not fit."""
+    made = {}
+    for threads in (1, 3):
+        ds = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=0")).validation_dataset()
+        ds.prefill(threads=threads)
+        made[threads] = ds._cache
+    assert made[1] and made[1].keys() == made[3].keys()
+    for i in made[1]:
+        assert np.array_equal(made[1][i][0], made[3][i][0]) and np.array_equal(made[1][i][1], made[3][i][1])
+    one = next(iter(made[1].values()))
+    budget = 2.5 * (one[0].nbytes + one[1].nbytes) / 2**20  # room for two of them
+    tight = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=0", f"data.val_anomalies.cache_mb={budget}"))
+    ds = tight.validation_dataset()
+    ds.prefill(threads=2)
+    assert len(ds._cache) == 2 and sorted(ds._cache) == sorted(made[1])[:2]
+
+
 def test_validation_set_does_not_depend_on_the_install_location(tmp_path):
     """The same data in two folders gives the same validation anomalies (seeded by the path below
     the data root, not the absolute path)."""

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import os
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -147,30 +149,53 @@ class ValidationDataset(Dataset):
     def num_anomalies(self) -> int:
         return sum(1 for _, fam, _ in self.items if fam is not None)
 
-    def _anomaly(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _make(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item ``index``'s anomaly (image, mask), from its own seeded generator: any thread, any order."""
         from adtrain.data.base import seeded_rng
 
-        if index in self._cache:
-            return self._cache[index]
         sample, family, copy = self.items[index]
         image, _ = self.base._load(sample)
         rng = seeded_rng(self.seed, "val_anomaly", family, str(copy), sample_key(sample))
         image, mask = self.spec.generator(family, sample.category)(image, rng)
-        out = (np.ascontiguousarray(image, dtype=np.uint8), _binarise(mask))
+        return np.ascontiguousarray(image, dtype=np.uint8), _binarise(mask)
+
+    def _keep(self, index: int, out: tuple[np.ndarray, np.ndarray]) -> bool:
+        """Cache ``out`` if it fits in ``cache_mb``; False if it does not."""
         size = out[0].nbytes + out[1].nbytes
-        if self._cached_bytes + size <= self.spec.cache_mb * 2**20:
-            self._cache[index] = out
-            self._cached_bytes += size
+        if self._cached_bytes + size > self.spec.cache_mb * 2**20:
+            return False
+        self._cache[index] = out
+        self._cached_bytes += size
+        return True
+
+    def _anomaly(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if index in self._cache:
+            return self._cache[index]
+        out = self._make(index)
+        self._keep(index, out)
         return out
 
-    def prefill(self) -> None:
+    def prefill(self, threads: int | None = None) -> None:
         """Make every anomaly now (in this process) while they fit in ``cache_mb``: DataLoader
-        workers then inherit them, and a later pass's workers do not make them again."""
-        for index, (_, family, _) in enumerate(self.items):
-            if family is not None and index not in self._cache:
-                self._anomaly(index)
-                if index not in self._cache:  # over the budget: the rest are made by the workers
-                    return
+        workers then inherit them, and a later pass's workers do not make them again. ``threads``
+        (default: the CPU count) make them side by side (decoding and numpy release the GIL); each
+        item draws from its own seeded generator, so the anomalies are the same for any count."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [i for i, (_, family, _) in enumerate(self.items) if family is not None and i not in self._cache]
+        threads = max(1, min(len(todo), int(threads or os.cpu_count() or 1)))
+        if threads == 1:
+            for index in todo:
+                if not self._keep(index, self._make(index)):
+                    return  # over the budget: the rest are made by the workers
+            return
+        with ThreadPoolExecutor(threads) as pool:
+            step = 4 * threads  # a few rounds at a time: none is made past the first that does not fit
+            for start in range(0, len(todo), step):
+                part = todo[start:start + step]
+                for index, out in zip(part, pool.map(self._make, part)):
+                    if not self._keep(index, out):
+                        return
 
     def __getitem__(self, index: int) -> dict:
         sample, family, _ = self.items[index]

@@ -22,15 +22,23 @@ from adtrain.methods.output import AnomalyOutput, concat
 VAL_MAP_SIDE = 64
 
 
+def coarse_size(h: int, w: int) -> tuple[int, int]:
+    """The validation map size of an (h, w) image: at most VAL_MAP_SIDE a side, aspect kept."""
+    if max(h, w) <= VAL_MAP_SIDE:
+        return int(h), int(w)
+    return max(1, round(h * VAL_MAP_SIDE / max(h, w))), max(1, round(w * VAL_MAP_SIDE / max(h, w)))
+
+
 def _coarse(amap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps area-averaged and masks max-pooled (a coarse pixel is anomalous if any of its pixels
-    is) to at most VAL_MAP_SIDE a side: validation's pixel figures at a fraction of the cost."""
-    h, w = amap.shape[-2:]
-    if max(h, w) <= VAL_MAP_SIDE:
-        return amap, mask
-    size = (max(1, round(h * VAL_MAP_SIDE / max(h, w))), max(1, round(w * VAL_MAP_SIDE / max(h, w))))
-    return (torch.nn.functional.adaptive_avg_pool2d(amap.float(), size),
-            torch.nn.functional.adaptive_max_pool2d(mask.float(), size))
+    is) to ``coarse_size`` of the image (the mask's size): validation's pixel figures at a fraction
+    of the cost. A map already at that size (``validation_output``) is taken as it is."""
+    size = coarse_size(*mask.shape[-2:])
+    if tuple(amap.shape[-2:]) != size:
+        amap = torch.nn.functional.adaptive_avg_pool2d(amap.float(), size)
+    if tuple(mask.shape[-2:]) != size:
+        mask = torch.nn.functional.adaptive_max_pool2d(mask.float(), size)
+    return amap, mask
 
 
 def cpu_chunk(images: torch.Tensor, pixels: int) -> int:
@@ -194,12 +202,17 @@ class AnomalyModule(LightningModule):
         if self._val_evaluator is None:
             self._val_evaluator = distributed.wrap_evaluator(lambda: AnomalyEvaluator(pixel_metrics=True))
         distributed.note_batch(self, self._val_evaluator, batch)
-        out = self.anomaly_output(batch["image"])
+        out = self.validation_output(batch["image"])
         labels = batch["label"].to(out.pred_score.device)
         amap, mask = _coarse(out.anomaly_map, batch["mask"].to(out.anomaly_map.device))
         self._val_evaluator.update(out.pred_score, labels, amap, mask, batch["has_mask"])
         self._val_scores.append(out.pred_score.detach().float()[labels == 0].cpu())
         self._val_defects += [d if int(l) == 1 else "good" for d, l in zip(batch["defect"], labels.tolist())]
+
+    def validation_output(self, images: torch.Tensor) -> AnomalyOutput:
+        """``anomaly_output`` for a validation batch; a method may give its maps already at
+        ``coarse_size`` of the image (all the validation's pixel metrics read) to skip the rest."""
+        return self.anomaly_output(images)
 
     def validation_metrics(self) -> dict[str, float]:
         """The epoch's validation figures (a key is absent when undefined, e.g. no anomalies)."""

@@ -4,6 +4,7 @@ frozen extractor, locally aggregated multi-layer patch features, and the score-m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,28 @@ def gaussian_blur2d(x: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     y = F.pad(y, (0, 0, radius, radius), mode="reflect" if radius < h else "replicate")
     y = F.conv2d(y, kernel.view(1, 1, -1, 1))
     return y.reshape(b, c, h, w)
+
+
+@lru_cache(maxsize=64)
+def _axis_operator(n: int, full: int, sigma: float, out: int) -> torch.Tensor:
+    """(out, n): along one axis, the bilinear resize n -> full, the blur's pass and the area
+    average full -> out, found by passing the unit vectors through the very same ops."""
+    x = torch.eye(n).view(n, 1, n, 1)
+    x = F.interpolate(x, size=(full, 1), mode="bilinear", align_corners=False)  # width 1 -> 1: identity
+    x = gaussian_blur2d(x, sigma)  # the width-1 pass replicates, a sum of the normalised kernel
+    x = F.adaptive_avg_pool2d(x, (out, 1))
+    return x.view(n, out).t().contiguous()
+
+
+def reduced_map(patch_scores: torch.Tensor, size, sigma: float, out_size) -> torch.Tensor:
+    """``adaptive_avg_pool2d(gaussian_blur2d(interpolate(patch_scores, size), sigma), out_size)``
+    without the full-size map: resize, blur and area average are each linear and separable, so
+    the result is A_h S A_w^T with two small operators (equal up to float rounding). (B,h,w) ->
+    (B,1,*out_size) fp32; the validation's coarse pixel metrics read no more (methods/base.py)."""
+    h, w = patch_scores.shape[-2:]
+    a_h = _axis_operator(int(h), int(size[0]), float(sigma), int(out_size[0])).to(patch_scores.device)
+    a_w = _axis_operator(int(w), int(size[1]), float(sigma), int(out_size[1])).to(patch_scores.device)
+    return torch.matmul(torch.matmul(a_h, patch_scores.float()), a_w.t()).unsqueeze(1)
 
 
 def pooled_concat(feats: Mapping[str, torch.Tensor], layers: Sequence[str], pool_size: int) -> torch.Tensor:

@@ -76,6 +76,34 @@ def modulated_candidates(patches: torch.Tensor, memory: torch.Tensor, scale: tor
     return out
 
 
+@torch.no_grad()
+def unambiguous_nearest(patches: torch.Tensor, memory: torch.Tensor, row_chunk: int = 8192
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nearest (N,), ambiguous (N,) bool): each row's nearest memory item by the expanded squared
+    distance, and whether any other item comes so close that rounding could reorder them.
+
+    With |c - t| <= E for the expanded (c) and exact (t) squared distances, E = gamma_{D+4}
+    (|p| + max |m|)^2 (any summation order), and the exact re-check's own relative error gamma, an
+    item outside c <= c_min (1 + 8 gamma) + 4 E is farther than the nearest in the re-check too:
+    where the nearest is alone in that window, it is the one the candidates' exact minimum picks."""
+    p, m = patches.detach().float(), memory.detach().float()
+    n, dim = p.shape
+    gamma = 1.01 * (dim + 4) * torch.finfo(torch.float32).eps / 2
+    m_sq = (m * m).sum(dim=1)
+    m_norm = m_sq.max().sqrt()
+    nearest = torch.empty(n, dtype=torch.long, device=p.device)
+    ambiguous = torch.empty(n, dtype=torch.bool, device=p.device)
+    for r in range(0, n, row_chunk):
+        rows = p[r:r + row_chunk]
+        c = _sq_block(rows, m, m_sq)
+        c_min, idx = c.min(dim=1)
+        err = gamma * (rows.norm(dim=1) + m_norm).square()
+        close = (c <= (c_min * (1 + 8 * gamma) + 4 * err).unsqueeze(1)).sum(dim=1)
+        nearest[r:r + row_chunk] = idx
+        ambiguous[r:r + row_chunk] = (close != 1) | ~torch.isfinite(c_min)
+    return nearest, ambiguous
+
+
 class FeatureMatchingNetwork(nn.Module):
     """Trainable memory + modulate layers + min/max pooling. ``set_memory`` before use."""
 
@@ -142,6 +170,8 @@ class FeatureMatchingNetwork(nn.Module):
             raise AdtrainError("FMN: the memory is empty (it is built at the start of training)")
         with torch.autocast(device_type=patches.device.type, enabled=False):
             p = patches.float()
+            if self._plain_matching():
+                return self._match_nearest(p)
             mem = self.memory
             # pre-select on exactly what is matched: a_k * d + b_k * r (r = dist_ref)
             if in_graph():  # traced for export: chunked over memory only, plain ops
@@ -154,6 +184,36 @@ class FeatureMatchingNetwork(nn.Module):
             v = d * self.mem_scale[cand] + self.mem_shift[cand] * self.dist_ref
             s, j = v.min(dim=1)
             return s, torch.gather(cand, 1, j.unsqueeze(1)).squeeze(1)
+
+    def _plain_matching(self) -> bool:
+        """Untrained modulates that take no gradient and a memory of one chunk: ``_match_nearest``
+        gives what the candidates' path does, to the bit."""
+        a, b = self.mem_scale, self.mem_shift
+        if in_graph() or self.candidates < 2 or len(self) > self.mem_chunk:
+            return False
+        if torch.get_float32_matmul_precision() != "highest" or (
+                self.memory.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+            return False  # a bf16 / TF32 product breaks the rounding bound of ``unambiguous_nearest``
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return False
+        return bool((a == 1).all()) and bool((b == 0).all())
+
+    def _match_nearest(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``match`` with identity modulates: the exact distance of each row's nearest item alone,
+        and the candidates' re-check only for the rows where rounding could reorder the nearest
+        items (``unambiguous_nearest``; a few in a thousand): the volume's top-k is skipped."""
+        mem = self.memory
+        nearest, ambiguous = unambiguous_nearest(p, mem, self.row_chunk)
+        rows = ambiguous.nonzero().squeeze(1)
+        if rows.numel():  # the candidates' winner (first of the smallest, as v.min picks in ``match``)
+            with torch.no_grad():
+                zero = torch.zeros_like(self.mem_shift)
+                cand = modulated_candidates(p[rows], mem, torch.ones_like(zero), zero, self.candidates,
+                                            self.row_chunk, self.mem_chunk)
+                j = gathered_distances(p[rows], mem, cand).min(dim=1).indices
+                nearest[rows] = torch.gather(cand, 1, j.unsqueeze(1)).squeeze(1)
+        # one call for every row: the gradients reach the memory in row order, as in ``match``
+        return gathered_distances(p, mem, nearest.unsqueeze(1)).squeeze(1), nearest
 
     def patch_modulate(self, scores: torch.Tensor) -> torch.Tensor:
         """c_p * S + e_p * r on the patch grid (the parameters resized if the grid differs)."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from adtrain.data.cutpaste import CutPasteConfig, cutpaste_batch
 from adtrain.errors import ConfigError
-from adtrain.methods.base import AnomalyModule, cpu_chunks
+from adtrain.methods.base import AnomalyModule, coarse_size, cpu_chunks
 from adtrain.methods.dfm.continual import DfmContinualMixin
 from adtrain.methods.dfm.embed_cache import ValidationFeatureCache
 from adtrain.methods.dfm.torch_model import DfmModel
@@ -197,6 +197,11 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             super().validation_step(batch, batch_idx)
         finally:
             self._val_key = None
+
+    def validation_output(self, images: torch.Tensor) -> AnomalyOutput:
+        """Maps at the validation's coarse size, straight from the patch scores (``reduced_map``)."""
+        with self.model.reduced_maps(coarse_size):
+            return self.anomaly_output(images)
 
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
         """In validation, the features come from ``val_cache`` (``cached_features``); everything

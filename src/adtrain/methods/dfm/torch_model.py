@@ -5,6 +5,7 @@ Network whose memory and modulate layers are trained (docs/methods/dfm.md)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from adtrain.methods.cfa.torch_model import CoordConv1x1
 from adtrain.methods.dfm.adapters import build_adapters
 from adtrain.methods.dfm.fmn import FeatureMatchingNetwork, distance_volume
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import gaussian_blur2d, pooled_concat
+from adtrain.methods.patch_features import gaussian_blur2d, pooled_concat, reduced_map
 
 HOSTS = ("patchcore", "cfa")
 DEFAULT_LAYERS = {"patchcore": ("layer2", "layer3"), "cfa": ("layer1", "layer2", "layer3")}
@@ -84,6 +85,8 @@ class DfmModel(nn.Module):
         self.host = host
         self.layers = [str(n) for n in layers]
         self.pool_size, self.blur_sigma = int(pool_size), float(blur_sigma)
+        #: (h, w) -> reduced map size, or None: full-size maps (``reduced_maps``)
+        self.map_size_rule = None
         self.memory_size = None if memory_size is None else int(memory_size)
         self.coreset_ratio, self.projection_dim = float(coreset_ratio), int(projection_dim)
         self.max_memory_features = None if max_memory_features is None else int(max_memory_features)
@@ -145,9 +148,23 @@ class DfmModel(nn.Module):
         return self.fmn(self.embed(images))
 
     def anomaly_map(self, patch_scores: torch.Tensor, size) -> torch.Tensor:
+        """Patch scores resized to ``size`` (bilinear), blurred; inside ``reduced_maps`` area-averaged
+        to the rule's size straight from the patch scores (``reduced_map``)."""
+        out = None if self.map_size_rule is None else tuple(self.map_size_rule(*size))
+        if out is not None and out != tuple(size):
+            return reduced_map(patch_scores, size, self.blur_sigma, out)
         amap = F.interpolate(patch_scores.unsqueeze(1).float(), size=tuple(size), mode="bilinear",
                              align_corners=False)
         return gaussian_blur2d(amap, self.blur_sigma)
+
+    @contextmanager
+    def reduced_maps(self, size_rule):
+        """Maps area-averaged to ``size_rule(h, w)`` (validation: ``methods.base.coarse_size``)."""
+        before, self.map_size_rule = self.map_size_rule, size_rule
+        try:
+            yield self
+        finally:
+            self.map_size_rule = before
 
     def train(self, mode: bool = True):
         super().train(mode)
