@@ -178,12 +178,13 @@ class ValidationDataset(Dataset):
     def prefill(self, threads: int | None = None) -> None:
         """Make every anomaly now (in this process) while they fit in ``cache_mb``: DataLoader
         workers then inherit them, and a later pass's workers do not make them again. ``threads``
-        (default: the CPU count) make them side by side (decoding and numpy release the GIL); each
+        (default: the cores this process may use, at most 8) make them side by side (decoding and numpy release the GIL); each
         item draws from its own seeded generator, so the anomalies are the same for any count."""
         from concurrent.futures import ThreadPoolExecutor
 
         todo = [i for i, (_, family, _) in enumerate(self.items) if family is not None and i not in self._cache]
-        threads = max(1, min(len(todo), int(threads or os.cpu_count() or 1)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, min(len(todo), int(threads or min(8, cores))))
         if threads == 1:
             for index in todo:
                 if not self._keep(index, self._make(index)):
