@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from contextlib import contextmanager
 
 import torch
+
+
+def median_ms(fn, repeat: int) -> float:
+    """Median milliseconds of ``repeat`` calls of ``fn`` after one warm-up call (CPU timings)."""
+    fn()
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return statistics.median(out)
 
 
 def sync(device) -> None:

@@ -16,22 +16,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-def _ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+from _timing import median_ms
 
 
 def matching(repeat: int) -> None:
@@ -46,9 +36,9 @@ def matching(repeat: int) -> None:
         nearest = fmn._match_nearest(p)
         fmn._plain_matching = lambda: False
         cands = fmn.match(p)
-        t_cand = _ms(lambda: fmn.match(p), repeat)
+        t_cand = median_ms(lambda: fmn.match(p), repeat)
         del fmn._plain_matching
-        t_near = _ms(lambda: fmn.match(p), repeat)
+        t_near = median_ms(lambda: fmn.match(p), repeat)
     same = all(torch.equal(a, b) for a, b in zip(nearest, cands))
     print(f"matching 6272 x 196: candidates {t_cand:.2f} ms, nearest item {t_near:.2f} ms, same bits: {same}")
 
@@ -65,8 +55,8 @@ def coarse_map(repeat: int) -> None:
         return _coarse(gaussian_blur2d(amap, 4.0), mask)[0]
 
     diff = float((full() - reduced_map(s, (224, 224), 4.0, coarse_size(224, 224))).abs().max())
-    t_full = _ms(full, repeat)
-    t_red = _ms(lambda: reduced_map(s, (224, 224), 4.0, coarse_size(224, 224)), repeat)
+    t_full = median_ms(full, repeat)
+    t_red = median_ms(lambda: reduced_map(s, (224, 224), 4.0, coarse_size(224, 224)), repeat)
     print(f"coarse map 8 x 224 x 224 -> 64 x 64: full map then pool {t_full:.2f} ms, reduced {t_red:.3f} ms, "
           f"max difference {diff:.1e}")
 

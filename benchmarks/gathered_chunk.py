@@ -13,10 +13,9 @@ Shapes: DFM's validation/test batch (8 images x 28x28 patches, 8 candidates, Eff
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_ms
 
 import adtrain.memory.differentiable as D
 
@@ -25,16 +24,6 @@ SHAPES = {  # name: (queries M, k, dim, bank K)
     "cfa_batch": (25088, 9, 448, 3000),
     "large": (50000, 9, 152, 20000),
 }
-
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -69,8 +58,8 @@ def main() -> None:
             got = both()
             ref = got if ref is None else ref
             same = all(torch.equal(a, b) for a, b in zip(got, ref))
-            print(f"| {name} ({m}, {k}, {dim}, {size}) | 2^{e} | {timed(fwd, args.repeat):.1f} | "
-                  f"{timed(both, args.repeat):.1f} | {same} |", flush=True)
+            print(f"| {name} ({m}, {k}, {dim}, {size}) | 2^{e} | {median_ms(fwd, args.repeat):.1f} | "
+                  f"{median_ms(both, args.repeat):.1f} | {same} |", flush=True)
     D._ELEMS["cpu"] = 1 << 19
 
 

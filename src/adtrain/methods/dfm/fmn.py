@@ -206,9 +206,8 @@ class FeatureMatchingNetwork(nn.Module):
         nearest, ambiguous = unambiguous_nearest(p, mem, self.row_chunk)
         rows = ambiguous.nonzero().squeeze(1)
         if rows.numel():  # the candidates' winner (first of the smallest, as v.min picks in ``match``)
-            with torch.no_grad():
-                zero = torch.zeros_like(self.mem_shift)
-                cand = modulated_candidates(p[rows], mem, torch.ones_like(zero), zero, self.candidates,
+            with torch.no_grad():  # the modulates are the identity here (``_plain_matching``)
+                cand = modulated_candidates(p[rows], mem, self.mem_scale, self.mem_shift, self.candidates,
                                             self.row_chunk, self.mem_chunk)
                 j = gathered_distances(p[rows], mem, cand).min(dim=1).indices
                 nearest[rows] = torch.gather(cand, 1, j.unsqueeze(1)).squeeze(1)
