@@ -358,6 +358,30 @@ def test_heavy_tailed_maps_match_exact_metrics(num_bins):
         assert len(ev.pixel.bins) <= 256 and not ev.pixel.bins.exact
         assert abs(m["pixel_auroc"] - exact_auroc) <= bounds["pixel_auroc"] <= 0.01
         assert abs(m["pixel_aupro"] - exact_aupro) <= bounds["pixel_aupro"] <= 0.05
+
+
+def test_held_pixel_scores_are_exact_past_the_bins_capacity_until_their_budget():
+    """exact_pixels (validation's): scores held up to the budget are counted exactly in one sort,
+    even with far more distinct scores than bins; past it the bins take over, within their bound."""
+    batches = _heavy_tailed_batches(7)  # 4800 distinct scores
+    exact_auroc, exact_ap, exact_aupro = _exact_pixel_metrics(batches)
+    held, over = AnomalyEvaluator(num_bins=256, exact_pixels=4800), AnomalyEvaluator(num_bins=256, exact_pixels=2000)
+    for ev in (held, over):
+        for amap, mask in batches:
+            ev.update(amap.amax((1, 2, 3)), (mask.flatten(1).amax(1) > 0).long(), amap, mask)
+    m = held.compute()
+    assert len(held.pixel.bins) == 0 and held.pixel.exact and held.pixel.nbytes >= 4800 * 4
+    assert held.pixel.error_bounds() == {"pixel_auroc": 0.0, "pixel_aupro": 0.0}
+    assert m["pixel_auroc"] == pytest.approx(exact_auroc, abs=1e-12)
+    assert m["pixel_ap"] == pytest.approx(exact_ap, abs=1e-12)
+    assert m["pixel_aupro"] == pytest.approx(exact_aupro, abs=1e-12)
+    assert held.compute() == m  # computing again counts the same scores again
+    m, bounds = over.compute(), over.pixel.error_bounds()
+    assert 0 < len(over.pixel.bins) <= 256 and not over.pixel.exact
+    assert abs(m["pixel_auroc"] - exact_auroc) <= bounds["pixel_auroc"] <= 0.01
+    assert abs(m["pixel_aupro"] - exact_aupro) <= bounds["pixel_aupro"] <= 0.05
+    with pytest.raises(ConfigError, match="exact_pixels"):
+        AnomalyEvaluator(exact_pixels=-1)
         assert m["pixel_ap"] == pytest.approx(exact_ap, abs=0.02)
 
 

@@ -46,28 +46,42 @@ def test_validation_set_is_identical_across_epochs_and_methods(fast_cfg):
         c._anomaly(n)[0], va._anomaly(n)[0])
 
 
-def test_validation_anomalies_are_made_once_per_split_and_inherited_by_workers(fast_cfg):
-    """val_dataloader makes the anomalies in the main process (workers inherit them): the same images
-    as made lazily, one dataset for every pass, and the seconds it took are reported once."""
-    lazy = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=0"))
-    eager = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=1"))
-    first = _batches(eager.val_dataloader())
-    ds = eager.validation_dataset()
-    n = len(eager.val_samples)
-    assert ds is eager.validation_dataset() and set(ds._cache) == set(range(n, 2 * n))
-    assert eager.val_prep_seconds > 0.0 and lazy.val_prep_seconds == 0.0
-    made = dict(ds._cache)
-    second = _batches(eager.val_dataloader())  # a second pass makes nothing again
-    assert all(ds._cache[i] is made[i] for i in made)
-    for x, y, z in zip(first, second, _batches(lazy.val_dataloader())):
-        assert torch.equal(x["image"], y["image"]) and torch.equal(x["image"], z["image"])
-        assert torch.equal(x["mask"], z["mask"]) and torch.equal(x["label"], z["label"])
+def test_validation_items_are_made_once_per_split_and_served_from_memory(fast_cfg):
+    """val_dataloader makes every item once (threads in the main process) and, when they fit in
+    cache_mb, serves them from memory with no loader workers: the same batches as items made one by
+    one, one dataset for every pass, the seconds it took reported once. Over the budget the anomalies
+    alone are kept (the workers inherit them), and past that too, nothing."""
     from adtrain.selection import _prep_seconds
 
-    assert _prep_seconds(eager) > 0.0 and _prep_seconds(eager) == 0.0  # counted once, as validation time
-    tight = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=1", "data.val_anomalies.cache_mb=0"))
-    tight.validation_dataset().prefill()  # over the budget: nothing kept, the workers make them
-    assert tight.validation_dataset()._cache == {}
+    dm = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=1"))
+    loader = dm.val_dataloader()
+    ds = dm.validation_dataset()
+    n = len(dm.val_samples)
+    assert ds.held and loader.num_workers == 0 and ds._cache == {} and len(ds._held) == 2 * n
+    first = _batches(loader)
+    kept = dict(ds._held)
+    second = _batches(dm.val_dataloader())  # a second pass makes nothing again
+    assert ds is dm.validation_dataset() and all(ds._held[i] is kept[i] for i in kept)
+    assert _prep_seconds(dm) > 0.0 and _prep_seconds(dm) == 0.0  # counted once, as validation time
+
+    tight = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=1"))
+    ds = tight.validation_dataset()
+    ds.prefill()
+    assert set(ds._cache) == set(range(n, 2 * n))
+    ds.spec.cache_mb = (ds._cached_bytes + 1) / 2**20  # the anomalies fit, the served items do not
+    loader = tight.val_dataloader()
+    assert not ds.held and loader.num_workers == 1 and set(ds._cache) == set(range(n, 2 * n))
+    one_by_one = [ds._item(i) for i in range(2 * n)]
+    for batches in (first, second, _batches(loader)):
+        items = [{k: v[j] for k, v in b.items()}
+                 for b in batches for j in range(len(b["label"]))]
+        assert len(items) == 2 * n
+        for x, y in zip(items, one_by_one):
+            assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+            assert torch.equal(x["label"], y["label"]) and x["defect"] == y["defect"] and x["path"] == y["path"]
+    none = _dm(fast_cfg(*TINY, "method=stfpm", "data.num_workers=1", "data.val_anomalies.cache_mb=0"))
+    assert not none.validation_dataset().hold()  # over the budget: nothing kept, the workers make them
+    assert none.validation_dataset()._cache == {} and none.val_dataloader().num_workers == 1
 
 
 def test_validation_anomalies_made_in_threads_are_the_ones_made_one_by_one(fast_cfg):

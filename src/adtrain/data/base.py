@@ -234,10 +234,11 @@ class AnomalyDataModule(LightningDataModule):
         return self._loader(self.make_dataset(samples, train=train), shuffle,
                             batch_size or (self.batch_size if train else self.eval_batch_size))
 
-    def _loader(self, dataset, shuffle: bool, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, dataset, shuffle: bool, batch_size: int, sampler=None, num_workers: int | None = None) -> DataLoader:
+        workers = self.num_workers if num_workers is None else int(num_workers)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=False,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+                          num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=workers > 0)
 
     #: False for training-free methods (set by adtrain.engine): their one pass sees the samples in
     #: index order, so a DDP run's gathered memory is the single-process one (adtrain.distributed)
@@ -266,14 +267,14 @@ class AnomalyDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """The validation set: held-out training normals and their synthetic anomalies (eval transform).
-        With workers, the anomalies are made here once (within ``cache_mb``), so each pass's new
-        workers inherit them instead of making them again."""
+        Its items are made once, here (``ValidationDataset.hold``), and every pass reads them from
+        memory without loader workers; a set over ``data.val_anomalies.cache_mb`` keeps the anomalies
+        alone (made once, inherited by the workers) or, past that too, makes them in the workers."""
         dataset = self.validation_dataset()
-        if self.num_workers > 0:
-            t0 = time.perf_counter()
-            dataset.prefill()
-            self.val_prep_seconds += time.perf_counter() - t0
-        return self._loader(dataset, False, self.eval_batch_size)
+        t0 = time.perf_counter()
+        held = dataset.hold()
+        self.val_prep_seconds += time.perf_counter() - t0
+        return self._loader(dataset, False, self.eval_batch_size, num_workers=0 if held else None)
 
     def val_normal_dataloader(self) -> DataLoader:
         """Held-out training normals only (eval transform): thresholds and score normalisation."""

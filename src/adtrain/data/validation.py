@@ -141,6 +141,12 @@ class ValidationDataset(Dataset):
         self.base, self.items, self.spec, self.seed = base, list(items), spec, int(seed)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._cached_bytes = 0
+        self._held: dict[int, dict] = {}  # every item as __getitem__ gives it (``hold``)
+
+    @property
+    def held(self) -> bool:
+        """True when every item is kept as it is served (``hold``): a pass reads memory alone."""
+        return len(self._held) == len(self.items) > 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -183,8 +189,7 @@ class ValidationDataset(Dataset):
         from concurrent.futures import ThreadPoolExecutor
 
         todo = [i for i, (_, family, _) in enumerate(self.items) if family is not None and i not in self._cache]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, min(len(todo), int(threads or min(8, cores))))
+        threads = _threads(threads, len(todo))
         if threads == 1:
             for index in todo:
                 if not self._keep(index, self._make(index)):
@@ -198,7 +203,35 @@ class ValidationDataset(Dataset):
                     if not self._keep(index, out):
                         return
 
+    def hold(self, threads: int | None = None) -> bool:
+        """Make every item once, as ``__getitem__`` serves it (the eval transform applied, the same
+        tensors), and keep them all if they fit in ``cache_mb`` (the anomalies' untransformed copies
+        are then let go): every later pass, of any epoch, task or routed validation, reads memory,
+        in the loading process (the loader needs no workers). False, keeping nothing, if they do
+        not all fit."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.held:
+            return True
+        self.prefill(threads)
+        if not self.items or any(fam is not None and i not in self._cache for i, (_, fam, _) in enumerate(self.items)):
+            return False  # the anomalies alone outgrow the budget
+        first = self._item(0)
+        if _nbytes(first) * len(self.items) > self.spec.cache_mb * 2**20:
+            return False  # (items share one size after the eval transform)
+        with ThreadPoolExecutor(_threads(threads, len(self.items))) as pool:
+            held = {0: first, **dict(zip(range(1, len(self.items)), pool.map(self._item, range(1, len(self.items)))))}
+        size = sum(_nbytes(item) for item in held.values())
+        if size > self.spec.cache_mb * 2**20:
+            return False
+        self._held, self._cache, self._cached_bytes = held, {}, size
+        return True
+
     def __getitem__(self, index: int) -> dict:
+        held = self._held.get(index)
+        return dict(held) if held is not None else self._item(index)
+
+    def _item(self, index: int) -> dict:
         sample, family, _ = self.items[index]
         if family is None:
             return self.base[index]  # the normals come first, in the base dataset's order
@@ -217,3 +250,13 @@ class ValidationDataset(Dataset):
             "source_size": torch.tensor(image.shape[:2], dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
         }
+
+
+def _threads(threads: int | None, todo: int) -> int:
+    """``threads``, or the cores this process may use (at most 8), and no more than the work."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(todo, int(threads or min(8, cores))))
+
+
+def _nbytes(item: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))

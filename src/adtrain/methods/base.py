@@ -20,6 +20,9 @@ from adtrain.methods.output import AnomalyOutput, concat
 
 #: validation pixel metrics on maps of at most this many pixels a side (the test's are full size)
 VAL_MAP_SIDE = 64
+#: validation pixel scores held and counted exactly in one sort per pass, up to this many (2,048
+#: coarse maps of 64 x 64); a larger validation set streams the rest (metrics/pixel.py)
+VAL_EXACT_PIXELS = 1 << 23
 
 
 def coarse_size(h: int, w: int) -> tuple[int, int]:
@@ -200,7 +203,8 @@ class AnomalyModule(LightningModule):
         if not self.validating_now():
             return
         if self._val_evaluator is None:
-            self._val_evaluator = distributed.wrap_evaluator(lambda: AnomalyEvaluator(pixel_metrics=True))
+            self._val_evaluator = distributed.wrap_evaluator(
+                lambda: AnomalyEvaluator(pixel_metrics=True, exact_pixels=VAL_EXACT_PIXELS))
         distributed.note_batch(self, self._val_evaluator, batch)
         out = self.validation_output(batch["image"])
         labels = batch["label"].to(out.pred_score.device)

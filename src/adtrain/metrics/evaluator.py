@@ -35,12 +35,13 @@ class AnomalyEvaluator:
     """
 
     def __init__(
-        self, pixel_metrics: bool = True, num_bins: int = 65536, aupro_fpr_limit: float = 0.3
+        self, pixel_metrics: bool = True, num_bins: int = 65536, aupro_fpr_limit: float = 0.3,
+        exact_pixels: int = 0,
     ):
         self.pixel_metrics = bool(pixel_metrics)
         self.num_bins = int(num_bins)
         self.aupro_fpr_limit = float(aupro_fpr_limit)
-        self.pixel = PixelMetricAccumulator(num_bins, aupro_fpr_limit)
+        self.pixel = PixelMetricAccumulator(num_bins, aupro_fpr_limit, exact_pixels)
         self.reset()
 
     def reset(self) -> None:

@@ -8,6 +8,10 @@ by equal shares of pixel mass (not of score range, so heavy-tailed maps keep the
 and `error_bounds()` bounds the difference to the exact values. Distinct scores and their counts
 are found on the input's device and binned there; only the (few) anomalous pixels' indices
 come to the CPU (for their regions), and the bins once, when the metrics are computed.
+
+With ``exact_pixels`` > 0 the scores are first held, up to that many, and counted exactly in one
+sort when the metrics are computed (validation: base.VAL_EXACT_PIXELS); past it, streaming as
+above takes over, from the same counts.
 """
 
 from __future__ import annotations
@@ -33,53 +37,124 @@ def _binning_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
 
 
-class PixelMetricAccumulator:
-    """Accumulates pixel statistics batch by batch; compute() gives the four pixel metrics."""
+def distinct_counts(values: torch.Tensor, anomalous_values: torch.Tensor, weights: np.ndarray):
+    """(distinct ascending values, normal count, anomalous count, PRO weight sum) of each distinct
+    value of ``values`` (flat), where ``anomalous_values`` are the ground-truth pixels' values
+    (also in ``values``) with their PRO ``weights`` in pixel order; each value's weights are summed
+    in that order (one float order on every run and every device). On the CPU by one numpy sort, on
+    other devices by torch.unique there."""
+    if values.device.type == "cpu":
+        s = np.sort(values.numpy())
+        first = np.empty(s.size, dtype=bool)
+        first[0] = True
+        np.not_equal(s[1:], s[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        uniq = s[starts]
+        total = np.diff(np.append(starts, s.size))
+        pos = np.searchsorted(uniq, anomalous_values.numpy())
+        anomalous = np.bincount(pos, minlength=uniq.size)
+        pro = np.bincount(pos, weights=weights, minlength=uniq.size) if pos.size else np.zeros(uniq.size)
+        return (torch.from_numpy(uniq.astype(np.float64)), torch.from_numpy(total - anomalous),
+                torch.from_numpy(anomalous), torch.from_numpy(pro))
+    uniq, total = torch.unique(values, return_counts=True)
+    n = uniq.numel()
+    anomalous = torch.zeros(n, dtype=torch.int64, device=uniq.device)
+    pro = torch.zeros(n, dtype=torch.float64, device=uniq.device)
+    if anomalous_values.numel():
+        # the anomalous pixels' distinct score indices, found on the device; their PRO weights are
+        # summed on the host in pixel order (deterministic float sums) and scattered back
+        idx, inv = torch.unique(torch.searchsorted(uniq, anomalous_values), return_inverse=True)
+        anomalous[idx] = torch.bincount(inv, minlength=idx.numel())
+        pro[idx] = torch.from_numpy(np.bincount(inv.cpu().numpy(), weights=weights,
+                                                minlength=idx.numel())).to(uniq.device)
+    return uniq.double(), total - anomalous, anomalous, pro
 
-    def __init__(self, num_bins: int = 65536, aupro_fpr_limit: float = 0.3):
+
+class PixelMetricAccumulator:
+    """Accumulates pixel statistics batch by batch; compute() gives the four pixel metrics.
+
+    ``exact_pixels``: up to this many pixel scores are held as they come and counted exactly, in
+    one sort, when the metrics are computed (a validation set's coarse maps: exact figures, and a
+    fraction of the per-batch binning's cost); past it, what is held goes into the adaptive bins
+    and streaming takes over. 0 (the default): every batch goes into the bins.
+    """
+
+    def __init__(self, num_bins: int = 65536, aupro_fpr_limit: float = 0.3, exact_pixels: int = 0):
         if int(num_bins) != num_bins or num_bins < 2:
             raise ConfigError("num_bins", f"must be an integer >= 2, got {num_bins}")
+        if int(exact_pixels) != exact_pixels or exact_pixels < 0:
+            raise ConfigError("exact_pixels", f"must be an integer >= 0, got {exact_pixels}")
         self.aupro_fpr_limit = check_fpr_limit(aupro_fpr_limit)
+        self.exact_pixels = int(exact_pixels)
         self.bins = AdaptiveBins(int(num_bins))
-        self.num_regions = 0
+        self.reset()
 
     def reset(self) -> None:
         self.bins.reset()
         self.num_regions = 0
+        self._held: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]] = []  # (values, anomalous values, weights)
+        self._held_pixels = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes of accumulated state (at most bins.max_nbytes, whatever the data seen)."""
-        return self.bins.nbytes
+        """Bytes of accumulated state: the bins (at most bins.max_nbytes) and the scores held."""
+        held = sum(v.numel() * v.element_size() + a.numel() * a.element_size() + w.nbytes for v, a, w in self._held)
+        return self.bins.nbytes + held
+
+    @property
+    def exact(self) -> bool:
+        """True while the metrics equal the exact ones (scores held, or bins of one score each)."""
+        return len(self.bins) == 0 or self.bins.exact
 
     def update(self, anomaly_map: torch.Tensor, mask: torch.Tensor) -> None:
         """anomaly_map: (B,H,W) float; mask: (B,H,W) bool, same device."""
         if anomaly_map.numel() == 0:
             return
-        values = anomaly_map.detach().to(_binning_dtype(anomaly_map.device))
+        values = anomaly_map.detach()
+        if values.dtype != torch.float32 or values.device.type != "cpu":
+            values = values.to(_binning_dtype(values.device))  # float32 stays: sorts alike, counts alike
         if not bool(torch.isfinite(values).all()):
             raise AdtrainError("anomaly map contains NaN or inf values; metrics need finite scores")
-        uniq, inverse = torch.unique(values, return_inverse=True)  # inverse: (B,H,W)
-        n = uniq.numel()
-        total = torch.bincount(inverse.reshape(-1), minlength=n)
-        anomalous = torch.zeros(n, dtype=torch.int64, device=uniq.device)
-        pro = torch.zeros(n, dtype=torch.float64, device=uniq.device)
         has_defect = mask.flatten(1).any(dim=1)
+        weights = np.zeros(0)
+        anomalous = values.new_zeros(0)
         if bool(has_defect.any()):
             defect_masks = mask[has_defect]
             weights, regions = region_weights(defect_masks.cpu().numpy())
-            # the anomalous pixels' distinct score indices, found on the device; their PRO weights
-            # are summed on the host in pixel order (deterministic float sums) and scattered back
-            pos = inverse[has_defect.to(inverse.device)][defect_masks.to(inverse.device)]
-            idx, inv = torch.unique(pos, return_inverse=True)
-            anomalous[idx] = torch.bincount(inv, minlength=idx.numel())
-            pro[idx] = torch.from_numpy(np.bincount(inv.cpu().numpy(), weights=weights,
-                                                    minlength=idx.numel())).to(uniq.device)
+            anomalous = values[has_defect.to(values.device)][defect_masks.to(values.device)]
             self.num_regions += regions
-        self.bins.add(uniq, total - anomalous, anomalous, pro)
+        flat = values.reshape(-1)
+        if self.exact_pixels and flat.data_ptr() == anomaly_map.data_ptr():
+            flat = flat.clone()  # held past this call: not a view of the caller's map
+        self._held.append((flat, anomalous, weights))
+        self._held_pixels += values.numel()
+        if self._held_pixels > self.exact_pixels:
+            self._flush()
+
+    def _take_held(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        held, self._held, self._held_pixels = self._held, [], 0
+        if len(held) == 1:
+            return held[0]
+        dtype = torch.float32 if all(v.dtype == torch.float32 for v, _, _ in held) else torch.float64
+        return (torch.cat([v.to(dtype) for v, _, _ in held]), torch.cat([a.to(dtype) for _, a, _ in held]),
+                np.concatenate([w for _, _, w in held]))
+
+    def _flush(self) -> None:
+        """What is held into the bins (streaming from here on)."""
+        if self._held:
+            self.bins.add(*distinct_counts(*self._take_held()))
+
+    def _counts(self) -> dict[str, np.ndarray]:
+        if len(self.bins) or not self._held:
+            self._flush()
+            return self.bins.counts
+        values, anomalous, weights = self._take_held()
+        self._held, self._held_pixels = [(values, anomalous, weights)], values.numel()  # kept: compute() may repeat
+        _, normal, anom, pro = distinct_counts(values, anomalous, weights)
+        return {"normal": normal.cpu().numpy(), "anomalous": anom.cpu().numpy(), "pro": pro.cpu().numpy()}
 
     def compute(self) -> dict[str, float | None]:
-        c = self.bins.counts
+        c = self._counts()
         if c["anomalous"].sum() == 0:
             return dict.fromkeys(PIXEL_KEYS)
         pos, neg = c["anomalous"], c["normal"]
@@ -94,4 +169,7 @@ class PixelMetricAccumulator:
 
     def error_bounds(self) -> dict[str, float]:
         """Largest possible |streaming - exact| of pixel_auroc and pixel_aupro (0.0 while exact)."""
+        if not len(self.bins):
+            return {"pixel_auroc": 0.0, "pixel_aupro": 0.0}
+        self._flush()
         return self.bins.error_bounds(self.num_regions, self.aupro_fpr_limit)
