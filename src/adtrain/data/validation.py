@@ -142,6 +142,7 @@ class ValidationDataset(Dataset):
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._cached_bytes = 0
         self._held: dict[int, dict] = {}  # every item as __getitem__ gives it (``hold``)
+        self._too_large: float | None = None  # the cache_mb a hold did not fit in
 
     @property
     def held(self) -> bool:
@@ -207,12 +208,16 @@ class ValidationDataset(Dataset):
         """Make every item once, as ``__getitem__`` serves it (the eval transform applied, the same
         tensors), and keep them all if they fit in ``cache_mb`` (the anomalies' untransformed copies
         are then let go): every later pass, of any epoch, task or routed validation, reads memory,
-        in the loading process (the loader needs no workers). False, keeping nothing, if they do
-        not all fit."""
+        in the loading process (the loader needs no workers). False if they do not all fit: then
+        the anomalies alone are kept, as ``prefill`` keeps them (or none, past the budget too), and
+        later calls with the same budget answer at once."""
         from concurrent.futures import ThreadPoolExecutor
 
         if self.held:
             return True
+        if self._too_large == self.spec.cache_mb:
+            return False
+        self._too_large = self.spec.cache_mb  # until every item is kept
         self.prefill(threads)
         if not self.items or any(fam is not None and i not in self._cache for i, (_, fam, _) in enumerate(self.items)):
             return False  # the anomalies alone outgrow the budget
@@ -224,7 +229,7 @@ class ValidationDataset(Dataset):
         size = sum(_nbytes(item) for item in held.values())
         if size > self.spec.cache_mb * 2**20:
             return False
-        self._held, self._cache, self._cached_bytes = held, {}, size
+        self._held, self._cache, self._cached_bytes, self._too_large = held, {}, size, None
         return True
 
     def __getitem__(self, index: int) -> dict:
