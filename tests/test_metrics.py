@@ -19,6 +19,7 @@ from adtrain.metrics import (
     image_metrics,
 )
 from adtrain.metrics.aupro import region_weights
+from adtrain.metrics.curves import ap_from_counts
 
 # ---------------------------------------------------------------- image metrics, by hand
 
@@ -383,6 +384,58 @@ def test_held_pixel_scores_are_exact_past_the_bins_capacity_until_their_budget()
     with pytest.raises(ConfigError, match="exact_pixels"):
         AnomalyEvaluator(exact_pixels=-1)
         assert m["pixel_ap"] == pytest.approx(exact_ap, abs=0.02)
+
+
+@pytest.mark.parametrize("case", ["ties", "anomalies_at_the_ends", "one_value", "coarse_grid"])
+def test_held_counts_merge_normal_runs_without_changing_any_metric(case):
+    """exact_counts (held CPU scores) keeps one group per distinct anomalous score and one per run
+    of normal scores between two: every metric equals the one from every distinct score
+    (distinct_counts) and, for AUROC / AP / F1-max, scikit-learn's; far fewer groups."""
+    from adtrain.metrics.curves import auroc_from_counts, f1max_from_counts, pro_auc_from_counts
+    from adtrain.metrics.pixel import distinct_counts, exact_counts
+
+    g = torch.Generator().manual_seed(5)
+    maps = torch.rand(6, 40, 40, generator=g)
+    masks = torch.zeros(6, 40, 40, dtype=torch.bool)
+    masks[:3, 5:15, 8:20] = True
+    masks[1, 30:34, 30:38] = True
+    if case == "ties":  # normal and anomalous pixels tied on a grid of values
+        maps = (maps * 50).round() / 50
+    elif case == "anomalies_at_the_ends":  # the highest and the lowest scores are anomalous
+        maps[masks] = maps[masks] * 0.1 + 0.95
+        maps[0, 5, 8], maps[0, 6, 8] = 2.0, -1.0
+    elif case == "one_value":
+        maps = torch.full_like(maps, 0.5)
+    else:
+        maps = (maps * 4).floor()
+    maps = maps + masks * 0.3 * (case != "one_value")
+    weights, regions = region_weights(masks[:3].numpy())
+    values, anomalous = maps.reshape(-1), maps[:3][masks[:3]]
+    _, normal, anom, pro = distinct_counts(values, anomalous, weights)
+    want = {"normal": normal.numpy(), "anomalous": anom.numpy(), "pro": pro.numpy()}
+    got = exact_counts(values.clone(), anomalous, weights)
+    assert got["anomalous"].sum() == anom.sum() and got["normal"].sum() == normal.sum()
+    assert len(got["normal"]) <= 2 * np.unique(anomalous.numpy()).size + 1 <= 2 * len(want["normal"]) + 1
+    for name, f in [("auroc", auroc_from_counts), ("ap", ap_from_counts), ("f1", f1max_from_counts)]:
+        a, b = f(got["anomalous"], got["normal"]), f(want["anomalous"], want["normal"])
+        assert (a is None and b is None) or a == pytest.approx(b, abs=1e-12), name
+    for limit in (0.3, 0.05, 1.0):
+        assert pro_auc_from_counts(got["normal"], got["pro"], regions, limit) == pytest.approx(
+            pro_auc_from_counts(want["normal"], want["pro"], regions, limit), abs=1e-12)
+    y, sc = masks.numpy().ravel().astype(int), maps.numpy().ravel()
+    if case != "one_value":
+        assert auroc_from_counts(got["anomalous"], got["normal"]) == pytest.approx(roc_auc_score(y, sc), abs=1e-12)
+        assert ap_from_counts(got["anomalous"], got["normal"]) == pytest.approx(average_precision_score(y, sc), abs=1e-12)
+        p, r, _ = precision_recall_curve(y, sc)
+        f1 = np.max(2 * p * r / np.maximum(p + r, 1e-300))
+        assert f1max_from_counts(got["anomalous"], got["normal"]) == pytest.approx(f1, abs=1e-12)
+    if case == "ties":
+        assert len(got["normal"]) < len(want["normal"]) + 2
+    # the torch branch (GPUs) finds the same bounds as numpy's
+    from adtrain.metrics.pixel import _anomalous_bounds, _anomalous_bounds_torch
+
+    by_numpy, by_torch = _anomalous_bounds(values.clone(), anomalous), _anomalous_bounds_torch(values, anomalous)
+    assert by_numpy[:2] == by_torch[:2] and all(np.array_equal(a, b) for a, b in zip(by_numpy[2:], by_torch[2:]))
 
 
 def test_heavy_tail_arriving_late_keeps_the_resolution():

@@ -145,6 +145,31 @@ def test_gaussian_blur_preserves_mass_and_smooths():
     assert tiny.shape == (2, 1, 8, 8) and torch.isfinite(tiny).all()
 
 
+def test_upsampled_map_is_the_resized_blurred_map_as_two_matrix_products():
+    """PatchCore's, CFA's and DFM's maps: upsampled_map equals interpolate (bilinear) then
+    gaussian_blur2d to float rounding, for square, oblong, smaller-than-the-kernel and unblurred
+    maps; fp32 under a bf16 autocast; gradients reach the patch scores."""
+    import torch.nn.functional as F
+
+    from adtrain.methods.patch_features import upsampled_map
+
+    g = torch.Generator().manual_seed(1)
+    for grid, size, sigma in [((32, 32), (256, 256), 4.0), ((28, 28), (224, 224), 4.0), ((7, 9), (70, 90), 2.0),
+                              ((4, 4), (8, 8), 4.0), ((8, 8), (64, 64), 0.0), ((16, 16), (16, 16), 4.0)]:
+        s = torch.rand(3, 1, *grid, generator=g) * 30
+        want = gaussian_blur2d(F.interpolate(s, size=size, mode="bilinear", align_corners=False), sigma)
+        got = upsampled_map(s, size, sigma)
+        assert got.shape == want.shape == (3, 1, *size) and got.dtype == torch.float32
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * 30), (grid, size, sigma)
+        assert torch.equal(upsampled_map(s[:, 0], size, sigma), got)  # (B, h, w) alike
+    s = (torch.rand(2, 1, 32, 32, generator=g) * 30).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = upsampled_map(s, (256, 256), 4.0)
+    assert low.dtype == torch.float32 and torch.equal(low, upsampled_map(s, (256, 256), 4.0))
+    low.sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all() and float(s.grad.abs().sum()) > 0
+
+
 def test_coordconv_channels():
     conv = CoordConv1x1(3, 4)
     with torch.no_grad():

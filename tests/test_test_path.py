@@ -54,7 +54,7 @@ def _reference(method: AnomalyModule, batches, heatmap_dir: Path | None):
     """The per-image test path as it was before the batched one (copied from base.py)."""
     from adtrain.viz import denormalize, save_heatmap
 
-    ev, records, files = AnomalyEvaluator(pixel_metrics=True), [], []
+    ev, records, files = AnomalyEvaluator(pixel_metrics=True, exact_pixels=method.test_exact_pixels), [], []
     for batch in batches:
         out = method.anomaly_output(batch["image"])
         ev.update(out.pred_score, batch["label"], out.anomaly_map, batch["mask"], batch["has_mask"])
@@ -419,6 +419,46 @@ def test_cpu_chunk_config_key(tmp_path):
     assert build_method(compose("method=patchcore", "backbone=resnet18", "backbone.pretrained=false")).cpu_chunk_pixels == 262144
     with pytest.raises(ConfigError, match="inference.cpu_chunk_pixels"):
         build_method(compose("method=patchcore", "backbone=resnet18", "backbone.pretrained=false", "inference.cpu_chunk_pixels=-1"))
+
+
+def test_test_pixel_metrics_are_exact_up_to_their_budget_and_say_when_they_are_not():
+    """metrics.exact_pixels: a test set past the bins' 65,536 distinct scores gets the exact pixel
+    AUROC while its scores fit the budget; with budget 0 the bins stream, and pixel_exactness
+    says so, with a bound the streamed figure keeps."""
+    from sklearn.metrics import roc_auc_score
+
+    from adtrain.build import build_method
+    from tests.conftest import compose
+
+    batches = _batches(n_batches=3, b=8, size=64, seed=3)  # 98,304 pixels, every score distinct
+    keep = [bool(h) for batch in batches for h in batch["has_mask"]]
+    scores = torch.cat([b["image"].mean(dim=1) * 3.0 for b in batches])[keep].numpy().ravel()
+    truth = torch.cat([b["mask"][:, 0] for b in batches])[keep].numpy().ravel().astype(int)
+    assert np.unique(scores).size > 65536
+    method = _Method().eval()
+    assert method.test_exact_pixels == 1 << 24
+    exact = _run_batched(method, batches)[0]
+    assert exact["pixel_auroc"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
+    assert method.pixel_exactness() == {"pixel_metrics_exact": True,
+                                        "pixel_error_bounds": {"pixel_auroc": 0.0, "pixel_aupro": 0.0}}
+    method.test_exact_pixels = 0
+    streamed = _run_batched(method, batches)[0]
+    state = method.pixel_exactness()
+    bound = state["pixel_error_bounds"]["pixel_auroc"]
+    assert state["pixel_metrics_exact"] is False and 0 < bound < 1e-3
+    assert streamed["pixel_auroc"] != exact["pixel_auroc"]
+    assert abs(streamed["pixel_auroc"] - exact["pixel_auroc"]) <= bound
+    assert streamed["image_auroc"] == exact["image_auroc"]
+    # no pixel truth: nothing to say
+    method.pixel_metrics = False
+    _run_batched(method, batches)
+    assert method.pixel_exactness() == {"pixel_metrics_exact": None, "pixel_error_bounds": None}
+    # the config key
+    base = ("method=patchcore", "backbone=resnet18", "backbone.pretrained=false")
+    assert build_method(compose(*base)).test_exact_pixels == 1 << 24
+    assert build_method(compose(*base, "metrics.exact_pixels=1000")).test_exact_pixels == 1000
+    with pytest.raises(ConfigError, match="metrics.exact_pixels"):
+        build_method(compose(*base, "metrics.exact_pixels=-1"))
 
 
 def test_full_fp32_search_reranks_each_query_over_its_own_candidates_only():

@@ -45,6 +45,11 @@ def build_method(cfg: DictConfig):
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
             raise ConfigError("inference.cpu_chunk_pixels", f"must be an integer >= 0 (0 = whole batches), got {chunk!r}")
         method.cpu_chunk_pixels = chunk
+    exact = (cfg.get("metrics") or {}).get("exact_pixels")
+    if exact is not None:  # absent from the configs of runs older than the key: the default
+        if isinstance(exact, bool) or not isinstance(exact, int) or exact < 0:
+            raise ConfigError("metrics.exact_pixels", f"must be an integer >= 0 (0 = always stream), got {exact!r}")
+        method.test_exact_pixels = exact
     return method
 
 

@@ -191,12 +191,14 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     finally:
         method.pixel_metrics = pixel_before
     metrics = method.test_results()
+    exactness = method.pixel_exactness()
     distributed.check_agree({k: metrics.get(k) for k in METRIC_KEYS}, "test metrics")  # DDP: one answer
     test_seconds = time.perf_counter() - t1
     peak, peak_kind = peak_memory_mb(device)
     n_test = len(method.test_records)  # images actually scored (trainer.limit_test_batches may cut the set)
     return {
         **{k: metrics.get(k) for k in METRIC_KEYS},
+        **exactness,
         "test_seconds": round(test_seconds, 3),
         "test_images_per_second": round(n_test / test_seconds, 3) if test_seconds > 0 else None,
         "peak_memory_mb": round(peak, 1),
@@ -221,6 +223,8 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         "seed": int(cfg.seed),
         "tested": do_test,
         **{k: tested.get(k) for k in METRIC_KEYS},
+        "pixel_metrics_exact": tested.get("pixel_metrics_exact"),
+        "pixel_error_bounds": tested.get("pixel_error_bounds"),
         **{k: info[k] for k in VAL_RESULT_KEYS.values()},
         "fit_seconds": info["fit_seconds"],
         "val_seconds": info["val_seconds"],

@@ -23,6 +23,9 @@ VAL_MAP_SIDE = 64
 #: validation pixel scores held and counted exactly in one sort per pass, up to this many (2,048
 #: coarse maps of 64 x 64); a larger validation set streams the rest (metrics/pixel.py)
 VAL_EXACT_PIXELS = 1 << 23
+#: test pixel scores held and counted exactly, up to this many (the config's ``metrics.exact_pixels``):
+#: an MVTec AD or VisA category's test set at 256 x 256 (at most about 13 M pixels) fits
+TEST_EXACT_PIXELS = 1 << 24
 
 
 def coarse_size(h: int, w: int) -> tuple[int, int]:
@@ -141,6 +144,9 @@ class AnomalyModule(LightningModule):
     #: and stay in cache (docs/BENCHMARKS.md: STFPM about 2x faster per image at batch 32).
     #: Set from the config's ``inference.cpu_chunk_pixels``.
     cpu_chunk_pixels: int = 1 << 18
+    #: test pixel scores counted exactly, up to this many; past it they stream through the adaptive
+    #: bins (metrics/pixel.py). Set from the config's ``metrics.exact_pixels``.
+    test_exact_pixels: int = TEST_EXACT_PIXELS
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         return self.anomaly_output(images)
@@ -305,7 +311,9 @@ class AnomalyModule(LightningModule):
         from adtrain.methods.test_outputs import TestOutputs
         from adtrain.metrics import AnomalyEvaluator
 
-        self.evaluator = distributed.wrap_evaluator(lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics))
+        exact = int(self.test_exact_pixels)
+        self.evaluator = distributed.wrap_evaluator(
+            lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics, exact_pixels=exact))
         self.test_outputs = TestOutputs()
         self.test_records = []
         self.heatmap_files = []
@@ -378,6 +386,16 @@ class AnomalyModule(LightningModule):
 
     def test_results(self) -> dict[str, Any]:
         return self.evaluator.compute() if self.evaluator is not None else {}
+
+    def pixel_exactness(self) -> dict[str, Any]:
+        """Whether the test's pixel metrics are exact, and how far from exact they can be
+        (``pixel_error_bounds``, 0 when exact); both None without pixel metrics."""
+        ev = self.evaluator
+        if ev is None or not getattr(ev, "pixel_metrics", False) or ev.pixel.num_regions == 0:
+            return {"pixel_metrics_exact": None, "pixel_error_bounds": None}
+        bounds = ev.pixel.error_bounds()
+        return {"pixel_metrics_exact": bool(ev.pixel.exact),
+                "pixel_error_bounds": {k: float(v) for k, v in bounds.items()}}
 
     # ----------------------------------------------------------------- continual learning
     #: what the method does across tasks (docs/continual.md); "finetune" = naive sequential

@@ -41,15 +41,35 @@ def _axis_operator(n: int, full: int, sigma: float, out: int) -> torch.Tensor:
     return x.view(n, out).t().contiguous()
 
 
+@lru_cache(maxsize=64)
+def _axis_operator_on(n: int, full: int, sigma: float, out: int, device: str) -> torch.Tensor:
+    """``_axis_operator`` kept on ``device`` (no host copy per batch)."""
+    return _axis_operator(n, full, sigma, out).to(device)
+
+
 def reduced_map(patch_scores: torch.Tensor, size, sigma: float, out_size) -> torch.Tensor:
     """``adaptive_avg_pool2d(gaussian_blur2d(interpolate(patch_scores, size), sigma), out_size)``
-    without the full-size map: resize, blur and area average are each linear and separable, so
-    the result is A_h S A_w^T with two small operators (equal up to float rounding). (B,h,w) ->
-    (B,1,*out_size) fp32; the validation's coarse pixel metrics read no more (methods/base.py)."""
+    without the full-size intermediates: resize, blur and area average are each linear and
+    separable, so the result is A_h S A_w^T with two small operators (equal up to float rounding),
+    in fp32 under any autocast. (B,h,w) or (B,1,h,w) -> (B,1,*out_size) fp32. ``out_size`` =
+    ``size``: the full-size blurred map (``upsampled_map``); smaller: the validation's coarse maps
+    (methods/base.py)."""
+    if patch_scores.ndim == 4:
+        patch_scores = patch_scores[:, 0]
     h, w = patch_scores.shape[-2:]
-    a_h = _axis_operator(int(h), int(size[0]), float(sigma), int(out_size[0])).to(patch_scores.device)
-    a_w = _axis_operator(int(w), int(size[1]), float(sigma), int(out_size[1])).to(patch_scores.device)
-    return torch.matmul(torch.matmul(a_h, patch_scores.float()), a_w.t()).unsqueeze(1)
+    dev = str(patch_scores.device)
+    a_h = _axis_operator_on(int(h), int(size[0]), float(sigma), int(out_size[0]), dev)
+    a_w = _axis_operator_on(int(w), int(size[1]), float(sigma), int(out_size[1]), dev)
+    with torch.autocast(patch_scores.device.type, enabled=False):
+        return torch.matmul(torch.matmul(a_h, patch_scores.float()), a_w.t()).unsqueeze(1)
+
+
+def upsampled_map(patch_scores: torch.Tensor, size, sigma: float) -> torch.Tensor:
+    """``gaussian_blur2d(interpolate(patch_scores, size, bilinear), sigma)``, the score maps of
+    PatchCore, CFA and DFM, as two small matrix products (``reduced_map``): the same map up to
+    float rounding (a few fp32 ulps), without the 33-tap convolutions over every full-size map
+    (about 80x less CPU time for 32 maps of 256 x 256, docs/BENCHMARKS.md)."""
+    return reduced_map(patch_scores, size, sigma, size)
 
 
 def pooled_concat(feats: Mapping[str, torch.Tensor], layers: Sequence[str], pool_size: int) -> torch.Tensor:

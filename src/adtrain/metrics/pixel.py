@@ -10,8 +10,8 @@ are found on the input's device and binned there; only the (few) anomalous pixel
 come to the CPU (for their regions), and the bins once, when the metrics are computed.
 
 With ``exact_pixels`` > 0 the scores are first held, up to that many, and counted exactly in one
-sort when the metrics are computed (validation: base.VAL_EXACT_PIXELS); past it, streaming as
-above takes over, from the same counts.
+sort when the metrics are computed (``exact_counts``; validation: base.VAL_EXACT_PIXELS, the test:
+``metrics.exact_pixels``); past it, streaming as above takes over, from the same counts.
 """
 
 from __future__ import annotations
@@ -68,6 +68,54 @@ def distinct_counts(values: torch.Tensor, anomalous_values: torch.Tensor, weight
         pro[idx] = torch.from_numpy(np.bincount(inv.cpu().numpy(), weights=weights,
                                                 minlength=idx.numel())).to(uniq.device)
     return uniq.double(), total - anomalous, anomalous, pro
+
+
+def _anomalous_bounds(values: torch.Tensor, anomalous_values: torch.Tensor):
+    """(pixels, distinct anomalous values' count, each anomalous pixel's value index, and per
+    distinct anomalous value the number of scores below it and at or below it), numpy arrays.
+    CPU: numpy, ``values`` sorted in place; other devices: torch there, small arrays to the host."""
+    if values.device.type == "cpu":
+        s, a = values.numpy(), anomalous_values.numpy()
+        s.sort()
+        uniq = np.unique(a)
+        return s.size, uniq.size, np.searchsorted(uniq, a), np.searchsorted(s, uniq, side="left"), \
+            np.searchsorted(s, uniq, side="right")
+    return _anomalous_bounds_torch(values, anomalous_values)
+
+
+def _anomalous_bounds_torch(values: torch.Tensor, anomalous_values: torch.Tensor):
+    """``_anomalous_bounds`` by torch on the values' device (GPUs); ``values`` left as they are."""
+    s = torch.sort(values).values
+    uniq = torch.unique(anomalous_values)
+    host = [t.cpu().numpy() for t in (torch.searchsorted(uniq, anomalous_values), torch.searchsorted(s, uniq),
+                                       torch.searchsorted(s, uniq, right=True))]
+    return s.numel(), uniq.numel(), *host
+
+
+def exact_counts(values: torch.Tensor, anomalous_values: torch.Tensor, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The exact metrics' counts of held scores (flat, this accumulator's own: on the CPU sorted in
+    place), in as few groups as keep every metric exact: one per distinct anomalous value (with
+    the normal pixels tied to it) and one per run of normal pixels between two of them. Inside
+    such a run the ROC and PRO curves are flat (no true positive is gained) and precision and F1
+    only fall, so merging the run changes no AUROC, AP, F1-max or AUPRO (their areas up to float
+    rounding). After one sort of the scores the work is in the anomalous pixels, not in every
+    distinct score (``distinct_counts``'s arrays are as long as the scores are distinct)."""
+    if not anomalous_values.numel():
+        return {"normal": np.array([values.numel()]), "anomalous": np.zeros(1, dtype=np.int64), "pro": np.zeros(1)}
+    n, k, pos, lo, hi = _anomalous_bounds(values, anomalous_values)
+    anomalous = np.bincount(pos, minlength=k)
+    pro = np.bincount(pos, weights=weights, minlength=k)  # each value's weights summed in pixel order
+    normal = np.empty(2 * k + 1, dtype=np.int64)  # the run below the first, the first, a run, ..., the run above
+    normal[0] = lo[0]
+    normal[1::2] = hi - lo - anomalous
+    normal[2:-1:2] = lo[1:] - hi[:-1]
+    normal[-1] = n - hi[-1]
+    anom = np.zeros(2 * k + 1, dtype=np.int64)
+    anom[1::2] = anomalous
+    pro_all = np.zeros(2 * k + 1)
+    pro_all[1::2] = pro
+    keep = (normal > 0) | (anom > 0)
+    return {"normal": normal[keep], "anomalous": anom[keep], "pro": pro_all[keep]}
 
 
 class PixelMetricAccumulator:
@@ -150,8 +198,7 @@ class PixelMetricAccumulator:
             return self.bins.counts
         values, anomalous, weights = self._take_held()
         self._held, self._held_pixels = [(values, anomalous, weights)], values.numel()  # kept: compute() may repeat
-        _, normal, anom, pro = distinct_counts(values, anomalous, weights)
-        return {"normal": normal.cpu().numpy(), "anomalous": anom.cpu().numpy(), "pro": pro.cpu().numpy()}
+        return exact_counts(values, anomalous, weights)
 
     def compute(self) -> dict[str, float | None]:
         c = self._counts()

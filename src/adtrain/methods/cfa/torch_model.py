@@ -19,7 +19,7 @@ from torch import nn
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory import MemoryBank, kmeans, nearest_distances
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import frozen_extractor, gaussian_blur2d, pooled_concat
+from adtrain.methods.patch_features import frozen_extractor, pooled_concat, upsampled_map
 
 
 class CoordConv1x1(nn.Module):
@@ -188,7 +188,5 @@ class CfaModel(nn.Module):
 
     def output_from(self, feats: torch.Tensor, size) -> AnomalyOutput:
         """Eval output from ``frozen_features``, with maps of ``size``: what ``forward`` gives."""
-        amap = F.interpolate(self._score_map(self.descriptor(feats)), size=tuple(size), mode="bilinear",
-                             align_corners=False)
-        amap = gaussian_blur2d(amap, self.blur_sigma)
+        amap = upsampled_map(self._score_map(self.descriptor(feats)), size, self.blur_sigma)
         return AnomalyOutput(anomaly_map=amap, pred_score=amap.flatten(1).amax(dim=1))

@@ -8,7 +8,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adtrain.errors import AdtrainError, ConfigError
@@ -17,7 +16,7 @@ from adtrain.methods.cfa.torch_model import CoordConv1x1
 from adtrain.methods.dfm.adapters import build_adapters
 from adtrain.methods.dfm.fmn import FeatureMatchingNetwork, distance_volume
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import gaussian_blur2d, pooled_concat, reduced_map
+from adtrain.methods.patch_features import pooled_concat, reduced_map, upsampled_map
 
 HOSTS = ("patchcore", "cfa")
 DEFAULT_LAYERS = {"patchcore": ("layer2", "layer3"), "cfa": ("layer1", "layer2", "layer3")}
@@ -153,9 +152,7 @@ class DfmModel(nn.Module):
         out = None if self.map_size_rule is None else tuple(self.map_size_rule(*size))
         if out is not None and out != tuple(size):
             return reduced_map(patch_scores, size, self.blur_sigma, out)
-        amap = F.interpolate(patch_scores.unsqueeze(1).float(), size=tuple(size), mode="bilinear",
-                             align_corners=False)
-        return gaussian_blur2d(amap, self.blur_sigma)
+        return upsampled_map(patch_scores, size, self.blur_sigma)
 
     @contextmanager
     def reduced_maps(self, size_rule):

@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adtrain.errors import ConfigError
 from adtrain.memory import MemoryBank, bank_distances, nearest_distances
 from adtrain.memory.graph_knn import logsumexp
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import frozen_extractor, gaussian_blur2d, pooled_concat
+from adtrain.methods.patch_features import frozen_extractor, pooled_concat, upsampled_map
 
 
 class PatchcoreModel(nn.Module):
@@ -101,8 +100,8 @@ class PatchcoreModel(nn.Module):
         return self.reweight(query, max_d, nn_index) * max_d
 
     def anomaly_map(self, dist: torch.Tensor, size) -> torch.Tensor:
-        amap = F.interpolate(dist.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)
-        return gaussian_blur2d(amap, self.blur_sigma)
+        """Patch distances resized to ``size`` (bilinear) and blurred (Gaussian, ``blur_sigma``)."""
+        return upsampled_map(dist, size, self.blur_sigma)
 
     def train(self, mode: bool = True):
         """The frozen extractor always stays in eval mode (fixed batch-norm statistics)."""
