@@ -54,7 +54,7 @@ for part in "$@"; do
           timeout 80 python3 -m adtrain.bench method=$m trainer=gpu backbone.pretrained=false data=synthetic \
             data.size=256 data.num_train=440 data.num_test_normal=2000 data.num_test_anomalous=2000 \
             data.eval_batch_size=128 paths.cache_dir=/tmp/adcache_$1 bench.model_only=true \
-            bench.run_dir=/tmp/e2e_$1_$state bench.out="$OUT/e2e_$1_$state.json" 2>&1 | grep -E '"(test_images_per_second|fit_seconds|model_only_images_per_second|image_auroc|pixel_auroc|peak_memory_mb)"|Error|error'
+            bench.run_dir=/tmp/e2e_$1_$state bench.out="$OUT/e2e_$1_$state.json" 2>&1 | grep -E '"(test_images_per_second|fit_seconds|model_only_images_per_second|image_auroc|pixel_auroc|pixel_metrics_exact|peak_memory_mb)"|Error|error'
         done
         timeout 70 python3 benchmarks/profile_test.py /tmp/e2e_$1_warm --repeat 1 --top 30 \
           --out "$OUT/profile_$1.json" 2>&1 | grep -v '^ \{4,\}"\|^ *[{}],\?$\|^ *"runs\|^ *\],\?$' | head -45
@@ -69,7 +69,7 @@ for part in "$@"; do
         timeout 80 python3 -m adtrain.bench method=patchcore method.center_crop=null backbone=efficientnet_lite0 \
           trainer=gpu data=synthetic data.size=256 data.num_train=440 data.num_test_normal=2000 data.num_test_anomalous=2000 \
           data.num_workers=12 data.eval_batch_size=128 paths.cache_dir=/tmp/adcache_pretrained bench.model_only=true \
-          bench.run_dir=/tmp/e2e_lite0_$state bench.out="$OUT/e2e_patchcore_lite0_$state.json" 2>&1 | grep -E '"(test_images_per_second|fit_seconds|model_only_images_per_second|image_auroc|pixel_auroc|peak_memory_mb)"|Error|error'
+          bench.run_dir=/tmp/e2e_lite0_$state bench.out="$OUT/e2e_patchcore_lite0_$state.json" 2>&1 | grep -E '"(test_images_per_second|fit_seconds|model_only_images_per_second|image_auroc|pixel_auroc|pixel_metrics_exact|peak_memory_mb)"|Error|error'
       done
       timeout 60 python3 benchmarks/gpu_model_parts.py /tmp/e2e_lite0_warm --out "$OUT/parts_patchcore_lite0.json" 2>&1 | tail -30
       timeout 70 python3 benchmarks/profile_test.py /tmp/e2e_lite0_warm --repeat 1 --top 30 \
