@@ -86,3 +86,23 @@ def test_pixel_binning_on_cuda_matches_the_cpu(num_bins):
         bound = cpu.error_bounds()
         assert abs(b["pixel_auroc"] - a["pixel_auroc"]) <= 2 * bound["pixel_auroc"] + 1e-12
         assert abs(b["pixel_aupro"] - a["pixel_aupro"]) <= 2 * bound["pixel_aupro"] + 1e-12
+
+
+def test_held_exact_pixel_metrics_on_cuda_match_the_cpu():
+    """metrics.exact_pixels on a GPU: the held scores are counted there (exact_counts' torch
+    branch), the same groups and the same four figures as on the CPU."""
+    from adtrain.metrics.pixel import PixelMetricAccumulator
+
+    g = torch.Generator().manual_seed(4)
+    maps = (torch.rand(8, 64, 64, generator=g) * 40).round() / 40  # ties between normal and anomalous pixels
+    masks = torch.zeros(8, 64, 64, dtype=torch.bool)
+    masks[:4, 10:30, 12:40] = True
+    maps = maps + 0.3 * masks
+    cpu, gpu = PixelMetricAccumulator(exact_pixels=1 << 20), PixelMetricAccumulator(exact_pixels=1 << 20)
+    for i in range(0, 8, 2):
+        cpu.update(maps[i:i + 2], masks[i:i + 2])
+        gpu.update(maps[i:i + 2].cuda(), masks[i:i + 2].cuda())
+    a, b = cpu.compute(), gpu.compute()
+    assert cpu.exact and gpu.exact and len(gpu.bins) == 0
+    for key in a:
+        assert b[key] == pytest.approx(a[key], abs=1e-12), key
