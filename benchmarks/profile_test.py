@@ -6,7 +6,8 @@ RUN_DIR is a finished run (e.g. the one `python -m adtrain.bench ... bench.run_d
 The test (`adtrain.test`: decode or cache read, transforms, copy to the device, scoring, metrics)
 runs `--repeat` times (the test images/s of each), then once with timers: the main process's
 parts are wrapped (DataLoader `__next__` = waiting for the workers, the batch's transfer and
-normalisation, the model's `anomaly_output`, the pixel metrics' update, the epoch-end metrics),
+normalisation, the model's `anomaly_output`, the pixel metrics' update, the epoch end, and the
+metrics' `compute` after it: the held pixel scores' exact count),
 each wrapper synchronising the GPU before it stops its clock, so GPU time is charged to the part
 that queued it. The synchronisation removes the overlap of host and GPU work, so the timed run is
 slower than the plain ones; the split says where the time goes, the plain runs how fast it is.
@@ -48,7 +49,8 @@ def timers():
     labels = {"on_after_batch_transfer": "transfer + normalisation (on_after_batch_transfer)",
               "anomaly_output": "model (anomaly_output)", "on_test_epoch_end": "epoch end (on_test_epoch_end)"}
     targets = [("data wait (DataLoader __next__)", dataloader._BaseDataLoaderIter, "__next__"),
-               ("pixel metrics (update_pixels)", AnomalyEvaluator, "update_pixels")]
+               ("pixel metrics (update_pixels)", AnomalyEvaluator, "update_pixels"),
+               ("metrics at the end (AnomalyEvaluator.compute)", AnomalyEvaluator, "compute")]
     targets += [(labels[name], cls, name) for cls in set(family(AnomalyModule)) for name in hooks
                 if name in vars(cls)]  # every class that defines the hook (overrides nest: counted once)
     with part_timers(targets) as spent:

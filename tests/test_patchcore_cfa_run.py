@@ -6,14 +6,21 @@ import pytest
 import torch
 
 
-def test_patchcore_run_ranks_defects_and_keeps_a_coreset(fast_cfg, tmp_path):
+def test_patchcore_run_ranks_defects_and_keeps_a_coreset(fast_cfg, tmp_path, caplog):
+    import logging
+
     from adtrain.loading import load_method
     from adtrain.run import run
 
     res = run(fast_cfg("method=patchcore", "method.coreset_ratio=0.25"), tmp_path)
     assert res["method"] == "patchcore" and res["image_auroc"] > 0.8 and res["pixel_auroc"] > 0.8
     assert json.loads((tmp_path / "results.json").read_text())["pixel_aupro"] > 0.6  # a constant map gives ~0.15
-    m, _, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="adtrain"):
+        m, _, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
+    # the backbone is built without weights, then given the checkpoint's: no "random init" note
+    assert "random init" not in caplog.text and "loaded from" in caplog.text and "model.ckpt" in caplog.text
+    assert not logging.getLogger("adtrain").filters
     patches_per_image = 8 * 8  # layer2 grid at 64x64 input
     expected = round(0.25 * res["num_train"] * patches_per_image)
     assert abs(len(m.model.memory) - expected) <= 1

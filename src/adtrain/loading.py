@@ -9,6 +9,7 @@ could build is an adtrain class.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -110,6 +111,14 @@ def load_run_config(checkpoint: str | Path):
     return ckpt, OmegaConf.create(cfg)
 
 
+class _CheckpointWeightsFollow(logging.Filter):
+    """While a checkpoint's method is built: its backbones' "random init" notes would be untrue
+    (the checkpoint's weights replace them next), so they are not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "random init" not in record.getMessage()
+
+
 def load_method(checkpoint: str | Path):
     """(method in eval mode, config, raw checkpoint). Backbone weights come from the checkpoint,
     so no pretrained weights are looked up."""
@@ -119,8 +128,14 @@ def load_method(checkpoint: str | Path):
     for node in (cfg.get("backbone"), cfg.method.get("backbone")):
         if node is not None:
             node.pretrained = False
-    method = build_method(cfg)
+    log, quiet = logging.getLogger("adtrain"), _CheckpointWeightsFollow()
+    log.addFilter(quiet)
+    try:
+        method = build_method(cfg)
+    finally:
+        log.removeFilter(quiet)
     method.load_state_dict(ckpt["state_dict"])
+    log.info("model weights (backbone included) loaded from %s", checkpoint)
     method.adtrain_config = ckpt["adtrain_config"]
     return method.eval(), cfg, ckpt
 
