@@ -45,9 +45,9 @@ def peak_mb(device) -> float:
     return gpu if gpu is not None else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def run_patch_queries(run_dir: str, images: int):
-    """(method in eval mode, its config, the datamodule, queries (M,D) fp32): the patch features of
-    a finished run's first ``images`` test images, as its model embeds them."""
+def run_test_batch(run_dir: str, images: int):
+    """(method in eval mode, its config, the datamodule, one batch): a finished run's model and
+    its first ``images`` test images, as the test's loader gives them."""
     from adtrain.build import build_datamodule
     from adtrain.loading import load_method
 
@@ -55,7 +55,14 @@ def run_patch_queries(run_dir: str, images: int):
     method.eval()
     dm = build_datamodule(cfg)
     dm.setup("test")
-    x = next(iter(dm.make_dataloader(dm.test_samples[:images], train=False)))["image"]
+    return method, cfg, dm, next(iter(dm.make_dataloader(dm.test_samples[:images], train=False)))
+
+
+def run_patch_queries(run_dir: str, images: int):
+    """(method in eval mode, its config, the datamodule, queries (M,D) fp32): the patch features of
+    a finished run's first ``images`` test images, as its model embeds them."""
+    method, cfg, dm, batch = run_test_batch(run_dir, images)
+    x = batch["image"]
     x = dm.input_normalizer(x) if x.dtype == torch.uint8 else x
     with torch.no_grad():
         emb = method.model.embed(x)

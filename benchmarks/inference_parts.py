@@ -23,9 +23,8 @@ import time
 
 import torch
 
+from _timing import run_test_batch
 from adtrain.backbones.same_pad import StripConv2dSame
-from adtrain.build import build_datamodule
-from adtrain.loading import load_method
 
 
 def set_strips(method, on: bool, timm_class) -> None:
@@ -47,11 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     from timm.layers.conv2d_same import Conv2dSame
 
-    method, cfg, _ = load_method(f"{args.run_dir}/checkpoints/model.ckpt")
-    method.eval()
-    dm = build_datamodule(cfg)
-    dm.setup("test")
-    batch = next(iter(dm.make_dataloader(dm.test_samples[: args.batch], train=False)))
+    method, cfg, _, batch = run_test_batch(args.run_dir, args.batch)
     chunk = method.cpu_chunk_pixels
     variants = {"whole_batch_padded": (0, False), "chunked_padded": (chunk, False), "chunked_strips": (chunk, True)}
     times = {v: [] for v in variants}

@@ -23,8 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adtrain.build import build_datamodule
-from adtrain.loading import load_method
+from _timing import run_test_batch
 from adtrain.methods.patch_features import gaussian_blur2d, upsampled_map
 
 MODULES = ("adtrain.methods.patchcore.torch_model", "adtrain.methods.cfa.torch_model",
@@ -48,11 +47,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
-    method, cfg, _ = load_method(f"{args.run_dir}/checkpoints/model.ckpt")
-    method.eval()
-    dm = build_datamodule(cfg)
-    dm.setup("test")
-    batch = next(iter(dm.make_dataloader(dm.test_samples[: args.batch], train=False)))
+    method, cfg, _, batch = run_test_batch(args.run_dir, args.batch)
     sigma = float(getattr(method.model, "blur_sigma", 4.0))
     variants = {"before": before, "upsampled_map": upsampled_map}
     times = {f"{part}_{v}": [] for part in ("map_only", "output") for v in variants}

@@ -23,8 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adtrain.build import build_datamodule
-from adtrain.loading import load_method
+from _timing import run_test_batch
 from adtrain.methods.patch_features import pooled_concat
 
 
@@ -59,12 +58,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
-    method, cfg, _ = load_method(f"{args.run_dir}/checkpoints/model.ckpt")
-    method.eval()
+    method, cfg, _, batch = run_test_batch(args.run_dir, args.batch)
     model = method.model
-    dm = build_datamodule(cfg)
-    dm.setup("test")
-    batch = next(iter(dm.make_dataloader(dm.test_samples[: args.batch], train=False)))
     n = int(batch["image"].shape[0])
     res = {"run_dir": args.run_dir, "method": str(cfg.method.name), "backbone": str(cfg.backbone.name),
            "images": n, "threads": torch.get_num_threads(), "ms_per_image": {}}
