@@ -44,7 +44,7 @@ def matching(repeat: int) -> None:
 
 
 def coarse_map(repeat: int) -> None:
-    from adtrain.methods.base import _coarse, coarse_size
+    from adtrain.methods.val_maps import coarse_maps, coarse_size
     from adtrain.methods.patch_features import gaussian_blur2d, reduced_map
 
     s = torch.rand(8, 28, 28, generator=torch.Generator().manual_seed(0)) * 30
@@ -52,7 +52,7 @@ def coarse_map(repeat: int) -> None:
 
     def full():
         amap = F.interpolate(s.unsqueeze(1), size=(224, 224), mode="bilinear", align_corners=False)
-        return _coarse(gaussian_blur2d(amap, 4.0), mask)[0]
+        return coarse_maps(gaussian_blur2d(amap, 4.0), mask)[0]
 
     diff = float((full() - reduced_map(s, (224, 224), 4.0, coarse_size(224, 224))).abs().max())
     t_full = median_ms(full, repeat)

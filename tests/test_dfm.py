@@ -116,14 +116,14 @@ def test_matching_the_nearest_item_alone_gives_the_candidates_result_to_the_bit(
 def test_validation_maps_come_reduced_straight_from_the_patch_scores(dfm):
     """Inside ``reduced_maps`` the map is the area average of the blurred full-size map (resize,
     blur and pooling are linear and separable) without making it; image scores are unchanged."""
-    from adtrain.methods.base import _coarse, coarse_size
+    from adtrain.methods.val_maps import coarse_maps, coarse_size
     from adtrain.methods.patch_features import gaussian_blur2d, reduced_map
 
     g = torch.Generator().manual_seed(0)
     for grid, size, sigma in [((28, 28), (224, 224), 4.0), ((7, 9), (70, 90), 2.0), ((32, 32), (256, 256), 0.0)]:
         s = torch.rand(3, *grid, generator=g) * 30
         full = gaussian_blur2d(F.interpolate(s.unsqueeze(1), size=size, mode="bilinear", align_corners=False), sigma)
-        want, mask = _coarse(full, torch.zeros(3, 1, *size))
+        want, mask = coarse_maps(full, torch.zeros(3, 1, *size))
         got = reduced_map(s, size, sigma, coarse_size(*size))
         assert got.shape == want.shape == (3, 1, *coarse_size(*size)) and mask.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -135,7 +135,7 @@ def test_validation_maps_come_reduced_straight_from_the_patch_scores(dfm):
             small = model(x)
     assert model.map_size_rule is None and small.anomaly_map.shape == (3, 1, 64, 64)
     assert torch.equal(small.pred_score, full.pred_score)
-    assert torch.allclose(small.anomaly_map, _coarse(full.anomaly_map, torch.zeros(3, 1, 128, 128))[0],
+    assert torch.allclose(small.anomaly_map, coarse_maps(full.anomaly_map, torch.zeros(3, 1, 128, 128))[0],
                           rtol=1e-5, atol=1e-5)
 
 

@@ -438,6 +438,35 @@ def test_held_counts_merge_normal_runs_without_changing_any_metric(case):
     assert by_numpy[:2] == by_torch[:2] and all(np.array_equal(a, b) for a, b in zip(by_numpy[2:], by_torch[2:]))
 
 
+def test_half_precision_maps_are_held_in_fp32_with_the_same_figures():
+    """Scores are held in fp32 whatever the map's dtype (fp16/bf16 widened exactly, fp32 not
+    copied to fp64): the same figures as the fp64 maps of the same values, half their bytes."""
+    from adtrain.metrics.pixel import PixelMetricAccumulator, score_dtype
+
+    g = torch.Generator().manual_seed(7)
+    maps = ((torch.rand(6, 32, 32, generator=g) * 50).round() / 50).half()  # ties, exact in fp16
+    masks = torch.zeros(6, 32, 32, dtype=torch.bool)
+    masks[:3, 4:12, 6:20] = True
+    maps = (maps.float() + 0.25 * masks).half()
+    runs = {}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        acc = PixelMetricAccumulator(exact_pixels=1 << 16)
+        x = maps.to(dtype) if dtype != torch.bfloat16 else maps.float().to(dtype)
+        for i in range(0, 6, 2):
+            acc.update(x[i:i + 2], masks[i:i + 2])
+        held = {v.dtype for v, _, _ in acc._held}
+        assert held == {torch.float64 if dtype == torch.float64 else torch.float32}, dtype
+        runs[dtype] = (acc.compute(), acc.nbytes, acc.exact)
+    assert runs[torch.float16][0] == runs[torch.float32][0] == runs[torch.float64][0]
+    assert runs[torch.float16][1] == runs[torch.float32][1] < runs[torch.float64][1]
+    assert all(exact for _, _, exact in runs.values())
+    bf = maps.float().to(torch.bfloat16)  # other values (bf16 rounds them): against fp64 of the same
+    want = PixelMetricAccumulator(exact_pixels=1 << 16)
+    want.update(bf.double(), masks)
+    assert runs[torch.bfloat16][0] == want.compute()
+    assert score_dtype(torch.float64, torch.device("mps")) == torch.float32  # MPS has no fp64
+
+
 def test_heavy_tail_arriving_late_keeps_the_resolution():
     """The spike comes in the last batch, after bins were merged: the bulk keeps its bins."""
     batches = _heavy_tailed_batches(8, n_batches=6)

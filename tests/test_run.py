@@ -186,3 +186,26 @@ def test_multirun_writes_a_summary(tmp_path):
         assert float(row["image_auroc"]) == pytest.approx(result["image_auroc"], abs=1e-4)
     md = (sweep / "summary.md").read_text()
     assert "image_auroc" in md and "Mean ± std" in md
+
+
+def test_bench_reports_the_runs_own_figures(tmp_path, capsys):
+    """adtrain.bench (the source of docs/BENCHMARKS.md's end-to-end rows): its figures are the
+    run's results.json figures, the exactness of the pixel metrics included, and are written to
+    bench.out as printed."""
+    from tests.conftest import FAST
+
+    from adtrain.bench import main
+
+    run_dir, out = tmp_path / "run", tmp_path / "bench.json"
+    overrides = [o for o in FAST if not o.startswith(("logger=", "output.heatmaps="))]
+    figures = main([*overrides, "method=patchcore", "method.center_crop=null", f"bench.run_dir={run_dir}",
+                    f"bench.out={out}", "bench.model_only=true"])
+    saved = json.loads((run_dir / "results.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "pixel_metrics_exact", "pixel_error_bounds", "fit_seconds",
+                "test_images_per_second", "num_test"):
+        assert figures[key] == saved[key], key
+    assert figures["method"] == "patchcore" and figures["pixel_metrics_exact"] is True
+    assert figures["model_only_images_per_second"] > 0
+    assert json.loads(out.read_text()) == figures
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):]) == figures

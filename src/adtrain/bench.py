@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
         "method": res["method"], "backbone": res["backbone"], "data": res["data"], "category": res["category"],
         "image_size": list(cfg.method.image_size), "precision": res["precision"], "device": res["device"],
         "image_auroc": res["image_auroc"], "pixel_auroc": res["pixel_auroc"],
+        # whether the pixel figures were counted exactly or streamed past metrics.exact_pixels
+        "pixel_metrics_exact": res.get("pixel_metrics_exact"), "pixel_error_bounds": res.get("pixel_error_bounds"),
         "epochs": res["epochs_trained"], "num_train": res["num_train"],
         "fit_seconds": res["fit_seconds"],
         "train_images_per_second": round(res["num_train"] * epochs / res["fit_seconds"], 2),

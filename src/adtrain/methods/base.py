@@ -15,52 +15,17 @@ from lightning.pytorch import LightningModule
 
 from adtrain import distributed
 from adtrain.errors import TrainingError
+from adtrain.methods.chunks import cpu_chunks
 from adtrain.methods.output import AnomalyOutput, concat
+from adtrain.methods.val_maps import coarse_maps
 
 
-#: validation pixel metrics on maps of at most this many pixels a side (the test's are full size)
-VAL_MAP_SIDE = 64
 #: validation pixel scores held and counted exactly in one sort per pass, up to this many (2,048
 #: coarse maps of 64 x 64); a larger validation set streams the rest (metrics/pixel.py)
 VAL_EXACT_PIXELS = 1 << 23
 #: test pixel scores held and counted exactly, up to this many (the config's ``metrics.exact_pixels``):
 #: an MVTec AD or VisA category's test set at 256 x 256 (at most about 13 M pixels) fits
 TEST_EXACT_PIXELS = 1 << 24
-
-
-def coarse_size(h: int, w: int) -> tuple[int, int]:
-    """The validation map size of an (h, w) image: at most VAL_MAP_SIDE a side, aspect kept."""
-    if max(h, w) <= VAL_MAP_SIDE:
-        return int(h), int(w)
-    return max(1, round(h * VAL_MAP_SIDE / max(h, w))), max(1, round(w * VAL_MAP_SIDE / max(h, w)))
-
-
-def _coarse(amap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps area-averaged and masks max-pooled (a coarse pixel is anomalous if any of its pixels
-    is) to ``coarse_size`` of the image (the mask's size): validation's pixel figures at a fraction
-    of the cost. A map already at that size (``validation_output``) is taken as it is."""
-    size = coarse_size(*mask.shape[-2:])
-    if tuple(amap.shape[-2:]) != size:
-        amap = torch.nn.functional.adaptive_avg_pool2d(amap.float(), size)
-    if tuple(mask.shape[-2:]) != size:
-        mask = torch.nn.functional.adaptive_max_pool2d(mask.float(), size)
-    return amap, mask
-
-
-def cpu_chunk(images: torch.Tensor, pixels: int) -> int:
-    """Images per model call (``AnomalyModule.cpu_chunk_pixels``): the whole batch, except for a
-    CPU forward without gradients that is not being traced for export."""
-    n = int(images.shape[0])
-    if (images.device.type != "cpu" or torch.is_grad_enabled() or int(pixels) <= 0 or images.dim() != 4
-            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
-        return n
-    return max(1, int(pixels) // max(1, images.shape[-1] * images.shape[-2]))
-
-
-def cpu_chunks(images: torch.Tensor, pixels: int) -> list[slice]:
-    """The row slices of ``images`` that one model call each takes (``cpu_chunk``)."""
-    step = max(1, cpu_chunk(images, pixels))
-    return [slice(s, s + step) for s in range(0, int(images.shape[0]), step)]
 
 
 class AnomalyModule(LightningModule):
@@ -214,7 +179,7 @@ class AnomalyModule(LightningModule):
         distributed.note_batch(self, self._val_evaluator, batch)
         out = self.validation_output(batch["image"])
         labels = batch["label"].to(out.pred_score.device)
-        amap, mask = _coarse(out.anomaly_map, batch["mask"].to(out.anomaly_map.device))
+        amap, mask = coarse_maps(out.anomaly_map, batch["mask"].to(out.anomaly_map.device))
         self._val_evaluator.update(out.pred_score, labels, amap, mask, batch["has_mask"])
         self._val_scores.append(out.pred_score.detach().float()[labels == 0].cpu())
         self._val_defects += [d if int(l) == 1 else "good" for d, l in zip(batch["defect"], labels.tolist())]

@@ -13,7 +13,8 @@ import torch
 
 from adtrain import distributed
 from adtrain.errors import ConfigError
-from adtrain.methods.base import AnomalyModule, cpu_chunks
+from adtrain.methods.base import AnomalyModule
+from adtrain.methods.chunks import cpu_chunks
 from adtrain.methods.output import AnomalyOutput, concat
 
 CONTINUAL_CHOICES = ("per_task", "shared")

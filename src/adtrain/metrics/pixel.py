@@ -32,9 +32,14 @@ from adtrain.metrics.summary import AdaptiveBins
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 
 
-def _binning_dtype(device: torch.device) -> torch.dtype:
-    """float64 where the device supports it (exact scores), float32 otherwise (e.g. MPS)."""
-    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+def score_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype pixel scores are held and counted in: fp32 and fp64 as they come, anything else
+    (fp16, bf16 maps under autocast) widened to fp32, which is exact and keeps the order and the
+    ties (the same distinct values, the same counts), at half the bytes of fp64 to hold and sort;
+    fp64 only where the device has it (not MPS)."""
+    if dtype == torch.float64 and torch.device(device).type in ("cpu", "cuda"):
+        return torch.float64
+    return torch.float32
 
 
 def distinct_counts(values: torch.Tensor, anomalous_values: torch.Tensor, weights: np.ndarray):
@@ -159,8 +164,7 @@ class PixelMetricAccumulator:
         if anomaly_map.numel() == 0:
             return
         values = anomaly_map.detach()
-        if values.dtype != torch.float32 or values.device.type != "cpu":
-            values = values.to(_binning_dtype(values.device))  # float32 stays: sorts alike, counts alike
+        values = values.to(score_dtype(values.dtype, values.device))
         if not bool(torch.isfinite(values).all()):
             raise AdtrainError("anomaly map contains NaN or inf values; metrics need finite scores")
         has_defect = mask.flatten(1).any(dim=1)

@@ -27,7 +27,7 @@ import torch
 
 from adtrain.continual.routing import TaskRouter, select_by_score
 from adtrain.errors import ConfigError, TrainingError
-from adtrain.methods.base import cpu_chunks
+from adtrain.methods.chunks import cpu_chunks
 from adtrain.methods.output import AnomalyOutput, concat
 
 _TRAINABLE = ("adapters", "head", "fmn")

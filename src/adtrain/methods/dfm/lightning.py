@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from adtrain.data.cutpaste import CutPasteConfig, cutpaste_batch
 from adtrain.errors import ConfigError
-from adtrain.methods.base import AnomalyModule, coarse_size, cpu_chunks
+from adtrain.methods.base import AnomalyModule
+from adtrain.methods.chunks import cpu_chunks
+from adtrain.methods.val_maps import coarse_size
 from adtrain.methods.dfm.continual import DfmContinualMixin
 from adtrain.methods.dfm.embed_cache import ValidationFeatureCache
 from adtrain.methods.dfm.torch_model import DfmModel

@@ -156,7 +156,7 @@ class DfmModel(nn.Module):
 
     @contextmanager
     def reduced_maps(self, size_rule):
-        """Maps area-averaged to ``size_rule(h, w)`` (validation: ``methods.base.coarse_size``)."""
+        """Maps area-averaged to ``size_rule(h, w)`` (validation: ``methods.val_maps.coarse_size``)."""
         before, self.map_size_rule = self.map_size_rule, size_rule
         try:
             yield self
