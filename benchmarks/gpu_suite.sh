@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks and figures for docs/BENCHMARKS.md, run on the lent GPU machine through the device
 # tool (repo root; wheels from shared/gpu-wheels.sh carried in .whl; results written to $OUT):
-#   bash benchmarks/gpu_suite.sh tests|cudatests|nearest|hetmm|bank|patchcore|e2e|stfpm_e2e|pretrained|parts ...
+#   bash benchmarks/gpu_suite.sh tests|cudatests|gemm|nearest|hetmm|bank|patchcore|e2e|stfpm_e2e|pretrained|parts ...
 # Each step has its own time limit so one slow step cannot eat the others, and all of them stop by
 # DEADLINE seconds after the start (default 570: the device tool's 600 s a call), a step that would
 # not start with 20 s left is skipped and says so. Issue 14's figures first:
-#   bash benchmarks/gpu_suite.sh pretrained stfpm_e2e cudatests
+#   bash benchmarks/gpu_suite.sh pretrained stfpm_e2e gemm cudatests
 set -u
 DEADLINE=${DEADLINE:-570}
 t() {  # t SECONDS COMMAND...: timeout SECONDS (at most what is left before DEADLINE) COMMAND
@@ -41,6 +41,8 @@ for part in "$@"; do
         2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
     cudatests)  # every method end to end on CUDA, the GPU binning, the certified search on CUDA
       t 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_test_path.py tests/test_memory.py tests/test_device_norm.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 ;;
+    gemm)  # the certified search's distance GEMM at PatchCore's WRN50 shape, in each form the code could take
+      t 60 python3 benchmarks/gemm_rate.py --device cuda --out "$OUT/gemm_rate.json" 2>&1 | tail -8 ;;
     nearest)  # PatchCore's k = 1 search: the sorted (topk) pass against the row-minimum pass
       t 120 python3 benchmarks/nearest_pass.py --device cuda 2>&1 | tee "$OUT/nearest_pass.log" | tail -20 ;;
     hetmm)
