@@ -40,7 +40,7 @@ for part in "$@"; do
       t 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory.py tests/test_hetmm.py \
         2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
     cudatests)  # every method end to end on CUDA, the GPU binning, the certified search on CUDA
-      t 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_test_path.py tests/test_memory.py tests/test_device_norm.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 ;;
+      t 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_test_path.py tests/test_memory.py tests/test_device_norm.py tests/test_hetmm.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 ;;
     gemm)  # the certified search's distance GEMM at PatchCore's WRN50 shape, in each form the code could take
       t 60 python3 benchmarks/gemm_rate.py --device cuda --out "$OUT/gemm_rate.json" 2>&1 | tail -8 ;;
     nearest)  # PatchCore's k = 1 search: the sorted (topk) pass against the row-minimum pass

@@ -310,3 +310,20 @@ def test_atmm_mutual_windows_and_offset_groups_match_loop(fw, bw, rows, device):
     s_f, s_b = atmm_mutual(q.to(device), t.to(device), fw, bw, chunk_size=2, rows_per_bmm=rows)
     torch.testing.assert_close(s_f.cpu(), atmm_naive(q, t, fw, "forward"), atol=1e-5, rtol=0)
     torch.testing.assert_close(s_b.cpu(), atmm_naive(q, t, bw, "backward"), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk, rows", [(2, 5), (3, 64), (64, 7)])
+def test_atmm_reused_buffers_give_the_fresh_tensors_results_bit_for_bit(chunk, rows):
+    """Without gradients atmm_mutual writes its stacked offsets and products into two buffers
+    made once per call (and keeps one image chunk's padded copy across template chunks); with
+    gradients it makes fresh tensors. Both paths, over several image and template chunks and
+    offset groups of uneven size, give the same bits (and the loop reference's values)."""
+    q, t = unit(5, 6, 7, 6, seed=5), unit(7, 6, 7, 6, seed=6)
+    with torch.no_grad():
+        reused = atmm_mutual(q, t, 5, 3, chunk_size=chunk, rows_per_bmm=rows)
+    fresh = atmm_mutual(q.clone().requires_grad_(), t, 5, 3, chunk_size=chunk, rows_per_bmm=rows)
+    assert fresh[0].requires_grad  # the fresh path ran (out= tensors cannot carry gradients)
+    for a, b in zip(reused, fresh):
+        assert torch.equal(a, b.detach())
+    torch.testing.assert_close(reused[0], atmm_naive(q, t, 5, "forward"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(reused[1], atmm_naive(q, t, 3, "backward"), atol=1e-5, rtol=0)

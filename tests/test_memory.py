@@ -539,3 +539,19 @@ def test_dense_cpu_pass_selection():
     finally:
         torch.set_float32_matmul_precision(before)
     assert mb.dense_exact(queries, cpu)
+
+
+@pytest.mark.parametrize("floats", [1, 24 * 7, 24 * 5 * 13])
+def test_exact_distances_are_the_same_in_any_chunking(floats, monkeypatch):
+    """exact_distances gathers the indexed rows chunk by chunk (8 MiB on the CPU, not 32: page
+    faults); any chunk size, one row at a time included, gives the same bits as one chunk."""
+    from adtrain.memory import index
+
+    g = _gen(3)
+    queries, bank = torch.randn(37, 24, generator=g), torch.randn(50, 24, generator=g)
+    idx = torch.randint(0, 50, (37, 5), generator=g)
+    monkeypatch.setattr(index, "GATHER_FLOATS_CPU", 1 << 30)
+    whole = index.exact_distances(queries, bank, idx)
+    monkeypatch.setattr(index, "GATHER_FLOATS_CPU", floats)
+    assert torch.equal(index.exact_distances(queries, bank, idx), whole)
+    assert torch.equal(whole, (queries.unsqueeze(1) - bank[idx]).norm(dim=-1))

@@ -184,6 +184,13 @@ def torch_search(
     return best_i
 
 
+#: gathered bank rows per chunk of ``exact_distances``, in floats. GPU: large, fewer launches. CPU:
+#: 8 MiB; at 32 MiB (glibc's largest mmap threshold) every chunk was mapped afresh and every page
+#: faulted (docs/BENCHMARKS.md, "HETMM's matching without page faults")
+GATHER_FLOATS_CUDA = 1 << 27
+GATHER_FLOATS_CPU = 1 << 21
+
+
 def exact_distances(
     queries: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, device: torch.device | str | None = None
 ) -> torch.Tensor:
@@ -194,7 +201,7 @@ def exact_distances(
     idx = idx.to(bank.device)
     m, k = idx.shape
     dim = bank.shape[1]
-    rows = max(1, (1 << (27 if dev.type == "cuda" else 23)) // max(1, k * dim))  # GPU: fewer launches
+    rows = max(1, (GATHER_FLOATS_CUDA if dev.type == "cuda" else GATHER_FLOATS_CPU) // max(1, k * dim))
     out = torch.empty(m, k, device=dev)
     for s in range(0, m, rows):
         sl = idx[s : s + rows]

@@ -58,6 +58,22 @@ def _position_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.view(h * w, n, c)
 
 
+class _Buffer:
+    """One flat tensor, grown to the largest size asked for; ``take`` returns a contiguous view
+    of its start in the asked shape (the previous view's contents are overwritten)."""
+
+    def __init__(self) -> None:
+        self.data: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if self.data is None or self.data.numel() < n or self.data.dtype != dtype or self.data.device != device:
+            self.data = torch.empty(n, dtype=dtype, device=device)
+        return self.data[:n].view(shape)
+
+
 def atmm_mutual(
     query: torch.Tensor,
     templates: torch.Tensor,
@@ -90,6 +106,12 @@ def atmm_mutual(
     offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
     valid = {o: _shift_map(ones, o[0], o[1], r)[0] for o in offsets}  # 0 valid / -inf invalid
     n_all = templates.shape[0]
+    # The stacked offsets and the bmm's products are written into two buffers made once per call
+    # (not when traced for export or differentiated): fresh tensors of tens of MB each bmm went to mmap and page-faulted
+    # every page on the CPU (docs/BENCHMARKS.md, "HETMM's matching without page faults").
+    reuse = not in_graph() and not (torch.is_grad_enabled() and (query.requires_grad or templates.requires_grad))
+    stack_buf, dots_buf = _Buffer(), _Buffer()
+    padded: dict[int, torch.Tensor] = {}  # one image chunk: its padded copy serves every template chunk
     for t0 in range(0, n_all, chunk_size):
         # (n,C,H,W) -> (HW, n, C) in one 2-d transpose copy (fast); bmm takes its transpose
         tc = _position_major(templates[t0 : t0 + chunk_size].to(dev), compute_dtype).transpose(1, 2)
@@ -97,15 +119,24 @@ def atmm_mutual(
             qc = query[b0 : b0 + chunk_size]
             nb = qc.shape[0]
             # (b,C,H+2r,W+2r) -> (H+2r, W+2r, b, C): slicing a window offset is then cheap
-            qp = _position_major(F.pad(qc, (r, r, r, r)), compute_dtype).reshape(h + 2 * r, w + 2 * r, -1, c)
+            qp = padded.get(b0)
+            if qp is None:
+                qp = _position_major(F.pad(qc, (r, r, r, r)), compute_dtype).reshape(h + 2 * r, w + 2 * r, -1, c)
+                if b_all <= chunk_size:
+                    padded[b0] = qp
             f_acc = f_parts.get(b0, torch.full_like(qc[:, 0], neg, dtype=torch.float32))
             b_acc = b_parts.get(b0, torch.full_like(qc[:, 0], neg, dtype=torch.float32))
             # several offsets share one bmm (rows = offsets x images): T is read once per group
             group = max(1, min(len(offsets), rows_per_bmm // nb))
             for g0 in range(0, len(offsets), group):
                 offs = offsets[g0 : g0 + group]
-                qs = torch.stack([qp[r + dy : r + dy + h, r + dx : r + dx + w] for dy, dx in offs], dim=2)
-                dots = torch.bmm(qs.reshape(hw, -1, c), tc)  # <Q(q+o), T_t(q)>
+                parts = [qp[r + dy : r + dy + h, r + dx : r + dx + w] for dy, dx in offs]
+                if reuse:
+                    qs = torch.stack(parts, dim=2, out=stack_buf.take((h, w, len(offs), nb, c), compute_dtype, dev))
+                    dots = torch.bmm(qs.view(hw, -1, c), tc,  # <Q(q+o), T_t(q)>
+                                     out=dots_buf.take((hw, len(offs) * nb, tc.shape[2]), compute_dtype, dev))
+                else:
+                    dots = torch.bmm(torch.stack(parts, dim=2).reshape(hw, -1, c), tc)
                 best = dots.amax(dim=2).float().reshape(h, w, len(offs), -1)
                 for i, (dy, dx) in enumerate(offs):
                     r_o = best[:, :, i].permute(2, 0, 1) + valid[(dy, dx)]  # (b,H,W)
