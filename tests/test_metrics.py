@@ -465,6 +465,7 @@ def test_half_precision_maps_are_held_in_fp32_with_the_same_figures():
     want.update(bf.double(), masks)
     assert runs[torch.bfloat16][0] == want.compute()
     assert score_dtype(torch.float64, torch.device("mps")) == torch.float32  # MPS has no fp64
+    assert score_dtype(torch.int32, torch.device("cpu")) == torch.float64  # integers exactly
 
 
 def test_heavy_tail_arriving_late_keeps_the_resolution():

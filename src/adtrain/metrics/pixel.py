@@ -36,10 +36,9 @@ def score_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype pixel scores are held and counted in: fp32 and fp64 as they come, anything else
     (fp16, bf16 maps under autocast) widened to fp32, which is exact and keeps the order and the
     ties (the same distinct values, the same counts), at half the bytes of fp64 to hold and sort;
-    fp64 only where the device has it (not MPS)."""
-    if dtype == torch.float64 and torch.device(device).type in ("cpu", "cuda"):
-        return torch.float64
-    return torch.float32
+    fp64 only where the device has it (not MPS), for fp64 maps and for integer ones (exact there)."""
+    wide = dtype == torch.float64 or not dtype.is_floating_point
+    return torch.float64 if wide and torch.device(device).type in ("cpu", "cuda") else torch.float32
 
 
 def distinct_counts(values: torch.Tensor, anomalous_values: torch.Tensor, weights: np.ndarray):

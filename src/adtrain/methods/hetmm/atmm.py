@@ -107,8 +107,9 @@ def atmm_mutual(
     valid = {o: _shift_map(ones, o[0], o[1], r)[0] for o in offsets}  # 0 valid / -inf invalid
     n_all = templates.shape[0]
     # The stacked offsets and the bmm's products are written into two buffers made once per call
-    # (not when traced for export or differentiated): fresh tensors of tens of MB each bmm went to mmap and page-faulted
-    # every page on the CPU (docs/BENCHMARKS.md, "HETMM's matching without page faults").
+    # (not when traced for export or differentiated): fresh tensors of tens of MB each bmm went to
+    # mmap and page-faulted every page on the CPU (docs/BENCHMARKS.md, "HETMM's matching without
+    # page faults").
     reuse = not in_graph() and not (torch.is_grad_enabled() and (query.requires_grad or templates.requires_grad))
     stack_buf, dots_buf = _Buffer(), _Buffer()
     padded: dict[int, torch.Tensor] = {}  # one image chunk: its padded copy serves every template chunk
