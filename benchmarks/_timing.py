@@ -58,6 +58,22 @@ def run_test_batch(run_dir: str, images: int):
     return method, cfg, dm, next(iter(dm.make_dataloader(dm.test_samples[:images], train=False)))
 
 
+def run_batch_cli(doc: str, batch: int = 32, repeat_flag: str = "--rounds", repeat: int = 6, extra=None):
+    """The command line shared by the one-batch scripts (RUN_DIR, --batch, a repeat count, and
+    ``extra(parser)``'s own options), then ``run_test_batch``: (args, method, config, datamodule,
+    batch)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument(repeat_flag, type=int, default=repeat)
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    return (args, *run_test_batch(args.run_dir, args.batch))
+
+
 def run_patch_queries(run_dir: str, images: int):
     """(method in eval mode, its config, the datamodule, queries (M,D) fp32): the patch features of
     a finished run's first ``images`` test images, as its model embeds them."""

@@ -16,14 +16,13 @@ It checks that the three give the same maps and scores, bit for bit, and prints 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 
-from _timing import run_test_batch
+from _timing import run_batch_cli
 from adtrain.backbones.same_pad import StripConv2dSame
 
 
@@ -39,14 +38,9 @@ def set_strips(method, on: bool, timm_class) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=6)
-    args = ap.parse_args()
     from timm.layers.conv2d_same import Conv2dSame
 
-    method, cfg, _, batch = run_test_batch(args.run_dir, args.batch)
+    args, method, cfg, _, batch = run_batch_cli(__doc__)
     chunk = method.cpu_chunk_pixels
     variants = {"whole_batch_padded": (0, False), "chunked_padded": (chunk, False), "chunked_strips": (chunk, True)}
     times = {v: [] for v in variants}

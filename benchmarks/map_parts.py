@@ -14,7 +14,6 @@ and whether their image scores are identical. One JSON object.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import statistics
@@ -23,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _timing import run_test_batch
+from _timing import run_batch_cli
 from adtrain.methods.patch_features import gaussian_blur2d, upsampled_map
 
 MODULES = ("adtrain.methods.patchcore.torch_model", "adtrain.methods.cfa.torch_model",
@@ -42,12 +41,7 @@ def use(fn) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=6)
-    args = ap.parse_args()
-    method, cfg, _, batch = run_test_batch(args.run_dir, args.batch)
+    args, method, cfg, _, batch = run_batch_cli(__doc__)
     sigma = float(getattr(method.model, "blur_sigma", 4.0))
     variants = {"before": before, "upsampled_map": upsampled_map}
     times = {f"{part}_{v}": [] for part in ("map_only", "output") for v in variants}

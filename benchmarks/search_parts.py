@@ -15,7 +15,6 @@ prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -23,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _timing import run_test_batch
+from _timing import run_batch_cli
 from adtrain.methods.patch_features import pooled_concat
 
 
@@ -53,12 +52,7 @@ def timed(fn, repeat: int, n_images: int) -> tuple[float, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=32)
-    args = ap.parse_args()
-    method, cfg, _, batch = run_test_batch(args.run_dir, args.batch)
+    args, method, cfg, _, batch = run_batch_cli(__doc__, repeat_flag="--repeat", repeat=3)
     model = method.model
     n = int(batch["image"].shape[0])
     res = {"run_dir": args.run_dir, "method": str(cfg.method.name), "backbone": str(cfg.backbone.name),
