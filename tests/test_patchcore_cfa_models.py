@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,35 @@ def test_gaussian_blur_preserves_mass_and_smooths():
     assert y.max().item() < 0.02 and y[0, 0, 20, 20] == y.max()
     tiny = gaussian_blur2d(torch.rand(2, 1, 8, 8), 4.0)  # smaller than the kernel radius
     assert tiny.shape == (2, 1, 8, 8) and torch.isfinite(tiny).all()
+
+
+def test_gaussian_blur_is_scipys_gaussian_filter_in_both_border_modes():
+    """The official PatchCore and CFA code blur with ``scipy.ndimage.gaussian_filter(sigma=4)``,
+    whose default border is ``reflect`` (d c b a | a b c d): the default here. ``mirror``
+    (d c b | a b c d) is anomalib's (kornia's "reflect"). Both equal scipy's at any map size,
+    including maps narrower than the kernel's radius, and through the two-product map."""
+    from scipy import ndimage
+
+    from adtrain.methods.patch_features import upsampled_map
+
+    g = torch.Generator().manual_seed(3)
+    for shape, sigma in [((40, 40), 4.0), ((9, 23), 4.0), ((1, 5), 2.0), ((224, 224), 4.0), ((6, 6), 1.5)]:
+        x = torch.rand(2, 1, *shape, generator=g, dtype=torch.float64).float()
+        for mode in ("reflect", "mirror"):
+            want = np.stack([ndimage.gaussian_filter(x[i, 0].double().numpy(), sigma, mode=mode) for i in range(2)])
+            got = gaussian_blur2d(x, sigma, mode)[:, 0].double().numpy()
+            assert np.allclose(got, want, atol=1e-6), (shape, mode)
+    s = torch.rand(2, 1, 28, 28, generator=g) * 30
+    up = torch.nn.functional.interpolate(s, size=(224, 224), mode="bilinear", align_corners=False)
+    for mode in ("reflect", "mirror"):
+        want = np.stack([ndimage.gaussian_filter(up[i, 0].double().numpy(), 4.0, mode=mode) for i in range(2)])
+        assert np.allclose(upsampled_map(s, (224, 224), 4.0, mode)[:, 0].double().numpy(), want, atol=1e-4)
+    edge = upsampled_map(s, (224, 224), 4.0, "reflect") - upsampled_map(s, (224, 224), 4.0, "mirror")
+    assert float(edge[..., 20:-20, 20:-20].abs().max()) < 1e-4 < float(edge.abs().max())  # the borders differ
+    with pytest.raises(ConfigError, match="method.blur_mode"):
+        gaussian_blur2d(x, 4.0, "wrap")
+    with pytest.raises(ConfigError, match="method.blur_mode"):
+        PatchcoreModel(extractor=StubExtractor(), blur_mode="nearest")
 
 
 def test_upsampled_map_is_the_resized_blurred_map_as_two_matrix_products():

@@ -244,3 +244,73 @@ def test_average_weights_survive_a_crash_and_resume(fast_cfg, tmp_path, monkeypa
     a = load_method(tmp_path / "ref" / "checkpoints" / "model.ckpt")[0].model.student.state_dict()
     b = load_method(tmp_path / "run" / "checkpoints" / "model.ckpt")[0].model.student.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6) for k in a)
+
+
+def test_student_starts_as_torchvisions_random_resnet_by_default():
+    """The official code's student is ``torchvision.models.resnet18(pretrained=False)``: every
+    batch-norm gamma 1. timm zero-inits each residual branch's last gamma (``zero_init_last``):
+    ``method.student_init=timm`` keeps that; EfficientNet has no such blocks (both the same)."""
+    import torchvision
+
+    from adtrain.methods.stfpm import Stfpm
+    from adtrain.errors import ConfigError
+
+    backbone = {"name": "resnet18", "kind": "cnn", "pretrained": False, "weights": None,
+                "stages": {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}}
+
+    def gammas(module):
+        return {n: p for n, p in module.named_parameters() if n.endswith("bn2.weight")}
+
+    tv = gammas(torchvision.models.resnet18(weights=None))
+    student = gammas(Stfpm(backbone).model.student.model)
+    assert len(student) == 6 and all(torch.equal(p, tv[n]) for n, p in student.items())
+    assert all(bool((p == 1).all()) for p in student.values())
+    timm_student = gammas(Stfpm(backbone, student_init="timm").model.student.model)
+    assert all(bool((p == 0).all()) for p in timm_student.values())
+    # the teacher's gammas are its weights' (here random init, timm's): the option is the student's alone
+    assert all(bool((p == 0).all()) for p in gammas(Stfpm(backbone).model.teacher.model).values())
+    with pytest.raises(ConfigError, match="method.student_init"):
+        Stfpm(backbone, student_init="kaiming")
+    lite = {"name": "efficientnet_lite0", "kind": "cnn", "pretrained": False, "weights": None,
+            "stages": {"layer1": 1, "layer2": 2, "layer3": 3}}
+    from adtrain.methods.stfpm.torch_model import torchvision_init
+
+    assert torchvision_init(Stfpm(lite, student_init="timm").model.student.model) == 0
+
+
+def test_normal_map_mean_is_the_official_validation_figure():
+    """STFPM's official selection averages every pixel of the held-out normals' 64x64 product
+    maps (gdwang08/STFPM ``test(...).mean()``): ``val/normal_map_mean``, STFPM's default monitor,
+    is that figure (the map resized by a whole factor and area-averaged back keeps its mean);
+    synthetic anomalies of the validation set are left out of it."""
+    import torch.nn.functional as F
+
+    from adtrain.methods.stfpm import Stfpm
+    from adtrain.selection import MONITORS
+
+    torch.manual_seed(0)
+    backbone = {"name": "resnet18", "kind": "cnn", "pretrained": False, "weights": None,
+                "stages": {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}}
+    m = Stfpm(backbone).eval()
+    images = torch.randn(5, 3, 256, 256)
+    labels = torch.tensor([0, 1, 0, 0, 1])
+    with torch.no_grad():
+        for lo, hi in ((0, 3), (3, 5)):
+            m.validation_step({"image": images[lo:hi], "label": labels[lo:hi],
+                               "mask": torch.zeros(hi - lo, 1, 256, 256), "has_mask": torch.ones(hi - lo, dtype=torch.bool),
+                               "defect": ["good" if int(v) == 0 else "synthetic_perlin" for v in labels[lo:hi]],
+                               "index": torch.arange(lo, hi)}, 0)
+        figures = m.validation_metrics()
+        t, s = m.model.features(images[labels == 0])
+        grid = None
+        for name, tf in t.items():  # the official code: each layer's distance at 64x64, multiplied
+            d = F.interpolate(((F.normalize(tf, dim=1) - F.normalize(s[name], dim=1)) ** 2).sum(1, keepdim=True),
+                              size=(64, 64), mode="bilinear", align_corners=False)
+            grid = d if grid is None else grid * d
+    assert figures["val/normal_map_mean"] == pytest.approx(float(grid.mean()), rel=1e-5)
+    # the mean image score is another figure: the maxima of the full-size maps
+    assert figures["val/normal_score"] != pytest.approx(figures["val/normal_map_mean"], rel=0.1)
+    assert MONITORS["normal_map_mean"] == ("val/normal_map_mean", "min")
+    from adtrain.api import compose
+
+    assert compose(["method=stfpm"]).method.selection == "normal_map_mean"

@@ -173,6 +173,7 @@ def sync_validation(module) -> None:
     if not isinstance(ev, RecordingEvaluator):
         return
     module._val_defects = _in_order(module, module._val_defects)
+    module._val_map_means = _in_order(module, module._val_map_means)
     module._val_evaluator = ev = ev.merged()
     normal = [s for s, label in zip(ev.image_scores, ev.image_labels) if label == 0]
     module._val_scores = [torch.tensor(normal, dtype=torch.float32)]

@@ -79,7 +79,8 @@ def write_scores_csv(path: Path, records: list[dict]) -> None:
 
 
 VAL_RESULT_KEYS = {"val/image_auroc": "val_image_auroc", "val/pixel_auroc": "val_pixel_auroc",
-                   "val/pixel_aupro": "val_pixel_aupro", "val/normal_score": "val_normal_score"}
+                   "val/pixel_aupro": "val_pixel_aupro", "val/normal_score": "val_normal_score",
+                   "val/normal_map_mean": "val_normal_map_mean"}
 
 
 def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
@@ -106,7 +107,7 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
                           f"(data.val_anomalies.families={list(dm.val_anomalies.families)})")
     if monitor.startswith(("val_image_auroc", "val_pixel_auroc")) and not dm.val_anomalies.per_normal:
         raise ConfigError("selection.monitor", f"{monitor} needs synthetic anomalies in the validation set "
-                          "(data.val_anomalies is empty); use normal_score or last")
+                          "(data.val_anomalies is empty); use normal_score, normal_map_mean or last")
     confidence = (cfg.get("selection") or {}).get("start_confidence")
     confidence = cfg.method.get("start_confidence", 0.0) if confidence is None else confidence
     selector = Selection(monitor, run_dir / "checkpoints", float(confidence or 0.0)) if has_val else None

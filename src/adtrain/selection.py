@@ -7,7 +7,8 @@
 | ``val_image_auroc`` | ``val/image_auroc`` | higher |
 | ``val_pixel_auroc`` | ``val/pixel_auroc`` | higher |
 | ``val_image_auroc_perlin`` (``_cutpaste``) | normals against one synthetic family only | higher |
-| ``normal_score`` | ``val/normal_score`` (mean score of held-out normals) | lower |
+| ``normal_score`` | ``val/normal_score`` (mean image score of held-out normals) | lower |
+| ``normal_map_mean`` | ``val/normal_map_mean`` (mean of held-out normals' anomaly maps, every pixel: STFPM's official figure) | lower |
 | ``last`` | - | the final state is kept |
 
 The untrained start is a candidate where it already detects anomalies (DFM's round 0 is its
@@ -37,6 +38,7 @@ MONITORS = {
     "val_image_auroc_cutpaste": ("val/image_auroc_cutpaste", "max"),
     "val_image_auroc_perlin": ("val/image_auroc_perlin", "max"),
     "normal_score": ("val/normal_score", "min"),
+    "normal_map_mean": ("val/normal_map_mean", "min"),
     "last": (None, None),
 }
 

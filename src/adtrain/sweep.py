@@ -28,7 +28,7 @@ log = logging.getLogger("adtrain")
 
 KEY_COLUMNS = ("method", "data", "category", "backbone", "seed")
 # validation figures of the selected model state (held-out normals + synthetic anomalies)
-VAL_COLUMNS = ("val_image_auroc", "val_pixel_auroc", "val_pixel_aupro", "val_normal_score")
+VAL_COLUMNS = ("val_image_auroc", "val_pixel_auroc", "val_pixel_aupro", "val_normal_score", "val_normal_map_mean")
 TEST_COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 VALUE_COLUMNS = (*VAL_COLUMNS, *TEST_COLUMNS, "fit_seconds", "test_images_per_second", "peak_memory_mb")
 MEAN_COLUMNS = (*VAL_COLUMNS, *TEST_COLUMNS)
@@ -38,6 +38,7 @@ OBJECTIVES = {
     "val_pixel_auroc": "maximize",
     "val_pixel_aupro": "maximize",
     "val_normal_score": "minimize",
+    "val_normal_map_mean": "minimize",
 }
 # override keys that repeat a key column (the summary already shows them)
 _SHOWN_OVERRIDES = {"seed", "method", "data", "backbone", "data.category"}

@@ -52,6 +52,7 @@ class AnomalyModule(LightningModule):
         self._val_scores: list[torch.Tensor] = []
         self._val_evaluator = None
         self._val_defects: list[str] = []
+        self._val_map_means: list[float] = []  # each validation item's mean map value (dataset order)
         self.last_val_metrics: dict[str, float] = {}
         #: the image scores and kinds ("good" or "synthetic_<family>") of the last validation
         self.last_val_items: dict[str, list] = {"scores": [], "defects": []}
@@ -155,7 +156,7 @@ class AnomalyModule(LightningModule):
     #: then it is validated before training and kept when no trained state validates better
     start_is_detector: bool = False
     #: logged each validation epoch (validation set: held-out normals + synthetic anomalies)
-    VAL_KEYS = ("val/image_auroc", "val/pixel_auroc", "val/pixel_aupro", "val/normal_score")
+    VAL_KEYS = ("val/image_auroc", "val/pixel_auroc", "val/pixel_aupro", "val/normal_score", "val/normal_map_mean")
 
     #: validate every N training epochs and after the last one (set by run.py from the config)
     val_every_n_epochs: int = 1
@@ -183,6 +184,7 @@ class AnomalyModule(LightningModule):
         self._val_evaluator.update(out.pred_score, labels, amap, mask, batch["has_mask"])
         self._val_scores.append(out.pred_score.detach().float()[labels == 0].cpu())
         self._val_defects += [d if int(l) == 1 else "good" for d, l in zip(batch["defect"], labels.tolist())]
+        self._val_map_means += amap.flatten(1).float().mean(dim=1).tolist()
 
     def validation_output(self, images: torch.Tensor) -> AnomalyOutput:
         """``anomaly_output`` for a validation batch; a method may give its maps already at
@@ -194,6 +196,11 @@ class AnomalyModule(LightningModule):
         out = {}
         if self._val_scores and torch.cat(self._val_scores).numel():
             out["val/normal_score"] = float(torch.cat(self._val_scores).mean())
+        normal = [m for m, d in zip(self._val_map_means, self._val_defects) if d == "good"]
+        if normal and len(self._val_map_means) == len(self._val_defects):
+            # STFPM's official selection figure: the mean of every held-out normal's map (equal-size
+            # maps: the mean of their per-image means). Area-averaged coarse maps keep the mean
+            out["val/normal_map_mean"] = float(sum(normal) / len(normal))
         if self._val_evaluator is not None:
             res = self._val_evaluator.compute()
             for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
@@ -231,6 +238,7 @@ class AnomalyModule(LightningModule):
                      sync_dist=distributed.world_size() > 1)  # equal on every rank already: quiets Lightning
         self._val_scores = []
         self._val_defects = []
+        self._val_map_means = []
         self._val_evaluator = None
         self.sample_index = []
 

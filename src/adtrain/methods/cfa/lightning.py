@@ -27,6 +27,7 @@ class Cfa(TaskMemoryMixin, AnomalyModule):
         learn_radius: bool = True,
         pool_size: int = 3,
         blur_sigma: float = 4.0,
+        blur_mode: str = "reflect",
         lr: float = 1e-3,
         weight_decay: float = 5e-4,
         amsgrad: bool = True,
@@ -41,7 +42,7 @@ class Cfa(TaskMemoryMixin, AnomalyModule):
         self.model = model if model is not None else CfaModel(
             backbone, layers, gamma_d=gamma_d, gamma_c=gamma_c, num_nearest=num_nearest,
             num_hard_negatives=num_hard_negatives, nu=nu, alpha=alpha, radius=radius,
-            learn_radius=learn_radius, pool_size=pool_size, blur_sigma=blur_sigma, memory=memory, seed=seed,
+            learn_radius=learn_radius, pool_size=pool_size, blur_sigma=blur_sigma, blur_mode=blur_mode, memory=memory, seed=seed,
         )
 
     #: the memory of the untrained descriptor already detects anomalies: a selection candidate

@@ -19,7 +19,7 @@ from torch import nn
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory import MemoryBank, kmeans, nearest_distances
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import frozen_extractor, pooled_concat, upsampled_map
+from adtrain.methods.patch_features import check_blur_mode, frozen_extractor, pooled_concat, upsampled_map
 
 
 class CoordConv1x1(nn.Module):
@@ -67,6 +67,7 @@ class CfaModel(nn.Module):
         learn_radius: bool = True,
         pool_size: int = 3,
         blur_sigma: float = 4.0,
+        blur_mode: str = "reflect",
         kmeans_niter: int = 100,
         memory: Mapping | None = None,
         extractor: nn.Module | None = None,
@@ -85,6 +86,7 @@ class CfaModel(nn.Module):
         self.K, self.J = int(num_nearest), int(num_hard_negatives)
         self.nu, self.alpha = float(nu), float(alpha)
         self.pool_size, self.blur_sigma = int(pool_size), float(blur_sigma)
+        self.blur_mode = check_blur_mode(blur_mode)
         self.kmeans_niter, self.seed = int(kmeans_niter), int(seed)
         self.extractor = frozen_extractor(backbone, self.layers, extractor)
         self.extractor.requires_grad_(False)
@@ -188,5 +190,5 @@ class CfaModel(nn.Module):
 
     def output_from(self, feats: torch.Tensor, size) -> AnomalyOutput:
         """Eval output from ``frozen_features``, with maps of ``size``: what ``forward`` gives."""
-        amap = upsampled_map(self._score_map(self.descriptor(feats)), size, self.blur_sigma)
+        amap = upsampled_map(self._score_map(self.descriptor(feats)), size, self.blur_sigma, self.blur_mode)
         return AnomalyOutput(anomaly_map=amap, pred_score=amap.flatten(1).amax(dim=1))

@@ -43,6 +43,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         adapter_layers=None,
         pool_size: int = 3,
         blur_sigma: float = 4.0,
+        blur_mode: str = "reflect",
         cfa_gamma_d: int = 1,
         memory_size: int | None = 196,
         coreset_ratio: float = 0.1,
@@ -52,12 +53,12 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         candidates: int = 8,
         row_chunk: int = 8192,
         mem_chunk: int = 4096,
-        rounds: int = 2,
-        stage1_epochs: int = 3,
+        rounds: int = 1,
+        stage1_epochs: int = 0,
         stage2_epochs: int = 5,
         lr_adapter: float = 1e-4,
-        lr_fmn: float = 1e-3,
-        stage2_objective: str = "supervised",
+        lr_fmn: float = 1.5e-2,
+        stage2_objective: str = "compress",
         weight_decay: float = 0.0,
         beta: float = 0.9,
         gamma: float = 1.1,
@@ -93,7 +94,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             raise ConfigError("method.validate_every", f"must be 'round' or 'epoch', got {validate_every!r}")
         self.model = model if model is not None else DfmModel(
             backbone, host=host, layers=layers, adapter_layers=adapter_layers, pool_size=pool_size,
-            blur_sigma=blur_sigma, cfa_gamma_d=cfa_gamma_d, memory_size=memory_size, coreset_ratio=coreset_ratio,
+            blur_sigma=blur_sigma, blur_mode=blur_mode, cfa_gamma_d=cfa_gamma_d, memory_size=memory_size, coreset_ratio=coreset_ratio,
             projection_dim=projection_dim, max_memory_features=max_memory_features, num_keys=num_keys,
             candidates=candidates, row_chunk=row_chunk, mem_chunk=mem_chunk, seed=seed)
         self.automatic_optimization = False

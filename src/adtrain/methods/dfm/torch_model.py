@@ -16,7 +16,7 @@ from adtrain.methods.cfa.torch_model import CoordConv1x1
 from adtrain.methods.dfm.adapters import build_adapters
 from adtrain.methods.dfm.fmn import FeatureMatchingNetwork, distance_volume
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import pooled_concat, reduced_map, upsampled_map
+from adtrain.methods.patch_features import check_blur_mode, pooled_concat, reduced_map, upsampled_map
 
 HOSTS = ("patchcore", "cfa")
 DEFAULT_LAYERS = {"patchcore": ("layer2", "layer3"), "cfa": ("layer1", "layer2", "layer3")}
@@ -53,6 +53,7 @@ class DfmModel(nn.Module):
         adapter_layers: Sequence[str] | None = None,
         pool_size: int = 3,
         blur_sigma: float = 4.0,
+        blur_mode: str = "reflect",
         cfa_gamma_d: int = 1,
         memory_size: int | None = 196,
         coreset_ratio: float = 0.1,
@@ -84,6 +85,7 @@ class DfmModel(nn.Module):
         self.host = host
         self.layers = [str(n) for n in layers]
         self.pool_size, self.blur_sigma = int(pool_size), float(blur_sigma)
+        self.blur_mode = check_blur_mode(blur_mode)
         #: (h, w) -> reduced map size, or None: full-size maps (``reduced_maps``)
         self.map_size_rule = None
         self.memory_size = None if memory_size is None else int(memory_size)
@@ -151,8 +153,8 @@ class DfmModel(nn.Module):
         to the rule's size straight from the patch scores (``reduced_map``)."""
         out = None if self.map_size_rule is None else tuple(self.map_size_rule(*size))
         if out is not None and out != tuple(size):
-            return reduced_map(patch_scores, size, self.blur_sigma, out)
-        return upsampled_map(patch_scores, size, self.blur_sigma)
+            return reduced_map(patch_scores, size, self.blur_sigma, out, self.blur_mode)
+        return upsampled_map(patch_scores, size, self.blur_sigma, self.blur_mode)
 
     @contextmanager
     def reduced_maps(self, size_rule):

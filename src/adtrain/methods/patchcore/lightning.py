@@ -18,6 +18,7 @@ class Patchcore(MemoryModule):
         pool_size: int = 3,
         projection_dim: int = 128,
         blur_sigma: float = 4.0,
+        blur_mode: str = "reflect",
         memory: dict | None = None,
         coreset_device: str = "auto",
         seed: int = 0,
@@ -28,7 +29,7 @@ class Patchcore(MemoryModule):
         self.coreset_device = coreset_device
         self.model = model if model is not None else PatchcoreModel(
             backbone, layers, coreset_ratio=coreset_ratio, num_neighbors=num_neighbors, pool_size=pool_size,
-            projection_dim=projection_dim, memory=memory, blur_sigma=blur_sigma, seed=seed,
+            projection_dim=projection_dim, memory=memory, blur_sigma=blur_sigma, seed=seed, blur_mode=blur_mode,
         )
 
     def collect(self, images: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from adtrain.errors import ConfigError
 from adtrain.memory import MemoryBank, bank_distances, nearest_distances
 from adtrain.memory.graph_knn import logsumexp
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import frozen_extractor, pooled_concat, upsampled_map
+from adtrain.methods.patch_features import check_blur_mode, frozen_extractor, pooled_concat, upsampled_map
 
 
 class PatchcoreModel(nn.Module):
@@ -30,6 +30,7 @@ class PatchcoreModel(nn.Module):
         extractor: nn.Module | None = None,
         blur_sigma: float = 4.0,
         seed: int = 0,
+        blur_mode: str = "reflect",
     ):
         super().__init__()
         if not 0.0 < float(coreset_ratio) <= 1.0:
@@ -43,7 +44,7 @@ class PatchcoreModel(nn.Module):
         self.num_neighbors = int(num_neighbors)
         self.pool_size = int(pool_size)
         self.projection_dim = int(projection_dim)
-        self.blur_sigma = float(blur_sigma)
+        self.blur_sigma, self.blur_mode = float(blur_sigma), check_blur_mode(blur_mode)
         self.seed = int(seed)
         self.extractor = frozen_extractor(backbone, self.layers, extractor)
         self.memory = MemoryBank(**dict(memory or {}))
@@ -101,7 +102,7 @@ class PatchcoreModel(nn.Module):
 
     def anomaly_map(self, dist: torch.Tensor, size) -> torch.Tensor:
         """Patch distances resized to ``size`` (bilinear) and blurred (Gaussian, ``blur_sigma``)."""
-        return upsampled_map(dist, size, self.blur_sigma)
+        return upsampled_map(dist, size, self.blur_sigma, self.blur_mode)
 
     def train(self, mode: bool = True):
         """The frozen extractor always stays in eval mode (fixed batch-norm statistics)."""

@@ -9,7 +9,7 @@ from torch.optim.swa_utils import update_bn
 
 from adtrain.errors import ConfigError
 from adtrain.methods.base import AnomalyModule
-from adtrain.methods.stfpm.torch_model import LOSS_REDUCTIONS, StfpmModel, stfpm_loss
+from adtrain.methods.stfpm.torch_model import LOSS_REDUCTIONS, STUDENT_INITS, StfpmModel, stfpm_loss
 
 log = logging.getLogger("adtrain")
 
@@ -25,12 +25,15 @@ class Stfpm(AnomalyModule):
         loss_reduction: str = "official",
         recalibrate_bn: bool = False,
         average_weights: int = 0,
+        student_init: str = "torchvision",
         model: StfpmModel | None = None,
     ) -> None:
         super().__init__()
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ConfigError("method.loss_reduction", f"must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        self.model = model if model is not None else StfpmModel(backbone, layers)
+        if student_init not in STUDENT_INITS:
+            raise ConfigError("method.student_init", f"must be one of {STUDENT_INITS}, got {student_init!r}")
+        self.model = model if model is not None else StfpmModel(backbone, layers, student_init=student_init)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.loss_reduction = loss_reduction
         self.recalibrate_bn = bool(recalibrate_bn)

@@ -10,6 +10,27 @@ from adtrain.backbones import build_extractor
 from adtrain.methods.output import AnomalyOutput
 
 LOSS_REDUCTIONS = ("official", "anomalib")
+#: the student's random init: ``torchvision`` = torchvision's ResNet (every batch-norm gamma 1, as
+#: the official code's ``models.resnet18(pretrained=False)``); ``timm`` = timm's, whose ResNet
+#: blocks start with the last batch-norm gamma of each residual branch at 0 (``zero_init_last``)
+STUDENT_INITS = ("torchvision", "timm")
+
+
+def torchvision_init(model: nn.Module) -> int:
+    """Undo timm's ``zero_init_last`` in a random-init ResNet (the last batch norm of each
+    residual branch back to gamma 1, torchvision's ``zero_init_residual=False``); the other
+    weights are drawn alike by both libraries. Returns how many batch norms were reset (0 for
+    backbones without such blocks, e.g. EfficientNet, whose init has no zero gammas)."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    count = 0
+    for m in model.modules():
+        bn = m.bn2 if isinstance(m, BasicBlock) else m.bn3 if isinstance(m, Bottleneck) else None
+        if bn is not None and getattr(bn, "weight", None) is not None:
+            with torch.no_grad():
+                bn.weight.fill_(1.0)
+            count += 1
+    return count
 
 
 def layer_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -47,11 +68,18 @@ def anomaly_map(teacher: dict, student: dict, out_size: tuple[int, int]) -> torc
 
 
 class StfpmModel(nn.Module):
-    def __init__(self, backbone: dict, layers=("layer1", "layer2", "layer3"), teacher=None, student=None):
+    def __init__(self, backbone: dict, layers=("layer1", "layer2", "layer3"), teacher=None, student=None,
+                 student_init: str = "torchvision"):
         super().__init__()
+        if student_init not in STUDENT_INITS:
+            raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {student_init!r}")
         layers = list(layers)
         self.teacher = teacher if teacher is not None else build_extractor(backbone, layers, frozen=True, role="teacher")
-        self.student = student if student is not None else build_extractor(backbone, layers, pretrained=False, role="student")
+        if student is None:
+            student = build_extractor(backbone, layers, pretrained=False, role="student")
+            if student_init == "torchvision":
+                torchvision_init(student.model)
+        self.student = student
 
     def features(self, images: torch.Tensor) -> tuple[dict, dict]:
         with torch.no_grad():
