@@ -95,6 +95,14 @@ def test_three_task_schedule_end_to_end(fast_cfg, tmp_path, monkeypatch):
     assert saved["val_source"] == "routed" and saved["val_image_auroc"] == pytest.approx(sum(routed) / 3)
     # the last task's own validation is the final model's: the same figure through the routed path
     assert routed[2] == pytest.approx(saved["per_task"][2]["val_image_auroc"])
+    # the logger's val/ curves are the tasks' own validations; the routed ones go under routed_val/
+    import csv
+
+    logged = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    own_passes = sum(len(p["selection"]["history"]) for p in saved["per_task"])
+    assert sum(1 for r in logged if r.get("val/image_auroc")) == own_passes
+    assert [float(r["routed_val/task0/image_auroc"]) for r in logged if r.get("routed_val/task0/image_auroc")] == \
+        [pytest.approx(routed[0])]
     own = [p["val_image_auroc"] for p in saved["per_task"]]
     assert saved["own_state_val"]["val_image_auroc"] == pytest.approx(sum(own) / 3)
     assert saved["fit_seconds"] == pytest.approx(sum(p["fit_seconds"] for p in saved["per_task"]), abs=0.01)

@@ -474,12 +474,12 @@ def test_routed_validation_reuses_the_tasks_own_validation_passes(fast_cfg, tmp_
     seen = []
     orig = runner.validate_routed
 
-    def validate_routed(trainer, method, dm):
+    def validate_routed(trainer, method, dm, task=None):
         calls = []
         hook = method.model.extractor.register_forward_hook(lambda *args: calls.append(1))
         hits = method.val_output_hits
         try:
-            return orig(trainer, method, dm)
+            return orig(trainer, method, dm, task)
         finally:
             hook.remove()
             seen.append((len(calls), method.val_output_hits - hits))

@@ -43,6 +43,35 @@ def test_wandb_offline_logs_heatmaps_table_and_checkpoint(fast_cfg, tmp_path, mo
     assert wb["history"]["test/image_auroc"] == pytest.approx(res["image_auroc"])
     assert wb["history"]["test/pixel_auroc"] == pytest.approx(res["pixel_auroc"])
     assert {"stfpm", "synthetic", "schedule:single"} <= set(wb["tags"]) and wb["group"] is None
+    assert wb["name"] == f"stfpm-synthetic-{res['category']}-seed0" and wb["exit_code"] == 0
+
+
+def test_a_failed_run_is_not_finished_on_wandb(fast_cfg, tmp_path, monkeypatch):
+    """The W&B run of a run that raised ends with exit code 1 (a failed sweep trial must not look
+    finished after `wandb sync`)."""
+    pytest.importorskip("wandb")
+    import adtrain.run
+    from adtrain.errors import TrainingError
+    from tests.wandb_offline import read_run
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+    def fail(*args, **kwargs):
+        raise TrainingError("the loss is NaN")
+
+    monkeypatch.setattr(adtrain.run, "fit_and_test", fail)
+    with pytest.raises(TrainingError):
+        adtrain.run.run(fast_cfg("logger=wandb"), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    for _ in range(30):
+        wb = read_run(runs[0])
+        if wb["exit_code"] is not None:
+            break
+        time.sleep(1)
+    assert wb["exit_code"] == 1
 
 
 def test_wandb_group_is_the_sweep_or_the_continual_schedule(fast_cfg, monkeypatch):
@@ -60,6 +89,24 @@ def test_wandb_group_is_the_sweep_or_the_continual_schedule(fast_cfg, monkeypatc
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
     assert default_group(fast_cfg("schedule=synthetic_3")) == "multirun/stfpm/2026-01-01_00-00-00"
+
+
+def test_wandb_names_tell_a_sweeps_jobs_apart(fast_cfg, monkeypatch):
+    """logger.name=null: <method>-<data>-<category>-seed<seed>, categories of one task joined by +,
+    and -job<N> in a multirun (an Optuna study's trials differ in nothing else)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from adtrain.loggers import default_name
+
+    assert default_name(fast_cfg("data=synthetic", "data.category=grid", "seed=3")) == "stfpm-synthetic-grid-seed3"
+    assert default_name(fast_cfg("data=synthetic", "data.category=[grid,texture]")) == "stfpm-synthetic-grid+texture-seed0"
+    hydra = OmegaConf.create({"mode": "MULTIRUN", "job": {"num": 7}})
+    hydra.mode = RunMode.MULTIRUN
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
+    assert default_name(fast_cfg("data=synthetic", "data.category=grid")) == "stfpm-synthetic-grid-seed0-job7"
 
 
 def test_logger_none_writes_no_logger_files(fast_cfg, tmp_path):

@@ -72,6 +72,54 @@ def test_direction_must_match_the_metric(capsys):
                                                        "hydra": {"sweeper": {"direction": "minimize"}}}))
 
 
+def test_a_sweep_into_an_earlier_sweeps_folder_is_refused_before_its_first_job(tmp_path, capsys):
+    """Hydra rewrites each job's .hydra/ before the job refuses a finished run's folder, so the
+    summary would show the old results under the new overrides: the sweep stops at its start."""
+    sweep = tmp_path / "sweep"
+    _job(sweep, 0, ["method.coreset_ratio=0.1"], {"method": "patchcore", "image_auroc": 0.9})
+
+    def cfg(**top):
+        return OmegaConf.create({"optimized_metric": None, **top, "hydra": {"sweep": {"dir": str(sweep)}}})
+
+    with pytest.raises(SystemExit) as ex:
+        SweepSummary().on_multirun_start(cfg())
+    assert ex.value.code == 2 and "'hydra.sweep.dir'" in capsys.readouterr().err
+    SweepSummary().on_multirun_start(cfg(overwrite=True))  # said on purpose: allowed
+    SweepSummary().on_multirun_start(cfg(resume=True))
+    sweep_new = tmp_path / "fresh"
+    SweepSummary().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_new)}}}))
+    assert swept_keys([{"overwrite": "true", "a": "1"}, {"a": "2"}]) == ["a"]  # how a job ran is no column
+
+
+def test_a_sweep_whose_jobs_cannot_give_its_objective_is_refused_at_its_start(fast_cfg, capsys):
+    """Found trial by trial, these burn every Optuna trial and end in 'No trials are completed yet'."""
+    for overrides, key in ((["schedule=synthetic_3", "test=false"], "'test'"),
+                           (["data.val_split=0"], "'data.val_split'"),
+                           (["data.val_anomalies=null"], "'data.val_anomalies'")):
+        with pytest.raises(SystemExit) as ex:
+            SweepSummary().on_multirun_start(fast_cfg(*overrides))
+        assert ex.value.code == 2 and key in capsys.readouterr().err, overrides
+    SweepSummary().on_multirun_start(fast_cfg("data.val_anomalies=null", "optimized_metric=val_normal_map_mean"))
+    SweepSummary().on_multirun_start(fast_cfg("schedule=synthetic_3", "test=true"))
+
+
+def test_a_crashing_job_fails_alone_in_a_sweep(fast_cfg, monkeypatch):
+    """An error that is not adtrain's (CUDA out of memory, a library's) ends that job with no
+    objective (a failed trial); the sweep goes on. A single run still raises it."""
+    import adtrain.__main__ as entry
+    import adtrain.run
+    from adtrain.__main__ import main
+
+    def crash(cfg):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(adtrain.run, "run", crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(fast_cfg())
+    monkeypatch.setattr(entry, "_is_multirun", lambda: True)
+    assert main(fast_cfg()) is None
+
+
 def test_main_returns_the_optimized_validation_metric(fast_cfg, monkeypatch, capsys):
     import adtrain.run
     from adtrain.__main__ import main
@@ -172,7 +220,7 @@ def test_summary_groups_seeds_by_the_swept_overrides(tmp_path):
     assert rows[4]["error"] == "ConfigError: bad"
 
     md = md_path.read_text()
-    means = md.split("Mean ± std over seeds:")[1]
+    means = md.split("Mean ± std over seeds (sample standard deviation, n - 1; - for one seed):")[1]
     head = next(line for line in means.splitlines() if line.startswith("| method"))
     assert "method.coreset_ratio" in head and "val_image_auroc" in head
     cols = [c.strip() for c in head.strip("|").split("|")]
@@ -181,10 +229,30 @@ def test_summary_groups_seeds_by_the_swept_overrides(tmp_path):
     by_ratio = {r[cols.index("method.coreset_ratio")]: dict(zip(cols, r)) for r in body}
     assert set(by_ratio) == {"0.02", "1.0"}  # the error job is no group, the two ratios are not mixed
     assert by_ratio["0.02"]["n"] == "2" and by_ratio["1.0"]["n"] == "2"
-    assert by_ratio["0.02"]["image_auroc"] == "0.7000 ± 0.1000"
-    assert by_ratio["1.0"]["image_auroc"] == "0.9500 ± 0.0500"
-    assert by_ratio["0.02"]["val_image_auroc"] == "0.8000 ± 0.1000"
-    assert by_ratio["1.0"]["val_image_auroc"] == "0.5500 ± 0.0500"
+    assert by_ratio["0.02"]["image_auroc"] == "0.7000 ± 0.1414"  # sample std of 0.6 and 0.8
+    assert by_ratio["1.0"]["image_auroc"] == "0.9500 ± 0.0707"
+    assert by_ratio["0.02"]["val_image_auroc"] == "0.8000 ± 0.1414"
+    assert by_ratio["1.0"]["val_image_auroc"] == "0.5500 ± 0.0707"
+
+
+def test_nested_job_folders_and_failed_jobs_keep_their_key_columns(tmp_path):
+    """``hydra.sweep.subdir=${data.category}/seed${seed}`` puts jobs two levels down: they are still
+    summarised, named by their path; a failed job's method, category and seed come from its config."""
+    sweep = tmp_path / "sweep"
+    base = {"method": "patchcore", "data": "synthetic", "backbone": "resnet18", "image_auroc": 0.9}
+    for cat in ("texture", "grid"):
+        for seed in (0, 1):
+            _job(sweep, f"{cat}/seed{seed}", [f"data.category={cat}", f"seed={seed}"], {**base, "category": cat, "seed": seed})
+    bad = sweep / "bogus" / "seed1"
+    _job(sweep, "bogus/seed1", ["data.category=bogus", "seed=1"], None, "DataError: no such category\nmore")
+    (bad / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(
+        {"method": {"name": "patchcore"}, "data": {"name": "synthetic", "category": "bogus"},
+         "backbone": {"name": "resnet18.tv_in1k"}, "seed": 1})))
+    rows = list(csv.DictReader(open(summarize(sweep)[0])))
+    assert sorted(r["job"] for r in rows) == ["bogus/seed1", "grid/seed0", "grid/seed1", "texture/seed0", "texture/seed1"]
+    failed = next(r for r in rows if r["job"] == "bogus/seed1")
+    assert (failed["category"], failed["seed"], failed["backbone"]) == ("bogus", "1", "resnet18")
+    assert failed["error"] == "DataError: no such category"
 
 
 def test_swept_keys_are_those_that_vary():

@@ -42,19 +42,23 @@ def records(path: Path):
 
 
 def read_run(run_dir: Path) -> dict:
-    """{'config': {key: value}, 'history': {key: last value}, 'summary': {...}, 'group', 'tags'}."""
-    out = {"config": {}, "history": {}, "summary": {}, "group": None, "tags": []}
+    """{'config': {key: value}, 'history': {key: last value}, 'summary': {...}, 'group', 'tags', 'name',
+    'exit_code' (None until the run has finished)}."""
+    out = {"config": {}, "history": {}, "summary": {}, "group": None, "tags": [], "name": None, "exit_code": None}
     for path in Path(run_dir).glob("*.wandb"):
         for rec in records(path):
             kind = rec.WhichOneof("record_type")
             if kind == "run":
                 out["group"] = rec.run.run_group or out["group"]
                 out["tags"] = list(rec.run.tags) or out["tags"]
+                out["name"] = rec.run.display_name or out["name"]
                 for item in rec.run.config.update:
                     out["config"][item.key] = json.loads(item.value_json)
             elif kind == "config":
                 for item in rec.config.update:
                     out["config"][item.key] = json.loads(item.value_json)
+            elif kind == "exit":
+                out["exit_code"] = int(rec.exit.exit_code)
             elif kind == "history":
                 for item in rec.history.item:
                     key = item.key or "/".join(item.nested_key)

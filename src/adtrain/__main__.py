@@ -97,6 +97,16 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupted(run_dir)
+    except Exception as err:  # a crash (CUDA OOM, a library error): in a sweep, this job fails, the sweep goes on
+        if not _is_multirun():
+            raise
+        import traceback
+
+        log.exception("job failed")
+        if rundir.holds(run_dir) and not rundir.finished(run_dir):
+            tail = "".join(traceback.format_exception(err)[-3:])
+            write_text(run_dir / "error.txt", f"{type(err).__name__}: {err}\n{tail}")
+        return None
     except SystemExit:
         if interrupted():  # Lightning ends a fit stopped by Ctrl-C with exit(1)
             _interrupted(run_dir)

@@ -61,6 +61,10 @@ def build_logger(cfg: DictConfig, run_dir: Path):
         from adtrain.loggers import default_group
 
         extra["group"] = default_group(cfg)
+    if "name" in cfg.logger and cfg.logger.name is None and "group" in cfg.logger:  # W&B: a name per job
+        from adtrain.loggers import default_name
+
+        extra["name"] = default_name(cfg)
     logger = _instantiate(cfg.logger, "logger", **extra)
     if cfg.get("resume", False):
         _keep_csv_rows(logger)

@@ -48,6 +48,27 @@ def wandb_logger(
     return logger
 
 
+def default_name(cfg) -> str:
+    """The W&B run name of a run whose logger.name is null: ``<method>-<data>-<category>-seed<seed>``
+    (several categories joined by +), and ``-job<N>`` in a multirun, so that the jobs of a sweep over
+    anything else (an Optuna study's trials) are told apart."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    parts = [str(cfg.method.name), str(cfg.data.name)]
+    category = OmegaConf.select(cfg, "data.category", default=None)
+    if OmegaConf.is_list(category):
+        category = "+".join(str(c) for c in category)
+    if category not in (None, ""):
+        parts.append(str(category))
+    parts.append(f"seed{cfg.get('seed')}")
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode is not None and hc.mode.name == "MULTIRUN" and hc.job.get("num") is not None:
+            parts.append(f"job{hc.job.num}")
+    return "-".join(parts)
+
+
 def default_group(cfg) -> str | None:
     """The W&B group of a run whose logger.group is null: the sweep directory in a multirun (every
     job of one sweep together), else `<schedule>-<method>-<data>` for a continual schedule, else none."""

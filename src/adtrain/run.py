@@ -107,9 +107,11 @@ def _run_single(cfg: DictConfig, run_dir: Path) -> dict:
     check_files(dm, test=bool(cfg.get("test", True)))
     method = build_method(cfg)
     logger = build_logger(cfg, run_dir)
+    ok = False
     try:
         results = fit_and_test(cfg, run_dir, dm, method, logger, ckpt_path)
+        ok = True
     finally:
         if logger is not None and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()
+            logger.experiment.finish(exit_code=0 if ok else 1)  # a failed job must not look finished on W&B
     return results

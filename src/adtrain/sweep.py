@@ -40,6 +40,8 @@ OBJECTIVES = {
     "val_normal_score": "minimize",
     "val_normal_map_mean": "minimize",
 }
+# overrides that say how a job ran, not what it ran (never a swept column)
+_RUN_FLAGS = {"overwrite", "resume"}
 # override keys that repeat a key column (the summary already shows them)
 _SHOWN_OVERRIDES = {"seed", "method", "data", "backbone", "data.category"}
 
@@ -134,21 +136,34 @@ def swept_keys(overrides: list[dict[str, str]]) -> list[str]:
     keys: dict[str, None] = {}
     for o in overrides:
         keys.update(dict.fromkeys(o))
-    return [k for k in keys if k not in _SHOWN_OVERRIDES and len({o.get(k) for o in overrides}) > 1]
+    return [k for k in keys if k not in _SHOWN_OVERRIDES and k not in _RUN_FLAGS
+            and len({o.get(k) for o in overrides}) > 1]
 
 
 def collect(sweep_dir: Path) -> list[dict]:
     """One row per job: its results (or its error) and its overrides under '_overrides'."""
     rows = []
-    for path in sorted(sweep_dir.glob("*/results.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    found = [p for p in sweep_dir.glob("**/results.json") if (p.parent / ".hydra").is_dir()]
+    for path in sorted(found, key=lambda p: (len(str(p.parent.relative_to(sweep_dir))), str(p.parent))):
         res = json.loads(path.read_text())
         if "summary" in res and "method" not in res:  # continual run: its summary row
             res = {**res.get("summary", {}), **{k: res.get(k) for k in KEY_COLUMNS},
                    **{k: res[k] for k in VAL_COLUMNS if k in res}}
-        rows.append({"job": path.parent.name, **res, "_overrides": read_overrides(path.parent)})
-    for path in sorted(sweep_dir.glob("*/error.txt")):
-        rows.append({"job": path.parent.name, "error": path.read_text().strip(),
-                     "_overrides": read_overrides(path.parent)})
+        rows.append({"job": str(path.parent.relative_to(sweep_dir)), **res, "_overrides": read_overrides(path.parent)})
+    for path in sorted(sweep_dir.glob("**/error.txt")):
+        job = path.parent
+        if (job / "results.json").exists():
+            continue
+        keys = {}
+        hcfg = job / ".hydra" / "config.yaml"
+        if hcfg.exists():
+            c = OmegaConf.load(hcfg)
+            sel = lambda k: OmegaConf.select(c, k, throw_on_resolution_failure=False)  # noqa: E731
+            keys = {"method": sel("method.name"), "data": sel("data.name"), "category": sel("data.category"),
+                    "backbone": str(sel("backbone.name") or "").split(".")[0] or None, "seed": sel("seed")}
+            keys = {k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in keys.items()}
+        rows.append({"job": str(job.relative_to(sweep_dir)), **keys, "error": path.read_text().strip().splitlines()[0],
+                     "_overrides": read_overrides(job)})
     swept = swept_keys([r["_overrides"] for r in rows])
     for r in rows:
         r.update({k: r["_overrides"].get(k) for k in swept})
@@ -184,17 +199,39 @@ def summarize(sweep_dir: Path) -> tuple[Path, Path] | None:
     lines = _table(cols, [[_fmt(r.get(c)) for c in cols] for r in rows])
     groups = group_over_seeds(rows, swept)
     if any(len(g) > 1 for g in groups.values()):
-        lines += ["", "Mean ± std over seeds:", ""]
+        lines += ["", "Mean ± std over seeds (sample standard deviation, n - 1; - for one seed):", ""]
         body = []
         for key, g in groups.items():
             cells = list(key) + [str(len(g))]
             for c in MEAN_COLUMNS:
                 vals = [r[c] for r in g if isinstance(r.get(c), (int, float))]
-                cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if vals else "-")
+                spread = f"{np.std(vals, ddof=1):.4f}" if len(vals) > 1 else "-"
+                cells.append(f"{np.mean(vals):.4f} ± {spread}" if vals else "-")
             body.append(cells)
         lines += _table([*KEY_COLUMNS[:-1], *swept, "n", *MEAN_COLUMNS], body)
     md_path = write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def check_objective_exists(config: DictConfig) -> None:
+    """Refuse a sweep whose every job would fail or return null (each found only trial by trial):
+    a continual schedule with test=false (it tests every task after each one), a validation objective
+    without held-out normals, or an anomaly-based one without synthetic anomalies."""
+    metric = config.get("optimized_metric")
+    tasks = OmegaConf.select(config, "schedule.tasks", default=None)
+    if tasks and not config.get("test", True):
+        raise ConfigError("test", "a continual schedule tests every seen task after each task, so its jobs cannot "
+                          "run with test=false (set by hparams_search); add test=true: the objective stays the "
+                          "routed validation figure, and the test figures are reported beside it")
+    if not metric:
+        return
+    if not OmegaConf.select(config, "data.val_split", default=0.2):
+        raise ConfigError("data.val_split", f"optimized_metric={metric} is a validation figure, but data.val_split=0 "
+                          "holds out no training normal")
+    if metric in ("val_image_auroc", "val_pixel_auroc", "val_pixel_aupro") \
+            and OmegaConf.select(config, "data.val_anomalies", default=None) is None:
+        raise ConfigError("data.val_anomalies", f"optimized_metric={metric} needs synthetic anomalies in the "
+                          "validation set (data.val_anomalies is null); use val_normal_score or val_normal_map_mean")
 
 
 class SweepSummary(Callback):
@@ -203,8 +240,18 @@ class SweepSummary(Callback):
         # callback's exception into a warning, so this exits, as the CLI does on a config error)
         try:
             check_direction(config.get("optimized_metric"), OmegaConf.select(config, "hydra.sweeper.direction"))
+            check_objective_exists(config)
         except ConfigError as err:
             print(f"adtrain: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        # an earlier sweep's jobs in this directory: their results would be summarised under this
+        # sweep's overrides (Hydra rewrites each job's .hydra/ before the job refuses the directory)
+        where = OmegaConf.select(config, "hydra.sweep.dir")
+        sweep_dir = Path(str(where)) if where else None
+        earlier = sorted(p.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")) if sweep_dir else []
+        if earlier and not (config.get("overwrite") or config.get("resume")):
+            print(f"adtrain: error: config key 'hydra.sweep.dir': {sweep_dir} holds {len(earlier)} job(s) of an "
+                  "earlier sweep; choose another hydra.sweep.dir, or overwrite=true / resume=true", file=sys.stderr)
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

@@ -135,7 +135,7 @@ class _Sequence:
         if len(sched.tasks) > 1 and not sched.joint and (sched.routed_val == "all"
                                                          or (sched.routed_val == "last" and final_row)):
             for i in seen:
-                routed[i] = validate_routed(trainer, self.method, self.eval_dms[i])
+                routed[i] = validate_routed(trainer, self.method, self.eval_dms[i], i)
                 log.info("  after task %d, routed validation of task %d (%s): %s", t, i, self.names[i],
                          ", ".join(f"{k}={v:.4f}" for k, v in routed[i].items()))
         thr = info.pop("threshold_info")
@@ -213,10 +213,19 @@ class _Sequence:
         return results  # adtrain.run shows its table (final and forgetting of each metric)
 
 
-def validate_routed(trainer, method, dm) -> dict[str, float]:
-    """dm's validation set scored as its test set is (the finished tasks' routing): the val/ figures."""
-    trainer.validate(method, datamodule=dm, verbose=False)
-    return {k: float(v) for k, v in (getattr(method, "last_val_metrics", {}) or {}).items()}
+def validate_routed(trainer, method, dm, task: int | None = None) -> dict[str, float]:
+    """dm's validation set scored as its test set is (the finished tasks' routing): the val/ figures.
+    The logger gets them as ``routed_val/task<i>/<figure>``, apart from the training's ``val/`` curves."""
+    method.log_validation = False
+    try:
+        trainer.validate(method, datamodule=dm, verbose=False)
+    finally:
+        method.log_validation = True
+    figures = {k: float(v) for k, v in (getattr(method, "last_val_metrics", {}) or {}).items()}
+    if trainer.logger is not None and task is not None and figures:
+        trainer.logger.log_metrics({f"routed_val/task{task}/{k.removeprefix('val/')}": v for k, v in figures.items()},
+                                   step=trainer.global_step)
+    return figures
 
 
 def _fmt(v) -> str:
@@ -241,13 +250,16 @@ def run_schedule(cfg: DictConfig, run_dir: Path) -> dict:
     seq = _Sequence(cfg, run_dir, sched, state)
     if not resume:
         state.save(run_dir)
+    ok = False
     try:
         if state.finished:
             seq.restore()
         first = state.next_task
         for t in range(first, len(sched.train_tasks)):
             seq.train_task(t, resuming=resume and t == first)
-        return seq.finish()
+        results = seq.finish()
+        ok = True
+        return results
     finally:
         if is_wandb(seq.logger):
-            seq.logger.experiment.finish()
+            seq.logger.experiment.finish(exit_code=0 if ok else 1)

@@ -160,6 +160,9 @@ class AnomalyModule(LightningModule):
 
     #: validate every N training epochs and after the last one (set by run.py from the config)
     val_every_n_epochs: int = 1
+    #: log the validation figures to the trainer's logger (off for a continual run's routed
+    #: validation, which would mix other tasks' figures into the training curves)
+    log_validation: bool = True
 
     def validating_now(self) -> bool:
         """False on the epochs of a fit that are not validated (their batches are passed over)."""
@@ -233,7 +236,7 @@ class AnomalyModule(LightningModule):
         ev = self._val_evaluator
         if self.validating_now() and ev is not None and len(ev.image_scores) == len(self._val_defects):
             self.last_val_items = {"scores": [float(v) for v in ev.image_scores], "defects": list(self._val_defects)}
-        for key, value in self.last_val_metrics.items():
+        for key, value in (self.last_val_metrics if self.log_validation else {}).items():
             self.log(key, value, prog_bar=key in ("val/image_auroc", "val/normal_score"),
                      sync_dist=distributed.world_size() > 1)  # equal on every rank already: quiets Lightning
         self._val_scores = []
