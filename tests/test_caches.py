@@ -95,6 +95,26 @@ def test_changed_or_touched_file_gets_a_new_entry(tree, tmp_path):
     assert len([p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]) == 3
 
 
+def test_a_damaged_entry_is_rebuilt_and_a_deleted_one_keeps_serving(tree, tmp_path, caplog):
+    """An entry cut short (a full disk, a killed copy) is decoded again, not trusted; an entry
+    deleted while a run reads it keeps serving that run (its arrays are mapped when it opens)."""
+    import logging
+    import shutil
+
+    dm = _dm(tree, "auto", tmp_path / "c")
+    ref = _items(dm.make_dataset(dm.train_samples))
+    entry = next(p for p in (tmp_path / "c").iterdir() if not p.name.startswith("."))
+    with open(entry / "images.npy", "r+b") as f:
+        f.truncate(200)
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        rebuilt = dm.make_dataset(dm.train_samples)
+    assert dm.image_cache.events == ["miss", "miss"] and "unreadable" in caplog.text
+    _same(ref, _items(rebuilt))
+    served = dm.make_dataset(dm.train_samples)
+    shutil.rmtree(entry)
+    _same(ref, _items(served))
+
+
 def test_bad_cache_value_names_the_key(tree, tmp_path):
     from adtrain.errors import ConfigError
 

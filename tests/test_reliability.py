@@ -399,6 +399,10 @@ def test_bad_test_files_fail_before_training(base_cfg, mvtec, tmp_path, monkeypa
     ("trainer.max_epochs=-1", "trainer.max_epochs", "train forever"),
     ("trainer.max_epochs=-3", "trainer.max_epochs", "must be >= 1"),
     ("trainer.max_epochs=0", "trainer.max_epochs", "nothing would train"),
+    ("seed=abc", "seed", "whole number in [0, 2**32)"),
+    ("seed=-1", "seed", "whole number in [0, 2**32)"),
+    ("data.num_workers=-1", "data.num_workers", "whole number >= 0"),
+    ("data.batch_size=abc", "data.batch_size", "whole number >= 1"),
 ])
 def test_bad_config_values_fail_before_anything_is_written(fast_cfg, tmp_path, over, key, words):
     from adtrain.run import run
@@ -407,6 +411,14 @@ def test_bad_config_values_fail_before_anything_is_written(fast_cfg, tmp_path, o
         run(fast_cfg(over), tmp_path / "run")
     assert words in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_mandatory_value_names_its_key(base_cfg, tmp_path):
+    from adtrain.run import run
+
+    with pytest.raises(ConfigError, match="data.normal_dir") as err:
+        run(base_cfg("data=folder"), tmp_path / "run")
+    assert "missing" in str(err.value) and not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

@@ -27,6 +27,8 @@ _timm_same = sys.modules["timm.layers.conv2d_same"].conv2d_same  # timm's pad-th
     (8, 8, 8, 3, 2, 2, 20, 20),       # dilation 2
     (4, 4, 4, 3, 3, 1, 20, 22),       # stride 3: two missing rows/columns possible
     (4, 6, 1, 4, 2, 1, 12, 12),       # even kernel
+    (8, 8, 8, 5, 2, 1, 2, 2),         # smaller than the kernel (a tiny method.image_size): padded first
+    (3, 16, 1, 3, 2, 1, 1, 3),        # one row
 ])
 def test_strips_equal_timm_pad_then_convolve_bit_for_bit(shape, channels_last):
     cin, cout, groups, k, s, d, h, w = shape

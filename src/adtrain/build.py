@@ -16,6 +16,9 @@ METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "eval_batch_size", "im
 
 
 def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **kwargs):
+    missing = sorted(k for k in OmegaConf.missing_keys(node) if k not in drop)
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}", f"missing (???): set it on the command line, e.g. {where}.{missing[0]}=...")
     cfg = OmegaConf.to_container(node, resolve=True)
     for key in drop:
         cfg.pop(key, None)
@@ -27,7 +30,7 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
         cause = err.__cause__
         if isinstance(cause, AdtrainError):
             raise cause from None
-        if isinstance(cause, TypeError) and "argument" in str(cause):
+        if isinstance(cause, (TypeError, ValueError)):
             raise ConfigError(where, f"{cause} (target {cfg['_target_']})") from None
         raise
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from adtrain.errors import ConfigError, DataError
 
@@ -40,6 +40,17 @@ def check_config(cfg: DictConfig) -> None:
         if epochs < 0:
             extra = " (-1 means 'train forever' to Lightning: this run would never end)" if epochs == -1 else ""
             raise ConfigError("trainer.max_epochs", f"must be >= 1, got {epochs}{extra}")
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError("seed", f"must be a whole number in [0, 2**32), got {seed!r}")
+    data = cfg.get("data") or {}
+    for key in ("batch_size", "eval_batch_size", "num_workers"):
+        value, least = data.get(key), 0 if key == "num_workers" else 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ConfigError(f"data.{key}", f"must be a whole number >= {least}, got {value!r}")
+    missing = sorted(k for k in OmegaConf.missing_keys(data)) if isinstance(data, DictConfig) else []
+    if missing:
+        raise ConfigError(f"data.{missing[0]}", f"missing (???): set it, e.g. data.{missing[0]}=...")
     accel = str(trainer.get("accelerator", "auto")).lower()
     if accel in ("gpu", "cuda"):
         import torch

@@ -33,6 +33,8 @@ def conv2d_same_strips(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     (sh, sw), (dh, dw) = stride, dilation
     ph, pw = get_same_padding(h, kh, sh, dh), get_same_padding(w, kw, sw, dw)  # TF's totals
     pt, pl = ph // 2, pw // 2
+    if h + 2 * pt < (kh - 1) * dh + 1 or w + 2 * pl < (kw - 1) * dw + 1:  # input smaller than the kernel: pad
+        return F.conv2d(F.pad(x, (pl, pw - pl, pt, ph - pt)), weight, bias, stride, 0, dilation, groups)
     main = F.conv2d(x, weight, bias, stride, (pt, pl), dilation, groups)
     if ph == 2 * pt and pw == 2 * pl:  # symmetric: PyTorch's padding is TF's
         return main

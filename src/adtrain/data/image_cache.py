@@ -36,6 +36,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from adtrain.errors import AdtrainError
+
 
 log = logging.getLogger("adtrain")
 
@@ -194,8 +196,14 @@ class ImageCache:
         key = cache_key(dataset.samples, dataset.loader, image_size)
         folder = self.root / key
         if (folder / "meta.json").is_file():
-            self.events.append("hit")
-            return CachedImages(folder)
+            try:
+                hit = CachedImages(folder)
+            except (OSError, ValueError, AdtrainError) as e:  # damaged or deleted meanwhile: build it again
+                log.warning("image cache entry %s unreadable (%s): decoding it again", folder, e)
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                self.events.append("hit")
+                return hit
         need, tmp = entry_bytes(len(dataset), image_size), None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -240,14 +248,24 @@ class CachedImages:
         self.source_size = meta["source_size"]
         self.has_mask = meta["has_mask"]
         self._arrays = None
+        self._open()  # now, in this process: forked workers inherit the maps (a later rm is harmless)
+
+    def _open(self):
+        from adtrain.errors import DataError
+
+        try:
+            self._arrays = (np.load(self.folder / "images.npy", mmap_mode="r"),
+                            np.load(self.folder / "masks.npy", mmap_mode="r"))
+        except (OSError, ValueError) as e:
+            raise DataError(self.folder, f"image cache entry unreadable ({e}); deleted or damaged while in use? "
+                            "run again, or set data.cache=off") from None
 
     def __getstate__(self):
         return {**self.__dict__, "_arrays": None}
 
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray, list, bool]:
         if self._arrays is None:
-            self._arrays = (np.load(self.folder / "images.npy", mmap_mode="r"),
-                            np.load(self.folder / "masks.npy", mmap_mode="r"))
+            self._open()
         images, masks = self._arrays
         return (np.array(images[index]), np.array(masks[index]), self.source_size[index],
                 bool(self.has_mask[index]))
