@@ -413,6 +413,29 @@ def test_bad_config_values_fail_before_anything_is_written(fast_cfg, tmp_path, o
     assert not (tmp_path / "run").exists()
 
 
+def test_a_test_that_fails_on_its_data_keeps_the_fitted_model(fast_cfg, tmp_path, monkeypatch):
+    """An image that is found unreadable only while testing (cut short past its header) must not
+    cost the fit: model.ckpt (threshold included) is written before the test, and adtrain.test
+    tests it once the data are fixed."""
+    import adtrain
+    import adtrain.engine as engine
+    from adtrain.run import run
+
+    real = engine.evaluate_method
+
+    def broken(*args, **kwargs):
+        raise DataError("test/broken/001.png", "cannot read image: image file is truncated")
+
+    monkeypatch.setattr(engine, "evaluate_method", broken)
+    with pytest.raises(DataError):
+        run(fast_cfg("method=patchcore"), tmp_path / "run")
+    fitted = tmp_path / "run" / "checkpoints" / "model.ckpt"
+    assert fitted.is_file() and not (tmp_path / "run" / "results.json").exists()
+    monkeypatch.setattr(engine, "evaluate_method", real)
+    figures = adtrain.test(fitted)
+    assert figures["image_auroc"] is not None and figures["num_test"] > 0
+
+
 def test_a_missing_mandatory_value_names_its_key(base_cfg, tmp_path):
     from adtrain.run import run
 
@@ -526,6 +549,14 @@ def test_predict_names_heatmaps_by_folder_and_clears_an_earlier_call(trained, tm
     assert [p.name for p in (out / "heatmaps").glob("*.png")] == ["other__scratch__000.png"] or \
         [p.name for p in (out / "heatmaps").glob("*.png")] == ["scratch__000.png"]
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 1
+    # a call that fails on an unreadable image leaves the earlier call's output as it was
+    before = sorted(p.name for p in (out / "heatmaps").glob("*.png")), (out / "predictions.csv").read_bytes()
+    broken = _images(tmp_path / "broken", ["good/000.png", "good/001.png"])
+    (broken / "good" / "001.png").write_bytes((broken / "good" / "001.png").read_bytes()[:200])  # cut short
+    with pytest.raises(DataError, match="001.png"):
+        predict(str(trained / "checkpoints" / "model.ckpt"), str(broken), batch_size=1)
+    assert (sorted(p.name for p in (out / "heatmaps").glob("*.png")), (out / "predictions.csv").read_bytes()) == before
+    assert not list(out.glob(".predict-*"))
 
 
 def test_predict_outside_a_run_writes_beside_the_checkpoint(trained, tmp_path):

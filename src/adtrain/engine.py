@@ -213,6 +213,9 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
     (unless test=false: a sweep's jobs never open the test set)."""
     trainer, info = fit_and_select(cfg, run_dir, dm, method, logger, ckpt_path)
     do_test = bool(cfg.get("test", True))
+    model_ckpt = run_dir / "checkpoints" / "model.ckpt"
+    if do_test:  # the fitted model (threshold included) is kept before testing: a test that fails on its
+        save_method(method, model_ckpt)  # data (an unreadable image) leaves it to adtrain.test, not to a new fit
     start_test = _test_start(cfg, trainer, method, dm, run_dir) if do_test else None
     tested = evaluate_method(cfg, trainer, method, dm, run_dir / "heatmaps") if do_test else {}
     device = trainer.strategy.root_device
@@ -246,7 +249,6 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         **cache_states(dm, info["feature_cache"], info["nested_cache"]),
         **info["threshold_info"],
     }
-    model_ckpt = run_dir / "checkpoints" / "model.ckpt"
     save_method(method, model_ckpt, {"results": results})
     write_json(run_dir / "results.json", results)
     if do_test:

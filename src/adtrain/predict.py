@@ -13,6 +13,9 @@ there, and heatmaps are named after each image's folder and file (good__000.png,
 from __future__ import annotations
 
 import glob
+import os
+import shutil
+import tempfile
 import logging
 import sys
 from pathlib import Path
@@ -82,6 +85,15 @@ def _clear_earlier(out_dir: Path) -> None:
         png.unlink()
 
 
+def _publish(staging: Path, out_dir: Path) -> None:
+    """This call's heatmaps, made in ``staging``, replace an earlier call's (only once every image
+    is scored: a call that fails leaves the earlier output as it was)."""
+    _clear_earlier(out_dir)
+    (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
+    for png in sorted((staging / "heatmaps").glob("*.png")):
+        os.replace(png, out_dir / "heatmaps" / png.name)
+
+
 def predict(checkpoint: str, images: str, out: str | None = None, batch_size: int = 16, device: str = "auto",
             heatmaps: bool = True, num_workers: int = 0) -> Path:
     from adtrain.inference.detector import Detector
@@ -96,22 +108,31 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
         raise DataError(checkpoint, "holds no fitted threshold (a training checkpoint such as last.ckpt?): "
                         "use the finished run's checkpoints/model.ckpt")
     out_dir = Path(out) if out else default_out_dir(checkpoint)
-    _clear_earlier(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     names = dict(zip(files, heatmap_names(files)))
     thr = detector.threshold
     records = []
-    batches = detector.predict_batches(files, batch_size, num_workers=num_workers)
-    for pred in tqdm(batches, desc="predict", unit="batch", total=-(-len(files) // batch_size)):
-        for i, path in enumerate(pred.names):
-            score = float(pred.scores[i])
-            records.append({
-                "path": path, "heatmap": f"heatmaps/{names[path]}" if heatmaps else None, "score": score,
-                "normalized_score": float(pred.normalized_scores[i]), "threshold": thr,
-                "is_anomalous": int(pred.decisions[i]),
-            })
-            if heatmaps:
-                panel = overlay_panel(pred.inputs[i], pred.maps[i], None, f"score {score:.4g}")
-                save_image(panel, out_dir / "heatmaps" / names[path])
+    staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
+    try:
+        batches = detector.predict_batches(files, batch_size, num_workers=num_workers)
+        for pred in tqdm(batches, desc="predict", unit="batch", total=-(-len(files) // batch_size)):
+            for i, path in enumerate(pred.names):
+                score = float(pred.scores[i])
+                records.append({
+                    "path": path, "heatmap": f"heatmaps/{names[path]}" if heatmaps else None, "score": score,
+                    "normalized_score": float(pred.normalized_scores[i]), "threshold": thr,
+                    "is_anomalous": int(pred.decisions[i]),
+                })
+                if heatmaps:
+                    panel = overlay_panel(pred.inputs[i], pred.maps[i], None, f"score {score:.4g}")
+                    save_image(panel, staging / "heatmaps" / names[path])
+        _publish(staging, out_dir)
+    except BaseException:
+        if records:
+            log.error("stopped after %d of %d images; %s is left as it was", len(records), len(files), out_dir)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     write_scores_csv(out_dir / "predictions.csv", records)
     log.info("%d images scored; %s", len(records), out_dir / "predictions.csv")
     return out_dir
