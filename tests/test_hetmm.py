@@ -327,3 +327,43 @@ def test_atmm_reused_buffers_give_the_fresh_tensors_results_bit_for_bit(chunk, r
         assert torch.equal(a, b.detach())
     torch.testing.assert_close(reused[0], atmm_naive(q, t, 5, "forward"), atol=1e-5, rtol=0)
     torch.testing.assert_close(reused[1], atmm_naive(q, t, 3, "backward"), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- feature tap
+RESNET18 = {"name": "resnet18", "pretrained": False, "stages": {"layer1": 1, "layer2": 2, "layer3": 3},
+            "timm_kwargs": {"zero_init_last": False}}  # timm's zero-init last BN: pre-ReLU values >= 0
+
+
+@pytest.mark.parametrize("tap", ["pre_relu", "post_relu"])
+def test_feature_tap_builds_the_extractor_and_scores(tap):
+    torch.manual_seed(0)
+    model = HetmmModel(RESNET18, forward_windows=(3, 3, 1), backward_windows=(3, 1, 1), feature_tap=tap).eval()
+    assert model.feature_tap == tap and model.extractor.pre_activation == (tap == "pre_relu")
+    raw = model.extractor(images(2, 8))
+    assert all(bool((f < 0).any()) == (tap == "pre_relu") for f in raw.values())
+    model.add_templates(images(3, 9))
+    out = model(images(2, 10))
+    assert out.anomaly_map.shape == (2, 1, 32, 32) and torch.isfinite(out.anomaly_map).all()
+    assert model(images(3, 9)[:1]).pred_score.abs().item() < 1e-4  # a template scores ~0
+    with pytest.raises(ConfigError, match="method.feature_tap"):
+        HetmmModel(RESNET18, feature_tap="pre")
+
+
+def test_checkpoint_keeps_its_tap_and_old_ones_are_post_relu():
+    from adtrain.methods.hetmm import Hetmm
+
+    torch.manual_seed(0)
+    src = Hetmm(RESNET18, category_params=None, feature_tap="post_relu")
+    src.model.add_templates(images(2, 11))
+    state = src.state_dict()
+    assert state["_extra_state"]["feature_tap"] == "post_relu"
+    dst = Hetmm(RESNET18, category_params=None)  # the default, pre_relu: the stored templates win
+    assert dst.model.extractor.pre_activation
+    dst.load_state_dict(state)
+    assert dst.model.feature_tap == "post_relu" and not dst.model.extractor.pre_activation
+    x = images(1, 12)
+    torch.testing.assert_close(dst.eval().model(x).anomaly_map, src.eval().model(x).anomaly_map, rtol=0, atol=0)
+    del state["_extra_state"]["feature_tap"]  # written before the option: post-ReLU templates
+    old = Hetmm(RESNET18, category_params=None, feature_tap="pre_relu")
+    old.load_state_dict(state)
+    assert old.model.feature_tap == "post_relu"

@@ -30,6 +30,7 @@ def test_hetmm_run_and_hot_update(fast_cfg, tmp_path):
     method, _, _ = load_method(ckpt)
     n_before = method.model.num_templates
     assert n_before == res["num_train"]
+    assert method.model.feature_tap == "pre_relu" and method.model.extractor.pre_activation  # the default
 
     # an anomalous test image, added as a "normal" template, then scores ~0
     dm = build_datamodule(cfg)
@@ -82,3 +83,14 @@ def test_hetmm_shared_tiny_set_stays_k_sheets_across_tasks(fast_cfg, tmp_path):
                  "method.forward_windows=[3,3,3]", "method.backward_windows=[1,1,1]"), tmp_path)
     sizes = [load_method(p)[0].model.num_templates for p in sorted((tmp_path / "tasks").glob("*/model.ckpt"))]
     assert sizes == [4, 4]
+
+
+def test_hetmm_post_relu_run_is_rebuilt_with_its_tap(fast_cfg, tmp_path):
+    from adtrain.loading import load_method
+    from adtrain.run import run
+
+    res = run(fast_cfg("method=hetmm", "method.feature_tap=post_relu"), tmp_path)
+    assert res["image_auroc"] > 0.7
+    method, cfg, _ = load_method(tmp_path / "checkpoints" / "model.ckpt")
+    assert cfg.method.feature_tap == "post_relu"
+    assert method.model.feature_tap == "post_relu" and not method.model.extractor.pre_activation

@@ -41,6 +41,11 @@ class FeatureExtractor(nn.Module):
     Input: an ImageNet-normalised batch (the batch contract). When the weights expect other
     statistics (``mean``/``std``, e.g. 0.5/0.5 for TF EfficientNet-Lite and ViT), the input is
     converted to them first.
+
+    ``pre_activation=True``: each requested CNN stage is returned before its last block's final
+    activation (signed values; HETMM's official taps), the rest of the network unchanged
+    (adtrain.backbones.preact). Stages without a final activation (EfficientNet-Lite, ConvNeXt)
+    and ViTs are unaffected. ``set_pre_activation`` switches it later.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class FeatureExtractor(nn.Module):
         channels_last: bool = True,
         role: str = "backbone",
         fuse_batchnorm: bool = True,
+        pre_activation: bool = False,
         **timm_kwargs: Any,
     ):
         super().__init__()
@@ -96,6 +102,10 @@ class FeatureExtractor(nn.Module):
         self.channels = {layer: int(info[i]["num_chs"]) for layer, i in self._index.items()}
         self.strides = {layer: int(info[i]["reduction"]) for layer, i in self._index.items()}
         self._set_normalisation(mean, std)
+        self._stage_info = {i: info[i] for i in self._indices}
+        self._taps: list = []  # adtrain.backbones.preact.Tap records; not submodules
+        self.pre_activation = False
+        self.set_pre_activation(pre_activation)
 
         self.weights_source = "random-init"
         if pretrained:
@@ -130,6 +140,23 @@ class FeatureExtractor(nn.Module):
         by_index = dict(zip(info.out_indices, dicts))
         _prune_after(self.model, by_index[max(self._indices)]["module"])
         return by_index
+
+    def set_pre_activation(self, enabled: bool) -> None:
+        """Return the stages before (True) or after (False) their final activation."""
+        from adtrain.backbones import preact
+
+        enabled = bool(enabled)
+        if enabled == self.pre_activation:
+            return
+        if self.kind == "vit":
+            log.debug("%s: a ViT's blocks end in no activation: the pre-activation tap changes nothing", self.name)
+        elif enabled:
+            self._taps = preact.tap_before_activation(self.model, self._stage_info, self.name)
+        else:
+            preact.untap(self.model, self._taps)
+            self._taps = []
+        self.pre_activation = enabled
+        self._fused = {}  # a folded copy of the other network must not be reused
 
     def _set_normalisation(self, mean, std) -> None:
         """x_backbone = x * scale + shift, converting from ImageNet statistics."""
@@ -210,7 +237,8 @@ class FeatureExtractor(nn.Module):
         return self._fused["model"] or self.model
 
     def extra_repr(self) -> str:
-        return f"name={self.name}, layers={self.layers}, weights={self.weights_source}"
+        tap = ", pre_activation=True" if self.pre_activation else ""
+        return f"name={self.name}, layers={self.layers}, weights={self.weights_source}{tap}"
 
 
 def build_extractor(
@@ -219,9 +247,11 @@ def build_extractor(
     pretrained: bool | None = None,
     frozen: bool = False,
     role: str = "backbone",
+    pre_activation: bool = False,
 ) -> FeatureExtractor:
     """FeatureExtractor from a ``backbone`` config node (name, kind, pretrained, weights,
-    stages, mean, std, optional timm_kwargs). ``pretrained=None`` uses the config's value; ``role`` names it in the log (teacher, student)."""
+    stages, mean, std, optional timm_kwargs). ``pretrained=None`` uses the config's value; ``role`` names it in the log (teacher, student).
+    ``pre_activation``: stages before their final activation (a method's choice, e.g. HETMM's ``method.feature_tap``)."""
     cfg = _to_dict(backbone_cfg)
     if not cfg.get("name"):
         raise ConfigError("backbone.name", "missing")
@@ -240,6 +270,7 @@ def build_extractor(
         channels_last=bool(cfg.get("channels_last", True)),
         role=role,
         fuse_batchnorm=bool(cfg.get("fuse_batchnorm", True)),
+        pre_activation=pre_activation,
         **(cfg.get("timm_kwargs") or {}),
     )
 

@@ -4,7 +4,7 @@ A frozen extractor's output depends only on its weights, the layers asked for an
 batch: the jobs of a sweep over, say, ``method.coreset_ratio`` feed the same batches through the
 same backbone and can reuse each other's features. Each lookup is keyed on a SHA-256 of the
 weights (hashed once per extractor), the extractor's settings (name, kind, layers, channels-last,
-input statistics), the input batch's shape, dtype and bytes, the device, the autocast state and
+batch-norm folding, pre-/post-activation taps, input statistics), the input batch's shape, dtype and bytes, the device, the autocast state and
 the torch version; a hit returns the stored tensors, bit for bit what the extractor returned when
 they were stored. Entries are single files written atomically (temp + rename), so concurrent jobs
 are safe; the folder is kept under ``feature_cache_max_gb`` by deleting the least recently used
@@ -79,6 +79,7 @@ class FeatureCache:
         head = {"weights": extractor._weights_digest, "name": extractor.name, "kind": extractor.kind,
                 "layers": list(extractor.layers), "channels_last": extractor.channels_last,
                 "fuse_batchnorm": bool(getattr(extractor, "fuse_batchnorm", False)),
+                "pre_activation": bool(getattr(extractor, "pre_activation", False)),
                 "renorm": bool(extractor._renorm), "shape": list(x.shape), "dtype": str(x.dtype),
                 "device": str(dev), "autocast": [autocast, str(torch.get_autocast_dtype(dev.type)) if autocast else None],
                 "torch": torch.__version__}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from adtrain.methods.hetmm.torch_model import MATCH_KEYS, HetmmModel, load_category_params
 from adtrain.methods.memory_module import MemoryModule
+
+log = logging.getLogger("adtrain")
 
 
 def _params_path(name: str | None) -> Path | None:
@@ -35,6 +38,7 @@ class Hetmm(MemoryModule):
         compute_dtype: str | None = None,
         pts_positions: str = "per_position",
         optics_backend: str = "torch",
+        feature_tap: str = "pre_relu",
         continual: str = "shared",
         model: HetmmModel | None = None,
     ) -> None:
@@ -45,7 +49,7 @@ class Hetmm(MemoryModule):
         self.model = model if model is not None else HetmmModel(
             backbone, layers, templates=templates, chunk_size=chunk_size, template_dtype=template_dtype,
             compute_dtype=compute_dtype, pts_positions=pts_positions, optics_backend=optics_backend,
-            **self.explicit_params,
+            feature_tap=feature_tap, **self.explicit_params,
         )
 
     def apply_category(self, categories) -> dict:
@@ -56,13 +60,22 @@ class Hetmm(MemoryModule):
         self.model.set_match_params(**params)
         return params
 
-    def get_extra_state(self):  # the matching values in use travel with the checkpoint
-        return {**super().get_extra_state(), "match_params": {k: getattr(self.model, k) for k in MATCH_KEYS}}
+    def get_extra_state(self):  # the matching values and the features' tap travel with the checkpoint
+        return {**super().get_extra_state(), "match_params": {k: getattr(self.model, k) for k in MATCH_KEYS},
+                "feature_tap": self.model.feature_tap}
 
     def set_extra_state(self, state) -> None:
         super().set_extra_state(state)
         if (state or {}).get("match_params"):
             self.model.set_match_params(**state["match_params"])
+        if state and "match_params" in state:
+            # the queries must be taken where the stored templates were; a checkpoint written before
+            # method.feature_tap existed holds post-ReLU templates
+            tap = state.get("feature_tap", "post_relu")
+            if tap != self.model.feature_tap:
+                log.info("hetmm: the checkpoint's templates are %s features (method.feature_tap=%s ignored)%s", tap,
+                         self.model.feature_tap, "" if "feature_tap" in state else "; it predates the option")
+                self.model.set_feature_tap(tap)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

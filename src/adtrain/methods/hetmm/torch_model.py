@@ -26,6 +26,8 @@ DEFAULT_BACKWARD_WINDOWS = (3, 5, 3)
 DEFAULT_ALPHAS = (0.5, 0.7, 0.3)
 DEFAULT_LAMBDAS = (1.0, 0.5, 0.3)
 MATCH_KEYS = ("forward_windows", "backward_windows", "alphas", "lambdas")
+#: where the features are taken: before the stage's final ReLU (the official code) or after it (timm's features_only)
+FEATURE_TAPS = ("pre_relu", "post_relu")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -70,6 +72,10 @@ class HetmmModel(nn.Module):
     templates: "all" keeps every sheet; an int K marks the model for `compress()` (PTS).
     template_dtype: storage of the templates ("float16" halves memory); compute_dtype: dtype of
     the ATMM dot products (default: promoted dtype of query and templates).
+    feature_tap: "pre_relu" (the official code: each ResNet stage's output before its last block's
+    final ReLU, signed; the next stage still gets the ReLU'd tensor) or "post_relu" (timm's stage
+    outputs, >= 0). Backbones whose stages end without an activation (EfficientNet-Lite, ViT): the same.
+    It is applied to the extractor (a FeatureExtractor; another module is used as it is).
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class HetmmModel(nn.Module):
         compute_dtype: str | None = None,
         pts_positions: str = "per_position",
         optics_backend: str = "torch",
+        feature_tap: str = "pre_relu",
         extractor: nn.Module | None = None,
     ):
         super().__init__()
@@ -108,13 +115,16 @@ class HetmmModel(nn.Module):
         self.pts_positions = pts_positions
         self.optics_backend = optics_backend
         self.set_match_params(forward_windows, backward_windows, alphas, lambdas)
+        if feature_tap not in FEATURE_TAPS:
+            raise ConfigError("method.feature_tap", f"must be one of {', '.join(FEATURE_TAPS)}, got {feature_tap!r}")
         if extractor is None:
             if backbone is None:
                 raise ConfigError("method.backbone", "a backbone config (or an extractor) is required")
             from adtrain.backbones import build_extractor
 
-            extractor = build_extractor(backbone, self.layers, frozen=True)
+            extractor = build_extractor(backbone, self.layers, frozen=True, pre_activation=feature_tap == "pre_relu")
         self.extractor = extractor
+        self.set_feature_tap(feature_tap)
         for p in self.extractor.parameters():
             p.requires_grad_(False)
         for name in self.layers:
@@ -154,6 +164,15 @@ class HetmmModel(nn.Module):
                 raise ConfigError("method.lambdas", f"must be >= 0, got {value}")
             cast = int if key.endswith("windows") else float
             setattr(self, key, [cast(v) for v in value])
+
+    def set_feature_tap(self, feature_tap: str) -> None:
+        """Take the features before or after the stages' final ReLU (templates and queries must agree:
+        only change it on a model without templates, or to match loaded ones)."""
+        if feature_tap not in FEATURE_TAPS:
+            raise ConfigError("method.feature_tap", f"must be one of {', '.join(FEATURE_TAPS)}, got {feature_tap!r}")
+        if hasattr(self.extractor, "set_pre_activation"):
+            self.extractor.set_pre_activation(feature_tap == "pre_relu")
+        self.feature_tap = feature_tap
 
     # ------------------------------------------------------------------ templates
     def _flush(self) -> None:
