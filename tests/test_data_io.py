@@ -106,3 +106,20 @@ def test_expand_image_paths(tmp_path):
     assert [p.name for p in expand_image_paths(str(tmp_path / "*.png"))] == ["b.png"]
     with pytest.raises(DataError, match="no image files"):
         expand_image_paths(str(tmp_path / "*.bmp"))
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    """Latin-1 names from a zip made on Windows: refused when listed, with the name shown, not
+    a UnicodeEncodeError from a seed or a CSV writer after the fit."""
+    import os
+
+    from adtrain.data.image_io import list_images
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "ok.png")
+    assert [p.name for p in list_images(folder)] == ["ok.png"]
+    os.rename(folder / "ok.png", os.fsencode(folder) + b"/caf\xe9.png")
+    with pytest.raises(DataError, match="not valid UTF-8") as err:
+        list_images(folder)
+    assert "caf\\xe9.png" in str(err.value)

@@ -48,6 +48,20 @@ def test_visa_errors(tmp_path):
     assert e.value.path.endswith("0001.JPG")
 
 
+def test_visa_csv_saved_by_excel_and_a_short_row(tmp_path):
+    """A byte-order mark (Excel's "CSV UTF-8") is read past; a row without an image path is named
+    by its line, not reported as the root folder missing an image."""
+    root = write_visa_tree(tmp_path / "visa")
+    path = root / "split_csv" / "1cls.csv"
+    text = path.read_text()
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert len(VisADataModule(root=str(root), category="candle", **COMMON).test_samples) > 0
+    lines = text.splitlines()
+    path.write_text("\n".join(lines + ["candle,test,anomaly"]) + "\n")
+    with pytest.raises(DataError, match=f"line {len(lines) + 1}: no image path"):
+        VisADataModule(root=str(root), category="candle", **COMMON).setup()
+
+
 def test_visa_anomaly_without_mask_has_no_mask(tmp_path):
     root = write_visa_tree(tmp_path / "visa", n_test_anomaly=2)
     csv_path = root / "split_csv/1cls.csv"
@@ -112,3 +126,25 @@ def test_folder_normal_test_dir_and_errors(tmp_path):
         FolderDataModule(normal_dir=str(tmp_path / "empty"), **COMMON).setup()
     with pytest.raises(ConfigError, match="data.normal_test_split"):
         FolderDataModule(normal_dir=str(tmp_path / "good"), normal_test_split=1.0, **COMMON)
+
+
+def test_folder_datasets_nested_in_each_other_keep_their_images_apart(tmp_path):
+    """Masks kept inside the anomaly folder, anomalies inside the normal folder: each folder's
+    images are its own (a mask is never a test image, an anomaly never a training normal); one
+    folder given for two roles is refused."""
+    root = tmp_path / "data"
+    _write(root, [f"{i:02d}.png" for i in range(6)])
+    _write(root / "bad", ["a.png", "b.png"], value=200)
+    m = np.zeros((16, 16), np.uint8)
+    m[3:6, 3:6] = 255
+    (root / "bad" / "masks").mkdir()
+    for n in ("a.png", "b.png"):
+        Image.fromarray(m).save(root / "bad" / "masks" / n)
+    dm = FolderDataModule(normal_dir=str(root), abnormal_dir=str(root / "bad"), mask_dir=str(root / "bad" / "masks"),
+                          normal_test_split=0.5, **COMMON)
+    every = dm.train_samples + dm.val_samples + dm.test_samples
+    assert len(every) == 8 and sum(s.label for s in every) == 2
+    assert all("/bad/" not in s.path for s in every if s.label == 0)
+    assert sorted(s.mask_path.rsplit("/", 1)[1] for s in every if s.label == 1) == ["a.png", "b.png"]
+    with pytest.raises(ConfigError, match="data.abnormal_dir"):
+        FolderDataModule(normal_dir=str(root), abnormal_dir=str(root), **COMMON)

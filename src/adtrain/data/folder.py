@@ -10,10 +10,14 @@ from adtrain.data.image_io import list_images
 from adtrain.errors import ConfigError, DataError
 
 
-def _images(folder: Path, key: str) -> list[Path]:
+def _images(folder: Path, key: str, others: tuple[Path, ...] = ()) -> list[Path]:
+    """The images under ``folder``, less those under ``others`` (the other data.*_dir folders, where
+    one lies inside it: masks in the anomaly folder, anomalies in the normal folder)."""
     if not folder.is_dir():
         raise DataError(folder, f"folder not found (data.{key})")
-    images = list_images(folder, recursive=True)
+    inner = [o.resolve() for o in others if o.resolve() != folder.resolve() and o.resolve().is_relative_to(folder.resolve())]
+    images = [p for p in list_images(folder, recursive=True)
+              if not any(p.resolve().is_relative_to(o) for o in inner)]
     if not images:
         raise DataError(folder, f"no image files found in this folder (data.{key})")
     return images
@@ -39,6 +43,14 @@ class FolderDataModule(AnomalyDataModule):
         self.mask_dir = Path(mask_dir).expanduser() if mask_dir else None
         self.normal_test_dir = Path(normal_test_dir).expanduser() if normal_test_dir else None
         self.normal_test_split = float(normal_test_split)
+        dirs = {k: v for k, v in (("normal_dir", self.normal_dir), ("abnormal_dir", self.abnormal_dir),
+                                  ("mask_dir", self.mask_dir), ("normal_test_dir", self.normal_test_dir)) if v}
+        seen: dict[Path, str] = {}
+        for key, folder in dirs.items():
+            if folder.resolve() in seen:
+                raise ConfigError(f"data.{key}", f"is data.{seen[folder.resolve()]} ({folder}): give each its own folder")
+            seen[folder.resolve()] = key
+        self._others = tuple(dirs.values())
         self._normal_split: tuple[list[Path], list[Path]] | None = None
 
     def _describe(self) -> str:
@@ -46,9 +58,9 @@ class FolderDataModule(AnomalyDataModule):
 
     def _split_normals(self) -> tuple[list[Path], list[Path]]:
         if self._normal_split is None:
-            normals = _images(self.normal_dir, "normal_dir")
+            normals = _images(self.normal_dir, "normal_dir", self._others)
             if self.normal_test_dir is not None:
-                self._normal_split = (normals, _images(self.normal_test_dir, "normal_test_dir"))
+                self._normal_split = (normals, _images(self.normal_test_dir, "normal_test_dir", self._others))
             else:
                 rng = seeded_rng(self.seed, "normal_test_split", self.categories[0])
                 self._normal_split = split_by_fraction(normals, self.normal_test_split, rng)
@@ -64,7 +76,7 @@ class FolderDataModule(AnomalyDataModule):
         if self.abnormal_dir is not None:
             if self.mask_dir is not None and not self.mask_dir.is_dir():
                 raise DataError(self.mask_dir, "folder not found (data.mask_dir)")
-            for p in _images(self.abnormal_dir, "abnormal_dir"):
+            for p in _images(self.abnormal_dir, "abnormal_dir", self._others):
                 rel = p.parent.relative_to(self.abnormal_dir)
                 defect = rel.parts[0] if rel.parts else self.abnormal_dir.name
                 mask = self._find_mask(rel, p.stem)

@@ -19,11 +19,23 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def check_name(path: Path) -> Path:
+    """A path whose bytes are not UTF-8 (names from a zip made on Windows, e.g. Latin-1 'caf\\xe9.png')
+    would fail later in a seed, a CSV or a JSON file: refused here, naming it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise DataError(shown, "file name is not valid UTF-8 (e.g. Latin-1 from an archive made on Windows): "
+                        "rename it (convmv -f latin1 -t utf8 --notest -r FOLDER converts a tree)") from None
+    return path
+
+
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files in a folder, sorted by path (hidden files skipped)."""
+    """Image files in a folder, sorted by path (hidden files skipped; a name that is not UTF-8 refused)."""
     folder = Path(folder)
     it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    return sorted(check_name(p) for p in it if p.is_file() and is_image_file(p) and not p.name.startswith("."))
 
 
 def expand_image_paths(spec: str | Path | list) -> list[Path]:

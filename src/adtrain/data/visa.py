@@ -54,7 +54,7 @@ class VisADataModule(AnomalyDataModule):
         if not self.csv_path.is_file():
             raise DataError(self.csv_path, "VisA split file not found (the official release has "
                             "split_csv/1cls.csv; set data.split_csv to use another split)")
-        with open(self.csv_path, newline="") as f:
+        with open(self.csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
             reader = csv.DictReader(f)
             cols = [c.strip() for c in (reader.fieldnames or [])]
             lacking = [c for c in _COLUMNS if c not in cols]
@@ -62,6 +62,9 @@ class VisADataModule(AnomalyDataModule):
                 raise DataError(self.csv_path, f"missing column(s) {', '.join(lacking)} "
                                 f"(expected {','.join(_COLUMNS)}; found {','.join(cols)})")
             rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+        for n, r in enumerate(rows, start=2):  # line 1 is the header
+            if not r.get("image"):
+                raise DataError(self.csv_path, f"line {n}: no image path ({', '.join(f'{k}={v!r}' for k, v in r.items())})")
         objects = sorted({r["object"] for r in rows})
         for cat in self.categories:
             if cat not in objects:
