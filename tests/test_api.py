@@ -80,6 +80,9 @@ def test_heatmap_keeps_the_source_aspect_and_the_backend(tmp_path):
     square = Image.open(save_heatmap(tmp_path / "square.png", source_size=(100, 100), **kw))
     assert wide.size[0] > square.size[0] + 2 * 2 * 120  # three panels, each 3x as wide as tall vs square
     assert abs(wide.size[1] - square.size[1]) <= 2  # same height: the size option
+    # a line-scan image (4 x 300): panels at most 8x as wide as tall, not 72,000 px wide figures
+    thin = Image.open(save_heatmap(tmp_path / "thin.png", source_size=(4, 300), **kw))
+    assert thin.size[0] < 3 * (8 * 120 + 200) and thin.size[1] < square.size[1]
     assert matplotlib.get_backend() == backend
 
 

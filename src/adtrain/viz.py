@@ -75,6 +75,11 @@ def _resized(array: np.ndarray, height: int, width: int, resample=Image.BILINEAR
     return np.asarray(Image.fromarray(array).resize((width, height), resample))
 
 
+#: a heatmap panel is at most this many times as wide as it is high (a line-scan camera's 4 x 300
+#: px images would otherwise make 72,000 px wide figures)
+MAX_PANEL_ASPECT = 8
+
+
 def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | None, *, score: float,
                    threshold: float | None, label: int | None, defect: str = "", source_size=None,
                    height: int = 320, alpha: float = 0.5):
@@ -90,6 +95,9 @@ def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | N
     h0, w0 = (source_size if source_size is not None else image.shape[:2])
     height = int(height)
     width = max(1, round(height * float(w0) / float(h0)))
+    if width > MAX_PANEL_ASPECT * height:  # a line-scan image (4 x 300 px): the panel's width is bounded and
+        width = MAX_PANEL_ASPECT * height  # its height shrinks with it (the aspect kept down to 8 px high)
+        height = max(8, round(width * float(h0) / float(w0)))
     img = _resized(image, height, width)
     heat = _resized(colorize(norm_map), height, width)
     blend = (alpha * heat + (1 - alpha) * img).round().astype(np.uint8)
