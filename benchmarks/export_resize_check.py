@@ -1,5 +1,5 @@
 """How far an ONNX export's own resize moves scores: test images fed at their file size (the graph
-resizes them) against the run's scores.csv (OpenCV resized them).
+resizes them) against the run's scores.csv (resized by its data.resize rule on the host).
 
     python benchmarks/export_resize_check.py --run RUN [--onnx RUN/export/model.onnx] [--n 40]
 

@@ -12,12 +12,12 @@ from adtrain.data.testing import write_mvtec_tree
 KEYS = ("image", "label", "mask", "has_mask", "category", "defect", "path", "source_size")
 
 
-def _dm(root, cache, cache_dir, augment=None):
+def _dm(root, cache, cache_dir, augment=None, resize="pil_bilinear"):
     from adtrain.data.mvtec import MVTecDataModule
 
     return MVTecDataModule(root=str(root), category="widget", image_size=[40, 36], center_crop=[32, 32],
                            batch_size=4, num_workers=0, seed=0, augment=augment, val_anomalies=None,
-                           cache=cache, cache_dir=str(cache_dir))
+                           cache=cache, cache_dir=str(cache_dir), resize=resize)
 
 
 def _items(ds, seed=0):
@@ -42,10 +42,11 @@ def tree(tmp_path):
                             defects_without_gt={"hole": 1}, size=50)
 
 
-def test_cached_tensors_bit_identical_to_uncached_cold_and_warm(tree, tmp_path):
+@pytest.mark.parametrize("rule", ["pil_bilinear", "pil_lanczos", "cv2_linear"])
+def test_cached_tensors_bit_identical_to_uncached_cold_and_warm(tree, tmp_path, rule):
     flip = [{"_target_": "albumentations.HorizontalFlip", "p": 0.5},
             {"_target_": "albumentations.ColorJitter", "p": 0.5}]
-    off, on = _dm(tree, "off", tmp_path / "c", flip), _dm(tree, "auto", tmp_path / "c", flip)
+    off, on = _dm(tree, "off", tmp_path / "c", flip, rule), _dm(tree, "auto", tmp_path / "c", flip, rule)
     for train, samples in ((True, off.train_samples), (False, off.test_samples)):
         ref = _items(off.make_dataset(samples, train=train))
         cold = on.make_dataset(samples, train=train)
@@ -57,7 +58,7 @@ def test_cached_tensors_bit_identical_to_uncached_cold_and_warm(tree, tmp_path):
     test = _items(on.make_dataset(on.test_samples))
     assert any(x["mask"].any() for x in test) and not all(bool(x["has_mask"]) for x in test)
     assert all(x["source_size"].tolist() == [50, 50] for x in test)
-    warm = _dm(tree, "auto", tmp_path / "c")  # another job: every set already there
+    warm = _dm(tree, "auto", tmp_path / "c", resize=rule)  # another job: every set already there
     warm.make_dataset(warm.test_samples)
     assert warm.image_cache.state() == "hit"
     assert not list((tmp_path / "c").glob(".*.tmp"))  # built in a temp folder, renamed into place
@@ -113,6 +114,29 @@ def test_a_damaged_entry_is_rebuilt_and_a_deleted_one_keeps_serving(tree, tmp_pa
     served = dm.make_dataset(dm.train_samples)
     shutil.rmtree(entry)
     _same(ref, _items(served))
+
+
+def test_each_resize_rule_has_its_own_entry(tree, tmp_path):
+    """The rule is part of the key: a changed data.resize never serves another rule's images."""
+    from adtrain.data.image_cache import cache_key
+    from adtrain.data.resize import RULES, resize_image
+
+    off = _dm(tree, "off", tmp_path / "c")
+    samples = off.train_samples
+    ds = off.make_dataset(samples)
+    assert len({cache_key(samples, ds.loader, (40, 36), rule) for rule in RULES}) == len(RULES)
+    made = {}
+    for rule in RULES:
+        dm = _dm(tree, "auto", tmp_path / "c", resize=rule)
+        entry = dm.make_dataset(samples).cached
+        assert dm.image_cache.events == ["miss"], rule
+        made[rule] = entry.get(0)[0]
+        source = np.asarray(Image.open(samples[0].path).convert("RGB"))
+        assert np.array_equal(made[rule], resize_image(source, (40, 36), rule)), rule
+    assert not np.array_equal(made["pil_bilinear"], made["cv2_linear"])
+    again = _dm(tree, "auto", tmp_path / "c", resize="cv2_linear")
+    again.make_dataset(samples)
+    assert again.image_cache.events == ["hit"]
 
 
 def test_bad_cache_value_names_the_key(tree, tmp_path):

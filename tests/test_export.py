@@ -93,13 +93,15 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
 
 def _assert_memory_read_in_chunks(path, memory: int, chunk: int):
     """One distance block (MatMul) per chunk of the memory, not one over the whole memory (the
-    matching head's MatMuls are the search's; the map's resize and blur are the graph's other two)."""
+    matching head's MatMuls are the search's; the map's resize and blur are the model's other two,
+    the input's resize by the PIL rule the graph's two outside the model)."""
     import onnx
 
     matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
     search = [n for n in matmuls if n.name.startswith("/model/fmn/")]
+    model = [n for n in matmuls if n.name.startswith("/model/")]
     assert len(search) == -(-memory // chunk), [n.name for n in matmuls]
-    assert len(matmuls) == len(search) + 2, [n.name for n in matmuls]
+    assert len(model) == len(search) + 2 and len(matmuls) == len(model) + 2, [n.name for n in matmuls]
 
 
 def test_raw_onnx_graph_takes_uint8_nchw_of_any_size_and_resizes_inside(runs, tmp_path):
@@ -108,6 +110,8 @@ def test_raw_onnx_graph_takes_uint8_nchw_of_any_size_and_resizes_inside(runs, tm
     import onnxruntime as ort
     from PIL import Image
 
+    from adtrain import Detector
+    from adtrain.data.resize import resize_image
     from adtrain.export import export
 
     run_dir = runs("patchcore")
@@ -118,9 +122,29 @@ def test_raw_onnx_graph_takes_uint8_nchw_of_any_size_and_resizes_inside(runs, tm
     score, amap, decision, _ = sess.run(None, {"images": np.ascontiguousarray(imgs)})
     np.testing.assert_allclose(score, scores, rtol=RTOL)
     assert decision.tolist() == decisions.astype(bool).tolist() and amap.shape == (len(paths), 56, 56)
-    big = np.ascontiguousarray(np.repeat(np.repeat(imgs, 2, axis=2), 2, axis=3))  # 128x128 -> resized inside
+    # another size: the graph resizes by the run's rule (pil_bilinear: PIL's own arithmetic), as the
+    # checkpoint's eval transform does
+    big = np.ascontiguousarray(np.repeat(np.repeat(imgs, 2, axis=2), 2, axis=3)[:, :, 3:, 7:])  # 125x121
     score_big = sess.run(["score"], {"images": big})[0]
-    np.testing.assert_allclose(score_big, scores, rtol=RTOL)  # 2x2 blocks: bilinear halves exactly
+    det = Detector.load(run_dir / "checkpoints" / "model.ckpt", device="cpu")
+    assert det.pre.resize == "pil_bilinear"
+    np.testing.assert_allclose(score_big, det.predict(list(big.transpose(0, 2, 3, 1))).scores, rtol=RTOL)
+    # an export made before the rule was recorded: read as cv2_linear, the rule it was made with
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path))
+    (entry,) = [e for e in model.metadata_props if e.key == "adtrain.json"]
+    meta = json.loads(entry.value)
+    assert meta["preprocessing"]["resize"] == "pil_bilinear"
+    del meta["preprocessing"]["resize"]
+    entry.value = json.dumps(meta)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    old = Detector.load(tmp_path / "old.onnx", device="cpu")
+    frame = np.ascontiguousarray(big[0].transpose(1, 2, 0))
+    assert old.pre.resize == "cv2_linear" and np.array_equal(old._transform(image=frame)["image"],
+                                                             resize_image(frame, (64, 64), "cv2_linear"))
 
 
 def test_graph_knn_is_exact_with_many_chunks():
@@ -180,6 +204,31 @@ def test_detector_takes_arrays_pil_and_paths_and_names_bad_input(runs):
         det.predict(["nope.png"])
     with pytest.raises(ConfigError, match="batch_size"):
         Detector.load(run_dir / "checkpoints" / "model.ckpt", batch_size=0)
+
+
+@pytest.mark.parametrize("rule", ["pil_bilinear", "pil_lanczos", "cv2_linear", None])
+def test_detector_from_a_checkpoint_resizes_by_the_rule_it_was_made_with(runs, tmp_path, rule):
+    """The rule travels in the checkpoint's config (None: a checkpoint made before data.resize,
+    read as cv2_linear); Detector, adtrain.predict and the hot update use it."""
+    from adtrain import Detector
+    from adtrain.data.resize import resize_image
+    from adtrain.io import torch_save
+    from adtrain.loading import read_checkpoint
+
+    ckpt = read_checkpoint(runs("patchcore") / "checkpoints" / "model.ckpt")
+    assert ckpt["adtrain_config"]["data"]["resize"] == "pil_bilinear"  # the run recorded its rule
+    ckpt["adtrain_config"]["data"].pop("resize")
+    if rule is not None:
+        ckpt["adtrain_config"]["data"]["resize"] = rule
+    path = torch_save(ckpt, tmp_path / "model.ckpt")
+    det = Detector.load(path, device="cpu")
+    expect = rule or "cv2_linear"
+    assert det.pre.resize == expect
+    crop = slice(4, 60)  # the run's centre crop: 56 of 64
+    for size in ((150, 130), (40, 50)):  # down, up
+        frame = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+        (batch,) = det.predict_batches([frame])
+        assert np.array_equal(batch.inputs[0], resize_image(frame, (64, 64), expect)[crop, crop]), size
 
 
 def test_export_cli_refuses_what_it_cannot_export_in_one_line(runs, tmp_path, capsys):

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from adtrain.errors import AdtrainError, ConfigError
 
 #: keys of a method config that other groups read (the recipe), not constructor arguments
-METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "eval_batch_size", "image_size", "center_crop",
+METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "eval_batch_size", "image_size", "center_crop", "resize",
                       "selection", "start_confidence", "val_every_n_epochs", "nested_cache")
 
 

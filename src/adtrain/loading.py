@@ -83,7 +83,8 @@ def _unsafe_target(node: Any, key: str) -> tuple[str, Any] | None:
 
 def checked_config(stored: Any, path: str | Path) -> dict:
     """A copy of a checkpoint's stored config that is safe to build from: training-only parts
-    (TRAINING_ONLY) set to null, then every `_target_` left checked to start with 'adtrain.'."""
+    (TRAINING_ONLY) set to null, then every `_target_` left checked to start with 'adtrain.'; a
+    config without ``data.resize`` (older runs) gets the rule those runs used (cv2_linear)."""
     if not isinstance(stored, dict) or not stored:
         raise DataError(path, "not an adtrain checkpoint (no adtrain_config inside)")
     cfg = copy.deepcopy(stored)  # the stored config stays as saved
@@ -97,7 +98,9 @@ def checked_config(stored: Any, path: str | Path) -> dict:
     if bad:
         raise DataError(path, f"refused: stored config key '{bad[0]}' = {bad[1]!r} is not an adtrain class "
                               f"(a checkpoint may only build '{TARGET_PREFIX}*' targets)")
-    return cfg
+    from adtrain.data.resize import with_legacy_rule
+
+    return with_legacy_rule(cfg)  # a run made before data.resize existed: the rule it was made with
 
 
 def load_run_config(checkpoint: str | Path):

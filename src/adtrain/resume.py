@@ -73,7 +73,9 @@ def stored_config(run_dir: Path) -> dict:
         raise ConfigError("resume", f"{path}: unreadable ({type(err).__name__}: {err})") from None
     if not isinstance(stored, dict):
         raise ConfigError("resume", f"{path}: not a run config")
-    return stored
+    from adtrain.data.resize import with_legacy_rule
+
+    return with_legacy_rule(stored)  # a run begun before data.resize existed: the rule it began with
 
 
 def _config_of_checkpoint(last: Path) -> dict:

@@ -6,11 +6,12 @@ model.ckpt with the threshold), heatmaps/, scores.csv, score_histogram.png.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 from lightning.pytorch import seed_everything
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from adtrain import distributed
 from adtrain.build import build_datamodule, build_logger, build_method
@@ -43,6 +44,21 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(last)
 
 
+def _record_resize_rule(cfg: DictConfig) -> DictConfig:
+    """A data config without ``data.resize`` (a data yaml of one's own) runs with the default rule,
+    written into the config so that config.yaml and the checkpoints say which rule the run used
+    (a stored config without the key is read as an older run's, adtrain.data.resize.LEGACY)."""
+    data = cfg.get("data")
+    if not isinstance(data, DictConfig) or "_target_" not in data or "resize" in data:
+        return cfg
+    from adtrain.data.resize import DEFAULT
+
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as given
+    with open_dict(cfg):
+        cfg.data.resize = DEFAULT
+    return cfg
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     """The whole run for `python -m adtrain`: a single task, or a continual schedule.
 
@@ -54,6 +70,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     from adtrain.resume import resumed_config
 
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
+    cfg = _record_resize_rule(cfg)
     if distributed.rank() != 0:  # a DDP rank started by rank 0: it computes, rank 0 owns the directory
         return _run_rank(cfg, run_dir)
     resume = bool(cfg.get("resume", False))

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 from adtrain import distributed
 from adtrain.data.dataset import AnomalyDataset, Loaded, PredictDataset, Sample, load_sample
 from adtrain.data.image_io import expand_image_paths
+from adtrain.data.resize import DEFAULT as DEFAULT_RESIZE
+from adtrain.data.resize import resize_rule
 from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment, build_transform,
                                      instantiate_if_config, size_pair, to_plain)
 from adtrain.errors import ConfigError, DataError
@@ -57,6 +59,9 @@ class AnomalyDataModule(LightningDataModule):
     val_split: fraction of the training normals held out (seeded, per category) for model
     selection, thresholds and normalisation; never the test set.
     shots: keep k training normals per category (seeded), chosen after the held-out split.
+    resize: how images are resized to image_size (``adtrain.data.resize``): pil_bilinear (default,
+    torchvision's Resize of a PIL image, antialiased), pil_lanczos, cv2_linear (OpenCV bilinear,
+    not antialiased; adtrain's rule before the key existed). Masks: nearest, whatever the rule.
     cache: auto = decoded, resized images kept in ``cache_dir`` (adtrain.data.image_cache) and
     shared by epochs, jobs and tasks; off = decoded every time.
     augment: albumentations transforms (objects or `_target_` dicts), training images only.
@@ -77,7 +82,7 @@ class AnomalyDataModule(LightningDataModule):
                  seed: int = 0, shots: int | None = None, augment: list | None = None,
                  synthetic_anomaly: object | None = None, val_anomalies: object | None = None,
                  cache: str | bool = "off", cache_dir: str | None = None,
-                 device_normalize: str | bool = "auto"):
+                 device_normalize: str | bool = "auto", resize: str = DEFAULT_RESIZE):
         super().__init__()
         category = to_plain(category)
         if isinstance(category, (list, tuple)):
@@ -89,6 +94,7 @@ class AnomalyDataModule(LightningDataModule):
         self.category = category if isinstance(category, str) else list(self.categories)
         self.image_size = size_pair(image_size, "data.image_size")
         self.center_crop = size_pair(center_crop, "data.center_crop")
+        self.resize = resize_rule(resize)
         if self.center_crop is not None and any(c > s for c, s in zip(self.center_crop, self.image_size)):
             raise ConfigError("data.center_crop", f"{list(self.center_crop)} is larger than image_size "
                               f"{list(self.image_size)}")
@@ -210,10 +216,11 @@ class AnomalyDataModule(LightningDataModule):
     # ----- transforms, datasets, loaders ----------------------------------------------------
     def eval_transform(self, normalize: bool = True):
         """normalize=False: uint8 (C,H,W) tensors (self.input_normalizer finishes them)."""
-        return build_transform(self.image_size, self.center_crop, None, self.mean, self.std, normalize)
+        return build_transform(self.image_size, self.center_crop, None, self.mean, self.std, normalize, self.resize)
 
     def train_transform(self, normalize: bool = True):
-        return build_transform(self.image_size, self.center_crop, self.augment, self.mean, self.std, normalize)
+        return build_transform(self.image_size, self.center_crop, self.augment, self.mean, self.std, normalize,
+                               self.resize)
 
     def make_dataset(self, samples: Sequence[Sample], train: bool = False) -> AnomalyDataset:
         """train=True: augment and synthetic anomalies apply; False: the eval transform. The image is
@@ -223,7 +230,7 @@ class AnomalyDataModule(LightningDataModule):
                             loader=self.sample_loader(), train=train,
                             synthetic_anomaly=self.synthetic_anomaly if train else None)
         if ds.cacheable:
-            ds.cached = self.image_cache.entry(ds, self.image_size, self.num_workers)
+            ds.cached = self.image_cache.entry(ds, self.image_size, self.num_workers, self.resize)
         elif self.image_cache.mode != "off":
             self.image_cache.events.append("skip")
         return ds
@@ -258,7 +265,7 @@ class AnomalyDataModule(LightningDataModule):
         from adtrain.data.validation import ValidationDataset
 
         key = (tuple((s.category, str(s.path)) for s in self.val_samples), self.seed, self.image_size,
-               self.center_crop, self.device_normalize)
+               self.center_crop, self.resize, self.device_normalize)
         if self._val_dataset is None or self._val_dataset[0] != key:
             items = self.val_anomalies.plan(self.val_samples, self.seed)
             self._val_dataset = (key, ValidationDataset(self.make_dataset(self.val_samples, train=False), items,

@@ -3,10 +3,10 @@ once, stored as a memory-mapped uint8 array on local disk and shared by epochs, 
 sweep and the tasks of a continual schedule.
 
 What is stored is exactly what the uncached path makes before its centre crop: the loader's
-image resized by the same albumentations ``Resize`` (bilinear image, nearest mask), the mask
-(zeros where there is none) and the image's size before resizing. The dataset then runs its
-usual transform on it; that transform's ``Resize`` is then an identity (albumentations returns
-a same-size input unchanged), so crop, augmentation, normalisation and the random stream are
+image resized by the same rule (``data.resize``: adtrain.data.resize.ImageResize; masks nearest),
+the mask (zeros where there is none) and the image's size before resizing. The dataset then runs
+its usual transform on it; that transform's resize is then an identity (a same-size input is
+returned unchanged), so crop, augmentation, normalisation and the random stream are
 those of the uncached path and the tensors are bit-identical (tests/test_caches.py).
 
 An entry's key (a SHA-256) covers the sample list (path, label, mask path, category, defect),
@@ -36,8 +36,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from adtrain.data.resize import DEFAULT, ImageResize, describe
 from adtrain.errors import AdtrainError
-
 
 log = logging.getLogger("adtrain")
 
@@ -83,11 +83,11 @@ def describe_loader(loader) -> str:
     return f"{kind}:{sorted((k, repr(v)) for k, v in vars(loader).items())}" if hasattr(loader, "__dict__") else kind
 
 
-def cache_key(samples: Sequence, loader, image_size: tuple[int, int]) -> str:
+def cache_key(samples: Sequence, loader, image_size: tuple[int, int], rule: str = DEFAULT) -> str:
     """SHA-256 of everything the cached arrays depend on (see the module docstring)."""
     h = hashlib.sha256()
     head = {"loader": describe_loader(loader),
-            "size": list(image_size), "resize": "albumentations.Resize linear / mask nearest",
+            "size": list(image_size), "resize": describe(rule),
             "versions": _versions()}
     h.update(json.dumps(head, sort_keys=True).encode())
     for s in samples:
@@ -149,12 +149,8 @@ def _open_reserved(path: Path, shape: tuple) -> np.memmap:
     return np.load(path, mmap_mode="r+")
 
 
-def _build(folder: Path, dataset, image_size, num_workers: int) -> None:
-    import albumentations as A
-    import cv2
-
-    resize = A.Resize(image_size[0], image_size[1], interpolation=cv2.INTER_LINEAR,
-                      mask_interpolation=cv2.INTER_NEAREST)
+def _build(folder: Path, dataset, image_size, num_workers: int, rule: str) -> None:
+    resize = ImageResize(image_size[0], image_size[1], rule)
     n, (h, w) = len(dataset), image_size
     images = _open_reserved(folder / "images.npy", (n, h, w, 3))
     masks = _open_reserved(folder / "masks.npy", (n, h, w))
@@ -188,12 +184,13 @@ class ImageCache:
             return "off"
         return "miss" if "miss" in self.events else "hit"
 
-    def entry(self, dataset, image_size, num_workers: int = 0) -> "CachedImages | None":
-        """The cached arrays for ``dataset`` (built now if missing); None when the cache is off or
-        the folder is not writable (then the dataset decodes as before, and the log says why)."""
+    def entry(self, dataset, image_size, num_workers: int = 0, rule: str = DEFAULT) -> "CachedImages | None":
+        """The cached arrays for ``dataset`` resized by ``rule`` (built now if missing); None when the
+        cache is off or the folder is not writable (then the dataset decodes as before, and the log
+        says why)."""
         if self.mode == "off" or not len(dataset):
             return None
-        key = cache_key(dataset.samples, dataset.loader, image_size)
+        key = cache_key(dataset.samples, dataset.loader, image_size, rule)
         folder = self.root / key
         if (folder / "meta.json").is_file():
             try:
@@ -221,7 +218,7 @@ class ImageCache:
             self.events.append("skip")
             return None
         try:
-            _build(tmp, dataset, image_size, num_workers)  # a bad image raises its DataError here
+            _build(tmp, dataset, image_size, num_workers, rule)  # a bad image raises its DataError here
             try:
                 os.rename(tmp, folder)
             except OSError:  # another job renamed its identical entry first: use that one

@@ -1,5 +1,6 @@
-"""Albumentations pipelines: Resize (+ CenterCrop) + augment + ImageNet Normalize + ToTensorV2
-(without Normalize: uint8 tensors, normalised on the device by adtrain.data.device_norm)."""
+"""Albumentations pipelines: resize (``data.resize``: adtrain.data.resize) (+ CenterCrop) + augment +
+ImageNet Normalize + ToTensorV2 (without Normalize: uint8 tensors, normalised on the device by
+adtrain.data.device_norm)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
+from adtrain.data.resize import DEFAULT, ImageResize
 from adtrain.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,13 +91,13 @@ def size_pair(value, key: str) -> tuple[int, int] | None:
 
 def build_transform(image_size: tuple[int, int], center_crop: tuple[int, int] | None = None,
                     augment: Sequence | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    normalize: bool = True) -> A.Compose:
-    """Resize (bilinear image, nearest mask) [+ CenterCrop] [+ augment] [+ Normalize] + ToTensorV2.
+                    normalize: bool = True, resize: str = DEFAULT) -> A.Compose:
+    """Resize (the image by the rule ``resize``, the mask nearest) [+ CenterCrop] [+ augment]
+    [+ Normalize] + ToTensorV2.
 
     normalize=False: the image stays uint8 (C,H,W); ``DeviceNormalize(mean, std)`` later gives the
     very tensor Normalize would have (adtrain.data.device_norm)."""
-    steps = [A.Resize(image_size[0], image_size[1], interpolation=cv2.INTER_LINEAR,
-                      mask_interpolation=cv2.INTER_NEAREST)]
+    steps = [ImageResize(image_size[0], image_size[1], resize)]
     if center_crop is not None:
         if center_crop[0] > image_size[0] or center_crop[1] > image_size[1]:
             raise ConfigError("data.center_crop", f"{list(center_crop)} is larger than image_size {list(image_size)}")

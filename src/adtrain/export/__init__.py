@@ -3,10 +3,10 @@
     adtrain-export checkpoint=RUN/checkpoints/model.ckpt format=torchscript|onnx|openvino
         [out=FILE] [layout=nhwc|nchw] [batch=2]
 
-The graph takes a uint8 image batch (any size: it resizes to the run's image_size) and holds the
-run's preprocessing, the method's anomaly map and image score, the fitted threshold and the
-display normalisation; it returns score (B,), map (B,h,w) in [0,1] (0.5 = threshold), decision
-(B,) bool and normalized_score (B,). Memory banks are constants searched by a chunked exact
+The graph takes a uint8 image batch (any size: it resizes to the run's image_size by the run's
+data.resize rule) and holds the run's preprocessing, the method's anomaly map and image score,
+the fitted threshold and the display normalisation; it returns score (B,), map (B,h,w) in [0,1]
+(0.5 = threshold), decision (B,) bool and normalized_score (B,). Memory banks are constants searched by a chunked exact
 nearest neighbour (adtrain.memory.graph_knn): no FAISS, memory bounded whatever the bank size.
 Output: RUN/export/model.{pt,onnx,xml} by default. docs/EXPORT.md has the details.
 """

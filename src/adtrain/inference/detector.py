@@ -7,7 +7,8 @@
 
 A checkpoint is preprocessed by the run's own eval transform and scored by the method
 (`AnomalyModule.predict_step`, what `trainer.predict` returns too); an export is fed uint8 images
-resized as that transform resizes them (OpenCV bilinear), and does the rest inside its graph.
+resized as that transform resizes them (the rule recorded in its metadata, ``data.resize``), and
+does the rest inside its graph.
 """
 
 from __future__ import annotations
@@ -133,13 +134,13 @@ class Detector:
     @classmethod
     def _from_export(cls, path: Path, dev: torch.device, batch_size: int) -> "Detector":
         import albumentations as A
-        import cv2
 
+        from adtrain.data.resize import ImageResize
         from adtrain.export.formats import open_export
 
         meta, run = open_export(path, str(dev))
         pre = Preprocessing.from_dict(meta["preprocessing"])
-        resize = A.Compose([A.Resize(*pre.image_size, interpolation=cv2.INTER_LINEAR)])
+        resize = A.Compose([ImageResize(*pre.image_size, pre.resize)])
         nchw = meta.get("layout") == "nchw"
 
         def score(images: list) -> dict:

@@ -1,8 +1,9 @@
 """The whole inference path of a trained method as one torch module: what an export traces.
 
-uint8 images (B,H,W,3) or (B,3,H,W) -> resize to the run's image_size (bilinear, half-pixel
-centres, rounded to whole grey levels as OpenCV's uint8 resize is) -> centre crop -> ImageNet
-normalisation (the run's eval transform) -> the method's model -> `AnomalyModule.inference_outputs`
+uint8 images (B,H,W,3) or (B,3,H,W) -> resize to the run's image_size by the run's rule
+(``data.resize``, adtrain.data.resize.resize_tensor: the PIL rules as PIL's own 8-bit resampling,
+cv2_linear bilinear rounded to whole grey levels) -> centre crop -> ImageNet normalisation (the
+run's eval transform) -> the method's model -> `AnomalyModule.inference_outputs`
 (score, display map, decision against the fitted threshold, normalised score).
 """
 
@@ -11,9 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from adtrain.data.resize import LEGACY, resize_rule, resize_tensor
 from adtrain.errors import DataError
 
 LAYOUTS = ("nhwc", "nchw")
@@ -29,6 +30,8 @@ class Preprocessing:
     center_crop: tuple[int, int] | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    #: ``data.resize`` (adtrain.data.resize.RULES)
+    resize: str
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -36,12 +39,14 @@ class Preprocessing:
         return tuple(self.center_crop or self.image_size)
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
+        """An export's metadata; one made before ``resize`` was recorded: LEGACY, its rule."""
         crop = d.get("center_crop")
-        return cls(tuple(d["image_size"]), tuple(crop) if crop else None, tuple(d["mean"]), tuple(d["std"]))
+        return cls(tuple(d["image_size"]), tuple(crop) if crop else None, tuple(d["mean"]), tuple(d["std"]),
+                   resize_rule(d.get("resize", LEGACY), "preprocessing.resize"))
 
 
 def run_preprocessing(cfg) -> tuple[Preprocessing, object]:
@@ -51,7 +56,7 @@ def run_preprocessing(cfg) -> tuple[Preprocessing, object]:
 
     dm = _instantiate(cfg.data, "data", drop=("name",))
     pre = Preprocessing(tuple(dm.image_size), tuple(dm.center_crop) if dm.center_crop else None,
-                        tuple(float(v) for v in dm.mean), tuple(float(v) for v in dm.std))
+                        tuple(float(v) for v in dm.mean), tuple(float(v) for v in dm.std), dm.resize)
     return pre, dm.eval_transform()
 
 
@@ -107,8 +112,7 @@ class InferenceGraph(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2) if self.layout == "nhwc" else images
-        x = F.interpolate(x.float(), size=self.pre.image_size, mode="bilinear", align_corners=False)
-        x = x.round().clamp(0.0, 255.0)  # same size: exact identity
+        x = resize_tensor(x.float(), self.pre.image_size, self.pre.resize)  # same size: exact identity
         if self.pre.center_crop is not None:
             (h, w), (ch, cw) = self.pre.image_size, self.pre.center_crop
             top, left = (h - ch) // 2, (w - cw) // 2
