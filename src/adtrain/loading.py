@@ -63,12 +63,29 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
+def _adtrain_class(target: Any) -> bool:
+    """Is target 'adtrain.<module>.<Class>' naming a class defined in adtrain? Refuses functions
+    ('adtrain.io.write_text') and names reached through an adtrain module's imports
+    ('adtrain.io.os.system'): the prefix alone lets a checkpoint call them."""
+    import importlib
+    import inspect
+
+    if not isinstance(target, str) or not target.startswith(TARGET_PREFIX):
+        return False
+    module, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name, None)
+    except Exception:  # noqa: BLE001 - 'adtrain.io.os' is no module: refused
+        return False
+    return inspect.isclass(obj) and obj.__module__.startswith(TARGET_PREFIX)
+
+
 def _unsafe_target(node: Any, key: str) -> tuple[str, Any] | None:
     """(key, value) of the first `_target_` in node (nested dicts/lists) outside adtrain, else None."""
     if isinstance(node, dict):
         for k, v in node.items():
             sub = f"{key}.{k}" if key else str(k)
-            if k == "_target_" and not (v is None or (isinstance(v, str) and v.startswith(TARGET_PREFIX))):
+            if k == "_target_" and not (v is None or _adtrain_class(v)):
                 return sub, v
             found = _unsafe_target(v, sub)
             if found:
