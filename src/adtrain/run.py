@@ -34,6 +34,11 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if not cfg.get("resume", False):
         return None
     last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists() and (run_dir / "config.yaml").exists():
+        # stopped before its first epoch ended (e.g. while CFA/DFM validated their untrained start,
+        # start.ckpt written): the fit restarts in the same directory, with the run's own config
+        log.info("No %s yet (stopped before its first epoch ended): the fit starts over", last)
+        return None
     if not last.exists():
         raise ConfigError(
             "resume",
