@@ -151,6 +151,9 @@ class _Sequence:
         save_task_checkpoint(self.method, task_checkpoint(self.run_dir, t),
                              {"task": t, "categories": list(cats), "schedule": sched.as_dict()})
         self.state.record(t, entry, evals)
+        if final_row and self.cfg.output.scores_csv and self.records:
+            # before the state lists the last task as finished: a resume after it runs no test again
+            write_scores_csv(self.run_dir / "scores.csv", self.records)
         self.state.save(self.run_dir)
         log_row(self.logger, t, evals, self.names)
 
