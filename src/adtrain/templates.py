@@ -28,12 +28,12 @@ def add_images(checkpoint: str, images: str, out: str | None = None, recompress:
                batch_size: int = 8, device: str = "auto") -> dict:
     from adtrain.build import _instantiate
     from adtrain.loading import load_method, save_method
-    from adtrain.predict import list_images
+    from adtrain.predict import _check_args, list_images
 
+    dev = _check_args(batch_size, device)  # one-line errors for batch_size=0, device=cuda without a GPU
     method, cfg, ckpt = load_method(checkpoint)
     if not hasattr(method, "add_normal_images"):
         raise ConfigError("checkpoint", f"method '{cfg.method.name}' has no hot update (training-free methods only, e.g. hetmm)")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     method.to(dev)
     files = list_images(images)
     dm = _instantiate(cfg.data, "data", drop=("name",))
