@@ -177,6 +177,23 @@ def test_config_target_outside_adtrain_is_refused_before_building(fast_cfg, tmp_
     assert built == [] and not marker.exists()
 
 
+@pytest.mark.parametrize("target", ["adtrain.io.write_text", "adtrain.rundir.clear", "adtrain.io.os.system",
+                                    "adtrain.loading.torch.load"])
+def test_adtrain_functions_and_imported_names_are_refused_too(fast_cfg, tmp_path, target):
+    """'adtrain.' as a prefix is not enough: a function of adtrain (write_text, rundir.clear) or a
+    name reached through an adtrain module's imports (adtrain.io.os.system) would run when the
+    config is built. Only classes defined in adtrain are built from a checkpoint."""
+    from adtrain.loading import checked_config
+
+    marker = tmp_path / "PWNED"
+    stored = _stored_config(fast_cfg, method__x={"_target_": target, "path": str(marker), "text": "x"})
+    with pytest.raises(DataError, match="method.x._target_"):
+        checked_config(stored, tmp_path / "m.ckpt")
+    assert not marker.exists()
+    ok = checked_config(_stored_config(fast_cfg), tmp_path / "m.ckpt")  # an ordinary run's config
+    assert ok["method"]["_target_"] == "adtrain.methods.stfpm.Stfpm"
+
+
 def test_training_only_targets_are_dropped_not_built(fast_cfg, tmp_path):
     """A csv logger and albumentations augmentations are in ordinary runs' configs: they are
     never built from a checkpoint, so they are set to null rather than refused."""
