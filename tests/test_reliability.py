@@ -175,6 +175,22 @@ def test_an_interrupted_run_is_not_silently_restarted(fast_cfg, tmp_path, monkey
         run(fast_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=1"), tmp_path)
 
 
+def test_a_run_stopped_before_its_first_epoch_ended_resumes_from_the_start(fast_cfg, tmp_path, monkeypatch):
+    """No last.ckpt yet (stopped in the first epoch, e.g. while CFA/DFM validated their untrained
+    start): resume=true starts the fit over in the same directory and ends as an uninterrupted run."""
+    from adtrain.run import run
+
+    over = ["trainer.max_epochs=2", "trainer.limit_train_batches=1"]
+    _crash_at_epoch(monkeypatch, epoch=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(fast_cfg(*over), tmp_path / "a")
+    assert not (tmp_path / "a" / "checkpoints" / "last.ckpt").exists()
+    monkeypatch.undo()
+    resumed = run(fast_cfg(*over, "resume=true"), tmp_path / "a")
+    fresh = run(fast_cfg(*over), tmp_path / "b")
+    assert resumed["image_auroc"] == fresh["image_auroc"] and resumed["pixel_auroc"] == fresh["pixel_auroc"]
+
+
 def test_stale_error_txt_is_removed_on_success(fast_cfg, tmp_path, monkeypatch):
     from adtrain.run import run
 

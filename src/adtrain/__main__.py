@@ -42,8 +42,9 @@ def _interrupted(run_dir: Path) -> None:
     from adtrain.resume import resume_command
 
     ckpts = sorted(run_dir.glob("checkpoints/last.ckpt")) + sorted(run_dir.glob("tasks/*/checkpoints/last.ckpt"))
-    if ckpts or (run_dir / "continual_state.json").exists():
-        where = f"its last checkpoint is {ckpts[-1]}" if ckpts else "finished tasks are kept"
+    if ckpts or (run_dir / "continual_state.json").exists() or (run_dir / "config.yaml").exists():
+        where = (f"its last checkpoint is {ckpts[-1]}" if ckpts else "finished tasks are kept"
+                 if (run_dir / "continual_state.json").exists() else "no epoch had finished (the fit starts over)")
         print(f"adtrain: interrupted: the run in {run_dir} stopped; {where}. Resume it with: "
               f"{resume_command(run_dir)}", file=sys.stderr)
     else:
