@@ -329,6 +329,23 @@ def test_atmm_reused_buffers_give_the_fresh_tensors_results_bit_for_bit(chunk, r
     torch.testing.assert_close(reused[1], atmm_naive(q, t, 3, "backward"), atol=1e-5, rtol=0)
 
 
+def test_a_traced_atmm_scores_every_image_of_a_larger_batch():
+    """Traced for export, the image batch is not cut into chunk_size slices: a slice's bounds
+    would be baked into the graph, and a batch larger than the traced one lost its images past
+    them (a 70-image batch scored 64)."""
+    q, t = unit(3, 6, 7, 6, seed=7), unit(4, 6, 7, 6, seed=8)
+
+    def f(x):
+        return atmm_mutual(x, t, 5, 3, chunk_size=2)
+
+    traced = torch.jit.trace(f, (q,), check_trace=False)
+    big = unit(5, 6, 7, 6, seed=9)
+    got, want = traced(big), f(big)
+    assert got[0].shape[0] == got[1].shape[0] == 5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- feature tap
 RESNET18 = {"name": "resnet18", "pretrained": False, "stages": {"layer1": 1, "layer2": 2, "layer3": 3},
             "timm_kwargs": {"zero_init_last": False}}  # timm's zero-init last BN: pre-ReLU values >= 0

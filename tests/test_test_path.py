@@ -158,6 +158,31 @@ def test_writer_error_is_raised_with_the_file_name(tmp_path):
         writer.submit(tmp_path / "d.png", _boom)
 
 
+def test_writers_left_running_are_stopped_at_exit_after_their_queued_jobs(tmp_path):
+    """A run ended by Ctrl-C or an error with heatmaps queued: the exit hook lets the queued jobs
+    finish and joins the thread, instead of tearing it down mid-job (which aborted the process)."""
+    import threading
+    import time
+
+    from adtrain.writer import stop_all
+
+    gate = threading.Event()
+
+    def slow(p):
+        gate.wait(5)
+        time.sleep(0.05)
+        Path(p).write_text("done")
+
+    writer = BackgroundWriter(max_pending=4)
+    writer.submit(tmp_path / "a.png", slow)
+    writer.submit(tmp_path / "b.png", lambda p: Path(p).write_text("done"))
+    gate.set()
+    stop_all()
+    assert not writer._thread.is_alive()
+    assert (tmp_path / "a.png").read_text() == "done" and (tmp_path / "b.png").read_text() == "done"
+    stop_all()  # twice: nothing left to do
+
+
 def test_heatmap_write_failure_surfaces_at_epoch_end(tmp_path):
     method = _Method().eval()
     method.heatmap_dir = tmp_path / "not_a_dir"

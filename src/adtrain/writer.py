@@ -9,14 +9,26 @@ join) and must run before results are written.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
 from adtrain.errors import AdtrainError
 
 _STOP = object()
+#: writers whose thread may still run: stopped and joined at interpreter exit (a run ended by
+#: Ctrl-C or an error while heatmaps were queued), before daemon threads are torn down mid-job
+#: (matplotlib inside a dying thread aborted the process: "terminate called without an active exception")
+_LIVE: "weakref.WeakSet[BackgroundWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def stop_all(timeout: float = 30.0) -> None:
+    for writer in list(_LIVE):
+        writer.stop(timeout)
 
 
 class BackgroundWriter:
@@ -29,6 +41,17 @@ class BackgroundWriter:
         self._thread.start()
         self._closed = False
         self.written: list[str] = []
+        _LIVE.add(self)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the jobs already queued, without raising (exit paths); waits up to ``timeout``."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                return
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:

@@ -116,14 +116,16 @@ def atmm_mutual(
     for t0 in range(0, n_all, chunk_size):
         # (n,C,H,W) -> (HW, n, C) in one 2-d transpose copy (fast); bmm takes its transpose
         tc = _position_major(templates[t0 : t0 + chunk_size].to(dev), compute_dtype).transpose(1, 2)
-        for b0 in range(0, b_all, chunk_size):
-            qc = query[b0 : b0 + chunk_size]
+        # traced for export: one image chunk, the whole batch unsliced (a slice's bounds would be baked
+        # into the graph, and a larger batch would lose its images past them)
+        image_chunks = [(0, query)] if in_graph() else [(b0, query[b0: b0 + chunk_size]) for b0 in range(0, b_all, chunk_size)]
+        for b0, qc in image_chunks:
             nb = qc.shape[0]
             # (b,C,H+2r,W+2r) -> (H+2r, W+2r, b, C): slicing a window offset is then cheap
             qp = padded.get(b0)
             if qp is None:
                 qp = _position_major(F.pad(qc, (r, r, r, r)), compute_dtype).reshape(h + 2 * r, w + 2 * r, -1, c)
-                if b_all <= chunk_size:
+                if len(image_chunks) == 1:
                     padded[b0] = qp
             f_acc = f_parts.get(b0, torch.full_like(qc[:, 0], neg, dtype=torch.float32))
             b_acc = b_parts.get(b0, torch.full_like(qc[:, 0], neg, dtype=torch.float32))
