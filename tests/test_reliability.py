@@ -136,14 +136,41 @@ def test_a_locked_directory_is_refused_at_once(fast_cfg, tmp_path, monkeypatch):
     from adtrain.run import run
 
     _never_trains(monkeypatch)
-    tmp_path.joinpath(".adtrain.lock").write_text("4242")
+    live = os.getpid()  # a live process's pid: a run that is still going
+    tmp_path.joinpath(".adtrain.lock").write_text(str(live))
     with open(tmp_path / ".adtrain.lock", "r+") as held:  # another "run" holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         t0 = time.perf_counter()
-        with pytest.raises(ConfigError, match=rf"{tmp_path}.*in use by another run \(pid 4242\)"):
+        with pytest.raises(ConfigError, match=rf"{tmp_path}.*in use by another run \(pid {live}\)"):
             run(fast_cfg(), tmp_path)
         assert time.perf_counter() - t0 < 5
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_lock_left_by_a_killed_runs_workers_is_waited_for(tmp_path, monkeypatch):
+    """kill -9 of a run: its DataLoader workers inherit the lock (flock follows the descriptor) and
+    hold it for the seconds they take to exit. The holder's pid is dead: acquire waits for them
+    (and says so if they outlast the wait) instead of calling it another run."""
+    import threading
+
+    from adtrain import rundir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / rundir.LOCK_FILE).write_text(dead)
+    held = open(tmp_path / rundir.LOCK_FILE, "r+")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the "orphaned worker"
+    threading.Timer(1.0, held.close).start()  # it exits a second later
+    t0 = time.perf_counter()
+    assert rundir.acquire(tmp_path)
+    assert 0.8 < time.perf_counter() - t0 < 10
+    rundir.release(tmp_path)
+    monkeypatch.setattr(rundir, "ORPHAN_WAIT_S", 0.5)
+    (tmp_path / rundir.LOCK_FILE).write_text(dead)
+    with open(tmp_path / rundir.LOCK_FILE, "r+") as still:
+        fcntl.flock(still, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match=rf"pid {dead}, which has ended"):
+            rundir.acquire(tmp_path)
 
 
 def test_finished_run_is_refused_then_overwrite_clears_it(fast_cfg, tmp_path):

@@ -20,6 +20,7 @@ import fcntl
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -54,6 +55,23 @@ def check_writable(path: str | os.PathLike, key: str = "hydra.run.dir") -> Path:
     return path
 
 
+#: seconds a lock left by a run that has ended (held by its exiting loader workers) is waited for
+ORPHAN_WAIT_S = 15.0
+
+
+def _alive(pid: str) -> bool:
+    """Is ``pid`` (the lock file's text) a live process? Unknown text counts as alive."""
+    try:
+        os.kill(int(pid), 0)
+    except ValueError:
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def acquire(run_dir: str | os.PathLike) -> bool:
     """Take the run directory's lock for this process (True), or find it already held here (False).
     Another process holding it: ConfigError naming the directory, at once (no waiting)."""
@@ -62,13 +80,22 @@ def acquire(run_dir: str | os.PathLike) -> bool:
     if key in _HELD:
         return False
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise ConfigError("hydra.run.dir", f"{run_dir} is in use by another run (pid {holder}); wait for it to end "
-                          "or choose another hydra.run.dir") from None
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            # a killed run's DataLoader workers inherit its lock (flock follows the descriptor) and
+            # hold it for the seconds they take to exit: wait for them, not for a live run
+            if not _alive(holder) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            os.close(fd)
+            gone = "" if _alive(holder) else ", which has ended: its worker processes still hold the lock"
+            raise ConfigError("hydra.run.dir", f"{run_dir} is in use by another run (pid {holder}{gone}); wait "
+                              "for it to end or choose another hydra.run.dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _HELD[key] = fd
