@@ -292,6 +292,8 @@ def test_selection_errors_name_the_key(fast_cfg, tmp_path):
         run(fast_cfg(*TINY, "selection.monitor=val_image_auroc", "data.val_anomalies=null"), tmp_path / "b")
     with pytest.raises(ConfigError, match="data.val_anomalies.families"):
         _dm(fast_cfg(*TINY, "data.val_anomalies.families=[gan]"))
+    with pytest.raises(ConfigError, match="data.val_split=0 holds out no training normal"):
+        run(fast_cfg(*TINY, "data.val_split=0", "selection.monitor=normal_score"), tmp_path / "c")
 
 
 class _Toy(torch.nn.Module):

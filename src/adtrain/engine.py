@@ -99,8 +99,11 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     monitor = resolve_monitor(cfg)
     has_val = len(dm.val_samples) > 0
     if monitor != "last" and not has_val:
-        raise ConfigError("selection.monitor", f"{monitor} needs a validation set, but data.val_split="
-                          f"{dm.val_split} holds out no training normal; set data.val_split > 0 or monitor=last")
+        n = len(dm.train_samples)
+        why = (f"data.val_split={dm.val_split} of {n} training normal(s) holds out none"
+               if dm.val_split else "data.val_split=0 holds out no training normal")
+        raise ConfigError("selection.monitor", f"{monitor} needs a validation set, but {why}; set "
+                          "data.val_split > 0 (with enough normals) or selection.monitor=last")
     family = monitor.removeprefix("val_image_auroc_") if monitor.startswith("val_image_auroc_") else None
     if family is not None and family not in dm.val_anomalies.families:
         raise ConfigError("selection.monitor", f"{monitor} needs {family} anomalies in the validation set "
