@@ -235,6 +235,24 @@ def test_summary_groups_seeds_by_the_swept_overrides(tmp_path):
     assert by_ratio["1.0"]["val_image_auroc"] == "0.5500 ± 0.0707"
 
 
+def test_continual_jobs_bring_their_final_averages_and_forgetting(tmp_path):
+    sweep = tmp_path / "sweep"
+    base = {"method": "patchcore", "data": "synthetic", "category": "synthetic_3", "backbone": "resnet18"}
+    for num, (mode, seed, fm) in enumerate([("per_task", 0, 0.0), ("per_task", 1, 0.02), ("shared", 0, 0.1), ("shared", 1, 0.2)]):
+        _job(sweep, num, [f"method.continual={mode}", f"seed={seed}"],
+             {**base, "seed": seed, "image_auroc": 0.9, "summary": {"final_image_auroc": 0.9, "forgetting_image_auroc": fm}})
+    csv_path, md_path = summarize(sweep)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["forgetting_image_auroc"] for r in rows] == ["0.0", "0.02", "0.1", "0.2"]
+    means = md_path.read_text().split("Mean ± std over seeds")[1]
+    head = next(line for line in means.splitlines() if line.startswith("| method"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    body = {r[cols.index("method.continual")]: dict(zip(cols, r)) for r in
+            ([c.strip() for c in line.strip("|").split("|")] for line in means.splitlines() if line.startswith("| patchcore"))}
+    assert body["shared"]["forgetting_image_auroc"].startswith("0.1500 ± ")
+    assert body["per_task"]["final_image_auroc"].startswith("0.9000 ± ")
+
+
 def test_nested_job_folders_and_failed_jobs_keep_their_key_columns(tmp_path):
     """``hydra.sweep.subdir=${data.category}/seed${seed}`` puts jobs two levels down: they are still
     summarised, named by their path; a failed job's method, category and seed come from its config."""

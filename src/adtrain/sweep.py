@@ -40,6 +40,8 @@ OBJECTIVES = {
     "val_normal_score": "minimize",
     "val_normal_map_mean": "minimize",
 }
+# a continual run's summary columns (final average over tasks, forgetting) per metric
+CONTINUAL_PREFIXES = ("final_", "forgetting_")
 # overrides that say how a job ran, not what it ran (never a swept column)
 _RUN_FLAGS = {"overwrite", "resume"}
 # override keys that repeat a key column (the summary already shows them)
@@ -146,9 +148,8 @@ def collect(sweep_dir: Path) -> list[dict]:
     found = [p for p in sweep_dir.glob("**/results.json") if (p.parent / ".hydra").is_dir()]
     for path in sorted(found, key=lambda p: (len(str(p.parent.relative_to(sweep_dir))), str(p.parent))):
         res = json.loads(path.read_text())
-        if "summary" in res and "method" not in res:  # continual run: its summary row
-            res = {**res.get("summary", {}), **{k: res.get(k) for k in KEY_COLUMNS},
-                   **{k: res[k] for k in VAL_COLUMNS if k in res}}
+        if isinstance(res.get("summary"), dict):  # a continual run: its final averages and forgetting too
+            res = {**res, **{k: v for k, v in res["summary"].items() if k.startswith(CONTINUAL_PREFIXES)}}
         rows.append({"job": str(path.parent.relative_to(sweep_dir)), **res, "_overrides": read_overrides(path.parent)})
     for path in sorted(sweep_dir.glob("**/error.txt")):
         job = path.parent
@@ -188,7 +189,8 @@ def summarize(sweep_dir: Path) -> tuple[Path, Path] | None:
     if not rows:
         return None
     swept = swept_keys([r["_overrides"] for r in rows])
-    cols = ["job", *KEY_COLUMNS, *swept, *VALUE_COLUMNS] + (["error"] if any("error" in r for r in rows) else [])
+    continual = sorted({k for r in rows for k in r if k.startswith(CONTINUAL_PREFIXES)})
+    cols = ["job", *KEY_COLUMNS, *swept, *VALUE_COLUMNS, *continual] + (["error"] if any("error" in r for r in rows) else [])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
@@ -203,12 +205,12 @@ def summarize(sweep_dir: Path) -> tuple[Path, Path] | None:
         body = []
         for key, g in groups.items():
             cells = list(key) + [str(len(g))]
-            for c in MEAN_COLUMNS:
+            for c in (*MEAN_COLUMNS, *continual):
                 vals = [r[c] for r in g if isinstance(r.get(c), (int, float))]
                 spread = f"{np.std(vals, ddof=1):.4f}" if len(vals) > 1 else "-"
                 cells.append(f"{np.mean(vals):.4f} ± {spread}" if vals else "-")
             body.append(cells)
-        lines += _table([*KEY_COLUMNS[:-1], *swept, "n", *MEAN_COLUMNS], body)
+        lines += _table([*KEY_COLUMNS[:-1], *swept, "n", *MEAN_COLUMNS, *continual], body)
     md_path = write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     return csv_path, md_path
 
