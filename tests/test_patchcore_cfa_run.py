@@ -60,7 +60,25 @@ def test_patchcore_per_task_banks_route_images_to_their_task(fast_cfg, tmp_path)
             m.anomaly_output(batch["image"])
         correct += int((m.last_routed_tasks == t).sum())
         total += batch["image"].shape[0]
+        # each image is decided with its routed task's threshold (fitted on that task's normals),
+        # not the last task's: predict_step and the display map's 0.5 level follow it
+        thresholds = torch.tensor([p["threshold"] for p in res["per_task"]])
+        assert torch.equal(torch.stack(m.task_calibration)[:, 0], thresholds.float())
+        with torch.no_grad():
+            pred = m.predict_step(batch["image"])
+        own = thresholds.float()[m.last_routed_tasks]
+        assert torch.equal(pred["decision"], pred["score"] > own)
+        cal = torch.stack(m.task_calibration)[m.last_routed_tasks]  # (B, 3): threshold, score and map centres
+        assert torch.allclose(pred["normalized_score"], 0.5 * (pred["score"] - cal[:, 1]) / (cal[:, 0] - cal[:, 1]))
     assert correct / total > 0.8
+    assert len(set(thresholds.tolist())) == 3  # the tasks' thresholds differ: the check above can fail
+    # scores.csv: every test image's prediction against its routed task's threshold
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    assert rows and all(r["prediction"] in ("0", "1") for r in rows)
+    last = thresholds[-1].item()
+    assert any(int(r["prediction"]) != int(float(r["score"]) > last) for r in rows)  # not the last task's
 
 
 def test_patchcore_shared_bank_grows_across_tasks(fast_cfg, tmp_path):

@@ -186,12 +186,16 @@ def sync_test(module) -> None:
         return
     outputs = module.test_outputs
     t = outputs.tensors()
-    rows = list(zip(t["score"].cpu(), t["label"].cpu(), *(outputs.meta[k] for k in META_KEYS)))
+    cal = t.get("calibration")  # a routed model's per-image threshold and centre, if any
+    cal_rows = list(cal.cpu()) if cal is not None else [None] * len(t["score"])
+    rows = list(zip(t["score"].cpu(), t["label"].cpu(), cal_rows, *(outputs.meta[k] for k in META_KEYS)))
     rows = _in_order(module, rows)
     scores = torch.stack([r[0] for r in rows]) if rows else torch.empty(0)
     labels = torch.stack([r[1] for r in rows]) if rows else torch.empty(0, dtype=torch.long)
-    outputs.set({"score": scores, "label": labels},
-                {k: [r[2 + j] for r in rows] for j, k in enumerate(META_KEYS)})
+    gathered = {"score": scores, "label": labels}
+    if rows and all(r[2] is not None for r in rows):
+        gathered["calibration"] = torch.stack([r[2] for r in rows])
+    outputs.set(gathered, {k: [r[3 + j] for r in rows] for j, k in enumerate(META_KEYS)})
     module.evaluator = module.evaluator.merged()
     module.heatmap_files = sorted(f for files in all_gather_objects(module.heatmap_files) for f in files)
 

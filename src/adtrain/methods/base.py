@@ -15,6 +15,7 @@ from lightning.pytorch import LightningModule
 
 from adtrain import distributed
 from adtrain.errors import TrainingError
+from adtrain.methods.calibration import normalize_with, per_image
 from adtrain.methods.chunks import cpu_chunks
 from adtrain.methods.output import AnomalyOutput, concat
 from adtrain.methods.val_maps import coarse_maps
@@ -124,6 +125,11 @@ class AnomalyModule(LightningModule):
         fitted) and ``decision`` (B,) bool, score > threshold. Exports trace this very code."""
         score = out.pred_score.float()
         amap = out.anomaly_map[:, 0].float()
+        routed = per_image(self, score.shape[0], score.device)  # continual per-task memories
+        if routed is not None:
+            thr, s_center, m_center = routed
+            return {"score": score, "normalized_score": normalize_with(score, s_center, thr),
+                    "map": normalize_with(amap, m_center, thr).clamp(0, 1), "decision": score > thr}
         if torch.isfinite(self.threshold):
             norm_map = self.normalize(amap, self.map_center).clamp(0, 1)
         else:
@@ -303,7 +309,8 @@ class AnomalyModule(LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         out = self.anomaly_output(batch["image"])
         self.evaluator.update_pixels(out.anomaly_map, batch["label"], batch["mask"], batch["has_mask"])
-        self.test_outputs.add(batch, out.pred_score)
+        routed = per_image(self, out.pred_score.shape[0], out.pred_score.device)
+        self.test_outputs.add(batch, out.pred_score, None if routed is None else routed[:2])
         if self.heatmap_dir is not None and self.heatmap_paths:
             for i, path in enumerate(batch["path"]):
                 if path in self.heatmap_paths:
@@ -324,7 +331,7 @@ class AnomalyModule(LightningModule):
         self.evaluator.update(t["score"], t["label"])
         self.test_records = build_records(t["score"], t["label"], outputs.meta,
                                           lambda s: self.normalize(s, self.score_center.to(s.device)),
-                                          float(self.threshold))
+                                          float(self.threshold), t.get("calibration"))
 
     def _close_writer(self) -> None:
         writer, self._writer = getattr(self, "_writer", None), None
@@ -339,8 +346,13 @@ class AnomalyModule(LightningModule):
         from adtrain.viz import denormalize, save_heatmap
         from adtrain.writer import BackgroundWriter
 
+        threshold = self.threshold
         norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center).clamp(0, 1)
-        if not torch.isfinite(self.threshold):  # no threshold: min-max for display only
+        routed = per_image(self, out.pred_score.shape[0], out.anomaly_map.device)
+        if routed is not None:  # the image's task's threshold and map centre
+            threshold = routed[0][i]
+            norm_map = normalize_with(out.anomaly_map[i, 0][None], routed[2][i:i + 1], routed[0][i:i + 1])[0].clamp(0, 1)
+        elif not torch.isfinite(self.threshold):  # no threshold: min-max for display only
             m = out.anomaly_map[i, 0]
             norm_map = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
         mask = batch["mask"][i, 0].cpu().numpy() if bool(batch["has_mask"][i]) else None
@@ -354,7 +366,7 @@ class AnomalyModule(LightningModule):
         # under DDP each rank writes the heatmaps of the images it scored
         self._writer.submit(path, distributed.as_own_output(save_heatmap), image=denormalize(batch["image"][i]),
                             norm_map=norm_map.float().cpu().numpy(), mask=mask,
-                            score=float(out.pred_score[i]), threshold=float(self.threshold),
+                            score=float(out.pred_score[i]), threshold=float(threshold),
                             label=int(batch["label"][i]), defect=str(batch["defect"][i]),
                             height=int(self.heatmap_size),
                             source_size=tuple(int(v) for v in source[i]) if source is not None else None)

@@ -30,6 +30,10 @@ class TaskMemoryMixin:
         self.continual = continual
         self.continual_behaviour = f"memory_{continual}"
         self.task_memories: list[dict[str, torch.Tensor]] = []
+        #: per finished task (per_task): its (threshold, score centre, map centre), fitted on its own
+        #: held-out normals; a routed image is decided with its task's (adtrain.methods.calibration)
+        self.task_calibration: list[torch.Tensor] = []
+        self.routed_calibration: torch.Tensor | None = None
         self.task_open = False  # between begin_task and end_task: the memory being built is the one scored
 
     def reset_memory(self) -> None:
@@ -49,10 +53,13 @@ class TaskMemoryMixin:
 
     def end_task(self, task_id: int, categories: list[str]) -> None:
         state = {k: v.detach().clone() for k, v in self.memory_state().items()}
+        calibration = torch.stack([self.threshold, self.score_center, self.map_center]).detach().float().cpu()
         if self.continual == "per_task":
             self.task_memories.append(state)
+            self.task_calibration.append(calibration)
         else:
             self.task_memories = [state]
+            self.task_calibration = [calibration]
         self.task_open = False
 
     def anomaly_output(self, images: torch.Tensor) -> AnomalyOutput:
@@ -60,6 +67,7 @@ class TaskMemoryMixin:
             images = self.model_input(images)
         # while a task is trained, validated and thresholded its own (current) memory is scored:
         # routing among the finished tasks' memories would never score the model being trained
+        self.routed_calibration = None
         if self.task_open or len(self.task_memories) <= 1:
             return super().anomaly_output(images)
         current = {k: v.detach().clone() for k, v in self.memory_state().items()}
@@ -74,6 +82,8 @@ class TaskMemoryMixin:
         scores = torch.stack([o.pred_score for o in outs])  # (T,B)
         task = scores.argmin(dim=0)  # the nearest memory: the one giving the lowest score
         self.last_routed_tasks = task
+        if len(self.task_calibration) == len(self.task_memories):  # checkpoints made before: the module's
+            self.routed_calibration = torch.stack(self.task_calibration).to(scores.device)[task]
         b = torch.arange(images.shape[0], device=scores.device)
         maps = torch.stack([o.anomaly_map for o in outs])  # (T,B,1,H,W)
         return AnomalyOutput(maps[task, b], scores[task, b])
@@ -90,10 +100,11 @@ class TaskMemoryMixin:
     # task memories travel inside the state dict
     def get_extra_state(self):
         return {"task_memories": [{k: v.cpu() for k, v in s.items()} for s in self.task_memories],
-                "task_open": self.task_open}
+                "task_calibration": [c.cpu() for c in self.task_calibration], "task_open": self.task_open}
 
     def set_extra_state(self, state) -> None:
         self.task_memories = list((state or {}).get("task_memories", []))
+        self.task_calibration = list((state or {}).get("task_calibration", []))
         self.task_open = bool((state or {}).get("task_open", False))
 
 
