@@ -347,12 +347,13 @@ class AnomalyModule(LightningModule):
         from adtrain.writer import BackgroundWriter
 
         threshold = self.threshold
-        norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center).clamp(0, 1)
         routed = per_image(self, out.pred_score.shape[0], out.anomaly_map.device)
         if routed is not None:  # the image's task's threshold and map centre
             threshold = routed[0][i]
             norm_map = normalize_with(out.anomaly_map[i, 0][None], routed[2][i:i + 1], routed[0][i:i + 1])[0].clamp(0, 1)
-        elif not torch.isfinite(self.threshold):  # no threshold: min-max for display only
+        elif torch.isfinite(self.threshold):
+            norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center).clamp(0, 1)
+        else:  # no threshold: min-max for display only
             m = out.anomaly_map[i, 0]
             norm_map = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
         mask = batch["mask"][i, 0].cpu().numpy() if bool(batch["has_mask"][i]) else None
