@@ -12,12 +12,12 @@ from adtrain.data.testing import write_mvtec_tree
 KEYS = ("image", "label", "mask", "has_mask", "category", "defect", "path", "source_size")
 
 
-def _dm(root, cache, cache_dir, augment=None, resize="pil_bilinear"):
+def _dm(root, cache, cache_dir, augment=None, resize="pil_bilinear", max_gb=20.0):
     from adtrain.data.mvtec import MVTecDataModule
 
     return MVTecDataModule(root=str(root), category="widget", image_size=[40, 36], center_crop=[32, 32],
                            batch_size=4, num_workers=0, seed=0, augment=augment, val_anomalies=None,
-                           cache=cache, cache_dir=str(cache_dir), resize=resize)
+                           cache=cache, cache_dir=str(cache_dir), resize=resize, cache_max_gb=max_gb)
 
 
 def _items(ds, seed=0):
@@ -144,6 +144,45 @@ def test_bad_cache_value_names_the_key(tree, tmp_path):
 
     with pytest.raises(ConfigError, match="data.cache"):
         _dm(tree, "sometimes", tmp_path / "c")
+    for bad in (0, -1, "lots"):
+        with pytest.raises(ConfigError, match="data.cache_max_gb"):
+            _dm(tree, "auto", tmp_path / "c", max_gb=bad)
+
+
+def test_image_cache_budget_deletes_least_recently_used_entries_not_in_use(tree, tmp_path, monkeypatch, caplog):
+    """data.cache_max_gb: after an entry is written, the least recently used others go until the
+    folder fits; an entry this process opened, or another used within RECENT_S, stays; an entry
+    larger than the whole budget is not written (decoded as with the cache off)."""
+    import logging
+
+    from adtrain.data import image_cache
+
+    cache = tmp_path / "c"
+    dm = _dm(tree, "auto", cache)
+    old, recent = dm.make_dataset(dm.train_samples).cached.folder, dm.make_dataset(dm.test_samples).cached.folder
+    entry = sum(f.stat().st_size for f in old.iterdir())
+    os.utime(old / "meta.json", (1e9, 1e9))  # used long ago
+    monkeypatch.setattr(image_cache, "_IN_USE", set())  # as another process sees them
+    monkeypatch.setattr(image_cache, "RECENT_S", 0.0)
+    budget = 2.5 * entry / 2**30  # two entries fit, not three
+    other = _dm(tree, "auto", cache, resize="cv2_linear", max_gb=budget)
+    new = other.make_dataset(other.train_samples).cached.folder
+    assert other.image_cache.events == ["miss"]
+    assert not old.exists() and recent.is_dir() and new.is_dir()  # the oldest went, the newest is in use
+
+    monkeypatch.setattr(image_cache, "_IN_USE", {str(new.resolve())})
+    monkeypatch.setattr(image_cache, "RECENT_S", 3600.0)  # `recent` was used a moment ago: kept
+    third = _dm(tree, "auto", cache, resize="pil_lanczos", max_gb=budget)
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        third.make_dataset(third.train_samples)
+    assert recent.is_dir() and new.is_dir() and "in use" in caplog.text
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 3
+
+    tiny = _dm(tree, "auto", tmp_path / "t", max_gb=0.5 * entry / 2**30)
+    ds = tiny.make_dataset(tiny.train_samples)
+    assert ds.cached is None and tiny.image_cache.events == ["skip"]
+    assert not (tmp_path / "t").exists() or not list((tmp_path / "t").iterdir())
+    _same(_items(_dm(tree, "off", tmp_path / "c").make_dataset(tiny.train_samples)), _items(ds))
 
 
 def test_run_results_identical_with_caches_on_and_off(fast_cfg, tmp_path):

@@ -46,6 +46,31 @@ def test_wandb_offline_logs_heatmaps_table_and_checkpoint(fast_cfg, tmp_path, mo
     assert wb["name"] == f"stfpm-synthetic-{res['category']}-seed0" and wb["exit_code"] == 0
 
 
+def test_a_run_without_test_logs_its_selected_figures_and_checkpoint_to_wandb(fast_cfg, tmp_path, monkeypatch):
+    """test=false (every Optuna trial): the W&B run still gets what the trial is judged on (the
+    selected state's validation figures, under selected/*) and the checkpoint; no test/* key."""
+    pytest.importorskip("wandb")
+    from adtrain.run import run
+    from tests.wandb_offline import read_run
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    res = run(fast_cfg("logger=wandb", "test=false", "method=patchcore"), tmp_path)
+    assert res["image_auroc"] is None and res["val_image_auroc"] is not None
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    for _ in range(60):  # the W&B service may still be flushing
+        wb = read_run(runs[0])
+        if wb["exit_code"] is not None and b"model-" in b"".join(p.read_bytes() for p in runs[0].glob("*.wandb")):
+            break
+        time.sleep(1)
+    assert wb["history"]["selected/val_image_auroc"] == pytest.approx(res["val_image_auroc"])
+    assert wb["history"]["selected/threshold"] == pytest.approx(res["threshold"])
+    assert not [k for k in wb["history"] if k.startswith("test/")]
+    assert b"model-" in b"".join(p.read_bytes() for p in runs[0].glob("*.wandb")) and wb["exit_code"] == 0
+
+
 def test_a_failed_run_is_not_finished_on_wandb(fast_cfg, tmp_path, monkeypatch):
     """The W&B run of a run that raised ends with exit code 1 (a failed sweep trial must not look
     finished after `wandb sync`)."""

@@ -4,6 +4,7 @@ grouped by swept overrides, and one real Optuna search that never opens a test i
 import csv
 import json
 import math
+import shutil
 import os
 import subprocess
 import sys
@@ -325,3 +326,51 @@ def test_optuna_search_optimises_validation_without_opening_the_test_set(tmp_pat
     assert len(rows) == 3 and searched <= set(rows[0])
     assert {r["method.pool_size"] for r in rows} <= {"1", "3", "5"}
     assert all(float(r["method.num_neighbors"]).is_integer() for r in rows)
+
+
+def test_a_stopped_sweep_resumes_keeping_finished_jobs(tmp_path):
+    """`-m ... resume=true` (what the refusal of an earlier sweep's folder offers): a finished job
+    is kept as it is (its objective read back, nothing run), a begun one resumes from its
+    last.ckpt, one that never began runs; the summary holds all three. Another sweep's job in a
+    folder (a changed swept value) is refused, not mixed in."""
+    from tests.conftest import FAST
+
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    args = [*FAST, "method=patchcore", "output.heatmaps=0", "data.num_train=16",
+            "optimized_metric=val_normal_score", f"hydra.sweep.dir={sweep}"]
+
+    def sweep_run(*extra, seeds="seed=0,1,2"):
+        return subprocess.run([sys.executable, "-m", "adtrain", "-m", *args, seeds, *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    p = sweep_run()
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = {i: json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3)}
+    kept_at = (sweep / "0" / "results.json").stat().st_mtime_ns
+    (sweep / "1" / "results.json").unlink()  # begun: stopped after its fit
+    for p in (sweep / "2").iterdir():  # never begun: Hydra's record alone
+        if p.name != ".hydra":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    p = sweep_run()  # without resume=true: refused at the start, nothing touched
+    assert p.returncode == 2 and "hydra.sweep.dir" in p.stderr
+    p = sweep_run("resume=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (sweep / "0" / "results.json").stat().st_mtime_ns == kept_at
+    assert not list(sweep.glob("*/error.txt"))
+    for i in range(3):
+        again = json.loads((sweep / str(i) / "results.json").read_text())
+        assert again["val_normal_score"] == pytest.approx(first[i]["val_normal_score"], rel=1e-6), i
+        assert again["image_auroc"] == pytest.approx(first[i]["image_auroc"], rel=1e-6), i
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert sorted(r["seed"] for r in rows) == ["0", "1", "2"]
+
+    p = sweep_run("resume=true", seeds="seed=5,1,2")  # job 0 would be another job: refused, its results kept
+    assert "holds another job of a sweep" in p.stdout + p.stderr
+    assert (sweep / "0" / "results.json").stat().st_mtime_ns == kept_at
+    record = list(OmegaConf.load(sweep / "0" / ".hydra" / "overrides.yaml"))
+    assert "seed=0" in record and "seed=5" not in record  # its record put back
+    assert not list(sweep.glob("**/.hydra-before-resume"))
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert sorted(r["seed"] for r in rows) == ["0", "1", "2"]

@@ -83,10 +83,17 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.initialized() and distributed.rank() == 0:  # DDP ranks > 0: rank 0 holds the lock
             mine = rundir.acquire(run_dir)  # held already when RunDirGuard checked the directory
             if cfg.get("resume", False):
-                from adtrain.resume import override_keys, resumed_config
+                from adtrain.resume import override_keys, resumed_config, sweep_job
 
                 # the run's own config.yaml; only what was overridden on this command line may differ
-                cfg = resumed_config(cfg, run_dir, override_keys(HydraConfig.get().overrides.task))
+                keys = override_keys(HydraConfig.get().overrides.task)
+                if _is_multirun():  # a sweep run again: finished jobs kept, begun ones resumed, others run
+                    done, cfg = sweep_job(cfg, run_dir, keys)
+                    if done is not None:
+                        log.info("%s finished in an earlier run of this sweep: its results are kept", run_dir)
+                        return objective(done, metric)
+                else:
+                    cfg = resumed_config(cfg, run_dir, keys)
         results = run(cfg)
     except AdtrainError as err:
         log.error("%s", err)

@@ -258,8 +258,9 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         if cfg.output.scores_csv:
             write_scores_csv(run_dir / "scores.csv", method.test_records)
         _histogram(run_dir, method)
-        if distributed.is_writer():
-            log_test_outputs(logger, results, method.test_records, method.heatmap_files, model_ckpt)
+    if distributed.is_writer():
+        log_test_outputs(logger, results, method.test_records if do_test else [],
+                         method.heatmap_files if do_test else [], model_ckpt, tested=do_test)
     distributed.barrier()  # the other ranks wait until rank 0 has written the run's files
     return results
 

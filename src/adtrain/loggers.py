@@ -100,11 +100,16 @@ def is_wandb(logger) -> bool:
     return type(logger).__name__ == "WandbLogger"
 
 
-def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[str], checkpoint: Path | None) -> None:
-    """Scalars to any logger; heatmaps, a per-image score table and the checkpoint to W&B."""
+def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[str], checkpoint: Path | None,
+                     tested: bool = True) -> None:
+    """Scalars to any logger; heatmaps, a per-image score table and the checkpoint to W&B.
+    A run without a test (test=false, a sweep's trial) logs its results as ``selected/*`` (the
+    selected state's validation figures, threshold, times) and its checkpoint."""
     if logger is None:
         return
-    scalars = {f"test/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    prefix = "test" if tested else "selected"
+    scalars = {f"{prefix}/{k}": v for k, v in results.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     logger.log_metrics(scalars)
     if is_wandb(logger):
         import wandb

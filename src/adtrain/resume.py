@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from adtrain.errors import ConfigError
 
@@ -21,7 +21,7 @@ from adtrain.errors import ConfigError
 RESUMABLE = ("resume", "overwrite", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar",
              "trainer.enable_model_summary", "trainer.log_every_n_steps", "logger", "output", "data.num_workers",
              "print_config", "paths",
-             "data.cache", "data.cache_dir", "data.device_normalize", "feature_cache", "feature_cache_max_gb",
+             "data.cache", "data.cache_dir", "data.cache_max_gb", "data.device_normalize", "feature_cache", "feature_cache_max_gb",
              "feature_cache_dir", "coreset_cache_dir", "coreset_cache_max_gb", "method.nested_cache", "inference")
 _ABSENT = "<absent>"
 
@@ -115,6 +115,48 @@ def resumed_config(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None
             _put(merged, new, prefix.split("."))
     merged["resume"] = True
     return OmegaConf.create(merged)
+
+
+def sweep_job(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> tuple[dict | None, DictConfig]:
+    """A job of a multirun sweep started again with resume=true: (results, cfg).
+
+    Finished (results.json): its recorded results, if it ran this very job (the overridden keys
+    equal, run-time settings aside; another job's folder is refused, as a resumed run is). Begun
+    (config.yaml or last.ckpt): (None, its resumed config). Never begun (Hydra's .hydra/ alone, or
+    an attempt that failed before its config was written): (None, cfg with resume=false), a fresh
+    job. So a sweep that stopped part way is run again with its command plus resume=true."""
+    import json
+
+    run_dir = Path(run_dir)
+    results = run_dir / "results.json"
+    if results.exists():
+        path = run_dir / "config.yaml"
+        try:
+            stored = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+            done = json.loads(results.read_text())
+        except Exception as err:  # noqa: BLE001 - any unreadable record: run the job again
+            raise ConfigError("resume", f"{run_dir} holds a finished job whose record cannot be read "
+                              f"({type(err).__name__}: {err}); overwrite=true runs the sweep again") from None
+        if not isinstance(stored, dict) or not isinstance(done, dict):
+            raise ConfigError("resume", f"{run_dir}: config.yaml / results.json are not a run's record; "
+                              "overwrite=true runs the sweep again")
+        refused = [d for d in config_diff(stored, OmegaConf.to_container(cfg, resolve=True), keys)
+                   if not resumable(d[0])]
+        if refused:
+            from adtrain.sweep import restore_record
+
+            restore_record(run_dir)  # Hydra has rewritten its .hydra/ for this job already
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused[:6])
+            raise ConfigError("resume", f"{run_dir} holds another job of a sweep ({shown}): a sweep is resumed "
+                              "with the command that began it plus resume=true (an Optuna sampler needs its "
+                              "seed); overwrite=true runs the sweep again")
+        return done, cfg
+    if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints" / "last.ckpt").exists():
+        return None, resumed_config(cfg, run_dir, keys)
+    fresh = copy.deepcopy(cfg)
+    with open_dict(fresh):
+        fresh["resume"] = False
+    return None, fresh
 
 
 def _put(dst: dict, src: dict, path: list[str]) -> None:

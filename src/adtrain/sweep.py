@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -236,6 +237,32 @@ def check_objective_exists(config: DictConfig) -> None:
                           "validation set (data.val_anomalies is null); use val_normal_score or val_normal_map_mean")
 
 
+#: a copy of each earlier job's .hydra/ while a sweep is resumed: Hydra rewrites a job's .hydra/
+#: before the job can look, so a job found to be another sweep's (adtrain.resume.sweep_job) puts it back
+PRIOR_RECORD = ".hydra-before-resume"
+
+
+def keep_records(jobs: list[Path]) -> None:
+    for job in jobs:
+        prior = job / PRIOR_RECORD
+        if prior.exists():
+            shutil.rmtree(prior)
+        shutil.copytree(job / ".hydra", prior)
+
+
+def restore_record(job: Path) -> None:
+    """The job's .hydra/ as it was before this resumed sweep began (no copy: left as it is)."""
+    prior = Path(job) / PRIOR_RECORD
+    if prior.is_dir():
+        shutil.rmtree(Path(job) / ".hydra", ignore_errors=True)
+        shutil.copytree(prior, Path(job) / ".hydra")
+
+
+def drop_records(sweep_dir: Path) -> None:
+    for prior in Path(sweep_dir).glob(f"**/{PRIOR_RECORD}"):
+        shutil.rmtree(prior, ignore_errors=True)
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         # a wrong objective wastes the whole sweep: stop before the first job (Hydra turns a
@@ -255,9 +282,12 @@ class SweepSummary(Callback):
             print(f"adtrain: error: config key 'hydra.sweep.dir': {sweep_dir} holds {len(earlier)} job(s) of an "
                   "earlier sweep; choose another hydra.sweep.dir, or overwrite=true / resume=true", file=sys.stderr)
             sys.exit(2)
+        if earlier and config.get("resume") and not config.get("overwrite"):
+            keep_records([p.parent for p in earlier])  # a job that turns out to be another sweep's gets its record back
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        drop_records(sweep_dir)
         out = summarize(sweep_dir)
         if out:
             from adtrain.report import show_sweep

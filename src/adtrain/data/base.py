@@ -81,7 +81,7 @@ class AnomalyDataModule(LightningDataModule):
                  eval_batch_size: int | None = None, num_workers: int = 0, val_split: float = 0.2,
                  seed: int = 0, shots: int | None = None, augment: list | None = None,
                  synthetic_anomaly: object | None = None, val_anomalies: object | None = None,
-                 cache: str | bool = "off", cache_dir: str | None = None,
+                 cache: str | bool = "off", cache_dir: str | None = None, cache_max_gb: float = 20.0,
                  device_normalize: str | bool = "auto", resize: str = DEFAULT_RESIZE):
         super().__init__()
         category = to_plain(category)
@@ -121,7 +121,7 @@ class AnomalyDataModule(LightningDataModule):
 
         if cache_mode(cache) != "off" and not cache_dir:
             raise ConfigError("data.cache_dir", "missing: where data.cache=auto keeps decoded images")
-        self.image_cache = ImageCache(cache_dir or ".", cache)
+        self.image_cache = ImageCache(cache_dir or ".", cache, cache_max_gb)
         from adtrain.data.device_norm import device_norm_mode
 
         self.device_normalize = device_norm_mode(device_normalize)

@@ -15,6 +15,12 @@ and the decoding libraries: a changed or touched file gets a new entry, never a 
 entry is a folder ``<key>/`` (images.npy, masks.npy, meta.json), built in a temp folder beside it
 and renamed into place: a concurrent job either wins the rename or uses the winner's entry.
 
+The folder is kept under ``data.cache_max_gb``: after an entry is written, the least recently used
+entries (meta.json's mtime, touched on every use) are deleted until the rest fit, except those
+this process has opened (its loaders' workers reopen them by path) and those another process used
+in the last ``RECENT_S`` seconds (a parallel sweep job may be reading them). An entry larger than
+the whole budget is not written (the run decodes as before, and says so).
+
 Disk space is reserved before a single image is written (``posix_fallocate``): writing a
 memory-mapped file whose pages the disk cannot hold kills the process with SIGBUS ("Bus error"),
 not an exception, so a full disk or tmpfs must be found first. Too little room (or a filesystem
@@ -43,6 +49,10 @@ log = logging.getLogger("adtrain")
 
 MODES = ("auto", "off")
 FORMAT = 1  # bump when the layout of an entry changes
+#: an entry another process used this recently is never evicted (it may be reading it now)
+RECENT_S = 600.0
+#: entry folders this process has opened: never evicted by it
+_IN_USE: set[str] = set()
 
 
 def cache_mode(value) -> str:
@@ -170,13 +180,57 @@ def _build(folder: Path, dataset, image_size, num_workers: int, rule: str) -> No
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
+def _is_entry_name(name: str) -> bool:
+    return len(name) == 40 and all(c in "0123456789abcdef" for c in name)
+
+
 class ImageCache:
     """Where the entries live, and what the runs of this process did with them (for results.json)."""
 
-    def __init__(self, root: str | os.PathLike, mode: str = "auto"):
+    def __init__(self, root: str | os.PathLike, mode: str = "auto", max_gb: float = 20.0):
+        from adtrain.errors import ConfigError
+
         self.mode = cache_mode(mode)
         self.root = Path(os.path.expanduser(str(root)))
+        try:
+            self.max_bytes = float(max_gb) * 2**30
+        except (TypeError, ValueError):
+            raise ConfigError("data.cache_max_gb", f"must be a number of GB, got {max_gb!r}") from None
+        if not self.max_bytes > 0:
+            raise ConfigError("data.cache_max_gb", f"must be > 0, got {max_gb!r} (data.cache=off turns the cache off)")
         self.events: list[str] = []  # "hit" | "miss" | "skip" (not cacheable) per dataset made
+
+    def evict(self) -> int:
+        """Delete the least recently used entries until the folder fits ``max_bytes`` (entries in
+        use here, or used elsewhere in the last RECENT_S seconds, are kept); returns how many."""
+        import time
+
+        entries = []
+        for folder in self.root.iterdir() if self.root.is_dir() else ():
+            if not _is_entry_name(folder.name) or not folder.is_dir():
+                continue  # a build in progress (.<key>.tmp), or not the cache's: never touched
+            try:
+                used = (folder / "meta.json").stat().st_mtime
+                size = sum(f.stat().st_size for f in folder.iterdir())
+            except OSError:  # being built, or deleted meanwhile
+                continue
+            entries.append((used, size, folder))
+        total, removed, now = sum(e[1] for e in entries), 0, time.time()
+        for used, size, folder in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if str(folder.resolve()) in _IN_USE or now - used < RECENT_S:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
+            removed += 1
+        if removed:
+            log.info("image cache: %d least recently used entr%s deleted (data.cache_max_gb=%g)", removed,
+                     "y" if removed == 1 else "ies", self.max_bytes / 2**30)
+        if total > self.max_bytes:
+            log.warning("data.cache_dir=%s holds %.2f GB of images in use (data.cache_max_gb=%g)", self.root,
+                        total / 2**30, self.max_bytes / 2**30)
+        return removed
 
     def state(self) -> str:
         """off | hit (every set served from the cache) | miss (at least one set decoded into it)."""
@@ -202,6 +256,11 @@ class ImageCache:
                 self.events.append("hit")
                 return hit
         need, tmp = entry_bytes(len(dataset), image_size), None
+        if need > self.max_bytes:
+            log.warning("data.cache_max_gb=%g: the image cache entry of %d images needs %.2f GB: images are "
+                        "decoded without it", self.max_bytes / 2**30, len(dataset), need / 2**30)
+            self.events.append("skip")
+            return None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.root).free
@@ -233,7 +292,9 @@ class ImageCache:
             shutil.rmtree(tmp, ignore_errors=True)
         self.events.append("miss")
         log.debug("image cache: %d images decoded into %s", len(dataset), folder)
-        return CachedImages(folder)
+        entry = CachedImages(folder)
+        self.evict()
+        return entry
 
 
 class CachedImages:
@@ -246,6 +307,11 @@ class CachedImages:
         self.has_mask = meta["has_mask"]
         self._arrays = None
         self._open()  # now, in this process: forked workers inherit the maps (a later rm is harmless)
+        _IN_USE.add(str(self.folder.resolve()))
+        try:
+            os.utime(self.folder / "meta.json")  # its last use, for the budget's LRU order
+        except OSError:
+            pass
 
     def _open(self):
         from adtrain.errors import DataError
