@@ -2,8 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from adtrain.viz import denormalize
 
 
 def test_patchcore_run_ranks_defects_and_keeps_a_coreset(fast_cfg, tmp_path, caplog):
@@ -52,10 +56,14 @@ def test_patchcore_per_task_banks_route_images_to_their_task(fast_cfg, tmp_path)
     m, _, _ = load_method(final)
     assert len(m.task_memories) == 3
     correct = total = 0
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
     for t, cat in enumerate(["texture", "grid", "stripes"]):
         c2 = fast_cfg("method=patchcore", f"data.category={cat}")
         dm = build_datamodule(c2)
         batch = next(iter(dm.test_dataloader()))
+        for i in range(3):
+            Image.fromarray(denormalize(batch["image"][i])).save(pngs / f"{cat}_{i}.png")
         with torch.no_grad():
             m.anomaly_output(batch["image"])
         correct += int((m.last_routed_tasks == t).sum())
@@ -79,6 +87,22 @@ def test_patchcore_per_task_banks_route_images_to_their_task(fast_cfg, tmp_path)
     assert rows and all(r["prediction"] in ("0", "1") for r in rows)
     last = thresholds[-1].item()
     assert any(int(r["prediction"]) != int(float(r["score"]) > last) for r in rows)  # not the last task's
+    # adtrain.predict's CSV: each image's threshold is its routed task's, as its decision is
+    from adtrain.inference.detector import Detector
+    from adtrain.predict import predict
+
+    files = sorted(str(p) for p in pngs.glob("*.png"))
+    det = Detector.load(final, device="cpu", batch_size=len(files))
+    pred = det.predict(files)
+    routed = det.method.last_routed_tasks
+    assert np.array_equal(pred.thresholds, thresholds.float().numpy()[routed.numpy()])
+    assert len(set(routed.tolist())) > 1
+    out = predict(str(final), str(pngs / "*.png"), out=str(tmp_path / "pred"), batch_size=len(files),
+                  device="cpu", heatmaps=False)
+    rows = {r["path"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+    for f, thr, score in zip(pred.names, pred.thresholds, pred.scores):
+        r = rows[f]
+        assert float(r["threshold"]) == pytest.approx(float(thr)) and int(r["is_anomalous"]) == int(score > thr)
 
 
 def test_patchcore_shared_bank_grows_across_tasks(fast_cfg, tmp_path):

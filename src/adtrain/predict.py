@@ -120,7 +120,8 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                 score = float(pred.scores[i])
                 records.append({
                     "path": path, "heatmap": f"heatmaps/{names[path]}" if heatmaps else None, "score": score,
-                    "normalized_score": float(pred.normalized_scores[i]), "threshold": thr,
+                    "normalized_score": float(pred.normalized_scores[i]),
+                    "threshold": thr if pred.thresholds is None else float(pred.thresholds[i]),
                     "is_anomalous": int(pred.decisions[i]),
                 })
                 if heatmaps:

@@ -53,6 +53,8 @@ class Prediction:
     names: list[str] = field(default_factory=list)
     #: the images as the model saw them, (N,h,w,3) uint8 (only from `Detector.predict_batches`)
     inputs: np.ndarray | None = None
+    #: each image's decision threshold (N,): a continual checkpoint's routed task's; None = the detector's
+    thresholds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -62,6 +64,8 @@ class Prediction:
         if not parts:
             raise DataError("images", "no images given")
         cat = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("scores", "normalized_scores", "maps", "decisions")}
+        if all(p.thresholds is not None for p in parts):
+            cat["thresholds"] = np.concatenate([p.thresholds for p in parts])
         return cls(**cat, names=[n for p in parts for n in p.names])
 
 
@@ -171,7 +175,8 @@ class Detector:
             yield Prediction(scores=out["score"].astype(np.float32),
                              normalized_scores=out["normalized_score"].astype(np.float32),
                              maps=out["map"].astype(np.float32), decisions=out["decision"].astype(bool),
-                             names=[names[i] for i in batch["index"]], inputs=batch["display"])
+                             names=[names[i] for i in batch["index"]], inputs=batch["display"],
+                             thresholds=out["threshold"].astype(np.float32) if "threshold" in out else None)
 
     def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
         """Scores, maps and decisions of one image or a list (paths, PIL images, uint8 arrays) or an
