@@ -322,11 +322,16 @@ def test_wandb_gets_tables_line_plots_heatmaps_and_summary(tmp_path):
     from adtrain.continual.outputs import log_final, plot_matrix
 
     class FakeRun:
+        id = "abc123"
+
         def __init__(self):
-            self.logged, self.summary = [], {}
+            self.logged, self.summary, self.artifacts = [], {}, []
 
         def log(self, payload):
             self.logged.append(payload)
+
+        def log_artifact(self, art):
+            self.artifacts.append(art)
 
     class WandbLogger:  # adtrain.loggers.is_wandb goes by the class name
         def __init__(self):
@@ -344,8 +349,17 @@ def test_wandb_gets_tables_line_plots_heatmaps_and_summary(tmp_path):
                "summary": {"final_image_auroc": 0.75, "forgetting_image_auroc": 0.2, "final_pixel_aupro": None}}
     png = plot_matrix(R, ["a", "b"], "image_auroc", tmp_path / "m.png")
     logger = WandbLogger()
-    log_final(logger, results, {"image_auroc": png})
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"weights")
+    records = [{"task": 0, "path": "x.png", "score": 1.5, "label": 1}, {"task": 1, "path": "y.png", "score": 0.2, "label": 0}]
+    log_final(logger, results, {"image_auroc": png}, {"a": [png, png], "b": []}, records, ckpt)
     merged = {k: v for p in logger.experiment.logged for k, v in p.items()}
+    heat = merged["continual/heatmaps/a"]  # the final row's test heatmaps, per task
+    assert len(heat) == 2 and all(isinstance(im, wandb.Image) for im in heat) and "continual/heatmaps/b" not in merged
+    scores = merged["continual/scores"]
+    assert scores.columns == ["task", "path", "score", "label"] and scores.data[1] == [1, "y.png", 0.2, 0]
+    (art,) = logger.experiment.artifacts
+    assert art.name == "model-abc123" and art.type == "model" and art.metadata["continual/final_image_auroc"] == 0.75
     table = merged["continual/matrix/image_auroc"]
     assert isinstance(table, wandb.Table) and table.columns == ["after_task", "a", "b"]
     assert table.data[1][1:] == [0.7, 0.8]

@@ -140,3 +140,30 @@ def test_logger_none_writes_no_logger_files(fast_cfg, tmp_path):
     run(fast_cfg("logger=none"), tmp_path)
     assert not (tmp_path / "csv").exists() and not (tmp_path / "wandb").exists()
     assert (tmp_path / "results.json").exists()
+
+
+def test_a_continual_run_logs_its_final_heatmaps_scores_and_checkpoint_to_wandb(fast_cfg, tmp_path, monkeypatch):
+    """A continual schedule's W&B run gets what a single run's does, for the final row: each task's
+    test heatmaps, the per-image score table and the final checkpoint (beside the matrices)."""
+    pytest.importorskip("wandb")
+    from adtrain.run import run
+    from tests.wandb_offline import read_run
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run(fast_cfg("logger=wandb", "method=patchcore", "schedule.tasks=[texture,grid]", "data.num_train=10",
+                 "data.num_test_normal=3", "data.num_test_anomalous=3", "data.size=32", "method.image_size=[32,32]",
+                 "method.batch_size=4", "output.heatmaps=1"), tmp_path)
+    (wb_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    keys = (b"continual/heatmaps/texture", b"continual/heatmaps/grid", b"continual/scores", b"model-",
+            b"continual/matrix/image_auroc")
+    for _ in range(60):  # the W&B service may still be flushing
+        logged = b"".join(p.read_bytes() for p in wb_dir.glob("*.wandb"))
+        if all(k in logged for k in keys) and read_run(wb_dir)["exit_code"] is not None:
+            break
+        time.sleep(1)
+    for key in keys:
+        assert key in logged, key
+    assert len(list((wb_dir / "files").rglob("media/images/**/*.png"))) >= 2  # one heatmap per task at least
+    assert read_run(wb_dir)["exit_code"] == 0

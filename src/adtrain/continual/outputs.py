@@ -85,8 +85,11 @@ def _curves(R: Matrix, task_names: list[str]) -> tuple[list, list, list]:
     return xs, ys, keys
 
 
-def log_final(logger, results: dict, heatmaps: dict[str, Path]) -> None:
-    """Summary scalars to any logger; to W&B also a table, a line plot and the heatmap per matrix."""
+def log_final(logger, results: dict, heatmaps: dict[str, Path], test_heatmaps: dict[str, list[Path]] | None = None,
+              records: list[dict] | None = None, checkpoint: Path | None = None) -> None:
+    """Summary scalars to any logger; to W&B also a table, a line plot and the heatmap per matrix,
+    the final row's test heatmaps per task (``test_heatmaps``: task name -> PNGs), its per-image
+    score table (``records``) and the final checkpoint as a model artifact."""
     if logger is None:
         return
     summary = {f"continual/{k}": v for k, v in results["summary"].items() if _num(v)}
@@ -108,5 +111,15 @@ def log_final(logger, results: dict, heatmaps: dict[str, Path]) -> None:
             if m in heatmaps and Path(heatmaps[m]).exists():
                 payload[f"continual/heatmap/{m}"] = wandb.Image(str(heatmaps[m]), caption=m)
             run.log(payload)
+        for name, pngs in (test_heatmaps or {}).items():
+            if pngs:
+                run.log({f"continual/heatmaps/{name}": [wandb.Image(str(p), caption=Path(p).stem) for p in pngs]})
+        if records:
+            cols = list(dict.fromkeys(c for r in records for c in r))
+            run.log({"continual/scores": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in records])})
+        if checkpoint is not None and Path(checkpoint).is_file() and getattr(logger, "adtrain_log_checkpoint", True):
+            art = wandb.Artifact(name=f"model-{run.id}", type="model", metadata=summary)
+            art.add_file(str(checkpoint))
+            run.log_artifact(art)
         run.summary.update(summary)
     logger.save()

@@ -211,7 +211,10 @@ class _Sequence:
         write_json(self.run_dir / "results.json", results)
         if cfg.output.scores_csv and self.records:
             write_scores_csv(self.run_dir / "scores.csv", self.records)
-        log_final(self.logger, results, heatmaps)
+        final_heatmaps = {name: sorted((self.run_dir / "heatmaps" / f"task_{i}").glob("*.png"))
+                          for i, name in enumerate(self.names)}
+        log_final(self.logger, results, heatmaps, final_heatmaps, self.records,
+                  task_checkpoint(self.run_dir, state.finished[-1]))
         distributed.barrier()  # DDP: the other ranks wait until rank 0 has written the run's files
         return results  # adtrain.run shows its table (final and forgetting of each metric)
 
