@@ -260,6 +260,19 @@ def test_has_mask_false_images_excluded_from_pixel_metrics():
     assert len(ev.image_scores) == len(ref.image_scores) + 1 and ev.image_labels[-1] == 1
 
 
+def test_anomalous_images_with_an_empty_mask_are_counted():
+    """An anomalous image whose mask has no anomalous pixel (an empty file, or a defect lost in the
+    resize) is counted (the run says so); one without ground truth (has_mask false) is not."""
+    ev = AnomalyEvaluator()
+    _feed(ev, _random_pixel_batches(5, n_batches=2))
+    assert ev.empty_masks == 0
+    masks = torch.zeros(4, 1, 24, 24)
+    masks[1, 0, 3:6, 3:6] = 1
+    ev.update(torch.rand(4), torch.tensor([1, 1, 0, 1]), torch.rand(4, 1, 24, 24), masks,
+              torch.tensor([True, True, True, False]))
+    assert ev.empty_masks == 1  # image 0; image 2 is normal, image 3 has no ground truth
+
+
 def test_no_masks_gives_none_pixel_metrics():
     ev = AnomalyEvaluator()
     amap = torch.rand(4, 1, 8, 8)

@@ -575,3 +575,22 @@ def test_flat_faiss_pass_on_centred_vectors_certifies_a_dense_bank(monkeypatch):
     full = torch.cdist(queries, bank).square().sort(dim=1).values
     raw = 2 * error_bound(queries.norm(dim=1), float(bank.norm(dim=1).max()), 256, torch.float32)
     assert (full[:, 9] > full[:, 0] + 2 * raw).float().mean() < 0.5
+
+
+def test_a_run_counts_anomalous_test_images_with_an_empty_mask(base_cfg, tmp_path, caplog):
+    """An empty ground-truth mask on a defective image (its pixels then count as normal) is said in
+    the log and counted in results.json, not taken silently."""
+    import json
+    import logging
+
+    from adtrain.data.testing import write_mvtec_tree
+    from adtrain.run import run
+
+    root = write_mvtec_tree(tmp_path / "mvtec", "widget", n_train=8, n_test_good=2, defects={"crack": 3}, size=64)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "widget" / "ground_truth" / "crack" / "001_mask.png")
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        res = run(base_cfg("data=mvtec", f"data.root={root}", "data.category=widget", "data.num_workers=0",
+                           "method=patchcore", "output.heatmaps=0"), tmp_path / "run")
+    assert res["empty_anomaly_masks"] == 1 and res["pixel_auroc"] is not None
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["empty_anomaly_masks"] == 1
+    assert "1 anomalous test image(s) have no anomalous pixel" in caplog.text

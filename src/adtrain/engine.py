@@ -196,6 +196,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
         method.pixel_metrics = pixel_before
     metrics = method.test_results()
     exactness = method.pixel_exactness()
+    empty = empty_anomaly_masks(method)
     distributed.check_agree({k: metrics.get(k) for k in METRIC_KEYS}, "test metrics")  # DDP: one answer
     test_seconds = time.perf_counter() - t1
     peak, peak_kind = peak_memory_mb(device)
@@ -203,12 +204,27 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     return {
         **{k: metrics.get(k) for k in METRIC_KEYS},
         **exactness,
+        "empty_anomaly_masks": empty,
         "test_seconds": round(test_seconds, 3),
         "test_images_per_second": round(n_test / test_seconds, 3) if test_seconds > 0 else None,
         "peak_memory_mb": round(peak, 1),
         "peak_memory_kind": peak_kind,
         "num_test": n_test,
     }
+
+
+def empty_anomaly_masks(method) -> int | None:
+    """How many anomalous test images have no anomalous pixel in their mask (None without pixel
+    metrics); said in the log when there are any, as their pixels count as normal."""
+    ev = method.evaluator
+    if ev is None or not getattr(ev, "pixel_metrics", False) or ev.pixel.num_regions == 0:
+        return None
+    empty = int(getattr(ev, "empty_masks", 0))
+    if empty:
+        log.warning("%d anomalous test image(s) have no anomalous pixel in their mask at the map's size (an "
+                    "empty mask file, or a defect too small to survive the resize): they count for the image "
+                    "metrics, and their pixels as normal ones in the pixel metrics", empty)
+    return empty
 
 
 def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_path: str | None = None) -> dict:
@@ -232,6 +248,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         **{k: tested.get(k) for k in METRIC_KEYS},
         "pixel_metrics_exact": tested.get("pixel_metrics_exact"),
         "pixel_error_bounds": tested.get("pixel_error_bounds"),
+        "empty_anomaly_masks": tested.get("empty_anomaly_masks"),
         **{k: info[k] for k in VAL_RESULT_KEYS.values()},
         "fit_seconds": info["fit_seconds"],
         "val_seconds": info["val_seconds"],

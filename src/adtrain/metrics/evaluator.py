@@ -49,6 +49,7 @@ class AnomalyEvaluator:
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scores, labels) on device
         self._scores: list[float] = []
         self._labels: list[int] = []
+        self._empty: list[torch.Tensor] = []  # per batch, on its device: anomalous images with an empty mask
 
     def _sync(self) -> None:
         """The pending device batches -> host lists (one transfer each), checked."""
@@ -118,9 +119,17 @@ class AnomalyEvaluator:
                 valid = torch.as_tensor(has_mask).reshape(-1).to(device=device, dtype=torch.bool)
                 if valid.numel() != batch:
                     raise AdtrainError(f"has_mask has {valid.numel()} values, expected {batch}")
+        if mask is not None:  # no host sync here: counted on the device, read once by empty_masks
+            self._empty.append(((label.to(device) == 1) & valid & ~gt.flatten(1).any(dim=1)).sum())
         if not bool(valid.all()):
             amap, gt = amap[valid], gt[valid]
         self.pixel.update(amap, gt)
+
+    @property
+    def empty_masks(self) -> int:
+        """Anomalous images whose mask has no anomalous pixel at the map's size (an empty mask file,
+        or a defect too small to survive the resize): pixel metrics count them as normal pixels."""
+        return int(sum(int(c) for c in self._empty))
 
     def compute(self) -> dict[str, float | None]:
         """All seven metrics as floats in [0, 1] or None where undefined."""
