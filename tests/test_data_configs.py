@@ -162,11 +162,29 @@ def test_the_graphs_resize_is_the_rule(rule):
 
     from adtrain.data.resize import resize_image, resize_tensor
 
-    for src, dst in (((300, 300), (256, 256)), ((117, 203), (64, 48)), ((40, 30), (64, 64)), ((64, 64), (64, 64))):
+    for src, dst in (((300, 300), (256, 256)), ((117, 203), (64, 48)), ((40, 30), (64, 64)), ((64, 64), (64, 64)),
+                     ((700, 1024), (256, 224))):
         img = _image(*src)
         out = resize_tensor(torch.from_numpy(img).permute(2, 0, 1)[None].float(), dst, rule)
         diff = np.abs(out[0].permute(1, 2, 0).numpy() - resize_image(img, dst, rule).astype(np.float32))
         assert diff.max() <= (0 if rule != "cv2_linear" or src == dst else 1), (rule, src, dst)
+
+
+@pytest.mark.parametrize("rule", ["pil_bilinear", "pil_lanczos"])
+def test_the_graphs_resize_blocks_hold_every_weight_of_the_full_matrix(rule):
+    """The graph's PIL resize reads, per block of outputs, only the inputs its filters reach: the
+    blocks put together are PIL's full weight matrix, every other input weighs exactly 0."""
+    from adtrain.data.resize import RESIZE_BLOCK, pil_block, pil_weights
+
+    for n_in, n_out in ((1024, 256), (300, 256), (203, 48), (30, 64), (999, 77), (64, 64)):
+        full = pil_weights(n_in, n_out, rule)
+        rebuilt = torch.zeros_like(full)
+        for o0 in range(0, n_out, RESIZE_BLOCK):
+            w, idx = pil_block(n_in, o0, min(o0 + RESIZE_BLOCK, n_out), n_out, rule)
+            if n_in == 1024:  # scale 4: a block's own 128 inputs and the filter's reach each side
+                assert idx.numel() <= RESIZE_BLOCK * 4 + 2 * 3 * 4 + 4, idx.numel()
+            rebuilt[o0:o0 + w.shape[0], idx] = w
+        assert torch.equal(rebuilt, full), (rule, n_in, n_out)
 
 
 def test_resize_key_follows_the_method_recipe_and_names_bad_values(tmp_path):

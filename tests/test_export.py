@@ -91,17 +91,20 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
             _assert_memory_read_in_chunks(path, memory=32, chunk=8)
 
 
-def _assert_memory_read_in_chunks(path, memory: int, chunk: int):
+def _assert_memory_read_in_chunks(path, memory: int, chunk: int, image_size=(64, 64)):
     """One distance block (MatMul) per chunk of the memory, not one over the whole memory (the
     matching head's MatMuls are the search's; the map's resize and blur are the model's other two,
-    the input's resize by the PIL rule the graph's two outside the model)."""
+    the input's resize by the PIL rule the graph's outside the model: one per block of outputs)."""
     import onnx
+
+    from adtrain.data.resize import RESIZE_BLOCK
 
     matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
     search = [n for n in matmuls if n.name.startswith("/model/fmn/")]
     model = [n for n in matmuls if n.name.startswith("/model/")]
     assert len(search) == -(-memory // chunk), [n.name for n in matmuls]
-    assert len(model) == len(search) + 2 and len(matmuls) == len(model) + 2, [n.name for n in matmuls]
+    resize = sum(-(-n // RESIZE_BLOCK) for n in image_size)
+    assert len(model) == len(search) + 2 and len(matmuls) == len(model) + resize, [n.name for n in matmuls]
 
 
 def test_raw_onnx_graph_takes_uint8_nchw_of_any_size_and_resizes_inside(runs, tmp_path):

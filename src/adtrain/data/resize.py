@@ -155,20 +155,60 @@ def pil_weights(n_in, n_out: int, rule: str):
     return torch.sign(q) * torch.floor(q.abs() + 0.5)  # C's (int)(+-0.5 + k * 2**22)
 
 
+#: outputs per block of the graph's PIL resize: a block reads only the inputs its filters reach
+#: (about BLOCK x the scale, plus the filter's width), not the whole row or column
+RESIZE_BLOCK = 32
+#: PIL's filter support (half-width in input pixels at scale 1)
+_SUPPORT = {"pil_bilinear": 1.0, "pil_lanczos": 3.0}
+
+
+def pil_block(n_in, o0: int, o1: int, n_out: int, rule: str):
+    """Rows o0..o1-1 of `pil_weights` over the only inputs they weigh: ((o1-o0, L) float64 weights,
+    (L,) int64 input indices). Every input outside that span has weight 0 in the full matrix (PIL's
+    window), so a block's sums are the full matrix product's. ``n_in`` may be a traced size."""
+    import torch
+
+    n_in_f = torch.as_tensor(n_in, dtype=torch.float64)
+    scale = n_in_f / n_out
+    filterscale = torch.clamp(scale, min=1.0)
+    support = _SUPPORT[rule] * filterscale
+    lo = torch.clamp(torch.floor((o0 + 0.5) * scale - support) - 1.0, min=0.0)
+    hi = torch.minimum(torch.ceil((o1 - 0.5) * scale + support) + 2.0, n_in_f)
+    j = torch.arange(lo, hi, dtype=torch.float64)
+    centre = (torch.arange(o0, o1, dtype=torch.float64) + 0.5).unsqueeze(1) * scale
+    k = _filter((j.unsqueeze(0) - centre + 0.5) * (1.0 / filterscale), rule)  # PIL's order of operations
+    k = k / k.sum(dim=1, keepdim=True)
+    q = k * float(1 << _PIL_BITS)
+    return torch.sign(q) * torch.floor(q.abs() + 0.5), j.to(torch.int64)
+
+
+def _pil_pass(y, n_out: int, rule: str):
+    """One PIL pass along dim -2 (whole rows of the last dim gathered per block: a fast copy) of
+    grey levels (uint8 or float) -> (..., n_out, W) float32 grey levels, rounded as PIL's uint8
+    intermediate (float64 fixed-point sums)."""
+    import torch
+
+    half, unit = float(1 << (_PIL_BITS - 1)), float(1 << _PIL_BITS)
+    parts = []
+    for o0 in range(0, n_out, RESIZE_BLOCK):  # each block rounded while it is small (cache-resident)
+        w, idx = pil_block(y.shape[-2], o0, min(o0 + RESIZE_BLOCK, n_out), n_out, rule)
+        acc = torch.matmul(w, torch.index_select(y, -2, idx).to(torch.float64))
+        parts.append(torch.floor((acc + half) / unit).clamp(0.0, 255.0).to(torch.float32))
+    return torch.cat(parts, dim=-2)
+
+
 def resize_tensor(x, size: tuple[int, int], rule: str):
-    """(B,C,H,W) float images holding whole grey levels -> (B,C,h,w) by ``rule``: the PIL rules
+    """(B,C,H,W) uint8 images, or float ones holding whole grey levels -> (B,C,h,w) float32 by ``rule``: the PIL rules
     exactly as PIL's 8-bit resampling (horizontal pass, rounded to uint8, then vertical; float64
-    fixed-point sums), cv2_linear by bilinear interpolation rounded to grey levels (within one
-    grey level of OpenCV's fixed-point one). Traceable with dynamic H and W (exports)."""
+    fixed-point sums over each output's filter window, RESIZE_BLOCK outputs at a time),
+    cv2_linear by bilinear interpolation rounded to grey levels (within one grey level of
+    OpenCV's fixed-point one). Traceable with dynamic H and W (exports)."""
     import torch
     import torch.nn.functional as F
 
     if resize_rule(rule) == "cv2_linear":
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0.0, 255.0)
-    half, unit = float(1 << (_PIL_BITS - 1)), float(1 << _PIL_BITS)
-    dtype = x.dtype
-    y = x.to(torch.float64)
-    y = torch.matmul(y, pil_weights(x.shape[-1], size[1], rule).transpose(0, 1))
-    y = torch.floor((y + half) / unit).clamp(0.0, 255.0)
-    y = torch.matmul(pil_weights(x.shape[-2], size[0], rule), y)
-    return torch.floor((y + half) / unit).clamp(0.0, 255.0).to(dtype)
+        return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).round().clamp(0.0, 255.0)
+    # horizontal pass first, as PIL: on the transposed image (copied as it comes: uint8 is a quarter
+    # of float32's bytes), so that each block gathers whole rows
+    y = _pil_pass(x.transpose(-1, -2).contiguous(), size[1], rule)  # (B,C,w,H)
+    return _pil_pass(y.transpose(-1, -2).contiguous(), size[0], rule)  # (B,C,h,w)

@@ -112,7 +112,7 @@ class InferenceGraph(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2) if self.layout == "nhwc" else images
-        x = resize_tensor(x.float(), self.pre.image_size, self.pre.resize)  # same size: exact identity
+        x = resize_tensor(x, self.pre.image_size, self.pre.resize)  # uint8 in, float32 out; same size: identity
         if self.pre.center_crop is not None:
             (h, w), (ch, cw) = self.pre.image_size, self.pre.center_crop
             top, left = (h - ch) // 2, (w - cw) // 2
