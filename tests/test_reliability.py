@@ -334,6 +334,32 @@ def test_single_run_twice_gives_identical_metrics(fast_cfg, tmp_path):
     assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
 
 
+def test_the_worker_count_does_not_change_a_trained_run(fast_cfg, tmp_path):
+    """Persistent workers used to consume the global RNG differently from num_workers=0 (the
+    loader's base seed once, not per epoch), so epoch 2's order and everything after it changed
+    with data.num_workers; the order is now a function of (seed, epoch) (adtrain.data.sampling)."""
+    from adtrain.run import run
+
+    over = ["trainer.max_epochs=3", "output.heatmaps=0"]
+    a = run(fast_cfg(*over, "data.num_workers=0"), tmp_path / "a")
+    b = run(fast_cfg(*over, "data.num_workers=2"), tmp_path / "b")
+    assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    from adtrain.data.sampling import EpochShuffle
+
+    s = EpochShuffle(50, seed=3)
+    first = list(s)
+    torch.rand(100)  # the global RNG plays no part
+    assert list(s) == first and sorted(first) == list(range(50))
+    s.set_epoch(1)
+    second = list(s)
+    assert second != first and sorted(second) == list(range(50))
+    s.set_epoch(0)
+    assert list(s) == first and list(EpochShuffle(50, seed=4)) != first
+
+
 def test_schedule_twice_gives_identical_metrics(fast_cfg, tmp_path):
     """The method used to be built before seed_everything: other initial weights on each run."""
     from adtrain.run import run
