@@ -271,6 +271,17 @@ def test_anomalous_images_with_an_empty_mask_are_counted():
     ev.update(torch.rand(4), torch.tensor([1, 1, 0, 1]), torch.rand(4, 1, 24, 24), masks,
               torch.tensor([True, True, True, False]))
     assert ev.empty_masks == 1  # image 0; image 2 is normal, image 3 has no ground truth
+    # every defective image's mask empty: no anomalous region at all, and the run still says so
+    from types import SimpleNamespace
+
+    from adtrain.engine import empty_anomaly_masks
+
+    only_empty = AnomalyEvaluator()
+    only_empty.update(torch.rand(3), torch.tensor([0, 1, 1]), torch.rand(3, 1, 24, 24), torch.zeros(3, 1, 24, 24),
+                      torch.tensor([True, True, True]))
+    assert only_empty.pixel.num_regions == 0
+    assert empty_anomaly_masks(SimpleNamespace(evaluator=only_empty)) == 2
+    assert empty_anomaly_masks(SimpleNamespace(evaluator=AnomalyEvaluator(pixel_metrics=False))) is None
 
 
 def test_no_masks_gives_none_pixel_metrics():

@@ -217,7 +217,7 @@ def empty_anomaly_masks(method) -> int | None:
     """How many anomalous test images have no anomalous pixel in their mask (None without pixel
     metrics); said in the log when there are any, as their pixels count as normal."""
     ev = method.evaluator
-    if ev is None or not getattr(ev, "pixel_metrics", False) or ev.pixel.num_regions == 0:
+    if ev is None or not getattr(ev, "pixel_metrics", False):  # (every mask empty: no region, still said)
         return None
     empty = int(getattr(ev, "empty_masks", 0))
     if empty:
