@@ -100,6 +100,14 @@ def is_wandb(logger) -> bool:
     return type(logger).__name__ == "WandbLogger"
 
 
+def score_table(records: list[dict]):
+    """A W&B table of per-image records, one column per key any record has (blank where absent)."""
+    import wandb
+
+    cols = list(dict.fromkeys(c for r in records for c in r))
+    return wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in records])
+
+
 def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[str], checkpoint: Path | None,
                      tested: bool = True) -> None:
     """Scalars to any logger; heatmaps, a per-image score table and the checkpoint to W&B.
@@ -118,8 +126,7 @@ def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[
         if heatmaps:
             run.log({"test/heatmaps": [wandb.Image(p, caption=Path(p).stem) for p in heatmaps]})
         if records:
-            cols = list(records[0].keys())
-            run.log({"test/scores": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in records])})
+            run.log({"test/scores": score_table(records)})
         if checkpoint is not None and getattr(logger, "adtrain_log_checkpoint", True):
             art = wandb.Artifact(name=f"model-{run.id}", type="model", metadata=scalars)
             art.add_file(str(checkpoint))

@@ -104,9 +104,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None
     diffs = config_diff(stored, new, keys)
     refused = [d for d in diffs if not resumable(d[0])]
     if refused:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused[:6])
-        more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
-        raise ConfigError("resume", f"{run_dir} was run with another experiment: {shown}{more}. A resumed run may "
+        raise ConfigError("resume", f"{run_dir} was run with another experiment: {_shown(refused)}. A resumed run may "
                           f"change only {', '.join(RESUMABLE[2:])}; resume with `{resume_command(run_dir)}` "
                           "or start a new run directory")
     merged = copy.deepcopy(stored)
@@ -146,8 +144,7 @@ def sweep_job(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> 
             from adtrain.sweep import restore_record
 
             restore_record(run_dir)  # Hydra has rewritten its .hydra/ for this job already
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused[:6])
-            raise ConfigError("resume", f"{run_dir} holds another job of a sweep ({shown}): a sweep is resumed "
+            raise ConfigError("resume", f"{run_dir} holds another job of a sweep ({_shown(refused)}): a sweep is resumed "
                               "with the command that began it plus resume=true (an Optuna sampler needs its "
                               "seed); overwrite=true runs the sweep again")
         return done, cfg
@@ -157,6 +154,12 @@ def sweep_job(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> 
     with open_dict(fresh):
         fresh["resume"] = False
     return None, fresh
+
+
+def _shown(diffs: list[tuple[str, Any, Any]]) -> str:
+    """'key: old -> new; ...' for the first six differences (and how many more)."""
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:6])
+    return shown + (f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else "")
 
 
 def _put(dst: dict, src: dict, path: list[str]) -> None:

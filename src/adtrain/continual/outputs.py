@@ -11,7 +11,7 @@ import numpy as np
 from adtrain.continual.metrics import Matrix
 from adtrain.continual.state import MATRIX_METRICS
 from adtrain.io import save_image
-from adtrain.loggers import is_wandb
+from adtrain.loggers import is_wandb, score_table
 
 
 def _num(v) -> bool:
@@ -115,8 +115,7 @@ def log_final(logger, results: dict, heatmaps: dict[str, Path], test_heatmaps: d
             if pngs:
                 run.log({f"continual/heatmaps/{name}": [wandb.Image(str(p), caption=Path(p).stem) for p in pngs]})
         if records:
-            cols = list(dict.fromkeys(c for r in records for c in r))
-            run.log({"continual/scores": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in records])})
+            run.log({"continual/scores": score_table(records)})
         if checkpoint is not None and Path(checkpoint).is_file() and getattr(logger, "adtrain_log_checkpoint", True):
             art = wandb.Artifact(name=f"model-{run.id}", type="model", metadata=summary)
             art.add_file(str(checkpoint))

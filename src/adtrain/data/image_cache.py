@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from adtrain.data.resize import DEFAULT, ImageResize, describe
-from adtrain.errors import AdtrainError
+from adtrain.errors import AdtrainError, ConfigError
 
 log = logging.getLogger("adtrain")
 
@@ -188,8 +188,6 @@ class ImageCache:
     """Where the entries live, and what the runs of this process did with them (for results.json)."""
 
     def __init__(self, root: str | os.PathLike, mode: str = "auto", max_gb: float = 20.0):
-        from adtrain.errors import ConfigError
-
         self.mode = cache_mode(mode)
         self.root = Path(os.path.expanduser(str(root)))
         try:

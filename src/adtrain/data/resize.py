@@ -139,22 +139,6 @@ def _filter(x, rule: str):
     return torch.where((x >= -3.0) & (x < 3.0), sinc * sinc3, torch.zeros_like(x))
 
 
-def pil_weights(n_in, n_out: int, rule: str):
-    """(n_out, n_in) float64 matrix of PIL's 8-bit resampling along one axis, in its fixed-point
-    units (coefficients rounded to 2**-22, as ``normalize_coeffs_8bpc``). ``n_in`` may be a traced size."""
-    import torch
-
-    n_in_f = torch.as_tensor(n_in, dtype=torch.float64)
-    scale = n_in_f / n_out
-    filterscale = torch.clamp(scale, min=1.0)
-    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5).unsqueeze(1) * scale
-    j = torch.arange(n_in, dtype=torch.float64).unsqueeze(0)  # (1, n_in): the filter is 0 outside PIL's window
-    k = _filter((j - centre + 0.5) * (1.0 / filterscale), rule)  # PIL's order of operations
-    k = k / k.sum(dim=1, keepdim=True)
-    q = k * float(1 << _PIL_BITS)
-    return torch.sign(q) * torch.floor(q.abs() + 0.5)  # C's (int)(+-0.5 + k * 2**22)
-
-
 #: outputs per block of the graph's PIL resize: a block reads only the inputs its filters reach
 #: (about BLOCK x the scale, plus the filter's width), not the whole row or column
 RESIZE_BLOCK = 32
@@ -163,9 +147,11 @@ _SUPPORT = {"pil_bilinear": 1.0, "pil_lanczos": 3.0}
 
 
 def pil_block(n_in, o0: int, o1: int, n_out: int, rule: str):
-    """Rows o0..o1-1 of `pil_weights` over the only inputs they weigh: ((o1-o0, L) float64 weights,
-    (L,) int64 input indices). Every input outside that span has weight 0 in the full matrix (PIL's
-    window), so a block's sums are the full matrix product's. ``n_in`` may be a traced size."""
+    """Rows o0..o1-1 of PIL's weight matrix (`pil_weights`) over the only inputs they weigh:
+    ((o1-o0, L) float64 weights in PIL's fixed-point units, coefficients rounded to 2**-22 as
+    ``normalize_coeffs_8bpc``; (L,) int64 input indices). Every input outside that span has weight
+    0 in the full matrix (PIL's window), so a block's sums are the full matrix product's. ``n_in``
+    may be a traced size."""
     import torch
 
     n_in_f = torch.as_tensor(n_in, dtype=torch.float64)
@@ -179,7 +165,14 @@ def pil_block(n_in, o0: int, o1: int, n_out: int, rule: str):
     k = _filter((j.unsqueeze(0) - centre + 0.5) * (1.0 / filterscale), rule)  # PIL's order of operations
     k = k / k.sum(dim=1, keepdim=True)
     q = k * float(1 << _PIL_BITS)
-    return torch.sign(q) * torch.floor(q.abs() + 0.5), j.to(torch.int64)
+    return torch.sign(q) * torch.floor(q.abs() + 0.5), j.to(torch.int64)  # C's (int)(+-0.5 + k * 2**22)
+
+
+def pil_weights(n_in, n_out: int, rule: str):
+    """(n_out, n_in) float64 matrix of PIL's 8-bit resampling along one axis, in its fixed-point
+    units (coefficients rounded to 2**-22, as ``normalize_coeffs_8bpc``): the one block that spans
+    every output, whose inputs are then all of them. ``n_in`` may be a traced size."""
+    return pil_block(n_in, 0, n_out, n_out, rule)[0]
 
 
 def _pil_pass(y, n_out: int, rule: str):
