@@ -117,21 +117,23 @@ def test_synthetic_categories_differ_and_pickle():
         SyntheticDataModule(category="marble", **COMMON)
 
 
-def test_train_augmentation_reproducible_under_torch_seed_and_varied():
+def test_train_augmentation_reproducible_and_varied_by_epoch():
     dm = SyntheticDataModule(num_train=16, size=32, image_size=[32, 32], batch_size=16, val_split=0.0,
                              augment=[{"_target_": "albumentations.HorizontalFlip", "p": 0.5}])
     ref = next(iter(dm.make_dataloader(dm.train_samples, batch_size=16)))
     ref["image"] = dm.input_normalizer(ref["image"])  # eval set: uint8; augmented training set: float
     index = {p: i for i, p in enumerate(ref["path"])}
 
-    def flips():
-        torch.manual_seed(0)
+    def flips(torch_seed):
+        torch.manual_seed(torch_seed)  # plays no part: each item's draws are seeded by (seed, epoch, index)
         out = []
-        for _ in range(2):  # two epochs
-            b = next(iter(dm.train_dataloader()))
-            out.append([torch.equal(b["image"][j], ref["image"][index[p]].flip(-1)) for j, p in enumerate(b["path"])])
+        for epoch in range(2):
+            loader = dm.train_dataloader()
+            loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
+            b = next(iter(loader))
+            out.append({p: torch.equal(b["image"][j], ref["image"][index[p]].flip(-1)) for j, p in enumerate(b["path"])})
         return out
 
-    first, second = flips(), flips()
+    first, second = flips(0), flips(1)
     assert first == second
-    assert 0 < sum(first[0]) < 16 and first[0] != first[1]
+    assert 0 < sum(first[0].values()) < 16 and first[0] != first[1]

@@ -24,6 +24,8 @@ from tests.conftest import FAST
 
 # small enough for seconds per epoch, large enough that an epoch outlasts the kill below
 KILL_FAST = [*FAST, "data.size=64", "trainer.max_epochs=4", "logger=csv", "output.heatmaps=0"]
+# training-time randomness in the workers (the fast runs have none by default)
+AUGMENT = "data.augment=[{_target_:albumentations.HorizontalFlip,p:0.5},{_target_:albumentations.RandomBrightnessContrast,p:0.5}]"
 TINY_SCHEDULE = [*FAST, "data.num_train=16", "data.num_test_normal=3", "data.num_test_anomalous=3", "data.size=32",
                  "method.image_size=[32,32]", "method.batch_size=4", "output.heatmaps=0",
                  "schedule.tasks=[texture,grid]"]
@@ -340,7 +342,7 @@ def test_the_worker_count_does_not_change_a_trained_run(fast_cfg, tmp_path):
     with data.num_workers; the order is now a function of (seed, epoch) (adtrain.data.sampling)."""
     from adtrain.run import run
 
-    over = ["trainer.max_epochs=3", "output.heatmaps=0"]
+    over = ["trainer.max_epochs=3", "output.heatmaps=0", AUGMENT]  # augmentation: drawn per item, not per worker
     a = run(fast_cfg(*over, "data.num_workers=0"), tmp_path / "a")
     b = run(fast_cfg(*over, "data.num_workers=2"), tmp_path / "b")
     assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
@@ -352,12 +354,30 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
     s = EpochShuffle(50, seed=3)
     first = list(s)
     torch.rand(100)  # the global RNG plays no part
-    assert list(s) == first and sorted(first) == list(range(50))
+    assert list(s) == first and sorted(d.index for d in first) == list(range(50))
     s.set_epoch(1)
     second = list(s)
-    assert second != first and sorted(second) == list(range(50))
+    assert second != first and sorted(d.index for d in second) == list(range(50))
     s.set_epoch(0)
     assert list(s) == first and list(EpochShuffle(50, seed=4)) != first
+    # each index carries the seed of its draws: distinct per item and epoch, the same on every pass
+    assert len({d.seed for d in first} | {d.seed for d in second}) == 100
+    assert {d.index: d.seed for d in first} == {d.index: d.seed for d in EpochShuffle(50, seed=3)}
+
+
+def test_a_resumed_trainer_s_first_loader_starts_at_its_epoch(tmp_path):
+    """Lightning makes the first training iterator before set_epoch, and workers fetch their first
+    indices at once: a resumed run replayed epoch 0's order at epoch k."""
+    from types import SimpleNamespace
+
+    from adtrain.data.sampling import EpochShuffle, next_epoch
+
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(
+        current=SimpleNamespace(processed=3))))
+    assert next_epoch(trainer) == 3 and next_epoch(None) == 0
+    at3 = EpochShuffle(20, seed=1)
+    at3.set_epoch(3)
+    assert list(EpochShuffle(20, seed=1, epoch=next_epoch(trainer))) == list(at3) != list(EpochShuffle(20, seed=1))
 
 
 def test_schedule_twice_gives_identical_metrics(fast_cfg, tmp_path):
@@ -396,6 +416,21 @@ def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
         assert res["epochs_trained"] == 4 and res["fit_seconds"] > before  # cumulative over both sessions
         rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
         assert len(rows) > len(rows_before) and "0" in {r.get("epoch") for r in rows}  # appended, not restarted
+    assert _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
+
+
+def test_kill_9_with_workers_and_augmentation_then_resume_ends_as_an_uninterrupted_run(tmp_path):
+    """With persistent workers the resumed epochs used to see epoch 0's order and restarted the
+    workers' random streams: the metrics differed."""
+    over = [*(a for a in KILL_FAST if a != "data.num_workers=0"), "data.num_workers=2", AUGMENT]
+    ref, run_dir = tmp_path / "ref", tmp_path / "run"
+    with _reference_beside(*over, f"hydra.run.dir={ref}", cwd=tmp_path, log=tmp_path / "ref.log"):
+        proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
+        assert _signal_when(proc, lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), signal.SIGKILL) \
+            == -signal.SIGKILL
+        p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["epochs_trained"] == 4
     assert _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
 
 

@@ -89,6 +89,16 @@ def test_a_sweep_into_an_earlier_sweeps_folder_is_refused_before_its_first_job(t
     SweepSummary().on_multirun_start(cfg(resume=True))
     sweep_new = tmp_path / "fresh"
     SweepSummary().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_new)}}}))
+    # an unseeded Optuna sampler proposes other trials: such a sweep cannot be resumed, said at once
+    optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+              "sampler": {"_target_": "optuna.samplers.TPESampler", "seed": None}}
+    unseeded = OmegaConf.create({"optimized_metric": None, "resume": True,
+                                 "hydra": {"sweep": {"dir": str(sweep)}, "sweeper": optuna}})
+    with pytest.raises(SystemExit) as ex:
+        SweepSummary().on_multirun_start(unseeded)
+    assert ex.value.code == 2 and "'hydra.sweeper.sampler.seed'" in capsys.readouterr().err
+    unseeded.hydra.sweeper.sampler.seed = 7
+    SweepSummary().on_multirun_start(unseeded)
     assert swept_keys([{"overwrite": "true", "a": "1"}, {"a": "2"}]) == ["a"]  # how a job ran is no column
 
 

@@ -237,6 +237,16 @@ def check_objective_exists(config: DictConfig) -> None:
                           "validation set (data.val_anomalies is null); use val_normal_score or val_normal_map_mean")
 
 
+def check_sampler_repeats(config: DictConfig) -> None:
+    """A resumed Optuna sweep needs a seeded sampler: an unseeded one proposes other trials than the
+    stopped sweep's, and every job would then find another job's folder (refused one by one)."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if "optuna" in sweeper.lower() and OmegaConf.select(config, "hydra.sweeper.sampler.seed", default=None) is None:
+        raise ConfigError("hydra.sweeper.sampler.seed", "resume=true repeats the stopped sweep's trials only with "
+                          "the seed its sampler began with; an unseeded sweep cannot be resumed (overwrite=true "
+                          "runs it again)")
+
+
 #: a copy of each earlier job's .hydra/ while a sweep is resumed: Hydra rewrites a job's .hydra/
 #: before the job can look, so a job found to be another sweep's (adtrain.resume.sweep_job) puts it back
 PRIOR_RECORD = ".hydra-before-resume"
@@ -283,6 +293,11 @@ class SweepSummary(Callback):
                   "earlier sweep; choose another hydra.sweep.dir, or overwrite=true / resume=true", file=sys.stderr)
             sys.exit(2)
         if earlier and config.get("resume") and not config.get("overwrite"):
+            try:
+                check_sampler_repeats(config)
+            except ConfigError as err:
+                print(f"adtrain: error: {err}", file=sys.stderr)
+                sys.exit(2)
             keep_records([p.parent for p in earlier])  # a job that turns out to be another sweep's gets its record back
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from adtrain.data.image_io import read_image, read_mask
+from adtrain.data.sampling import Draw
 from adtrain.errors import AdtrainError, DataError
 
 # image uint8 (H,W,3), mask {0,1} uint8 (H,W) or None when no ground truth exists
@@ -81,8 +82,10 @@ def _binarise(mask) -> np.ndarray:
 class AnomalyDataset(Dataset):
     """Samples -> batch-contract dicts (image, label, mask, has_mask, category, defect, path).
 
-    train=True draws a fresh random seed per item from torch's RNG (per-worker seeded by the
-    DataLoader; reproducible after seed_everything) for augmentation and synthetic anomalies.
+    train=True: augmentation and synthetic anomalies draw from a generator per item, seeded by the
+    key's seed where the key is an `adtrain.data.sampling.Draw` (a function of seed, epoch and index:
+    the same whatever the worker count or a resume), else from torch's RNG (the worker's, or the
+    global one without workers).
     """
 
     def __init__(self, samples: Sequence[Sample], transform, loader: Callable[[Sample], Loaded] = load_sample,
@@ -110,7 +113,8 @@ class AnomalyDataset(Dataset):
                 raise WorkerDataError(e.path, str(e).removeprefix(f"{e.path}: ")) from e
             raise
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | Draw) -> dict:
+        index, draw = (key.index, key.seed) if isinstance(key, Draw) else (key, None)
         sample = self.samples[index]
         label, defect = int(sample.label), sample.defect
         if self.cached is not None:  # already resized: the transform's Resize is then an identity
@@ -122,7 +126,7 @@ class AnomalyDataset(Dataset):
             has_mask = mask is not None or label == 0
             mask = np.zeros(image.shape[:2], np.uint8) if mask is None else _binarise(mask)
         if self.train:
-            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+            rng = np.random.default_rng(draw if draw is not None else int(torch.randint(0, 2**62, (1,)).item()))
             if self.synthetic_anomaly is not None:
                 image, synth = self.synthetic_anomaly(image, rng)
                 image = np.ascontiguousarray(image, dtype=np.uint8)

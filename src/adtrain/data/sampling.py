@@ -8,9 +8,21 @@ uninterrupted one. `EpochShuffle` draws each epoch's permutation from its own ge
 (seed, epoch) (Lightning calls ``set_epoch`` before each epoch, also after a resume), and every
 loader gets a private generator for its base seed (`loader_generator`), so the global RNG is the
 model's alone.
+
+Two more things a worker process used to decide, both now a function of (seed, epoch, index):
+- Lightning makes the first training iterator of a process (``FitLoop.setup_data``) before it calls
+  ``set_epoch``, and a loader with workers fetches its first indices at once: a run resumed at epoch
+  k replayed epoch 0's order. `EpochShuffle` starts at the epoch the trainer is about to run
+  (`next_epoch`).
+- A training item's random draws (augmentation, synthetic anomalies) came from the torch RNG of the
+  worker that loaded it: its stream depended on the worker count and restarted with a resumed
+  process. Each index is yielded as a `Draw` carrying its own seed (`item_seed`), which
+  `AnomalyDataset` uses instead.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Sampler
@@ -23,19 +35,41 @@ def _mix(seed: int, epoch: int) -> int:
     return x % 2**63
 
 
-class EpochShuffle(Sampler[int]):
-    """A permutation of range(n) per epoch, the same whatever the loader's workers and whatever ran
-    before (``set_epoch`` chooses it)."""
+class Draw(NamedTuple):
+    """A dataset key: the item's index and the seed of its random draws in this epoch."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = int(n), int(seed), 0
+    index: int
+    seed: int
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of item ``index``'s draws in ``epoch`` (distinct per item, epoch and run seed)."""
+    return _mix(_mix(seed, epoch), index)
+
+
+def next_epoch(trainer) -> int:
+    """The epoch a trainer is about to run, the value it passes to ``set_epoch`` (after a resume the
+    restored loop's count); 0 without a trainer."""
+    try:
+        return int(trainer.fit_loop.epoch_progress.current.processed)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+class EpochShuffle(Sampler[Draw]):
+    """A permutation of range(n) per epoch, the same whatever the loader's workers and whatever ran
+    before (``set_epoch`` chooses it; ``epoch``: the first one, see `next_epoch`). Each index comes
+    as a `Draw` with the seed of its random draws."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0):
+        self.n, self.seed, self.epoch = int(n), int(seed), int(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter([Draw(i, item_seed(self.seed, self.epoch, i)) for i in torch.randperm(self.n, generator=g).tolist()])
 
     def __len__(self) -> int:
         return self.n
