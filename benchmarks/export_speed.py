@@ -1,13 +1,15 @@
-"""Images/s of an exported model in ONNX Runtime (CPU) against the PyTorch path, same checkpoint.
+"""Images/s of an exported model in each runtime (CPU) against the PyTorch path, same checkpoint.
 
     python benchmarks/export_speed.py --checkpoint RUN/checkpoints/model.ckpt [--batch-size 8]
-        [--batches 10] [--threads 2] [--out FILE]
+        [--batches 10] [--threads 2] [--formats onnx torchscript openvino] [--out FILE]
 
-Both sides score the same uint8 images already at the run's image_size (no file reading):
+All sides score the same uint8 images already at the run's image_size (no file reading):
 PyTorch path = the run's eval transform (albumentations) + `predict_step` of the loaded method,
-eager, on the CPU; ONNX = one `session.run` of `adtrain-export format=onnx` (preprocessing, model,
-threshold and display map in the graph), CPUExecutionProvider. One warm-up batch each, then the
-median batch time of --batches batches. torch and ONNX Runtime get the same thread count.
+eager, on the CPU; each format = one call of `adtrain-export format=F` (preprocessing, model,
+threshold and display map in the graph): ONNX Runtime's CPUExecutionProvider, TorchScript
+(frozen), OpenVINO's CPU plugin in f32 (as `adtrain.export.formats.open_export` compiles it).
+One warm-up batch each, then the median batch time of --batches batches. Every runtime gets the
+same thread count, and each export's scores are checked against the PyTorch path's.
 """
 
 from __future__ import annotations
@@ -39,14 +41,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--formats", nargs="+", default=["onnx", "torchscript", "openvino"],
+                    choices=["onnx", "torchscript", "openvino"])
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
 
-    import onnxruntime as ort
-
-    from adtrain.loading import load_method
     from adtrain.export import export
+    from adtrain.export.formats import FORMATS
     from adtrain.inference.graph import run_preprocessing
+    from adtrain.loading import load_method
 
     torch.set_num_threads(args.threads)
     method, cfg, _ = load_method(args.checkpoint)
@@ -58,24 +61,49 @@ def main() -> None:
         x = torch.stack([transform(image=im)["image"] for im in images]).float()
         return method.predict_step(x)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export(args.checkpoint, "onnx", out=Path(tmp) / "model.onnx")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
-        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        onnx_s = median_seconds(lambda: sess.run(None, {"images": images}), args.batches)
     torch_s = median_seconds(torch_path, args.batches)
-    res = {
-        "method": str(cfg.method.name), "image_size": list(pre.image_size), "batch_size": args.batch_size,
-        "threads": args.threads, "torch_images_per_s": round(args.batch_size / torch_s, 2),
-        "onnxruntime_images_per_s": round(args.batch_size / onnx_s, 2),
-        "onnxruntime_speedup": round(torch_s / onnx_s, 2), "torch": torch.__version__, "onnxruntime": ort.__version__,
-    }
+    reference = torch_path()["score"].float().numpy()
+    res = {"method": str(cfg.method.name), "image_size": list(pre.image_size), "batch_size": args.batch_size,
+           "threads": args.threads, "torch": torch.__version__, "torch_images_per_s": round(args.batch_size / torch_s, 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in args.formats:
+            path = export(args.checkpoint, fmt, out=Path(tmp) / f"model{FORMATS[fmt]}")
+            run, version = _runtime(fmt, path, args.threads)
+            seconds = median_seconds(lambda: run(images), args.batches)
+            score = np.asarray(run(images)[0], dtype=np.float64)
+            res[f"{fmt}_images_per_s"] = round(args.batch_size / seconds, 2)
+            res[f"{fmt}_speedup"] = round(torch_s / seconds, 2)
+            res[f"{fmt}_max_rel_score_diff"] = float(np.max(np.abs(score - reference) / np.maximum(np.abs(reference), 1e-12)))
+            res[f"{fmt}_version"] = version
     print(json.dumps(res))
     if args.out:
         from adtrain.io import write_json
 
         write_json(args.out, res)
+
+
+def _runtime(fmt: str, path: Path, threads: int):
+    """(run(uint8 batch) -> outputs with the score first, runtime version) with ``threads`` threads."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return (lambda batch: sess.run(None, {"images": batch})), ort.__version__
+    if fmt == "torchscript":
+        module = torch.jit.load(str(path), map_location="cpu")
+
+        def run(batch):
+            with torch.no_grad():
+                return [o.numpy() for o in module(torch.from_numpy(batch))]
+        return run, torch.__version__
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+    return (lambda batch: [compiled(batch)[compiled.output(0)]]), ov.__version__
 
 
 if __name__ == "__main__":

@@ -92,14 +92,15 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
 
 
 def _assert_memory_read_in_chunks(path, memory: int, chunk: int, image_size=(64, 64)):
-    """One distance block (MatMul) per chunk of the memory, not one over the whole memory (the
-    matching head's MatMuls are the search's; the map's resize and blur are the model's other two,
-    the input's resize by the PIL rule the graph's outside the model: one per block of outputs)."""
+    """One distance block (a Gemm: the product with the bank norms as its bias) per chunk of the
+    memory, not one over the whole memory (the matching head's products are the search's; the
+    map's resize and blur are the model's other two, the input's resize by the PIL rule the graph's
+    outside the model: one per block of outputs)."""
     import onnx
 
     from adtrain.data.resize import RESIZE_BLOCK
 
-    matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
+    matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type in ("MatMul", "Gemm")]
     search = [n for n in matmuls if n.name.startswith("/model/fmn/")]
     model = [n for n in matmuls if n.name.startswith("/model/")]
     assert len(search) == -(-memory // chunk), [n.name for n in matmuls]

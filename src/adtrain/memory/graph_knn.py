@@ -25,17 +25,21 @@ def in_graph() -> bool:
 def graph_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = GRAPH_CHUNK,
                      scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (M,k) of the k smallest ``scale_j * ||q - b_j|| + shift_j`` (plain squared distance
-    ordering when scale/shift are None) per query, by a running top-k over bank chunks."""
+    ordering when scale/shift are None: by ||b_j||^2 - 2 q.b_j, the same order) per query, by a
+    running top-k over bank chunks."""
     q = queries.float()
-    q_sq = (q * q).sum(dim=1, keepdim=True)
     n = int(bank.shape[0])
     k = min(int(k), n)
+    q_sq = (q * q).sum(dim=1, keepdim=True) if scale is not None else None
     best_v = best_i = None
     for c in range(0, n, chunk):
         m = bank[c : c + chunk].float()
-        d = (q_sq - 2.0 * (q @ m.t()) + (m * m).sum(dim=1).unsqueeze(0)).clamp(min=0.0)
+        # ||b||^2 - 2 q.b in one GEMM with its bias (a (queries x chunk) matrix is memory-bound
+        # work for every elementwise pass over it): ||q||^2 is the same for a whole row, so the
+        # plain ordering leaves it out; the candidates are re-ranked by exact distance after
+        d = torch.addmm((m * m).sum(dim=1).unsqueeze(0), q, m.t(), beta=1.0, alpha=-2.0)
         if scale is not None:
-            d = d.sqrt() * scale[c : c + chunk] + shift[c : c + chunk]
+            d = (d + q_sq).clamp(min=0.0).sqrt() * scale[c : c + chunk] + shift[c : c + chunk]
         val, idx = torch.topk(d, min(k, int(m.shape[0])), dim=1, largest=False)
         idx = idx + c
         if best_v is not None:
