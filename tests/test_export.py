@@ -92,7 +92,7 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
 
 
 def _assert_memory_read_in_chunks(path, memory: int, chunk: int, image_size=(64, 64)):
-    """One distance block (a Gemm: the product with the bank norms as its bias) per chunk of the
+    """One distance block (a MatMul, [q, 1] . [-2 b, the bank norms]) per chunk of the
     memory, not one over the whole memory (the matching head's products are the search's; the
     map's resize and blur are the model's other two, the input's resize by the PIL rule the graph's
     outside the model: one per block of outputs)."""
@@ -100,7 +100,7 @@ def _assert_memory_read_in_chunks(path, memory: int, chunk: int, image_size=(64,
 
     from adtrain.data.resize import RESIZE_BLOCK
 
-    matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type in ("MatMul", "Gemm")]
+    matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
     search = [n for n in matmuls if n.name.startswith("/model/fmn/")]
     model = [n for n in matmuls if n.name.startswith("/model/")]
     assert len(search) == -(-memory // chunk), [n.name for n in matmuls]

@@ -31,13 +31,15 @@ def graph_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: i
     n = int(bank.shape[0])
     k = min(int(k), n)
     q_sq = (q * q).sum(dim=1, keepdim=True) if scale is not None else None
+    # ||b||^2 - 2 q.b as one plain product [q, 1] . [-2 b, ||b||^2] (every elementwise pass over a
+    # (queries x chunk) block is memory-bound work of its own, a bias added to a GEMM included);
+    # ||q||^2 is the same along a row, so the plain ordering leaves it out; the candidates are
+    # re-ranked by exact distance after
+    q1 = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
     best_v = best_i = None
     for c in range(0, n, chunk):
         m = bank[c : c + chunk].float()
-        # ||b||^2 - 2 q.b in one GEMM with its bias (a (queries x chunk) matrix is memory-bound
-        # work for every elementwise pass over it): ||q||^2 is the same for a whole row, so the
-        # plain ordering leaves it out; the candidates are re-ranked by exact distance after
-        d = torch.addmm((m * m).sum(dim=1).unsqueeze(0), q, m.t(), beta=1.0, alpha=-2.0)
+        d = q1 @ torch.cat([m * -2.0, (m * m).sum(dim=1, keepdim=True)], dim=1).t()
         if scale is not None:
             d = (d + q_sq).clamp(min=0.0).sqrt() * scale[c : c + chunk] + shift[c : c + chunk]
         val, idx = torch.topk(d, min(k, int(m.shape[0])), dim=1, largest=False)
