@@ -8,8 +8,9 @@ PyTorch path = the run's eval transform (albumentations) + `predict_step` of the
 eager, on the CPU; each format = one call of `adtrain-export format=F` (preprocessing, model,
 threshold and display map in the graph): ONNX Runtime's CPUExecutionProvider, TorchScript
 (frozen), OpenVINO's CPU plugin in f32 (as `adtrain.export.formats.open_export` compiles it).
-One warm-up batch each, then the median batch time of --batches batches. Every runtime gets the
-same thread count, and each export's scores are checked against the PyTorch path's.
+Three warm-up batches each (a path's first calls run slower), then the median batch time of
+--batches batches. Every runtime gets the same thread count, and each export's scores are
+checked against the PyTorch path's.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import numpy as np
 import torch
 
 
-def median_seconds(fn, batches: int) -> float:
-    fn()  # warm-up
+def median_seconds(fn, batches: int, warmup: int = 3) -> float:
+    for _ in range(warmup):  # the first calls of a path run slower (its large buffers' first pages)
+        fn()
     times = []
     for _ in range(batches):
         t0 = time.perf_counter()
