@@ -517,6 +517,19 @@ def test_bad_config_values_fail_before_anything_is_written(fast_cfg, tmp_path, o
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method, over, key", [
+    ("patchcore", "method.coreset_ratio=2", "method.coreset_ratio"),
+    ("cfa", "method.gamma_c=0", "method.gamma_c"),
+])
+def test_a_constructor_s_bad_argument_is_named_where_it_is_set(fast_cfg, tmp_path, method, over, key):
+    """The constructor knows its argument as coreset_ratio; the user sets method.coreset_ratio."""
+    from adtrain.run import run
+
+    with pytest.raises(ConfigError) as err:
+        run(fast_cfg(f"method={method}", over), tmp_path / "run")
+    assert str(err.value).startswith(f"config key '{key}': ") and err.value.key == key
+
+
 def test_a_test_that_fails_on_its_data_keeps_the_fitted_model(fast_cfg, tmp_path, monkeypatch):
     """An image that is found unreadable only while testing (cut short past its header) must not
     cost the fit: model.ckpt (threshold included) is written before the test, and adtrain.test

@@ -28,6 +28,9 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
         return hydra.utils.instantiate(cfg, _convert_="all", **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
+        if isinstance(cause, ConfigError) and cause.key in cfg and cause.detail is not None:
+            # a constructor names its own argument: say where it is set (coreset_ratio -> method.coreset_ratio)
+            raise ConfigError(f"{where}.{cause.key}", cause.detail) from None
         if isinstance(cause, AdtrainError):
             raise cause from None
         if isinstance(cause, (TypeError, ValueError)):

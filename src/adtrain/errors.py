@@ -13,6 +13,7 @@ class ConfigError(AdtrainError):
     def __init__(self, key: str, message: str | None = None):
         # one argument = an already formatted message (how worker processes re-raise errors)
         self.key = key if message is not None else None
+        self.detail = message
         super().__init__(f"config key '{key}': {message}" if message is not None else key)
 
 
