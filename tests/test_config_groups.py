@@ -247,3 +247,38 @@ def test_print_config_at_start_of_main(fast_cfg, monkeypatch, capsys):
     assert "CONFIG" in capsys.readouterr().out
     main(fast_cfg())
     assert "CONFIG" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module, words", [("adtrain.predict", "checkpoint=RUN/checkpoints/model.ckpt images="),
+                                           ("adtrain.export", "format=torchscript|onnx|openvino"),
+                                           ("adtrain.templates", "add checkpoint="),
+                                           ("adtrain.bench", "bench.model_only=true")])
+def test_each_small_command_answers_help_with_its_usage(module, words, capsys):
+    """--help used to be refused as an unknown option (or a traceback from adtrain.bench)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    for flag in ("--help", "-h"):
+        if module == "adtrain.bench":  # the console script reads sys.argv
+            _with_argv(mod.cli, flag)
+        else:
+            mod.main([flag])
+        out = capsys.readouterr().out
+        assert words in out and out.startswith(mod.__doc__.strip().splitlines()[0])
+
+
+def _with_argv(fn, *args):
+    import sys
+    from unittest import mock
+
+    with mock.patch.object(sys, "argv", ["adtrain-bench", *args]):
+        return fn()
+
+
+def test_a_bad_bench_override_ends_in_one_line(capsys):
+    from adtrain.bench import cli
+
+    with pytest.raises(SystemExit) as ex:
+        _with_argv(cli, "nosuch=1")
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.startswith("adtrain-bench: error: ") and "Traceback" not in err

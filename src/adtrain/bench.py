@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """The `adtrain-bench` command (main's figures are printed, not returned as an exit status)."""
-    main()
+    from adtrain.cli import command
+
+    command("adtrain-bench", __doc__, main)
 
 
 if __name__ == "__main__":

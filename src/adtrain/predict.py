@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from adtrain.errors import AdtrainError, ConfigError, DataError
+from adtrain.errors import ConfigError, DataError
 
 log = logging.getLogger("adtrain")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -140,19 +139,20 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
-    unknown = set(args.keys()) - set(DEFAULTS)
-    try:
+    from adtrain.cli import command
+
+    def body(argv: list[str]) -> None:
+        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+        args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv))
+        unknown = set(args.keys()) - set(DEFAULTS)
         if unknown:
             raise ConfigError(sorted(unknown)[0], f"unknown option; known: {', '.join(DEFAULTS)}")
         for key in ("checkpoint", "images"):
             if not args[key]:
                 raise ConfigError(key, "required, e.g. checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB'")
         predict(**OmegaConf.to_container(args))
-    except AdtrainError as err:
-        print(f"adtrain.predict: error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+    command("adtrain.predict", __doc__, body, argv)
 
 
 if __name__ == "__main__":

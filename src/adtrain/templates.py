@@ -10,15 +10,13 @@ Writes the updated checkpoint atomically (in place unless out= is given). Python
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from adtrain.errors import AdtrainError, ConfigError
+from adtrain.errors import ConfigError
 
 log = logging.getLogger("adtrain")
 DEFAULTS = {"checkpoint": None, "images": None, "out": None, "recompress": False, "batch_size": 8, "device": "auto"}
@@ -52,9 +50,10 @@ def add_images(checkpoint: str, images: str, out: str | None = None, recompress:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+    from adtrain.cli import command
+
+    def body(argv: list[str]) -> None:
+        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
         if not argv or argv[0] != "add":
             raise ConfigError("command", "usage: python -m adtrain.templates add checkpoint=... images=...")
         args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv[1:]))
@@ -65,9 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             if not args[key]:
                 raise ConfigError(key, "required")
         print(add_images(**OmegaConf.to_container(args)))
-    except AdtrainError as err:
-        print(f"adtrain.templates: error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+    command("adtrain.templates", __doc__, body, argv)
 
 
 if __name__ == "__main__":

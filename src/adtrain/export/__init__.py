@@ -79,26 +79,23 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     from omegaconf import OmegaConf
 
-    from adtrain.errors import AdtrainError
+    from adtrain.cli import command
 
     defaults = {"checkpoint": None, "format": "onnx", "out": None, "layout": "nhwc", "batch": 2}
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    args = OmegaConf.merge(OmegaConf.create(defaults),
-                           OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
-    try:
+
+    def body(argv: list[str]) -> None:
+        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+        args = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.from_dotlist(argv))
         unknown = set(args.keys()) - set(defaults)
         if unknown:
             raise ConfigError(sorted(unknown)[0], f"unknown option; known: {', '.join(defaults)}")
         if not args.checkpoint:
             raise ConfigError("checkpoint", "required, e.g. checkpoint=RUN/checkpoints/model.ckpt format=onnx")
         print(export(**OmegaConf.to_container(args)))
-    except AdtrainError as err:
-        print(f"adtrain-export: error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+    command("adtrain-export", __doc__, body, argv)
 
 
 __all__ = ["export", "main", "FORMATS"]
