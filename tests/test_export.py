@@ -206,6 +206,9 @@ def test_detector_takes_arrays_pil_and_paths_and_names_bad_input(runs):
         det.predict(arr.astype(np.float32))
     with pytest.raises(DataError, match="nope.png"):
         det.predict(["nope.png"])
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((5, 0), np.uint8), Image.new("RGB", (0, 4))):
+        with pytest.raises(DataError, match=r"images\[1\].*empty image"):  # was scored as a blank image
+            det.predict([arr, empty])
     with pytest.raises(ConfigError, match="batch_size"):
         Detector.load(run_dir / "checkpoints" / "model.ckpt", batch_size=0)
 

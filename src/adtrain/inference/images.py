@@ -31,10 +31,14 @@ def as_rgb(image: Any, where: str) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_image(image)
     if isinstance(image, Image.Image):
-        return image_to_rgb(image)
-    if isinstance(image, np.ndarray):
-        return _from_array(image, where)
-    raise DataError(where, f"not an image: give a path, a PIL image or a uint8 array, got {type(image).__name__}")
+        rgb = image_to_rgb(image)
+    elif isinstance(image, np.ndarray):
+        rgb = _from_array(image, where)
+    else:
+        raise DataError(where, f"not an image: give a path, a PIL image or a uint8 array, got {type(image).__name__}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:  # it would be scored as a blank image of the run's size
+        raise DataError(where, f"empty image ({rgb.shape[1]}x{rgb.shape[0]} pixels)")
+    return rgb
 
 
 def image_list(images: Any) -> tuple[list[Any], list[str]]:
