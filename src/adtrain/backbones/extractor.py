@@ -74,11 +74,12 @@ class FeatureExtractor(nn.Module):
         if kind not in KINDS:
             raise ConfigError("backbone.kind", f"'{kind}' is not one of {KINDS}")
         if not self.layers:
-            raise ConfigError("layers", "no backbone layer requested")
+            raise ConfigError("method.layers", "no backbone layer requested")
         unknown = [layer for layer in self.layers if layer not in stages]
-        if unknown:
+        if unknown:  # the method asks for them; the backbone config names what exists
             raise ConfigError(
-                "backbone.stages", f"layers {unknown} not defined for '{name}' (have {list(stages)})"
+                "method.layers", f"{unknown} not among backbone.stages of '{name}' ({list(stages)}); "
+                "choose among them, or name the stage in backbone.stages"
             )
         self._index = {layer: stages[layer] for layer in self.layers}
         self._indices = sorted(set(self._index.values()))
