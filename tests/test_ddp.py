@@ -132,7 +132,8 @@ TRAINED = {"stfpm": [],  # DFM trained (lr > 0): its memory is resized after DDP
 def test_ddp_trained_method_scores_every_test_image_once(tmp_path, method):
     """Trained under DDP (gradients averaged over shards: not the single-process numbers). The run
     itself fails (distributed.check_parameters_agree) if the ranks' parameters differ after the fit."""
-    res = _cli(tmp_path / "ddp", f"method={method}", *TRAINED[method], "trainer=ddp", "trainer.devices=2")
+    res = _cli(tmp_path / "ddp", f"method={method}", *TRAINED[method], "trainer=ddp", "trainer.devices=2",
+               "data.augment=[{_target_:albumentations.HorizontalFlip,p:0.5}]")  # per-item draws (adtrain.data.sampling)
     rows = _scores(tmp_path / "ddp")
     assert res["num_test"] == len(rows) == len({r["path"] for r in rows}) == 16
     scores, labels = [float(r["score"]) for r in rows], [int(r["label"]) for r in rows]

@@ -365,6 +365,26 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
     assert {d.index: d.seed for d in first} == {d.index: d.seed for d in EpochShuffle(50, seed=3)}
 
 
+def test_ddp_shards_of_an_epoch_are_its_single_process_order_with_the_same_draws():
+    """Under DDP each rank takes every world-th item of the same (seed, epoch) order, padded as
+    torch's DistributedSampler pads, each item with its single-process seed; Lightning keeps the
+    sampler (a DistributedSampler) instead of its own, whose items' draws were the workers'."""
+    from torch.utils.data import DistributedSampler
+
+    from adtrain.data.sampling import EpochShard, EpochShuffle
+
+    for n, world in ((10, 2), (10, 3), (2, 4), (0, 2)):
+        whole = EpochShuffle(n, seed=5, epoch=2)
+        shards = [EpochShard(n, seed=5, rank=r, world=world, epoch=0) for r in range(world)]
+        for s in shards:
+            s.set_epoch(2)  # as Lightning does
+            assert isinstance(s, DistributedSampler) and len(list(s)) == len(s) == -(-n // world)
+        order = list(whole)
+        padded = order + (order * world)[: len(shards[0]) * world - n]
+        assert [list(s) for s in shards] == [padded[r::world] for r in range(world)]
+        assert {d for s in shards for d in s} == set(order)  # same Draw (index and seed) as one process
+
+
 def test_a_resumed_trainer_s_first_loader_starts_at_its_epoch(tmp_path):
     """Lightning makes the first training iterator before set_epoch, and workers fetch their first
     indices at once: a resumed run replayed epoch 0's order at epoch k."""

@@ -242,13 +242,16 @@ class AnomalyDataModule(LightningDataModule):
                             batch_size or (self.batch_size if train else self.eval_batch_size))
 
     def _loader(self, dataset, shuffle: bool, batch_size: int, sampler=None, num_workers: int | None = None) -> DataLoader:
-        from adtrain.data.sampling import EpochShuffle, loader_generator, next_epoch
+        from adtrain.data.sampling import EpochShard, EpochShuffle, loader_generator, next_epoch
 
         workers = self.num_workers if num_workers is None else int(num_workers)
-        if shuffle and sampler is None and distributed.world_size() == 1:
-            # (seed, epoch) alone choose the order: not the global RNG (adtrain.data.sampling); under
-            # DDP Lightning's DistributedSampler shuffles by seed and epoch already
-            sampler, shuffle = EpochShuffle(len(dataset), self.seed, next_epoch(self.trainer)), False
+        if shuffle and sampler is None:
+            # (seed, epoch) alone choose the order and each item's draws: not the global RNG nor a
+            # worker's (adtrain.data.sampling); under DDP each rank takes its shard of that order
+            world, epoch = distributed.world_size(), next_epoch(self.trainer)
+            sampler = EpochShuffle(len(dataset), self.seed, epoch) if world == 1 else \
+                EpochShard(len(dataset), self.seed, distributed.rank(), world, epoch)
+            shuffle = False
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=False,
                           num_workers=workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=workers > 0, generator=loader_generator(self.seed))

@@ -1,4 +1,5 @@
-"""The order in which a training epoch sees its samples, a function of (seed, epoch) alone.
+"""The order in which a training epoch sees its samples, and each sample's random draws: functions of
+(seed, epoch) and (seed, epoch, index) alone.
 
 A DataLoader left to itself shuffles from torch's global RNG, and draws its workers' base seed from
 it too: once per iterator, i.e. every epoch with ``num_workers=0`` but only once with persistent
@@ -18,6 +19,7 @@ Two more things a worker process used to decide, both now a function of (seed, e
   worker that loaded it: its stream depended on the worker count and restarted with a resumed
   process. Each index is yielded as a `Draw` carrying its own seed (`item_seed`), which
   `AnomalyDataset` uses instead.
+Under DDP `EpochShard` gives each rank its share of that order, with the same draws.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 def _mix(seed: int, epoch: int) -> int:
@@ -73,6 +75,29 @@ class EpochShuffle(Sampler[Draw]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class EpochShard(DistributedSampler):
+    """`EpochShuffle` under DDP: this rank's share of the epoch's permutation, each index a `Draw`
+    with the same seed it has in a single process. Sharded as torch's DistributedSampler does
+    (padded by repeating the permutation's start to a multiple of the world size, then every
+    world-th item), and a DistributedSampler itself, so Lightning keeps it rather than putting
+    its own (seeded by the global seed, its items' draws left to the workers' RNG) in its place."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int, epoch: int = 0):
+        self.n, self.seed, self.epoch = int(n), int(seed), int(epoch)
+        self.rank, self.num_replicas = int(rank), int(world)
+        self.num_samples = -(-self.n // self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+        self.shuffle, self.drop_last = True, False
+
+    def __iter__(self):
+        order = list(EpochShuffle(self.n, self.seed, self.epoch))
+        order += (order * (-(-self.total_size // max(len(order), 1))))[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def loader_generator(seed: int) -> torch.Generator:
