@@ -528,6 +528,7 @@ def test_bad_config_values_fail_before_anything_is_written(fast_cfg, tmp_path, o
 @pytest.mark.parametrize("method, over, key", [
     ("patchcore", "method.coreset_ratio=2", "method.coreset_ratio"),
     ("cfa", "method.gamma_c=0", "method.gamma_c"),
+    ("stfpm", "method.image_size=[0,0]", "method.image_size"),  # data.image_size is ${method.image_size}
 ])
 def test_a_constructor_s_bad_argument_is_named_where_it_is_set(fast_cfg, tmp_path, method, over, key):
     """The constructor knows its argument as coreset_ratio; the user sets method.coreset_ratio."""

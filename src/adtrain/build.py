@@ -28,9 +28,16 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
         return hydra.utils.instantiate(cfg, _convert_="all", **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, ConfigError) and cause.key in cfg and cause.detail is not None:
-            # a constructor names its own argument: say where it is set (coreset_ratio -> method.coreset_ratio)
-            raise ConfigError(f"{where}.{cause.key}", cause.detail) from None
+        if isinstance(cause, ConfigError) and cause.detail is not None:
+            # a constructor names its own argument: say where it is set (coreset_ratio -> method.coreset_ratio,
+            # data.image_size -> the method.image_size it is interpolated from)
+            key = cause.key.removeprefix(f"{where}.")
+            if key in cfg:
+                raw = OmegaConf.to_container(node, resolve=False).get(key)
+                source = raw[2:-1] if isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") \
+                    and ":" not in raw and raw.count("${") == 1 else None
+                raise ConfigError(source or f"{where}.{key}", cause.detail + (
+                    f" ({where}.{key} is {raw})" if source else "")) from None
         if isinstance(cause, AdtrainError):
             raise cause from None
         if isinstance(cause, (TypeError, ValueError)):
