@@ -7,7 +7,8 @@ All sides score the same uint8 images already at the run's image_size (no file r
 PyTorch path = the run's eval transform (albumentations) + `predict_step` of the loaded method,
 eager, on the CPU; each format = one call of `adtrain-export format=F` (preprocessing, model,
 threshold and display map in the graph): ONNX Runtime's CPUExecutionProvider, TorchScript
-(frozen), OpenVINO's CPU plugin in f32 (as `adtrain.export.formats.open_export` compiles it).
+(frozen), OpenVINO's CPU plugin in f32, each opened by `adtrain.export.formats.open_export` as
+`adtrain.Detector` and adtrain-predict open it.
 Three warm-up batches each (a path's first calls run slower), then the median batch time of
 --batches batches. Every runtime gets the same thread count, and each export's scores are
 checked against the PyTorch path's.
@@ -24,6 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+VERSIONS = {"onnx": lambda: __import__("onnxruntime").__version__, "torchscript": lambda: torch.__version__,
+            "openvino": lambda: __import__("openvino").__version__}
 
 
 def median_seconds(fn, batches: int, warmup: int = 3) -> float:
@@ -49,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from adtrain.export import export
-    from adtrain.export.formats import FORMATS
+    from adtrain.export.formats import FORMATS, open_export
     from adtrain.inference.graph import run_preprocessing
     from adtrain.loading import load_method
 
@@ -70,42 +75,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in args.formats:
             path = export(args.checkpoint, fmt, out=Path(tmp) / f"model{FORMATS[fmt]}")
-            run, version = _runtime(fmt, path, args.threads)
+            _, run = open_export(path, "cpu", threads=args.threads)  # as adtrain.Detector and predict open it
             seconds = median_seconds(lambda: run(images), args.batches)
-            score = np.asarray(run(images)[0], dtype=np.float64)
+            score = np.asarray(run(images)["score"], dtype=np.float64)
             res[f"{fmt}_images_per_s"] = round(args.batch_size / seconds, 2)
             res[f"{fmt}_speedup"] = round(torch_s / seconds, 2)
             res[f"{fmt}_max_rel_score_diff"] = float(np.max(np.abs(score - reference) / np.maximum(np.abs(reference), 1e-12)))
-            res[f"{fmt}_version"] = version
+            res[f"{fmt}_version"] = VERSIONS[fmt]()
     print(json.dumps(res))
     if args.out:
         from adtrain.io import write_json
 
         write_json(args.out, res)
-
-
-def _runtime(fmt: str, path: Path, threads: int):
-    """(run(uint8 batch) -> outputs with the score first, runtime version) with ``threads`` threads."""
-    if fmt == "onnx":
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return (lambda batch: sess.run(None, {"images": batch})), ort.__version__
-    if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu")
-
-        def run(batch):
-            with torch.no_grad():
-                return [o.numpy() for o in module(torch.from_numpy(batch))]
-        return run, torch.__version__
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
-    return (lambda batch: [compiled(batch)[compiled.output(0)]]), ov.__version__
 
 
 if __name__ == "__main__":

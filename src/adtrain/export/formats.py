@@ -111,8 +111,11 @@ def _outputs(values) -> dict[str, np.ndarray]:
     return {name: np.asarray(v) for name, v in zip(OUTPUTS, values)}
 
 
-def open_export(path: str | Path, device: str = "cpu") -> tuple[dict, Callable[[np.ndarray], dict]]:
-    """(metadata, run): run(uint8 batch as the export's layout) -> {score, map, decision, normalized_score}."""
+def open_export(path: str | Path, device: str = "cpu", threads: int | None = None
+                ) -> tuple[dict, Callable[[np.ndarray], dict]]:
+    """(metadata, run): run(uint8 batch as the export's layout) -> {score, map, decision, normalized_score}.
+    threads: the CPU threads ONNX Runtime and OpenVINO use (None: their default, every core); a
+    TorchScript export runs on torch's own thread setting."""
     path = Path(path)
     fmt = export_format(path) if path.is_file() else None
     if fmt is None:
@@ -131,7 +134,10 @@ def open_export(path: str | Path, device: str = "cpu") -> tuple[dict, Callable[[
             ort = _require("onnxruntime", "onnx")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") \
                 else ["CPUExecutionProvider"]
-            session = ort.InferenceSession(str(path), providers=providers)
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
+            session = ort.InferenceSession(str(path), opts, providers=providers)
             meta = json.loads(session.get_modelmeta().custom_metadata_map[META_KEY])
 
             def run(batch: np.ndarray) -> dict:
@@ -143,7 +149,8 @@ def open_export(path: str | Path, device: str = "cpu") -> tuple[dict, Callable[[
             meta = json.loads(model.get_rt_info(META_KEY).astype(str))
             # f32 throughout: OpenVINO otherwise runs bf16/f16 where the CPU or GPU has it
             compiled = core.compile_model(model, "GPU" if device.startswith("cuda") else "CPU",
-                                          {"INFERENCE_PRECISION_HINT": "f32"})
+                                          {"INFERENCE_PRECISION_HINT": "f32",
+                                           **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {})})
 
             def run(batch: np.ndarray) -> dict:
                 res = compiled(batch)
