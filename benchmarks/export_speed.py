@@ -1,7 +1,7 @@
 """Images/s of an exported model in each runtime (CPU) against the PyTorch path, same checkpoint.
 
     python benchmarks/export_speed.py --checkpoint RUN/checkpoints/model.ckpt [--batch-size 8]
-        [--batches 10] [--threads 2] [--formats onnx torchscript openvino] [--out FILE]
+        [--batches 10] [--threads 2] [--formats onnx torchscript openvino] [--profile] [--out FILE]
 
 All sides score the same uint8 images already at the run's image_size (no file reading):
 PyTorch path = the run's eval transform (albumentations) + `predict_step` of the loaded method,
@@ -11,7 +11,8 @@ threshold and display map in the graph): ONNX Runtime's CPUExecutionProvider, To
 `adtrain.Detector` and adtrain-predict open it.
 Three warm-up batches each (a path's first calls run slower), then the median batch time of
 --batches batches. Every runtime gets the same thread count, and each export's scores are
-checked against the PyTorch path's.
+checked against the PyTorch path's. --profile: after timing, torch's profiler over one batch of
+the TorchScript export (its ops' share of the time, printed before the figures).
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def _open(open_export, path: Path, threads: int):
+    """The export opened as adtrain.Detector and predict open it, with ``threads`` threads. An adtrain
+    from before open_export's ``threads`` (an A/B run against an older commit) opens it with the
+    runtimes' default, every core: the same count only where --threads is the machine's core count."""
+    import inspect
+    import os
+
+    if "threads" in inspect.signature(open_export).parameters:
+        return open_export(path, "cpu", threads=threads)
+    if threads != os.cpu_count():
+        print(f"note: this adtrain's open_export has no thread count: its runtimes use all {os.cpu_count()} cores")
+    return open_export(path, "cpu")
 
 
 VERSIONS = {"onnx": lambda: __import__("onnxruntime").__version__, "torchscript": lambda: torch.__version__,
@@ -50,6 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--formats", nargs="+", default=["onnx", "torchscript", "openvino"],
                     choices=["onnx", "torchscript", "openvino"])
+    ap.add_argument("--profile", action="store_true", help="profile one batch of the TorchScript export")
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
 
@@ -75,13 +91,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in args.formats:
             path = export(args.checkpoint, fmt, out=Path(tmp) / f"model{FORMATS[fmt]}")
-            _, run = open_export(path, "cpu", threads=args.threads)  # as adtrain.Detector and predict open it
+            _, run = _open(open_export, path, args.threads)
             seconds = median_seconds(lambda: run(images), args.batches)
             score = np.asarray(run(images)["score"], dtype=np.float64)
             res[f"{fmt}_images_per_s"] = round(args.batch_size / seconds, 2)
             res[f"{fmt}_speedup"] = round(torch_s / seconds, 2)
             res[f"{fmt}_max_rel_score_diff"] = float(np.max(np.abs(score - reference) / np.maximum(np.abs(reference), 1e-12)))
             res[f"{fmt}_version"] = VERSIONS[fmt]()
+            if args.profile and fmt == "torchscript":
+                with torch.autograd.profiler.profile() as prof:
+                    run(images)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     print(json.dumps(res))
     if args.out:
         from adtrain.io import write_json
