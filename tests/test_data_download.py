@@ -28,9 +28,7 @@ def _tar(tmp_path, wrap: str | None = None):
 def test_download_verify_extract_with_local_archive(tmp_path, monkeypatch, wrap):
     archive, md5 = _tar(tmp_path, wrap)
     spec = dl.ArchiveSpec("MVTec AD", "https://example.invalid/mvtec.tar.xz", md5, "mvtec.tar.xz")
-    monkeypatch.setattr(dl, "MVTEC_AD", spec)
-    import adtrain.data.mvtec as mv
-    monkeypatch.setattr(mv, "MVTEC_AD", spec)
+    monkeypatch.setattr(MVTecDataModule, "archive", spec)
     calls = []
     monkeypatch.setattr(dl, "fetch_url", lambda url, dest: (calls.append(url), shutil.copy(archive, dest)))
     root = tmp_path / "data"
@@ -117,7 +115,7 @@ def _visa_tar(tmp_path):
 
 
 def test_visa_spec_has_the_published_checksum():
-    assert dl.VISA.md5 == "ef908989b6dc701fc218f643c127a4de"  # as published with anomalib's VisA loader
+    assert dl.VISA.checksum == "ef908989b6dc701fc218f643c127a4de"  # as published with anomalib's VisA loader
     assert dl.VISA.filename == "VisA_20220922.tar"
 
 
@@ -146,4 +144,4 @@ def test_visa_download_is_checksummed(tmp_path, monkeypatch, good):
 def test_archive_without_checksum_is_refused(tmp_path):
     archive, _ = _visa_tar(tmp_path)
     with pytest.raises(DataError, match="no checksum"):
-        dl.verify_md5(archive, "")
+        dl.verify_checksum(archive, "")

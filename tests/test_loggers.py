@@ -42,6 +42,9 @@ def test_wandb_offline_logs_heatmaps_table_and_checkpoint(fast_cfg, tmp_path, mo
     assert "hydra" not in wb["config"]
     assert wb["history"]["test/image_auroc"] == pytest.approx(res["image_auroc"])
     assert wb["history"]["test/pixel_auroc"] == pytest.approx(res["pixel_auroc"])
+    assert wb["history"]["test/at_threshold/recall"] == pytest.approx(res["test_at_threshold"]["recall"])
+    for defect, value in res["image_auroc_by_defect"].items():
+        assert wb["history"][f"test/image_auroc/{defect}"] == pytest.approx(value)
     assert {"stfpm", "synthetic", "schedule:single"} <= set(wb["tags"]) and wb["group"] is None
     assert wb["name"] == f"stfpm-synthetic-{res['category']}-seed0" and wb["exit_code"] == 0
 

@@ -81,15 +81,18 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def _problems(samples, with_masks: bool) -> list[DataError]:
+    from adtrain.data.image_io import mask_files
+
     found = []
     for s in samples:
         try:
             size = header_size(s.path)
             if with_masks and s.mask_path is not None:
-                msize = header_size(s.mask_path)
-                if msize != size:
-                    raise DataError(s.mask_path, f"mask size {msize[0]}x{msize[1]} differs from image {s.path} "
-                                    f"{size[0]}x{size[1]}")
+                for mask in mask_files(s.mask_path):  # a file, or each file of a mask folder
+                    msize = header_size(mask)
+                    if msize != size:
+                        raise DataError(mask, f"mask size {msize[0]}x{msize[1]} differs from image {s.path} "
+                                        f"{size[0]}x{size[1]}")
         except DataError as err:
             found.append(err)
     return found

@@ -23,6 +23,10 @@ from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment,
 from adtrain.errors import ConfigError, DataError
 
 
+#: data.val_split's value for a dataset's own validation split (MVTec LOCO AD, MVTec 3D-AD)
+OFFICIAL = "official"
+
+
 def seeded_rng(seed: int, *keys: str) -> np.random.Generator:
     """A generator that depends only on the seed and the given names (stable across runs)."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF] + [zlib.crc32(k.encode()) for k in keys])
@@ -57,7 +61,8 @@ class AnomalyDataModule(LightningDataModule):
 
     category: one name, or a list (a task grouping several categories).
     val_split: fraction of the training normals held out (seeded, per category) for model
-    selection, thresholds and normalisation; never the test set.
+    selection, thresholds and normalisation; never the test set. "official": the dataset's own
+    validation normals instead (``_official_val_samples``), every training normal kept.
     shots: keep k training normals per category (seeded), chosen after the held-out split.
     resize: how images are resized to image_size (``adtrain.data.resize``): pil_bilinear (default,
     torchvision's Resize of a PIL image, antialiased), pil_lanczos, cv2_linear (OpenCV bilinear,
@@ -103,9 +108,20 @@ class AnomalyDataModule(LightningDataModule):
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("data.batch_size", "must be >= 1")
         self.num_workers = int(num_workers)
-        if not 0.0 <= float(val_split) < 1.0:
-            raise ConfigError("data.val_split", f"must be in [0, 1), got {val_split}")
-        self.val_split = float(val_split)
+        if val_split == OFFICIAL:
+            if not self.has_official_val:
+                raise ConfigError("data.val_split", f"'{OFFICIAL}' needs a dataset released with its own "
+                                  "validation normals (mvtec_loco, mvtec_3d); use a fraction of the training "
+                                  "normals, e.g. 0.2")
+            self.val_split = OFFICIAL
+        else:
+            try:
+                ok = 0.0 <= float(val_split) < 1.0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError("data.val_split", f"must be a fraction in [0, 1) or '{OFFICIAL}', got {val_split!r}")
+            self.val_split = float(val_split)
         self.seed = int(seed)
         if shots is not None and int(shots) < 1:
             raise ConfigError("data.shots", f"must be a positive integer or null, got {shots}")
@@ -141,6 +157,13 @@ class AnomalyDataModule(LightningDataModule):
         """All test samples of self.categories."""
         raise NotImplementedError
 
+    #: does the dataset come with its own validation normals (data.val_split=official)?
+    has_official_val: bool = False
+
+    def _official_val_samples(self) -> list[Sample]:
+        """The dataset's own validation normals (data.val_split=official; see has_official_val)."""
+        raise NotImplementedError
+
     def sample_loader(self) -> Callable[[Sample], Loaded]:
         """Picklable callable Sample -> (image uint8 HxWx3, mask {0,1} HxW or None)."""
         return load_sample
@@ -154,9 +177,13 @@ class AnomalyDataModule(LightningDataModule):
             raise DataError(self._describe(), f"no training images for category {self.category}")
         if any(s.label != 0 for s in train_all):
             raise DataError(self._describe(), "training samples must all be normal (label 0)")
+        official = group_by_category(self._official_val_samples()) if self.val_split == OFFICIAL else None
         train, val = [], []
         for cat, group in group_by_category(train_all).items():
-            rest, held = split_by_fraction(group, self.val_split, seeded_rng(self.seed, "val_split", cat))
+            if official is not None:
+                rest, held = group, official.get(cat, [])
+            else:
+                rest, held = split_by_fraction(group, self.val_split, seeded_rng(self.seed, "val_split", cat))
             if self.shots is not None:
                 if self.shots > len(rest):
                     raise ConfigError("data.shots", f"{self.shots} shots requested but category '{cat}' has "

@@ -179,7 +179,8 @@ class CutPaste:
         u = torch.from_numpy(rng.random((1, _NUM_UNIFORMS))).float()
         if not apply:
             return img, np.zeros((h, w), np.uint8)
-        x01 = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        # a read-only image (memory-mapped from the image cache) is copied: torch warns on read-only arrays
+        x01 = torch.from_numpy(np.require(img, requirements=("C", "W"))).permute(2, 0, 1).unsqueeze(0).float() / 255.0
         out, mask = paste(x01, _params(u, h, w, self.config))
         out_u8 = (out[0].permute(1, 2, 0) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
         return out_u8, mask[0, 0].to(torch.uint8).numpy()

@@ -6,10 +6,12 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,15 +25,15 @@ log = logging.getLogger(__name__)
 class ArchiveSpec:
     name: str  # dataset name for messages
     url: str
-    md5: str  # published md5 of the archive (the one anomalib checks too)
+    checksum: str  # published hex digest of the archive (the one anomalib checks too): 32 digits md5, 64 sha256
     filename: str
 
 
 MVTEC_AD = ArchiveSpec(
     "MVTec AD",
-    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/"
+    "https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/420938113-1629960298/"
     "mvtec_anomaly_detection.tar.xz",
-    "eefca59f2cede9c3fc5b6befbfec275e",
+    "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
     "mvtec_anomaly_detection.tar.xz",
 )
 VISA = ArchiveSpec(
@@ -39,6 +41,26 @@ VISA = ArchiveSpec(
     "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
     "ef908989b6dc701fc218f643c127a4de",
     "VisA_20220922.tar",
+)
+MVTEC_3D = ArchiveSpec(
+    "MVTec 3D-AD",
+    "https://www.mydrive.ch/shares/150646/25de33f1276dd418cd856f2f48a84cdb/download/428824485-1643299897/"
+    "mvtec_3d_anomaly_detection.tar.xz",
+    "d8bb2800fbf3ac88e798da6ae10dc819",
+    "mvtec_3d_anomaly_detection.tar.xz",
+)
+MVTEC_AD2 = ArchiveSpec(
+    "MVTec AD 2",
+    "https://www.mydrive.ch/shares/150997/701c90d3aea6588f404936e32a674602/download/466712769-1743429042/"
+    "mvtec_ad_2.tar.gz",
+    "c0ded99ef32bfc8e352d52beb44515e5b292b8598cb963aadfa91ca0763505e4",
+    "mvtec_ad_2.tar.gz",
+)
+BTAD = ArchiveSpec(
+    "BTAD",
+    "https://avires.dimi.uniud.it/papers/btad/btad.zip",
+    "461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a",
+    "btad.zip",
 )
 
 
@@ -58,20 +80,27 @@ def fetch_url(url: str, dest: Path, chunk: int = 1 << 20) -> None:
                 next_log += 256 << 20
 
 
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+_DIGESTS = {32: "md5", 64: "sha256"}  # hex digits -> algorithm
+
+
+def file_digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def verify_md5(path: Path, expected: str) -> None:
+def verify_checksum(path: Path, expected: str) -> None:
+    """md5 or sha256, told apart by the expected digest's length."""
+    algorithm = _DIGESTS.get(len(expected or ""))
     if not expected:
         raise DataError(path, "no checksum to verify this archive against: refusing to extract it")
-    got = md5sum(path)
+    if algorithm is None:
+        raise DataError(path, f"checksum {expected!r} is neither an md5 (32 hex digits) nor a sha256 (64)")
+    got = file_digest(path, algorithm)
     if got != expected.lower():
-        raise DataError(path, f"checksum mismatch (md5 {got}, expected {expected}): the file is "
+        raise DataError(path, f"checksum mismatch ({algorithm} {got}, expected {expected}): the file is "
                               "incomplete or corrupt")
 
 
@@ -102,8 +131,19 @@ def _check_members(tar: tarfile.TarFile, archive: Path, dest: Path) -> None:
                             "extraction folder or is a device file")
 
 
+def _check_zip_members(zf: zipfile.ZipFile, archive: Path, dest: Path) -> None:
+    """Refuse a zip with a member outside ``dest`` or a symbolic link (zipfile would rename the
+    first and write the second as a file: refused instead, as for a tar)."""
+    base = dest.resolve()
+    for info in zf.infolist():
+        mode = info.external_attr >> 16
+        if not (base / info.filename).resolve().is_relative_to(base) or stat.S_ISLNK(mode):
+            raise DataError(archive, f"refusing to extract member {info.filename!r}: it leaves the "
+                            "extraction folder or is a link")
+
+
 def extract_archive(archive: Path, root: Path, wanted: Sequence[str] = ()) -> list[str]:
-    """Extract a tar archive into root atomically: first into a temp dir inside root, then each
+    """Extract a tar or zip archive into root atomically: first into a temp dir inside root, then each
     top-level entry is renamed into place (entries already in root are kept). Single wrapping
     folders are skipped until one holds a `wanted` entry. Returns the names moved.
     """
@@ -111,13 +151,18 @@ def extract_archive(archive: Path, root: Path, wanted: Sequence[str] = ()) -> li
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
     try:
         try:
-            with tarfile.open(archive) as tar:
-                _check_members(tar, archive, tmp)  # every Python: 3.11 before 3.11.4 has no filter
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(tmp, filter="data")
-                else:
-                    tar.extractall(tmp)
-        except (tarfile.TarError, OSError, EOFError) as e:
+            if zipfile.is_zipfile(archive):  # BTAD ships a zip
+                with zipfile.ZipFile(archive) as zf:
+                    _check_zip_members(zf, archive, tmp)
+                    zf.extractall(tmp)
+            else:
+                with tarfile.open(archive) as tar:
+                    _check_members(tar, archive, tmp)  # every Python: 3.11 before 3.11.4 has no filter
+                    if hasattr(tarfile, "data_filter"):
+                        tar.extractall(tmp, filter="data")
+                    else:
+                        tar.extractall(tmp)
+        except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:
             raise DataError(archive, f"cannot extract archive: {e}") from e
         src = _content_root(tmp, wanted)
         moved = []
@@ -157,7 +202,7 @@ def download_dataset(spec: ArchiveSpec, root: str | Path, layout: str, wanted: S
                                   + manual_instructions(spec, root, layout)) from e
         os.replace(part, archive)
     try:
-        verify_md5(archive, spec.md5)
+        verify_checksum(archive, spec.checksum)
     except DataError as e:
         archive.unlink(missing_ok=True)
         raise DataError(archive, f"{str(e).removeprefix(f'{e.path}: ')}; it was deleted: run again to "

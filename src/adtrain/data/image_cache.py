@@ -36,12 +36,14 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from adtrain.data.image_io import mask_files
 from adtrain.data.resize import DEFAULT, ImageResize, describe
 from adtrain.errors import AdtrainError, ConfigError
 
@@ -80,6 +82,8 @@ def _stat(path) -> list | None:
         st = os.stat(path)
     except (OSError, ValueError):  # not a file (e.g. synthetic://...): the loader's key covers it
         return None
+    if stat.S_ISDIR(st.st_mode):  # a mask folder (MVTec LOCO): every file in it
+        return [[p.name, *_stat(p)] for p in mask_files(path)]
     return [st.st_size, st.st_mtime_ns]
 
 

@@ -117,13 +117,34 @@ def mask_from_array(arr: np.ndarray) -> np.ndarray:
     return (arr > 0).astype(np.uint8)
 
 
+def mask_files(mask_path: str | Path) -> list[Path]:
+    """The files of a ground-truth mask: the file itself, or every image in a mask folder (MVTec
+    LOCO keeps one file per defect region in ``ground_truth/<defect>/<stem>/``)."""
+    p = Path(mask_path)
+    if not p.is_dir():
+        return [p]
+    files = list_images(p)
+    if not files:
+        raise DataError(p, "mask folder holds no mask image")
+    return files
+
+
 def read_mask(mask_path: str | Path, image_size: tuple[int, int] | None = None,
               image_path: str | Path | None = None) -> np.ndarray:
-    """Read a ground-truth mask as {0,1} uint8 (H,W); >0 is defect.
+    """Read a ground-truth mask as {0,1} uint8 (H,W); >0 is defect. A folder of masks
+    (``mask_files``) reads as their union.
 
     image_size is the image's (W, H); a mask of another size raises DataError(mask_path, ...).
     Palette masks use their indices (0 = background), as label PNGs do.
     """
+    files = mask_files(mask_path)
+    if len(files) > 1 or files[0] != Path(mask_path):
+        if image_size is None:
+            image_size = read_mask(files[0]).shape[::-1]
+        union = np.zeros(image_size[::-1], np.uint8)
+        for f in files:
+            union |= read_mask(f, image_size, image_path)
+        return union
     with _open(mask_path) as im:
         if im.mode in ("LA", "La", "PA"):
             arr = np.asarray(im.getchannel(0))

@@ -1,4 +1,4 @@
-"""Tiny on-disk datasets in the MVTec AD and VisA layouts, for tests and smoke runs."""
+"""Tiny on-disk datasets in the MVTec AD (and its variants') and VisA layouts, for tests and smoke runs."""
 
 from __future__ import annotations
 
@@ -24,32 +24,60 @@ def _box(size: int, i: int) -> tuple[int, int, int, int]:
     return off, off + s, x0, x0 + s
 
 
+#: how each dataset of the MVTec AD family differs from it: (normal folder, image subfolder,
+#: image extension, mask rule, test folder); see adtrain.data.mvtec and its subclasses
+LAYOUTS = {
+    "mvtec": ("good", "", ".png", "mask_suffix", "test"),  # ground_truth/<defect>/<stem>_mask.png (MPDD too)
+    "btad": ("ok", "", ".bmp", "stem", "test"),             # ground_truth/<defect>/<stem>.png
+    "mvtec_loco": ("good", "", ".png", "folder", "test"),   # ground_truth/<defect>/<stem>/000.png, 001.png
+    "mvtec_3d": ("good", "rgb", ".png", "gt", "test"),      # test/<defect>/gt/<stem>.png beside test/<defect>/rgb
+    "mvtec_ad2": ("good", "", ".png", "mask_suffix", "test_public"),  # test_public/ground_truth/<defect>/
+}
+
+
 def write_mvtec_tree(root: str | Path, category: str = "widget", n_train: int = 6, n_test_good: int = 2,
                      defects: dict[str, int] | None = None, defects_without_gt: dict[str, int] | None = None,
-                     size: int = 32, seed: int = 0, mask_value: int = 255) -> Path:
-    """ROOT/CAT/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}; returns ROOT."""
+                     size: int = 32, seed: int = 0, mask_value: int = 255, layout: str = "mvtec",
+                     n_val: int = 0) -> Path:
+    """ROOT/CAT/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}; returns ROOT.
+    layout: a key of LAYOUTS, for the variants (BTAD, MVTec LOCO AD, MVTec 3D-AD, MVTec AD 2); n_val:
+    images in ROOT/CAT/validation/<normal> (the official validation split of LOCO, 3D-AD and AD 2)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
+    normal, sub, ext, rule, test = LAYOUTS[layout]
     defects = {"crack": 2} if defects is None else defects
     defects_without_gt = defects_without_gt or {}
     cat = root / category
+    gt = cat / test / "ground_truth" if layout == "mvtec_ad2" else cat / "ground_truth"
 
     def save(arr, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(path)
 
-    for i in range(n_train):
-        save(_image(rng, size), cat / "train" / "good" / f"{i:03d}.png")
+    for split, n in (("train", n_train), ("validation", n_val)):
+        for i in range(n):
+            save(_image(rng, size), cat / split / normal / sub / f"{i:03d}{ext}")
     for i in range(n_test_good):
-        save(_image(rng, size), cat / "test" / "good" / f"{i:03d}.png")
+        save(_image(rng, size), cat / test / normal / sub / f"{i:03d}{ext}")
     for name, n in {**defects, **defects_without_gt}.items():
         for i in range(n):
             box = _box(size, i)
-            save(_image(rng, size, box), cat / "test" / name / f"{i:03d}.png")
-            if name in defects:
-                mask = np.zeros((size, size), np.uint8)
-                mask[box[0]:box[1], box[2]:box[3]] = mask_value
-                save(mask, cat / "ground_truth" / name / f"{i:03d}_mask.png")
+            save(_image(rng, size, box), cat / test / name / sub / f"{i:03d}{ext}")
+            if name not in defects:
+                continue
+            mask = np.zeros((size, size), np.uint8)
+            mask[box[0]:box[1], box[2]:box[3]] = mask_value
+            if rule == "folder":  # one file per region: the box's two halves
+                half = (box[0] + box[1]) // 2
+                top, bottom = mask.copy(), mask.copy()
+                top[half:], bottom[:half] = 0, 0
+                save(top, gt / name / f"{i:03d}" / "000.png")
+                save(bottom, gt / name / f"{i:03d}" / "001.png")
+                continue
+            where = {"mask_suffix": gt / name / f"{i:03d}_mask.png",
+                     "stem": gt / name / f"{i:03d}.png",
+                     "gt": cat / "test" / name / "gt" / f"{i:03d}.png"}[rule]
+            save(mask, where)
     return root
 
 

@@ -49,3 +49,42 @@ def image_metrics(scores, labels) -> dict[str, float | None]:
         "image_ap": ap_from_counts(pos, neg),
         "image_f1max": f1max_from_counts(pos, neg),
     }
+
+
+def auroc_by_defect(records: list[dict]) -> dict[str, float | None]:
+    """Image AUROC of each defect type's test images against the normal test images of their
+    category (MVTec LOCO AD's logical / structural split; MVTec AD's per-defect figures). records:
+    scores.csv rows (category, defect, label, score). Keys: the defect, or 'category/defect' where
+    the test set holds several categories."""
+    several = len({r["category"] for r in records}) > 1
+    normals: dict[str, list[float]] = {}
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        if int(r["label"]) == 0:
+            normals.setdefault(r["category"], []).append(float(r["score"]))
+        else:
+            groups.setdefault((r["category"], r["defect"]), []).append(float(r["score"]))
+    out = {}
+    for (cat, defect), scores in sorted(groups.items()):
+        neg = normals.get(cat, [])
+        out[f"{cat}/{defect}" if several else defect] = auroc(scores + neg, [1] * len(scores) + [0] * len(neg))
+    return out
+
+
+def at_threshold(records: list[dict]) -> dict | None:
+    """The test images' decisions at the run's threshold (chosen on held-out normals, never on the
+    test set): counts, recall (defects caught), false-alarm rate, precision, F1 and accuracy.
+    records: scores.csv rows (label, prediction); None where the run has no threshold."""
+    if not records or any(r.get("prediction") is None for r in records):
+        return None
+    tp = sum(1 for r in records if r["prediction"] and int(r["label"]) == 1)
+    fp = sum(1 for r in records if r["prediction"] and int(r["label"]) == 0)
+    fn = sum(1 for r in records if not r["prediction"] and int(r["label"]) == 1)
+    tn = len(records) - tp - fp - fn
+
+    def ratio(a, b):
+        return a / b if b else None
+
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "recall": ratio(tp, tp + fn),
+            "false_alarm_rate": ratio(fp, fp + tn), "precision": ratio(tp, tp + fp),
+            "f1": ratio(2 * tp, 2 * tp + fp + fn), "accuracy": ratio(tp + tn, len(records))}

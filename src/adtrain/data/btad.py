@@ -1,0 +1,31 @@
+"""BTAD (beanTech Anomaly Detection, Mishra et al. 2021): three products in the MVTec AD layout
+with "ok" / "ko" folders: ROOT/CAT/{train/ok, test/ok, test/ko, ground_truth/ko/<stem>.<png|bmp>}."""
+
+from __future__ import annotations
+
+from adtrain.data.download import BTAD
+from adtrain.data.mvtec import MVTecDataModule
+from adtrain.data.transforms import to_plain
+
+BTAD_CATEGORIES = ("01", "02", "03")
+
+
+class BTADDataModule(MVTecDataModule):
+    """Images and masks are read as released (product 01 and 03 images are .bmp, 02 .png): no
+    conversion step. data.download=true fetches btad.zip (sha256-checked) and extracts its
+    BTech_Dataset_transformed/ folder's categories into data.root."""
+
+    dataset_name, root_env = "BTAD", "BTAD_ROOT"
+    known_categories = BTAD_CATEGORIES
+    archive = BTAD
+    homepage = "https://avires.dimi.uniud.it/papers/btad/btad.zip"
+    normal = "ok"
+
+    def __init__(self, root: str, category: str | int | list, download: bool = False, **common):
+        # data.category=01 reaches here as the integer 1 (Hydra's override grammar): name it as released
+        def named(c):
+            return f"{int(c):02d}" if str(c).isdigit() and len(str(c)) < 2 else str(c)
+
+        category = [named(c) for c in to_plain(category)] if isinstance(to_plain(category), (list, tuple)) \
+            else named(category)
+        super().__init__(root=root, category=category, download=download, **common)
