@@ -1,7 +1,9 @@
-"""The MVTec AD family's other releases: MPDD, BTAD, MVTec LOCO AD, MVTec 3D-AD (RGB), MVTec AD 2, each read
-from a small tree in its own layout, through its Hydra config; their official validation split."""
+"""The MVTec AD family's other releases (MPDD, BTAD, MVTec LOCO AD, MVTec 3D-AD's RGB images, MVTec AD 2)
+and Real-IAD, each read from a small tree in its own layout through its Hydra config; the official
+validation splits; per-defect figures and decisions at the threshold in a run's results."""
 
 import hashlib
+import json
 import zipfile
 
 import numpy as np
@@ -207,3 +209,35 @@ def test_loco_run_reports_each_defect_type(base_cfg, tmp_path):
     assert at["tp"] + at["fp"] + at["tn"] + at["fn"] == len(rows) == 8
     assert at["recall"] == pytest.approx(at["tp"] / 4) and at["false_alarm_rate"] == pytest.approx(at["fp"] / 4)
     assert shown["defects caught at threshold"] == f"{at['recall']:.4f}"
+
+
+def test_realiad_reads_its_split_file_and_refuses_paths_outside_the_root(tmp_path):
+    from adtrain.data import RealIADDataModule
+    from adtrain.data.testing import write_realiad_tree
+
+    root = write_realiad_tree(tmp_path / "riad", "audiojack", n_train=10, n_test_ok=3,
+                              defects={"AK": 2, "QS": 1}, train_ng=2)
+    dm = _dm("realiad", root, category="audiojack")
+    assert type(dm) is RealIADDataModule
+    dm.setup()
+    assert len(dm.train_samples) + len(dm.val_samples) == 10  # the 2 defective training entries left out
+    test = dm.test_samples
+    assert sorted((s.defect, s.label) for s in test) == [("AK", 1)] * 2 + [("QS", 1)] + [("good", 0)] * 3
+    batch = next(iter(dm.make_dataloader(test, batch_size=len(test))))
+    assert [bool(m.sum() > 0) for m in batch["mask"]] == [bool(v) for v in batch["label"].tolist()]
+    kept = _dm("realiad", root, "data.train_anomalies=include", category="audiojack")
+    kept.setup()
+    assert len(kept.train_samples) + len(kept.val_samples) == 12
+    assert all(s.label == 0 for s in kept.train_samples + kept.val_samples)
+    with pytest.raises(ConfigError, match="data.resolution"):
+        _dm("realiad", root, "data.resolution=300", category="audiojack")
+    # a split file that lists a path outside data.root is refused, naming the file
+    split = root / "realiad_jsons" / "realiad_jsons" / "audiojack.json"
+    meta = json.loads(split.read_text())
+    meta["test"][0]["image_path"] = "../../../../etc/passwd"
+    split.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="outside data.root") as e:
+        _ = _dm("realiad", root, category="audiojack").test_samples
+    assert e.value.path == str(split)
+    with pytest.raises(DataError, match="split file not found \\('nope' is not a Real-IAD category\\)"):
+        _dm("realiad", root, category="nope").setup()

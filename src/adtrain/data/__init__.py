@@ -11,6 +11,7 @@ from adtrain.data.mvtec import MVTecDataModule
 from adtrain.data.mvtec_3d import MVTec3DDataModule
 from adtrain.data.mvtec_ad2 import MVTecAD2DataModule
 from adtrain.data.mvtec_loco import MVTecLOCODataModule
+from adtrain.data.realiad import RealIADDataModule
 from adtrain.data.synthetic import SyntheticDataModule
 from adtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from adtrain.data.visa import VisADataModule
@@ -18,6 +19,6 @@ from adtrain.data.visa import VisADataModule
 __all__ = [
     "AnomalyDataModule", "AnomalyDataset", "PredictDataset", "Sample", "load_sample",
     "MVTecDataModule", "MPDDDataModule", "BTADDataModule", "MVTecLOCODataModule", "MVTec3DDataModule",
-    "MVTecAD2DataModule", "VisADataModule", "FolderDataModule", "ElpvDataModule", "SyntheticDataModule",
+    "MVTecAD2DataModule", "RealIADDataModule", "VisADataModule", "FolderDataModule", "ElpvDataModule", "SyntheticDataModule",
     "read_image", "read_mask", "IMAGENET_MEAN", "IMAGENET_STD",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -111,4 +112,46 @@ def write_visa_tree(root: str | Path, categories: tuple[str, ...] = ("candle",),
         w = csv.writer(f)
         w.writerow(["object", "split", "label", "image", "mask"])
         w.writerows(rows)
+    return root
+
+
+def write_realiad_tree(root: str | Path, category: str = "audiojack", n_train: int = 6, n_test_ok: int = 2,
+                       defects: dict[str, int] | None = None, train_ng: int = 0, size: int = 32, seed: int = 0,
+                       resolution: str = "256") -> Path:
+    """Real-IAD layout: ROOT/realiad_<res>/CAT/{OK,NG/<code>}/S<id>/*.jpg (+ *_mask.png) and the split
+    file ROOT/realiad_jsons/realiad_jsons/CAT.json; train_ng: defective training entries (as the
+    fully unsupervised split files have). Returns ROOT."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    folder = root / f"realiad_{resolution}" / category
+    split: dict[str, list] = {"train": [], "test": []}
+
+    def add(which: str, code: str, i: int, box=None):
+        rel = f"OK/S{i:04d}/{category}_{i:04d}_OK_C1.jpg" if code == "OK" else \
+            f"NG/{code}/S{i:04d}/{category}_{i:04d}_NG_C1.jpg"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_image(rng, size, box)).save(folder / rel, format="JPEG")
+        entry = {"category": category, "anomaly_class": code, "image_path": rel, "mask_path": None}
+        if box is not None:
+            mask = np.zeros((size, size), np.uint8)
+            mask[box[0]:box[1], box[2]:box[3]] = 255
+            entry["mask_path"] = rel.replace(".jpg", "_mask.png")
+            Image.fromarray(mask).save(folder / entry["mask_path"])
+        split[which].append(entry)
+
+    i = 0
+    for which, n in (("train", n_train), ("test", n_test_ok)):
+        for _ in range(n):
+            add(which, "OK", i)
+            i += 1
+    for j in range(train_ng):
+        add("train", "AK", i, _box(size, j))
+        i += 1
+    for code, n in (defects or {"AK": 2}).items():
+        for j in range(n):
+            add("test", code, i, _box(size, j))
+            i += 1
+    path = root / "realiad_jsons" / "realiad_jsons" / f"{category}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": {"prefix": "", "normal_class": "OK"}, **split}))
     return root

@@ -1,0 +1,122 @@
+"""Real-IAD (Wang et al., CVPR 2024): 30 categories, 5 camera views, listed by JSON files.
+
+ROOT/realiad_<resolution>/<category>/<image_path> with the split file
+ROOT/realiad_jsons/realiad_jsons/<category>.json: {"train": [...], "test": [...]}, each entry
+{"category", "anomaly_class", "image_path", "mask_path"}; anomaly_class "OK" is normal, any other
+code a defect type (AK pit, BX deformation, CH abrasion, HS scratch, PS damage, QS missing part,
+YW foreign object, ZW contamination). Other split files of the release (single view
+``realiad_jsons_sv``, the fully unsupervised ``realiad_jsons_fuiad_<ratio>``) via data.json_path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adtrain.data.base import AnomalyDataModule
+from adtrain.data.dataset import Sample
+from adtrain.errors import ConfigError, DataError
+
+REALIAD_CATEGORIES = ("audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts",
+                      "pcb", "phone_battery", "plastic_nut", "plastic_plug", "porcelain_doll", "regulator",
+                      "rolled_strip_base", "sim_card_set", "switch", "tape", "terminalblock", "toothbrush", "toy_brick",
+                      "toy", "transistor1", "u_block", "usb_adaptor", "usb", "vcpill", "wooden_beads", "woodstick",
+                      "zipper")
+RESOLUTIONS = ("256", "512", "1024", "raw")
+
+
+class RealIADDataModule(AnomalyDataModule):
+    """Each view is one image (the paper's image-level protocol). train_anomalies: what to do with
+    training entries that are not "OK" (the fully unsupervised split files have some):
+    ``exclude`` (default) leaves them out; ``include`` trains on them unlabelled, as that setting
+    means (the framework then sees them as normals). The release is given on request
+    (https://realiad4ad.github.io/Real-IAD/): no automatic download."""
+
+    def __init__(self, root: str, category: str | list[str], resolution: int | str = 256,
+                 json_path: str = "realiad_jsons/realiad_jsons/{category}.json", train_anomalies: str = "exclude",
+                 download: bool = False, **common):
+        super().__init__(category=category, **common)
+        self.root = Path(root).expanduser()
+        self.download = bool(download)
+        self.resolution = str(resolution)
+        if self.resolution not in RESOLUTIONS:
+            raise ConfigError("data.resolution", f"{resolution!r} is not one of the release's: {', '.join(RESOLUTIONS)}")
+        if "{category}" not in json_path and len(self.categories) > 1:
+            raise ConfigError("data.json_path", "needs {category} where the task holds several categories")
+        self.json_path = str(json_path)
+        if train_anomalies not in ("exclude", "include"):
+            raise ConfigError("data.train_anomalies", f"must be exclude or include, got {train_anomalies!r}")
+        self.train_anomalies = train_anomalies
+        self._entries: dict[str, dict] = {}
+
+    def _describe(self) -> str:
+        return str(self.root)
+
+    def prepare_data(self) -> None:
+        for cat in self.categories:
+            self._read(cat)
+
+    def _read(self, cat: str) -> dict:
+        if cat in self._entries:
+            return self._entries[cat]
+        if not self.root.is_dir():
+            raise DataError(self.root, "Real-IAD root folder not found: put the release there (with "
+                            f"realiad_{self.resolution}/ and realiad_jsons/) or set data.root (or the REALIAD_ROOT "
+                            "environment variable) to where it is. It is given on request at "
+                            "https://realiad4ad.github.io/Real-IAD/"
+                            + (" (data.download=true cannot fetch it)" if self.download else ""))
+        path = self.root / self.json_path.format(category=cat)
+        if not path.is_file():
+            known = "" if cat in REALIAD_CATEGORIES else f" ('{cat}' is not a Real-IAD category)"
+            raise DataError(path, f"split file not found{known}; data.json_path chooses another")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(path, f"cannot read the split file: {e}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("train"), list) or not isinstance(meta.get("test"), list):
+            raise DataError(path, "expected a JSON object with 'train' and 'test' lists")
+        self._entries[cat] = {"path": path, **meta}
+        return self._entries[cat]
+
+    def _samples(self, cat: str, split: str) -> list[Sample]:
+        meta = self._read(cat)
+        folder = self.root / f"realiad_{self.resolution}" / cat
+        base = self.root.resolve()
+        out = []
+        for n, e in enumerate(meta[split]):
+            if not isinstance(e, dict) or not e.get("image_path") or not e.get("anomaly_class"):
+                raise DataError(meta["path"], f"{split}[{n}]: an entry needs image_path and anomaly_class, got {e!r}")
+            defect = str(e["anomaly_class"])
+            label = int(defect != "OK")
+            if split == "train" and label and self.train_anomalies == "exclude":
+                continue
+            image = self._inside(folder / e["image_path"], base, meta["path"])
+            if not image.is_file():
+                raise DataError(image, f"image listed in {meta['path']} not found")
+            mask = None
+            if split == "test" and label and e.get("mask_path"):
+                mask = self._inside(folder / e["mask_path"], base, meta["path"])
+                if not mask.is_file():
+                    raise DataError(mask, f"mask listed in {meta['path']} not found")
+            if split == "train":
+                label = 0  # include: trained on unlabelled, as the fully unsupervised setting means
+            out.append(Sample(str(image), label, str(mask) if mask else None, cat, "good" if not label else defect))
+        return out
+
+    @staticmethod
+    def _inside(path: Path, base: Path, listed_in: Path) -> Path:
+        if not path.resolve().is_relative_to(base):
+            raise DataError(listed_in, f"lists {path}, outside data.root: refused")
+        return path
+
+    def _train_samples(self) -> list[Sample]:
+        samples = []
+        for cat in self.categories:
+            mine = self._samples(cat, "train")
+            if not mine:
+                raise DataError(self._read(cat)["path"], f"no normal training entries for '{cat}'")
+            samples += mine
+        return samples
+
+    def _test_samples(self) -> list[Sample]:
+        return [s for cat in self.categories for s in self._samples(cat, "test")]
