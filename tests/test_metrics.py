@@ -519,3 +519,28 @@ def test_sorted_segment_sums_match_index_add():
     want = torch.zeros(50, dtype=torch.float64).index_add_(0, index, values)
     assert torch.equal(at, torch.unique(index))
     assert torch.allclose(sums, want[at], rtol=0, atol=1e-12)
+
+
+def test_per_category_per_defect_and_threshold_figures_from_score_rows():
+    from adtrain.metrics.image import at_threshold, auroc_by_category, auroc_by_defect
+    from adtrain.report import run_table
+
+    def row(cat, defect, label, score, pred):
+        return {"category": cat, "defect": defect, "label": label, "score": score, "prediction": pred}
+
+    rows = [row("a", "good", 0, 1.0, 0), row("a", "good", 0, 3.0, 1), row("a", "crack", 1, 2.0, 1),
+            row("a", "hole", 1, 4.0, 1), row("b", "good", 0, 0.5, 0), row("b", "crack", 1, 0.2, 0)]
+    # each defect against its own category's normals only (b's normal 0.5 is not a's)
+    assert auroc_by_defect(rows) == {"a/crack": 0.5, "a/hole": 1.0, "b/crack": 0.0}
+    assert auroc_by_defect(rows[:4]) == {"crack": 0.5, "hole": 1.0}
+    assert auroc_by_category(rows) == {"a": 0.75, "b": 0.0} and auroc_by_category(rows[:4]) is None
+    at = at_threshold(rows)
+    assert (at["tp"], at["fp"], at["tn"], at["fn"]) == (2, 1, 2, 1)
+    assert at["recall"] == 2 / 3 and at["false_alarm_rate"] == 1 / 3 and at["precision"] == 2 / 3
+    assert at["f1"] == 4 / 6 and at["accuracy"] == 4 / 6
+    assert at_threshold([{**r, "prediction": None} for r in rows]) is None
+    table = run_table({"image_auroc": 0.6, "image_auroc_by_category": auroc_by_category(rows),
+                       "image_auroc_by_defect": auroc_by_defect(rows), "test_at_threshold": at,
+                       "val_image_auroc": 0.9}, "RUN")[2]
+    assert [r[0] for r in table] == ["image AUROC", "  image AUROC, a", "  image AUROC, b",
+                                     "defects caught at threshold", "false alarms at threshold", "image AUROC"]

@@ -28,7 +28,7 @@ from adtrain.io import write_json, write_text
 from adtrain.loading import save_method
 from adtrain.loggers import log_test_outputs
 from adtrain.logs import NO_OPTIMIZER
-from adtrain.metrics.image import at_threshold, auroc_by_defect
+from adtrain.metrics.image import at_threshold, auroc_by_category, auroc_by_defect
 
 log = logging.getLogger("adtrain")
 
@@ -251,6 +251,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         "pixel_error_bounds": tested.get("pixel_error_bounds"),
         "empty_anomaly_masks": tested.get("empty_anomaly_masks"),
         "image_auroc_by_defect": auroc_by_defect(method.test_records) if do_test else None,
+        "image_auroc_by_category": auroc_by_category(method.test_records) if do_test else None,
         "test_at_threshold": at_threshold(method.test_records) if do_test else None,
         **{k: info[k] for k in VAL_RESULT_KEYS.values()},
         "fit_seconds": info["fit_seconds"],

@@ -118,7 +118,8 @@ def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[
     prefix = "test" if tested else "selected"
     scalars = {f"{prefix}/{k}": v for k, v in results.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for key, name in (("image_auroc_by_defect", "image_auroc"), ("test_at_threshold", "at_threshold")):
+    for key, name in (("image_auroc_by_defect", "image_auroc"), ("image_auroc_by_category", "image_auroc"),
+                      ("test_at_threshold", "at_threshold")):
         scalars.update({f"{prefix}/{name}/{k}": v for k, v in (results.get(key) or {}).items() if v is not None})
     logger.log_metrics(scalars)
     if is_wandb(logger):

@@ -53,13 +53,14 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
     rows = [[label, fmt(results.get(key)), where] for key, label, where in RUN_ROWS
             if key in results and not (where == "test" and results.get(key) is None)]
     decided = results.get("test_at_threshold") or {}
-    if decided:  # the test images' decisions at the validation threshold, after the pixel figures
-        at = next((i + 1 for i, r in enumerate(rows) if r[0] == "pixel AUPRO"), len(rows))
+    if decided:  # the test images' decisions at the validation threshold, before the validation figures
+        at = next((i for i, r in enumerate(rows) if r[2] != "test"), len(rows))
         rows[at:at] = [[f"{label} at threshold", fmt(decided.get(key)), "test"]
                        for key, label in (("recall", "defects caught"), ("false_alarm_rate", "false alarms"))]
+    # after the overall image AUROC: each category of a several-category task, else each defect type
     by_defect = results.get("image_auroc_by_defect") or {}
-    if len(by_defect) > 1:  # each defect type against the test normals, after the overall image AUROC
-        rows[1:1] = [[f"  image AUROC, {d}", fmt(v), "test"] for d, v in by_defect.items()]
+    parts = results.get("image_auroc_by_category") or (by_defect if len(by_defect) > 1 else {})
+    rows[1:1] = [[f"  image AUROC, {k}", fmt(v), "test"] for k, v in parts.items()]
     if results.get("tested") is False:
         footer = "test=false: the test set was not opened; " + footer
     return what, ["figure", "value", "measured on"], rows, footer

@@ -88,3 +88,13 @@ def at_threshold(records: list[dict]) -> dict | None:
     return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "recall": ratio(tp, tp + fn),
             "false_alarm_rate": ratio(fp, fp + tn), "precision": ratio(tp, tp + fp),
             "f1": ratio(2 * tp, 2 * tp + fp + fn), "accuracy": ratio(tp + tn, len(records))}
+
+
+def auroc_by_category(records: list[dict]) -> dict[str, float | None] | None:
+    """Image AUROC of each category's test images where a task holds several (the multi-class
+    "unified" protocol reports these and their mean); None for a single category."""
+    cats = sorted({r["category"] for r in records})
+    if len(cats) < 2:
+        return None
+    return {c: auroc([float(r["score"]) for r in records if r["category"] == c],
+                     [int(r["label"]) for r in records if r["category"] == c]) for c in cats}
