@@ -67,6 +67,17 @@ def test_hetmm_tiny_set_and_category_values(fast_cfg, tmp_path):
     method2 = build_method(fast_cfg("method=hetmm", "method.forward_windows=[3,3,3]"))
     method2.apply_category("bottle")
     assert method2.model.forward_windows == [3, 3, 3] and method2.model.backward_windows == [3, 3, 3]
+    # only on MVTec AD, whose table it is: Real-IAD's zipper keeps the defaults
+    from types import SimpleNamespace
+
+    from adtrain.data import MVTecDataModule, RealIADDataModule
+
+    for dm, windows in ((MVTecDataModule(root=str(tmp_path), category="zipper"), [13, 7, 7]),
+                        (RealIADDataModule(root=str(tmp_path), category="zipper"), [13, 9, 7])):
+        other = build_method(fast_cfg("method=hetmm"))
+        other.__dict__["_trainer"] = SimpleNamespace(datamodule=dm)
+        other.on_fit_start()
+        assert other.model.forward_windows == windows, type(dm)
     # values travel with the state dict
     state = method.state_dict()
     fresh = build_method(fast_cfg("method=hetmm"))

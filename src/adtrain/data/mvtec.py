@@ -112,7 +112,7 @@ class MVTecDataModule(AnomalyDataModule):
                 defect = defect_dir.name
                 if not (defect_dir / self.image_subdir).is_dir():
                     raise DataError(defect_dir / self.image_subdir, "test images folder not found (expected "
-                                    f"{self.layout.replace('train', 'test').replace(self.normal, '<defect>', 1)})")
+                                    f"{self.layout.replace('train', self.test_split).replace(self.normal, '<defect>', 1)})")
                 for img in list_images(defect_dir / self.image_subdir):
                     if defect == self.normal:
                         samples.append(Sample(str(img), 0, None, cat, "good"))

@@ -53,8 +53,9 @@ class Hetmm(MemoryModule):
         )
 
     def apply_category(self, categories) -> dict:
-        """The official per-category matching values (explicit method.* values win)."""
-        cats = [categories] if isinstance(categories, str) else list(categories)
+        """The official per-category matching values (explicit method.* values win); categories None:
+        none (data that is not MVTec AD, whose categories the official table is for)."""
+        cats = [] if categories is None else [categories] if isinstance(categories, str) else list(categories)
         params = load_category_params(self.category_params, cats[0]) if self.category_params and len(cats) == 1 else {}
         params.update(self.explicit_params)
         self.model.set_match_params(**params)
@@ -79,8 +80,8 @@ class Hetmm(MemoryModule):
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None:
-            self.apply_category(dm.category)
+        if dm is not None:  # the official table is MVTec AD's: Real-IAD's "zipper" is another object
+            self.apply_category(dm.category if getattr(dm, "dataset_name", None) == "MVTec AD" else None)
 
     def collect(self, images: torch.Tensor) -> None:
         self.model.add_templates(images)
