@@ -522,7 +522,7 @@ def test_sorted_segment_sums_match_index_add():
 
 
 def test_per_category_per_defect_and_threshold_figures_from_score_rows():
-    from adtrain.metrics.image import at_threshold, auroc_by_category, auroc_by_defect
+    from adtrain.metrics.image import at_threshold, auroc_by_defect, by_category
     from adtrain.report import run_table
 
     def row(cat, defect, label, score, pred):
@@ -533,14 +533,17 @@ def test_per_category_per_defect_and_threshold_figures_from_score_rows():
     # each defect against its own category's normals only (b's normal 0.5 is not a's)
     assert auroc_by_defect(rows) == {"a/crack": 0.5, "a/hole": 1.0, "b/crack": 0.0}
     assert auroc_by_defect(rows[:4]) == {"crack": 0.5, "hole": 1.0}
-    assert auroc_by_category(rows) == {"a": 0.75, "b": 0.0} and auroc_by_category(rows[:4]) is None
+    cats = by_category(rows, {"a": {"pixel_auroc": 0.9}, "b": {"pixel_auroc": 0.7}})
+    assert {c: v["image_auroc"] for c, v in cats.items()} == {"a": 0.75, "b": 0.0, "mean": 0.375}
+    assert cats["mean"]["pixel_auroc"] == pytest.approx(0.8) and by_category(rows[:4]) is None
+    assert by_category(rows, {"a": {"pixel_auroc": 0.9}, "b": {"pixel_auroc": None}})["mean"]["pixel_auroc"] is None
     at = at_threshold(rows)
     assert (at["tp"], at["fp"], at["tn"], at["fn"]) == (2, 1, 2, 1)
     assert at["recall"] == 2 / 3 and at["false_alarm_rate"] == 1 / 3 and at["precision"] == 2 / 3
     assert at["f1"] == 4 / 6 and at["accuracy"] == 4 / 6
     assert at_threshold([{**r, "prediction": None} for r in rows]) is None
-    table = run_table({"image_auroc": 0.6, "image_auroc_by_category": auroc_by_category(rows),
+    table = run_table({"image_auroc": 0.6, "by_category": cats,
                        "image_auroc_by_defect": auroc_by_defect(rows), "test_at_threshold": at,
                        "val_image_auroc": 0.9}, "RUN")[2]
-    assert [r[0] for r in table] == ["image AUROC", "  image AUROC, a", "  image AUROC, b",
+    assert [r[0] for r in table] == ["image AUROC", "  image AUROC, a", "  image AUROC, b", "  image AUROC, mean",
                                      "defects caught at threshold", "false alarms at threshold", "image AUROC"]

@@ -138,12 +138,12 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
     """Evaluate a finished run (its directory or a model.ckpt) on the test set of its own data,
     or of the data the overrides name (e.g. ["data.category=poly"]); the fitted threshold is kept.
 
-    Returns the test figures (image/pixel metrics, timing); with out_dir, writes its scores.csv
-    and heatmaps there."""
+    Returns the test figures (image/pixel metrics, timing, results.json's per-defect, per-category
+    and at-threshold figures); with out_dir, writes its scores.csv and heatmaps there."""
     import tempfile
 
     from adtrain.build import build_datamodule, build_trainer
-    from adtrain.engine import evaluate_method, write_scores_csv
+    from adtrain.engine import evaluate_method, test_breakdown, write_scores_csv
     from adtrain.loading import load_method
     from adtrain.preflight import check_files
 
@@ -159,9 +159,10 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
     if out_dir is None:  # nothing to keep: the trainer's folder is removed afterwards
         with tempfile.TemporaryDirectory(prefix="adtrain-test-") as work:
             trainer, _ = build_trainer(cfg, Path(work), None)
-            return evaluate_method(cfg, trainer, method, dm, None)
-    work = Path(out_dir)
-    trainer, _ = build_trainer(cfg, work, None)
-    figures = evaluate_method(cfg, trainer, method, dm, work / "heatmaps")
-    write_scores_csv(work / "scores.csv", method.test_records)
-    return figures
+            figures = evaluate_method(cfg, trainer, method, dm, None)
+    else:
+        work = Path(out_dir)
+        trainer, _ = build_trainer(cfg, work, None)
+        figures = evaluate_method(cfg, trainer, method, dm, work / "heatmaps")
+        write_scores_csv(work / "scores.csv", method.test_records)
+    return {**figures, **test_breakdown(method, figures)}

@@ -28,7 +28,7 @@ from adtrain.io import write_json, write_text
 from adtrain.loading import save_method
 from adtrain.loggers import log_test_outputs
 from adtrain.logs import NO_OPTIMIZER
-from adtrain.metrics.image import at_threshold, auroc_by_category, auroc_by_defect
+from adtrain.metrics.image import at_threshold, auroc_by_defect, by_category
 
 log = logging.getLogger("adtrain")
 
@@ -176,8 +176,9 @@ def cache_states(dm, feature_cache, nested_cache=None) -> dict:
             "nested_cache_lookups": nested_cache.report() if nested_cache is not None else None}
 
 
-def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | None) -> dict:
-    """Test on dm's test set: the seven metrics, timing and peak memory (heatmaps if a dir is given)."""
+def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | None, per_category: bool = True) -> dict:
+    """Test on dm's test set: the seven metrics, timing and peak memory (heatmaps if a dir is given);
+    per_category: each category's pixel metrics too where dm holds several (``test_breakdown``)."""
     device = trainer.strategy.root_device
     method.heatmap_dir = heatmap_dir if cfg.output.heatmaps else None
     method.heatmap_size = int(cfg.output.get("heatmap_size") or 320)
@@ -191,10 +192,11 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     t1 = time.perf_counter()
     pixel_before = method.pixel_metrics
     method.pixel_metrics = pixel_before and has_pixel_truth(dm)
+    method.pixel_by_category = per_category and method.pixel_metrics and len(getattr(dm, "categories", ())) > 1
     try:
         trainer.test(method, datamodule=dm, verbose=False)
     finally:
-        method.pixel_metrics = pixel_before
+        method.pixel_metrics, method.pixel_by_category = pixel_before, False
     metrics = method.test_results()
     exactness = method.pixel_exactness()
     empty = empty_anomaly_masks(method)
@@ -206,12 +208,26 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
         **{k: metrics.get(k) for k in METRIC_KEYS},
         **exactness,
         "empty_anomaly_masks": empty,
+        "pixel_by_category": method.test_results_by_category(),
         "test_seconds": round(test_seconds, 3),
         "test_images_per_second": round(n_test / test_seconds, 3) if test_seconds > 0 else None,
         "peak_memory_mb": round(peak, 1),
         "peak_memory_kind": peak_kind,
         "num_test": n_test,
     }
+
+
+#: results.json's figures of parts of the test set, and of its decisions (test_breakdown)
+BREAKDOWN_KEYS = ("image_auroc_by_defect", "by_category", "test_at_threshold")
+
+
+def test_breakdown(method, tested: dict) -> dict:
+    """From a finished test (``evaluate_method``'s figures and the method's score rows): each defect
+    type's image AUROC, each category's figures (several categories), the decisions at the threshold."""
+    records = method.test_records
+    return {"image_auroc_by_defect": auroc_by_defect(records),
+            "by_category": by_category(records, tested.get("pixel_by_category")),
+            "test_at_threshold": at_threshold(records)}
 
 
 def empty_anomaly_masks(method) -> int | None:
@@ -250,9 +266,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         "pixel_metrics_exact": tested.get("pixel_metrics_exact"),
         "pixel_error_bounds": tested.get("pixel_error_bounds"),
         "empty_anomaly_masks": tested.get("empty_anomaly_masks"),
-        "image_auroc_by_defect": auroc_by_defect(method.test_records) if do_test else None,
-        "image_auroc_by_category": auroc_by_category(method.test_records) if do_test else None,
-        "test_at_threshold": at_threshold(method.test_records) if do_test else None,
+        **(test_breakdown(method, tested) if do_test else dict.fromkeys(BREAKDOWN_KEYS)),
         **{k: info[k] for k in VAL_RESULT_KEYS.values()},
         "fit_seconds": info["fit_seconds"],
         "val_seconds": info["val_seconds"],

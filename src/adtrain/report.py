@@ -59,7 +59,8 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
                        for key, label in (("recall", "defects caught"), ("false_alarm_rate", "false alarms"))]
     # after the overall image AUROC: each category of a several-category task, else each defect type
     by_defect = results.get("image_auroc_by_defect") or {}
-    parts = results.get("image_auroc_by_category") or (by_defect if len(by_defect) > 1 else {})
+    parts = {k: v.get("image_auroc") for k, v in (results.get("by_category") or {}).items()} or \
+        (by_defect if len(by_defect) > 1 else {})
     rows[1:1] = [[f"  image AUROC, {k}", fmt(v), "test"] for k, v in parts.items()]
     if results.get("tested") is False:
         footer = "test=false: the test set was not opened; " + footer

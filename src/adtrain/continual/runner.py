@@ -126,7 +126,7 @@ class _Sequence:
         evals: dict[int, dict] = {}
         for i in seen:
             heatmaps = self.run_dir / "heatmaps" / f"task_{i}" if final_row else None
-            evals[i] = evaluate_method(tcfg, trainer, self.method, self.eval_dms[i], heatmaps)
+            evals[i] = evaluate_method(tcfg, trainer, self.method, self.eval_dms[i], heatmaps, per_category=False)
             if final_row:
                 self.records += [{"task": i, **r} for r in self.method.test_records]
             log.info("  after task %d, task %d (%s): %s", t, i, self.names[i],

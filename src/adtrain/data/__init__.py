@@ -19,6 +19,7 @@ from adtrain.data.visa import VisADataModule
 __all__ = [
     "AnomalyDataModule", "AnomalyDataset", "PredictDataset", "Sample", "load_sample",
     "MVTecDataModule", "MPDDDataModule", "BTADDataModule", "MVTecLOCODataModule", "MVTec3DDataModule",
-    "MVTecAD2DataModule", "RealIADDataModule", "VisADataModule", "FolderDataModule", "ElpvDataModule", "SyntheticDataModule",
+    "MVTecAD2DataModule", "RealIADDataModule", "VisADataModule", "FolderDataModule", "ElpvDataModule",
+    "SyntheticDataModule",
     "read_image", "read_mask", "IMAGENET_MEAN", "IMAGENET_STD",
 ]

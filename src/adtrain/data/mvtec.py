@@ -111,8 +111,8 @@ class MVTecDataModule(AnomalyDataModule):
             for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and p.name != "ground_truth"):
                 defect = defect_dir.name
                 if not (defect_dir / self.image_subdir).is_dir():
-                    raise DataError(defect_dir / self.image_subdir, "test images folder not found (expected "
-                                    f"{self.layout.replace('train', self.test_split).replace(self.normal, '<defect>', 1)})")
+                    expected = self.layout.replace("train", self.test_split).replace(self.normal, "<defect>", 1)
+                    raise DataError(defect_dir / self.image_subdir, f"test images folder not found ({expected})")
                 for img in list_images(defect_dir / self.image_subdir):
                     if defect == self.normal:
                         samples.append(Sample(str(img), 0, None, cat, "good"))

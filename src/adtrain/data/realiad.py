@@ -40,7 +40,8 @@ class RealIADDataModule(AnomalyDataModule):
         self.download = bool(download)
         self.resolution = str(resolution)
         if self.resolution not in RESOLUTIONS:
-            raise ConfigError("data.resolution", f"{resolution!r} is not one of the release's: {', '.join(RESOLUTIONS)}")
+            raise ConfigError("data.resolution", f"{resolution!r} is not one of the release's: "
+                              f"{', '.join(RESOLUTIONS)}")
         if "{category}" not in json_path and len(self.categories) > 1:
             raise ConfigError("data.json_path", "needs {category} where the task holds several categories")
         self.json_path = str(json_path)
@@ -73,7 +74,7 @@ class RealIADDataModule(AnomalyDataModule):
             meta = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(path, f"cannot read the split file: {e}") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("train"), list) or not isinstance(meta.get("test"), list):
+        if not (isinstance(meta, dict) and isinstance(meta.get("train"), list) and isinstance(meta.get("test"), list)):
             raise DataError(path, "expected a JSON object with 'train' and 'test' lists")
         self._entries[cat] = {"path": path, **meta}
         return self._entries[cat]

@@ -298,7 +298,8 @@ class AnomalyModule(LightningModule):
 
         exact = int(self.test_exact_pixels)
         self.evaluator = distributed.wrap_evaluator(
-            lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics, exact_pixels=exact))
+            lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics, exact_pixels=exact,
+                                     pixel_groups=self.pixel_by_category))
         self.test_outputs = TestOutputs()
         self.test_records = []
         self.heatmap_files = []
@@ -311,7 +312,8 @@ class AnomalyModule(LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         out = self.anomaly_output(batch["image"])
-        self.evaluator.update_pixels(out.anomaly_map, batch["label"], batch["mask"], batch["has_mask"])
+        self.evaluator.update_pixels(out.anomaly_map, batch["label"], batch["mask"], batch["has_mask"],
+                                     batch["category"] if self.pixel_by_category else None)
         routed = per_image(self, out.pred_score.shape[0], out.pred_score.device)
         self.test_outputs.add(batch, out.pred_score, None if routed is None else routed[:2])
         if self.heatmap_dir is not None and self.heatmap_paths:
@@ -343,6 +345,8 @@ class AnomalyModule(LightningModule):
 
     #: heatmap panel height in pixels (output.heatmap_size; set by adtrain.engine)
     heatmap_size: int = 320
+    #: pixel metrics of each category too (a test set of several; set by adtrain.engine)
+    pixel_by_category: bool = False
 
     def _queue_heatmap(self, batch: dict, out: AnomalyOutput, i: int) -> None:
         """Host copies of image i's inputs to the heatmap, drawn and written by the background writer."""
@@ -378,6 +382,10 @@ class AnomalyModule(LightningModule):
 
     def test_results(self) -> dict[str, Any]:
         return self.evaluator.compute() if self.evaluator is not None else {}
+
+    def test_results_by_category(self) -> dict[str, dict]:
+        """Each category's pixel metrics (where ``pixel_by_category``), else {}."""
+        return self.evaluator.compute_groups() if self.evaluator is not None else {}
 
     def pixel_exactness(self) -> dict[str, Any]:
         """Whether the test's pixel metrics are exact, and how far from exact they can be

@@ -36,16 +36,21 @@ class AnomalyEvaluator:
 
     def __init__(
         self, pixel_metrics: bool = True, num_bins: int = 65536, aupro_fpr_limit: float = 0.3,
-        exact_pixels: int = 0,
+        exact_pixels: int = 0, pixel_groups: bool = False,
     ):
         self.pixel_metrics = bool(pixel_metrics)
         self.num_bins = int(num_bins)
         self.aupro_fpr_limit = float(aupro_fpr_limit)
+        self.exact_pixels = int(exact_pixels)
         self.pixel = PixelMetricAccumulator(num_bins, aupro_fpr_limit, exact_pixels)
+        #: pixel_groups: also one accumulator per group (``update_pixels(groups=...)``: each image's
+        #: category in a task of several), read by ``compute_groups``
+        self.pixel_groups = bool(pixel_groups)
         self.reset()
 
     def reset(self) -> None:
         self.pixel.reset()
+        self.groups: dict[str, PixelMetricAccumulator] = {}
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scores, labels) on device
         self._scores: list[float] = []
         self._labels: list[int] = []
@@ -95,12 +100,14 @@ class AnomalyEvaluator:
         self._pending.append((scores, labels))
         self.update_pixels(anomaly_map, label, mask, has_mask)
 
-    def update_pixels(self, anomaly_map, label, mask=None, has_mask=None) -> None:
-        """Pixel statistics of a batch alone (its image scores added elsewhere, e.g. at epoch end)."""
+    def update_pixels(self, anomaly_map, label, mask=None, has_mask=None, groups=None) -> None:
+        """Pixel statistics of a batch alone (its image scores added elsewhere, e.g. at epoch end);
+        groups: each image's group name (kept apart too where ``pixel_groups``)."""
         if self.pixel_metrics and anomaly_map is not None:
-            self._update_pixels(anomaly_map, torch.as_tensor(label).reshape(-1), mask, has_mask)
+            self._update_pixels(anomaly_map, torch.as_tensor(label).reshape(-1), mask, has_mask,
+                                groups if self.pixel_groups else None)
 
-    def _update_pixels(self, anomaly_map, label, mask, has_mask) -> None:
+    def _update_pixels(self, anomaly_map, label, mask, has_mask, groups=None) -> None:
         batch = label.numel()
         amap = _spatial(anomaly_map.detach(), "anomaly_map", batch).float()
         device = amap.device
@@ -121,6 +128,13 @@ class AnomalyEvaluator:
                     raise AdtrainError(f"has_mask has {valid.numel()} values, expected {batch}")
         if mask is not None:  # no host sync here: counted on the device, read once by empty_masks
             self._empty.append(((label.to(device) == 1) & valid & ~gt.flatten(1).any(dim=1)).sum())
+        if groups is not None:
+            names = list(groups)
+            for g in sorted(set(names)):
+                pick = valid & torch.tensor([n == g for n in names], device=device)
+                if g not in self.groups:
+                    self.groups[g] = PixelMetricAccumulator(self.num_bins, self.aupro_fpr_limit, self.exact_pixels)
+                self.groups[g].update(amap[pick], gt[pick])
         if not bool(valid.all()):
             amap, gt = amap[valid], gt[valid]
         self.pixel.update(amap, gt)
@@ -130,6 +144,10 @@ class AnomalyEvaluator:
         """Anomalous images whose mask has no anomalous pixel at the map's size (an empty mask file,
         or a defect too small to survive the resize): pixel metrics count them as normal pixels."""
         return int(sum(int(c) for c in self._empty))
+
+    def compute_groups(self) -> dict[str, dict[str, float | None]]:
+        """Each group's pixel metrics ({} unless ``pixel_groups`` and groups were given)."""
+        return {g: acc.compute() for g, acc in sorted(self.groups.items())}
 
     def compute(self) -> dict[str, float | None]:
         """All seven metrics as floats in [0, 1] or None where undefined."""

@@ -90,11 +90,19 @@ def at_threshold(records: list[dict]) -> dict | None:
             "f1": ratio(2 * tp, 2 * tp + fp + fn), "accuracy": ratio(tp + tn, len(records))}
 
 
-def auroc_by_category(records: list[dict]) -> dict[str, float | None] | None:
-    """Image AUROC of each category's test images where a task holds several (the multi-class
-    "unified" protocol reports these and their mean); None for a single category."""
+def by_category(records: list[dict], pixel: dict[str, dict] | None = None) -> dict | None:
+    """Each category's figures where a test set holds several (the multi-class "unified" protocol
+    reports these and their mean): image AUROC / AP / F1-max from the score rows, and the pixel
+    metrics of ``pixel`` (category -> figures, from the evaluator's per-category accumulators);
+    under "mean", each figure's mean over the categories (None where one is None). None for a
+    single category."""
     cats = sorted({r["category"] for r in records})
     if len(cats) < 2:
         return None
-    return {c: auroc([float(r["score"]) for r in records if r["category"] == c],
-                     [int(r["label"]) for r in records if r["category"] == c]) for c in cats}
+    out = {c: {**image_metrics([float(r["score"]) for r in records if r["category"] == c],
+                               [int(r["label"]) for r in records if r["category"] == c]),
+               **(pixel or {}).get(c, {})} for c in cats}
+    keys = list(out[cats[0]])
+    out["mean"] = {k: None if any(out[c].get(k) is None for c in cats) else
+                   sum(out[c][k] for c in cats) / len(cats) for k in keys}
+    return out

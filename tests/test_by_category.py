@@ -1,0 +1,51 @@
+"""A task of several categories reports each category's figures: equal to testing the same model on
+that category alone."""
+
+import pytest
+
+
+def test_each_categorys_figures_equal_testing_the_model_on_it_alone(base_cfg, tmp_path):
+    import adtrain
+    from adtrain.data.testing import write_mvtec_tree
+    from adtrain.run import run
+
+    root = tmp_path / "mvtec"
+    write_mvtec_tree(root, "c1", n_train=8, n_test_good=3, defects={"crack": 3}, size=48, seed=0)
+    write_mvtec_tree(root, "c2", n_train=8, n_test_good=3, defects={"hole": 2, "scratch": 2}, size=48, seed=1)
+    cfg = base_cfg("data=mvtec", f"data.root={root}", "data.category=[c1,c2]", "data.num_workers=0",
+                   "method=patchcore", "method.center_crop=null", "method.image_size=[48,48]")
+    res = run(cfg, tmp_path / "run")
+    cats = res["by_category"]
+    assert sorted(cats) == ["c1", "c2", "mean"]
+    for cat in ("c1", "c2"):
+        alone = adtrain.test(tmp_path / "run", [f"data.category={cat}"], out_dir=tmp_path / f"alone_{cat}")
+        for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+            assert cats[cat][key] == pytest.approx(alone[key], abs=1e-12), (cat, key)
+        decided = alone["test_at_threshold"]  # adtrain.test gives results.json's breakdown too
+        assert alone["by_category"] is None and decided["tp"] + decided["fn"] == (3 if cat == "c1" else 4)
+    assert cats["mean"]["pixel_aupro"] == pytest.approx((cats["c1"]["pixel_aupro"] + cats["c2"]["pixel_aupro"]) / 2)
+    assert sorted(res["image_auroc_by_defect"]) == ["c1/crack", "c2/hole", "c2/scratch"]
+
+
+def test_ddp_recording_replays_each_images_category_into_its_accumulator():
+    import torch
+
+    from adtrain.distributed import RecordingEvaluator
+    from adtrain.metrics import AnomalyEvaluator
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(6, 1, 8, 8, generator=g)
+    masks = (torch.rand(6, 1, 8, 8, generator=g) > 0.8).float()
+    labels = torch.tensor([0, 1, 1, 0, 1, 1])
+    masks[labels == 0] = 0
+    cats = ["a", "b", "a", "b", "b", "a"]
+    plain = AnomalyEvaluator(pixel_groups=True)
+    plain.update_pixels(maps, labels, masks, torch.ones(6, dtype=torch.bool), cats)
+    rec = RecordingEvaluator(lambda: AnomalyEvaluator(pixel_groups=True))
+    for idx in ([3, 4, 5], [0, 1, 2]):  # out of order, as ranks deliver them
+        rec.next_index = torch.tensor(idx)
+        rec.update_pixels(maps[idx], labels[idx], masks[idx], torch.ones(3, dtype=torch.bool), [cats[i] for i in idx])
+    merged = rec.merged()
+    assert merged.compute_groups() == plain.compute_groups() and sorted(plain.compute_groups()) == ["a", "b"]
+    assert merged.compute() == plain.compute()
+    assert AnomalyEvaluator().compute_groups() == {}
