@@ -241,3 +241,38 @@ def test_realiad_reads_its_split_file_and_refuses_paths_outside_the_root(tmp_pat
     assert e.value.path == str(split)
     with pytest.raises(DataError, match="split file not found \\('nope' is not a Real-IAD category\\)"):
         _dm("realiad", root, category="nope").setup()
+
+
+def test_realiad_sample_auroc_scores_each_sample_by_its_views_highest_score(tmp_path):
+    from adtrain.data import RealIADDataModule
+    from adtrain.data.testing import write_realiad_tree
+    from adtrain.metrics.image import auroc, sample_auroc
+
+    root = write_realiad_tree(tmp_path / "riad", n_train=4, n_test_ok=3, defects={"AK": 2}, views=3)
+    dm = RealIADDataModule(root=str(root), category="audiojack")
+    test = dm.test_samples
+    assert len(test) == 15 and sum(s.label for s in test) == 2  # 5 samples of 3 views; a defect seen in one
+    groups = {dm.sample_group(s.path) for s in test}
+    assert len(groups) == 5
+    rng = np.random.default_rng(0)
+    rows = [{"path": s.path, "label": s.label, "score": float(rng.random())} for s in test]
+    best = {}
+    for r in rows:  # by hand: a sample's highest view score, defective if any view is
+        key = dm.sample_group(r["path"])
+        best[key] = (max(best.get(key, (-1, 0))[0], r["score"]), max(best.get(key, (-1, 0))[1], r["label"]))
+    expected = auroc([v[0] for v in best.values()], [v[1] for v in best.values()])
+    assert sample_auroc(rows, dm.sample_group) == expected
+    assert sample_auroc(rows, lambda path: None) is None  # every image its own sample
+
+
+def test_realiad_run_reports_sample_auroc(base_cfg, tmp_path):
+    from adtrain.data.testing import write_realiad_tree
+    from adtrain.report import run_table
+    from adtrain.run import run
+
+    root = write_realiad_tree(tmp_path / "riad", n_train=8, n_test_ok=3, defects={"AK": 2}, views=2, size=48)
+    cfg = base_cfg("data=realiad", f"data.root={root}", "data.category=audiojack", "data.num_workers=0",
+                   "method=patchcore", "method.center_crop=null", "method.image_size=[48,48]")
+    res = run(cfg, tmp_path / "run")
+    assert res["num_test"] == 10 and 0.0 <= res["sample_auroc"] <= 1.0
+    assert dict((r[0], r[1]) for r in run_table(res, "RUN")[2])["sample AUROC (views)"] == f"{res['sample_auroc']:.4f}"

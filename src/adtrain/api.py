@@ -165,4 +165,4 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
         trainer, _ = build_trainer(cfg, work, None)
         figures = evaluate_method(cfg, trainer, method, dm, work / "heatmaps")
         write_scores_csv(work / "scores.csv", method.test_records)
-    return {**figures, **test_breakdown(method, figures)}
+    return {**figures, **test_breakdown(method, figures, dm)}

@@ -28,7 +28,7 @@ from adtrain.io import write_json, write_text
 from adtrain.loading import save_method
 from adtrain.loggers import log_test_outputs
 from adtrain.logs import NO_OPTIMIZER
-from adtrain.metrics.image import at_threshold, auroc_by_defect, by_category
+from adtrain.metrics.image import at_threshold, auroc_by_defect, by_category, sample_auroc
 
 log = logging.getLogger("adtrain")
 
@@ -218,15 +218,17 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
 
 
 #: results.json's figures of parts of the test set, and of its decisions (test_breakdown)
-BREAKDOWN_KEYS = ("image_auroc_by_defect", "by_category", "test_at_threshold")
+BREAKDOWN_KEYS = ("image_auroc_by_defect", "by_category", "sample_auroc", "test_at_threshold")
 
 
-def test_breakdown(method, tested: dict) -> dict:
+def test_breakdown(method, tested: dict, dm) -> dict:
     """From a finished test (``evaluate_method``'s figures and the method's score rows): each defect
-    type's image AUROC, each category's figures (several categories), the decisions at the threshold."""
+    type's image AUROC, each category's figures (several categories), the AUROC of samples seen
+    from several views (``dm.sample_group``), the decisions at the threshold."""
     records = method.test_records
     return {"image_auroc_by_defect": auroc_by_defect(records),
             "by_category": by_category(records, tested.get("pixel_by_category")),
+            "sample_auroc": sample_auroc(records, getattr(dm, "sample_group", lambda path: None)),
             "test_at_threshold": at_threshold(records)}
 
 
@@ -266,7 +268,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         "pixel_metrics_exact": tested.get("pixel_metrics_exact"),
         "pixel_error_bounds": tested.get("pixel_error_bounds"),
         "empty_anomaly_masks": tested.get("empty_anomaly_masks"),
-        **(test_breakdown(method, tested) if do_test else dict.fromkeys(BREAKDOWN_KEYS)),
+        **(test_breakdown(method, tested, dm) if do_test else dict.fromkeys(BREAKDOWN_KEYS)),
         **{k: info[k] for k in VAL_RESULT_KEYS.values()},
         "fit_seconds": info["fit_seconds"],
         "val_seconds": info["val_seconds"],

@@ -15,6 +15,7 @@ RUN_ROWS = (
     ("image_auroc", "image AUROC", "test"),
     ("image_ap", "image AP", "test"),
     ("image_f1max", "image F1-max", "test"),
+    ("sample_auroc", "sample AUROC (views)", "test"),
     ("pixel_auroc", "pixel AUROC", "test"),
     ("pixel_ap", "pixel AP", "test"),
     ("pixel_f1max", "pixel F1-max", "test"),

@@ -157,6 +157,12 @@ class AnomalyDataModule(LightningDataModule):
         """All test samples of self.categories."""
         raise NotImplementedError
 
+    def sample_group(self, path: str) -> str | None:
+        """The physical sample a test image shows, where a dataset photographs each from several
+        views (Real-IAD): results.json's sample_auroc scores a sample by its views' highest score.
+        None: every image its own sample."""
+        return None
+
     #: does the dataset come with its own validation normals (data.val_split=official)?
     has_official_val: bool = False
 

@@ -26,7 +26,9 @@ RESOLUTIONS = ("256", "512", "1024", "raw")
 
 
 class RealIADDataModule(AnomalyDataModule):
-    """Each view is one image (the paper's image-level protocol). train_anomalies: what to do with
+    """Each view is one image (the paper's image-level protocol); results.json's sample_auroc scores
+    each sample (its views' folder) by its views' highest score, labelled defective if any view is
+    (the paper's sample-level protocol). train_anomalies: what to do with
     training entries that are not "OK" (the fully unsupervised split files have some):
     ``exclude`` (default) leaves them out; ``include`` trains on them unlabelled, as that setting
     means (the framework then sees them as normals). The release is given on request
@@ -103,6 +105,10 @@ class RealIADDataModule(AnomalyDataModule):
                 label = 0  # include: trained on unlabelled, as the fully unsupervised setting means
             out.append(Sample(str(image), label, str(mask) if mask else None, cat, "good" if not label else defect))
         return out
+
+    def sample_group(self, path: str) -> str | None:
+        """The sample folder (realiad_<res>/<category>/{OK,NG/<code>}/S<id>) holding its 5 views."""
+        return str(Path(path).parent)
 
     @staticmethod
     def _inside(path: Path, base: Path, listed_in: Path) -> Path:

@@ -117,18 +117,20 @@ def write_visa_tree(root: str | Path, categories: tuple[str, ...] = ("candle",),
 
 def write_realiad_tree(root: str | Path, category: str = "audiojack", n_train: int = 6, n_test_ok: int = 2,
                        defects: dict[str, int] | None = None, train_ng: int = 0, size: int = 32, seed: int = 0,
-                       resolution: str = "256") -> Path:
-    """Real-IAD layout: ROOT/realiad_<res>/CAT/{OK,NG/<code>}/S<id>/*.jpg (+ *_mask.png) and the split
-    file ROOT/realiad_jsons/realiad_jsons/CAT.json; train_ng: defective training entries (as the
-    fully unsupervised split files have). Returns ROOT."""
+                       resolution: str = "256", views: int = 1) -> Path:
+    """Real-IAD layout: ROOT/realiad_<res>/CAT/{OK,NG/<code>}/S<id>/*_C<view>.jpg (+ *_mask.png) and
+    the split file ROOT/realiad_jsons/realiad_jsons/CAT.json; train_ng: defective training entries
+    (as the fully unsupervised split files have); views: images of each test sample (a defective
+    sample's first view shows the defect, the others are entries labelled OK). Returns ROOT."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     folder = root / f"realiad_{resolution}" / category
     split: dict[str, list] = {"train": [], "test": []}
 
-    def add(which: str, code: str, i: int, box=None):
-        rel = f"OK/S{i:04d}/{category}_{i:04d}_OK_C1.jpg" if code == "OK" else \
-            f"NG/{code}/S{i:04d}/{category}_{i:04d}_NG_C1.jpg"
+    def add(which: str, code: str, i: int, box=None, view: int = 1, folder_code: str | None = None):
+        folder_code = folder_code or code
+        rel = f"OK/S{i:04d}/{category}_{i:04d}_OK_C{view}.jpg" if folder_code == "OK" else \
+            f"NG/{folder_code}/S{i:04d}/{category}_{i:04d}_NG_C{view}.jpg"
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(_image(rng, size, box)).save(folder / rel, format="JPEG")
         entry = {"category": category, "anomaly_class": code, "image_path": rel, "mask_path": None}
@@ -142,7 +144,8 @@ def write_realiad_tree(root: str | Path, category: str = "audiojack", n_train: i
     i = 0
     for which, n in (("train", n_train), ("test", n_test_ok)):
         for _ in range(n):
-            add(which, "OK", i)
+            for view in range(1, (views if which == "test" else 1) + 1):
+                add(which, "OK", i, view=view)
             i += 1
     for j in range(train_ng):
         add("train", "AK", i, _box(size, j))
@@ -150,6 +153,8 @@ def write_realiad_tree(root: str | Path, category: str = "audiojack", n_train: i
     for code, n in (defects or {"AK": 2}).items():
         for j in range(n):
             add("test", code, i, _box(size, j))
+            for view in range(2, views + 1):
+                add("test", "OK", i, view=view, folder_code=code)
             i += 1
     path = root / "realiad_jsons" / "realiad_jsons" / f"{category}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

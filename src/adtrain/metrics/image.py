@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from adtrain.errors import AdtrainError
@@ -106,3 +108,18 @@ def by_category(records: list[dict], pixel: dict[str, dict] | None = None) -> di
     out["mean"] = {k: None if any(out[c].get(k) is None for c in cats) else
                    sum(out[c][k] for c in cats) / len(cats) for k in keys}
     return out
+
+
+def sample_auroc(records: list[dict], group) -> float | None:
+    """AUROC over physical samples photographed from several views: a sample's score is its
+    views' highest, its label defective if any view is. group: path -> sample key (None: the
+    image is its own sample). None where no two images share a sample."""
+    samples: dict[str, list] = {}
+    for r in records:
+        key = group(r["path"])
+        key = r["path"] if key is None else key
+        score, label = samples.get(key, (-math.inf, 0))
+        samples[key] = (max(score, float(r["score"])), max(label, int(r["label"])))
+    if len(samples) == len(records):
+        return None
+    return auroc([v[0] for v in samples.values()], [v[1] for v in samples.values()])
