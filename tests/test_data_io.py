@@ -123,3 +123,15 @@ def test_a_file_name_that_is_not_utf8_is_refused_naming_it(tmp_path):
     with pytest.raises(DataError, match="not valid UTF-8") as err:
         list_images(folder)
     assert "caf\\xe9.png" in str(err.value)
+
+
+def test_an_image_already_at_the_run_size_reaches_torch_without_a_read_only_warning(tmp_path):
+    import warnings
+
+    path = tmp_path / "at_size.png"
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(path)
+    assert read_image(path).flags.writeable  # np.asarray of a PIL image is read-only
+    ds = AnomalyDataset([Sample(str(path), 0, None, "c", "good")], build_transform((32, 32), None, None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch: "The given NumPy array is not writable"
+        assert ds[0]["image"].shape == (3, 32, 32)

@@ -97,7 +97,9 @@ def image_to_rgb(im: Image.Image) -> np.ndarray:
         arr = _to_uint8(np.asarray(im), mode)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    # writable: np.asarray of a PIL image is read-only, and torch warns when such an array (an image
+    # already at the run's size passes the resize untouched) becomes a tensor
+    return np.require(arr, np.uint8, ("C", "W"))
 
 
 def read_image(path: str | Path) -> np.ndarray:
