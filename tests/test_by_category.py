@@ -24,6 +24,7 @@ def test_each_categorys_figures_equal_testing_the_model_on_it_alone(base_cfg, tm
         decided = alone["test_at_threshold"]  # adtrain.test gives results.json's breakdown too
         assert alone["by_category"] is None and decided["tp"] + decided["fn"] == (3 if cat == "c1" else 4)
     assert cats["mean"]["pixel_aupro"] == pytest.approx((cats["c1"]["pixel_aupro"] + cats["c2"]["pixel_aupro"]) / 2)
+    assert cats["c1"]["pixel_metrics_exact"] is True and cats["mean"]["pixel_metrics_exact"] is True
     assert sorted(res["image_auroc_by_defect"]) == ["c1/crack", "c2/hole", "c2/scratch"]
 
 
@@ -39,9 +40,9 @@ def test_ddp_recording_replays_each_images_category_into_its_accumulator():
     labels = torch.tensor([0, 1, 1, 0, 1, 1])
     masks[labels == 0] = 0
     cats = ["a", "b", "a", "b", "b", "a"]
-    plain = AnomalyEvaluator(pixel_groups=True)
+    plain = AnomalyEvaluator(pixel_groups=2)
     plain.update_pixels(maps, labels, masks, torch.ones(6, dtype=torch.bool), cats)
-    rec = RecordingEvaluator(lambda: AnomalyEvaluator(pixel_groups=True))
+    rec = RecordingEvaluator(lambda: AnomalyEvaluator(pixel_groups=2))
     for idx in ([3, 4, 5], [0, 1, 2]):  # out of order, as ranks deliver them
         rec.next_index = torch.tensor(idx)
         rec.update_pixels(maps[idx], labels[idx], masks[idx], torch.ones(3, dtype=torch.bool), [cats[i] for i in idx])

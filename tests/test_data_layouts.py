@@ -130,9 +130,10 @@ def test_missing_ground_truth_and_layout_errors_name_the_file(tmp_path):
 
 def test_btad_reads_bmp_and_names_numeric_categories_as_released(tmp_path):
     root = _tree(tmp_path, "btad", category="01")
-    dm = _dm("btad", root, category="01")  # Hydra reads the override 01 as the integer 1
-    assert dm.categories == ["01"]
+    dm = _dm("btad", root, category="01")
+    assert dm.categories == ["01"] and _dm("btad", root, category="1").categories == ["01"]
     assert BTADDataModule(root=str(root), category=[1, "03"]).categories == ["01", "03"]
+    assert BTADDataModule(root=str(root), category=1).category == "01"
     dm.setup()
     assert all(s.path.endswith(".bmp") for s in dm.train_samples)
     assert {s.mask_path.rsplit("/", 2)[-2] for s in dm.test_samples if s.label} == {"crack", "hole"}
@@ -241,6 +242,11 @@ def test_realiad_reads_its_split_file_and_refuses_paths_outside_the_root(tmp_pat
     assert e.value.path == str(split)
     with pytest.raises(DataError, match="split file not found \\('nope' is not a Real-IAD category\\)"):
         _dm("realiad", root, category="nope").setup()
+    # the images on another disk, reached through a link inside data.root, still read
+    linked = write_realiad_tree(tmp_path / "linked", "audiojack", n_train=5, n_test_ok=1)
+    (linked / "realiad_256").rename(tmp_path / "elsewhere")
+    (linked / "realiad_256").symlink_to(tmp_path / "elsewhere")
+    assert len(_dm("realiad", linked, category="audiojack").test_samples) == 3
 
 
 def test_realiad_sample_auroc_scores_each_sample_by_its_views_highest_score(tmp_path):

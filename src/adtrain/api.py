@@ -165,4 +165,5 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
         trainer, _ = build_trainer(cfg, work, None)
         figures = evaluate_method(cfg, trainer, method, dm, work / "heatmaps")
         write_scores_csv(work / "scores.csv", method.test_records)
-    return {**figures, **test_breakdown(method, figures, dm)}
+    breakdown = test_breakdown(method, figures, dm)  # by_category holds the per-category pixel figures
+    return {**{k: v for k, v in figures.items() if k != "pixel_by_category"}, **breakdown}

@@ -192,11 +192,12 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     t1 = time.perf_counter()
     pixel_before = method.pixel_metrics
     method.pixel_metrics = pixel_before and has_pixel_truth(dm)
-    method.pixel_by_category = per_category and method.pixel_metrics and len(getattr(dm, "categories", ())) > 1
+    several = len(getattr(dm, "categories", ()))
+    method.pixel_by_category = several if per_category and method.pixel_metrics and several > 1 else 0
     try:
         trainer.test(method, datamodule=dm, verbose=False)
     finally:
-        method.pixel_metrics, method.pixel_by_category = pixel_before, False
+        method.pixel_metrics, method.pixel_by_category = pixel_before, 0
     metrics = method.test_results()
     exactness = method.pixel_exactness()
     empty = empty_anomaly_masks(method)

@@ -62,7 +62,8 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
     by_defect = results.get("image_auroc_by_defect") or {}
     parts = {k: v.get("image_auroc") for k, v in (results.get("by_category") or {}).items()} or \
         (by_defect if len(by_defect) > 1 else {})
-    rows[1:1] = [[f"  image AUROC, {k}", fmt(v), "test"] for k, v in parts.items()]
+    at = next((i + 1 for i, r in enumerate(rows) if r[0] == "image AUROC" and r[2] == "test"), 0)
+    rows[at:at] = [[f"  image AUROC, {k}", fmt(v), "test"] for k, v in parts.items()]
     if results.get("tested") is False:
         footer = "test=false: the test set was not opened; " + footer
     return what, ["figure", "value", "measured on"], rows, footer

@@ -23,7 +23,7 @@ from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment,
 from adtrain.errors import ConfigError, DataError
 
 
-#: data.val_split's value for a dataset's own validation split (MVTec LOCO AD, MVTec 3D-AD)
+#: data.val_split's value for a dataset's own validation split (MVTec LOCO AD, MVTec 3D-AD, MVTec AD 2)
 OFFICIAL = "official"
 
 
@@ -111,7 +111,7 @@ class AnomalyDataModule(LightningDataModule):
         if val_split == OFFICIAL:
             if not self.has_official_val:
                 raise ConfigError("data.val_split", f"'{OFFICIAL}' needs a dataset released with its own "
-                                  "validation normals (mvtec_loco, mvtec_3d); use a fraction of the training "
+                                  "validation normals (mvtec_loco, mvtec_3d, mvtec_ad2); use a fraction of the training "
                                   "normals, e.g. 0.2")
             self.val_split = OFFICIAL
         else:

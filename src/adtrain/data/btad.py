@@ -22,10 +22,8 @@ class BTADDataModule(MVTecDataModule):
     normal = "ok"
 
     def __init__(self, root: str, category: str | int | list, download: bool = False, **common):
-        # data.category=01 reaches here as the integer 1 (Hydra's override grammar): name it as released
-        def named(c):
-            return f"{int(c):02d}" if str(c).isdigit() and len(str(c)) < 2 else str(c)
-
-        category = [named(c) for c in to_plain(category)] if isinstance(to_plain(category), (list, tuple)) \
-            else named(category)
         super().__init__(root=root, category=category, download=download, **common)
+        # data.category=1 (a YAML or Python integer) names the released folder "01"
+        self.categories = [f"{int(c):02d}" if c.isdigit() and len(c) < 2 else c for c in self.categories]
+        several = isinstance(to_plain(category), (list, tuple))
+        self.category = list(self.categories) if several else self.categories[0]

@@ -151,7 +151,7 @@ def extract_archive(archive: Path, root: Path, wanted: Sequence[str] = ()) -> li
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
     try:
         try:
-            if zipfile.is_zipfile(archive):  # BTAD ships a zip
+            if archive.suffix.lower() == ".zip":  # BTAD ships a zip (by its name: content sniffing can misread a tar)
                 with zipfile.ZipFile(archive) as zf:
                     _check_zip_members(zf, archive, tmp)
                     zf.extractall(tmp)

@@ -11,7 +11,7 @@ YW foreign object, ZW contamination). Other split files of the release (single v
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from adtrain.data.base import AnomalyDataModule
 from adtrain.data.dataset import Sample
@@ -84,7 +84,6 @@ class RealIADDataModule(AnomalyDataModule):
     def _samples(self, cat: str, split: str) -> list[Sample]:
         meta = self._read(cat)
         folder = self.root / f"realiad_{self.resolution}" / cat
-        base = self.root.resolve()
         out = []
         for n, e in enumerate(meta[split]):
             if not isinstance(e, dict) or not e.get("image_path") or not e.get("anomaly_class"):
@@ -93,12 +92,12 @@ class RealIADDataModule(AnomalyDataModule):
             label = int(defect != "OK")
             if split == "train" and label and self.train_anomalies == "exclude":
                 continue
-            image = self._inside(folder / e["image_path"], base, meta["path"])
+            image = self._inside(folder, e["image_path"], meta["path"])
             if not image.is_file():
                 raise DataError(image, f"image listed in {meta['path']} not found")
             mask = None
             if split == "test" and label and e.get("mask_path"):
-                mask = self._inside(folder / e["mask_path"], base, meta["path"])
+                mask = self._inside(folder, e["mask_path"], meta["path"])
                 if not mask.is_file():
                     raise DataError(mask, f"mask listed in {meta['path']} not found")
             if split == "train":
@@ -111,10 +110,13 @@ class RealIADDataModule(AnomalyDataModule):
         return str(Path(path).parent)
 
     @staticmethod
-    def _inside(path: Path, base: Path, listed_in: Path) -> Path:
-        if not path.resolve().is_relative_to(base):
-            raise DataError(listed_in, f"lists {path}, outside data.root: refused")
-        return path
+    def _inside(folder: Path, listed: str, listed_in: Path) -> Path:
+        """folder/listed, refused where the listed path is absolute or climbs out with "..": checked on
+        the text, so a data.root whose realiad_<res>/ is a link to another disk still reads."""
+        rel = PurePosixPath(str(listed).replace("\\", "/"))
+        if rel.is_absolute() or ".." in rel.parts:
+            raise DataError(listed_in, f"lists {listed}, outside data.root: refused")
+        return folder / rel
 
     def _train_samples(self) -> list[Sample]:
         samples = []

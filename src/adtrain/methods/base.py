@@ -299,7 +299,7 @@ class AnomalyModule(LightningModule):
         exact = int(self.test_exact_pixels)
         self.evaluator = distributed.wrap_evaluator(
             lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics, exact_pixels=exact,
-                                     pixel_groups=self.pixel_by_category))
+                                     pixel_groups=self.pixel_by_category))  # 0: off
         self.test_outputs = TestOutputs()
         self.test_records = []
         self.heatmap_files = []
@@ -345,8 +345,8 @@ class AnomalyModule(LightningModule):
 
     #: heatmap panel height in pixels (output.heatmap_size; set by adtrain.engine)
     heatmap_size: int = 320
-    #: pixel metrics of each category too (a test set of several; set by adtrain.engine)
-    pixel_by_category: bool = False
+    #: how many categories to keep pixel metrics of too (a test set of several; 0: none; set by adtrain.engine)
+    pixel_by_category: int = 0
 
     def _queue_heatmap(self, batch: dict, out: AnomalyOutput, i: int) -> None:
         """Host copies of image i's inputs to the heatmap, drawn and written by the background writer."""

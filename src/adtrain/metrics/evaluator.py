@@ -36,16 +36,17 @@ class AnomalyEvaluator:
 
     def __init__(
         self, pixel_metrics: bool = True, num_bins: int = 65536, aupro_fpr_limit: float = 0.3,
-        exact_pixels: int = 0, pixel_groups: bool = False,
+        exact_pixels: int = 0, pixel_groups: int = 0,
     ):
         self.pixel_metrics = bool(pixel_metrics)
         self.num_bins = int(num_bins)
         self.aupro_fpr_limit = float(aupro_fpr_limit)
         self.exact_pixels = int(exact_pixels)
         self.pixel = PixelMetricAccumulator(num_bins, aupro_fpr_limit, exact_pixels)
-        #: pixel_groups: also one accumulator per group (``update_pixels(groups=...)``: each image's
-        #: category in a task of several), read by ``compute_groups``
-        self.pixel_groups = bool(pixel_groups)
+        #: pixel_groups: how many groups (0: none) to keep apart too, one accumulator each
+        #: (``update_pixels(groups=...)``: each image's category in a task of several), read by
+        #: ``compute_groups``; they share the exact_pixels budget
+        self.pixel_groups = int(pixel_groups)
         self.reset()
 
     def reset(self) -> None:
@@ -133,7 +134,8 @@ class AnomalyEvaluator:
             for g in sorted(set(names)):
                 pick = valid & torch.tensor([n == g for n in names], device=device)
                 if g not in self.groups:
-                    self.groups[g] = PixelMetricAccumulator(self.num_bins, self.aupro_fpr_limit, self.exact_pixels)
+                    self.groups[g] = PixelMetricAccumulator(self.num_bins, self.aupro_fpr_limit,
+                                                            self.exact_pixels // self.pixel_groups)
                 self.groups[g].update(amap[pick], gt[pick])
         if not bool(valid.all()):
             amap, gt = amap[valid], gt[valid]
@@ -145,9 +147,11 @@ class AnomalyEvaluator:
         or a defect too small to survive the resize): pixel metrics count them as normal pixels."""
         return int(sum(int(c) for c in self._empty))
 
-    def compute_groups(self) -> dict[str, dict[str, float | None]]:
-        """Each group's pixel metrics ({} unless ``pixel_groups`` and groups were given)."""
-        return {g: acc.compute() for g, acc in sorted(self.groups.items())}
+    def compute_groups(self) -> dict[str, dict]:
+        """Each group's pixel metrics and whether they are exact ({} unless ``pixel_groups`` and
+        groups were given)."""
+        return {g: {**acc.compute(), "pixel_metrics_exact": bool(acc.exact) if acc.num_regions else None}
+                for g, acc in sorted(self.groups.items())}
 
     def compute(self) -> dict[str, float | None]:
         """All seven metrics as floats in [0, 1] or None where undefined."""

@@ -95,7 +95,8 @@ def at_threshold(records: list[dict]) -> dict | None:
 def by_category(records: list[dict], pixel: dict[str, dict] | None = None) -> dict | None:
     """Each category's figures where a test set holds several (the multi-class "unified" protocol
     reports these and their mean): image AUROC / AP / F1-max from the score rows, and the pixel
-    metrics of ``pixel`` (category -> figures, from the evaluator's per-category accumulators);
+    metrics of ``pixel`` (category -> figures and ``pixel_metrics_exact``, from the evaluator's
+    per-category accumulators, which share its exact-pixel budget);
     under "mean", each figure's mean over the categories (None where one is None). None for a
     single category."""
     cats = sorted({r["category"] for r in records})
@@ -104,9 +105,12 @@ def by_category(records: list[dict], pixel: dict[str, dict] | None = None) -> di
     out = {c: {**image_metrics([float(r["score"]) for r in records if r["category"] == c],
                                [int(r["label"]) for r in records if r["category"] == c]),
                **(pixel or {}).get(c, {})} for c in cats}
-    keys = list(out[cats[0]])
-    out["mean"] = {k: None if any(out[c].get(k) is None for c in cats) else
-                   sum(out[c][k] for c in cats) / len(cats) for k in keys}
+    mean = {}
+    for k in out[cats[0]]:
+        values = [out[c].get(k) for c in cats]
+        mean[k] = None if any(v is None for v in values) else all(values) if isinstance(values[0], bool) \
+            else sum(values) / len(cats)  # pixel_metrics_exact: every category's
+    out["mean"] = mean
     return out
 
 
