@@ -50,3 +50,19 @@ def test_ddp_recording_replays_each_images_category_into_its_accumulator():
     assert merged.compute_groups() == plain.compute_groups() and sorted(plain.compute_groups()) == ["a", "b"]
     assert merged.compute() == plain.compute()
     assert AnomalyEvaluator().compute_groups() == {}
+
+
+def test_aupro_fpr_limit_is_a_setting_of_the_run_and_of_a_later_test(fast_cfg, tmp_path):
+    import adtrain
+    from adtrain.errors import ConfigError
+    from adtrain.run import run
+
+    res = run(fast_cfg("method=patchcore", "metrics.aupro_fpr_limit=0.05"), tmp_path / "run")
+    assert res["pixel_aupro_fpr_limit"] == 0.05
+    wider = adtrain.test(tmp_path / "run", ["metrics.aupro_fpr_limit=0.3"])
+    same = adtrain.test(tmp_path / "run")
+    assert same["pixel_aupro"] == pytest.approx(res["pixel_aupro"], abs=1e-12)
+    assert wider["pixel_aupro"] != pytest.approx(res["pixel_aupro"], abs=1e-6)  # another integration range
+    assert wider["pixel_auroc"] == pytest.approx(res["pixel_auroc"], abs=1e-12)  # nothing else moves
+    with pytest.raises(ConfigError, match="metrics.aupro_fpr_limit"):
+        run(fast_cfg("method=patchcore", "metrics.aupro_fpr_limit=0"), tmp_path / "bad")

@@ -142,7 +142,7 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
     and at-threshold figures); with out_dir, writes its scores.csv and heatmaps there."""
     import tempfile
 
-    from adtrain.build import build_datamodule, build_trainer
+    from adtrain.build import build_datamodule, build_trainer, configure_method
     from adtrain.engine import evaluate_method, test_breakdown, write_scores_csv
     from adtrain.loading import load_method
     from adtrain.preflight import check_files
@@ -154,6 +154,7 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
     method, cfg, _ = load_method(path)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        configure_method(method, cfg)  # e.g. metrics.aupro_fpr_limit=0.05
     dm = build_datamodule(cfg)
     check_files(dm, test=True)
     if out_dir is None:  # nothing to keep: the trainer's folder is removed afterwards

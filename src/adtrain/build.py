@@ -53,6 +53,12 @@ def build_datamodule(cfg: DictConfig, **overrides):
 
 def build_method(cfg: DictConfig):
     method = _instantiate(cfg.method, "method", drop=METHOD_RECIPE_KEYS)
+    return configure_method(method, cfg)
+
+
+def configure_method(method, cfg: DictConfig):
+    """The run-time settings outside method.* (inference.cpu_chunk_pixels, metrics.exact_pixels,
+    metrics.aupro_fpr_limit) onto a built or loaded method; absent keys leave the defaults."""
     chunk = (cfg.get("inference") or {}).get("cpu_chunk_pixels")
     if chunk is not None:  # absent from the configs of runs older than the key: the default
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
@@ -63,6 +69,11 @@ def build_method(cfg: DictConfig):
         if isinstance(exact, bool) or not isinstance(exact, int) or exact < 0:
             raise ConfigError("metrics.exact_pixels", f"must be an integer >= 0 (0 = always stream), got {exact!r}")
         method.test_exact_pixels = exact
+    limit = (cfg.get("metrics") or {}).get("aupro_fpr_limit")
+    if limit is not None:  # absent from the configs of runs older than the key: the default
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit <= 1:
+            raise ConfigError("metrics.aupro_fpr_limit", f"must be a false-positive rate in (0, 1], got {limit!r}")
+        method.aupro_fpr_limit = float(limit)
     return method
 
 

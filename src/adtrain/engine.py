@@ -267,6 +267,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         "tested": do_test,
         **{k: tested.get(k) for k in METRIC_KEYS},
         "pixel_metrics_exact": tested.get("pixel_metrics_exact"),
+        "pixel_aupro_fpr_limit": method.aupro_fpr_limit,
         "pixel_error_bounds": tested.get("pixel_error_bounds"),
         "empty_anomaly_masks": tested.get("empty_anomaly_masks"),
         **(test_breakdown(method, tested, dm) if do_test else dict.fromkeys(BREAKDOWN_KEYS)),

@@ -114,6 +114,9 @@ class AnomalyModule(LightningModule):
     #: test pixel scores counted exactly, up to this many; past it they stream through the adaptive
     #: bins (metrics/pixel.py). Set from the config's ``metrics.exact_pixels``.
     test_exact_pixels: int = TEST_EXACT_PIXELS
+    #: AUPRO's integration limit on the false-positive rate (validation and test). Set from the
+    #: config's ``metrics.aupro_fpr_limit``: 0.3 as for MVTec AD; MVTec AD 2 reports AU-PRO at 0.05.
+    aupro_fpr_limit: float = 0.3
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         return self.anomaly_output(images)
@@ -188,7 +191,8 @@ class AnomalyModule(LightningModule):
             return
         if self._val_evaluator is None:
             self._val_evaluator = distributed.wrap_evaluator(
-                lambda: AnomalyEvaluator(pixel_metrics=True, exact_pixels=VAL_EXACT_PIXELS))
+                lambda: AnomalyEvaluator(pixel_metrics=True, exact_pixels=VAL_EXACT_PIXELS,
+                                         aupro_fpr_limit=self.aupro_fpr_limit))
         distributed.note_batch(self, self._val_evaluator, batch)
         out = self.validation_output(batch["image"])
         labels = batch["label"].to(out.pred_score.device)
@@ -299,6 +303,7 @@ class AnomalyModule(LightningModule):
         exact = int(self.test_exact_pixels)
         self.evaluator = distributed.wrap_evaluator(
             lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics, exact_pixels=exact,
+                                     aupro_fpr_limit=self.aupro_fpr_limit,
                                      pixel_groups=self.pixel_by_category))  # 0: off
         self.test_outputs = TestOutputs()
         self.test_records = []
