@@ -209,7 +209,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
         **{k: metrics.get(k) for k in METRIC_KEYS},
         **exactness,
         "empty_anomaly_masks": empty,
-        "pixel_by_category": method.test_results_by_category(),
+        **({"pixel_by_category": grouped} if (grouped := method.test_results_by_category()) else {}),
         "test_seconds": round(test_seconds, 3),
         "test_images_per_second": round(n_test / test_seconds, 3) if test_seconds > 0 else None,
         "peak_memory_mb": round(peak, 1),
