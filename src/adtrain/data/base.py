@@ -111,8 +111,8 @@ class AnomalyDataModule(LightningDataModule):
         if val_split == OFFICIAL:
             if not self.has_official_val:
                 raise ConfigError("data.val_split", f"'{OFFICIAL}' needs a dataset released with its own "
-                                  "validation normals (mvtec_loco, mvtec_3d, mvtec_ad2); use a fraction of the training "
-                                  "normals, e.g. 0.2")
+                                  "validation normals (mvtec_loco, mvtec_3d, mvtec_ad2); use a fraction of the "
+                                  "training normals, e.g. 0.2")
             self.val_split = OFFICIAL
         else:
             try:

@@ -139,8 +139,8 @@ def read_mask(mask_path: str | Path, image_size: tuple[int, int] | None = None,
     image_size is the image's (W, H); a mask of another size raises DataError(mask_path, ...).
     Palette masks use their indices (0 = background), as label PNGs do.
     """
-    files = mask_files(mask_path)
-    if len(files) > 1 or files[0] != Path(mask_path):
+    if Path(mask_path).is_dir():
+        files = mask_files(mask_path)
         if image_size is None:
             image_size = read_mask(files[0]).shape[::-1]
         union = np.zeros(image_size[::-1], np.uint8)

@@ -49,7 +49,7 @@ def write_mvtec_tree(root: str | Path, category: str = "widget", n_train: int = 
     defects = {"crack": 2} if defects is None else defects
     defects_without_gt = defects_without_gt or {}
     cat = root / category
-    gt = cat / test / "ground_truth" if layout == "mvtec_ad2" else cat / "ground_truth"
+    gt = cat / ("" if test == "test" else test) / "ground_truth"  # MVTec AD 2: inside test_public/
 
     def save(arr, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def write_mvtec_tree(root: str | Path, category: str = "widget", n_train: int = 
                 continue
             where = {"mask_suffix": gt / name / f"{i:03d}_mask.png",
                      "stem": gt / name / f"{i:03d}.png",
-                     "gt": cat / "test" / name / "gt" / f"{i:03d}.png"}[rule]
+                     "gt": cat / test / name / "gt" / f"{i:03d}.png"}[rule]
             save(mask, where)
     return root
 
