@@ -124,17 +124,19 @@ class RecordingEvaluator:
         self.batch_size = 1
         self.items: list[tuple[int, tuple]] = []
 
-    def update_pixels(self, anomaly_map, label, mask=None, has_mask=None, groups=None) -> None:
+    def update_pixels(self, anomaly_map, label, mask=None, has_mask=None, groups=None, spro=None) -> None:
         """Pixel inputs alone (the test path adds image scores at epoch end from TestOutputs)."""
-        self.update(None, label, anomaly_map, mask, has_mask, groups)
+        self.update(None, label, anomaly_map, mask, has_mask, groups, spro)
 
-    def update(self, pred_score, label, anomaly_map=None, mask=None, has_mask=None, groups=None) -> None:
+    def update(self, pred_score, label, anomaly_map=None, mask=None, has_mask=None, groups=None, spro=None) -> None:
         index = self.next_index.tolist()
         self.batch_size = max(self.batch_size, len(index))
         cols = [t.detach().cpu() if isinstance(t, torch.Tensor) else t
                 for t in (pred_score, label, anomaly_map, mask, has_mask)] + [groups]
+        spro = None if spro is None else [t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in spro]
         for i, idx in enumerate(index):
-            self.items.append((idx, tuple(None if c is None else c[i] for c in cols)))
+            self.items.append((idx, tuple(None if c is None else c[i] for c in cols)
+                               + (None if spro is None else tuple(c[i] for c in spro),)))
 
     def merged(self):
         gathered = all_gather_objects((self.batch_size, self.items))
@@ -145,8 +147,11 @@ class RecordingEvaluator:
             chunk = samples[start:start + size]
             cols = [None if chunk[0][j] is None else torch.stack([s[j] for s in chunk]) for j in range(5)]
             groups = None if chunk[0][5] is None else [s[5] for s in chunk]
+            spro = None if chunk[0][6] is None else (torch.stack([s[6][0] for s in chunk]),
+                                                     torch.stack([s[6][1] for s in chunk]),
+                                                     [s[6][2] for s in chunk], [s[6][3] for s in chunk])
             if cols[0] is None:  # pixel inputs alone (update_pixels)
-                ev.update_pixels(cols[2], cols[1], cols[3], cols[4], groups)
+                ev.update_pixels(cols[2], cols[1], cols[3], cols[4], groups, spro)
             else:
                 ev.update(*cols)
         return ev

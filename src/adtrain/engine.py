@@ -194,11 +194,13 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     method.pixel_metrics = pixel_before and has_pixel_truth(dm)
     several = len(getattr(dm, "categories", ()))
     method.pixel_by_category = several if per_category and method.pixel_metrics and several > 1 else 0
+    method.spro_groups = dm.spro_groups() if per_category and method.pixel_metrics else {}
     try:
         trainer.test(method, datamodule=dm, verbose=False)
     finally:
-        method.pixel_metrics, method.pixel_by_category = pixel_before, 0
+        method.pixel_metrics, method.pixel_by_category, method.spro_groups = pixel_before, 0, {}
     metrics = method.test_results()
+    auspro = method.test_results_spro()
     exactness = method.pixel_exactness()
     empty = empty_anomaly_masks(method)
     distributed.check_agree({k: metrics.get(k) for k in METRIC_KEYS}, "test metrics")  # DDP: one answer
@@ -210,6 +212,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
         **exactness,
         "empty_anomaly_masks": empty,
         **({"pixel_by_category": grouped} if (grouped := method.test_results_by_category()) else {}),
+        "auspro": auspro,
         "test_seconds": round(test_seconds, 3),
         "test_images_per_second": round(n_test / test_seconds, 3) if test_seconds > 0 else None,
         "peak_memory_mb": round(peak, 1),
@@ -270,6 +273,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         "pixel_aupro_fpr_limit": method.aupro_fpr_limit,
         "pixel_error_bounds": tested.get("pixel_error_bounds"),
         "empty_anomaly_masks": tested.get("empty_anomaly_masks"),
+        "auspro": tested.get("auspro"),
         **(test_breakdown(method, tested, dm) if do_test else dict.fromkeys(BREAKDOWN_KEYS)),
         **{k: info[k] for k in VAL_RESULT_KEYS.values()},
         "fit_seconds": info["fit_seconds"],

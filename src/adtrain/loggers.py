@@ -122,6 +122,11 @@ def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[
         scalars.update({f"{prefix}/{name}/{k}": v for k, v in (results.get(key) or {}).items() if v is not None})
     for cat, figures in (results.get("by_category") or {}).items():  # test/by_category/<category>/<metric>
         scalars.update({f"{prefix}/by_category/{cat}/{k}": v for k, v in figures.items() if v is not None})
+    auspro = results.get("auspro") or {}  # test/auspro/<category>/<defect type or mean>/<FPR limit>
+    for cat, figures in (auspro.get("by_category") or {}).items():
+        scalars.update({f"{prefix}/auspro/{cat}/{d}/{lim}": v for d, by in figures.items()
+                        for lim, v in by.items() if v is not None})
+    scalars.update({f"{prefix}/auspro/mean/{lim}": v for lim, v in (auspro.get("mean") or {}).items() if v is not None})
     logger.log_metrics(scalars)
     if is_wandb(logger):
         import wandb

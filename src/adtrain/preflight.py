@@ -2,8 +2,9 @@
 
 `check_config`: values (threshold.quantile, trainer.max_epochs, a GPU that is not there).
 `check_files`: every image file is non-empty and has a readable header, every mask matches its
-image's size; headers only (PIL's lazy open reads no pixels). The test set is listed for this,
-but only paths are used: no test label is read and no test image is decoded before testing.
+image's size, every defects config (MVTec LOCO AD) reads; headers only (PIL's lazy open reads no
+pixels). The test set is listed for this, but only paths are used: no test label is read and no
+test image is decoded before testing.
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ def check_files(dm, test: bool = True) -> None:
     found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False)
     if test:
         found += _problems(dm._test_samples(), with_masks=True)
+        regions = dm.spro_regions()  # MVTec LOCO AD's defects_config.json files (AU-sPRO)
+        try:
+            regions is not None and regions.check()
+        except DataError as err:
+            found.append(err)
     if found:
         more = f" (and {len(found) - 1} more bad file{'s' if len(found) > 2 else ''}" + (
             f": {', '.join(str(e.path) for e in found[1:1 + MAX_LISTED])}{', ...' if len(found) > 1 + MAX_LISTED else ''})"

@@ -64,6 +64,12 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
         (by_defect if len(by_defect) > 1 else {})
     at = next((i + 1 for i, r in enumerate(rows) if r[0] == "image AUROC" and r[2] == "test"), 0)
     rows[at:at] = [[f"  image AUROC, {k}", fmt(v), "test"] for k, v in parts.items()]
+    auspro = results.get("auspro") or {}
+    if auspro:  # MVTec LOCO AD's metric, after pixel AUPRO: the mean over defect types, then each type
+        at = next((i + 1 for i, r in enumerate(rows) if r[0] == "pixel AUPRO"), len(rows))
+        one = next(iter(auspro["by_category"].values())) if len(auspro["by_category"]) == 1 else {}
+        rows[at:at] = [["AU-sPRO (FPR 0.05)", fmt(auspro["mean"].get("0.05")), "test"]] + \
+            [[f"  AU-sPRO, {k}", fmt(v.get("0.05")), "test"] for k, v in one.items() if k != "mean"]
     if results.get("tested") is False:
         footer = "test=false: the test set was not opened; " + footer
     return what, ["figure", "value", "measured on"], rows, footer

@@ -170,6 +170,17 @@ class AnomalyDataModule(LightningDataModule):
         """The dataset's own validation normals (data.val_split=official; see has_official_val)."""
         raise NotImplementedError
 
+    def spro_regions(self) -> Callable | None:
+        """Picklable Sample -> ground-truth regions with saturation fractions, or None where a sample
+        has none (adtrain.data.regions), for the test's AU-sPRO (MVTec LOCO AD); None: no dataset
+        support (the default)."""
+        return None
+
+    def spro_groups(self) -> dict[str, list[str]]:
+        """{category: its defect types} AU-sPRO is computed for: the test set's defect types with
+        ground-truth folders, in the categories ``spro_regions`` reads ({} without it)."""
+        return {}
+
     def sample_loader(self) -> Callable[[Sample], Loaded]:
         """Picklable callable Sample -> (image uint8 HxWx3, mask {0,1} HxW or None)."""
         return load_sample
@@ -255,13 +266,15 @@ class AnomalyDataModule(LightningDataModule):
         return build_transform(self.image_size, self.center_crop, self.augment, self.mean, self.std, normalize,
                                self.resize)
 
-    def make_dataset(self, samples: Sequence[Sample], train: bool = False) -> AnomalyDataset:
+    def make_dataset(self, samples: Sequence[Sample], train: bool = False, regions: bool = False) -> AnomalyDataset:
         """train=True: augment and synthetic anomalies apply; False: the eval transform. The image is
-        uint8 where ``uint8_images(train)`` (normalised later on the device), else float32."""
+        uint8 where ``uint8_images(train)`` (normalised later on the device), else float32. regions:
+        items carry their ground-truth regions too, where the dataset has them (``spro_regions``)."""
         normalize = not self.uint8_images(train)
         ds = AnomalyDataset(samples, self.train_transform(normalize) if train else self.eval_transform(normalize),
                             loader=self.sample_loader(), train=train,
-                            synthetic_anomaly=self.synthetic_anomaly if train else None)
+                            synthetic_anomaly=self.synthetic_anomaly if train else None,
+                            regions=self.spro_regions() if regions and not train else None)
         if ds.cacheable:
             ds.cached = self.image_cache.entry(ds, self.image_size, self.num_workers, self.resize)
         elif self.image_cache.mode != "off":
@@ -269,9 +282,9 @@ class AnomalyDataModule(LightningDataModule):
         return ds
 
     def make_dataloader(self, samples: Sequence[Sample], train: bool = False, shuffle: bool = False,
-                        batch_size: int | None = None) -> DataLoader:
+                        batch_size: int | None = None, regions: bool = False) -> DataLoader:
         """A DataLoader over any samples (e.g. training normals with the eval transform)."""
-        return self._loader(self.make_dataset(samples, train=train), shuffle,
+        return self._loader(self.make_dataset(samples, train=train, regions=regions), shuffle,
                             batch_size or (self.batch_size if train else self.eval_batch_size))
 
     def _loader(self, dataset, shuffle: bool, batch_size: int, sampler=None, num_workers: int | None = None) -> DataLoader:
@@ -330,7 +343,7 @@ class AnomalyDataModule(LightningDataModule):
         return self.make_dataloader(self.val_samples, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self.make_dataloader(self.test_samples, train=False)
+        return self.make_dataloader(self.test_samples, train=False, regions=True)
 
     def predict_dataset(self, paths) -> PredictDataset:
         """Images only ({'image', 'path'}) with the eval transform (normalised float32, for callers

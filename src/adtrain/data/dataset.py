@@ -11,6 +11,8 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from adtrain.data.image_io import read_image, read_mask
+from adtrain.data.regions import pack_regions
+from adtrain.data.resize import resize_mask
 from adtrain.data.sampling import Draw
 from adtrain.errors import AdtrainError, DataError
 
@@ -89,13 +91,16 @@ class AnomalyDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform, loader: Callable[[Sample], Loaded] = load_sample,
-                 train: bool = False, synthetic_anomaly: Callable | None = None):
+                 train: bool = False, synthetic_anomaly: Callable | None = None, regions: Callable | None = None):
         self.samples = list(samples)
         self.transform = transform
         self.loader = loader
         self.train = train
         self.synthetic_anomaly = synthetic_anomaly
         self.cached = None  # adtrain.data.image_cache.CachedImages: resized images decoded once
+        #: Sample -> ground-truth regions with saturation fractions, or None (adtrain.data.regions):
+        #: where set (a test set of MVTec LOCO AD), items carry spro_code and spro_fraction too
+        self.regions = regions
 
     @property
     def cacheable(self) -> bool:
@@ -106,8 +111,12 @@ class AnomalyDataset(Dataset):
         return len(self.samples)
 
     def _load(self, sample: Sample) -> Loaded:
+        return self._guard(self.loader, sample)
+
+    def _guard(self, read: Callable, sample: Sample):
+        """read(sample), its DataError made one a DataLoader worker can hand back."""
         try:
-            return self.loader(sample)
+            return read(sample)
         except DataError as e:
             if get_worker_info() is not None and not isinstance(e, WorkerDataError):
                 raise WorkerDataError(e.path, str(e).removeprefix(f"{e.path}: ")) from e
@@ -137,8 +146,13 @@ class AnomalyDataset(Dataset):
             if hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(int(rng.integers(0, 2**31 - 1)))
         source_size = torch.tensor(tuple(source), dtype=torch.int64)  # (h, w) before resizing: heatmaps' aspect
-        out = self.transform(image=image, mask=mask)
-        return {
+        regions = self._guard(self.regions, sample) if self.regions is not None else None
+        if regions:  # each region through the same geometry as the mask (from the image's size: a cached one's)
+            out = self.transform(image=image, mask=mask, masks=[m if m.shape == image.shape[:2] else
+                                                               resize_mask(m, image.shape[:2]) for m, _ in regions])
+        else:
+            out = self.transform(image=image, mask=mask)
+        item = {
             "image": image_tensor(out["image"]),
             "label": torch.tensor(label, dtype=torch.int64),
             "mask": (torch.as_tensor(out["mask"]) > 0.5).to(torch.uint8).unsqueeze(0),  # {0, 1}: 1/4 of float32
@@ -149,6 +163,10 @@ class AnomalyDataset(Dataset):
             "source_size": source_size,
             "index": torch.tensor(index, dtype=torch.int64),  # the sample's place: DDP restores the order
         }
+        if self.regions is not None:
+            item.update(pack_regions(out["masks"] if regions else [], [f for _, f in regions or []],
+                                     tuple(item["mask"].shape[-2:])))
+        return item
 
 
 class PredictDataset(Dataset):

@@ -39,10 +39,13 @@ LAYOUTS = {
 def write_mvtec_tree(root: str | Path, category: str = "widget", n_train: int = 6, n_test_good: int = 2,
                      defects: dict[str, int] | None = None, defects_without_gt: dict[str, int] | None = None,
                      size: int = 32, seed: int = 0, mask_value: int = 255, layout: str = "mvtec",
-                     n_val: int = 0) -> Path:
+                     n_val: int = 0, defects_config: bool = True) -> Path:
     """ROOT/CAT/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}; returns ROOT.
     layout: a key of LAYOUTS, for the variants (BTAD, MVTec LOCO AD, MVTec 3D-AD, MVTec AD 2); n_val:
-    images in ROOT/CAT/validation/<normal> (the official validation split of LOCO, 3D-AD and AD 2)."""
+    images in ROOT/CAT/validation/<normal> (the official validation split of LOCO, 3D-AD and AD 2).
+    MVTec LOCO AD: the k-th defect type's region files hold the value mask_value - k, and (where
+    defects_config) ROOT/CAT/defects_config.json gives even types a relative saturation of 0.5 and odd
+    ones an absolute one of 6 pixels (sPRO: adtrain.data.regions)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     normal, sub, ext, rule, test = LAYOUTS[layout]
@@ -60,14 +63,19 @@ def write_mvtec_tree(root: str | Path, category: str = "widget", n_train: int = 
             save(_image(rng, size), cat / split / normal / sub / f"{i:03d}{ext}")
     for i in range(n_test_good):
         save(_image(rng, size), cat / test / normal / sub / f"{i:03d}{ext}")
-    for name, n in {**defects, **defects_without_gt}.items():
+    if rule == "folder" and defects_config:
+        cat.mkdir(parents=True, exist_ok=True)
+        (cat / "defects_config.json").write_text(json.dumps([
+            {"defect_name": name, "pixel_value": mask_value - k, "saturation_threshold": 0.5 if k % 2 == 0 else 6,
+             "relative_saturation": k % 2 == 0} for k, name in enumerate(defects)]))
+    for k, (name, n) in enumerate({**defects, **defects_without_gt}.items()):
         for i in range(n):
             box = _box(size, i)
             save(_image(rng, size, box), cat / test / name / sub / f"{i:03d}{ext}")
             if name not in defects:
                 continue
             mask = np.zeros((size, size), np.uint8)
-            mask[box[0]:box[1], box[2]:box[3]] = mask_value
+            mask[box[0]:box[1], box[2]:box[3]] = mask_value - (k if rule == "folder" else 0)
             if rule == "folder":  # one file per region: the box's two halves
                 half = (box[0] + box[1]) // 2
                 top, bottom = mask.copy(), mask.copy()

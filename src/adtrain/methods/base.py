@@ -304,7 +304,8 @@ class AnomalyModule(LightningModule):
         self.evaluator = distributed.wrap_evaluator(
             lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics, exact_pixels=exact,
                                      aupro_fpr_limit=self.aupro_fpr_limit,
-                                     pixel_groups=self.pixel_by_category))  # 0: off
+                                     pixel_groups=self.pixel_by_category,  # 0: off
+                                     spro_groups=self.spro_groups))  # {}: off
         self.test_outputs = TestOutputs()
         self.test_records = []
         self.heatmap_files = []
@@ -317,8 +318,10 @@ class AnomalyModule(LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         out = self.anomaly_output(batch["image"])
+        spro = (batch["spro_code"], batch["spro_fraction"], batch["category"], batch["defect"]) \
+            if self.spro_groups and "spro_code" in batch else None
         self.evaluator.update_pixels(out.anomaly_map, batch["label"], batch["mask"], batch["has_mask"],
-                                     batch["category"] if self.pixel_by_category else None)
+                                     batch["category"] if self.pixel_by_category else None, spro)
         routed = per_image(self, out.pred_score.shape[0], out.pred_score.device)
         self.test_outputs.add(batch, out.pred_score, None if routed is None else routed[:2])
         if self.heatmap_dir is not None and self.heatmap_paths:
@@ -352,6 +355,8 @@ class AnomalyModule(LightningModule):
     heatmap_size: int = 320
     #: how many categories to keep pixel metrics of too (a test set of several; 0: none; set by adtrain.engine)
     pixel_by_category: int = 0
+    #: {category: defect types} to compute AU-sPRO for (MVTec LOCO AD; {}: none; set by adtrain.engine)
+    spro_groups: dict = {}
 
     def _queue_heatmap(self, batch: dict, out: AnomalyOutput, i: int) -> None:
         """Host copies of image i's inputs to the heatmap, drawn and written by the background writer."""
@@ -391,6 +396,10 @@ class AnomalyModule(LightningModule):
     def test_results_by_category(self) -> dict[str, dict]:
         """Each category's pixel metrics (where ``pixel_by_category``), else {}."""
         return self.evaluator.compute_groups() if self.evaluator is not None else {}
+
+    def test_results_spro(self) -> dict | None:
+        """AU-sPRO of the test (where ``spro_groups``), else None."""
+        return self.evaluator.compute_spro() if self.evaluator is not None else None
 
     def pixel_exactness(self) -> dict[str, Any]:
         """Whether the test's pixel metrics are exact, and how far from exact they can be

@@ -9,6 +9,7 @@ from adtrain.errors import AdtrainError
 from adtrain.metrics._arrays import check_finite, to_numpy
 from adtrain.metrics.image import image_metrics
 from adtrain.metrics.pixel import PIXEL_KEYS, PixelMetricAccumulator
+from adtrain.metrics.spro import SproAccumulator
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", *PIXEL_KEYS)
 
@@ -36,7 +37,7 @@ class AnomalyEvaluator:
 
     def __init__(
         self, pixel_metrics: bool = True, num_bins: int = 65536, aupro_fpr_limit: float = 0.3,
-        exact_pixels: int = 0, pixel_groups: int = 0,
+        exact_pixels: int = 0, pixel_groups: int = 0, spro_groups: dict[str, list[str]] | None = None,
     ):
         self.pixel_metrics = bool(pixel_metrics)
         self.num_bins = int(num_bins)
@@ -47,11 +48,15 @@ class AnomalyEvaluator:
         #: (``update_pixels(groups=...)``: each image's category in a task of several), read by
         #: ``compute_groups``; they share the exact_pixels budget
         self.pixel_groups = int(pixel_groups)
+        #: spro_groups: {category: defect types} to compute AU-sPRO for (``update_pixels(spro=...)``,
+        #: read by ``compute_spro``); None or {}: none
+        self.spro_groups = dict(spro_groups or {})
         self.reset()
 
     def reset(self) -> None:
         self.pixel.reset()
         self.groups: dict[str, PixelMetricAccumulator] = {}
+        self.spro = SproAccumulator(self.spro_groups, self.num_bins, self.exact_pixels) if self.spro_groups else None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scores, labels) on device
         self._scores: list[float] = []
         self._labels: list[int] = []
@@ -101,12 +106,15 @@ class AnomalyEvaluator:
         self._pending.append((scores, labels))
         self.update_pixels(anomaly_map, label, mask, has_mask)
 
-    def update_pixels(self, anomaly_map, label, mask=None, has_mask=None, groups=None) -> None:
+    def update_pixels(self, anomaly_map, label, mask=None, has_mask=None, groups=None, spro=None) -> None:
         """Pixel statistics of a batch alone (its image scores added elsewhere, e.g. at epoch end);
-        groups: each image's group name (kept apart too where ``pixel_groups``)."""
+        groups: each image's group name (kept apart too where ``pixel_groups``); spro: the batch's
+        (spro_code, spro_fraction, categories, defect types), for AU-sPRO where ``spro_groups``."""
         if self.pixel_metrics and anomaly_map is not None:
-            self._update_pixels(anomaly_map, torch.as_tensor(label).reshape(-1), mask, has_mask,
-                                groups if self.pixel_groups else None)
+            label = torch.as_tensor(label).reshape(-1)
+            self._update_pixels(anomaly_map, label, mask, has_mask, groups if self.pixel_groups else None)
+            if self.spro is not None and spro is not None:
+                self.spro.update(_spatial(anomaly_map.detach(), "anomaly_map", label.numel()).float(), label, *spro)
 
     def _update_pixels(self, anomaly_map, label, mask, has_mask, groups=None) -> None:
         batch = label.numel()
@@ -152,6 +160,10 @@ class AnomalyEvaluator:
         groups were given)."""
         return {g: {**acc.compute(), "pixel_metrics_exact": bool(acc.exact) if acc.num_regions else None}
                 for g, acc in sorted(self.groups.items())}
+
+    def compute_spro(self) -> dict | None:
+        """AU-sPRO (adtrain.metrics.spro.SproAccumulator.compute); None where not computed."""
+        return self.spro.compute() if self.spro is not None and self.pixel_metrics else None
 
     def compute(self) -> dict[str, float | None]:
         """All seven metrics as floats in [0, 1] or None where undefined."""

@@ -158,8 +158,11 @@ class PixelMetricAccumulator:
         """True while the metrics equal the exact ones (scores held, or bins of one score each)."""
         return len(self.bins) == 0 or self.bins.exact
 
-    def update(self, anomaly_map: torch.Tensor, mask: torch.Tensor) -> None:
-        """anomaly_map: (B,H,W) float; mask: (B,H,W) bool, same device."""
+    def update(self, anomaly_map: torch.Tensor, mask: torch.Tensor,
+               weights: tuple[np.ndarray, int] | None = None) -> None:
+        """anomaly_map: (B,H,W) float; mask: (B,H,W) bool, same device. weights: (each mask pixel's
+        curve weight, in row-major order image by image, and the regions they make up) in place of
+        PRO's 1 / region size and the mask's 8-connected regions (sPRO: adtrain.metrics.spro)."""
         if anomaly_map.numel() == 0:
             return
         values = anomaly_map.detach()
@@ -167,11 +170,11 @@ class PixelMetricAccumulator:
         if not bool(torch.isfinite(values).all()):
             raise AdtrainError("anomaly map contains NaN or inf values; metrics need finite scores")
         has_defect = mask.flatten(1).any(dim=1)
-        weights = np.zeros(0)
+        given, weights = weights, np.zeros(0)
         anomalous = values.new_zeros(0)
         if bool(has_defect.any()):
             defect_masks = mask[has_defect]
-            weights, regions = region_weights(defect_masks.cpu().numpy())
+            weights, regions = region_weights(defect_masks.cpu().numpy()) if given is None else given
             anomalous = values[has_defect.to(values.device)][defect_masks.to(values.device)]
             self.num_regions += regions
         flat = values.reshape(-1)
@@ -216,6 +219,12 @@ class PixelMetricAccumulator:
                 neg, c["pro"], self.num_regions, self.aupro_fpr_limit
             ),
         }
+
+    def pro_aucs(self, fpr_limits) -> list[float | None]:
+        """The normalised area under the (per-region weighted) overlap curve up to each limit."""
+        c = self._counts()
+        return [pro_auc_from_counts(c["normal"], c["pro"], self.num_regions, check_fpr_limit(limit))
+                for limit in fpr_limits]
 
     def error_bounds(self) -> dict[str, float]:
         """Largest possible |streaming - exact| of pixel_auroc and pixel_aupro (0.0 while exact)."""
