@@ -1,13 +1,23 @@
 """Score new images with a trained run: heatmaps and a CSV of scores and decisions.
 
     python -m adtrain.predict checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB' [out=DIR]
-        [batch_size=16] [device=auto|cpu|cuda] [heatmaps=true]
+        [batch_size=16] [device=auto|cpu|cuda] [heatmaps=true] [anomaly_maps=false] [relative_to=DIR]
 
 checkpoint: a finished run's model.ckpt or an export of it (adtrain-export: .onnx, .pt, .xml); both
 go through `adtrain.Detector`. The decision threshold is the one fitted on held-out normals during
 training: a checkpoint without one (a training checkpoint such as last.ckpt) is refused. Output goes to RUN/predictions by
 default (RUN: the run the checkpoint belongs to), replaces the heatmaps and CSV of an earlier call
 there, and heatmaps are named after each image's folder and file (good__000.png, crack__000.png).
+
+anomaly_maps=true also writes each image's raw anomaly map at the image's own size (float16 TIFF)
+and its decision mask at the run's threshold ({0, 255} PNG), in the layout of MVTec AD 2's
+evaluation server (adtrain.inference.map_files), named after the image's path below relative_to:
+
+    python -m adtrain.predict checkpoint=RUN_CAN/checkpoints/model.ckpt \
+        images='ROOT/can/test_private*/*.png' relative_to=ROOT out=submission anomaly_maps=true heatmaps=false
+
+fills submission/anomaly_images/can/test_private/000_regular.tiff, ... (one call per category: the
+maps of earlier calls stay). It needs a checkpoint: exports output display maps only.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ from adtrain.errors import ConfigError, DataError
 
 log = logging.getLogger("adtrain")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-DEFAULTS = {"checkpoint": None, "images": None, "out": None, "batch_size": 16, "device": "auto", "heatmaps": True, "num_workers": 0}
+DEFAULTS = {"checkpoint": None, "images": None, "out": None, "batch_size": 16, "device": "auto", "heatmaps": True,
+            "num_workers": 0, "anomaly_maps": False, "relative_to": None}
 
 
 def list_images(spec: str) -> list[str]:
@@ -94,8 +105,11 @@ def _publish(staging: Path, out_dir: Path) -> None:
 
 
 def predict(checkpoint: str, images: str, out: str | None = None, batch_size: int = 16, device: str = "auto",
-            heatmaps: bool = True, num_workers: int = 0) -> Path:
+            heatmaps: bool = True, num_workers: int = 0, anomaly_maps: bool = False,
+            relative_to: str | None = None) -> Path:
     from adtrain.inference.detector import Detector
+    from adtrain.inference.map_files import relative_names, to_source_size, write_map_files
+    from adtrain.preflight import header_size
     from adtrain.io import save_image
     from adtrain.engine import write_scores_csv
     from adtrain.viz import overlay_panel
@@ -106,6 +120,10 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     if not np.isfinite(detector.threshold):
         raise DataError(checkpoint, "holds no fitted threshold (a training checkpoint such as last.ckpt?): "
                         "use the finished run's checkpoints/model.ckpt")
+    if anomaly_maps and detector.kind != "checkpoint":
+        raise ConfigError("anomaly_maps", f"needs a run's checkpoint (model.ckpt): {checkpoint} is an export, "
+                          "which outputs display maps only")
+    map_names = dict(zip(files, relative_names(files, relative_to))) if anomaly_maps else {}
     out_dir = Path(out) if out else default_out_dir(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = dict(zip(files, heatmap_names(files)))
@@ -126,6 +144,10 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                 if heatmaps:
                     panel = overlay_panel(pred.inputs[i], pred.maps[i], None, f"score {score:.4g}")
                     save_image(panel, staging / "heatmaps" / names[path])
+                if anomaly_maps:
+                    w, h = header_size(path)
+                    write_map_files(out_dir, map_names[path], to_source_size(pred.raw_maps[i], detector.pre, (h, w)),
+                                    records[-1]["threshold"])
         _publish(staging, out_dir)
     except BaseException:
         if records:

@@ -126,7 +126,8 @@ class AnomalyModule(LightningModule):
         ``normalized_score`` (B,) (0 at the normal median, 0.5 at the threshold), ``map`` (B,H,W)
         display-normalised to [0, 1] (0.5 = threshold; per-image min-max when no threshold is
         fitted) and ``decision`` (B,) bool, score > threshold; ``threshold`` (B,) each image's
-        (a routed model's: its task's). Exports trace this very code (and output the first four)."""
+        (a routed model's: its task's); ``raw_map`` (B,H,W) the model's own map (benchmark servers'
+        files: adtrain.inference.map_files). Exports trace this very code (and output the first four)."""
         score = out.pred_score.float()
         amap = out.anomaly_map[:, 0].float()
         routed = per_image(self, score.shape[0], score.device)  # continual per-task memories
@@ -134,7 +135,7 @@ class AnomalyModule(LightningModule):
             thr, s_center, m_center = routed
             return {"score": score, "normalized_score": normalize_with(score, s_center, thr),
                     "map": normalize_with(amap, m_center, thr).clamp(0, 1), "decision": score > thr,
-                    "threshold": thr.float()}
+                    "threshold": thr.float(), "raw_map": amap}
         if torch.isfinite(self.threshold):
             norm_map = self.normalize(amap, self.map_center).clamp(0, 1)
         else:
@@ -142,7 +143,7 @@ class AnomalyModule(LightningModule):
             norm_map = (amap - low) / (amap.flatten(1).amax(dim=1).view(-1, 1, 1) - low).clamp_min(1e-12)
         return {"score": score, "normalized_score": self.normalize(score, self.score_center),
                 "map": norm_map, "decision": score > self.threshold,
-                "threshold": self.threshold.float().expand(score.shape[0])}
+                "threshold": self.threshold.float().expand(score.shape[0]), "raw_map": amap}
 
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Any]:
         """``trainer.predict``: a batch of normalised images (a tensor, or a dict with ``image`` and

@@ -1,0 +1,84 @@
+"""Anomaly maps as files, in the layout a benchmark's evaluation server takes (MVTec AD 2's private
+test sets, whose labels are not released): for each image, at the image's own size,
+
+    OUT/anomaly_images/<relative path>.tiff               raw anomaly map, float16, one channel
+    OUT/anomaly_images_thresholded/<relative path>.png    decision mask: 255 where the raw map is
+                                                           above the run's threshold, else 0
+
+The threshold is the one fitted on held-out normals during training (a pixel counts as anomalous
+where it scores above what an image's score must exceed to be flagged); no test image or label
+chooses it. ``adtrain.predict ... anomaly_maps=true relative_to=ROOT`` writes them, named after each
+image's path below ROOT (MVTec AD 2: ``can/test_private/000_regular``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from adtrain.errors import AdtrainError, DataError
+from adtrain.inference.graph import Preprocessing
+
+#: the largest finite float16
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def to_source_size(raw: np.ndarray, pre: Preprocessing, source_hw: tuple[int, int]) -> np.ndarray:
+    """A raw map at the model's input size -> the source image's (H, W): a centre-cropped map goes
+    back to its place in the resized frame (the border the crop cut off at the map's lowest value),
+    and the frame is resized bilinearly to the source's size (every ``data.resize`` rule stretches
+    the image to the run's size, so this undoes it)."""
+    raw = np.asarray(raw, np.float32)
+    if pre.center_crop is not None:
+        (h, w), (ch, cw) = pre.image_size, pre.center_crop
+        frame = np.full((h, w), raw.min(), np.float32)
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        frame[y0:y0 + ch, x0:x0 + cw] = raw
+        raw = frame
+    height, width = source_hw
+    if raw.shape == (height, width):
+        return raw
+    return cv2.resize(raw, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+
+
+def relative_names(files: list[str], relative_to: str | Path | None) -> list[Path]:
+    """Each image's path below ``relative_to`` (default: the parent of the images' common folder),
+    without its suffix; an image outside ``relative_to`` -> DataError naming it."""
+    resolved = [Path(f).resolve() for f in files]
+    if relative_to is None:
+        parents = [str(p.parent) for p in resolved]
+        common = Path(os.path.commonpath(parents))
+        relative_to = common.parent if len(set(parents)) == 1 else common
+    base = Path(relative_to).resolve()
+    names = []
+    for f, p in zip(files, resolved):
+        try:
+            names.append(p.relative_to(base).with_suffix(""))
+        except ValueError:
+            raise DataError(f, f"is not below relative_to={relative_to}") from None
+    return names
+
+
+def write_map_files(out_dir: Path, name: Path, raw: np.ndarray, threshold: float) -> tuple[Path, Path]:
+    """The two files of one image (raw: its map at the source's size); each written atomically."""
+    tiff = out_dir / "anomaly_images" / name.parent / f"{name.name}.tiff"
+    png = out_dir / "anomaly_images_thresholded" / name.parent / f"{name.name}.png"
+    peak = float(np.abs(raw).max()) if raw.size else 0.0
+    if not np.isfinite(peak) or peak > FLOAT16_MAX:
+        raise AdtrainError(f"{tiff}: the anomaly map reaches {peak:.4g}, beyond float16 (the format's type, "
+                           f"largest {FLOAT16_MAX:g}); this method's raw scores do not fit it")
+    import tifffile
+
+    for path in (tiff, png):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tiff.with_name(f".{tiff.name}.tmp")
+    tifffile.imwrite(tmp, raw.astype(np.float16))
+    os.replace(tmp, tiff)
+    tmp = png.with_name(f".{png.name}.tmp")
+    Image.fromarray(np.where(raw > threshold, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, png)
+    return tiff, png

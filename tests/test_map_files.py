@@ -1,0 +1,91 @@
+"""Anomaly maps as files for a benchmark's server (MVTec AD 2's private test sets): raw float16 maps
+at each image's own size and {0, 255} decision masks at the run's threshold, in the server's layout."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _private_sets(root, category="c1", n=3, size=(40, 56)):
+    """MVTec AD 2's unlabelled test sets: <cat>/test_private/NNN_regular.png, test_private_mixed/NNN_mixed.png."""
+    rng = np.random.default_rng(5)
+    for split, suffix in (("test_private", "regular"), ("test_private_mixed", "mixed")):
+        folder = root / category / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            img = (100 + 20 * rng.standard_normal((*size, 3))).clip(0, 255).astype(np.uint8)
+            img[5:12, 8:20] = 250 if i == 1 else img[5:12, 8:20]
+            Image.fromarray(img).save(folder / f"{i:03d}_{suffix}.png")
+    if n > 2:  # one image at the run's own size
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / category / "test_private" / "002_regular.png")
+
+
+def test_predict_writes_the_ad2_servers_files_from_the_raw_maps(base_cfg, tmp_path):
+    import tifffile
+
+    from adtrain.data.testing import write_mvtec_tree
+    from adtrain.inference.detector import Detector
+    from adtrain.inference.map_files import to_source_size
+    from adtrain.predict import predict
+    from adtrain.run import run
+
+    root = write_mvtec_tree(tmp_path / "ad2", "c1", layout="mvtec_ad2", n_train=10, n_test_good=3,
+                            defects={"bad": 3}, n_val=4, size=32)
+    _private_sets(root)
+    cfg = base_cfg("data=mvtec_ad2", f"data.root={root}", "data.category=c1", "data.num_workers=0",
+                   "method=patchcore", "method.center_crop=null", "method.image_size=[32,32]")
+    run(cfg, tmp_path / "run")
+    ckpt = next((tmp_path / "run").rglob("model.ckpt"))
+    out = tmp_path / "submission"
+    predict(str(ckpt), f"{root}/c1/test_private*/*.png", out=str(out), anomaly_maps=True, heatmaps=False,
+            relative_to=str(root))
+    tiffs = sorted(p.relative_to(out / "anomaly_images").as_posix() for p in (out / "anomaly_images").rglob("*.tiff"))
+    assert tiffs == [f"c1/test_private/{i:03d}_regular.tiff" for i in range(3)] + \
+        [f"c1/test_private_mixed/{i:03d}_mixed.tiff" for i in range(3)]
+    detector = Detector.load(ckpt)
+    for name in tiffs:
+        source = root / name.replace(".tiff", ".png")
+        w, h = Image.open(source).size
+        got = tifffile.imread(out / "anomaly_images" / name)
+        mask = np.asarray(Image.open(out / "anomaly_images_thresholded" / name.replace(".tiff", ".png")))
+        assert got.dtype == np.float16 and got.shape == (h, w) and mask.shape == (h, w)
+        assert set(np.unique(mask)) <= {0, 255}
+        raw = detector.predict(str(source)).raw_maps[0]  # the model's own map at its input size (32x32)
+        assert raw.shape == (32, 32)
+        want = to_source_size(raw, detector.pre, (h, w))
+        assert np.array_equal(got, want.astype(np.float16))
+        assert np.array_equal(mask == 255, want > detector.threshold)
+        if (h, w) == (32, 32):  # the run's size: the model's map itself, not a resampling of it
+            assert np.array_equal(got, raw.astype(np.float16))
+        else:  # bilinear: within the map's range, and the model's map again when taken back to 32x32
+            assert raw.min() - 1e-6 <= want.min() and want.max() <= raw.max() + 1e-6
+    assert (mask == 0).all() or (mask == 255).any()
+    bright = tifffile.imread(out / "anomaly_images" / "c1/test_private/001_regular.tiff").astype(np.float32)
+    assert bright[5:12, 8:20].mean() > bright.mean()  # the bright patch scores where it is
+    # a second category's call adds its files and leaves these
+    (root / "c2").mkdir()
+    _private_sets(root, "c2", n=1)
+    predict(str(ckpt), f"{root}/c2/test_private/*.png", out=str(out), anomaly_maps=True, heatmaps=False,
+            relative_to=str(root))
+    assert len(list((out / "anomaly_images").rglob("*.tiff"))) == 7
+
+
+def test_map_files_crop_names_and_float16_range(tmp_path):
+    from adtrain.errors import AdtrainError, DataError
+    from adtrain.inference.graph import Preprocessing
+    from adtrain.inference.map_files import relative_names, to_source_size, write_map_files
+
+    pre = Preprocessing((8, 8), (4, 4), (0.5,) * 3, (0.5,) * 3, "pil_bilinear")
+    raw = np.arange(16, dtype=np.float32).reshape(4, 4) + 1
+    frame = to_source_size(raw, pre, (8, 8))  # the crop back in its place, the border at the lowest value
+    assert np.array_equal(frame[2:6, 2:6], raw) and (frame[:2] == 1).all() and (frame[:, 6:] == 1).all()
+    assert to_source_size(raw, pre, (16, 12)).shape == (16, 12)
+    a, b = tmp_path / "r" / "x" / "1.png", tmp_path / "r" / "y" / "2.png"
+    assert [n.as_posix() for n in relative_names([str(a), str(b)], tmp_path / "r")] == ["x/1", "y/2"]
+    assert [n.as_posix() for n in relative_names([str(a), str(b)], None)] == ["x/1", "y/2"]
+    with pytest.raises(DataError, match="is not below relative_to") as e:
+        relative_names([str(a)], tmp_path / "elsewhere")
+    assert e.value.path == str(a)
+    with pytest.raises(AdtrainError, match="beyond float16") as e:
+        write_map_files(tmp_path / "out", relative_names([str(a)], tmp_path / "r")[0], np.full((4, 4), 1e6), 1.0)
+    assert "x/1.tiff" in str(e.value) and not list((tmp_path / "out").rglob("*.tiff"))
