@@ -16,8 +16,8 @@ def _private_sets(root, category="c1", n=3, size=(40, 56)):
             img = (100 + 20 * rng.standard_normal((*size, 3))).clip(0, 255).astype(np.uint8)
             img[5:12, 8:20] = 250 if i == 1 else img[5:12, 8:20]
             Image.fromarray(img).save(folder / f"{i:03d}_{suffix}.png")
-    if n > 2:  # one image at the run's own size
-        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / category / "test_private" / "002_regular.png")
+    if n > 2:  # one image at the run's own size (before the centre crop)
+        Image.fromarray(np.zeros((36, 36, 3), np.uint8)).save(root / category / "test_private" / "002_regular.png")
 
 
 def test_predict_writes_the_ad2_servers_files_from_the_raw_maps(base_cfg, tmp_path):
@@ -33,8 +33,8 @@ def test_predict_writes_the_ad2_servers_files_from_the_raw_maps(base_cfg, tmp_pa
                             defects={"bad": 3}, n_val=4, size=32)
     _private_sets(root)
     cfg = base_cfg("data=mvtec_ad2", f"data.root={root}", "data.category=c1", "data.num_workers=0",
-                   "method=patchcore", "method.center_crop=null", "method.image_size=[32,32]")
-    run(cfg, tmp_path / "run")
+                   "method=patchcore", "method.center_crop=[32,32]", "method.image_size=[36,36]")
+    res = run(cfg, tmp_path / "run")
     ckpt = next((tmp_path / "run").rglob("model.ckpt"))
     out = tmp_path / "submission"
     predict(str(ckpt), f"{root}/c1/test_private*/*.png", out=str(out), anomaly_maps=True, heatmaps=False,
@@ -43,6 +43,15 @@ def test_predict_writes_the_ad2_servers_files_from_the_raw_maps(base_cfg, tmp_pa
     assert tiffs == [f"c1/test_private/{i:03d}_regular.tiff" for i in range(3)] + \
         [f"c1/test_private_mixed/{i:03d}_mixed.tiff" for i in range(3)]
     detector = Detector.load(ckpt)
+    # the pixel threshold: the threshold quantile of the held-out normals' map maxima (not the image threshold)
+    from adtrain.build import build_datamodule
+
+    dm = build_datamodule(cfg)
+    dm.setup()
+    peaks = detector.predict([s.path for s in dm.val_samples]).raw_maps.max(axis=(1, 2))
+    thr = float(detector.method.pixel_threshold)
+    assert res["pixel_threshold"] == thr and thr == pytest.approx(np.quantile(peaks.astype(np.float64), 0.99), rel=1e-6)
+    assert thr != pytest.approx(float(detector.threshold), rel=1e-3)
     for name in tiffs:
         source = root / name.replace(".tiff", ".png")
         w, h = Image.open(source).size
@@ -54,12 +63,12 @@ def test_predict_writes_the_ad2_servers_files_from_the_raw_maps(base_cfg, tmp_pa
         assert raw.shape == (32, 32)
         want = to_source_size(raw, detector.pre, (h, w))
         assert np.array_equal(got, want.astype(np.float16))
-        assert np.array_equal(mask == 255, want > detector.threshold)
-        if (h, w) == (32, 32):  # the run's size: the model's map itself, not a resampling of it
-            assert np.array_equal(got, raw.astype(np.float16))
-        else:  # bilinear: within the map's range, and the model's map again when taken back to 32x32
+        assert np.array_equal(mask == 255, want > thr)
+        if (h, w) == (36, 36):  # the run's size: the model's map itself in the crop's place, its minimum around
+            assert np.array_equal(got[2:34, 2:34], raw.astype(np.float16))
+            assert (got[:2] == raw.min().astype(np.float16)).all() and (got[:, 34:] == got[0, 0]).all()
+        else:  # bilinear: within the map's range
             assert raw.min() - 1e-6 <= want.min() and want.max() <= raw.max() + 1e-6
-    assert (mask == 0).all() or (mask == 255).any()
     bright = tifffile.imread(out / "anomaly_images" / "c1/test_private/001_regular.tiff").astype(np.float32)
     assert bright[5:12, 8:20].mean() > bright.mean()  # the bright patch scores where it is
     # a second category's call adds its files and leaves these
@@ -75,10 +84,14 @@ def test_map_files_crop_names_and_float16_range(tmp_path):
     from adtrain.inference.graph import Preprocessing
     from adtrain.inference.map_files import relative_names, to_source_size, write_map_files
 
-    pre = Preprocessing((8, 8), (4, 4), (0.5,) * 3, (0.5,) * 3, "pil_bilinear")
-    raw = np.arange(16, dtype=np.float32).reshape(4, 4) + 1
-    frame = to_source_size(raw, pre, (8, 8))  # the crop back in its place, the border at the lowest value
-    assert np.array_equal(frame[2:6, 2:6], raw) and (frame[:2] == 1).all() and (frame[:, 6:] == 1).all()
+    import albumentations as A
+
+    pre = Preprocessing((9, 8), (4, 5), (0.5,) * 3, (0.5,) * 3, "pil_bilinear")  # odd margins, not square
+    raw = np.arange(20, dtype=np.float32).reshape(4, 5) + 1
+    frame = to_source_size(raw, pre, (9, 8))  # the crop back in its place, the border at the lowest value
+    where = A.CenterCrop(4, 5)(image=np.arange(72).reshape(9, 8))["image"]  # which pixels the crop kept
+    assert np.array_equal(frame.ravel()[where.ravel()], raw.ravel())
+    assert (np.delete(frame.ravel(), where.ravel()) == 1).all()
     assert to_source_size(raw, pre, (16, 12)).shape == (16, 12)
     a, b = tmp_path / "r" / "x" / "1.png", tmp_path / "r" / "y" / "2.png"
     assert [n.as_posix() for n in relative_names([str(a), str(b)], tmp_path / "r")] == ["x/1", "y/2"]

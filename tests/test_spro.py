@@ -143,7 +143,10 @@ def test_region_files_and_defects_config_are_read_with_clear_errors(tmp_path):
         assert e.value.path == str(cfg_path)
 
 
-def test_a_loco_run_reports_the_official_auspro_of_its_maps(base_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("size,crop", [(48, None), (40, 32)])  # the files' own size / resized and cropped
+def test_a_loco_run_reports_the_official_auspro_of_its_maps(size, crop, base_cfg, tmp_path, monkeypatch):
+    import cv2
+
     from adtrain.data.testing import write_mvtec_tree
     from adtrain.metrics import evaluator as ev_module
     from adtrain.report import run_table
@@ -161,7 +164,8 @@ def test_a_loco_run_reports_the_official_auspro_of_its_maps(base_cfg, tmp_path, 
 
     monkeypatch.setattr(ev_module.AnomalyEvaluator, "update_pixels", record)
     cfg = base_cfg("data=mvtec_loco", f"data.root={root}", "data.category=c1", "data.num_workers=0",
-                   "method=patchcore", "method.center_crop=null", "method.image_size=[48,48]")
+                   "method=patchcore", f"method.center_crop={[crop, crop] if crop else 'null'}",
+                   f"method.image_size=[{size},{size}]")
     res = run(cfg, tmp_path / "run")
     got = res["auspro"]
     assert sorted(got["by_category"]["c1"]) == ["logical_anomalies", "mean", "structural_anomalies"]
@@ -181,8 +185,14 @@ def test_a_loco_run_reports_the_official_auspro_of_its_maps(base_cfg, tmp_path, 
                 for f in sorted((root / "c1" / "ground_truth" / defect / s.mask_path.rsplit("/", 1)[-1]).glob("*.png")):
                     arr = np.asarray(Image.open(f))
                     e = config[int(arr.max())]
-                    rs.append((arr > 0, _saturation(int((arr > 0).sum()), e["saturation_threshold"],
-                                                    e["relative_saturation"])))
+                    sat = _saturation(int((arr > 0).sum()), e["saturation_threshold"], e["relative_saturation"])
+                    # at the run's size: nearest-neighbour resize, the centre crop, the same share saturating
+                    region = cv2.resize((arr > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+                    if crop:
+                        m = (size - crop) // 2
+                        region = region[m:m + crop, m:m + crop]
+                    if region.any():
+                        rs.append((region, sat / (arr > 0).sum() * region.sum()))
             regions.append(rs)
         for limit in (0.05, 0.3):
             want = official_auspro(maps, regions, limit)
@@ -233,6 +243,7 @@ def test_no_auspro_without_a_defects_config_and_ddp_replays_it():
         write_mvtec_tree(d, "c1", layout="mvtec_loco", defects_config=False)
         dm = MVTecLOCODataModule(root=d, category="c1", image_size=32, num_workers=0)
         dm.setup()
+        dm.test_regions = True  # as adtrain.engine sets it for a test with AU-sPRO
         assert dm.spro_groups() == {} and "spro_code" not in next(iter(dm.test_dataloader()))
     maps, regions, labels = _random_set(1)
     code, frac = _packed(maps, regions)

@@ -195,10 +195,12 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     several = len(getattr(dm, "categories", ()))
     method.pixel_by_category = several if per_category and method.pixel_metrics and several > 1 else 0
     method.spro_groups = dm.spro_groups() if per_category and method.pixel_metrics else {}
+    dm.test_regions = bool(method.spro_groups)
     try:
         trainer.test(method, datamodule=dm, verbose=False)
     finally:
         method.pixel_metrics, method.pixel_by_category, method.spro_groups = pixel_before, 0, {}
+        dm.test_regions = False
     metrics = method.test_results()
     auspro = method.test_results_spro()
     exactness = method.pixel_exactness()

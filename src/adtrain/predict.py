@@ -10,7 +10,8 @@ default (RUN: the run the checkpoint belongs to), replaces the heatmaps and CSV 
 there, and heatmaps are named after each image's folder and file (good__000.png, crack__000.png).
 
 anomaly_maps=true also writes each image's raw anomaly map at the image's own size (float16 TIFF)
-and its decision mask at the run's threshold ({0, 255} PNG), in the layout of MVTec AD 2's
+and its decision mask ({0, 255} PNG; the pixel threshold, fitted on held-out normal maps, in
+results.json), in the layout of MVTec AD 2's
 evaluation server (adtrain.inference.map_files), named after the image's path below relative_to:
 
     python -m adtrain.predict checkpoint=RUN_CAN/checkpoints/model.ckpt \
@@ -35,6 +36,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from adtrain.errors import ConfigError, DataError
+from adtrain.inference.map_files import MAP_FOLDERS
 
 log = logging.getLogger("adtrain")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -96,12 +98,18 @@ def _clear_earlier(out_dir: Path) -> None:
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
-    """This call's heatmaps, made in ``staging``, replace an earlier call's (only once every image
-    is scored: a call that fails leaves the earlier output as it was)."""
+    """This call's heatmaps, made in ``staging``, replace an earlier call's, and its map files join
+    out_dir's (only once every image is scored: a call that fails leaves the earlier output as it was)."""
     _clear_earlier(out_dir)
     (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
     for png in sorted((staging / "heatmaps").glob("*.png")):
         os.replace(png, out_dir / "heatmaps" / png.name)
+    for folder in MAP_FOLDERS:  # map files (anomaly_maps=true): added, earlier calls' other images kept
+        for f in sorted((staging / folder).rglob("*")):
+            if f.is_file():
+                dest = out_dir / f.relative_to(staging)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
 
 
 def predict(checkpoint: str, images: str, out: str | None = None, batch_size: int = 16, device: str = "auto",
@@ -120,9 +128,17 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     if not np.isfinite(detector.threshold):
         raise DataError(checkpoint, "holds no fitted threshold (a training checkpoint such as last.ckpt?): "
                         "use the finished run's checkpoints/model.ckpt")
-    if anomaly_maps and detector.kind != "checkpoint":
-        raise ConfigError("anomaly_maps", f"needs a run's checkpoint (model.ckpt): {checkpoint} is an export, "
-                          "which outputs display maps only")
+    if anomaly_maps:
+        import tifffile  # noqa: F401  (a missing dependency fails here, before any image is scored)
+
+        if detector.kind != "checkpoint":
+            raise ConfigError("anomaly_maps", f"needs a run's checkpoint (model.ckpt): {checkpoint} is an export, "
+                              "which outputs display maps only")
+        pixel_thr = float(detector.method.pixel_threshold)
+        if getattr(detector.method, "routed_calibration", None) is not None or not np.isfinite(pixel_thr):
+            raise DataError(checkpoint, "holds no pixel threshold for decision masks (a continual run routes each "
+                            "image to its task's, or the run was fitted before 2026-12-06): use a one-task run "
+                            "fitted with this version")
     map_names = dict(zip(files, relative_names(files, relative_to))) if anomaly_maps else {}
     out_dir = Path(out) if out else default_out_dir(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,8 +162,8 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                     save_image(panel, staging / "heatmaps" / names[path])
                 if anomaly_maps:
                     w, h = header_size(path)
-                    write_map_files(out_dir, map_names[path], to_source_size(pred.raw_maps[i], detector.pre, (h, w)),
-                                    records[-1]["threshold"])
+                    write_map_files(staging, map_names[path], to_source_size(pred.raw_maps[i], detector.pre, (h, w)),
+                                    float(pred.pixel_thresholds[i]))
         _publish(staging, out_dir)
     except BaseException:
         if records:

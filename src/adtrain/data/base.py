@@ -342,8 +342,12 @@ class AnomalyDataModule(LightningDataModule):
         """Held-out training normals only (eval transform): thresholds and score normalisation."""
         return self.make_dataloader(self.val_samples, train=False)
 
+    #: the test's items carry their ground-truth regions (``spro_regions``; set by adtrain.engine while a
+    #: test computes AU-sPRO)
+    test_regions: bool = False
+
     def test_dataloader(self) -> DataLoader:
-        return self.make_dataloader(self.test_samples, train=False, regions=True)
+        return self.make_dataloader(self.test_samples, train=False, regions=self.test_regions)
 
     def predict_dataset(self, paths) -> PredictDataset:
         """Images only ({'image', 'path'}) with the eval transform (normalised float32, for callers

@@ -73,8 +73,14 @@ def load_defects_config(path: str | Path) -> dict[int, Saturation]:
 
 
 def _region_array(path: Path) -> np.ndarray:
+    """A region file's values, one channel (alpha dropped, as ``read_mask`` does)."""
     with _open(path) as im:
-        arr = np.asarray(im.getchannel(0) if im.mode in ("LA", "La", "PA") else im)
+        if im.mode in ("LA", "La", "PA"):
+            arr = np.asarray(im.getchannel(0))
+        elif im.mode in ("RGBA", "RGBa", "RGBX"):
+            arr = np.asarray(im.convert("RGB"))
+        else:
+            arr = np.asarray(im)
     return arr.max(axis=2) if arr.ndim == 3 else arr
 
 

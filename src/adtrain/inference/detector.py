@@ -55,8 +55,10 @@ class Prediction:
     inputs: np.ndarray | None = None
     #: each image's decision threshold (N,): a continual checkpoint's routed task's; None = the detector's
     thresholds: np.ndarray | None = None
-    #: the model's own maps (N,h,w), before display normalisation (checkpoints only; exports: None)
+    #: the model's own maps (N,h,w), before display normalisation, and each image's pixel decision
+    #: threshold (N,) (a one-task checkpoint's; exports and routed models: None)
     raw_maps: np.ndarray | None = None
+    pixel_thresholds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -66,7 +68,7 @@ class Prediction:
         if not parts:
             raise DataError("images", "no images given")
         cat = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("scores", "normalized_scores", "maps", "decisions")}
-        for key in ("thresholds", "raw_maps"):
+        for key in ("thresholds", "raw_maps", "pixel_thresholds"):
             if all(getattr(p, key) is not None for p in parts):
                 cat[key] = np.concatenate([getattr(p, key) for p in parts])
         return cls(**cat, names=[n for p in parts for n in p.names])
@@ -180,7 +182,9 @@ class Detector:
                              maps=out["map"].astype(np.float32), decisions=out["decision"].astype(bool),
                              names=[names[i] for i in batch["index"]], inputs=batch["display"],
                              thresholds=out["threshold"].astype(np.float32) if "threshold" in out else None,
-                             raw_maps=out["raw_map"].astype(np.float32) if "raw_map" in out else None)
+                             raw_maps=out["raw_map"].astype(np.float32) if "raw_map" in out else None,
+                             pixel_thresholds=out["pixel_threshold"].astype(np.float64)
+                             if "pixel_threshold" in out else None)
 
     def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
         """Scores, maps and decisions of one image or a list (paths, PIL images, uint8 arrays) or an

@@ -84,7 +84,7 @@ class MethodScorer(nn.Module):
         from adtrain.methods.base import AnomalyModule
 
         self.model = method.model
-        for name in ("threshold", "score_center", "map_center"):
+        for name in ("threshold", "score_center", "map_center", "pixel_threshold"):
             self.register_buffer(name, getattr(method, name).detach().clone())
         self._bind = AnomalyModule
 

@@ -3,11 +3,12 @@ test sets, whose labels are not released): for each image, at the image's own si
 
     OUT/anomaly_images/<relative path>.tiff               raw anomaly map, float16, one channel
     OUT/anomaly_images_thresholded/<relative path>.png    decision mask: 255 where the raw map is
-                                                           above the run's threshold, else 0
+                                                           above the pixel threshold, else 0
 
-The threshold is the one fitted on held-out normals during training (a pixel counts as anomalous
-where it scores above what an image's score must exceed to be flagged); no test image or label
-chooses it. ``adtrain.predict ... anomaly_maps=true relative_to=ROOT`` writes them, named after each
+The pixel threshold is fitted with the image threshold, on held-out normals: the same quantile
+(threshold.quantile) of their maps' maxima (results.json ``pixel_threshold``), so a pixel is
+flagged where it scores above what 99 % of normal images' maps reach anywhere. No test image or
+label chooses it. ``adtrain.predict ... anomaly_maps=true relative_to=ROOT`` writes them, named after each
 image's path below ROOT (MVTec AD 2: ``can/test_private/000_regular``).
 """
 
@@ -23,6 +24,8 @@ from PIL import Image
 from adtrain.errors import AdtrainError, DataError
 from adtrain.inference.graph import Preprocessing
 
+#: the two folders, in the server's names
+MAP_FOLDERS = ("anomaly_images", "anomaly_images_thresholded")
 #: the largest finite float16
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -48,12 +51,12 @@ def to_source_size(raw: np.ndarray, pre: Preprocessing, source_hw: tuple[int, in
 def relative_names(files: list[str], relative_to: str | Path | None) -> list[Path]:
     """Each image's path below ``relative_to`` (default: the parent of the images' common folder),
     without its suffix; an image outside ``relative_to`` -> DataError naming it."""
-    resolved = [Path(f).resolve() for f in files]
+    resolved = [Path(os.path.abspath(f)) for f in files]  # not resolve(): a linked file keeps its place
     if relative_to is None:
         parents = [str(p.parent) for p in resolved]
         common = Path(os.path.commonpath(parents))
         relative_to = common.parent if len(set(parents)) == 1 else common
-    base = Path(relative_to).resolve()
+    base = Path(os.path.abspath(relative_to))
     names = []
     for f, p in zip(files, resolved):
         try:
@@ -65,8 +68,8 @@ def relative_names(files: list[str], relative_to: str | Path | None) -> list[Pat
 
 def write_map_files(out_dir: Path, name: Path, raw: np.ndarray, threshold: float) -> tuple[Path, Path]:
     """The two files of one image (raw: its map at the source's size); each written atomically."""
-    tiff = out_dir / "anomaly_images" / name.parent / f"{name.name}.tiff"
-    png = out_dir / "anomaly_images_thresholded" / name.parent / f"{name.name}.png"
+    tiff = out_dir / MAP_FOLDERS[0] / name.parent / f"{name.name}.tiff"
+    png = out_dir / MAP_FOLDERS[1] / name.parent / f"{name.name}.png"
     peak = float(np.abs(raw).max()) if raw.size else 0.0
     if not np.isfinite(peak) or peak > FLOAT16_MAX:
         raise AdtrainError(f"{tiff}: the anomaly map reaches {peak:.4g}, beyond float16 (the format's type, "

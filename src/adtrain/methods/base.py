@@ -39,6 +39,8 @@ class AnomalyModule(LightningModule):
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.register_buffer("score_center", torch.tensor(0.0))
         self.register_buffer("map_center", torch.tensor(0.0))
+        #: a pixel's decision threshold: the same quantile of the held-out normals' map maxima
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
         self.adtrain_config: dict | None = None
         self.evaluator = None
         self.test_records: list[dict] = []
@@ -121,13 +123,19 @@ class AnomalyModule(LightningModule):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         return self.anomaly_output(images)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before pixel thresholds were kept (2026-12-06): none fitted
+        state_dict.setdefault(prefix + "pixel_threshold", torch.tensor(float("nan")))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def inference_outputs(self, out: AnomalyOutput) -> dict[str, torch.Tensor]:
         """What a prediction returns, from the model's raw output: ``score`` (B,) raw image score,
         ``normalized_score`` (B,) (0 at the normal median, 0.5 at the threshold), ``map`` (B,H,W)
         display-normalised to [0, 1] (0.5 = threshold; per-image min-max when no threshold is
         fitted) and ``decision`` (B,) bool, score > threshold; ``threshold`` (B,) each image's
-        (a routed model's: its task's); ``raw_map`` (B,H,W) the model's own map (benchmark servers'
-        files: adtrain.inference.map_files). Exports trace this very code (and output the first four)."""
+        (a routed model's: its task's); ``raw_map`` (B,H,W) the model's own map and (one task's
+        model) ``pixel_threshold`` (B,), for benchmark servers' files (adtrain.inference.map_files).
+        Exports trace this very code (and output the first four)."""
         score = out.pred_score.float()
         amap = out.anomaly_map[:, 0].float()
         routed = per_image(self, score.shape[0], score.device)  # continual per-task memories
@@ -143,7 +151,8 @@ class AnomalyModule(LightningModule):
             norm_map = (amap - low) / (amap.flatten(1).amax(dim=1).view(-1, 1, 1) - low).clamp_min(1e-12)
         return {"score": score, "normalized_score": self.normalize(score, self.score_center),
                 "map": norm_map, "decision": score > self.threshold,
-                "threshold": self.threshold.float().expand(score.shape[0]), "raw_map": amap}
+                "threshold": self.threshold.float().expand(score.shape[0]), "raw_map": amap,
+                "pixel_threshold": self.pixel_threshold.float().expand(score.shape[0])}
 
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Any]:
         """``trainer.predict``: a batch of normalised images (a tensor, or a dict with ``image`` and
@@ -262,15 +271,18 @@ class AnomalyModule(LightningModule):
     # ----------------------------------------------------------------- thresholds
     @torch.no_grad()
     def fit_threshold(self, dataloader, quantile: float = 0.99, max_pixels: int = 2_000_000) -> dict:
-        """Image threshold and display normalisation from held-out normal images."""
+        """Image threshold and display normalisation from held-out normal images; the pixel
+        threshold (decision masks: adtrain.inference.map_files) is the same quantile of their maps'
+        maxima, on the maps' own scale (an image score need not be a map's maximum)."""
         self.eval()
-        scores, pixels = [], []
+        scores, pixels, peaks = [], [], []
         per_batch = max(1, max_pixels // max(1, len(dataloader)))
         for batch in dataloader:
             out = self.anomaly_output(self.model_input(batch["image"]))
             scores.append(out.pred_score.cpu())
             flat = out.anomaly_map.flatten().cpu()
             pixels.append(flat[:: max(1, flat.numel() // per_batch)])
+            peaks.append(out.anomaly_map.flatten(1).amax(dim=1).cpu())
         if not scores:
             return {"threshold": None}
         s = torch.cat(scores).double()
@@ -278,10 +290,12 @@ class AnomalyModule(LightningModule):
         self.threshold.fill_(float(torch.quantile(s, quantile)))
         self.score_center.fill_(float(s.median()))
         self.map_center.fill_(float(torch.cat(pixels).double().median()))
+        self.pixel_threshold.fill_(float(torch.quantile(torch.cat(peaks).double(), quantile)))
         return {
             "threshold": float(self.threshold),
             "threshold_quantile": quantile,
             "normal_score_median": float(self.score_center),
+            "pixel_threshold": float(self.pixel_threshold),
             "num_threshold_images": int(s.numel()),
         }
 

@@ -73,10 +73,12 @@ class SproAccumulator:
         """A batch: maps (B,H,W), labels (B,), spro_code (B,H,W), spro_fraction (B,R), and each
         image's category and defect type."""
         label = torch.as_tensor(label).reshape(-1).tolist()
+        has_regions = (fractions > 0).any(dim=1).tolist()
         feeds: dict[tuple, list[int]] = {}
         for i, (lab, cat, defect) in enumerate(zip(label, categories, defects)):
+            # an anomalous image without ground truth is left out (its defect's pixels are not normal ones)
             keys = [(cat, d) for d in self.groups.get(cat, ())] if lab == 0 else \
-                [(cat, defect)] if (cat, defect) in self.acc else []
+                [(cat, defect)] if (cat, defect) in self.acc and has_regions[i] else []
             for key in keys:
                 feeds.setdefault(key, []).append(i)
         if not feeds:
