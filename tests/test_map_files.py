@@ -52,6 +52,10 @@ def test_predict_writes_the_ad2_servers_files_from_the_raw_maps(base_cfg, tmp_pa
     thr = float(detector.method.pixel_threshold)
     assert res["pixel_threshold"] == thr and thr == pytest.approx(np.quantile(peaks.astype(np.float64), 0.99), rel=1e-6)
     assert thr != pytest.approx(float(detector.threshold), rel=1e-3)
+    decided = res["pixel_test_at_threshold"]  # the labelled test set's pixels decided at it
+    assert decided["threshold"] == thr and decided["tp"] + decided["fp"] + decided["fn"] + decided["tn"] == 6 * 32 * 32
+    rows = {r[0]: r[1] for r in __import__("adtrain.report", fromlist=["run_table"]).run_table(res, tmp_path)[2]}
+    assert rows["pixel F1 at threshold"] == (f"{decided['f1']:.4f}" if decided["f1"] is not None else "-")
     for name in tiffs:
         source = root / name.replace(".tiff", ".png")
         w, h = Image.open(source).size
@@ -102,3 +106,47 @@ def test_map_files_crop_names_and_float16_range(tmp_path):
     with pytest.raises(AdtrainError, match="beyond float16") as e:
         write_map_files(tmp_path / "out", relative_names([str(a)], tmp_path / "r")[0], np.full((4, 4), 1e6), 1.0)
     assert "x/1.tiff" in str(e.value) and not list((tmp_path / "out").rglob("*.tiff"))
+
+
+def test_the_evaluator_counts_pixel_decisions_at_the_pixel_threshold():
+    import torch
+
+    from adtrain.distributed import RecordingEvaluator
+    from adtrain.metrics import AnomalyEvaluator
+
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(5, 1, 6, 7, generator=g)
+    masks = (torch.rand(5, 1, 6, 7, generator=g) > 0.7).float()
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    masks[labels == 0] = 0
+    has = torch.tensor([True, True, False, True, True])  # image 2: defective, no ground truth: left out
+    ev = AnomalyEvaluator(pixel_threshold=0.6)
+    ev.update_pixels(maps, labels, masks, has)
+    got = ev.compute_pixels_at_threshold()
+    m, gt = maps[has, 0].numpy(), masks[has, 0].numpy() > 0.5
+    tp, fp, fn = int(((m > 0.6) & gt).sum()), int(((m > 0.6) & ~gt).sum()), int(((m <= 0.6) & gt).sum())
+    assert (got["tp"], got["fp"], got["fn"], got["tn"]) == (tp, fp, fn, 4 * 42 - tp - fp - fn)
+    assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn)) and got["recall"] == pytest.approx(tp / (tp + fn))
+    rec = RecordingEvaluator(lambda: AnomalyEvaluator(pixel_threshold=0.6))  # DDP: replayed, the same counts
+    for idx in ([3, 4], [0, 1, 2]):
+        rec.next_index = torch.tensor(idx)
+        rec.update_pixels(maps[idx], labels[idx], masks[idx], has[idx])
+    assert rec.merged().compute_pixels_at_threshold() == got
+    assert AnomalyEvaluator().compute_pixels_at_threshold() is None
+
+
+def test_pixel_decisions_need_a_fitted_one_task_model(base_cfg):
+    import torch
+
+    from adtrain.build import build_method
+
+    method = build_method(base_cfg("data=synthetic", "method=patchcore", "method.image_size=[32,32]",
+                                   "method.center_crop=null"))
+    assert not method.pixel_decisions  # nothing fitted yet
+    method.pixel_threshold.fill_(0.3)
+    assert method.pixel_decisions
+    method.task_memories = [{}, {}]  # a continual run's memories of two tasks: each image routed to its own
+    assert not method.pixel_decisions
+    state = {k: v for k, v in method.state_dict().items() if k != "pixel_threshold"}  # a checkpoint from before
+    method.load_state_dict(state)
+    assert torch.isnan(method.pixel_threshold)

@@ -203,6 +203,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
         dm.test_regions = False
     metrics = method.test_results()
     auspro = method.test_results_spro()
+    pixels_decided = method.test_pixels_at_threshold()
     exactness = method.pixel_exactness()
     empty = empty_anomaly_masks(method)
     distributed.check_agree({k: metrics.get(k) for k in METRIC_KEYS}, "test metrics")  # DDP: one answer
@@ -215,6 +216,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
         "empty_anomaly_masks": empty,
         **({"pixel_by_category": grouped} if (grouped := method.test_results_by_category()) else {}),
         "auspro": auspro,
+        "pixel_test_at_threshold": pixels_decided,
         "test_seconds": round(test_seconds, 3),
         "test_images_per_second": round(n_test / test_seconds, 3) if test_seconds > 0 else None,
         "peak_memory_mb": round(peak, 1),
@@ -276,6 +278,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         "pixel_error_bounds": tested.get("pixel_error_bounds"),
         "empty_anomaly_masks": tested.get("empty_anomaly_masks"),
         "auspro": tested.get("auspro"),
+        "pixel_test_at_threshold": tested.get("pixel_test_at_threshold"),
         **(test_breakdown(method, tested, dm) if do_test else dict.fromkeys(BREAKDOWN_KEYS)),
         **{k: info[k] for k in VAL_RESULT_KEYS.values()},
         "fit_seconds": info["fit_seconds"],

@@ -118,7 +118,8 @@ def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[
     prefix = "test" if tested else "selected"
     scalars = {f"{prefix}/{k}": v for k, v in results.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for key, name in (("image_auroc_by_defect", "image_auroc"), ("test_at_threshold", "at_threshold")):
+    for key, name in (("image_auroc_by_defect", "image_auroc"), ("test_at_threshold", "at_threshold"),
+                      ("pixel_test_at_threshold", "pixel_at_threshold")):
         scalars.update({f"{prefix}/{name}/{k}": v for k, v in (results.get(key) or {}).items() if v is not None})
     for cat, figures in (results.get("by_category") or {}).items():  # test/by_category/<category>/<metric>
         scalars.update({f"{prefix}/by_category/{cat}/{k}": v for k, v in figures.items() if v is not None})

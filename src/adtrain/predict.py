@@ -134,8 +134,7 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
         if detector.kind != "checkpoint":
             raise ConfigError("anomaly_maps", f"needs a run's checkpoint (model.ckpt): {checkpoint} is an export, "
                               "which outputs display maps only")
-        pixel_thr = float(detector.method.pixel_threshold)
-        if getattr(detector.method, "routed_calibration", None) is not None or not np.isfinite(pixel_thr):
+        if not detector.method.pixel_decisions:
             raise DataError(checkpoint, "holds no pixel threshold for decision masks (a continual run routes each "
                             "image to its task's, or the run was fitted before 2026-12-06): use a one-task run "
                             "fitted with this version")

@@ -58,6 +58,9 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
         at = next((i for i, r in enumerate(rows) if r[2] != "test"), len(rows))
         rows[at:at] = [[f"{label} at threshold", fmt(decided.get(key)), "test"]
                        for key, label in (("recall", "defects caught"), ("false_alarm_rate", "false alarms"))]
+        pixels = results.get("pixel_test_at_threshold") or {}
+        if pixels:  # the decision masks' quality at the pixel threshold
+            rows[at + 2:at + 2] = [["pixel F1 at threshold", fmt(pixels.get("f1")), "test"]]
     # after the overall image AUROC: each category of a several-category task, else each defect type
     by_defect = results.get("image_auroc_by_defect") or {}
     parts = {k: v.get("image_auroc") for k, v in (results.get("by_category") or {}).items()} or \

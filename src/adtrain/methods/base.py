@@ -123,6 +123,12 @@ class AnomalyModule(LightningModule):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         return self.anomaly_output(images)
 
+    @property
+    def pixel_decisions(self) -> bool:
+        """Does ``pixel_threshold`` decide this model's pixels? Fitted, and one model for every image
+        (a continual run's memories of several tasks route each image to its task's calibration)."""
+        return bool(torch.isfinite(self.pixel_threshold)) and len(getattr(self, "task_memories", ())) <= 1
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint from before pixel thresholds were kept (2026-12-06): none fitted
         state_dict.setdefault(prefix + "pixel_threshold", torch.tensor(float("nan")))
@@ -320,7 +326,8 @@ class AnomalyModule(LightningModule):
             lambda: AnomalyEvaluator(pixel_metrics=self.pixel_metrics, exact_pixels=exact,
                                      aupro_fpr_limit=self.aupro_fpr_limit,
                                      pixel_groups=self.pixel_by_category,  # 0: off
-                                     spro_groups=self.spro_groups))  # {}: off
+                                     spro_groups=self.spro_groups,  # {}: off
+                                     pixel_threshold=float(self.pixel_threshold) if self.pixel_decisions else None))
         self.test_outputs = TestOutputs()
         self.test_records = []
         self.heatmap_files = []
@@ -411,6 +418,10 @@ class AnomalyModule(LightningModule):
     def test_results_by_category(self) -> dict[str, dict]:
         """Each category's pixel metrics (where ``pixel_by_category``), else {}."""
         return self.evaluator.compute_groups() if self.evaluator is not None else {}
+
+    def test_pixels_at_threshold(self) -> dict | None:
+        """The test's pixel decisions at ``pixel_threshold`` (where it decides), else None."""
+        return self.evaluator.compute_pixels_at_threshold() if self.evaluator is not None else None
 
     def test_results_spro(self) -> dict | None:
         """AU-sPRO of the test (where ``spro_groups``), else None."""

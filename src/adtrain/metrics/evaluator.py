@@ -38,6 +38,7 @@ class AnomalyEvaluator:
     def __init__(
         self, pixel_metrics: bool = True, num_bins: int = 65536, aupro_fpr_limit: float = 0.3,
         exact_pixels: int = 0, pixel_groups: int = 0, spro_groups: dict[str, list[str]] | None = None,
+        pixel_threshold: float | None = None,
     ):
         self.pixel_metrics = bool(pixel_metrics)
         self.num_bins = int(num_bins)
@@ -51,6 +52,8 @@ class AnomalyEvaluator:
         #: spro_groups: {category: defect types} to compute AU-sPRO for (``update_pixels(spro=...)``,
         #: read by ``compute_spro``); None or {}: none
         self.spro_groups = dict(spro_groups or {})
+        #: pixel_threshold: the pixels' decisions at it are counted too (``compute_pixels_at_threshold``)
+        self.pixel_threshold = pixel_threshold
         self.reset()
 
     def reset(self) -> None:
@@ -61,6 +64,7 @@ class AnomalyEvaluator:
         self._scores: list[float] = []
         self._labels: list[int] = []
         self._empty: list[torch.Tensor] = []  # per batch, on its device: anomalous images with an empty mask
+        self._decided: list[torch.Tensor] = []  # per batch, on its device: tp, fp, fn, tn pixels at pixel_threshold
 
     def _sync(self) -> None:
         """The pending device batches -> host lists (one transfer each), checked."""
@@ -147,6 +151,10 @@ class AnomalyEvaluator:
                 self.groups[g].update(amap[pick], gt[pick])
         if not bool(valid.all()):
             amap, gt = amap[valid], gt[valid]
+        if self.pixel_threshold is not None and mask is not None:  # counted on the device, read once
+            above = amap > self.pixel_threshold
+            self._decided.append(torch.stack([(above & gt).sum(), (above & ~gt).sum(), (~above & gt).sum(),
+                                              (~above & ~gt).sum()]))
         self.pixel.update(amap, gt)
 
     @property
@@ -160,6 +168,20 @@ class AnomalyEvaluator:
         groups were given)."""
         return {g: {**acc.compute(), "pixel_metrics_exact": bool(acc.exact) if acc.num_regions else None}
                 for g, acc in sorted(self.groups.items())}
+
+    def compute_pixels_at_threshold(self) -> dict | None:
+        """The test pixels' decisions at ``pixel_threshold`` (images with ground truth): counts, recall
+        (defect pixels caught), false-positive rate, precision, F1; None without a threshold or masks."""
+        if self.pixel_threshold is None or not self._decided or not self.pixel_metrics:
+            return None
+        tp, fp, fn, tn = (int(v) for v in sum(c.cpu() for c in self._decided).tolist())
+
+        def ratio(a, b):
+            return a / b if b else None
+
+        return {"threshold": float(self.pixel_threshold), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+                "recall": ratio(tp, tp + fn), "false_positive_rate": ratio(fp, fp + tn),
+                "precision": ratio(tp, tp + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
 
     def compute_spro(self) -> dict | None:
         """AU-sPRO (adtrain.metrics.spro.SproAccumulator.compute); None where not computed."""
