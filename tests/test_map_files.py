@@ -39,6 +39,7 @@ def test_predict_writes_the_ad2_servers_files_from_the_raw_maps(base_cfg, tmp_pa
     out = tmp_path / "submission"
     predict(str(ckpt), f"{root}/c1/test_private*/*.png", out=str(out), anomaly_maps=True, heatmaps=False,
             relative_to=str(root))
+    assert sorted(p.name for p in out.iterdir()) == ["anomaly_images", "anomaly_images_thresholded", "predictions.csv"]
     tiffs = sorted(p.relative_to(out / "anomaly_images").as_posix() for p in (out / "anomaly_images").rglob("*.tiff"))
     assert tiffs == [f"c1/test_private/{i:03d}_regular.tiff" for i in range(3)] + \
         [f"c1/test_private_mixed/{i:03d}_mixed.tiff" for i in range(3)]

@@ -101,7 +101,8 @@ def _publish(staging: Path, out_dir: Path) -> None:
     """This call's heatmaps, made in ``staging``, replace an earlier call's, and its map files join
     out_dir's (only once every image is scored: a call that fails leaves the earlier output as it was)."""
     _clear_earlier(out_dir)
-    (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
+    if (staging / "heatmaps").is_dir():  # none asked (heatmaps=false): no empty folder either
+        (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
     for png in sorted((staging / "heatmaps").glob("*.png")):
         os.replace(png, out_dir / "heatmaps" / png.name)
     for folder in MAP_FOLDERS:  # map files (anomaly_maps=true): added, earlier calls' other images kept
