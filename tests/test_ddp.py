@@ -98,10 +98,19 @@ def _same(single: dict, ddp: dict, tol: float) -> None:
     for key, value in single.items():
         if key in TIMING or key == "selection":
             continue
-        if isinstance(value, float):
-            assert ddp[key] == pytest.approx(value, abs=tol), key
-        else:
-            assert ddp[key] == value, key
+        _close(ddp[key], value, tol, key)
+
+
+def _close(got, want, tol: float, key: str) -> None:
+    """Equal, floats within tol, into nested dicts (e.g. pixel_test_at_threshold's fitted threshold)."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        assert set(got) == set(want), key
+        for k in want:
+            _close(got[k], want[k], tol, f"{key}.{k}")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=tol), key
+    else:
+        assert got == want, key
 
 
 @pytest.mark.parametrize("method", sorted(EXACT))
