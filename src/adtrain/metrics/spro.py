@@ -85,16 +85,18 @@ class SproAccumulator:
             return
         amap = anomaly_map.detach()
         code = code.to(amap.device)
+        fractions = fractions.cpu().numpy()
         for key, rows in feeds.items():
             idx = torch.tensor(rows, device=amap.device)
             maps, codes = amap[idx], code[idx]
             gt = codes != 0
             weights, regions = [], 0
-            for k, row in enumerate(rows):
-                if not bool(gt[k].any()):
-                    continue
-                w, n, lost = spro_weights(maps[k][gt[k]].double().cpu().numpy(), codes[k][gt[k]].cpu().numpy(),
-                                          fractions[row].cpu().numpy())
+            with_regions = [k for k, has in enumerate(gt.flatten(1).any(dim=1).tolist()) if has]
+            if with_regions:  # their maps and codes to the host once, not image by image
+                host_maps, host_codes, host_gt = (t[with_regions].cpu().numpy() for t in (maps, codes, gt))
+            for j, k in enumerate(with_regions):
+                w, n, lost = spro_weights(host_maps[j][host_gt[j]].astype(np.float64), host_codes[j][host_gt[j]],
+                                          fractions[rows[k]])
                 weights.append(w)
                 regions += n
                 self.regions_lost += lost
