@@ -36,11 +36,11 @@ EXACT = {"patchcore": [], "hetmm": [],
                  "method.lr_adapter=0", "method.lr_fmn=0", "method.memory_size=30"]}
 
 
-def _start(run_dir: Path, *args: str) -> subprocess.Popen:
+def _start(run_dir: Path, *args: str, base: list[str] = FAST) -> subprocess.Popen:
     """Start one CLI run. A thread drains its output (rank 0's and the ranks it starts) into a log beside
     run_dir until every rank has closed it: two runs at once never block on a full pipe."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.Popen([sys.executable, "-m", "adtrain", *FAST, *args, f"hydra.run.dir={run_dir}"],
+    proc = subprocess.Popen([sys.executable, "-m", "adtrain", *base, *args, f"hydra.run.dir={run_dir}"],
                             cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own group: a failed test ends every rank
     log = run_dir.parent / f"{run_dir.name}.log"
@@ -78,10 +78,10 @@ def _cli(run_dir: Path, *args: str) -> dict:
     return _finish(_start(run_dir, *args), run_dir)
 
 
-def _single_and_ddp(tmp_path: Path, args: list[str], ddp: list[str]) -> tuple[dict, dict]:
+def _single_and_ddp(tmp_path: Path, args: list[str], ddp: list[str], base: list[str] = FAST) -> tuple[dict, dict]:
     """The single-process run and the DDP run of one config, at the same time: they share nothing (own
     run directories), and the DDP run leaves a core idle while its second rank starts."""
-    procs = [_start(tmp_path / "ddp", *args, *ddp), _start(tmp_path / "single", *args)]
+    procs = [_start(tmp_path / "ddp", *args, *ddp, base=base), _start(tmp_path / "single", *args, base=base)]
     try:
         return _finish(procs[1], tmp_path / "single"), _finish(procs[0], tmp_path / "ddp")
     finally:
@@ -130,6 +130,25 @@ def test_ddp_gives_the_single_process_answer(tmp_path, method):
                  for d in ("single", "ddp")]
         assert banks[0]["model.memory.bank"].numel() > 0
         assert torch.equal(banks[0]["model.memory.bank"], banks[1]["model.memory.bank"])
+
+
+def test_ddp_pixel_metrics_at_the_images_own_sizes(tmp_path):
+    """metrics.resolution=source under DDP: each rank's maps at their images' sizes (two sizes, in
+    batches that mix them), replayed as one process counts them."""
+    from adtrain.data.testing import write_mvtec_tree
+    from tests.conftest import FAST_BASE
+
+    root = tmp_path / "mvtec"
+    write_mvtec_tree(root, "c1", n_train=8, n_test_good=2, defects={"crack": 3}, size=48, seed=1)
+    write_mvtec_tree(root, "c2", n_train=8, n_test_good=2, defects={"crack": 3}, size=36, seed=2)
+    args = ["data=mvtec", f"data.root={root}", "data.category=[c1,c2]", "data.num_workers=0", "data.val_split=0.25",
+            "method=patchcore", "method.image_size=[40,40]", "method.center_crop=[32,32]", "method.batch_size=4",
+            "metrics.resolution=source"]
+    single, ddp = _single_and_ddp(tmp_path, args, ["trainer=ddp", "trainer.devices=2"], base=FAST_BASE)
+    _same(single, ddp, 0.0)
+    assert ddp["pixel_resolution"] == "source" and ddp["pixel_auroc"] is not None
+    decided = ddp["pixel_test_at_threshold"]
+    assert decided["tp"] + decided["fp"] + decided["fn"] + decided["tn"] == 5 * (48 ** 2 + 36 ** 2)  # each pixel once
 
 
 TRAINED = {"stfpm": [],  # DFM trained (lr > 0): its memory is resized after DDP wraps the module

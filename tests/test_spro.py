@@ -143,8 +143,10 @@ def test_region_files_and_defects_config_are_read_with_clear_errors(tmp_path):
         assert e.value.path == str(cfg_path)
 
 
-@pytest.mark.parametrize("size,crop", [(48, None), (40, 32)])  # the files' own size / resized and cropped
-def test_a_loco_run_reports_the_official_auspro_of_its_maps(size, crop, base_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("size,crop,resolution", [(48, None, "run"), (40, 32, "run"), (40, 32, "source")])
+def test_a_loco_run_reports_the_official_auspro_of_its_maps(size, crop, resolution, base_cfg, tmp_path, monkeypatch):
+    """At the files' own size; resized and cropped; the same maps brought back to the files' size
+    (metrics.resolution=source: MVTec's evaluation, the regions as the files have them)."""
     import cv2
 
     from adtrain.data.testing import write_mvtec_tree
@@ -163,9 +165,20 @@ def test_a_loco_run_reports_the_official_auspro_of_its_maps(size, crop, base_cfg
         return original(self, anomaly_map, label, *args, **kw)
 
     monkeypatch.setattr(ev_module.AnomalyEvaluator, "update_pixels", record)
+    if resolution == "source":  # the model's own maps, at its input size, before they are brought back
+        from adtrain.metrics import source_resolution
+
+        original_updates = source_resolution.source_updates
+
+        def record_updates(anomaly_map, *args):
+            seen.extend(anomaly_map[:, 0].detach().float().numpy().copy())
+            return original_updates(anomaly_map, *args)
+
+        monkeypatch.setattr(ev_module.AnomalyEvaluator, "update_pixels", original)
+        monkeypatch.setattr(source_resolution, "source_updates", record_updates)
     cfg = base_cfg("data=mvtec_loco", f"data.root={root}", "data.category=c1", "data.num_workers=0",
                    "method=patchcore", f"method.center_crop={[crop, crop] if crop else 'null'}",
-                   f"method.image_size=[{size},{size}]")
+                   f"method.image_size=[{size},{size}]", f"metrics.resolution={resolution}")
     res = run(cfg, tmp_path / "run")
     got = res["auspro"]
     assert sorted(got["by_category"]["c1"]) == ["logical_anomalies", "mean", "structural_anomalies"]
@@ -179,6 +192,12 @@ def test_a_loco_run_reports_the_official_auspro_of_its_maps(size, crop, base_cfg
         for amap, s in zip(seen, samples):
             if s.defect not in ("good", defect):
                 continue
+            if resolution == "source":  # the crop back in its place (its border at the map's minimum), bilinear
+                frame = np.full((size, size), amap.min(), np.float32)
+                m = (size - crop) // 2
+                frame[m:m + crop, m:m + crop] = amap
+                amap = torch.nn.functional.interpolate(torch.from_numpy(frame)[None, None], size=(48, 48),
+                                                       mode="bilinear", align_corners=False)[0, 0].numpy()
             maps.append(amap.astype(np.float64))
             rs = []
             if s.mask_path is not None:
@@ -186,6 +205,9 @@ def test_a_loco_run_reports_the_official_auspro_of_its_maps(size, crop, base_cfg
                     arr = np.asarray(Image.open(f))
                     e = config[int(arr.max())]
                     sat = _saturation(int((arr > 0).sum()), e["saturation_threshold"], e["relative_saturation"])
+                    if resolution == "source":  # the file as it is
+                        rs.append((arr > 0, sat))
+                        continue
                     # at the run's size: nearest-neighbour resize, the centre crop, the same share saturating
                     region = cv2.resize((arr > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
                     if crop:

@@ -58,7 +58,8 @@ def build_method(cfg: DictConfig):
 
 def configure_method(method, cfg: DictConfig):
     """The run-time settings outside method.* (inference.cpu_chunk_pixels, metrics.exact_pixels,
-    metrics.aupro_fpr_limit) onto a built or loaded method; absent keys leave the defaults."""
+    metrics.aupro_fpr_limit, metrics.resolution) onto a built or loaded method; absent keys leave
+    the defaults."""
     chunk = (cfg.get("inference") or {}).get("cpu_chunk_pixels")
     if chunk is not None:  # absent from the configs of runs older than the key: the default
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
@@ -74,6 +75,13 @@ def configure_method(method, cfg: DictConfig):
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit <= 1:
             raise ConfigError("metrics.aupro_fpr_limit", f"must be a false-positive rate in (0, 1], got {limit!r}")
         method.aupro_fpr_limit = float(limit)
+    resolution = (cfg.get("metrics") or {}).get("resolution")
+    if resolution is not None:  # absent from the configs of runs older than the key: "run"
+        from adtrain.metrics.source_resolution import RESOLUTIONS
+
+        if resolution not in RESOLUTIONS:
+            raise ConfigError("metrics.resolution", f"must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
+        method.pixel_resolution = str(resolution)
     return method
 
 

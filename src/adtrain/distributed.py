@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from adtrain.methods.test_outputs import META_KEYS
+from adtrain.metrics.source_resolution import size_groups
 
 _OWN = threading.local()  # inside own_outputs() (per thread): this rank writes what it alone produced (heatmaps)
 
@@ -144,17 +145,22 @@ class RecordingEvaluator:
         samples = by_index([items for _, items in gathered])
         ev = self.make()
         for start in range(0, len(samples), size):
-            chunk = samples[start:start + size]
-            cols = [None if chunk[0][j] is None else torch.stack([s[j] for s in chunk]) for j in range(5)]
-            groups = None if chunk[0][5] is None else [s[5] for s in chunk]
-            spro = None if chunk[0][6] is None else (torch.stack([s[6][0] for s in chunk]),
-                                                     torch.stack([s[6][1] for s in chunk]),
-                                                     [s[6][2] for s in chunk], [s[6][3] for s in chunk])
-            if cols[0] is None:  # pixel inputs alone (update_pixels)
-                ev.update_pixels(cols[2], cols[1], cols[3], cols[4], groups, spro)
-            else:
-                ev.update(*cols)
+            for rows in size_groups([() if s[2] is None else tuple(s[2].shape) for s in samples[start:start + size]]):
+                self._replay(ev, [samples[start + r] for r in rows])  # maps of one size together
         return ev
+
+    @staticmethod
+    def _replay(ev, chunk: list) -> None:
+        """One update of the fresh evaluator with a chunk of recorded samples."""
+        cols = [None if chunk[0][j] is None else torch.stack([s[j] for s in chunk]) for j in range(5)]
+        groups = None if chunk[0][5] is None else [s[5] for s in chunk]
+        spro = None if chunk[0][6] is None else (torch.stack([s[6][0] for s in chunk]),
+                                                 torch.stack([s[6][1] for s in chunk]),
+                                                 [s[6][2] for s in chunk], [s[6][3] for s in chunk])
+        if cols[0] is None:  # pixel inputs alone (update_pixels)
+            ev.update_pixels(cols[2], cols[1], cols[3], cols[4], groups, spro)
+        else:
+            ev.update(*cols)
 
 
 def wrap_evaluator(make):
@@ -166,7 +172,14 @@ def note_batch(module, evaluator, batch: dict) -> None:
     """Before a validation/test step: the batch's dataset indices, for the evaluator and the records."""
     if isinstance(evaluator, RecordingEvaluator):
         evaluator.next_index = batch["index"]
+        evaluator.batch_size = max(evaluator.batch_size, len(batch["index"]))  # the loader's, replayed alike
         module.sample_index.extend(int(i) for i in batch["index"])
+
+
+def note_rows(evaluator, batch: dict, rows: list[int]) -> None:
+    """Before an update with some of a batch's rows (the test at source sizes): their dataset indices."""
+    if isinstance(evaluator, RecordingEvaluator):
+        evaluator.next_index = batch["index"][torch.tensor(rows, device=batch["index"].device)]
 
 
 def _in_order(module, items: list) -> list:

@@ -196,11 +196,14 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     method.pixel_by_category = several if per_category and method.pixel_metrics and several > 1 else 0
     method.spro_groups = dm.spro_groups() if per_category and method.pixel_metrics else {}
     dm.test_regions = bool(method.spro_groups)
+    at_source = method.pixel_metrics and method.pixel_resolution == "source"
+    dm.test_source_truth = at_source  # items carry their ground truth at the images' own sizes
+    method.source_geometry = (tuple(dm.image_size), tuple(dm.center_crop) if dm.center_crop else None)
     try:
         trainer.test(method, datamodule=dm, verbose=False)
     finally:
         method.pixel_metrics, method.pixel_by_category, method.spro_groups = pixel_before, 0, {}
-        dm.test_regions = False
+        dm.test_regions = dm.test_source_truth = False
     metrics = method.test_results()
     auspro = method.test_results_spro()
     pixels_decided = method.test_pixels_at_threshold()
@@ -213,6 +216,8 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     return {
         **{k: metrics.get(k) for k in METRIC_KEYS},
         **exactness,
+        # where the pixel figures were taken (metrics.resolution; null without pixel metrics)
+        "pixel_resolution": ("source" if at_source else "run") if exactness["pixel_metrics_exact"] is not None else None,
         "empty_anomaly_masks": empty,
         **({"pixel_by_category": grouped} if (grouped := method.test_results_by_category()) else {}),
         "auspro": auspro,
@@ -274,6 +279,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         "tested": do_test,
         **{k: tested.get(k) for k in METRIC_KEYS},
         "pixel_metrics_exact": tested.get("pixel_metrics_exact"),
+        "pixel_resolution": tested.get("pixel_resolution"),
         "pixel_aupro_fpr_limit": method.aupro_fpr_limit,
         "pixel_error_bounds": tested.get("pixel_error_bounds"),
         "empty_anomaly_masks": tested.get("empty_anomaly_masks"),

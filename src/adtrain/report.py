@@ -73,6 +73,9 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
         one = next(iter(auspro["by_category"].values())) if len(auspro["by_category"]) == 1 else {}
         rows[at:at] = [["AU-sPRO (FPR 0.05)", fmt(auspro["mean"].get("0.05")), "test"]] + \
             [[f"  AU-sPRO, {k}", fmt(v.get("0.05")), "test"] for k, v in one.items() if k != "mean"]
+    if results.get("pixel_resolution") == "source":  # metrics.resolution=source
+        rows = [[r[0], r[1], "test, source size"] if r[2] == "test" and ("pixel" in r[0] or "AU-sPRO" in r[0])
+                else r for r in rows]
     if results.get("tested") is False:
         footer = "test=false: the test set was not opened; " + footer
     return what, ["figure", "value", "measured on"], rows, footer

@@ -14,7 +14,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from adtrain import distributed
-from adtrain.data.dataset import AnomalyDataset, Loaded, PredictDataset, Sample, load_sample
+from adtrain.data.dataset import AnomalyDataset, Loaded, PredictDataset, Sample, collate, load_sample
 from adtrain.data.image_io import expand_image_paths
 from adtrain.data.resize import DEFAULT as DEFAULT_RESIZE
 from adtrain.data.resize import resize_rule
@@ -266,15 +266,18 @@ class AnomalyDataModule(LightningDataModule):
         return build_transform(self.image_size, self.center_crop, self.augment, self.mean, self.std, normalize,
                                self.resize)
 
-    def make_dataset(self, samples: Sequence[Sample], train: bool = False, regions: bool = False) -> AnomalyDataset:
+    def make_dataset(self, samples: Sequence[Sample], train: bool = False, regions: bool = False,
+                     source_truth: bool = False) -> AnomalyDataset:
         """train=True: augment and synthetic anomalies apply; False: the eval transform. The image is
         uint8 where ``uint8_images(train)`` (normalised later on the device), else float32. regions:
-        items carry their ground-truth regions too, where the dataset has them (``spro_regions``)."""
+        items carry their ground-truth regions too, where the dataset has them (``spro_regions``);
+        source_truth: and their ground truth at the image's own size (metrics.resolution=source)."""
         normalize = not self.uint8_images(train)
         ds = AnomalyDataset(samples, self.train_transform(normalize) if train else self.eval_transform(normalize),
                             loader=self.sample_loader(), train=train,
                             synthetic_anomaly=self.synthetic_anomaly if train else None,
-                            regions=self.spro_regions() if regions and not train else None)
+                            regions=self.spro_regions() if regions and not train else None,
+                            source_truth=source_truth and not train)
         if ds.cacheable:
             ds.cached = self.image_cache.entry(ds, self.image_size, self.num_workers, self.resize)
         elif self.image_cache.mode != "off":
@@ -282,9 +285,10 @@ class AnomalyDataModule(LightningDataModule):
         return ds
 
     def make_dataloader(self, samples: Sequence[Sample], train: bool = False, shuffle: bool = False,
-                        batch_size: int | None = None, regions: bool = False) -> DataLoader:
+                        batch_size: int | None = None, regions: bool = False,
+                        source_truth: bool = False) -> DataLoader:
         """A DataLoader over any samples (e.g. training normals with the eval transform)."""
-        return self._loader(self.make_dataset(samples, train=train, regions=regions), shuffle,
+        return self._loader(self.make_dataset(samples, train=train, regions=regions, source_truth=source_truth), shuffle,
                             batch_size or (self.batch_size if train else self.eval_batch_size))
 
     def _loader(self, dataset, shuffle: bool, batch_size: int, sampler=None, num_workers: int | None = None) -> DataLoader:
@@ -300,7 +304,8 @@ class AnomalyDataModule(LightningDataModule):
             shuffle = False
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=False,
                           num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=workers > 0, generator=loader_generator(self.seed))
+                          persistent_workers=workers > 0, generator=loader_generator(self.seed),
+                          collate_fn=collate if getattr(dataset, "source_truth", False) else None)
 
     #: False for training-free methods (set by adtrain.engine): their one pass sees the samples in
     #: index order, so a DDP run's gathered memory is the single-process one (adtrain.distributed)
@@ -345,9 +350,13 @@ class AnomalyDataModule(LightningDataModule):
     #: the test's items carry their ground-truth regions (``spro_regions``; set by adtrain.engine while a
     #: test computes AU-sPRO)
     test_regions: bool = False
+    #: the test's items carry their ground truth at the image's own size (metrics.resolution=source;
+    #: set by adtrain.engine while such a test runs)
+    test_source_truth: bool = False
 
     def test_dataloader(self) -> DataLoader:
-        return self.make_dataloader(self.test_samples, train=False, regions=self.test_regions)
+        return self.make_dataloader(self.test_samples, train=False, regions=self.test_regions,
+                                    source_truth=self.test_source_truth)
 
     def predict_dataset(self, paths) -> PredictDataset:
         """Images only ({'image', 'path'}) with the eval transform (normalised float32, for callers

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from adtrain.data.image_io import read_image, read_mask
 from adtrain.data.regions import pack_regions
@@ -91,7 +91,8 @@ class AnomalyDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform, loader: Callable[[Sample], Loaded] = load_sample,
-                 train: bool = False, synthetic_anomaly: Callable | None = None, regions: Callable | None = None):
+                 train: bool = False, synthetic_anomaly: Callable | None = None, regions: Callable | None = None,
+                 source_truth: bool = False):
         self.samples = list(samples)
         self.transform = transform
         self.loader = loader
@@ -101,6 +102,9 @@ class AnomalyDataset(Dataset):
         #: Sample -> ground-truth regions with saturation fractions, or None (adtrain.data.regions):
         #: where set (a test set of MVTec LOCO AD), items carry spro_code and spro_fraction too
         self.regions = regions
+        #: items carry the ground truth at the image's own size too (``source_mask``, and with
+        #: regions ``source_spro_code`` in place of ``spro_code``): metrics.resolution=source
+        self.source_truth = bool(source_truth)
 
     @property
     def cacheable(self) -> bool:
@@ -129,11 +133,13 @@ class AnomalyDataset(Dataset):
         if self.cached is not None:  # already resized: the transform's Resize is then an identity
             image, mask, source, has = self.cached.get(index)
             has_mask = has or label == 0
+            truth = self._source_mask(sample, source) if self.source_truth else None
         else:
             image, mask = self._load(sample)
             source = image.shape[:2]
             has_mask = mask is not None or label == 0
             mask = np.zeros(image.shape[:2], np.uint8) if mask is None else _binarise(mask)
+            truth = mask
         if self.train:
             rng = np.random.default_rng(draw if draw is not None else int(torch.randint(0, 2**62, (1,)).item()))
             if self.synthetic_anomaly is not None:
@@ -147,7 +153,8 @@ class AnomalyDataset(Dataset):
                 self.transform.set_random_seed(int(rng.integers(0, 2**31 - 1)))
         source_size = torch.tensor(tuple(source), dtype=torch.int64)  # (h, w) before resizing: heatmaps' aspect
         regions = self._guard(self.regions, sample) if self.regions is not None else None
-        if regions:  # each region through the same geometry as the mask (from the image's size: a cached one's)
+        at_source = self.source_truth and not self.train
+        if regions and not at_source:  # each region through the same geometry as the mask (from the image's size: a cached one's)
             out = self.transform(image=image, mask=mask, masks=[m if m.shape == image.shape[:2] else
                                                                resize_mask(m, image.shape[:2]) for m, _ in regions])
         else:
@@ -163,10 +170,42 @@ class AnomalyDataset(Dataset):
             "source_size": source_size,
             "index": torch.tensor(index, dtype=torch.int64),  # the sample's place: DDP restores the order
         }
-        if self.regions is not None:
+        if at_source:  # the ground truth as the files have it (metrics.resolution=source)
+            item["source_mask"] = torch.from_numpy(np.ascontiguousarray(truth, np.uint8))
+        if self.regions is not None and at_source:
+            shape = tuple(source)
+            packed = pack_regions([m if m.shape == shape else resize_mask(m, shape) for m, _ in regions or []],
+                                  [f for _, f in regions or []], shape)
+            item.update(source_spro_code=packed["spro_code"], spro_fraction=packed["spro_fraction"])
+        elif self.regions is not None:
             item.update(pack_regions(out["masks"] if regions else [], [f for _, f in regions or []],
                                      tuple(item["mask"].shape[-2:])))
         return item
+
+    def _source_mask(self, sample: Sample, source) -> np.ndarray:
+        """A cached item's ground truth at the image's own (H, W), read from its file (the default
+        loader) or from the dataset's own loader (which decodes the image too)."""
+        height, width = (int(v) for v in source)
+        if self.loader is not load_sample:  # e.g. drawn with the image (data=synthetic)
+            mask = self._load(sample)[1]
+        elif sample.mask_path is None:
+            mask = None
+        else:
+            mask = self._guard(lambda s: read_mask(s.mask_path, (width, height), image_path=s.path), sample)
+        return np.zeros((height, width), np.uint8) if mask is None else _binarise(mask)
+
+
+#: batch keys whose tensors differ in size from image to image (the source's): kept as lists
+SOURCE_KEYS = ("source_mask", "source_spro_code")
+
+
+def collate(items: list[dict]) -> dict:
+    """torch's default collation, with ``SOURCE_KEYS`` kept as lists of tensors."""
+    batch = default_collate([{k: v for k, v in it.items() if k not in SOURCE_KEYS} for it in items])
+    for key in SOURCE_KEYS:
+        if key in items[0]:
+            batch[key] = [it[key] for it in items]
+    return batch
 
 
 class PredictDataset(Dataset):

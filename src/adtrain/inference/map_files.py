@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from adtrain.errors import AdtrainError, DataError
 from adtrain.inference.graph import Preprocessing
+from adtrain.metrics.source_resolution import maps_to_source
 
 #: the two folders, in the server's names
 MAP_FOLDERS = ("anomaly_images", "anomaly_images_thresholded")
@@ -34,18 +35,10 @@ def to_source_size(raw: np.ndarray, pre: Preprocessing, source_hw: tuple[int, in
     """A raw map at the model's input size -> the source image's (H, W): a centre-cropped map goes
     back to its place in the resized frame (the border the crop cut off at the map's lowest value),
     and the frame is resized bilinearly to the source's size (every ``data.resize`` rule stretches
-    the image to the run's size, so this undoes it)."""
-    raw = np.asarray(raw, np.float32)
-    if pre.center_crop is not None:
-        (h, w), (ch, cw) = pre.image_size, pre.center_crop
-        frame = np.full((h, w), raw.min(), np.float32)
-        y0, x0 = (h - ch) // 2, (w - cw) // 2
-        frame[y0:y0 + ch, x0:x0 + cw] = raw
-        raw = frame
-    height, width = source_hw
-    if raw.shape == (height, width):
-        return raw
-    return cv2.resize(raw, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+    the image to the run's size, so this undoes it). The test's ``metrics.resolution=source`` takes
+    its pixel metrics on the same maps (adtrain.metrics.source_resolution)."""
+    maps = torch.from_numpy(np.ascontiguousarray(raw, np.float32))[None]
+    return maps_to_source(maps, pre.image_size, pre.center_crop, source_hw)[0].numpy()
 
 
 def relative_names(files: list[str], relative_to: str | Path | None) -> list[Path]:

@@ -119,6 +119,13 @@ class AnomalyModule(LightningModule):
     #: AUPRO's integration limit on the false-positive rate (validation and test). Set from the
     #: config's ``metrics.aupro_fpr_limit``: 0.3 as for MVTec AD; MVTec AD 2 reports AU-PRO at 0.05.
     aupro_fpr_limit: float = 0.3
+    #: where the test's pixel metrics are taken: "run" (the model's maps against masks resized like
+    #: the images, as the papers do) or "source" (each map brought back to its image's own size,
+    #: against the ground-truth files as they are: adtrain.metrics.source_resolution). Set from the
+    #: config's ``metrics.resolution``.
+    pixel_resolution: str = "run"
+    #: (image_size, center_crop) of the test's eval transform, for "source" (set by adtrain.engine)
+    source_geometry: tuple | None = None
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         return self.anomaly_output(images)
@@ -340,16 +347,35 @@ class AnomalyModule(LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         out = self.anomaly_output(batch["image"])
-        spro = (batch["spro_code"], batch["spro_fraction"], batch["category"], batch["defect"]) \
-            if self.spro_groups and "spro_code" in batch else None
-        self.evaluator.update_pixels(out.anomaly_map, batch["label"], batch["mask"], batch["has_mask"],
-                                     batch["category"] if self.pixel_by_category else None, spro)
+        if "source_mask" in batch:  # metrics.resolution=source: each group of equal source sizes at its size
+            self._source_pixels(out.anomaly_map, batch)
+        else:
+            spro = (batch["spro_code"], batch["spro_fraction"], batch["category"], batch["defect"]) \
+                if self.spro_groups and "spro_code" in batch else None
+            self.evaluator.update_pixels(out.anomaly_map, batch["label"], batch["mask"], batch["has_mask"],
+                                         batch["category"] if self.pixel_by_category else None, spro)
         routed = per_image(self, out.pred_score.shape[0], out.pred_score.device)
         self.test_outputs.add(batch, out.pred_score, None if routed is None else routed[:2])
         if self.heatmap_dir is not None and self.heatmap_paths:
             for i, path in enumerate(batch["path"]):
                 if path in self.heatmap_paths:
                     self._queue_heatmap(batch, out, i)
+
+    def _source_pixels(self, anomaly_map: torch.Tensor, batch: dict) -> None:
+        """The batch's pixel statistics at its images' own sizes (``pixel_resolution`` "source")."""
+        from adtrain.metrics.source_resolution import source_updates
+
+        if not self.evaluator.pixel_metrics:
+            return
+        image_size, center_crop = self.source_geometry
+        spro = bool(self.spro_groups) and "source_spro_code" in batch
+        for rows, maps, masks, codes in source_updates(anomaly_map, batch, image_size, center_crop, spro):
+            pick = torch.tensor(rows, device=batch["label"].device)
+            names = [batch["category"][i] for i in rows]
+            distributed.note_rows(self.evaluator, batch, rows)
+            self.evaluator.update_pixels(
+                maps, batch["label"][pick], masks, batch["has_mask"][pick], names if self.pixel_by_category else None,
+                (codes, batch["spro_fraction"][pick], names, [batch["defect"][i] for i in rows]) if spro else None)
 
     def on_test_epoch_end(self) -> None:
         self._close_writer()  # this process's heatmaps are written
