@@ -56,14 +56,14 @@ def test_a_run_at_source_resolution_scores_the_ground_truth_files_pixels(base_cf
 
     root = _two_sizes(tmp_path)
     seen, sizes = {}, []
-    original = source_resolution.source_updates
+    original = source_resolution.update_at_source
 
-    def record(anomaly_map, batch, *args):  # the model's maps at its input size, by image
+    def record(evaluator, anomaly_map, batch, *args):  # the model's maps at its input size, by image
         sizes.append(sorted({tuple(m.shape) for m in batch["source_mask"]}))
         seen.update(zip(batch["path"], anomaly_map[:, 0].detach().float().numpy().copy()))
-        return original(anomaly_map, batch, *args)
+        return original(evaluator, anomaly_map, batch, *args)
 
-    monkeypatch.setattr(source_resolution, "source_updates", record)
+    monkeypatch.setattr(source_resolution, "update_at_source", record)
     cfg, res = _source_run(base_cfg, root, tmp_path / "run")
     assert res["pixel_resolution"] == "source" and [(36, 36), (48, 48)] in sizes  # a batch of both sizes
     maps, truth, categories = [], [], []
@@ -114,33 +114,49 @@ def _run_cfg(cfg):
 
 
 def test_ddp_replays_a_test_at_source_sizes_as_one_process_counts_it():
+    """A RecordingEvaluator (DDP) keeps each image small (the map at the model's size, the mask as
+    bits, the region code narrowed) and replays the batches through the same updates, in the same
+    order, as one process: streamed figures equal to the bit; updates cut to bounded pixels."""
+    import pickle
+
     from adtrain.distributed import RecordingEvaluator
     from adtrain.metrics import AnomalyEvaluator
+    from adtrain.metrics.source_resolution import update_at_source, update_groups
 
+    assert update_groups([(4, 4)] * 5 + [(2, 2)], max_pixels=40) == [[0, 1], [2, 3], [4], [5]]
+    assert update_groups([(9, 9)], max_pixels=40) == [[0]]  # one image over the cap: alone
     g = torch.Generator().manual_seed(0)
-    sizes = [(6, 7), (6, 7), (4, 5), (6, 7), (4, 5), (4, 5), (6, 7), (4, 5)]
-    maps = [torch.rand(1, *s, generator=g) for s in sizes]
-    masks = [(torch.rand(1, *s, generator=g) > 0.7).float() for s in sizes]
+    geometry = ((10, 12), (8, 8))  # resized to 10 x 12, centre crop 8 x 8
+    sizes = [(20, 24), (20, 24), (9, 11), (20, 24), (9, 11), (9, 11), (20, 24), (9, 11)]
+    maps = torch.rand(8, 1, 8, 8, generator=g)
+    masks = [(torch.rand(*s, generator=g) > 0.7).to(torch.uint8) for s in sizes]
+    codes = [m.to(torch.int64) * 5 for m in masks]  # regions 0 and 2
     labels = torch.tensor([0, 1, 1, 0, 1, 1, 1, 0])
     for i in (0, 3, 7):
         masks[i].zero_()
-    make = lambda: AnomalyEvaluator(exact_pixels=0, pixel_threshold=0.5)  # noqa: E731  streamed: order matters
-    from adtrain.metrics.source_resolution import size_groups
+        codes[i].zero_()
+    groups = {"c": ["crack"]}
 
+    def batch(rows):
+        return {"source_mask": [masks[i] for i in rows], "label": labels[rows], "has_mask": torch.ones(len(rows), dtype=torch.bool),
+                "category": ["c"] * len(rows), "defect": ["good" if labels[i] == 0 else "crack" for i in rows],
+                "source_spro_code": [codes[i] for i in rows], "spro_fraction": torch.full((len(rows), 63), 0.5),
+                "index": torch.tensor(rows)}
+
+    make = lambda: AnomalyEvaluator(exact_pixels=0, num_bins=64, pixel_threshold=0.5, spro_groups=groups)  # noqa: E731
     plain = make()
-    for start in (0, 4):  # batches of 4, each split by size as test_step does
-        for rows in size_groups(sizes[start:start + 4]):
-            idx = [start + r for r in rows]
-            plain.update_pixels(torch.stack([maps[i] for i in idx]), labels[idx], torch.stack([masks[i] for i in idx]))
+    for rows in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        update_at_source(plain, maps[rows], batch(rows), geometry, False, True)
+    assert not plain.pixel.exact  # streamed through few bins: the updates' order and grouping count
     rec = RecordingEvaluator(make)
-    for batch in ([4, 5, 6, 7], [0, 1, 2, 3]):  # a rank's batches, out of order
-        rec.batch_size = max(rec.batch_size, len(batch))
-        for rows in size_groups([sizes[i] for i in batch]):
-            idx = [batch[r] for r in rows]
-            rec.next_index = torch.tensor(idx)
-            rec.update_pixels(torch.stack([maps[i] for i in idx]), labels[idx], torch.stack([masks[i] for i in idx]))
+    for rows in ([4, 5, 6, 7], [0, 1, 2, 3]):  # a rank's batches, out of order
+        rec.next_index = torch.tensor(rows)
+        update_at_source(rec, maps[rows], batch(rows), geometry, False, True)
+    assert all(it["code"].dtype == torch.uint8 and it["map"].shape == (1, 8, 8) for _, it in rec.items)
+    assert len(pickle.dumps(rec.items[0])) < 2000  # one image's own bytes, not its batch's
     merged = rec.merged()
-    assert merged.compute() == plain.compute() and merged.compute_pixels_at_threshold() == plain.compute_pixels_at_threshold()
+    assert merged.compute() == plain.compute() and merged.compute_spro() == plain.compute_spro()
+    assert merged.compute_pixels_at_threshold() == plain.compute_pixels_at_threshold()
 
 
 def test_metrics_resolution_is_checked(fast_cfg):

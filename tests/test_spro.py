@@ -168,14 +168,14 @@ def test_a_loco_run_reports_the_official_auspro_of_its_maps(size, crop, resoluti
     if resolution == "source":  # the model's own maps, at its input size, before they are brought back
         from adtrain.metrics import source_resolution
 
-        original_updates = source_resolution.source_updates
+        original_updates = source_resolution.update_at_source
 
-        def record_updates(anomaly_map, *args):
+        def record_updates(evaluator, anomaly_map, *args):
             seen.extend(anomaly_map[:, 0].detach().float().numpy().copy())
-            return original_updates(anomaly_map, *args)
+            return original_updates(evaluator, anomaly_map, *args)
 
         monkeypatch.setattr(ev_module.AnomalyEvaluator, "update_pixels", original)
-        monkeypatch.setattr(source_resolution, "source_updates", record_updates)
+        monkeypatch.setattr(source_resolution, "update_at_source", record_updates)
     cfg = base_cfg("data=mvtec_loco", f"data.root={root}", "data.category=c1", "data.num_workers=0",
                    "method=patchcore", f"method.center_crop={[crop, crop] if crop else 'null'}",
                    f"method.image_size=[{size},{size}]", f"metrics.resolution={resolution}")

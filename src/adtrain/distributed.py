@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from adtrain.methods.test_outputs import META_KEYS
-from adtrain.metrics.source_resolution import size_groups
 
 _OWN = threading.local()  # inside own_outputs() (per thread): this rank writes what it alone produced (heatmaps)
 
@@ -135,18 +134,36 @@ class RecordingEvaluator:
         cols = [t.detach().cpu() if isinstance(t, torch.Tensor) else t
                 for t in (pred_score, label, anomaly_map, mask, has_mask)] + [groups]
         spro = None if spro is None else [t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in spro]
+        for i, idx in enumerate(index):  # each sample its own tensors: a view would pickle its whole batch
+            self.items.append((idx, tuple(None if c is None else _own(c[i]) for c in cols)
+                               + (None if spro is None else tuple(_own(c[i]) for c in spro),)))
+
+    def record_source(self, anomaly_map, batch: dict, geometry, by_category: bool, spro: bool) -> None:
+        """A test batch at its images' own sizes (metrics.resolution=source): each image small
+        (``source_resolution.pack_item``), replayed by ``merged`` through ``update_at_source``."""
+        from adtrain.metrics.source_resolution import pack_item
+
+        self.source = (geometry, by_category, spro)
+        index = self.next_index.tolist()
+        self.batch_size = max(self.batch_size, len(index))
         for i, idx in enumerate(index):
-            self.items.append((idx, tuple(None if c is None else c[i] for c in cols)
-                               + (None if spro is None else tuple(c[i] for c in spro),)))
+            self.items.append((idx, pack_item(anomaly_map, batch, i, spro)))
 
     def merged(self):
         gathered = all_gather_objects((self.batch_size, self.items))
         size = max(b for b, _ in gathered)
         samples = by_index([items for _, items in gathered])
         ev = self.make()
+        if samples and isinstance(samples[0], dict):  # recorded at source sizes: replayed as the test step counts them
+            from adtrain.metrics.source_resolution import unpack_batch, update_at_source
+
+            geometry, by_category, spro = self.source
+            for start in range(0, len(samples), size):
+                maps, batch = unpack_batch(samples[start:start + size], spro)
+                update_at_source(ev, maps, batch, geometry, by_category, spro)
+            return ev
         for start in range(0, len(samples), size):
-            for rows in size_groups([() if s[2] is None else tuple(s[2].shape) for s in samples[start:start + size]]):
-                self._replay(ev, [samples[start + r] for r in rows])  # maps of one size together
+            self._replay(ev, samples[start:start + size])
         return ev
 
     @staticmethod
@@ -163,6 +180,11 @@ class RecordingEvaluator:
             ev.update(*cols)
 
 
+def _own(x):
+    """A sample's tensor as its own copy (not a view of its batch's storage); anything else as it is."""
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
 def wrap_evaluator(make):
     """A RecordingEvaluator under DDP (more than one process), else the plain evaluator."""
     return RecordingEvaluator(make) if world_size() > 1 else make()
@@ -174,12 +196,6 @@ def note_batch(module, evaluator, batch: dict) -> None:
         evaluator.next_index = batch["index"]
         evaluator.batch_size = max(evaluator.batch_size, len(batch["index"]))  # the loader's, replayed alike
         module.sample_index.extend(int(i) for i in batch["index"])
-
-
-def note_rows(evaluator, batch: dict, rows: list[int]) -> None:
-    """Before an update with some of a batch's rows (the test at source sizes): their dataset indices."""
-    if isinstance(evaluator, RecordingEvaluator):
-        evaluator.next_index = batch["index"][torch.tensor(rows, device=batch["index"].device)]
 
 
 def _in_order(module, items: list) -> list:

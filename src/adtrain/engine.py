@@ -253,8 +253,9 @@ def empty_anomaly_masks(method) -> int | None:
         return None
     empty = int(getattr(ev, "empty_masks", 0))
     if empty:
-        log.warning("%d anomalous test image(s) have no anomalous pixel in their mask at the map's size (an "
-                    "empty mask file, or a defect too small to survive the resize): they count for the image "
+        log.warning("%d anomalous test image(s) have no anomalous pixel in their mask at the size the pixel "
+                    "metrics are taken at (an empty mask file, or, at the run's size, a defect too small to "
+                    "survive the resize): they count for the image "
                     "metrics, and their pixels as normal ones in the pixel metrics", empty)
     return empty
 

@@ -188,6 +188,7 @@ class _Sequence:
             "seed": int(cfg.seed),
             # final averages over tasks (last row), so sweep summaries read a continual run like any other
             **{k: _mean(e.get(k) for e in last_evals) for k in METRIC_KEYS},
+            "pixel_resolution": next((e["pixel_resolution"] for e in last_evals if e.get("pixel_resolution")), None),
             # validation as the test keys: the last row's routed validation, averaged over tasks (a sweep's
             # objective); without it (routed_val=off, one task, joint) each task's own-state figures, averaged
             **(routed_val or own_val),

@@ -363,19 +363,11 @@ class AnomalyModule(LightningModule):
 
     def _source_pixels(self, anomaly_map: torch.Tensor, batch: dict) -> None:
         """The batch's pixel statistics at its images' own sizes (``pixel_resolution`` "source")."""
-        from adtrain.metrics.source_resolution import source_updates
+        from adtrain.metrics.source_resolution import update_at_source
 
-        if not self.evaluator.pixel_metrics:
-            return
-        image_size, center_crop = self.source_geometry
-        spro = bool(self.spro_groups) and "source_spro_code" in batch
-        for rows, maps, masks, codes in source_updates(anomaly_map, batch, image_size, center_crop, spro):
-            pick = torch.tensor(rows, device=batch["label"].device)
-            names = [batch["category"][i] for i in rows]
-            distributed.note_rows(self.evaluator, batch, rows)
-            self.evaluator.update_pixels(
-                maps, batch["label"][pick], masks, batch["has_mask"][pick], names if self.pixel_by_category else None,
-                (codes, batch["spro_fraction"][pick], names, [batch["defect"][i] for i in rows]) if spro else None)
+        if self.evaluator.pixel_metrics:
+            update_at_source(self.evaluator, anomaly_map, batch, self.source_geometry, bool(self.pixel_by_category),
+                             bool(self.spro_groups) and "source_spro_code" in batch)
 
     def on_test_epoch_end(self) -> None:
         self._close_writer()  # this process's heatmaps are written
