@@ -14,10 +14,11 @@ With these weights in place of PRO's 1 / area, PixelMetricAccumulator counts the
 streams it, within its error bounds) as it does AUPRO. Tied scores cross a threshold together, so
 which of them takes the weight changes nothing.
 
-Resolution: the curve is taken at the anomaly map's size (the run's image size), as adtrain's other
-pixel metrics; each region keeps its saturation fraction s / area from the file's resolution. At the
-files' own size this is the official figure; regions that vanish when the masks are resized are left
-out and counted (``regions_lost``).
+Resolution: the curve is taken where adtrain's other pixel metrics are (``metrics.resolution``). At
+the run's image size (the default) each region keeps its saturation fraction s / area from the file's
+resolution, and regions that vanish when the masks are resized are left out and counted
+(``regions_lost``); with ``source`` the maps are brought back to the files' own size and the regions
+read as they are, which is the official figure (adtrain.metrics.source_resolution).
 """
 
 from __future__ import annotations
