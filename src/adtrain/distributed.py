@@ -140,14 +140,13 @@ class RecordingEvaluator:
 
     def record_source(self, anomaly_map, batch: dict, geometry, by_category: bool, spro: bool) -> None:
         """A test batch at its images' own sizes (metrics.resolution=source): each image small
-        (``source_resolution.pack_item``), replayed by ``merged`` through ``update_at_source``."""
-        from adtrain.metrics.source_resolution import pack_item
+        (``source_resolution.pack_batch``), replayed by ``merged`` through ``update_at_source``."""
+        from adtrain.metrics.source_resolution import pack_batch
 
         self.source = (geometry, by_category, spro)
         index = self.next_index.tolist()
         self.batch_size = max(self.batch_size, len(index))
-        for i, idx in enumerate(index):
-            self.items.append((idx, pack_item(anomaly_map, batch, i, spro)))
+        self.items.extend(zip(index, pack_batch(anomaly_map, batch, spro)))
 
     def merged(self):
         gathered = all_gather_objects((self.batch_size, self.items))

@@ -93,24 +93,30 @@ def update_at_source(evaluator, anomaly_map: torch.Tensor, batch: dict, geometry
                                 names if by_category else None, regions)
 
 
-def pack_item(anomaly_map: torch.Tensor, batch: dict, i: int, spro: bool) -> dict:
-    """Image i of a batch, small, for a DDP rank to send (its own tensors: a view would pickle its
-    whole batch): the map at the model's size, the mask as bits, the region code in the smallest
-    integer type that holds it."""
-    mask = batch["source_mask"][i].detach().cpu().numpy().astype(bool)
-    item = {"map": anomaly_map[i].detach().float().cpu().clone(), "label": int(batch["label"][i]),
-            "has_mask": bool(batch["has_mask"][i]), "category": batch["category"][i],
-            "defect": batch["defect"][i], "shape": mask.shape, "mask": np.packbits(mask)}
-    if spro:
-        code = batch["source_spro_code"][i].detach().cpu()
-        top = int(code.max()) if code.numel() else 0
-        small = next(t for t in (torch.uint8, torch.int16, torch.int32, torch.int64) if top <= torch.iinfo(t).max)
-        item.update(code=code.to(small).clone(), fraction=batch["spro_fraction"][i].detach().cpu().clone())
-    return item
+def pack_batch(anomaly_map: torch.Tensor, batch: dict, spro: bool) -> list[dict]:
+    """A batch's images, each small, for a DDP rank to send (each its own tensors: a view would
+    pickle its whole batch): the map at the model's size, the mask as bits, the region code in the
+    smallest integer type that holds it. The batch's tensors come to the host once, not per image."""
+    maps = anomaly_map.detach().float().cpu()
+    labels, has_mask = batch["label"].tolist(), batch["has_mask"].tolist()
+    fractions = batch["spro_fraction"].detach().cpu() if spro else None
+    items = []
+    for i, m in enumerate(batch["source_mask"]):
+        mask = m.detach().cpu().numpy().astype(bool)
+        item = {"map": maps[i].clone(), "label": int(labels[i]), "has_mask": bool(has_mask[i]),
+                "category": batch["category"][i], "defect": batch["defect"][i], "shape": mask.shape,
+                "mask": np.packbits(mask)}
+        if spro:
+            code = batch["source_spro_code"][i].detach().cpu()
+            top = int(code.max()) if code.numel() else 0
+            small = next(t for t in (torch.uint8, torch.int16, torch.int32, torch.int64) if top <= torch.iinfo(t).max)
+            item.update(code=code.to(small).clone(), fraction=fractions[i].clone())
+        items.append(item)
+    return items
 
 
 def unpack_batch(items: list[dict], spro: bool) -> tuple[torch.Tensor, dict]:
-    """``pack_item``s -> (anomaly maps, the batch ``update_at_source`` reads)."""
+    """``pack_batch``'s items -> (anomaly maps, the batch ``update_at_source`` reads)."""
     def mask(it):
         h, w = it["shape"]
         return torch.from_numpy(np.unpackbits(it["mask"], count=h * w).reshape(h, w))
