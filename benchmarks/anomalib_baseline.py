@@ -2,9 +2,9 @@
 """anomalib 2.7 baseline (STFPM / PatchCore) on a fixed image split, for side-by-side timing
 and image AUROC against adtrain.
 
-Runs in its own virtualenv (/work/anovenv, see benchmarks/README.md); it never imports adtrain.
+Runs in its own virtualenv (../anovenv, see benchmarks/README.md); it never imports adtrain.
 
-    /work/anovenv/bin/python benchmarks/anomalib_baseline.py --split split.json \
+    ../anovenv/bin/python benchmarks/anomalib_baseline.py --split split.json \
         --model stfpm --backbone efficientnet_lite0 --epochs 2 --batch-size 32 --workdir /tmp/ano
 
 The split file is JSON with lists ``train``, ``test_normal`` and ``test_anomalous`` of absolute

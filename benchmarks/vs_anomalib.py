@@ -1,7 +1,7 @@
 """adtrain versus anomalib 2.7, side by side on the same images (issue 14): one table.
 
     nice -n 10 .venv/bin/python benchmarks/vs_anomalib.py [--methods stfpm patchcore cfa]
-        [--epochs 2] [--workdir /tmp/vs_anomalib] [--anomalib-python /work/anovenv/bin/python]
+        [--epochs 2] [--workdir /tmp/vs_anomalib] [--anomalib-python ../anovenv/bin/python]
         [--dry-run]
 
 For each method it runs, back to back, adtrain's `python -m adtrain.bench` and anomalib's
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--epochs", type=int, default=2, help="STFPM and CFA epochs, both sides (PatchCore: 1)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/vs_anomalib"))
     ap.add_argument("--python", default=sys.executable, help="adtrain's interpreter")
-    ap.add_argument("--anomalib-python", default=os.environ.get("ANOMALIB_PYTHON", "/work/anovenv/bin/python"))
+    ap.add_argument("--anomalib-python", default=os.environ.get("ANOMALIB_PYTHON", "../anovenv/bin/python"))
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = ap.parse_args(argv)
     work = args.workdir.resolve()

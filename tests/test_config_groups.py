@@ -152,7 +152,16 @@ def test_ucad_experiment_is_the_15_class_continual_schedule():
     assert cfg.method.name == "dfm" and cfg.data.name == "mvtec"
     assert list(cfg.schedule.tasks) == MVTEC and cfg.schedule.joint is False and cfg.schedule.replay == 0
     assert cfg.hydra.mode is None or cfg.hydra.mode.name != "MULTIRUN"
-    assert _compose_hydra("experiment=ucad_mvtec_dfm", "method=patchcore").method.name == "patchcore"
+    from adtrain.build import build_method
+
+    for method in ("dfm", "patchcore"):  # the protocol's run and its baseline (README): both build
+        cfg = OmegaConf.to_container(_compose_hydra("experiment=ucad_mvtec_dfm", f"method={method}"), resolve=False)
+        cfg.pop("hydra")
+        cfg = OmegaConf.create(cfg)
+        cfg.backbone.pretrained = False
+        assert type(build_method(cfg)).__name__.lower() == method
+    assert cfg.method.name == "patchcore" and list(cfg.schedule.tasks) == MVTEC
+    assert _compose_hydra("experiment=ucad_mvtec_dfm").method.num_keys == 196  # UCAD's 196 keys per task
 
 
 def test_elpv_mono_poly_dfm_is_dfm_sized_and_routed_like_per_task_patchcore():
