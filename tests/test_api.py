@@ -28,6 +28,8 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys):
     assert run["method"] == "patchcore" and 0.0 <= run["image_auroc"] <= 1.0
     assert len(run.heatmaps) == 3 and run.histogram.exists() and run.checkpoint.exists()
     assert len(run.scores()) == run["num_test"] == 16
+    row = run.scores()[0]
+    assert isinstance(row["score"], float) and row["label"] in (0, 1) and isinstance(row["category"], str)
     assert adtrain.Run.open(run.run_dir).results == run.results
     assert "image threshold" in run.table() and str(run.run_dir) in repr(run)
 
@@ -63,6 +65,9 @@ def test_plain_tables_name_the_directory_and_align():
     assert len(ends) == 1  # the value column is right-aligned
     rows = [{"job": "0", "method": "cfa", "category": "a", "image_auroc": 0.5, "_overrides": {}},
             {"job": "1", "error": "ConfigError: x", "_overrides": {}}]
+    continual = {**results, "summary": {"num_tasks": 3}, "matrices": {}, "final_checkpoint": "tasks/2/model.ckpt"}
+    assert plain(*run_table(continual, "c")).splitlines()[-1] == \
+        "run directory: c  (results.json, tasks/<t>/, the final model tasks/2/model.ckpt)"  # no checkpoints/ there
     sweep = plain(*sweep_table(rows, [], "multirun/s", ("summary.csv",)))
     assert "failed" in sweep and sweep.splitlines()[-1] == "sweep directory: multirun/s  (summary: summary.csv)"
 

@@ -63,6 +63,18 @@ def test_read_checkpoint_refuses_payload_missing_and_corrupt_files(tmp_path):
     torch.save([1, 2], tmp_path / "list.ckpt")
     with pytest.raises(DataError, match="not a checkpoint"):
         read_checkpoint(tmp_path / "list.ckpt")
+    (tmp_path / "notes.ckpt").write_text("hello world, not a checkpoint\n")  # torch's own error: KeyError '101'
+    with pytest.raises(DataError, match=r"notes.ckpt: not a PyTorch checkpoint \(neither"):
+        read_checkpoint(tmp_path / "notes.ckpt")
+    torch.save({"epoch": 1}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)  # a pickle: still read
+    assert read_checkpoint(tmp_path / "legacy.ckpt") == {"epoch": 1}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(DataError, match="run: is a folder, not a checkpoint$"):
+        read_checkpoint(run)
+    torch.save({"epoch": 1}, run / "checkpoints" / "model.ckpt")
+    with pytest.raises(DataError, match="is a folder, not a checkpoint: a run's model is .*checkpoints/model.ckpt"):
+        read_checkpoint(run)
 
 
 def test_load_method_refuses_payload(tmp_path):

@@ -4,6 +4,7 @@ validation splits; per-defect figures and decisions at the threshold in a run's 
 
 import hashlib
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -137,6 +138,19 @@ def test_btad_reads_bmp_and_names_numeric_categories_as_released(tmp_path):
     dm.setup()
     assert all(s.path.endswith(".bmp") for s in dm.train_samples)
     assert {s.mask_path.rsplit("/", 2)[-2] for s in dm.test_samples if s.label} == {"crack", "hole"}
+    from omegaconf import OmegaConf
+
+    from adtrain.engine import _category
+
+    # results.json and the table name the released folder, not the number typed
+    assert _category(OmegaConf.create({"data": {"category": 1}}), _dm("btad", root, category="1")) == "01"
+    assert _category(OmegaConf.create({"data": {"category": [1, "03"]}}),
+                     BTADDataModule(root=str(root), category=[1, "03"])) == ["01", "03"]
+    mask = next(s.mask_path for s in dm.test_samples if s.label)
+    os.unlink(mask)
+    with pytest.raises(DataError, match="ground-truth mask missing .*looked for") as e:
+        _ = _dm("btad", root, category="01").test_samples
+    assert e.value.path == mask.rsplit(".", 1)[0] + ".png"  # BTAD's own name, not MVTec's <stem>_mask.png
 
 
 def test_a_dataset_without_a_download_address_says_where_to_get_it(tmp_path):

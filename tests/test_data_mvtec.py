@@ -1,5 +1,7 @@
 """MVTecDataModule and the common AnomalyDataModule behaviour (split, shots, augment, contract)."""
 
+import logging
+
 import albumentations as A
 import numpy as np
 import pytest
@@ -26,12 +28,18 @@ def _dm(root, category="widget", **kw):
     return MVTecDataModule(root=str(root), category=category, **kw)
 
 
-def test_counts_labels_and_masks(root):
+def test_counts_labels_and_masks(root, caplog):
     dm = _dm(root)
     dm.setup()
     assert len(dm.train_samples) + len(dm.val_samples) == 10
     assert len(dm.val_samples) == 2  # 20 % of 10
-    test = dm.test_samples
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        test = dm.test_samples
+    # a defect type without ground truth is allowed, and said once (a renamed ground_truth/ must not pass unseen)
+    assert [r.getMessage() for r in caplog.records if "no ground-truth folder" in r.getMessage()] == [
+        f"MVTec AD widget: no ground-truth folder for the defect type(s) stain (expected "
+        f"{root / 'widget' / 'ground_truth'}/<defect>/): their images count for the image metrics only, not the "
+        "pixel metrics"]
     assert len(test) == 7
     by_defect = {d: [s for s in test if s.defect == d] for d in ("good", "crack", "stain")}
     assert [len(v) for v in by_defect.values()] == [2, 3, 2]

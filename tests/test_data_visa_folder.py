@@ -109,6 +109,13 @@ def test_folder_split_and_mask_matching(tmp_path):
     batch = next(iter(dm.make_dataloader(dm.test_samples, batch_size=6)))
     has = dict(zip([p.rsplit("/", 1)[1] for p in batch["path"]], batch["has_mask"].tolist()))
     assert has["a.png"] and has["b.png"] and not has["c.png"]
+    wrong = tmp_path / "gt"  # masks named otherwise (<stem>_gt.png): none found is an error, not silence
+    wrong.mkdir()
+    for n in "abc":
+        Image.fromarray(m).save(wrong / f"{n}_gt.png")
+    with pytest.raises(DataError, match=r"holds no mask for any of the 3 anomalous images \(data.mask_dir\).*a.png") as e:
+        _ = FolderDataModule(**{**kw, "mask_dir": str(wrong)}).test_samples
+    assert e.value.path == str(wrong)
 
 
 def test_folder_normal_test_dir_and_errors(tmp_path):

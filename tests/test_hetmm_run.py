@@ -47,6 +47,14 @@ def test_hetmm_run_and_hot_update(fast_cfg, tmp_path):
     assert updated.model.num_templates == n_before + 1
     after = _score(tmp_path / "updated.ckpt", img_dir)[0]
     assert after < 1e-3 < before
+    assert "{'before'" not in p.stdout  # the log line says it, no raw dict
+    # the same image again (and a copy of it) is skipped and said: templates are not duplicated
+    from adtrain.templates import add_images
+
+    (img_dir / "copy.png").write_bytes((img_dir / "a.png").read_bytes())
+    again = add_images(str(tmp_path / "updated.ckpt"), str(img_dir))
+    assert (again["added_images"], again["skipped_images"], again["after"]) == (0, 2, n_before + 1)
+    assert load_method(tmp_path / "updated.ckpt")[0].model.num_templates == n_before + 1
 
 
 def test_hetmm_tiny_set_and_category_values(fast_cfg, tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 
 from adtrain.errors import ConfigError, DataError
@@ -568,6 +569,22 @@ def test_a_missing_mandatory_value_names_its_key(base_cfg, tmp_path):
     with pytest.raises(ConfigError, match="data.normal_dir") as err:
         run(base_cfg("data=folder"), tmp_path / "run")
     assert "missing" in str(err.value) and not (tmp_path / "run").exists()
+    assert err.value.key == "data.normal_dir" and "e.g. data.normal_dir=" in str(err.value)  # the key to set, once
+    from adtrain.build import _instantiate
+
+    cfg = base_cfg("method=patchcore", "data=synthetic")
+    cfg.method.coreset_ratio = "???"
+    detached = OmegaConf.create({"_target_": cfg.method._target_, "coreset_ratio": "???"})
+    for node in (cfg.method, detached):  # a node of the whole config, or one of its own
+        with pytest.raises(ConfigError) as err:
+            _instantiate(node, "method")
+        assert err.value.key == "method.coreset_ratio"
+    cfg.method.coreset_ratio = "abc"  # a conversion error inside the constructor names the key holding 'abc'
+    from adtrain.build import build_method
+
+    with pytest.raises(ConfigError, match="could not convert string to float: 'abc'") as err:
+        build_method(cfg)
+    assert err.value.key == "method.coreset_ratio"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
@@ -670,8 +687,14 @@ def test_predict_names_heatmaps_by_folder_and_clears_an_earlier_call(trained, tm
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert {r["heatmap"] for r in rows} == {"heatmaps/crack__000.png", "heatmaps/crack__001.png",
                                             "heatmaps/good__000.png"}
+    # drawn as the run's test heatmaps (colour bar, threshold), output.heatmap_size's 320 px panels, not thumbnails
+    assert Image.open(out / "heatmaps" / "good__000.png").height > 320
     other = _images(tmp_path / "other", ["scratch/000.png"])
+    mine = out / "heatmaps" / "mine.png"  # a file predict did not write: kept by the next call
+    mine.write_bytes(b"not predict's")
     predict(str(trained / "checkpoints" / "model.ckpt"), str(other))
+    assert mine.read_bytes() == b"not predict's"
+    mine.unlink()
     assert [p.name for p in (out / "heatmaps").glob("*.png")] == ["other__scratch__000.png"] or \
         [p.name for p in (out / "heatmaps").glob("*.png")] == ["scratch__000.png"]
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 1
@@ -683,6 +706,11 @@ def test_predict_names_heatmaps_by_folder_and_clears_an_earlier_call(trained, tm
         predict(str(trained / "checkpoints" / "model.ckpt"), str(broken), batch_size=1)
     assert (sorted(p.name for p in (out / "heatmaps").glob("*.png")), (out / "predictions.csv").read_bytes()) == before
     assert not list(out.glob(".predict-*"))
+    # out= a run directory would mix into (and once cleared) the test's heatmaps: refused, nothing touched
+    test_heatmaps = sorted((trained / "heatmaps").iterdir())
+    with pytest.raises(ConfigError, match="is a run directory") as err:
+        predict(str(trained / "checkpoints" / "model.ckpt"), str(other), out=str(trained))
+    assert err.value.key == "out" and sorted((trained / "heatmaps").iterdir()) == test_heatmaps
 
 
 def test_predict_outside_a_run_writes_beside_the_checkpoint(trained, tmp_path):
@@ -711,3 +739,63 @@ def test_predict_bad_arguments_are_one_line(trained, tmp_path, capsys):
     if not torch.cuda.is_available():
         code, err = _predict(capsys, ckpt, f"images={imgs}", "device=cuda")
         assert code == 2 and "device" in err and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_without_held_out_normals_warns_and_predict_says_why_it_cannot_decide(fast_cfg, tmp_path, caplog):
+    """data.val_split=0 (the papers' "all normals into the bank"): threshold-free figures, a warning
+    that says so at the run, and adtrain.predict's refusal names the cause, not only "a training
+    checkpoint" (the finished run's own model.ckpt is what the user passes)."""
+    import logging
+
+    from adtrain.predict import predict
+    from adtrain.run import run
+
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        result = run(fast_cfg("method=patchcore", "data.val_split=0", "output.heatmaps=0"), tmp_path / "run")
+    assert result["threshold"] is None and result["image_auroc"] is not None
+    assert any("No held-out normals (data.val_split=0" in r.getMessage() for r in caplog.records)
+    ckpt = tmp_path / "run" / "checkpoints" / "model.ckpt"
+    images = next(p for p in (tmp_path / "run").rglob("*.png"))
+    with pytest.raises(DataError, match=r"model.ckpt: holds no fitted threshold: .*data.val_split=0") as err:
+        predict(str(ckpt), str(images), out=str(tmp_path / "pred"))
+    assert "\n" not in str(err.value) and not (tmp_path / "pred").exists()
+
+
+def test_a_test_set_of_one_label_is_said_before_its_figures_are_null(fast_cfg, tmp_path, caplog):
+    import logging
+
+    from adtrain.run import run
+
+    with caplog.at_level(logging.INFO, logger="adtrain"):
+        result = run(fast_cfg("method=patchcore", "data.num_test_anomalous=0", "output.heatmaps=0"), tmp_path / "run")
+    assert result["image_auroc"] is None and result["test_at_threshold"]["tn"] + result["test_at_threshold"]["fp"] == 8
+    assert any("The test set holds no anomalous image (8 images)" in r.getMessage() for r in caplog.records)
+    # the kept state names a file that is there: a one-pass method takes no optimiser step, so no last.ckpt
+    assert result["selected_checkpoint"] == "model.ckpt" and not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert any("Kept the last state (model.ckpt, after 1 epoch)" in r.getMessage() for r in caplog.records)
+
+
+def test_ctrl_c_in_a_sweep_offers_the_sweeps_command_not_the_jobs(tmp_path, monkeypatch, capsys):
+    """Resuming the stopped job's folder alone would never run the later jobs nor write the summary."""
+    import types
+
+    import hydra.core.hydra_config
+
+    import adtrain.__main__ as entry
+    from adtrain.resume import sweep_resume_command
+
+    argv = ["-m", "method=stfpm", "seed=0,1,2", "hydra.sweep.dir=old", "resume=false"]
+    assert sweep_resume_command(argv, "/s w") == \
+        "python -m adtrain -m method=stfpm seed=0,1,2 'hydra.sweep.dir=/s w' resume=true"
+    job = tmp_path / "sweep" / "1"
+    (job / "checkpoints").mkdir(parents=True)
+    (job / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    monkeypatch.setattr(entry, "_is_multirun", lambda: True)
+    monkeypatch.setattr(hydra.core.hydra_config.HydraConfig, "get",
+                        staticmethod(lambda: types.SimpleNamespace(sweep=types.SimpleNamespace(dir=str(job.parent)))))
+    monkeypatch.setattr(sys, "argv", ["adtrain", "-m", "method=stfpm", "seed=0,1,2"])
+    with pytest.raises(SystemExit) as ex:
+        entry._interrupted(job)
+    err = capsys.readouterr().err
+    assert ex.value.code == 130 and "the sweep's later jobs have not run" in err
+    assert err.strip().endswith(f"python -m adtrain -m method=stfpm seed=0,1,2 hydra.sweep.dir={job.parent} resume=true")

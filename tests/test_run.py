@@ -148,6 +148,7 @@ def test_cli_run_then_predict(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["method"] == "stfpm"
     assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert "overridden `on_after_batch_transfer`" not in p.stderr + p.stdout  # deliberate: not shown (adtrain.logs)
 
     # python -m adtrain.predict on a folder of new images
     from PIL import Image

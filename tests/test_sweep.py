@@ -131,14 +131,23 @@ def test_a_crashing_job_fails_alone_in_a_sweep(fast_cfg, monkeypatch):
     assert main(fast_cfg()) is None
 
 
-def test_main_returns_the_optimized_validation_metric(fast_cfg, monkeypatch, capsys):
+def test_main_returns_the_optimized_validation_metric(fast_cfg, monkeypatch, capsys, caplog):
+    import logging
+
+    import adtrain.__main__ as entry
     import adtrain.run
     from adtrain.__main__ import main
 
     monkeypatch.setattr(adtrain.run, "run", lambda cfg: dict(RESULTS))
     assert main(fast_cfg()) == pytest.approx(0.83)  # the config's default: val_image_auroc
     assert main(fast_cfg("optimized_metric=val_normal_score")) == pytest.approx(0.25)
-    assert main(fast_cfg("optimized_metric=val_pixel_aupro")) is None  # null: a failed trial
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        assert main(fast_cfg("optimized_metric=val_pixel_aupro")) is None  # null: a failed trial...
+        assert "failed trial" not in caplog.text  # ...said only where a sweeper reads it
+        monkeypatch.setattr(entry, "_is_multirun", lambda: True)
+        assert main(fast_cfg("optimized_metric=val_pixel_aupro")) is None
+        assert "the sweeper sees a failed trial" in caplog.text
+    monkeypatch.setattr(entry, "_is_multirun", lambda: False)
     ran = []
     monkeypatch.setattr(adtrain.run, "run", lambda cfg: ran.append(1) or dict(RESULTS))
     with pytest.raises(SystemExit) as ex:

@@ -45,8 +45,16 @@ def _interrupted(run_dir: Path) -> None:
     if ckpts or (run_dir / "continual_state.json").exists() or (run_dir / "config.yaml").exists():
         where = (f"its last checkpoint is {ckpts[-1]}" if ckpts else "finished tasks are kept"
                  if (run_dir / "continual_state.json").exists() else "no epoch had finished (the fit starts over)")
-        print(f"adtrain: interrupted: the run in {run_dir} stopped; {where}. Resume it with: "
-              f"{resume_command(run_dir)}", file=sys.stderr)
+        command = resume_command(run_dir)
+        if _is_multirun():  # a job of a sweep: the sweep's command resumes it and runs the jobs after it
+            from hydra.core.hydra_config import HydraConfig
+
+            from adtrain.resume import sweep_resume_command
+
+            command = sweep_resume_command(sys.argv[1:], HydraConfig.get().sweep.dir)
+            where += "; the sweep's later jobs have not run"
+        print(f"adtrain: interrupted: the run in {run_dir} stopped; {where}. Resume it with: {command}",
+              file=sys.stderr)
     else:
         print(f"adtrain: interrupted before the first checkpoint of the run in {run_dir}: nothing to resume; "
               "run the same command again", file=sys.stderr)
@@ -126,7 +134,7 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         if mine:
             rundir.release(run_dir)
-    return objective(results, metric)
+    return objective(results, metric, quiet=not _is_multirun())  # a single run: no sweeper to warn about
 
 
 def cli() -> None:

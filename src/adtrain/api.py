@@ -98,9 +98,15 @@ class Run:
         return self.run_dir / "score_histogram.png"
 
     def scores(self) -> list[dict]:
-        """scores.csv: one dict per test image (path, label, score, prediction, ...)."""
+        """scores.csv: one dict per test image (path, category, defect, label, score, normalized_score,
+        prediction; a continual run's task), the numbers as numbers (category and defect stay text: "01")."""
         with open(self.run_dir / "scores.csv", newline="") as f:
-            return list(csv.DictReader(f))
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            for key, kind in SCORE_COLUMNS.items():
+                if row.get(key) not in (None, ""):
+                    row[key] = kind(row[key])
+        return rows
 
     def table(self) -> str:
         """The end-of-run table as plain text."""
@@ -110,6 +116,10 @@ class Run:
 
     def __repr__(self) -> str:
         return self.table()
+
+
+#: scores.csv's numeric columns and their types (Run.scores)
+SCORE_COLUMNS = {"task": int, "label": int, "score": float, "normalized_score": float, "prediction": int}
 
 
 def _quiet() -> None:

@@ -16,9 +16,11 @@ METHOD_RECIPE_KEYS = ("name", "max_epochs", "batch_size", "eval_batch_size", "im
 
 
 def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **kwargs):
-    missing = sorted(k for k in OmegaConf.missing_keys(node) if k not in drop)
+    # a node of the whole config names its keys by their full path ("method.x"), a detached one relatively
+    relative = [k[len(where) + 1:] if k.startswith(f"{where}.") else k for k in OmegaConf.missing_keys(node)]
+    missing = sorted(f"{where}.{k}" for k in relative if k.split(".")[0] not in drop)
     if missing:
-        raise ConfigError(f"{where}.{missing[0]}", f"missing (???): set it on the command line, e.g. {where}.{missing[0]}=...")
+        raise ConfigError(missing[0], f"missing (???): set it on the command line, e.g. {missing[0]}=...")
     cfg = OmegaConf.to_container(node, resolve=True)
     for key in drop:
         cfg.pop(key, None)
@@ -41,8 +43,20 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
         if isinstance(cause, AdtrainError):
             raise cause from None
         if isinstance(cause, (TypeError, ValueError)):
-            raise ConfigError(where, f"{cause} (target {cfg['_target_']})") from None
+            raise ConfigError(_culprit(cfg, where, cause), f"{cause} (target {cfg['_target_']})") from None
         raise
+
+
+def _culprit(cfg: dict, where: str, cause: Exception) -> str:
+    """The key a constructor's conversion error is about ("could not convert string to float: 'abc'" ->
+    method.coreset_ratio, the one top-level value that is 'abc'), else the group."""
+    import re
+
+    found = re.search(r": '(.*)'$", str(cause))
+    if found is None:
+        return where
+    keys = [k for k, v in cfg.items() if isinstance(v, str) and v == found.group(1) and not k.startswith("_")]
+    return f"{where}.{keys[0]}" if len(keys) == 1 else where
 
 
 def build_datamodule(cfg: DictConfig, **overrides):

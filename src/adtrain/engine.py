@@ -140,7 +140,9 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     distributed.barrier()  # rank 0 has written the selected checkpoint every rank restores
     if selector is not None:
         selector.restore(method, choice)
-    log.info("%s", describe(choice, monitor, selector, int(trainer.current_epoch)))
+    # a one-pass method takes no optimiser step, so Lightning writes no last.ckpt: the kept state is model.ckpt's
+    last_file = "last.ckpt" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "model.ckpt"
+    log.info("%s", describe(choice, monitor, selector, int(trainer.current_epoch), last_file))
 
     device = trainer.strategy.root_device
     method.to(device)
@@ -148,13 +150,18 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     if has_val:
         with trainer.precision_plugin.forward_context():
             thr_info = method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile)
+    else:
+        log.warning("No held-out normals (data.val_split=%s of %d training normals): no decision threshold is "
+                    "fitted, so this run's figures are threshold-free (AUROC, AP) and adtrain.predict cannot "
+                    "decide with its model.ckpt; set data.val_split > 0 for a threshold", dm.val_split,
+                    len(dm.train_samples))
     distributed.broadcast_buffers(method)  # every rank fitted on all held-out normals; rank 0's values rule
     val_seconds = (selector.val_seconds + (selector.start or {}).get("seconds", 0.0)) if selector else 0.0
     info = {
         "fit_seconds": round(fit_seconds, 3),
         "val_seconds": round(val_seconds, 3),
         "epochs_trained": int(trainer.current_epoch),
-        "selected_checkpoint": {"start": "start.ckpt", "epoch": "best.ckpt", "last": "last.ckpt"}[choice["selected"]],
+        "selected_checkpoint": {"start": "start.ckpt", "epoch": "best.ckpt", "last": last_file}[choice["selected"]],
         "selection": summary(choice, monitor, selector),
         **{VAL_RESULT_KEYS[k]: choice["metrics"].get(k) for k in VAL_RESULT_KEYS},
         "num_val_anomalies": dm.validation_dataset().num_anomalies if has_val else 0,
@@ -189,6 +196,11 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
     if device.type == "cuda":
         torch.zeros(1, device=device)  # a fresh process (adtrain.test) has no CUDA allocator yet to reset
         torch.cuda.reset_peak_memory_stats(device)
+    labels = {int(s.label) for s in dm.test_samples}
+    if len(labels) == 1:  # said before the test, not left to a null in the table
+        log.warning("The test set holds %s (%d images): image AUROC, AP and F1-max are undefined (null); only the "
+                    "decisions at the threshold are measured", "no anomalous image" if labels == {0} else
+                    "no normal image", len(dm.test_samples))
     t1 = time.perf_counter()
     pixel_before = method.pixel_metrics
     method.pixel_metrics = pixel_before and has_pixel_truth(dm)
@@ -260,6 +272,14 @@ def empty_anomaly_masks(method) -> int | None:
     return empty
 
 
+def _category(cfg: DictConfig, dm):
+    """The category as the data module reads it (BTAD's data.category=3 is its folder "03"), else as configured."""
+    category = getattr(dm, "category", None)
+    if isinstance(category, str) or (isinstance(category, list) and OmegaConf.is_list(cfg.data.category)):
+        return list(category) if isinstance(category, list) else category
+    return OmegaConf.to_container(cfg.data.category) if OmegaConf.is_list(cfg.data.category) else cfg.data.category
+
+
 def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_path: str | None = None) -> dict:
     """Train (or build the memory bank), select on the validation set, threshold, then test
     (unless test=false: a sweep's jobs never open the test set)."""
@@ -274,7 +294,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
     results = {
         "method": cfg.method.name,
         "data": cfg.data.name,
-        "category": OmegaConf.to_container(cfg.data.category) if OmegaConf.is_list(cfg.data.category) else cfg.data.category,
+        "category": _category(cfg, dm),
         "backbone": str(cfg.backbone.name).split(".")[0],
         "seed": int(cfg.seed),
         "tested": do_test,

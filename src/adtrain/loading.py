@@ -41,8 +41,8 @@ def _one_line(err: BaseException) -> str:
                 + (f" ({found.group(0).strip()})" if found else ""))
     if isinstance(err, EOFError):
         return "cannot read checkpoint (the file is empty or cut short)"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
-    return f"cannot read checkpoint ({first})"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"cannot read checkpoint ({type(err).__name__}{': ' + first if first else ''})"
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -50,8 +50,15 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 
     A missing, corrupt or unsafe file raises DataError naming it, in one line."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "checkpoints" / "model.ckpt"
+        raise DataError(path, "is a folder, not a checkpoint" + (f": a run's model is {inside}" if inside.is_file() else ""))
     if not path.is_file():
         raise DataError(path, "checkpoint not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if len(head) and not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a pickle
+        raise DataError(path, "not a PyTorch checkpoint (neither the zip archive torch.save writes nor a pickle)")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. "pickle protocol 4": the error says enough

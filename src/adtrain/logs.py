@@ -23,6 +23,7 @@ DELIBERATE = (
     r".*smaller than the logging interval",
     r".*isinstance\(treespec, LeafSpec\)",
     r"Using `DistributedSampler` with the dataloaders",  # DDP: adtrain.distributed drops its repeats
+    r"You have overridden `on_after_batch_transfer` in `LightningModule`",  # the method normalises on the device
 )
 NO_OPTIMIZER = r".*configure_optimizers` returned `None`"
 

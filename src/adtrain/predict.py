@@ -1,13 +1,16 @@
 """Score new images with a trained run: heatmaps and a CSV of scores and decisions.
 
     python -m adtrain.predict checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB' [out=DIR]
-        [batch_size=16] [device=auto|cpu|cuda] [heatmaps=true] [anomaly_maps=false] [relative_to=DIR]
+        [batch_size=16] [device=auto|cpu|cuda] [heatmaps=true] [heatmap_size=320] [anomaly_maps=false]
+        [relative_to=DIR]
 
 checkpoint: a finished run's model.ckpt or an export of it (adtrain-export: .onnx, .pt, .xml); both
 go through `adtrain.Detector`. The decision threshold is the one fitted on held-out normals during
 training: a checkpoint without one (a training checkpoint such as last.ckpt) is refused. Output goes to RUN/predictions by
 default (RUN: the run the checkpoint belongs to), replaces the heatmaps and CSV of an earlier call
-there, and heatmaps are named after each image's folder and file (good__000.png, crack__000.png).
+there, and heatmaps are named after each image's folder and file (good__000.png, crack__000.png). They
+are drawn as the run's own test heatmaps are: input | map over it with a colour bar (the threshold at
+its middle) at the image's aspect ratio, heatmap_size pixels high, titled with the score and decision.
 
 anomaly_maps=true also writes each image's raw anomaly map at the image's own size (float16 TIFF)
 and its decision mask ({0, 255} PNG; the pixel threshold, fitted on held-out normal maps, in
@@ -41,7 +44,7 @@ from adtrain.inference.map_files import MAP_FOLDERS
 log = logging.getLogger("adtrain")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULTS = {"checkpoint": None, "images": None, "out": None, "batch_size": 16, "device": "auto", "heatmaps": True,
-            "num_workers": 0, "anomaly_maps": False, "relative_to": None}
+            "num_workers": 0, "anomaly_maps": False, "relative_to": None, "heatmap_size": 320}
 
 
 def list_images(spec: str) -> list[str]:
@@ -91,10 +94,28 @@ def _check_args(batch_size, device: str) -> torch.device:
 
 
 def _clear_earlier(out_dir: Path) -> None:
-    """Files of an earlier call into out_dir (its heatmaps and CSV), so none is taken for this one's."""
-    (out_dir / "predictions.csv").unlink(missing_ok=True)
-    for png in (out_dir / "heatmaps").glob("*.png"):
-        png.unlink()
+    """Files of an earlier call into out_dir (the heatmaps its predictions.csv lists, and the CSV), so none
+    is taken for this one's. Nothing else is touched: a file predict did not write is not predict's to delete."""
+    import csv
+
+    earlier = out_dir / "predictions.csv"
+    if not earlier.is_file():
+        return
+    with open(earlier, newline="") as f:
+        listed = [row.get("heatmap") for row in csv.DictReader(f)]
+    folder = (out_dir / "heatmaps").resolve()
+    for name in listed:
+        png = (out_dir / name).resolve() if name else None
+        if png is not None and png.parent == folder and png.suffix == ".png":
+            png.unlink(missing_ok=True)
+    earlier.unlink()
+
+
+def _check_out(out_dir: Path) -> None:
+    """out= must not be a run directory: its heatmaps/ are the test's (predict's default is RUN/predictions)."""
+    if (out_dir / "results.json").is_file() or (out_dir / "checkpoints").is_dir():
+        raise ConfigError("out", f"{out_dir} is a run directory (its heatmaps/ hold the test's heatmaps): choose "
+                          "another folder, or leave out= for RUN/predictions")
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
@@ -115,20 +136,22 @@ def _publish(staging: Path, out_dir: Path) -> None:
 
 def predict(checkpoint: str, images: str, out: str | None = None, batch_size: int = 16, device: str = "auto",
             heatmaps: bool = True, num_workers: int = 0, anomaly_maps: bool = False,
-            relative_to: str | None = None) -> Path:
+            relative_to: str | None = None, heatmap_size: int = 320) -> Path:
     from adtrain.inference.detector import Detector
     from adtrain.inference.map_files import relative_names, to_source_size, write_map_files
     from adtrain.preflight import header_size
-    from adtrain.io import save_image
     from adtrain.engine import write_scores_csv
-    from adtrain.viz import overlay_panel
+    from adtrain.viz import save_heatmap
 
     _check_args(batch_size, device)
+    if heatmaps and (isinstance(heatmap_size, bool) or not isinstance(heatmap_size, int) or heatmap_size < 32):
+        raise ConfigError("heatmap_size", f"must be a whole number of pixels >= 32, got {heatmap_size!r}")
     files = list_images(images)
     detector = Detector.load(checkpoint, device=device, batch_size=batch_size)
     if not np.isfinite(detector.threshold):
-        raise DataError(checkpoint, "holds no fitted threshold (a training checkpoint such as last.ckpt?): "
-                        "use the finished run's checkpoints/model.ckpt")
+        from adtrain.inference.graph import NO_THRESHOLD
+
+        raise DataError(checkpoint, NO_THRESHOLD)
     if anomaly_maps:
         import tifffile  # noqa: F401  (a missing dependency fails here, before any image is scored)
 
@@ -141,6 +164,7 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                             "fitted with this version")
     map_names = dict(zip(files, relative_names(files, relative_to))) if anomaly_maps else {}
     out_dir = Path(out) if out else default_out_dir(checkpoint)
+    _check_out(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = dict(zip(files, heatmap_names(files)))
     thr = detector.threshold
@@ -157,9 +181,12 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                     "threshold": thr if pred.thresholds is None else float(pred.thresholds[i]),
                     "is_anomalous": int(pred.decisions[i]),
                 })
-                if heatmaps:
-                    panel = overlay_panel(pred.inputs[i], pred.maps[i], None, f"score {score:.4g}")
-                    save_image(panel, staging / "heatmaps" / names[path])
+                if heatmaps:  # as the run's test heatmaps: colour bar, threshold, the image's aspect ratio
+                    w, h = header_size(path)
+                    save_heatmap(staging / "heatmaps" / names[path], image=pred.inputs[i], norm_map=pred.maps[i],
+                                 mask=None, score=score, label=None, height=int(heatmap_size), source_size=(h, w),
+                                 truth=False,
+                                 threshold=thr if pred.thresholds is None else float(pred.thresholds[i]))
                 if anomaly_maps:
                     w, h = header_size(path)
                     write_map_files(staging, map_names[path], to_source_size(pred.raw_maps[i], detector.pre, (h, w)),

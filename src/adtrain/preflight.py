@@ -50,8 +50,9 @@ def check_config(cfg: DictConfig) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ConfigError(f"data.{key}", f"must be a whole number >= {least}, got {value!r}")
     missing = sorted(k for k in OmegaConf.missing_keys(data)) if isinstance(data, DictConfig) else []
-    if missing:
-        raise ConfigError(f"data.{missing[0]}", f"missing (???): set it, e.g. data.{missing[0]}=...")
+    if missing:  # the keys come as full paths ("data.normal_dir") from a node of the whole config
+        key = missing[0] if missing[0].startswith("data.") else f"data.{missing[0]}"
+        raise ConfigError(key, f"missing (???): set it, e.g. {key}=...")
     accel = str(trainer.get("accelerator", "auto")).lower()
     if accel in ("gpu", "cuda"):
         import torch

@@ -46,6 +46,8 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
             f"({results.get('backbone')}, seed {results.get('seed')})")
     footer = f"run directory: {run_dir}  (results.json, heatmaps/, checkpoints/model.ckpt)"
     if isinstance(results.get("summary"), dict) and "matrices" in results:
+        final = results.get("final_checkpoint") or "tasks/<last task>/model.ckpt"  # each task's under tasks/
+        footer = f"run directory: {run_dir}  (results.json, tasks/<t>/, the final model {final})"
         summary = results["summary"]
         metrics = list(results["matrices"])
         rows = [[m, fmt(summary.get(f"final_{m}")), fmt(summary.get(f"forgetting_{m}"))] for m in metrics]

@@ -30,6 +30,14 @@ def resume_command(run_dir: str | Path) -> str:
     return f"python -m adtrain hydra.run.dir={shlex.quote(str(run_dir))} resume=true"
 
 
+def sweep_resume_command(argv: list[str], sweep_dir: str | Path) -> str:
+    """The sweep's own command line again, into its folder, with resume=true: finished jobs are kept, the
+    stopped one resumes, the rest run and the summary is written (resuming one job's folder would not)."""
+    keep = [a for a in argv if not a.startswith(("hydra.sweep.dir=", "resume="))]
+    args = keep + [f"hydra.sweep.dir={sweep_dir}", "resume=true"]
+    return "python -m adtrain " + " ".join(shlex.quote(a) for a in args)
+
+
 def resumable(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in RESUMABLE)
 

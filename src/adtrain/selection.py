@@ -224,8 +224,9 @@ def _not_confident(selector: Selection) -> str:
             f"the most confident, epoch {epoch}: {top:.0%})")
 
 
-def describe(choice: dict, monitor: str, selector: Selection | None, epochs: int) -> str:
-    """One line: which state is kept, its file, and why (what it was compared with)."""
+def describe(choice: dict, monitor: str, selector: Selection | None, epochs: int, last_file: str = "last.ckpt") -> str:
+    """One line: which state is kept, its file, and why (what it was compared with). last_file: where the last
+    state is (model.ckpt for a one-pass method, which takes no optimiser step and so leaves no last.ckpt)."""
     key = MONITORS[monitor][0]
     n = len(selector.history) if selector is not None else 0
     if choice["selected"] == "start":
@@ -249,7 +250,7 @@ def describe(choice: dict, monitor: str, selector: Selection | None, epochs: int
         why = "selection.monitor=last" + (" (one pass: nothing to select)" if epochs <= 1 else "")
     else:
         why = f"no validation produced {key}"
-    return f"Kept the last state (last.ckpt, after {epochs} epoch{'s' if epochs != 1 else ''}): {why}"
+    return f"Kept the last state ({last_file}, after {epochs} epoch{'s' if epochs != 1 else ''}): {why}"
 
 
 def summary(choice: dict, monitor: str, selector: Selection | None) -> dict:

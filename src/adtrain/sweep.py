@@ -80,15 +80,16 @@ def check_direction(metric, direction) -> None:
         )
 
 
-def objective(results, metric) -> float | None:
-    """float(results[metric]), or None (a failed trial for Optuna) when missing, null or not finite."""
+def objective(results, metric, quiet: bool = False) -> float | None:
+    """float(results[metric]), or None (a failed trial for Optuna) when missing, null or not finite
+    (warned, unless ``quiet``: a single run, which no sweeper reads)."""
     metric = check_objective(metric)
     if metric is None or not isinstance(results, dict):
         return None
     value = results.get(metric)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        log.warning("optimized_metric %s is %r in this run's results: the sweeper sees a failed trial",
-                    metric, value)
+        (log.debug if quiet else log.warning)("optimized_metric %s is %r in this run's results: the sweeper "
+                                              "sees a failed trial", metric, value)
         return None
     return float(value)
 

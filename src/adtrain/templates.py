@@ -3,8 +3,9 @@
     python -m adtrain.templates add checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB'
         [out=NEW.ckpt] [recompress=false] [batch_size=8] [device=auto]
 
-Writes the updated checkpoint atomically (in place unless out= is given). Python API:
-`adtrain.templates.add_images(checkpoint, images, out=None)`.
+Writes the updated checkpoint atomically (in place unless out= is given). The checkpoint remembers
+the images it was given (a digest of each file's bytes): an image added before is skipped, and said,
+not added twice. Python API: `adtrain.templates.add_images(checkpoint, images, out=None)`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from adtrain.errors import ConfigError
 
 log = logging.getLogger("adtrain")
 DEFAULTS = {"checkpoint": None, "images": None, "out": None, "recompress": False, "batch_size": 8, "device": "auto"}
+#: the checkpoint's record of the images hot updates gave it (sha256 of each file's bytes)
+ADDED_KEY = "added_image_digests"
 
 
 def add_images(checkpoint: str, images: str, out: str | None = None, recompress: bool = False,
@@ -34,9 +37,17 @@ def add_images(checkpoint: str, images: str, out: str | None = None, recompress:
         raise ConfigError("checkpoint", f"method '{cfg.method.name}' has no hot update (training-free methods only, e.g. hetmm)")
     method.to(dev)
     files = list_images(images)
+    known = set(ckpt.get(ADDED_KEY) or ())
+    digests = {f: _digest(f) for f in files}
+    new = [f for f in dict((d, f) for f, d in reversed(list(digests.items()))).values() if digests[f] not in known]
+    new.sort(key=files.index)  # one of each distinct file, in the given order
+    if len(new) < len(files):
+        log.warning("templates: %d of %d images were added before (the same bytes, to this checkpoint or twice in "
+                    "this call): skipped, not added twice", len(files) - len(new), len(files))
     dm = _instantiate(cfg.data, "data", drop=("name",))
     before = method.model.num_templates
-    for batch in tqdm(DataLoader(dm.predict_dataset(files), batch_size=batch_size), desc="templates", unit="batch"):
+    batches = DataLoader(dm.predict_dataset(new), batch_size=batch_size) if new else []
+    for batch in tqdm(batches, desc="templates", unit="batch"):
         method.add_normal_images(batch["image"], recompress=False)
     if recompress:  # re-run PTS over the enlarged set (tiny-set models only)
         method.model.compressed.fill_(False)
@@ -44,9 +55,21 @@ def add_images(checkpoint: str, images: str, out: str | None = None, recompress:
     after = method.model.num_templates
     path = Path(out) if out else Path(checkpoint)
     extra = {k: v for k, v in ckpt.items() if k not in ("state_dict", "adtrain_config")}
+    extra[ADDED_KEY] = sorted(known | {digests[f] for f in new})
     save_method(method.cpu(), path, extra)
-    log.info("templates: %d -> %d (%d images added); saved %s", before, after, len(files), path)
-    return {"before": before, "after": after, "added_images": len(files), "checkpoint": str(path)}
+    log.info("templates: %d -> %d (%d images added); saved %s", before, after, len(new), path)
+    return {"before": before, "after": after, "added_images": len(new), "skipped_images": len(files) - len(new),
+            "checkpoint": str(path)}
+
+
+def _digest(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # hashlib.file_digest needs Python 3.11; adtrain runs on 3.10
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         for key in ("checkpoint", "images"):
             if not args[key]:
                 raise ConfigError(key, "required")
-        print(add_images(**OmegaConf.to_container(args)))
+        add_images(**OmegaConf.to_container(args))  # its log line says what changed
 
     command("adtrain.templates", __doc__, body, argv)
 

@@ -3,7 +3,7 @@ switch: a notebook keeps its inline backend).
 
 `heatmap_figure`: input | anomaly map over the input with its colour bar (the threshold level
 marked) | ground truth, titled with the score, the predicted label and the truth, at the source
-image's aspect ratio. `overlay_panel` is the plain PIL strip (adtrain.predict).
+image's aspect ratio (the run's test heatmaps, and adtrain.predict's without the ground truth).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib import colormaps
-from PIL import Image, ImageDraw
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,29 +38,6 @@ def colorize(norm_map: np.ndarray, cmap: str = "jet") -> np.ndarray:
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
-def overlay_panel(
-    image: np.ndarray,
-    norm_map: np.ndarray,
-    mask: np.ndarray | None = None,
-    title: str = "",
-    alpha: float = 0.5,
-) -> Image.Image:
-    """Side by side: input, heatmap blended over it (0.5 = threshold), ground truth (if any)."""
-    heat = colorize(norm_map)
-    blend = (alpha * heat + (1 - alpha) * image).round().astype(np.uint8)
-    panels = [image, blend]
-    if mask is not None:
-        m = (mask > 0.5).astype(np.uint8) * 255
-        panels.append(np.stack([m, m, m], axis=-1))
-    strip = np.concatenate(panels, axis=1)
-    pad = 18 if title else 0
-    canvas = Image.new("RGB", (strip.shape[1], strip.shape[0] + pad), "white")
-    canvas.paste(Image.fromarray(strip), (0, pad))
-    if title:
-        ImageDraw.Draw(canvas).text((4, 3), title, fill="black")
-    return canvas
-
-
 def _figure_png(fig, path) -> Path:
     """Save a Figure atomically as PNG (adtrain.io), through a memory buffer."""
     from adtrain.io import save_image
@@ -82,8 +59,9 @@ MAX_PANEL_ASPECT = 8
 
 def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | None, *, score: float,
                    threshold: float | None, label: int | None, defect: str = "", source_size=None,
-                   height: int = 320, alpha: float = 0.5):
-    """A Figure: input | map over the input (+ colour bar, threshold at 0.5) | ground truth.
+                   height: int = 320, alpha: float = 0.5, truth: bool = True):
+    """A Figure: input | map over the input (+ colour bar, threshold at 0.5) | ground truth (truth=False:
+    no ground-truth panel nor line, for images that have none, as adtrain.predict's).
 
     norm_map is in [0, 1], 0.5 = the image threshold (adtrain.methods.base.normalize; without a
     threshold, min-max of this map). source_size (h, w) sets the aspect ratio; height the panel
@@ -106,13 +84,16 @@ def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | N
 
     dpi = 100
     panel_w, panel_h = width / dpi, height / dpi
-    fig = Figure(figsize=(3 * panel_w + 1.6, panel_h + 1.1), dpi=dpi, layout="constrained")
-    axes = fig.subplots(1, 3)
+    panels = 3 if truth else 2
+    fig = Figure(figsize=(panels * panel_w + 1.6, panel_h + 1.1), dpi=dpi, layout="constrained")
+    axes = fig.subplots(1, panels)
     axes[0].imshow(img)
     axes[0].set_title("input", fontsize=9)
     axes[1].imshow(blend)
     axes[1].set_title("anomaly map", fontsize=9)
-    if mask is not None:
+    if not truth:
+        pass
+    elif mask is not None:
         axes[2].imshow(_resized((mask > 0.5).astype(np.uint8) * 255, height, width, Image.NEAREST),
                        cmap="gray", vmin=0, vmax=255)
         axes[2].set_title("ground truth", fontsize=9)
@@ -130,11 +111,12 @@ def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | N
     else:
         bar.set_ticks([0.0, 1.0], labels=["min", "max"], fontsize=7)
         bar.set_label("no threshold: min-max", fontsize=7)
-    truth = {0: "normal", 1: "anomalous"}.get(label, "unknown")
+    known = {0: "normal", 1: "anomalous"}.get(label, "unknown")
     guess = "no threshold" if predicted is None else ("ANOMALOUS" if predicted else "normal")
     right = predicted is None or label is None or bool(predicted) == bool(label)
     thr_text = f" (threshold {threshold:.4g})" if has_threshold else ""
-    fig.suptitle(f"{defect}: score {score:.4g}{thr_text}\npredicted {guess}, truth {truth}", fontsize=9,
+    said = f"predicted {guess}, truth {known}" if truth else f"predicted {guess}"
+    fig.suptitle(f"{defect + ': ' if defect else ''}score {score:.4g}{thr_text}\n{said}", fontsize=9,
                  color="black" if right else "firebrick")
     return fig
 

@@ -20,6 +20,7 @@ class BTADDataModule(MVTecDataModule):
     archive = BTAD
     homepage = "https://avires.dimi.uniud.it/papers/btad/btad.zip"
     normal = "ok"
+    mask_suffix = ".png"  # ground_truth/ko/<stem>.png (.bmp for product 03, also read)
 
     def __init__(self, root: str, category: str | int | list, download: bool = False, **common):
         super().__init__(root=root, category=category, download=download, **common)

@@ -81,6 +81,13 @@ class FolderDataModule(AnomalyDataModule):
                 defect = rel.parts[0] if rel.parts else self.abnormal_dir.name
                 mask = self._find_mask(rel, p.stem)
                 samples.append(Sample(str(p), 1, str(mask) if mask else None, cat, defect))
+            anomalous = [s for s in samples if s.label == 1]
+            if self.mask_dir is not None and anomalous and not any(s.mask_path for s in anomalous):
+                first = Path(anomalous[0].path)
+                rel = first.parent.relative_to(self.abnormal_dir)
+                raise DataError(self.mask_dir, f"holds no mask for any of the {len(anomalous)} anomalous images "
+                                f"(data.mask_dir): a mask is named <stem>.png or <stem>_mask.png, in the image's "
+                                f"subfolder or at the top, e.g. {self.mask_dir / rel / (first.stem + '.png')}")
         return samples
 
     def _find_mask(self, rel: Path, stem: str) -> Path | None:

@@ -7,6 +7,7 @@ subclass it).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from adtrain.data.base import AnomalyDataModule
@@ -14,6 +15,8 @@ from adtrain.data.dataset import Sample
 from adtrain.data.download import MVTEC_AD, ArchiveSpec, download_dataset
 from adtrain.data.image_io import IMAGE_EXTENSIONS, list_images
 from adtrain.errors import DataError
+
+log = logging.getLogger("adtrain")
 
 MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
                     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
@@ -38,6 +41,8 @@ class MVTecDataModule(AnomalyDataModule):
     official_val: str | None = None
     #: the labelled test split's folder ("test_public" in MVTec AD 2)
     test_split = "test"
+    #: how the release names a test image's mask after its stem (the file a missing-mask error names)
+    mask_suffix = "_mask.png"
 
     def __init__(self, root: str, category: str | list[str], download: bool = False, **common):
         super().__init__(category=category, **common)
@@ -121,6 +126,11 @@ class MVTecDataModule(AnomalyDataModule):
                     samples.append(Sample(str(img), 1, str(mask) if mask else None, cat, defect))
             if not any(s.category == cat for s in samples):
                 raise DataError(test_dir, "no test images found")
+            unmasked = sorted({s.defect for s in samples if s.category == cat and s.label == 1 and not s.mask_path})
+            if unmasked:  # allowed (image metrics only), but a renamed ground_truth/ folder must not pass unseen
+                log.warning("%s %s: no ground-truth folder for the defect type(s) %s (expected %s/<defect>/): their "
+                            "images count for the image metrics only, not the pixel metrics", self.dataset_name, cat,
+                            ", ".join(unmasked), self._gt_root(cat))
         return samples
 
     def _mask(self, cat: str, defect: str, image: Path) -> Path | None:
@@ -131,7 +141,8 @@ class MVTecDataModule(AnomalyDataModule):
             return None
         mask = find_mask(gt_dir, image.stem)
         if mask is None:
-            raise DataError(gt_dir / f"{image.stem}_mask.png", f"ground-truth mask missing for test image {image}")
+            raise DataError(gt_dir / f"{image.stem}{self.mask_suffix}", f"ground-truth mask missing for test image "
+                            f"{image} (looked for {image.stem}_mask.png and {image.stem} with an image extension)")
         return mask
 
 

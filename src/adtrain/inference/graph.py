@@ -65,10 +65,15 @@ def routes_tasks(method) -> bool:
     return bool(getattr(method, "routing", False)) or len(getattr(method, "task_memories", [])) > 1
 
 
+#: why a checkpoint without a fitted threshold cannot decide (adtrain.predict, exports)
+NO_THRESHOLD = ("holds no fitted threshold: a training checkpoint (use the finished run's checkpoints/model.ckpt), "
+                "or a run without held-out normals (data.val_split=0, or too few training images), which has "
+                "nothing to decide with: rerun it with data.val_split > 0")
+
+
 def check_exportable(method, checkpoint) -> None:
     if not torch.isfinite(method.threshold):
-        raise DataError(checkpoint, "holds no fitted threshold (a training checkpoint such as last.ckpt?): "
-                                    "use the finished run's checkpoints/model.ckpt")
+        raise DataError(checkpoint, NO_THRESHOLD)
     if routes_tasks(method):
         raise DataError(checkpoint, "is a continual run that routes images among several tasks: export "
                                     "is for one task's model (export a task's checkpoint from a single-task run)")
