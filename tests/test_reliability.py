@@ -6,6 +6,7 @@ import csv
 import fcntl
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -711,6 +712,9 @@ def test_predict_names_heatmaps_by_folder_and_clears_an_earlier_call(trained, tm
     with pytest.raises(ConfigError, match="is a run directory") as err:
         predict(str(trained / "checkpoints" / "model.ckpt"), str(other), out=str(trained))
     assert err.value.key == "out" and sorted((trained / "heatmaps").iterdir()) == test_heatmaps
+    project = tmp_path / "project"  # a folder that merely holds a checkpoints/ folder is not a run: allowed
+    (project / "checkpoints").mkdir(parents=True)
+    assert predict(str(trained / "checkpoints" / "model.ckpt"), str(other), out=str(project)) == project
 
 
 def test_predict_outside_a_run_writes_beside_the_checkpoint(trained, tmp_path):
@@ -753,6 +757,10 @@ def test_a_run_without_held_out_normals_warns_and_predict_says_why_it_cannot_dec
     with caplog.at_level(logging.WARNING, logger="adtrain"):
         result = run(fast_cfg("method=patchcore", "data.val_split=0", "output.heatmaps=0"), tmp_path / "run")
     assert result["threshold"] is None and result["image_auroc"] is not None
+    import adtrain
+
+    rows = adtrain.Run.open(tmp_path / "run").scores()  # no threshold, no prediction: None, not ""
+    assert rows and all(r["prediction"] is None and isinstance(r["score"], float) for r in rows)
     assert any("No held-out normals (data.val_split=0" in r.getMessage() for r in caplog.records)
     ckpt = tmp_path / "run" / "checkpoints" / "model.ckpt"
     images = next(p for p in (tmp_path / "run").rglob("*.png"))
@@ -784,9 +792,14 @@ def test_ctrl_c_in_a_sweep_offers_the_sweeps_command_not_the_jobs(tmp_path, monk
     import adtrain.__main__ as entry
     from adtrain.resume import sweep_resume_command
 
-    argv = ["-m", "method=stfpm", "seed=0,1,2", "hydra.sweep.dir=old", "resume=false"]
-    assert sweep_resume_command(argv, "/s w") == \
-        "python -m adtrain -m method=stfpm seed=0,1,2 'hydra.sweep.dir=/s w' resume=true"
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    argv = ["-m", "method=stfpm", "seed=0,1,2", "++hydra.sweep.dir=old", "+resume=false"]
+    assert sweep_resume_command(argv, "/sw/x") == "python -m adtrain -m method=stfpm seed=0,1,2 hydra.sweep.dir=/sw/x resume=true"
+    for folder in ("/s w", "/a,b/c", "/a(b)/c", "/it's"):  # a comma would make it a sweep of two folders
+        words = shlex.split(sweep_resume_command(argv, folder))
+        assert words[-1] == "resume=true" and sum(w.lstrip("+").startswith("hydra.sweep.dir") for w in words) == 1
+        assert OverridesParser.create().parse_override(words[-2]).value() == folder
     job = tmp_path / "sweep" / "1"
     (job / "checkpoints").mkdir(parents=True)
     (job / "checkpoints" / "last.ckpt").write_bytes(b"x")
@@ -797,5 +810,10 @@ def test_ctrl_c_in_a_sweep_offers_the_sweeps_command_not_the_jobs(tmp_path, monk
     with pytest.raises(SystemExit) as ex:
         entry._interrupted(job)
     err = capsys.readouterr().err
-    assert ex.value.code == 130 and "the sweep's later jobs have not run" in err
-    assert err.strip().endswith(f"python -m adtrain -m method=stfpm seed=0,1,2 hydra.sweep.dir={job.parent} resume=true")
+    want = f"python -m adtrain -m method=stfpm seed=0,1,2 hydra.sweep.dir={job.parent} resume=true"
+    assert ex.value.code == 130 and "its unfinished ones run on resume" in err and err.strip().endswith(want)
+    (job / "checkpoints" / "last.ckpt").unlink()  # stopped before its first checkpoint: still the sweep's command
+    with pytest.raises(SystemExit):
+        entry._interrupted(job)
+    err = capsys.readouterr().err
+    assert "run the same command again" not in err and err.strip().endswith(want)

@@ -38,23 +38,27 @@ def _is_multirun() -> bool:
 
 
 def _interrupted(run_dir: Path) -> None:
-    """Ctrl-C: where the run stands and the command that continues it."""
+    """Ctrl-C: where the run stands and the command that continues it (a sweep's job: the sweep's command)."""
     from adtrain.resume import resume_command
 
+    command = resume_command(run_dir)
+    if _is_multirun():  # resuming the job's folder alone would never run the sweep's other jobs nor its summary
+        from hydra.core.hydra_config import HydraConfig
+
+        from adtrain.resume import sweep_resume_command
+
+        command = sweep_resume_command(sys.argv[1:], HydraConfig.get().sweep.dir)
     ckpts = sorted(run_dir.glob("checkpoints/last.ckpt")) + sorted(run_dir.glob("tasks/*/checkpoints/last.ckpt"))
     if ckpts or (run_dir / "continual_state.json").exists() or (run_dir / "config.yaml").exists():
         where = (f"its last checkpoint is {ckpts[-1]}" if ckpts else "finished tasks are kept"
                  if (run_dir / "continual_state.json").exists() else "no epoch had finished (the fit starts over)")
-        command = resume_command(run_dir)
-        if _is_multirun():  # a job of a sweep: the sweep's command resumes it and runs the jobs after it
-            from hydra.core.hydra_config import HydraConfig
-
-            from adtrain.resume import sweep_resume_command
-
-            command = sweep_resume_command(sys.argv[1:], HydraConfig.get().sweep.dir)
-            where += "; the sweep's later jobs have not run"
+        if _is_multirun():
+            where += "; the sweep's finished jobs are kept and its unfinished ones run on resume"
         print(f"adtrain: interrupted: the run in {run_dir} stopped; {where}. Resume it with: {command}",
               file=sys.stderr)
+    elif _is_multirun():
+        print(f"adtrain: interrupted before the first checkpoint of the sweep's job in {run_dir}; the sweep's "
+              f"finished jobs are kept and its unfinished ones run on resume: {command}", file=sys.stderr)
     else:
         print(f"adtrain: interrupted before the first checkpoint of the run in {run_dir}: nothing to resume; "
               "run the same command again", file=sys.stderr)

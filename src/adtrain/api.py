@@ -99,13 +99,14 @@ class Run:
 
     def scores(self) -> list[dict]:
         """scores.csv: one dict per test image (path, category, defect, label, score, normalized_score,
-        prediction; a continual run's task), the numbers as numbers (category and defect stay text: "01")."""
+        prediction; a continual run's task), the numbers as numbers (category and defect stay text: "01"),
+        an empty cell as None (no prediction without a threshold)."""
         with open(self.run_dir / "scores.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         for row in rows:
             for key, kind in SCORE_COLUMNS.items():
-                if row.get(key) not in (None, ""):
-                    row[key] = kind(row[key])
+                if key in row:
+                    row[key] = kind(row[key]) if row[key] not in (None, "") else None
         return rows
 
     def table(self) -> str:

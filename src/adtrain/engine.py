@@ -151,10 +151,10 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
         with trainer.precision_plugin.forward_context():
             thr_info = method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile)
     else:
-        log.warning("No held-out normals (data.val_split=%s of %d training normals): no decision threshold is "
-                    "fitted, so this run's figures are threshold-free (AUROC, AP) and adtrain.predict cannot "
-                    "decide with its model.ckpt; set data.val_split > 0 for a threshold", dm.val_split,
-                    len(dm.train_samples))
+        log.warning("No held-out normals (data.val_split=%s of %d training normals holds out none): no decision "
+                    "threshold is fitted, so this run's figures are threshold-free (AUROC, AP) and adtrain.predict "
+                    "cannot decide with its model.ckpt; hold normals out (data.val_split > 0, with enough training "
+                    "images) for a threshold", dm.val_split, len(dm.train_samples))
     distributed.broadcast_buffers(method)  # every rank fitted on all held-out normals; rank 0's values rule
     val_seconds = (selector.val_seconds + (selector.start or {}).get("seconds", 0.0)) if selector else 0.0
     info = {
@@ -198,9 +198,8 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
         torch.cuda.reset_peak_memory_stats(device)
     labels = {int(s.label) for s in dm.test_samples}
     if len(labels) == 1:  # said before the test, not left to a null in the table
-        log.warning("The test set holds %s (%d images): image AUROC, AP and F1-max are undefined (null); only the "
-                    "decisions at the threshold are measured", "no anomalous image" if labels == {0} else
-                    "no normal image", len(dm.test_samples))
+        log.warning("The test set holds %s (%d images): image AUROC, AP and F1-max are undefined (null)",
+                    "no anomalous image" if labels == {0} else "no normal image", len(dm.test_samples))
     t1 = time.perf_counter()
     pixel_before = method.pixel_metrics
     method.pixel_metrics = pixel_before and has_pixel_truth(dm)

@@ -10,7 +10,10 @@ training: a checkpoint without one (a training checkpoint such as last.ckpt) is 
 default (RUN: the run the checkpoint belongs to), replaces the heatmaps and CSV of an earlier call
 there, and heatmaps are named after each image's folder and file (good__000.png, crack__000.png). They
 are drawn as the run's own test heatmaps are: input | map over it with a colour bar (the threshold at
-its middle) at the image's aspect ratio, heatmap_size pixels high, titled with the score and decision.
+its middle) at the image's aspect ratio, heatmap_size pixels high, titled with the score and decision;
+drawn in a background thread while the next batch is scored, about 0.2 s per image on one CPU core
+(66 images at 64 px: 22.5 s against 7.7 s with heatmaps=false, 2026-12-06): heatmaps=false for scores
+and decisions alone.
 
 anomaly_maps=true also writes each image's raw anomaly map at the image's own size (float16 TIFF)
 and its decision mask ({0, 255} PNG; the pixel threshold, fitted on held-out normal maps, in
@@ -101,27 +104,36 @@ def _clear_earlier(out_dir: Path) -> None:
     earlier = out_dir / "predictions.csv"
     if not earlier.is_file():
         return
-    with open(earlier, newline="") as f:
-        listed = [row.get("heatmap") for row in csv.DictReader(f)]
+    try:
+        with open(earlier, newline="") as f:
+            listed = [row.get("heatmap") for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        log.warning("%s: unreadable (%s): the heatmaps it lists are left in place", earlier, err)
+        listed = []
     folder = (out_dir / "heatmaps").resolve()
     for name in listed:
         png = (out_dir / name).resolve() if name else None
         if png is not None and png.parent == folder and png.suffix == ".png":
             png.unlink(missing_ok=True)
-    earlier.unlink()
+    earlier.unlink(missing_ok=True)
 
 
 def _check_out(out_dir: Path) -> None:
     """out= must not be a run directory: its heatmaps/ are the test's (predict's default is RUN/predictions)."""
-    if (out_dir / "results.json").is_file() or (out_dir / "checkpoints").is_dir():
+    run_made = (out_dir / "config.yaml").is_file() or (out_dir / ".hydra").is_dir()
+    if run_made and ((out_dir / "results.json").is_file() or (out_dir / "checkpoints").is_dir()):
         raise ConfigError("out", f"{out_dir} is a run directory (its heatmaps/ hold the test's heatmaps): choose "
                           "another folder, or leave out= for RUN/predictions")
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
     """This call's heatmaps, made in ``staging``, replace an earlier call's, and its map files join
-    out_dir's (only once every image is scored: a call that fails leaves the earlier output as it was)."""
+    out_dir's (only once every image is scored: a call that fails leaves the earlier output as it was).
+    Its predictions.csv, which lists the heatmaps, moves in before them (a manifest first): whatever an
+    interrupted move left is listed, so the next call clears it."""
     _clear_earlier(out_dir)
+    if (staging / "predictions.csv").is_file():
+        os.replace(staging / "predictions.csv", out_dir / "predictions.csv")
     if (staging / "heatmaps").is_dir():  # none asked (heatmaps=false): no empty folder either
         (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
     for png in sorted((staging / "heatmaps").glob("*.png")):
@@ -142,6 +154,7 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     from adtrain.preflight import header_size
     from adtrain.engine import write_scores_csv
     from adtrain.viz import save_heatmap
+    from adtrain.writer import BackgroundWriter
 
     _check_args(batch_size, device)
     if heatmaps and (isinstance(heatmap_size, bool) or not isinstance(heatmap_size, int) or heatmap_size < 32):
@@ -170,6 +183,7 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     thr = detector.threshold
     records = []
     staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
+    writer = BackgroundWriter() if heatmaps else None  # drawn in a thread while the next batch is scored
     try:
         batches = detector.predict_batches(files, batch_size, num_workers=num_workers)
         for pred in tqdm(batches, desc="predict", unit="batch", total=-(-len(files) // batch_size)):
@@ -183,22 +197,26 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                 })
                 if heatmaps:  # as the run's test heatmaps: colour bar, threshold, the image's aspect ratio
                     w, h = header_size(path)
-                    save_heatmap(staging / "heatmaps" / names[path], image=pred.inputs[i], norm_map=pred.maps[i],
-                                 mask=None, score=score, label=None, height=int(heatmap_size), source_size=(h, w),
-                                 truth=False,
-                                 threshold=thr if pred.thresholds is None else float(pred.thresholds[i]))
+                    writer.submit(staging / "heatmaps" / names[path], save_heatmap, image=pred.inputs[i],
+                                  norm_map=pred.maps[i], mask=None, score=score, label=None, truth=False,
+                                  height=int(heatmap_size), source_size=(h, w),
+                                  threshold=thr if pred.thresholds is None else float(pred.thresholds[i]))
                 if anomaly_maps:
                     w, h = header_size(path)
                     write_map_files(staging, map_names[path], to_source_size(pred.raw_maps[i], detector.pre, (h, w)),
                                     float(pred.pixel_thresholds[i]))
+        if writer is not None:
+            writer.close()  # every heatmap written (a failed one raises here, naming its file)
+        write_scores_csv(staging / "predictions.csv", records)
         _publish(staging, out_dir)
     except BaseException:
         if records:
             log.error("stopped after %d of %d images; %s is left as it was", len(records), len(files), out_dir)
         raise
     finally:
+        if writer is not None:
+            writer.stop()
         shutil.rmtree(staging, ignore_errors=True)
-    write_scores_csv(out_dir / "predictions.csv", records)
     log.info("%d images scored; %s", len(records), out_dir / "predictions.csv")
     return out_dir
 

@@ -9,6 +9,7 @@ schedule): that would mix two experiments into one result, and is refused with t
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,13 @@ def resume_command(run_dir: str | Path) -> str:
 
 def sweep_resume_command(argv: list[str], sweep_dir: str | Path) -> str:
     """The sweep's own command line again, into its folder, with resume=true: finished jobs are kept, the
-    stopped one resumes, the rest run and the summary is written (resuming one job's folder would not)."""
-    keep = [a for a in argv if not a.startswith(("hydra.sweep.dir=", "resume="))]
-    args = keep + [f"hydra.sweep.dir={sweep_dir}", "resume=true"]
+    stopped one resumes, the rest run and the summary is written (resuming one job's folder would not).
+    The folder is quoted for Hydra (a comma would make it a sweep) and the whole line for the shell."""
+    keep = [a for a in argv if not a.lstrip("+").startswith(("hydra.sweep.dir=", "resume="))]
+    folder = str(sweep_dir)
+    if re.search(r"[,()\[\]{}'\"\\=:$\s]", folder):  # characters Hydra's override grammar reads
+        folder = "'" + folder.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    args = keep + [f"hydra.sweep.dir={folder}", "resume=true"]
     return "python -m adtrain " + " ".join(shlex.quote(a) for a in args)
 
 

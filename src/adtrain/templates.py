@@ -4,8 +4,9 @@
         [out=NEW.ckpt] [recompress=false] [batch_size=8] [device=auto]
 
 Writes the updated checkpoint atomically (in place unless out= is given). The checkpoint remembers
-the images it was given (a digest of each file's bytes): an image added before is skipped, and said,
-not added twice. Python API: `adtrain.templates.add_images(checkpoint, images, out=None)`.
+the images hot updates gave it (a digest of each file's bytes): an image added by an earlier update
+is skipped, and said, not added twice (the training normals are not recorded: re-adding one of them
+adds it again). Python API: `adtrain.templates.add_images(checkpoint, images, out=None)`.
 """
 
 from __future__ import annotations

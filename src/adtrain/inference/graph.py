@@ -67,8 +67,9 @@ def routes_tasks(method) -> bool:
 
 #: why a checkpoint without a fitted threshold cannot decide (adtrain.predict, exports)
 NO_THRESHOLD = ("holds no fitted threshold: a training checkpoint (use the finished run's checkpoints/model.ckpt), "
-                "or a run without held-out normals (data.val_split=0, or too few training images), which has "
-                "nothing to decide with: rerun it with data.val_split > 0")
+                "or a run without held-out normals (data.val_split=0, or too few training images to hold any "
+                "out), which has nothing to decide with: rerun it holding normals out (data.val_split > 0, with "
+                "enough training images)")
 
 
 def check_exportable(method, checkpoint) -> None:
