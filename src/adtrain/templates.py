@@ -29,6 +29,7 @@ ADDED_KEY = "added_image_digests"
 def add_images(checkpoint: str, images: str, out: str | None = None, recompress: bool = False,
                batch_size: int = 8, device: str = "auto") -> dict:
     from adtrain.build import _instantiate
+    from adtrain.data.download import file_digest
     from adtrain.loading import load_method, save_method
     from adtrain.predict import _check_args, list_images
 
@@ -39,9 +40,12 @@ def add_images(checkpoint: str, images: str, out: str | None = None, recompress:
     method.to(dev)
     files = list_images(images)
     known = set(ckpt.get(ADDED_KEY) or ())
-    digests = {f: _digest(f) for f in files}
-    new = [f for f in dict((d, f) for f, d in reversed(list(digests.items()))).values() if digests[f] not in known]
-    new.sort(key=files.index)  # one of each distinct file, in the given order
+    seen, new = set(known), []
+    for f in files:  # one of each distinct file, in the given order, none that an earlier update added
+        digest = file_digest(Path(f), "sha256")
+        if digest not in seen:
+            seen.add(digest)
+            new.append(f)
     if len(new) < len(files):
         log.warning("templates: %d of %d images were added before (the same bytes, to this checkpoint or twice in "
                     "this call): skipped, not added twice", len(files) - len(new), len(files))
@@ -56,21 +60,11 @@ def add_images(checkpoint: str, images: str, out: str | None = None, recompress:
     after = method.model.num_templates
     path = Path(out) if out else Path(checkpoint)
     extra = {k: v for k, v in ckpt.items() if k not in ("state_dict", "adtrain_config")}
-    extra[ADDED_KEY] = sorted(known | {digests[f] for f in new})
+    extra[ADDED_KEY] = sorted(seen)
     save_method(method.cpu(), path, extra)
     log.info("templates: %d -> %d (%d images added); saved %s", before, after, len(new), path)
     return {"before": before, "after": after, "added_images": len(new), "skipped_images": len(files) - len(new),
             "checkpoint": str(path)}
-
-
-def _digest(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:  # hashlib.file_digest needs Python 3.11; adtrain runs on 3.10
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:
