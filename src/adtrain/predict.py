@@ -11,9 +11,8 @@ default (RUN: the run the checkpoint belongs to), replaces the heatmaps and CSV 
 there, and heatmaps are named after each image's folder and file (good__000.png, crack__000.png). They
 are drawn as the run's own test heatmaps are: input | map over it with a colour bar (the threshold at
 its middle) at the image's aspect ratio, heatmap_size pixels high, titled with the score and decision;
-drawn in a background thread while the next batch is scored, about 0.2 s per image on one CPU core
-(66 images at 64 px: 22.5 s against 7.7 s with heatmaps=false, 2026-12-06): heatmaps=false for scores
-and decisions alone.
+drawn in a background thread while the next batch is scored, about 0.15 s per image on this
+project's 2-core CPU (docs/BENCHMARKS.md, "predict's heatmaps"): heatmaps=false for scores and decisions alone.
 
 anomaly_maps=true also writes each image's raw anomaly map at the image's own size (float16 TIFF)
 and its decision mask ({0, 255} PNG; the pixel threshold, fitted on held-out normal maps, in
@@ -189,20 +188,19 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
         for pred in tqdm(batches, desc="predict", unit="batch", total=-(-len(files) // batch_size)):
             for i, path in enumerate(pred.names):
                 score = float(pred.scores[i])
+                image_thr = thr if pred.thresholds is None else float(pred.thresholds[i])  # a routed image: its task's
                 records.append({
                     "path": path, "heatmap": f"heatmaps/{names[path]}" if heatmaps else None, "score": score,
-                    "normalized_score": float(pred.normalized_scores[i]),
-                    "threshold": thr if pred.thresholds is None else float(pred.thresholds[i]),
+                    "normalized_score": float(pred.normalized_scores[i]), "threshold": image_thr,
                     "is_anomalous": int(pred.decisions[i]),
                 })
+                if heatmaps or anomaly_maps:
+                    w, h = header_size(path)  # the file's own size, read from its header once
                 if heatmaps:  # as the run's test heatmaps: colour bar, threshold, the image's aspect ratio
-                    w, h = header_size(path)
                     writer.submit(staging / "heatmaps" / names[path], save_heatmap, image=pred.inputs[i],
                                   norm_map=pred.maps[i], mask=None, score=score, label=None, truth=False,
-                                  height=int(heatmap_size), source_size=(h, w),
-                                  threshold=thr if pred.thresholds is None else float(pred.thresholds[i]))
+                                  height=int(heatmap_size), source_size=(h, w), threshold=image_thr)
                 if anomaly_maps:
-                    w, h = header_size(path)
                     write_map_files(staging, map_names[path], to_source_size(pred.raw_maps[i], detector.pre, (h, w)),
                                     float(pred.pixel_thresholds[i]))
         if writer is not None:

@@ -37,7 +37,7 @@ def colorize(norm_map: np.ndarray, cmap: str = "jet") -> np.ndarray:
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
-def _figure_png(fig, path) -> Path:
+def figure_png(fig, path) -> Path:
     """Save a Figure atomically as PNG (adtrain.io): drawn by Agg and encoded once (the same pixels as
     savefig's PNG, which had to be decoded and encoded again for the atomic write: half the time)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -124,7 +124,7 @@ def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | N
 
 def save_heatmap(path, **kwargs) -> Path:
     """heatmap_figure(**kwargs) written to path as PNG (atomic)."""
-    return _figure_png(heatmap_figure(**kwargs), path)
+    return figure_png(heatmap_figure(**kwargs), path)
 
 
 def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | None):
@@ -147,4 +147,4 @@ def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | 
 
 def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None, path) -> Path:
     """histogram_figure written to path as PNG (atomic)."""
-    return _figure_png(histogram_figure(scores, labels, threshold), path)
+    return figure_png(histogram_figure(scores, labels, threshold), path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -10,8 +9,8 @@ import numpy as np
 
 from adtrain.continual.metrics import Matrix
 from adtrain.continual.state import MATRIX_METRICS
-from adtrain.io import save_image
 from adtrain.loggers import is_wandb, score_table
+from adtrain.viz import figure_png
 
 
 def _num(v) -> bool:
@@ -27,7 +26,6 @@ def plot_matrix(R: Matrix, task_names: list[str], metric: str, path: Path, joint
     """Annotated heatmap: rows = after training task t, columns = evaluated on task i."""
     import matplotlib
     from matplotlib.figure import Figure
-    from PIL import Image
 
     data = np.array([[v if _num(v) else np.nan for v in row] for row in R], dtype=float)
     data = data.reshape(len(R), len(task_names))
@@ -51,10 +49,7 @@ def plot_matrix(R: Matrix, task_names: list[str], metric: str, path: Path, joint
     ax.set_title(f"{metric} (x100)" + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    buf.seek(0)
-    return save_image(Image.open(buf), path)
+    return figure_png(fig, path)
 
 
 def log_row(logger, t: int, evals: dict[int, dict], task_names: list[str]) -> None:
