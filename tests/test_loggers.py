@@ -170,3 +170,21 @@ def test_a_continual_run_logs_its_final_heatmaps_scores_and_checkpoint_to_wandb(
         assert key in logged, key
     assert len(list((wb_dir / "files").rglob("media/images/**/*.png"))) >= 2  # one heatmap per task at least
     assert read_run(wb_dir)["exit_code"] == 0
+
+
+@pytest.mark.parametrize("env, mode, named", [("", "auto", "WANDB_MODE=''"), ("onlin", "offline", "WANDB_MODE='onlin'"),
+                                              (None, "ofline", "config key 'logger.mode'")])
+def test_a_bad_wandb_mode_is_named_before_wandb_starts(monkeypatch, tmp_path, env, mode, named):
+    """W&B itself rejects a bad WANDB_MODE (even an empty one) with a pydantic traceback from deep
+    inside its settings; adtrain names the variable or the config key instead."""
+    pytest.importorskip("wandb")
+    from adtrain.errors import AdtrainError
+    from adtrain.loggers import wandb_logger
+
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    with pytest.raises(AdtrainError, match=named.replace("(", r"\(")):
+        wandb_logger(mode=mode, save_dir=str(tmp_path))
+    assert not (tmp_path / "wandb").exists()

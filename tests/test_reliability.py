@@ -5,6 +5,7 @@ and predict writing only what describes its own call. docs/RELIABILITY.md lists 
 import csv
 import fcntl
 import json
+import logging
 import os
 import shlex
 import signal
@@ -717,6 +718,37 @@ def test_predict_names_heatmaps_by_folder_and_clears_an_earlier_call(trained, tm
     assert predict(str(trained / "checkpoints" / "model.ckpt"), str(other), out=str(project)) == project
 
 
+def test_predict_on_error_skip_scores_the_rest_and_lists_the_unreadable(trained, tmp_path, caplog):
+    """on_error=skip: a cut-short file and a non-image get rows with their reason and no score; the
+    readable images are scored as a clean call scores them; a call where nothing reads still fails."""
+    from adtrain.predict import predict
+
+    ckpt = str(trained / "checkpoints" / "model.ckpt")
+    imgs = _images(tmp_path / "mixed", ["a/000.png", "a/001.png", "a/002.png", "b/000.png"])
+    clean = {r["path"]: r for r in csv.DictReader(open(predict(ckpt, str(imgs), out=str(tmp_path / "clean")) /
+                                                      "predictions.csv"))}
+    assert all(r["error"] == "" for r in clean.values())
+    (imgs / "a" / "001.png").write_bytes((imgs / "a" / "001.png").read_bytes()[:200])  # cut short
+    (imgs / "b" / "000.png").write_bytes(b"not an image at all")
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        out = predict(ckpt, str(imgs), out=str(tmp_path / "skip"), batch_size=2, on_error="skip")
+    rows = {r["path"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+    assert set(rows) == set(clean)
+    bad = {p for p, r in rows.items() if r["error"]}
+    assert {Path(p).relative_to(imgs).as_posix() for p in bad} == {"a/001.png", "b/000.png"}
+    for p in bad:
+        assert rows[p]["score"] == "" and rows[p]["heatmap"] == "" and rows[p]["is_anomalous"] == ""
+    for p in set(rows) - bad:
+        assert float(rows[p]["score"]) == pytest.approx(float(clean[p]["score"]), rel=1e-5)
+        assert (out / rows[p]["heatmap"]).is_file()
+    assert len(list((out / "heatmaps").glob("*.png"))) == 2
+    assert any("2 of 4 images could not be read" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match=r"no image could be read \(1 given"):
+        predict(ckpt, str(imgs / "b") + "/*.png", out=str(tmp_path / "none"), on_error="skip")
+    with pytest.raises(ConfigError, match="on_error"):
+        predict(ckpt, str(imgs), on_error="ignore")
+
+
 def test_predict_outside_a_run_writes_beside_the_checkpoint(trained, tmp_path):
     from adtrain.predict import predict
 
@@ -749,8 +781,7 @@ def test_a_run_without_held_out_normals_warns_and_predict_says_why_it_cannot_dec
     """data.val_split=0 (the papers' "all normals into the bank"): threshold-free figures, a warning
     that says so at the run, and adtrain.predict's refusal names the cause, not only "a training
     checkpoint" (the finished run's own model.ckpt is what the user passes)."""
-    import logging
-
+    
     from adtrain.predict import predict
     from adtrain.run import run
 
@@ -770,8 +801,7 @@ def test_a_run_without_held_out_normals_warns_and_predict_says_why_it_cannot_dec
 
 
 def test_a_test_set_of_one_label_is_said_before_its_figures_are_null(fast_cfg, tmp_path, caplog):
-    import logging
-
+    
     from adtrain.run import run
 
     with caplog.at_level(logging.INFO, logger="adtrain"):

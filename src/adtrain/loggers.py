@@ -32,6 +32,7 @@ def wandb_logger(
     """A Lightning WandbLogger; `mode=auto` goes offline (and says so) when no API key is set."""
     from lightning.pytorch.loggers import WandbLogger
 
+    _check_modes(mode)
     if mode == "auto":
         mode = "online" if _wandb_key_available() else "offline"
         if mode == "offline":
@@ -46,6 +47,24 @@ def wandb_logger(
     )
     logger.adtrain_log_checkpoint = log_checkpoint
     return logger
+
+
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+
+
+def _check_modes(mode) -> None:
+    """`logger.mode` and the WANDB_MODE environment variable (which W&B reads itself, and rejects
+    with a pydantic traceback when it is set to anything else, even to nothing) checked up front."""
+    from adtrain.errors import AdtrainError, ConfigError
+
+    if mode != "auto" and mode not in WANDB_MODES:
+        raise ConfigError("logger.mode", f"{mode!r} is not one of auto, {', '.join(WANDB_MODES)}")
+    env = os.environ.get("WANDB_MODE")
+    if env is not None and env not in WANDB_MODES:
+        raise AdtrainError(
+            f"environment variable WANDB_MODE={env!r} is not one of {', '.join(WANDB_MODES)}: "
+            "unset it (`unset WANDB_MODE`) or set it to one of those"
+        )
 
 
 def default_name(cfg) -> str:

@@ -2,7 +2,7 @@
 
     python -m adtrain.predict checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB' [out=DIR]
         [batch_size=16] [device=auto|cpu|cuda] [heatmaps=true] [heatmap_size=320] [anomaly_maps=false]
-        [relative_to=DIR]
+        [relative_to=DIR] [on_error=stop|skip]
 
 checkpoint: a finished run's model.ckpt or an export of it (adtrain-export: .onnx, .pt, .xml); both
 go through `adtrain.Detector`. The decision threshold is the one fitted on held-out normals during
@@ -13,6 +13,12 @@ are drawn as the run's own test heatmaps are: input | map over it with a colour 
 its middle) at the image's aspect ratio, heatmap_size pixels high, titled with the score and decision;
 drawn in a background thread while the next batch is scored, about 0.15 s per image on this
 project's 2-core CPU (docs/BENCHMARKS.md, "predict's heatmaps"): heatmaps=false for scores and decisions alone.
+
+An image that cannot be read (cut short, not an image) stops the call with an error naming it, and
+the output of an earlier call is left as it was (on_error=stop, the default). on_error=skip scores
+the rest instead: each unreadable image gets a row in predictions.csv with its reason in the
+`error` column (blank for the images scored) and no score, and the call ends with a warning
+counting them (an error when no image at all could be read).
 
 anomaly_maps=true also writes each image's raw anomaly map at the image's own size (float16 TIFF)
 and its decision mask ({0, 255} PNG; the pixel threshold, fitted on held-out normal maps, in
@@ -46,7 +52,8 @@ from adtrain.inference.map_files import MAP_FOLDERS
 log = logging.getLogger("adtrain")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULTS = {"checkpoint": None, "images": None, "out": None, "batch_size": 16, "device": "auto", "heatmaps": True,
-            "num_workers": 0, "anomaly_maps": False, "relative_to": None, "heatmap_size": 320}
+            "num_workers": 0, "anomaly_maps": False, "relative_to": None, "heatmap_size": 320, "on_error": "stop"}
+ON_ERROR = ("stop", "skip")
 
 
 def list_images(spec: str) -> list[str]:
@@ -147,7 +154,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
 
 def predict(checkpoint: str, images: str, out: str | None = None, batch_size: int = 16, device: str = "auto",
             heatmaps: bool = True, num_workers: int = 0, anomaly_maps: bool = False,
-            relative_to: str | None = None, heatmap_size: int = 320) -> Path:
+            relative_to: str | None = None, heatmap_size: int = 320, on_error: str = "stop") -> Path:
     from adtrain.inference.detector import Detector
     from adtrain.inference.map_files import relative_names, to_source_size, write_map_files
     from adtrain.preflight import header_size
@@ -156,6 +163,8 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     from adtrain.writer import BackgroundWriter
 
     _check_args(batch_size, device)
+    if on_error not in ON_ERROR:
+        raise ConfigError("on_error", f"{on_error!r} is not one of {', '.join(ON_ERROR)}")
     if heatmaps and (isinstance(heatmap_size, bool) or not isinstance(heatmap_size, int) or heatmap_size < 32):
         raise ConfigError("heatmap_size", f"must be a whole number of pixels >= 32, got {heatmap_size!r}")
     files = list_images(images)
@@ -180,19 +189,25 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     out_dir.mkdir(parents=True, exist_ok=True)
     names = dict(zip(files, heatmap_names(files)))
     thr = detector.threshold
-    records = []
+    records, skipped = [], []
     staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
     writer = BackgroundWriter() if heatmaps else None  # drawn in a thread while the next batch is scored
     try:
-        batches = detector.predict_batches(files, batch_size, num_workers=num_workers)
+        batches = detector.predict_batches(files, batch_size, num_workers=num_workers,
+                                           skip_unreadable=on_error == "skip")
         for pred in tqdm(batches, desc="predict", unit="batch", total=-(-len(files) // batch_size)):
+            for path, error in pred.skipped:
+                log.warning("%s: %s (skipped: on_error=skip)", path, error)
+                skipped.append(path)
+                records.append({"path": path, "heatmap": None, "score": None, "normalized_score": None,
+                                "threshold": None, "is_anomalous": None, "error": error})
             for i, path in enumerate(pred.names):
                 score = float(pred.scores[i])
                 image_thr = thr if pred.thresholds is None else float(pred.thresholds[i])  # a routed image: its task's
                 records.append({
                     "path": path, "heatmap": f"heatmaps/{names[path]}" if heatmaps else None, "score": score,
                     "normalized_score": float(pred.normalized_scores[i]), "threshold": image_thr,
-                    "is_anomalous": int(pred.decisions[i]),
+                    "is_anomalous": int(pred.decisions[i]), "error": None,
                 })
                 if heatmaps or anomaly_maps:
                     w, h = header_size(path)  # the file's own size, read from its header once
@@ -205,17 +220,25 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                                     float(pred.pixel_thresholds[i]))
         if writer is not None:
             writer.close()  # every heatmap written (a failed one raises here, naming its file)
+        if skipped and len(skipped) == len(files):
+            raise DataError(images, f"no image could be read ({len(files)} given; first: {skipped[0]}: "
+                            f"{records[0]['error']})")
         write_scores_csv(staging / "predictions.csv", records)
         _publish(staging, out_dir)
-    except BaseException:
-        if records:
+    except BaseException as e:
+        if records and len(skipped) < len(files):
             log.error("stopped after %d of %d images; %s is left as it was", len(records), len(files), out_dir)
+        if isinstance(e, DataError) and on_error == "stop":
+            log.error("on_error=skip scores the other images and lists the unreadable ones in predictions.csv")
         raise
     finally:
         if writer is not None:
             writer.stop()
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("%d images scored; %s", len(records), out_dir / "predictions.csv")
+    if skipped:
+        log.warning("%d of %d images could not be read and were skipped (their reasons: the error column of %s)",
+                    len(skipped), len(files), out_dir / "predictions.csv")
+    log.info("%d images scored; %s", len(records) - len(skipped), out_dir / "predictions.csv")
     return out_dir
 
 

@@ -59,6 +59,8 @@ class Prediction:
     #: threshold (N,) (a one-task checkpoint's; exports and routed models: None)
     raw_maps: np.ndarray | None = None
     pixel_thresholds: np.ndarray | None = None
+    #: (name, error) of the batch's images that could not be read (``predict_batches(skip_unreadable=True)``)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -77,8 +79,9 @@ class Prediction:
 class _Items(Dataset):
     """Images (paths, PIL, arrays) -> {'image': transform(rgb), 'display': uint8 input, 'index'}."""
 
-    def __init__(self, items: list, names: list[str], transform, display):
+    def __init__(self, items: list, names: list[str], transform, display, skip_unreadable: bool = False):
         self.items, self.names, self.transform, self.display = items, names, transform, display
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.items)
@@ -87,6 +90,8 @@ class _Items(Dataset):
         try:
             rgb = as_rgb(self.items[i], self.names[i])
         except DataError as e:
+            if self.skip_unreadable:
+                return {"error": str(e).removeprefix(f"{e.path}: "), "index": i}
             if get_worker_info() is not None:
                 raise WorkerDataError(e.path, str(e).removeprefix(f"{e.path}: ")) from e
             raise
@@ -95,8 +100,10 @@ class _Items(Dataset):
 
 
 def _collate(batch: list[dict]) -> dict:
-    return {"image": [b["image"] for b in batch], "display": np.stack([b["display"] for b in batch]),
-            "index": [b["index"] for b in batch]}
+    read = [b for b in batch if "error" not in b]
+    return {"image": [b["image"] for b in read],
+            "display": np.stack([b["display"] for b in read]) if read else None,
+            "index": [b["index"] for b in read], "skipped": [(b["index"], b["error"]) for b in batch if "error" in b]}
 
 
 class Detector:
@@ -166,16 +173,25 @@ class Detector:
                    max_batch=meta.get("max_batch"))
 
     # ------------------------------------------------------------------ scoring
-    def predict_batches(self, images: Any, batch_size: int | None = None, num_workers: int = 0) -> Iterator[Prediction]:
-        """`predict`, one batch at a time, each with the images as the model saw them (``inputs``)."""
+    def predict_batches(self, images: Any, batch_size: int | None = None, num_workers: int = 0,
+                        skip_unreadable: bool = False) -> Iterator[Prediction]:
+        """`predict`, one batch at a time, each with the images as the model saw them (``inputs``).
+        An image that cannot be read raises DataError naming it; with ``skip_unreadable`` it is left
+        out of its batch instead and listed in that batch's ``skipped`` (name, error)."""
         items, names = image_list(images)
         size = batch_size or self.batch_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError("batch_size", f"must be a whole number >= 1, got {size!r}")
         size = min(size, self.max_batch or size)
-        loader = DataLoader(_Items(items, names, self._transform, self._display), batch_size=size,
+        loader = DataLoader(_Items(items, names, self._transform, self._display, skip_unreadable), batch_size=size,
                             num_workers=num_workers, collate_fn=_collate)
         for batch in loader:
+            skipped = [(names[i], error) for i, error in batch["skipped"]]
+            if not batch["image"]:  # every image of this batch unreadable
+                empty = np.zeros(0, np.float32)
+                yield Prediction(scores=empty, normalized_scores=empty, maps=np.zeros((0, 0, 0), np.float32),
+                                 decisions=np.zeros(0, bool), skipped=skipped)
+                continue
             out = self._score(batch["image"])
             yield Prediction(scores=out["score"].astype(np.float32),
                              normalized_scores=out["normalized_score"].astype(np.float32),
@@ -184,7 +200,7 @@ class Detector:
                              thresholds=out["threshold"].astype(np.float32) if "threshold" in out else None,
                              raw_maps=out["raw_map"].astype(np.float32) if "raw_map" in out else None,
                              pixel_thresholds=out["pixel_threshold"].astype(np.float64)
-                             if "pixel_threshold" in out else None)
+                             if "pixel_threshold" in out else None, skipped=skipped)
 
     def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
         """Scores, maps and decisions of one image or a list (paths, PIL images, uint8 arrays) or an
