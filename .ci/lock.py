@@ -1,13 +1,15 @@
-"""Write constraints.txt: the exact versions of this environment (`pip freeze`, adtrain itself left out),
-each limited by an environment marker to the Python minor version and platform they were installed on.
-`make install` installs with `-c constraints.txt`, so CI and a developer on that Python and platform
-get the versions the test suite passed with; elsewhere the markers are false and pyproject.toml's
-ranges alone apply. Run `make lock` after `make test` passed in a fresh `make install` (with the
-constraints file moved aside to take the registry's newest versions)."""
+"""Write this interpreter's section of constraints.txt: the exact versions of the running environment
+(`pip freeze`, adtrain itself left out), each limited by an environment marker to this Python
+(full version: packages may require a newer patch release) and platform. Sections of other
+interpreters are kept. `make install` installs with `-c constraints.txt`, so CI and a developer on
+an interpreter with a section get the versions the test suite passed with there; elsewhere every
+marker is false and pyproject.toml's ranges alone apply. Run it (`make lock`) in an environment that
+has just passed `make test`."""
 
 from __future__ import annotations
 
 import datetime
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +20,19 @@ def main(out: str) -> None:
                             capture_output=True, text=True).stdout.split()
     pins = sorted((line for line in frozen if "==" in line and not line.lower().startswith("adtrain==")),
                   key=str.lower)
-    marker = f'python_version == "{sys.version_info.major}.{sys.version_info.minor}" and sys_platform == "{sys.platform}"'
+    marker = f'python_full_version == "{platform.python_version()}" and sys_platform == "{sys.platform}"'
+    path = Path(out)
+    kept = [line for line in (path.read_text().splitlines() if path.is_file() else [])
+            if line.strip() and not line.startswith("#") and not line.endswith(f"; {marker}")]
+    sections = sorted({line.split("; ", 1)[1] for line in kept if "; " in line} | {marker})
     head = [
-        "# The versions `make test` passed with (written by `make lock`, .ci/lock.py; "
-        f"{datetime.date.today().isoformat()}, Python {sys.version.split()[0]}, {sys.platform}).",
-        "# `make install` installs with -c constraints.txt; each pin applies only on that Python and platform.",
+        "# The versions `make test` passed with, per interpreter (`make lock`, .ci/lock.py; this",
+        f"# interpreter's section written {datetime.date.today().isoformat()}). `make install` installs with -c constraints.txt;",
+        "# each pin applies only where its marker holds. Sections: " + "; ".join(s for s in sections),
     ]
-    Path(out).write_text("\n".join(head + [f"{pin} ; {marker}" for pin in pins]) + "\n")
-    print(f"{out}: {len(pins)} pins for {marker}")
+    lines = kept + [f"{pin} ; {marker}" for pin in pins]
+    path.write_text("\n".join(head + sorted(lines, key=lambda s: (s.split("; ", 1)[-1], s.lower()))) + "\n")
+    print(f"{out}: {len(pins)} pins for {marker}; {len(sections)} section(s)")
 
 
 if __name__ == "__main__":

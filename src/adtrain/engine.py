@@ -61,10 +61,10 @@ def has_pixel_truth(dm) -> bool:
     """False only where no test image can have an anomalous ground-truth pixel: masks come from
     files alone (the default sample loader) and no anomalous test sample names one. The pixel
     metrics are then None whatever the maps, so the test skips their per-batch work."""
-    from adtrain.data.dataset import load_sample
+    from adtrain.data.dataset import reads_files
 
     loader = getattr(dm, "sample_loader", None)
-    if loader is None or loader() is not load_sample:
+    if loader is None or not reads_files(loader()):
         return True
     return any(s.label == 1 and s.mask_path for s in dm.test_samples)
 

@@ -105,9 +105,9 @@ def check_files(dm, test: bool = True) -> None:
 
     Only for data modules that read files with the default loader (in-memory data is skipped).
     The test set is listed through dm._test_samples() and only its paths are used."""
-    from adtrain.data.dataset import load_sample
+    from adtrain.data.dataset import reads_files
 
-    if dm.sample_loader() is not load_sample:
+    if not reads_files(dm.sample_loader()):
         return
     found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False)
     if test:

@@ -14,8 +14,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from adtrain import distributed
-from adtrain.data.dataset import AnomalyDataset, Loaded, PredictDataset, Sample, collate, load_sample
-from adtrain.data.image_io import expand_image_paths
+from adtrain.data.dataset import (AnomalyDataset, BitDepthLoader, Loaded, PredictDataset, Sample, collate,
+                                  load_sample)
+from adtrain.data.image_io import check_bit_depth, expand_image_paths
 from adtrain.data.resize import DEFAULT as DEFAULT_RESIZE
 from adtrain.data.resize import resize_rule
 from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment, build_transform,
@@ -67,6 +68,9 @@ class AnomalyDataModule(LightningDataModule):
     resize: how images are resized to image_size (``adtrain.data.resize``): pil_bilinear (default,
     torchvision's Resize of a PIL image, antialiased), pil_lanczos, cv2_linear (OpenCV bilinear,
     not antialiased; adtrain's rule before the key existed). Masks: nearest, whatever the rule.
+    bit_depth: null = a 16-bit image's full range (0-65535) maps onto 0-255; N (8-16) = its values
+    use N bits (a 12-bit camera's 0-4095 in 16-bit files: 12), larger ones clipped. 8-bit images
+    are read as they are either way (``adtrain.data.image_io.check_bit_depth``).
     cache: auto = decoded, resized images kept in ``cache_dir`` (adtrain.data.image_cache) and
     shared by epochs, jobs and tasks; off = decoded every time.
     augment: albumentations transforms (objects or `_target_` dicts), training images only.
@@ -87,7 +91,8 @@ class AnomalyDataModule(LightningDataModule):
                  seed: int = 0, shots: int | None = None, augment: list | None = None,
                  synthetic_anomaly: object | None = None, val_anomalies: object | None = None,
                  cache: str | bool = "off", cache_dir: str | None = None, cache_max_gb: float = 20.0,
-                 device_normalize: str | bool = "auto", resize: str = DEFAULT_RESIZE):
+                 device_normalize: str | bool = "auto", resize: str = DEFAULT_RESIZE,
+                 bit_depth: int | None = None):
         super().__init__()
         category = to_plain(category)
         if isinstance(category, (list, tuple)):
@@ -100,6 +105,7 @@ class AnomalyDataModule(LightningDataModule):
         self.image_size = size_pair(image_size, "data.image_size")
         self.center_crop = size_pair(center_crop, "data.center_crop")
         self.resize = resize_rule(resize)
+        self.bit_depth = check_bit_depth(to_plain(bit_depth))
         if self.center_crop is not None and any(c > s for c, s in zip(self.center_crop, self.image_size)):
             raise ConfigError("data.center_crop", f"{list(self.center_crop)} is larger than image_size "
                               f"{list(self.image_size)}")
@@ -183,7 +189,7 @@ class AnomalyDataModule(LightningDataModule):
 
     def sample_loader(self) -> Callable[[Sample], Loaded]:
         """Picklable callable Sample -> (image uint8 HxWx3, mask {0,1} HxW or None)."""
-        return load_sample
+        return load_sample if self.bit_depth is None else BitDepthLoader(self.bit_depth)
 
     # ----- setup ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -363,4 +369,4 @@ class AnomalyDataModule(LightningDataModule):
         outside a trainer); paths: list, folder or glob."""
         if isinstance(paths, (str, Path)):
             paths = expand_image_paths(paths)
-        return PredictDataset(list(paths), self.eval_transform())
+        return PredictDataset(list(paths), self.eval_transform(), self.bit_depth)

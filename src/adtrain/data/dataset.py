@@ -31,13 +31,32 @@ class Sample:
     defect: str
 
 
-def load_sample(sample: Sample) -> Loaded:
+def load_sample(sample: Sample, bit_depth: int | None = None) -> Loaded:
     """Default loader: image from sample.path, mask from sample.mask_path (size checked)."""
-    image = read_image(sample.path)
+    image = read_image(sample.path, bit_depth)
     if sample.mask_path is None:
         return image, None
     mask = read_mask(sample.mask_path, (image.shape[1], image.shape[0]), image_path=sample.path)
     return image, mask
+
+
+class BitDepthLoader:
+    """``load_sample`` reading 16-bit images as ``bit_depth``-bit values (``data.bit_depth``); its repr
+    enters the image cache's key, so images cached at another bit depth are not served."""
+
+    def __init__(self, bit_depth: int):
+        self.bit_depth = int(bit_depth)
+
+    def __call__(self, sample: Sample) -> Loaded:
+        return load_sample(sample, self.bit_depth)
+
+    def __repr__(self) -> str:
+        return f"BitDepthLoader(bit_depth={self.bit_depth})"
+
+
+def reads_files(loader) -> bool:
+    """Does this sample loader read the samples' files (load_sample, at any bit depth)?"""
+    return loader is load_sample or isinstance(loader, BitDepthLoader)
 
 
 def image_tensor(image) -> torch.Tensor:
@@ -211,9 +230,10 @@ def collate(items: list[dict]) -> dict:
 class PredictDataset(Dataset):
     """Images only (no labels): yields {'image', 'path'} with the eval transform."""
 
-    def __init__(self, paths: Sequence[str | Path], transform):
+    def __init__(self, paths: Sequence[str | Path], transform, bit_depth: int | None = None):
         self.paths = [str(p) for p in paths]
         self.transform = transform
+        self.bit_depth = bit_depth
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -221,7 +241,7 @@ class PredictDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         try:
-            image = read_image(path)
+            image = read_image(path, self.bit_depth)
         except DataError as e:
             if get_worker_info() is not None:
                 raise WorkerDataError(e.path, str(e).removeprefix(f"{e.path}: ")) from e

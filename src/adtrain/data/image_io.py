@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from adtrain.errors import DataError
+from adtrain.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -54,10 +54,11 @@ def expand_image_paths(spec: str | Path | list) -> list[Path]:
     return hits
 
 
-def _open(path: str | Path) -> Image.Image:
+def _open(path: str | Path, lazy: bool = False) -> Image.Image:
     try:
         im = Image.open(path)
-        im.load()
+        if not lazy:
+            im.load()
         return im
     except FileNotFoundError:
         raise DataError(path, "cannot read image: file not found") from None
@@ -65,12 +66,25 @@ def _open(path: str | Path) -> Image.Image:
         raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
 
 
-def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Scale a high bit depth or float single-channel array to uint8."""
+def check_bit_depth(bit_depth, key: str = "data.bit_depth") -> int | None:
+    """None (a 16-bit file's full 0-65535 range) or the bits its values use, 8-16 (a 12-bit camera's
+    0-4095 stored in a 16-bit PNG or TIFF: bit_depth=12)."""
+    if bit_depth is None:
+        return None
+    if isinstance(bit_depth, bool) or not isinstance(bit_depth, int) or not 8 <= bit_depth <= 16:
+        raise ConfigError(key, f"must be null (16-bit files use their full range) or a whole number of bits "
+                          f"from 8 to 16 (e.g. 12 for a 12-bit camera's images in 16-bit files), got {bit_depth!r}")
+    return bit_depth
+
+
+def _to_uint8(arr: np.ndarray, mode: str, bit_depth: int | None = None) -> np.ndarray:
+    """Scale a high bit depth or float single-channel array to uint8: 16-bit values over
+    0..2**bit_depth - 1 (bit_depth None: 16), larger values clipped."""
     if arr.dtype == np.uint8:
         return arr
+    top = float(2 ** (bit_depth or 16) - 1)
     if mode.startswith("I;16") or arr.dtype == np.uint16:
-        return np.round(arr.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+        return np.round(np.minimum(arr.astype(np.float64), top) * (255.0 / top)).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
         a = arr.astype(np.float64)
         a = np.nan_to_num(a)
@@ -79,13 +93,14 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
         return np.clip(np.round(a), 0, 255).astype(np.uint8)
     # 32-bit integer ("I"): Pillow uses it for 16-bit data in some formats.
     a = arr.astype(np.int64)
-    if a.size and a.max() > 255:
-        return np.round(np.clip(a, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+    if bit_depth is not None or (a.size and a.max() > 255):
+        return np.round(np.clip(a, 0, top) * (255.0 / top)).astype(np.uint8)
     return np.clip(a, 0, 255).astype(np.uint8)
 
 
-def image_to_rgb(im: Image.Image) -> np.ndarray:
-    """A PIL image of any mode -> RGB uint8 (H,W,3); alpha is dropped."""
+def image_to_rgb(im: Image.Image, bit_depth: int | None = None) -> np.ndarray:
+    """A PIL image of any mode -> RGB uint8 (H,W,3); alpha is dropped. A 16-bit (or 32-bit integer)
+    image's values are read as ``bit_depth``-bit ones (``check_bit_depth``); 8-bit images are as they are."""
     mode = im.mode
     if mode == "RGB":
         arr = np.asarray(im)
@@ -94,7 +109,7 @@ def image_to_rgb(im: Image.Image) -> np.ndarray:
     elif mode in ("L", "LA", "La"):
         arr = np.asarray(im.getchannel(0))
     else:  # I;16*, I, F: single channel with a wider range
-        arr = _to_uint8(np.asarray(im), mode)
+        arr = _to_uint8(np.asarray(im), mode, bit_depth)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     # writable: np.asarray of a PIL image is read-only, and torch warns when such an array (an image
@@ -102,11 +117,40 @@ def image_to_rgb(im: Image.Image) -> np.ndarray:
     return np.require(arr, np.uint8, ("C", "W"))
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read any image as RGB uint8 (H,W,3). Raises DataError(path, 'cannot read image: ...')."""
-    with _open(path) as im:
+def _wide_colour(im: Image.Image) -> bool:
+    """A colour file of 16 bits per channel (PNG, TIFF): Pillow decodes it as 8-bit RGB(A), keeping
+    each value's high byte, which would ignore ``bit_depth``."""
+    if im.mode not in ("RGB", "RGBA"):
+        return False
+    for tile in getattr(im, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(raw, str) and ";16" in raw:
+            return True
+    return False
+
+
+def _read_wide_colour(path: str | Path, bit_depth: int | None) -> np.ndarray:
+    """A 16-bit-per-channel colour file through OpenCV (which keeps the 16 bits), scaled as a 16-bit
+    grey image is."""
+    import cv2
+
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise DataError(path, "cannot read image: a 16-bit colour file that OpenCV cannot decode")
+    rgb = np.ascontiguousarray(arr[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
+    return np.require(_to_uint8(rgb, "RGB;16", bit_depth), np.uint8, ("C", "W"))
+
+
+def read_image(path: str | Path, bit_depth: int | None = None) -> np.ndarray:
+    """Read any image as RGB uint8 (H,W,3) (``bit_depth``: image_to_rgb; 16-bit colour files too).
+    Raises DataError(path, 'cannot read image: ...')."""
+    with _open(path, lazy=True) as im:
+        if _wide_colour(im):
+            return _read_wide_colour(path, bit_depth)
         try:
-            return image_to_rgb(im)
+            im.load()
+            return image_to_rgb(im, bit_depth)
         except _READ_ERRORS as e:
             raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
 

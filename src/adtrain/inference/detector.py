@@ -79,16 +79,17 @@ class Prediction:
 class _Items(Dataset):
     """Images (paths, PIL, arrays) -> {'image': transform(rgb), 'display': uint8 input, 'index'}."""
 
-    def __init__(self, items: list, names: list[str], transform, display, skip_unreadable: bool = False):
+    def __init__(self, items: list, names: list[str], transform, display, skip_unreadable: bool = False,
+                 bit_depth: int | None = None):
         self.items, self.names, self.transform, self.display = items, names, transform, display
-        self.skip_unreadable = skip_unreadable
+        self.skip_unreadable, self.bit_depth = skip_unreadable, bit_depth
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         try:
-            rgb = as_rgb(self.items[i], self.names[i])
+            rgb = as_rgb(self.items[i], self.names[i], self.bit_depth)
         except DataError as e:
             if self.skip_unreadable:
                 return {"error": str(e).removeprefix(f"{e.path}: "), "index": i}
@@ -183,8 +184,8 @@ class Detector:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError("batch_size", f"must be a whole number >= 1, got {size!r}")
         size = min(size, self.max_batch or size)
-        loader = DataLoader(_Items(items, names, self._transform, self._display, skip_unreadable), batch_size=size,
-                            num_workers=num_workers, collate_fn=_collate)
+        loader = DataLoader(_Items(items, names, self._transform, self._display, skip_unreadable, self.pre.bit_depth),
+                            batch_size=size, num_workers=num_workers, collate_fn=_collate)
         for batch in loader:
             skipped = [(names[i], error) for i, error in batch["skipped"]]
             if not batch["image"]:  # every image of this batch unreadable

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from adtrain.data.image_io import check_bit_depth
 from adtrain.data.resize import LEGACY, resize_rule, resize_tensor
 from adtrain.errors import DataError
 
@@ -32,6 +33,9 @@ class Preprocessing:
     std: tuple[float, float, float]
     #: ``data.resize`` (adtrain.data.resize.RULES)
     resize: str
+    #: ``data.bit_depth``: how 16-bit files are read (None: their full range); applied where files
+    #: are decoded (adtrain.Detector), before the graph, which takes uint8 images
+    bit_depth: int | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -46,7 +50,8 @@ class Preprocessing:
         """An export's metadata; one made before ``resize`` was recorded: LEGACY, its rule."""
         crop = d.get("center_crop")
         return cls(tuple(d["image_size"]), tuple(crop) if crop else None, tuple(d["mean"]), tuple(d["std"]),
-                   resize_rule(d.get("resize", LEGACY), "preprocessing.resize"))
+                   resize_rule(d.get("resize", LEGACY), "preprocessing.resize"),
+                   check_bit_depth(d.get("bit_depth"), "preprocessing.bit_depth"))
 
 
 def run_preprocessing(cfg) -> tuple[Preprocessing, object]:
@@ -56,7 +61,8 @@ def run_preprocessing(cfg) -> tuple[Preprocessing, object]:
 
     dm = _instantiate(cfg.data, "data", drop=("name",))
     pre = Preprocessing(tuple(dm.image_size), tuple(dm.center_crop) if dm.center_crop else None,
-                        tuple(float(v) for v in dm.mean), tuple(float(v) for v in dm.std), dm.resize)
+                        tuple(float(v) for v in dm.mean), tuple(float(v) for v in dm.std), dm.resize,
+                        getattr(dm, "bit_depth", None))
     return pre, dm.eval_transform()
 
 

@@ -22,16 +22,17 @@ def _from_array(arr: np.ndarray, where: str) -> np.ndarray:
     raise DataError(where, f"expected an (H,W), (H,W,3) or (H,W,4) image, got shape {arr.shape}")
 
 
-def as_rgb(image: Any, where: str) -> np.ndarray:
-    """A path, PIL image or uint8 array -> RGB uint8 (H,W,3); DataError naming it otherwise."""
+def as_rgb(image: Any, where: str, bit_depth: int | None = None) -> np.ndarray:
+    """A path, PIL image or uint8 array -> RGB uint8 (H,W,3) (16-bit files and PIL images read as
+    ``bit_depth``-bit values: adtrain.data.image_io.image_to_rgb); DataError naming it otherwise."""
     from PIL import Image
 
     from adtrain.data.image_io import image_to_rgb, read_image
 
     if isinstance(image, (str, Path)):
-        return read_image(image)
+        return read_image(image, bit_depth)
     if isinstance(image, Image.Image):
-        rgb = image_to_rgb(image)
+        rgb = image_to_rgb(image, bit_depth)
     elif isinstance(image, np.ndarray):
         rgb = _from_array(image, where)
     else:

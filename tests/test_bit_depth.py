@@ -1,0 +1,101 @@
+"""data.bit_depth: 16-bit files whose values use fewer bits (a 12-bit camera's 0-4095), grey and
+colour, read over their real range in training, testing, the image cache and adtrain.predict alike."""
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from adtrain.data.image_io import check_bit_depth, read_image
+from adtrain.errors import ConfigError
+
+
+def _expected(values: np.ndarray, bits: int | None) -> np.ndarray:
+    top = 2 ** (bits or 16) - 1
+    return np.round(np.minimum(values.astype(np.float64), top) * 255.0 / top).astype(np.uint8)
+
+
+def _twelve_bit(shape, seed=0) -> np.ndarray:
+    values = (np.random.default_rng(seed).random(shape) * 4096).astype(np.uint16)
+    values.flat[0] = 5000  # above 12 bits: clipped to white at bit_depth=12
+    return values
+
+
+@pytest.mark.parametrize("fmt", ["png", "tif"])
+def test_grey_16bit_files_read_at_their_bit_depth(tmp_path, fmt):
+    values = _twelve_bit((20, 30))
+    path = tmp_path / f"g.{fmt}"
+    Image.fromarray(values).save(path) if fmt == "png" else tifffile.imwrite(path, values)
+    for bits in (None, 12, 16):
+        out = read_image(path, bits)
+        assert out.dtype == np.uint8 and out.shape == (20, 30, 3)
+        assert (out == _expected(values, bits)[:, :, None]).all(), bits
+    assert read_image(path).max() <= 20 and read_image(path, 12).max() == 255  # full range: nearly black
+
+
+@pytest.mark.parametrize("fmt", ["png", "tif", "rgba.png"])
+def test_colour_16bit_files_keep_their_16_bits(tmp_path, fmt):
+    """Pillow decodes a 48-bit colour file as 8-bit RGB (each value's high byte), which no bit depth
+    could rescale: such files are read through OpenCV, channel order and all."""
+    values = _twelve_bit((16, 24, 3), seed=1)
+    path = tmp_path / f"c.{fmt}"
+    if fmt == "tif":
+        tifffile.imwrite(path, values, photometric="rgb")
+    elif fmt == "png":
+        cv2.imwrite(str(path), values[:, :, ::-1])
+    else:
+        cv2.imwrite(str(path), np.dstack([values[:, :, ::-1], np.full(values.shape[:2], 65535, np.uint16)]))
+    assert (read_image(path, 12) == _expected(values, 12)).all()
+    assert (read_image(path) == _expected(values, None)).all()
+
+
+def test_bad_bit_depths_name_the_key():
+    assert check_bit_depth(None) is None and check_bit_depth(12) == 12
+    for bad in (7, 17, "12", True, 12.0):
+        with pytest.raises(ConfigError, match="data.bit_depth") as err:
+            check_bit_depth(bad)
+        assert err.value.key == "data.bit_depth"
+
+
+def _tree(root: Path) -> None:
+    """A folder dataset of 16-bit PNGs holding 12-bit values: normals dim noise, defects a bright square."""
+    rng = np.random.default_rng(0)
+    for folder, n, bright in (("good", 16, False), ("test_good", 4, False), ("bad/spot", 4, True)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            img = (rng.random((48, 48)) * 600 + 1500).astype(np.uint16)
+            if bright:
+                img[10:24, 12:26] = 4000
+            Image.fromarray(img).save(root / folder / f"{i:03d}.png")
+
+
+def test_a_run_and_predict_read_12bit_files_alike(tmp_path, base_cfg):
+    from adtrain.data.image_cache import cache_key
+    from adtrain.predict import predict
+    from adtrain.run import run
+    from tests.conftest import FAST_BASE, compose
+
+    _tree(tmp_path / "d")
+    data = ["data=folder", f"data.normal_dir={tmp_path}/d/good", f"data.normal_test_dir={tmp_path}/d/test_good",
+            f"data.abnormal_dir={tmp_path}/d/bad", "data.num_workers=0", f"paths.cache_dir={tmp_path}/cache"]
+    res = run(base_cfg(*data, "method=patchcore", "data.bit_depth=12"), tmp_path / "run")
+    assert res["image_auroc"] == 1.0  # the bright squares stand out once the 12 bits are read as such
+    scores = {r["path"]: float(r["score"]) for r in csv.DictReader(open(tmp_path / "run" / "scores.csv"))}
+    out = predict(str(tmp_path / "run" / "checkpoints" / "model.ckpt"), f"{tmp_path}/d/bad/spot", heatmaps=False,
+                  out=str(tmp_path / "pred"))
+    for row in csv.DictReader(open(out / "predictions.csv")):
+        assert float(row["score"]) == pytest.approx(scores[row["path"]], rel=1e-5)
+    # the image cache keeps the two readings apart
+    from adtrain.build import _instantiate
+
+    keys = set()
+    for bits in ("null", "12"):
+        dm = _instantiate(compose(*FAST_BASE, *data, "method=patchcore", f"data.bit_depth={bits}").data, "data",
+                          drop=("name",))
+        dm.setup()
+        keys.add(cache_key(dm.train_samples, dm.sample_loader(), dm.image_size, dm.resize))
+    assert len(keys) == 2
