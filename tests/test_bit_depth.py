@@ -99,3 +99,14 @@ def test_a_run_and_predict_read_12bit_files_alike(tmp_path, base_cfg):
         dm.setup()
         keys.add(cache_key(dm.train_samples, dm.sample_loader(), dm.image_size, dm.resize))
     assert len(keys) == 2
+
+
+def test_a_16bit_colour_mask_keeps_a_defect_of_value_one(tmp_path):
+    """Pillow keeps a 48-bit file's high bytes: a mask drawn with value 1 would read as empty."""
+    from adtrain.data.image_io import read_mask
+
+    mask = np.zeros((12, 16, 3), np.uint16)
+    mask[2:5, 3:9] = 1
+    cv2.imwrite(str(tmp_path / "m.png"), mask)
+    out = read_mask(tmp_path / "m.png", (16, 12))
+    assert out.sum() == 18 and out[2:5, 3:9].all()

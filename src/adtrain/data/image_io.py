@@ -54,14 +54,21 @@ def expand_image_paths(spec: str | Path | list) -> list[Path]:
     return hits
 
 
-def _open(path: str | Path, lazy: bool = False) -> Image.Image:
+def _open(path: str | Path) -> Image.Image:
+    """The file opened, its header read (not yet its pixels: ``_load``)."""
     try:
-        im = Image.open(path)
-        if not lazy:
-            im.load()
-        return im
+        return Image.open(path)
     except FileNotFoundError:
         raise DataError(path, "cannot read image: file not found") from None
+    except _READ_ERRORS as e:
+        raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
+
+
+def _load(im: Image.Image, path: str | Path) -> Image.Image:
+    """The pixels decoded; a truncated or corrupt file raises DataError naming it."""
+    try:
+        im.load()
+        return im
     except _READ_ERRORS as e:
         raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
 
@@ -130,27 +137,30 @@ def _wide_colour(im: Image.Image) -> bool:
     return False
 
 
-def _read_wide_colour(path: str | Path, bit_depth: int | None) -> np.ndarray:
-    """A 16-bit-per-channel colour file through OpenCV (which keeps the 16 bits), scaled as a 16-bit
-    grey image is."""
+def _wide_rgb(path: str | Path) -> np.ndarray:
+    """A 16-bit-per-channel colour file's RGB values (H,W,3) uint16, through OpenCV (which keeps the
+    16 bits); alpha dropped."""
     import cv2
 
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise DataError(path, "cannot read image: a 16-bit colour file that OpenCV cannot decode")
-    rgb = np.ascontiguousarray(arr[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
-    return np.require(_to_uint8(rgb, "RGB;16", bit_depth), np.uint8, ("C", "W"))
+    return np.ascontiguousarray(arr[:, :, 2::-1])  # BGR(A) -> RGB
+
+
+def _read_wide_colour(path: str | Path, bit_depth: int | None) -> np.ndarray:
+    """A 16-bit colour file scaled to uint8 as a 16-bit grey image is."""
+    return np.require(_to_uint8(_wide_rgb(path), "RGB;16", bit_depth), np.uint8, ("C", "W"))
 
 
 def read_image(path: str | Path, bit_depth: int | None = None) -> np.ndarray:
     """Read any image as RGB uint8 (H,W,3) (``bit_depth``: image_to_rgb; 16-bit colour files too).
     Raises DataError(path, 'cannot read image: ...')."""
-    with _open(path, lazy=True) as im:
+    with _open(path) as im:
         if _wide_colour(im):
             return _read_wide_colour(path, bit_depth)
         try:
-            im.load()
-            return image_to_rgb(im, bit_depth)
+            return image_to_rgb(_load(im, path), bit_depth)
         except _READ_ERRORS as e:
             raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
 
@@ -192,7 +202,9 @@ def read_mask(mask_path: str | Path, image_size: tuple[int, int] | None = None,
             union |= read_mask(f, image_size, image_path)
         return union
     with _open(mask_path) as im:
-        if im.mode in ("LA", "La", "PA"):
+        if _wide_colour(im):  # Pillow would keep each value's high byte: a defect of value 1 would vanish
+            arr = _wide_rgb(mask_path)
+        elif _load(im, mask_path).mode in ("LA", "La", "PA"):
             arr = np.asarray(im.getchannel(0))
         elif im.mode in ("RGBA", "RGBa", "RGBX"):
             arr = np.asarray(im.convert("RGB"))
