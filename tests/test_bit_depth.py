@@ -110,3 +110,16 @@ def test_a_16bit_colour_mask_keeps_a_defect_of_value_one(tmp_path):
     cv2.imwrite(str(tmp_path / "m.png"), mask)
     out = read_mask(tmp_path / "m.png", (16, 12))
     assert out.sum() == 18 and out[2:5, 3:9].all()
+
+
+def test_exports_carry_the_bit_depth_in_their_preprocessing():
+    """An export's metadata holds data.bit_depth (Detector reads files with it before the uint8
+    graph); an export made before the field reads as full range; a corrupt value is named."""
+    from adtrain.inference.graph import Preprocessing
+
+    pre = Preprocessing((64, 64), None, (0.5,) * 3, (0.5,) * 3, "pil_bilinear", 12)
+    assert pre.to_dict()["bit_depth"] == 12 and Preprocessing.from_dict(pre.to_dict()) == pre
+    older = {k: v for k, v in pre.to_dict().items() if k != "bit_depth"}
+    assert Preprocessing.from_dict(older).bit_depth is None
+    with pytest.raises(ConfigError, match="preprocessing.bit_depth"):
+        Preprocessing.from_dict({**pre.to_dict(), "bit_depth": 40})
