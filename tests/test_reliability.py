@@ -446,7 +446,7 @@ def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
 
 
 def test_kill_9_mid_schedule_then_resume_ends_as_an_uninterrupted_run(tmp_path):
-    over = [*TINY_SCHEDULE, "trainer.max_epochs=4"]
+    over = [*TINY_SCHEDULE, "trainer.max_epochs=4", "logger=csv"]
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
     with _reference_beside(*over, f"hydra.run.dir={ref}", cwd=tmp_path, log=tmp_path / "ref.log"):
         proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
@@ -459,6 +459,13 @@ def test_kill_9_mid_schedule_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     a = json.loads((run_dir / "results.json").read_text())
     b = json.loads((ref / "results.json").read_text())
     assert a["matrices"] == b["matrices"] and _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
+    # csv/metrics.csv kept the finished task's row and got each later one once, as the uninterrupted run's
+
+    def after_task(d):
+        return [r["continual/after_task"] for r in csv.DictReader(open(d / "csv" / "metrics.csv"))
+                if r.get("continual/after_task")]
+
+    assert after_task(run_dir) == after_task(ref) == ["0", "1"]
 
 
 def test_ctrl_c_says_where_the_run_is_and_how_to_resume(tmp_path):

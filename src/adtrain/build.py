@@ -135,6 +135,7 @@ def _keep_csv_rows(logger) -> None:
         reader = csv.DictReader(f)
         rows, keys = list(reader), list(reader.fieldnames or [])
     writer = logger.experiment  # created now: this is where the old file is removed
+    logger.adtrain_kept_rows = bool(rows)  # a resumed continual run need not log its finished tasks' rows again
     writer.metrics_keys = sorted(set(writer.metrics_keys) | set(keys))
     with open(path, "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=writer.metrics_keys)

@@ -90,7 +90,9 @@ class _Sequence:
         last = self.state.finished[-1]
         load_task_checkpoint(self.method, task_checkpoint(self.run_dir, last))
         log.info("Resuming the sequence after task %d (%s); finished tasks are not redone", last, self.names[last])
-        for entry in self.state.per_task:
+        if getattr(self.logger, "adtrain_kept_rows", False):  # csv/metrics.csv kept them (build._keep_csv_rows)
+            return
+        for entry in self.state.per_task:  # a new W&B run: the finished tasks' rows again
             log_row(self.logger, entry["task"], {e["task"]: e for e in entry["evaluations"]}, self.names)
 
     def train_task(self, t: int, resuming: bool) -> None:
