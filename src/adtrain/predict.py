@@ -46,11 +46,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from adtrain.data.image_io import is_image_file
 from adtrain.errors import ConfigError, DataError
 from adtrain.inference.map_files import MAP_FOLDERS
 
 log = logging.getLogger("adtrain")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULTS = {"checkpoint": None, "images": None, "out": None, "batch_size": 16, "device": "auto", "heatmaps": True,
             "num_workers": 0, "anomaly_maps": False, "relative_to": None, "heatmap_size": 320, "on_error": "stop"}
 ON_ERROR = ("stop", "skip")
@@ -59,11 +59,11 @@ ON_ERROR = ("stop", "skip")
 def list_images(spec: str) -> list[str]:
     p = Path(spec)
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(str(f) for f in p.rglob("*") if is_image_file(f))
     elif p.is_file():
         files = [str(p)]
     else:
-        files = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in glob.glob(spec, recursive=True) if is_image_file(f))
     if not files:
         raise DataError(spec, "no images found (give a folder, a file or a glob such as 'dir/*.png')")
     return files

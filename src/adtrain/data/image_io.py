@@ -185,6 +185,22 @@ def mask_files(mask_path: str | Path) -> list[Path]:
     return files
 
 
+def mask_values(path: str | Path) -> np.ndarray:
+    """A mask or region file's values as stored, (H,W) or (H,W,3): alpha dropped, palette indices
+    kept, 16-bit colour files with their 16 bits (Pillow would keep each value's high byte: a defect
+    drawn with value 1 would vanish)."""
+    with _open(path) as im:
+        if _wide_colour(im):
+            return _wide_rgb(path)
+        if _load(im, path).mode in ("LA", "La", "PA"):
+            return np.asarray(im.getchannel(0))
+        if im.mode in ("RGBA", "RGBa", "RGBX"):
+            return np.asarray(im.convert("RGB"))
+        if im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            return np.asarray(im.convert("L"))
+        return np.asarray(im)
+
+
 def read_mask(mask_path: str | Path, image_size: tuple[int, int] | None = None,
               image_path: str | Path | None = None) -> np.ndarray:
     """Read a ground-truth mask as {0,1} uint8 (H,W); >0 is defect. A folder of masks
@@ -201,18 +217,7 @@ def read_mask(mask_path: str | Path, image_size: tuple[int, int] | None = None,
         for f in files:
             union |= read_mask(f, image_size, image_path)
         return union
-    with _open(mask_path) as im:
-        if _wide_colour(im):  # Pillow would keep each value's high byte: a defect of value 1 would vanish
-            arr = _wide_rgb(mask_path)
-        elif _load(im, mask_path).mode in ("LA", "La", "PA"):
-            arr = np.asarray(im.getchannel(0))
-        elif im.mode in ("RGBA", "RGBa", "RGBX"):
-            arr = np.asarray(im.convert("RGB"))
-        elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-            arr = np.asarray(im.convert("L"))
-        else:
-            arr = np.asarray(im)
-    mask = mask_from_array(arr)
+    mask = mask_from_array(mask_values(mask_path))
     if image_size is not None:
         w, h = image_size
         mh, mw = mask.shape

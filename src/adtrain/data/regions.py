@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adtrain.data.image_io import _load, _open, mask_files
+from adtrain.data.image_io import mask_files, mask_values
 from adtrain.errors import DataError
 
 #: regions of one image the packed code holds (bits of an int64, sign bit unused)
@@ -73,14 +73,8 @@ def load_defects_config(path: str | Path) -> dict[int, Saturation]:
 
 
 def _region_array(path: Path) -> np.ndarray:
-    """A region file's values, one channel (alpha dropped, as ``read_mask`` does)."""
-    with _open(path) as im:
-        if _load(im, path).mode in ("LA", "La", "PA"):
-            arr = np.asarray(im.getchannel(0))
-        elif im.mode in ("RGBA", "RGBa", "RGBX"):
-            arr = np.asarray(im.convert("RGB"))
-        else:
-            arr = np.asarray(im)
+    """A region file's values, one channel (``image_io.mask_values``, as ``read_mask`` reads them)."""
+    arr = mask_values(path)
     return arr.max(axis=2) if arr.ndim == 3 else arr
 
 
