@@ -263,6 +263,31 @@ def test_realiad_reads_its_split_file_and_refuses_paths_outside_the_root(tmp_pat
     assert len(_dm("realiad", linked, category="audiojack").test_samples) == 3
 
 
+def test_realiad_split_file_in_either_folder_and_views_held_out_together(tmp_path, caplog):
+    """The release's zip unpacks its split files to realiad_jsons/realiad_jsons/ or realiad_jsons/ (the
+    official README's): data.json_path=null finds either. The held-out normals are whole samples: no
+    view of a held-out object stays in training (the threshold is fitted on objects never seen)."""
+    from adtrain.data.testing import write_realiad_tree
+
+    root = write_realiad_tree(tmp_path / "riad", n_train=10, n_test_ok=2, defects={"AK": 2}, views=5,
+                              json_dir="realiad_jsons")
+    dm = _dm("realiad", root, category="audiojack")
+    dm.setup()
+    train = {dm.sample_group(s.path) for s in dm.train_samples}
+    val = {dm.sample_group(s.path) for s in dm.val_samples}
+    assert len(train) == 8 and len(val) == 2 and not train & val  # 20 % of the 10 samples, all 5 views each
+    assert len(dm.train_samples) == 40 and len(dm.val_samples) == 10
+    assert _dm("realiad", root, "data.seed=1", category="audiojack").val_samples != dm.val_samples  # seeded
+    with caplog.at_level("WARNING", logger="adtrain"):
+        assert sum(s.label for s in dm.test_samples) == 2
+    assert not [r for r in caplog.records if "no mask" in r.getMessage()]  # every defective view has its mask
+    (root / "realiad_jsons" / "audiojack.json").rename(root / "elsewhere.json")
+    with pytest.raises(DataError, match="split file not found, nor .*realiad_jsons/audiojack.json; data.json_path") as e:
+        _dm("realiad", root, category="audiojack").setup()
+    assert e.value.path == str(root / "realiad_jsons" / "realiad_jsons" / "audiojack.json")
+    assert len(_dm("realiad", root, "data.json_path=elsewhere.json", category="audiojack").train_samples) == 40
+
+
 def test_realiad_sample_auroc_scores_each_sample_by_its_views_highest_score(tmp_path):
     from adtrain.data import RealIADDataModule
     from adtrain.data.testing import write_realiad_tree

@@ -62,7 +62,7 @@ def test_visa_csv_saved_by_excel_and_a_short_row(tmp_path):
         VisADataModule(root=str(root), category="candle", **COMMON).setup()
 
 
-def test_visa_anomaly_without_mask_has_no_mask(tmp_path):
+def test_visa_anomaly_without_mask_has_no_mask(tmp_path, caplog):
     root = write_visa_tree(tmp_path / "visa", n_test_anomaly=2)
     csv_path = root / "split_csv/1cls.csv"
     rows = list(csv.reader(open(csv_path)))
@@ -70,8 +70,11 @@ def test_visa_anomaly_without_mask_has_no_mask(tmp_path):
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     dm = VisADataModule(root=str(root), category="candle", **COMMON)
-    anomalies = [s for s in dm.test_samples if s.label == 1]
+    with caplog.at_level("WARNING", logger="adtrain"):
+        anomalies = [s for s in dm.test_samples if s.label == 1]
     assert [s.mask_path is None for s in anomalies] == [False, True]
+    said = [r.getMessage() for r in caplog.records if "no mask" in r.getMessage()]  # named, not silent
+    assert len(said) == 1 and "1 of 2 anomalous test image(s)" in said[0] and anomalies[1].path in said[0]
     assert dm.make_dataset(anomalies)[1]["has_mask"].item() is False
 
 
@@ -81,39 +84,44 @@ def _write(folder, names, size=16, value=90):
         Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(folder / n)
 
 
-def test_folder_split_and_mask_matching(tmp_path):
+def test_folder_split_and_mask_matching(tmp_path, caplog):
     _write(tmp_path / "good", [f"{i:02d}.png" for i in range(10)])
-    _write(tmp_path / "bad", ["a.png", "b.png", "c.png"], value=200)
+    _write(tmp_path / "bad", ["a.png", "b.png", "c.png", "d.png"], value=200)
     mask_dir = tmp_path / "masks"
     mask_dir.mkdir()
     m = np.zeros((16, 16), np.uint8)
     m[3:6, 3:6] = 255
     Image.fromarray(m).save(mask_dir / "a.png")
     Image.fromarray(m).save(mask_dir / "b_mask.png")
+    Image.fromarray(m).save(mask_dir / "d.bmp")  # any image extension, as MVTec-style loaders read
     kw = dict(normal_dir=str(tmp_path / "good"), abnormal_dir=str(tmp_path / "bad"), mask_dir=str(mask_dir),
               normal_test_split=0.3, **COMMON)
     dm = FolderDataModule(**kw)
     dm.setup()
+    with caplog.at_level("WARNING", logger="adtrain"):
+        _ = dm.test_samples
+    said = [r.getMessage() for r in caplog.records if "no mask" in r.getMessage()]
+    assert len(said) == 1 and "1 of 4 anomalous test image(s)" in said[0] and "c.png" in said[0]
     test_normals = {s.path for s in dm.test_samples if s.label == 0}
     train_all = {s.path for s in dm.train_samples + dm.val_samples}
     assert len(test_normals) == 3 and len(train_all) == 7 and not test_normals & train_all
     masks = {s.path.rsplit("/", 1)[1]: s.mask_path for s in dm.test_samples if s.label == 1}
     assert masks["a.png"].endswith("masks/a.png") and masks["b.png"].endswith("b_mask.png")
-    assert masks["c.png"] is None
+    assert masks["c.png"] is None and masks["d.png"].endswith("masks/d.bmp")
     assert {s.defect for s in dm.test_samples if s.label} == {"bad"}
     assert {s.category for s in dm.test_samples} == {"folder"}
     again = FolderDataModule(**kw)
     assert {s.path for s in again.test_samples if s.label == 0} == test_normals
     other = FolderDataModule(**{**kw, "seed": 5})
     assert {s.path for s in other.test_samples if s.label == 0} != test_normals  # C(10,3)=120 choices
-    batch = next(iter(dm.make_dataloader(dm.test_samples, batch_size=6)))
+    batch = next(iter(dm.make_dataloader(dm.test_samples, batch_size=7)))
     has = dict(zip([p.rsplit("/", 1)[1] for p in batch["path"]], batch["has_mask"].tolist()))
-    assert has["a.png"] and has["b.png"] and not has["c.png"]
+    assert has["a.png"] and has["b.png"] and not has["c.png"] and has["d.png"]
     wrong = tmp_path / "gt"  # masks named otherwise (<stem>_gt.png): none found is an error, not silence
     wrong.mkdir()
-    for n in "abc":
+    for n in "abcd":
         Image.fromarray(m).save(wrong / f"{n}_gt.png")
-    with pytest.raises(DataError, match=r"holds no mask for any of the 3 anomalous images \(data.mask_dir\).*a.png") as e:
+    with pytest.raises(DataError, match=r"holds no mask for any of the 4 anomalous images \(data.mask_dir\).*a.png") as e:
         _ = FolderDataModule(**{**kw, "mask_dir": str(wrong)}).test_samples
     assert e.value.path == str(wrong)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections import defaultdict
@@ -22,6 +23,8 @@ from adtrain.data.resize import resize_rule
 from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment, build_transform,
                                      instantiate_if_config, size_pair, to_plain)
 from adtrain.errors import ConfigError, DataError
+
+log = logging.getLogger("adtrain")
 
 
 #: data.val_split's value for a dataset's own validation split (MVTec LOCO AD, MVTec 3D-AD, MVTec AD 2)
@@ -48,6 +51,25 @@ def split_by_fraction(items: Sequence, fraction: float, rng: np.random.Generator
     picked = sorted(order[:k].tolist())
     rest = sorted(order[k:].tolist())
     return [items[i] for i in rest], [items[i] for i in picked]
+
+
+def split_by_group(items: Sequence, groups: Sequence, fraction: float, rng: np.random.Generator) -> tuple[list, list]:
+    """split_by_fraction over whole groups (groups[i]: item i's group, e.g. the physical sample that
+    several camera views show): every item of a group lands on the same side, each side in item order."""
+    _, held = split_by_fraction(sorted(set(groups)), fraction, rng)
+    held = set(held)
+    return ([x for x, g in zip(items, groups) if g not in held], [x for x, g in zip(items, groups) if g in held])
+
+
+def warn_unmasked(samples: Sequence[Sample], source: object) -> None:
+    """Log the anomalous test images of each category that have no mask (allowed: they count for the
+    image metrics only), so that a mask folder or file list that misses some does not pass unseen."""
+    for cat, group in group_by_category(s for s in samples if s.label == 1).items():
+        lacking = [s.path for s in group if not s.mask_path]
+        if lacking:
+            log.warning("%s, category %s: %d of %d anomalous test image(s) have no mask and count for the image "
+                        "metrics only, not the pixel metrics: %s%s", source, cat, len(lacking), len(group),
+                        ", ".join(lacking[:3]), " ..." if len(lacking) > 3 else "")
 
 
 def group_by_category(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
@@ -206,7 +228,10 @@ class AnomalyDataModule(LightningDataModule):
             if official is not None:
                 rest, held = group, official.get(cat, [])
             else:
-                rest, held = split_by_fraction(group, self.val_split, seeded_rng(self.seed, "val_split", cat))
+                rng = seeded_rng(self.seed, "val_split", cat)
+                views = [self.sample_group(s.path) for s in group]  # several images of one physical sample:
+                rest, held = (split_by_fraction(group, self.val_split, rng) if None in views  # held out together
+                              else split_by_group(group, views, self.val_split, rng))
             if self.shots is not None:
                 if self.shots > len(rest):
                     raise ConfigError("data.shots", f"{self.shots} shots requested but category '{cat}' has "

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adtrain.data.base import AnomalyDataModule, seeded_rng, split_by_fraction
+from adtrain.data.base import AnomalyDataModule, seeded_rng, split_by_fraction, warn_unmasked
 from adtrain.data.dataset import Sample
-from adtrain.data.image_io import list_images
+from adtrain.data.image_io import IMAGE_EXTENSIONS, list_images
 from adtrain.errors import ConfigError, DataError
 
 
@@ -26,9 +26,10 @@ def _images(folder: Path, key: str, others: tuple[Path, ...] = ()) -> list[Path]
 class FolderDataModule(AnomalyDataModule):
     """normal_dir: normal images (train, and test unless normal_test_dir is given: then a seeded
     normal_test_split fraction goes to test). abnormal_dir: anomalous test images; images in a
-    subfolder take its name as defect type. mask_dir: masks named <stem>.png or <stem>_mask.png,
-    looked up first in the same relative subfolder, then at the top of mask_dir. An anomalous
-    image without a mask gets has_mask=False."""
+    subfolder take its name as defect type. mask_dir: masks named <stem>_mask.png or <stem> with any
+    image extension (<stem>.png first), looked up first in the same relative subfolder, then at the
+    top of mask_dir. An anomalous image without a mask gets has_mask=False (image metrics only; the
+    run's log names such images)."""
 
     def __init__(self, normal_dir: str, abnormal_dir: str | None = None, mask_dir: str | None = None,
                  normal_test_dir: str | None = None, normal_test_split: float = 0.2,
@@ -86,15 +87,18 @@ class FolderDataModule(AnomalyDataModule):
                 first = Path(anomalous[0].path)
                 rel = first.parent.relative_to(self.abnormal_dir)
                 raise DataError(self.mask_dir, f"holds no mask for any of the {len(anomalous)} anomalous images "
-                                f"(data.mask_dir): a mask is named <stem>.png or <stem>_mask.png, in the image's "
-                                f"subfolder or at the top, e.g. {self.mask_dir / rel / (first.stem + '.png')}")
+                                f"(data.mask_dir): a mask is named <stem>.png or <stem>_mask.png (or <stem> with "
+                                f"another image extension), in the image's subfolder or at the top, e.g. "
+                                f"{self.mask_dir / rel / (first.stem + '.png')}")
+            if self.mask_dir is not None:
+                warn_unmasked(samples, self.mask_dir)
         return samples
 
     def _find_mask(self, rel: Path, stem: str) -> Path | None:
         if self.mask_dir is None:
             return None
         for folder in dict.fromkeys([self.mask_dir / rel, self.mask_dir]):
-            for name in (f"{stem}.png", f"{stem}_mask.png"):
+            for name in dict.fromkeys((f"{stem}.png", f"{stem}_mask.png", *(stem + ext for ext in IMAGE_EXTENSIONS))):
                 if (folder / name).is_file():
                     return folder / name
         return None

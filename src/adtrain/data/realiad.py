@@ -1,7 +1,8 @@
 """Real-IAD (Wang et al., CVPR 2024): 30 categories, 5 camera views, listed by JSON files.
 
 ROOT/realiad_<resolution>/<category>/<image_path> with the split file
-ROOT/realiad_jsons/realiad_jsons/<category>.json: {"train": [...], "test": [...]}, each entry
+ROOT/realiad_jsons/realiad_jsons/<category>.json, or ROOT/realiad_jsons/<category>.json (the release's
+realiad_jsons.zip unpacks either way; the official README's): {"train": [...], "test": [...]}, each entry
 {"category", "anomaly_class", "image_path", "mask_path"}; anomaly_class "OK" is normal, any other
 code a defect type (AK pit, BX deformation, CH abrasion, HS scratch, PS damage, QS missing part,
 YW foreign object, ZW contamination). Other split files of the release (single view
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from adtrain.data.base import AnomalyDataModule
+from adtrain.data.base import AnomalyDataModule, warn_unmasked
 from adtrain.data.dataset import Sample
 from adtrain.errors import ConfigError, DataError
 
@@ -23,6 +24,8 @@ REALIAD_CATEGORIES = ("audiojack", "bottle_cap", "button_battery", "end_cap", "e
                       "toy", "transistor1", "u_block", "usb_adaptor", "usb", "vcpill", "wooden_beads", "woodstick",
                       "zipper")
 RESOLUTIONS = ("256", "512", "1024", "raw")
+#: data.json_path=null looks for the split file at these, in turn
+JSON_PATHS = ("realiad_jsons/realiad_jsons/{category}.json", "realiad_jsons/{category}.json")
 
 
 class RealIADDataModule(AnomalyDataModule):
@@ -31,11 +34,13 @@ class RealIADDataModule(AnomalyDataModule):
     (the paper's sample-level protocol). train_anomalies: what to do with
     training entries that are not "OK" (the fully unsupervised split files have some):
     ``exclude`` (default) leaves them out; ``include`` trains on them unlabelled, as that setting
-    means (the framework then sees them as normals). The release is given on request
+    means (the framework then sees them as normals). The held-out normals (data.val_split) are
+    whole samples, all of their views together (``sample_group``): a view held out never has its
+    object's other views in training. The release is given on request
     (https://realiad4ad.github.io/Real-IAD/): no automatic download."""
 
     def __init__(self, root: str, category: str | list[str], resolution: int | str = 256,
-                 json_path: str = "realiad_jsons/realiad_jsons/{category}.json", train_anomalies: str = "exclude",
+                 json_path: str | None = None, train_anomalies: str = "exclude",
                  download: bool = False, **common):
         super().__init__(category=category, **common)
         self.root = Path(root).expanduser()
@@ -44,9 +49,9 @@ class RealIADDataModule(AnomalyDataModule):
         if self.resolution not in RESOLUTIONS:
             raise ConfigError("data.resolution", f"{resolution!r} is not one of the release's: "
                               f"{', '.join(RESOLUTIONS)}")
-        if "{category}" not in json_path and len(self.categories) > 1:
+        if json_path is not None and "{category}" not in str(json_path) and len(self.categories) > 1:
             raise ConfigError("data.json_path", "needs {category} where the task holds several categories")
-        self.json_path = str(json_path)
+        self.json_path = None if json_path is None else str(json_path)
         if train_anomalies not in ("exclude", "include"):
             raise ConfigError("data.train_anomalies", f"must be exclude or include, got {train_anomalies!r}")
         self.train_anomalies = train_anomalies
@@ -68,10 +73,12 @@ class RealIADDataModule(AnomalyDataModule):
                             "environment variable) to where it is. It is given on request at "
                             "https://realiad4ad.github.io/Real-IAD/"
                             + (" (data.download=true cannot fetch it)" if self.download else ""))
-        path = self.root / self.json_path.format(category=cat)
+        tried = [self.root / p.format(category=cat) for p in ((self.json_path,) if self.json_path else JSON_PATHS)]
+        path = next((p for p in tried if p.is_file()), tried[0])
         if not path.is_file():
             known = "" if cat in REALIAD_CATEGORIES else f" ('{cat}' is not a Real-IAD category)"
-            raise DataError(path, f"split file not found{known}; data.json_path chooses another")
+            also = f", nor {', '.join(map(str, tried[1:]))}" if len(tried) > 1 else ""
+            raise DataError(path, f"split file not found{known}{also}; data.json_path chooses another")
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -128,4 +135,6 @@ class RealIADDataModule(AnomalyDataModule):
         return samples
 
     def _test_samples(self) -> list[Sample]:
-        return [s for cat in self.categories for s in self._samples(cat, "test")]
+        samples = [s for cat in self.categories for s in self._samples(cat, "test")]
+        warn_unmasked(samples, self.root)
+        return samples

@@ -125,11 +125,13 @@ def write_visa_tree(root: str | Path, categories: tuple[str, ...] = ("candle",),
 
 def write_realiad_tree(root: str | Path, category: str = "audiojack", n_train: int = 6, n_test_ok: int = 2,
                        defects: dict[str, int] | None = None, train_ng: int = 0, size: int = 32, seed: int = 0,
-                       resolution: str = "256", views: int = 1) -> Path:
+                       resolution: str = "256", views: int = 1,
+                       json_dir: str = "realiad_jsons/realiad_jsons") -> Path:
     """Real-IAD layout: ROOT/realiad_<res>/CAT/{OK,NG/<code>}/S<id>/*_C<view>.jpg (+ *_mask.png) and
-    the split file ROOT/realiad_jsons/realiad_jsons/CAT.json; train_ng: defective training entries
-    (as the fully unsupervised split files have); views: images of each test sample (a defective
-    sample's first view shows the defect, the others are entries labelled OK). Returns ROOT."""
+    the split file ROOT/<json_dir>/CAT.json (the release's zip unpacks to realiad_jsons/realiad_jsons/
+    or realiad_jsons/); train_ng: defective training entries (as the fully unsupervised split files
+    have); views: images of each sample, training and test (a defective sample's first view shows
+    the defect, the others are entries labelled OK). Returns ROOT."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     folder = root / f"realiad_{resolution}" / category
@@ -152,7 +154,7 @@ def write_realiad_tree(root: str | Path, category: str = "audiojack", n_train: i
     i = 0
     for which, n in (("train", n_train), ("test", n_test_ok)):
         for _ in range(n):
-            for view in range(1, (views if which == "test" else 1) + 1):
+            for view in range(1, views + 1):
                 add(which, "OK", i, view=view)
             i += 1
     for j in range(train_ng):
@@ -164,7 +166,7 @@ def write_realiad_tree(root: str | Path, category: str = "audiojack", n_train: i
             for view in range(2, views + 1):
                 add("test", "OK", i, view=view, folder_code=code)
             i += 1
-    path = root / "realiad_jsons" / "realiad_jsons" / f"{category}.json"
+    path = root / json_dir / f"{category}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": {"prefix": "", "normal_class": "OK"}, **split}))
     return root

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from adtrain.data.base import AnomalyDataModule
+from adtrain.data.base import AnomalyDataModule, warn_unmasked
 from adtrain.data.dataset import Sample
 from adtrain.data.download import VISA, download_dataset
 from adtrain.errors import DataError
@@ -105,4 +105,6 @@ class VisADataModule(AnomalyDataModule):
         return samples
 
     def _test_samples(self) -> list[Sample]:
-        return self._samples("test")
+        samples = self._samples("test")
+        warn_unmasked(samples, self.csv_path)
+        return samples
