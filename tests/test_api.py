@@ -31,6 +31,8 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys):
     row = run.scores()[0]
     assert isinstance(row["score"], float) and row["label"] in (0, 1) and isinstance(row["category"], str)
     assert adtrain.Run.open(run.run_dir).results == run.results
+    (run.run_dir / "score_histogram.png").unlink()  # as a continual run or test=false draws none: None, not a path
+    assert adtrain.Run.open(run.run_dir).histogram is None
     assert "image threshold" in run.table() and str(run.run_dir) in repr(run)
 
     # the finished run's model.ckpt on its test set again: the same figures, same threshold

@@ -152,6 +152,47 @@ def test_a_locked_directory_is_refused_at_once(fast_cfg, tmp_path, monkeypatch):
     assert not (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("how", ["api", "cli", "cli_resume"])
+def test_a_run_still_going_is_named_as_such_once_it_has_checkpoints(fast_cfg, tmp_path, monkeypatch, capsys, how):
+    """A live run that has written checkpoints is "in use by another run (pid N)", not "an earlier run
+    that did not finish (resume=true continues it)": that advice, taken, would resume a run that is
+    still going."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from adtrain.rundir import RunDirGuard
+    from adtrain.run import run
+    from tests.conftest import CONF
+
+    _never_trains(monkeypatch)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"written by the live run")
+    live = os.getpid()
+    tmp_path.joinpath(".adtrain.lock").write_text(str(live))
+    with open(tmp_path / ".adtrain.lock", "r+") as held:  # the live run holds its lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if how == "api":
+            with pytest.raises(ConfigError, match=rf"{tmp_path} is in use by another run \(pid {live}\)"):
+                run(fast_cfg(), tmp_path)
+        else:
+            over = [*FAST, f"hydra.run.dir={tmp_path}", *(["resume=true"] if how == "cli_resume" else [])]
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                config = hydra_compose("config", overrides=over, return_hydra_config=True)
+            with pytest.raises(SystemExit) as e:
+                RunDirGuard().on_run_start(config)
+            assert e.value.code == 2
+            err = capsys.readouterr().err
+            assert f"{tmp_path} is in use by another run (pid {live})" in err and "resume=true" not in err, err
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == b"written by the live run"
+    assert not (tmp_path / "config.yaml").exists()
+    run_free = tmp_path / "free"  # a lock file nobody holds (a run that ended) says nothing
+    run_free.mkdir()
+    (run_free / ".adtrain.lock").write_text(str(live))
+    from adtrain.rundir import check_free
+
+    check_free(run_free)
+
+
 def test_a_lock_left_by_a_killed_runs_workers_is_waited_for(tmp_path, monkeypatch):
     """kill -9 of a run: its DataLoader workers inherit the lock (flock follows the descriptor) and
     hold it for the seconds they take to exit. The holder's pid is dead: acquire waits for them

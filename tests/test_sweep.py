@@ -393,3 +393,12 @@ def test_a_stopped_sweep_resumes_keeping_finished_jobs(tmp_path):
     assert not list(sweep.glob("**/.hydra-before-resume"))
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert sorted(r["seed"] for r in rows) == ["0", "1", "2"]
+
+    (sweep / "1" / "results.json").unlink()  # begun: refused as a finished job is, its record put back too
+    p = sweep_run("resume=true", seeds="seed=0,6,2")
+    said = p.stdout + p.stderr
+    assert "holds another job of a sweep" in said and f"hydra.run.dir={sweep / '1'}" not in said, said[-3000:]
+    record = list(OmegaConf.load(sweep / "1" / ".hydra" / "overrides.yaml"))
+    assert "seed=1" in record and "seed=6" not in record
+    assert OmegaConf.load(sweep / "1" / "config.yaml").seed == 1 and not (sweep / "1" / "results.json").exists()
+    assert not (sweep / "1" / "error.txt").exists() and "the fitted model is kept" not in said  # nothing written into it

@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from adtrain.errors import AdtrainError
+from adtrain.errors import AdtrainError, ConfigError
 
 log = logging.getLogger("adtrain")
 
@@ -109,7 +109,8 @@ def main(cfg: DictConfig) -> float | None:
         results = run(cfg)
     except AdtrainError as err:
         log.error("%s", err)
-        if rundir.holds(run_dir) and not rundir.finished(run_dir):  # never into another run's directory
+        refused = isinstance(err, ConfigError) and err.key == "resume"  # the folder holds another job: left as it is
+        if rundir.holds(run_dir) and not rundir.finished(run_dir) and not refused:  # never into another run's directory
             write_text(run_dir / "error.txt", f"{type(err).__name__}: {err}\n")
             fitted = run_dir / "checkpoints" / "model.ckpt"
             if fitted.is_file():  # it failed while testing: the fit is kept

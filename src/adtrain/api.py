@@ -94,8 +94,11 @@ class Run:
         return sorted((self.run_dir / "heatmaps").rglob("*.png"))
 
     @property
-    def histogram(self) -> Path:
-        return self.run_dir / "score_histogram.png"
+    def histogram(self) -> Path | None:
+        """score_histogram.png (the test scores of normals and defects, the threshold); None where the
+        run drew none (a continual run, a run with test=false)."""
+        path = self.run_dir / "score_histogram.png"
+        return path if path.is_file() else None
 
     def scores(self) -> list[dict]:
         """scores.csv: one dict per test image (path, category, defect, label, score, normalized_score,

@@ -151,22 +151,28 @@ def sweep_job(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> 
         if not isinstance(stored, dict) or not isinstance(done, dict):
             raise ConfigError("resume", f"{run_dir}: config.yaml / results.json are not a run's record; "
                               "overwrite=true runs the sweep again")
-        refused = [d for d in config_diff(stored, OmegaConf.to_container(cfg, resolve=True), keys)
-                   if not resumable(d[0])]
-        if refused:
-            from adtrain.sweep import restore_record
-
-            restore_record(run_dir)  # Hydra has rewritten its .hydra/ for this job already
-            raise ConfigError("resume", f"{run_dir} holds another job of a sweep ({_shown(refused)}): a sweep is resumed "
-                              "with the command that began it plus resume=true (an Optuna sampler needs its "
-                              "seed); overwrite=true runs the sweep again")
+        _another_job(run_dir, stored, cfg, keys)
         return done, cfg
     if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints" / "last.ckpt").exists():
+        _another_job(run_dir, stored_config(run_dir), cfg, keys)  # begun: refused as a finished job is
         return None, resumed_config(cfg, run_dir, keys)
     fresh = copy.deepcopy(cfg)
     with open_dict(fresh):
         fresh["resume"] = False
     return None, fresh
+
+
+def _another_job(run_dir: Path, stored: dict, cfg: DictConfig, keys: list[str] | None) -> None:
+    """Refuse a sweep job's folder that holds another job (the overridden keys differ, run-time settings
+    aside), its .hydra/ record put back as it was, with the sweep's way to resume (not a single run's)."""
+    refused = [d for d in config_diff(stored, OmegaConf.to_container(cfg, resolve=True), keys) if not resumable(d[0])]
+    if refused:
+        from adtrain.sweep import restore_record
+
+        restore_record(run_dir)  # Hydra has rewritten its .hydra/ for this job already
+        raise ConfigError("resume", f"{run_dir} holds another job of a sweep ({_shown(refused)}): a sweep is resumed "
+                          "with the command that began it plus resume=true (an Optuna sampler needs its "
+                          "seed); overwrite=true runs the sweep again")
 
 
 def _shown(diffs: list[tuple[str, Any, Any]]) -> str:

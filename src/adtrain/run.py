@@ -78,6 +78,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     cfg = _record_resize_rule(cfg)
     if distributed.rank() != 0:  # a DDP rank started by rank 0: it computes, rank 0 owns the directory
         return _run_rank(cfg, run_dir)
+    rundir.check_free(run_dir)  # a run still going is named as such, whatever it has written yet
     resume = bool(cfg.get("resume", False))
     if resume:
         cfg = resumed_config(cfg, run_dir)  # the run's own config; another experiment is refused

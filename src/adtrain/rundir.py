@@ -93,13 +93,41 @@ def acquire(run_dir: str | os.PathLike) -> bool:
                 time.sleep(0.2)
                 continue
             os.close(fd)
-            gone = "" if _alive(holder) else ", which has ended: its worker processes still hold the lock"
-            raise ConfigError("hydra.run.dir", f"{run_dir} is in use by another run (pid {holder}{gone}); wait "
-                              "for it to end or choose another hydra.run.dir") from None
+            raise _in_use(run_dir, holder) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _HELD[key] = fd
     return True
+
+
+def _in_use(run_dir: Path, holder: str) -> ConfigError:
+    gone = "" if _alive(holder) else ", which has ended: its worker processes still hold the lock"
+    return ConfigError("hydra.run.dir", f"{run_dir} is in use by another run (pid {holder}{gone}); wait "
+                       "for it to end or choose another hydra.run.dir")
+
+
+def check_free(run_dir: str | os.PathLike) -> None:
+    """The in-use error where a live run holds run_dir's lock, before anything else is said about the
+    directory (a run still going is not "an earlier run that did not finish"); creates nothing. A lock
+    held only by a dead run's exiting workers passes here: acquire waits for them."""
+    run_dir = Path(run_dir)
+    if _key(run_dir) in _HELD:
+        return
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: no run has held this directory
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            if _alive(holder):
+                raise _in_use(run_dir, holder) from None
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def holds(run_dir: str | os.PathLike) -> bool:
@@ -209,6 +237,7 @@ class RunDirGuard(Callback):
         with read_write(config.hydra):
             config.hydra.run.dir = str(run_dir)  # resolved once: ${now:...} must not move between here and Hydra
         try:
+            check_free(run_dir)  # a run still going is named as such, whatever it has written yet
             task = _task_config(config)
             resume = bool(task.get("resume", False))
             if resume:
