@@ -108,11 +108,13 @@ def config_diff(stored: dict, new: dict, keys: list[str] | None = None) -> list[
     return [(n, a.get(n, _ABSENT), b.get(n, _ABSENT)) for n in names if a.get(n, _ABSENT) != b.get(n, _ABSENT)]
 
 
-def resumed_config(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> DictConfig:
+def resumed_config(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None,
+                   stored: dict | None = None) -> DictConfig:
     """The config to resume run_dir with: its config.yaml, plus the run-time settings of cfg that
     differ (keys: only the overridden keys count, as on the command line; None: every key of cfg).
-    Any other difference raises ConfigError('resume') listing it."""
-    stored = stored_config(run_dir)
+    Any other difference raises ConfigError('resume') listing it. stored: stored_config(run_dir),
+    where the caller has read it already (it may come from last.ckpt)."""
+    stored = stored_config(run_dir) if stored is None else stored
     new = OmegaConf.to_container(cfg, resolve=True)
     diffs = config_diff(stored, new, keys)
     refused = [d for d in diffs if not resumable(d[0])]
@@ -154,8 +156,9 @@ def sweep_job(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> 
         _another_job(run_dir, stored, cfg, keys)
         return done, cfg
     if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints" / "last.ckpt").exists():
-        _another_job(run_dir, stored_config(run_dir), cfg, keys)  # begun: refused as a finished job is
-        return None, resumed_config(cfg, run_dir, keys)
+        stored = stored_config(run_dir)  # read once (without config.yaml: from last.ckpt)
+        _another_job(run_dir, stored, cfg, keys)  # begun: refused as a finished job is
+        return None, resumed_config(cfg, run_dir, keys, stored)
     fresh = copy.deepcopy(cfg)
     with open_dict(fresh):
         fresh["resume"] = False
