@@ -1,7 +1,7 @@
 """trainer=ddp (2 CPU processes, gloo) gives the single-process answer (adtrain.distributed, adtrain.strategy).
 
-One CLI run per method and mode. PatchCore and HETMM are training-free: the bank is identical and the
-figures equal. CFA and DFM run at learning rate 0 (a trained comparison cannot be exact: DDP averages
+One CLI run per method and mode. PatchCore (with pixel metrics at the images' own sizes) and HETMM (in a
+continual schedule) are training-free: the bank is identical and the figures equal. CFA and DFM run at learning rate 0 (a trained comparison cannot be exact: DDP averages
 gradients over shards of a batch): their memory is built from the same images in the same order, so the
 figures match to 1e-6 (CPU reductions on one thread per rank may differ in the last bits). STFPM trains:
 DDP cannot be bit-identical to one process, so its test asserts what is true (the ranks agree on the test
@@ -30,8 +30,7 @@ from tests.conftest import FAST
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"fit_seconds", "val_seconds", "test_seconds", "test_images_per_second", "peak_memory_mb",
           "image_cache", "feature_cache", "feature_cache_lookups", "nested_cache", "nested_cache_lookups"}  # not results: the second run hits the cache
-EXACT = {"patchcore": [], "hetmm": [],
-         "cfa": ["method.lr=0"],
+EXACT = {"cfa": ["method.lr=0"],  # PatchCore: test_ddp_patchcore_..., HETMM: test_ddp_continual_schedule
          "dfm": ["trainer.max_epochs=2", "method.rounds=1", "method.stage1_epochs=1", "method.stage2_epochs=1",
                  "method.lr_adapter=0", "method.lr_fmn=0", "method.memory_size=30"]}
 
@@ -113,42 +112,48 @@ def _close(got, want, tol: float, key: str) -> None:
         assert got == want, key
 
 
-@pytest.mark.parametrize("method", sorted(EXACT))
-def test_ddp_gives_the_single_process_answer(tmp_path, method):
-    args = [f"method={method}", *EXACT[method]]
-    single, ddp = _single_and_ddp(tmp_path, args, ["trainer=ddp", "trainer.devices=2"])
-    exact = method in ("patchcore", "hetmm")
-    _same(single, ddp, 0.0 if exact else 1e-6)
-    assert ddp["num_test"] == single["num_test"] == 16  # every test image once (the sampler pads one rank)
+def _same_outputs(tmp_path: Path, exact: bool) -> None:
+    """scores.csv (dataset order, each image once) and the heatmaps of the DDP run are the single run's."""
     a, b = _scores(tmp_path / "single"), _scores(tmp_path / "ddp")
     assert [r["path"] for r in b] == [r["path"] for r in a]  # dataset order, no repeat
     assert [float(r["score"]) for r in b] == pytest.approx([float(r["score"]) for r in a], abs=0 if exact else 1e-6)
     assert sorted(p.name for p in (tmp_path / "ddp" / "heatmaps").iterdir()) == \
         sorted(p.name for p in (tmp_path / "single" / "heatmaps").iterdir())
-    if method == "patchcore":
-        banks = [torch.load(tmp_path / d / "checkpoints" / "model.ckpt", weights_only=False)["state_dict"]
-                 for d in ("single", "ddp")]
-        assert banks[0]["model.memory.bank"].numel() > 0
-        assert torch.equal(banks[0]["model.memory.bank"], banks[1]["model.memory.bank"])
 
 
-def test_ddp_pixel_metrics_at_the_images_own_sizes(tmp_path):
-    """metrics.resolution=source under DDP: each rank's maps at their images' sizes (two sizes, in
-    batches that mix them), replayed as one process counts them."""
+@pytest.mark.parametrize("method", sorted(EXACT))
+def test_ddp_gives_the_single_process_answer(tmp_path, method):
+    args = [f"method={method}", *EXACT[method]]
+    single, ddp = _single_and_ddp(tmp_path, args, ["trainer=ddp", "trainer.devices=2"])
+    _same(single, ddp, 1e-6)
+    assert ddp["num_test"] == single["num_test"] == 16
+    _same_outputs(tmp_path, exact=False)
+
+
+def test_ddp_patchcore_gives_the_single_process_answer_with_pixels_at_the_images_own_sizes(tmp_path):
+    """PatchCore is training-free: the bank and every figure are identical. With metrics.resolution=source
+    each rank's maps are at their images' sizes (two sizes, in batches that mix them), replayed as one
+    process counts them; 11 test images on 2 ranks: the sampler pads one rank with a repeat, counted once."""
     from adtrain.data.testing import write_mvtec_tree
     from tests.conftest import FAST_BASE
 
     root = tmp_path / "mvtec"
     write_mvtec_tree(root, "c1", n_train=8, n_test_good=2, defects={"crack": 3}, size=160, seed=1)
-    write_mvtec_tree(root, "c2", n_train=8, n_test_good=2, defects={"crack": 3}, size=120, seed=2)
+    write_mvtec_tree(root, "c2", n_train=8, n_test_good=3, defects={"crack": 3}, size=120, seed=2)
     args = ["data=mvtec", f"data.root={root}", "data.category=[c1,c2]", "data.num_workers=0", "data.val_split=0.25",
             "method=patchcore", "method.image_size=[40,40]", "method.center_crop=[32,32]", "method.batch_size=4",
             "metrics.resolution=source", "metrics.exact_pixels=0"]  # streamed: the updates' order counts
     single, ddp = _single_and_ddp(tmp_path, args, ["trainer=ddp", "trainer.devices=2"], base=FAST_BASE)
     _same(single, ddp, 0.0)
+    assert ddp["num_test"] == single["num_test"] == 11
+    _same_outputs(tmp_path, exact=True)
+    banks = [torch.load(tmp_path / d / "checkpoints" / "model.ckpt", weights_only=False)["state_dict"]
+             for d in ("single", "ddp")]
+    assert banks[0]["model.memory.bank"].numel() > 0
+    assert torch.equal(banks[0]["model.memory.bank"], banks[1]["model.memory.bank"])
     assert ddp["pixel_resolution"] == "source" and ddp["pixel_metrics_exact"] is False
     decided = ddp["pixel_test_at_threshold"]
-    assert decided["tp"] + decided["fp"] + decided["fn"] + decided["tn"] == 5 * (160 ** 2 + 120 ** 2)  # each pixel once
+    assert decided["tp"] + decided["fp"] + decided["fn"] + decided["tn"] == 5 * 160 ** 2 + 6 * 120 ** 2  # each pixel once
 
 
 TRAINED = {"stfpm": [],  # DFM trained (lr > 0): its memory is resized after DDP wraps the module
@@ -171,7 +176,8 @@ def test_ddp_trained_method_scores_every_test_image_once(tmp_path, method):
 
 
 def test_ddp_continual_schedule(tmp_path):
-    args = ["method=patchcore", "schedule=synthetic_3", "data.num_train=10", "data.num_test_normal=3",
+    """HETMM (training-free, templates gathered from every rank after each task): every figure equal."""
+    args = ["method=hetmm", "schedule=synthetic_3", "data.num_train=10", "data.num_test_normal=3",
             "data.num_test_anomalous=3", "data.size=32", "method.image_size=[32,32]", "method.batch_size=4",
             "output.heatmaps=0"]
     single, ddp = _single_and_ddp(tmp_path, args, ["trainer=ddp"])
