@@ -104,6 +104,22 @@ def test_patchcore_per_task_banks_route_images_to_their_task(fast_cfg, tmp_path)
         r = rows[f]
         assert float(r["threshold"]) == pytest.approx(float(thr)) and int(r["is_anomalous"]) == int(score > thr)
 
+    # adtrain.test on the continual run: every seen task's test set, as the run's last row (not the last
+    # task's alone); a task's checkpoint: the tasks up to it; data.category: those categories as one set
+    import adtrain
+
+    again = adtrain.test(tmp_path, out_dir=tmp_path / "again")
+    assert [e["image_auroc"] for e in again["per_task"]] == pytest.approx(res["matrices"]["image_auroc"][2], abs=1e-9)
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        assert again[key] == pytest.approx(res[key], abs=1e-9), key
+    assert len(set(res["matrices"]["image_auroc"][2])) > 1  # the average differs from the last task's figure
+    assert [float(r["score"]) for r in csv.DictReader(open(tmp_path / "again" / "scores.csv"))] == \
+        pytest.approx([float(r["score"]) for r in csv.DictReader(open(tmp_path / "scores.csv"))], abs=1e-6)
+    first = adtrain.test(tmp_path / "tasks" / "1" / "model.ckpt", ["output.heatmaps=0"])
+    assert [e["image_auroc"] for e in first["per_task"]] == pytest.approx(res["matrices"]["image_auroc"][1][:2], abs=1e-9)
+    one = adtrain.test(tmp_path, ["data.category=grid", "output.heatmaps=0"])
+    assert "per_task" not in one and one["num_test"] == res["per_task"][2]["evaluations"][1]["num_test"]
+
 
 def test_patchcore_shared_bank_grows_across_tasks(fast_cfg, tmp_path):
     from adtrain.loading import load_method

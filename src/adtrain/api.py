@@ -153,23 +153,37 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
     or of the data the overrides name (e.g. ["data.category=poly"]); the fitted threshold is kept.
 
     Returns the test figures (image/pixel metrics, timing, results.json's per-defect, per-category
-    and at-threshold figures); with out_dir, writes its scores.csv and heatmaps there."""
-    import tempfile
+    and at-threshold figures); with out_dir, writes its scores.csv and heatmaps there.
 
-    from adtrain.build import build_datamodule, build_trainer, configure_method
-    from adtrain.engine import evaluate_method, test_breakdown, write_scores_csv
+    A continual run (its directory or a task's model.ckpt) is tested as the run tested it: on the
+    test set of every task seen up to that checkpoint, each separately (``per_task``), the metrics
+    averaged over them (results.json's final row); ``data.category`` in the overrides tests the
+    named categories as one set instead."""
+    from adtrain.build import build_datamodule, configure_method
     from adtrain.loading import load_method
-    from adtrain.preflight import check_files
 
     _quiet()
     path = Path(checkpoint)
     if path.is_dir():
         path = Run.open(path).checkpoint
-    method, cfg, _ = load_method(path)
+    method, cfg, ckpt = load_method(path)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         configure_method(method, cfg)  # e.g. metrics.aupro_fpr_limit=0.05
+    tasks = _seen_tasks(ckpt, overrides)
+    if tasks:
+        return _test_tasks(method, cfg, tasks, out_dir)
     dm = build_datamodule(cfg)
+    return _test_one(method, cfg, dm, out_dir)
+
+
+def _test_one(method, cfg: DictConfig, dm, out_dir: str | Path | None) -> dict:
+    import tempfile
+
+    from adtrain.build import build_trainer
+    from adtrain.engine import evaluate_method, test_breakdown, write_scores_csv
+    from adtrain.preflight import check_files
+
     check_files(dm, test=True)
     if out_dir is None:  # nothing to keep: the trainer's folder is removed afterwards
         with tempfile.TemporaryDirectory(prefix="adtrain-test-") as work:
@@ -182,3 +196,54 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
         write_scores_csv(work / "scores.csv", method.test_records)
     breakdown = test_breakdown(method, figures, dm)  # by_category holds the per-category pixel figures
     return {**{k: v for k, v in figures.items() if k != "pixel_by_category"}, **breakdown}
+
+
+def _seen_tasks(ckpt: dict, overrides: Sequence[str]) -> list[list[str]] | None:
+    """The categories of each task a continual checkpoint has seen (joint: every task); None for a
+    single-task run, a one-task schedule, or overrides that name the test categories."""
+    from adtrain.continual.schedule import parse_tasks
+
+    sched = ckpt.get("schedule")
+    if not isinstance(sched, dict) or any(o.lstrip("+~").split("=")[0] in ("data", "data.category") for o in overrides):
+        return None
+    tasks = parse_tasks(sched.get("tasks"))
+    if len(tasks) < 2:
+        return None
+    return tasks if sched.get("joint") else tasks[: int(ckpt.get("task", len(tasks) - 1)) + 1]
+
+
+def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | Path | None) -> dict:
+    """Each seen task's test set on its own (as the continual runner's last row): per_task figures,
+    the metrics averaged over tasks; with out_dir, scores.csv (a task column) and heatmaps/task_<i>."""
+    import contextlib
+    import tempfile
+
+    import numpy as np
+
+    from adtrain.build import build_datamodule, build_trainer
+    from adtrain.continual.schedule import task_config, task_name
+    from adtrain.engine import METRIC_KEYS, evaluate_method, write_scores_csv
+    from adtrain.preflight import check_files
+
+    per_task, records = [], []
+    keep = contextlib.nullcontext(out_dir) if out_dir is not None else tempfile.TemporaryDirectory(prefix="adtrain-test-")
+    with keep as work:
+        work = Path(work)
+        for i, cats in enumerate(tasks):
+            tcfg = task_config(cfg, cats)
+            dm = build_datamodule(tcfg)
+            check_files(dm, test=True)
+            trainer, _ = build_trainer(tcfg, work, None)
+            heatmaps = work / "heatmaps" / f"task_{i}" if out_dir is not None else None
+            figures = evaluate_method(tcfg, trainer, method, dm, heatmaps, per_category=False)
+            per_task.append({"task": i, "name": task_name(cats), **figures})
+            records += [{"task": i, **r} for r in method.test_records]
+        if out_dir is not None:
+            write_scores_csv(work / "scores.csv", records)
+
+    def mean(key):
+        vals = [float(e[key]) for e in per_task if isinstance(e.get(key), (int, float)) and np.isfinite(e[key])]
+        return float(np.mean(vals)) if vals else None
+
+    return {**{k: mean(k) for k in METRIC_KEYS}, "num_test": sum(e["num_test"] for e in per_task),
+            "test_seconds": round(sum(e["test_seconds"] for e in per_task), 3), "per_task": per_task}
