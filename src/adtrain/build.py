@@ -44,6 +44,11 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
             raise cause from None
         if isinstance(cause, (TypeError, ValueError)):
             raise ConfigError(_culprit(cfg, where, cause), f"{cause} (target {cfg['_target_']})") from None
+        if "Error locating target" in str(err):  # a _target_ that does not import (e.g. in data.augment)
+            text = str(err).splitlines()[0].split(", set env var")[0]
+            target = text.split("'")[1] if text.count("'") >= 2 else None
+            found = [k for k, v in cfg.items() if target and not k.startswith("_") and target in str(v)]
+            raise ConfigError(f"{where}.{found[0]}" if len(found) == 1 else where, text) from None
         raise
 
 
@@ -205,8 +210,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_ev
             **kwargs, logger=logger if logger is not None else False, callbacks=callbacks,
             plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
         )
-    except TypeError as err:
-        raise ConfigError("trainer", str(err)) from None
-    except MisconfigurationException as err:  # e.g. a progress bar callback with enable_progress_bar=false
-        raise ConfigError("trainer", str(err).replace("\n", " ")) from None
+    except (TypeError, ValueError, ImportError, MisconfigurationException) as err:
+        # an unknown accelerator, strategy or precision, devices=0, TPU without torch_xla, a progress bar
+        # callback with enable_progress_bar=false: Lightning's message, naming the key it is about
+        text = " ".join(str(err).split())
+        raise ConfigError(_trainer_key(text, kwargs), text) from None
     return trainer, ckpt
+
+
+def _trainer_key(text: str, kwargs: dict) -> str:
+    """trainer.<key> for the first of the Trainer's arguments the error names, else trainer."""
+    if "torch_xla" in text:
+        return "trainer.accelerator"
+    low = text.lower()
+    for key in ("devices", "num_nodes", "precision", "strategy", "accelerator", "val_check_interval",
+                "enable_progress_bar"):
+        if key in kwargs and (key in low or key.replace("_", " ") in low):
+            return f"trainer.{key}"
+    return "trainer"

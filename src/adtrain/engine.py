@@ -112,13 +112,20 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     if monitor.startswith(("val_image_auroc", "val_pixel_auroc")) and not dm.val_anomalies.per_normal:
         raise ConfigError("selection.monitor", f"{monitor} needs synthetic anomalies in the validation set "
                           "(data.val_anomalies is empty); use normal_score, normal_map_mean or last")
-    confidence = (cfg.get("selection") or {}).get("start_confidence")
+    sel = cfg.get("selection") or {}
+    conf_key = "selection.start_confidence" if sel.get("start_confidence") is not None else "method.start_confidence"
+    confidence = sel.get("start_confidence")
     confidence = cfg.method.get("start_confidence", 0.0) if confidence is None else confidence
+    if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))):
+        raise ConfigError(conf_key, f"must be a number, got {confidence!r}")
     selector = Selection(monitor, run_dir / "checkpoints", float(confidence or 0.0)) if has_val else None
-    val_every = ((cfg.get("selection") or {}).get("every_n_epochs") or cfg.method.get("val_every_n_epochs")
-                 or getattr(method, "val_every_n_epochs", None) or 1)
-    if int(val_every) < 1:
-        raise ConfigError("selection.every_n_epochs", f"must be >= 1, got {val_every}")
+    every_key = "selection.every_n_epochs" if sel.get("every_n_epochs") is not None else "method.val_every_n_epochs"
+    val_every = sel.get("every_n_epochs")
+    val_every = cfg.method.get("val_every_n_epochs") if val_every is None else val_every
+    if val_every is None:
+        val_every = getattr(method, "val_every_n_epochs", None) or 1
+    if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 1:
+        raise ConfigError(every_key, f"must be a whole number >= 1, got {val_every!r}")
     method.val_every_n_epochs = int(val_every)
     trainer, _ = build_trainer(cfg, run_dir, logger, selector, int(val_every))
     method.adtrain_config = OmegaConf.to_container(cfg, resolve=True)

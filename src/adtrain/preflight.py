@@ -9,11 +9,16 @@ test image is decoded before testing.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from adtrain.errors import ConfigError, DataError
+
+log = logging.getLogger("adtrain")
 
 #: files named in one error at most (the count of the rest follows)
 MAX_LISTED = 3
@@ -25,14 +30,77 @@ def _number(value, key: str) -> float:
     return float(value)
 
 
+#: the config groups whose options' keys sit under the group's name (config.yaml's at the top level)
+_FLAG_GROUPS = ("backbone", "data", "logger", "method", "schedule", "trainer")
+#: keys that take on | off words and check them where they are read (a bare off in YAML is false)
+_WORD_KEYS = frozenset({"feature_cache"})
+
+
+@functools.lru_cache(maxsize=1)
+def flag_keys() -> frozenset[str]:
+    """Every key whose default is true or false in the packaged config (config.yaml and the groups'
+    options), read with OmegaConf's YAML rules: ``off``/``on`` are strings there, not booleans."""
+    import yaml
+    from omegaconf._utils import get_yaml_loader
+
+    conf = Path(__file__).resolve().parent / "conf"
+    files = [(conf / "config.yaml", "")] + [(f, f"{g}.") for g in _FLAG_GROUPS for f in sorted((conf / g).glob("*.yaml"))]
+    keys: set[str] = set()
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, bool):
+                keys.add(f"{prefix}{k}")
+
+    for path, prefix in files:
+        walk(yaml.load(path.read_text(), Loader=get_yaml_loader()) or {}, prefix)
+    return frozenset(keys - _WORD_KEYS)
+
+
+def check_flags(cfg: DictConfig) -> None:
+    """A true/false key given another value (``overwrite=off``, ``schedule.joint=no``: strings, which
+    Python reads as true) is refused, naming it, before anything reads it."""
+    for key in sorted(flag_keys()):
+        try:
+            value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        except Exception:  # an interpolation that does not resolve: reported where it is used
+            continue
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+
+
+def _check_optimiser(method) -> None:
+    """Learning rates, weight decay and momentum: numbers >= 0 (momentum below 1), checked before the
+    optimiser would raise from inside torch after the data is read. A learning rate of 0 is allowed
+    (an exact comparison run) and said."""
+    import math
+
+    for key in sorted(k for k in method.keys() if k in ("lr", "weight_decay", "momentum") or str(k).startswith("lr_")):
+        value = method.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"method.{key}", f"must be a number >= 0, got {value!r}")
+        if key == "momentum" and value >= 1:
+            raise ConfigError("method.momentum", f"must be in [0, 1), got {value!r}")
+        if str(key).startswith("lr") and value == 0:
+            log.warning("method.%s=0: the parameters it drives do not train", key)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config values that would otherwise fail only after training (or never end)."""
+    check_flags(cfg)
     q = (cfg.get("threshold") or {}).get("quantile", 0.99)
     if not 0.0 <= _number(q, "threshold.quantile") <= 1.0:
         raise ConfigError("threshold.quantile", f"must be in [0, 1], got {q}")
     trainer = cfg.get("trainer") or {}
     epochs = trainer.get("max_epochs")
-    if epochs is not None:
+    if "max_epochs" in trainer:
+        if epochs is None:  # Lightning's default then: 1000 epochs
+            raise ConfigError("trainer.max_epochs", "is null: Lightning would train 1000 epochs; set a whole "
+                              "number >= 1 (it follows method.max_epochs by default)")
         if isinstance(epochs, bool) or not isinstance(epochs, int):
             raise ConfigError("trainer.max_epochs", f"must be a whole number >= 1, got {epochs!r}")
         if epochs == 0:
@@ -41,6 +109,21 @@ def check_config(cfg: DictConfig) -> None:
         if epochs < 0:
             extra = " (-1 means 'train forever' to Lightning: this run would never end)" if epochs == -1 else ""
             raise ConfigError("trainer.max_epochs", f"must be >= 1, got {epochs}{extra}")
+    for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):  # Lightning's loops divide by them
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"trainer.{key}", f"must be a whole number >= 1, got {value!r}")
+    for key in ("limit_train_batches", "max_steps"):
+        value = trainer.get(key)
+        if value is not None and not isinstance(value, bool) and value == 0:
+            raise ConfigError(f"trainer.{key}", "is 0: nothing would train (the method keeps its untrained start); "
+                              "leave it unset or give it a positive value")
+    _check_optimiser(cfg.get("method") or {})
+    output = cfg.get("output") or {}
+    for key, least in (("heatmaps", 0), ("heatmap_size", 32)):  # else they would fail after the fit and test
+        value = output.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ConfigError(f"output.{key}", f"must be a whole number >= {least}, got {value!r}")
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ConfigError("seed", f"must be a whole number in [0, 2**32), got {seed!r}")

@@ -71,7 +71,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     refused if it holds an earlier run (unless resume=true or overwrite=true), and a resumed run
     takes its config from RUN/config.yaml (adtrain.resume)."""
     from adtrain import rundir
-    from adtrain.preflight import check_config
+    from adtrain.preflight import check_config, check_flags
     from adtrain.resume import resumed_config
 
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
@@ -79,6 +79,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if distributed.rank() != 0:  # a DDP rank started by rank 0: it computes, rank 0 owns the directory
         return _run_rank(cfg, run_dir)
     rundir.check_free(run_dir)  # a run still going is named as such, whatever it has written yet
+    check_flags(cfg)  # overwrite=off must not read as true
     resume = bool(cfg.get("resume", False))
     if resume:
         cfg = resumed_config(cfg, run_dir)  # the run's own config; another experiment is refused

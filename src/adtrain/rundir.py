@@ -226,7 +226,7 @@ class RunDirGuard(Callback):
     original .hydra record. The lock is held until the process ends."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        from adtrain.preflight import check_config
+        from adtrain.preflight import check_config, check_flags
         from adtrain.resume import override_keys, resumed_config
 
         from adtrain import distributed
@@ -239,6 +239,7 @@ class RunDirGuard(Callback):
         try:
             check_free(run_dir)  # a run still going is named as such, whatever it has written yet
             task = _task_config(config)
+            check_flags(task)  # overwrite=off must not read as true
             resume = bool(task.get("resume", False))
             if resume:
                 check_config(resumed_config(task, run_dir, override_keys(config.hydra.overrides.task)))

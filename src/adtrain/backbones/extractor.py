@@ -35,6 +35,17 @@ def _vit_convert(state: dict, model: nn.Module) -> dict:
     return checkpoint_filter_fn(state, model)
 
 
+
+def layer_names(layers: Any) -> list[str]:
+    """method.layers as a list of stage names: a bare name (method.layers=layer2) or a stage named twice
+    is refused, naming the key."""
+    if isinstance(layers, str) or not isinstance(layers, Sequence):
+        raise ConfigError("method.layers", f"must be a list of stage names, e.g. [{layers}], got {layers!r}")
+    names = [str(layer) for layer in layers]
+    if len(set(names)) != len(names):
+        raise ConfigError("method.layers", f"names a stage twice: {names}")
+    return names
+
 class FeatureExtractor(nn.Module):
     """Backbone returning ``{layer: (B,C,H/stride,W/stride)}`` for the requested layers.
 
@@ -69,7 +80,7 @@ class FeatureExtractor(nn.Module):
         import timm
 
         self.name, self.kind, self.frozen = name, kind, frozen
-        self.layers = [str(layer) for layer in layers]
+        self.layers = layer_names(layers)
         stages = {str(k): int(v) for k, v in dict(stages).items()}
         if kind not in KINDS:
             raise ConfigError("backbone.kind", f"'{kind}' is not one of {KINDS}")

@@ -124,6 +124,8 @@ class AnomalyDataModule(LightningDataModule):
         else:
             self.categories = [str(category)]
         self.category = category if isinstance(category, str) else list(self.categories)
+        if image_size is None:
+            raise ConfigError("data.image_size", "is null: set [height, width]")
         self.image_size = size_pair(image_size, "data.image_size")
         self.center_crop = size_pair(center_crop, "data.center_crop")
         self.resize = resize_rule(resize)

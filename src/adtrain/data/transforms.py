@@ -82,8 +82,10 @@ def size_pair(value, key: str) -> tuple[int, int] | None:
         value = [value, value]
     try:
         h, w = (int(v) for v in value)
+        if any(isinstance(v, bool) or float(v) != int(v) for v in value):
+            raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(key, f"expected an int or [height, width], got {value!r}") from None
+        raise ConfigError(key, f"expected a whole number or [height, width] of whole numbers, got {value!r}") from None
     if h <= 0 or w <= 0:
         raise ConfigError(key, f"sizes must be positive, got {value!r}")
     return h, w

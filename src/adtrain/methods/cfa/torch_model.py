@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adtrain.backbones.extractor import layer_names
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory import MemoryBank, kmeans, nearest_distances
 from adtrain.methods.output import AnomalyOutput
@@ -81,7 +82,7 @@ class CfaModel(nn.Module):
             raise ConfigError("num_hard_negatives", f"must be >= 0, got {num_hard_negatives}")
         if float(nu) <= 0:
             raise ConfigError("nu", f"must be > 0, got {nu}")
-        self.layers = list(layers)
+        self.layers = layer_names(layers)
         self.gamma_d, self.gamma_c = int(gamma_d), int(gamma_c)
         self.K, self.J = int(num_nearest), int(num_hard_negatives)
         self.nu, self.alpha = float(nu), float(alpha)

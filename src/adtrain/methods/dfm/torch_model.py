@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from adtrain.backbones.extractor import layer_names
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory import MemoryBank, greedy_coreset
 from adtrain.methods.cfa.torch_model import CoordConv1x1
@@ -83,7 +84,7 @@ class DfmModel(nn.Module):
                 raise ConfigError("method.layers", "give the ViT block(s) to read, e.g. [block6]")
             layers = DEFAULT_LAYERS[host]
         self.host = host
-        self.layers = [str(n) for n in layers]
+        self.layers = layer_names(layers)
         self.pool_size, self.blur_sigma = int(pool_size), float(blur_sigma)
         self.blur_mode = check_blur_mode(blur_mode)
         #: (h, w) -> reduced map size, or None: full-size maps (``reduced_maps``)

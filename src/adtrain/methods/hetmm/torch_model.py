@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adtrain.backbones.extractor import layer_names
 from adtrain.errors import AdtrainError, ConfigError, DataError
 from adtrain.methods.hetmm.atmm import atmm_mutual
 from adtrain.methods.hetmm.pts import pts_select
@@ -97,7 +98,7 @@ class HetmmModel(nn.Module):
         extractor: nn.Module | None = None,
     ):
         super().__init__()
-        self.layers = list(layers)
+        self.layers = layer_names(layers)
         if not self.layers:
             raise ConfigError("method.layers", "at least one layer is needed")
         bad_k = isinstance(templates, bool) or not isinstance(templates, int) or templates < 1
@@ -154,7 +155,9 @@ class HetmmModel(nn.Module):
                 continue
             value = list(value)
             if len(value) != len(self.layers):
-                raise ConfigError(f"method.{key}", f"needs one value per layer {self.layers}, got {value}")
+                raise ConfigError(f"method.{key}", f"needs one value per layer of method.layers {self.layers}, got "
+                                  f"{value} (method.forward_windows, backward_windows, alphas and lambdas each "
+                                  "give one per layer)")
             if key.endswith("windows"):
                 if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 or w % 2 == 0 for w in value):
                     raise ConfigError(f"method.{key}", f"windows must be odd positive ints, got {value}")

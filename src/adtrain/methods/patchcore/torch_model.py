@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from adtrain.backbones.extractor import layer_names
 from adtrain.errors import ConfigError
 from adtrain.memory import MemoryBank, bank_distances, nearest_distances
 from adtrain.memory.graph_knn import logsumexp
@@ -39,7 +40,7 @@ class PatchcoreModel(nn.Module):
             raise ConfigError("num_neighbors", f"must be >= 1, got {num_neighbors}")
         if int(pool_size) < 1 or int(pool_size) % 2 == 0:
             raise ConfigError("pool_size", f"must be an odd integer >= 1, got {pool_size}")
-        self.layers = list(layers)
+        self.layers = layer_names(layers)
         self.coreset_ratio = float(coreset_ratio)
         self.num_neighbors = int(num_neighbors)
         self.pool_size = int(pool_size)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adtrain.backbones import build_extractor
+from adtrain.backbones.extractor import layer_names
 from adtrain.methods.output import AnomalyOutput
 
 LOSS_REDUCTIONS = ("official", "anomalib")
@@ -73,7 +74,7 @@ class StfpmModel(nn.Module):
         super().__init__()
         if student_init not in STUDENT_INITS:
             raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {student_init!r}")
-        layers = list(layers)
+        layers = layer_names(layers)
         self.teacher = teacher if teacher is not None else build_extractor(backbone, layers, frozen=True, role="teacher")
         if student is None:
             student = build_extractor(backbone, layers, pretrained=False, role="student")

@@ -1,0 +1,104 @@
+"""A mistyped config value is refused before anything is read, trained or deleted, naming its key
+(adtrain.preflight, adtrain.build, adtrain.backbones.extractor.layer_names, adtrain.data.transforms)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adtrain.errors import ConfigError
+from tests.conftest import FAST
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
+    """overwrite=off is the string 'off' to Hydra (Python reads it as true): it once deleted a finished
+    run and trained again. Refused now, naming the key; the run's files stay."""
+    from adtrain.run import run
+    from tests.conftest import compose
+
+    run_dir = tmp_path / "run"
+    run(compose(*FAST, "method=patchcore", "output.heatmaps=0"), run_dir)
+    kept = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
+    p = subprocess.run([sys.executable, "-m", "adtrain", *FAST, "method=patchcore", "output.heatmaps=0",
+                        f"hydra.run.dir={run_dir}", "overwrite=off"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "config key 'overwrite': must be true or false, got 'off'" in p.stderr, p.stderr[-2000:]
+    assert {q: q.stat().st_mtime_ns for q in run_dir.rglob("*") if q.is_file()} == kept
+
+
+@pytest.mark.parametrize("override, key, said", [
+    ("overwrite=no", "overwrite", "must be true or false, got 'no'"),
+    ("resume=off", "resume", "must be true or false"),
+    ("test=no", "test", "must be true or false"),
+    ("schedule.tasks=[texture,grid] schedule.joint=no", "schedule.joint", "must be true or false"),
+    ("method=stfpm method.recalibrate_bn=off", "method.recalibrate_bn", "must be true or false"),
+    ("trainer.max_epochs=null", "trainer.max_epochs", "1000 epochs"),
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches", "nothing would train"),
+    ("+trainer.max_steps=0", "trainer.max_steps", "nothing would train"),
+    ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches", ">= 1"),
+    ("+trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch", ">= 1"),
+    ("method=stfpm method.lr=-1", "method.lr", "number >= 0, got -1"),
+    ("method=stfpm method.lr=abc", "method.lr", "number >= 0, got 'abc'"),
+    ("method=stfpm method.momentum=2", "method.momentum", "[0, 1)"),
+    ("method=cfa method.weight_decay=-1", "method.weight_decay", "number >= 0"),
+    ("method=dfm method.lr_fmn=-1", "method.lr_fmn", "number >= 0, got -1"),
+    ("trainer.accelerator=foo", "trainer.accelerator", "invalid accelerator name"),
+    ("trainer.strategy=foo", "trainer.strategy", "invalid strategy name"),
+    ("trainer.precision=foo", "trainer.precision", "is invalid"),
+    ("trainer.devices=0", "trainer.devices", "devices=0"),
+    ("output.heatmaps=abc", "output.heatmaps", "whole number >= 0"),
+    ("output.heatmap_size=-5", "output.heatmap_size", "whole number >= 32"),
+    ("method=stfpm selection.every_n_epochs=abc", "selection.every_n_epochs", "whole number >= 1"),
+    ("method=stfpm method.val_every_n_epochs=0", "method.val_every_n_epochs", "whole number >= 1, got 0"),
+    ("method=dfm method.start_confidence=abc", "method.start_confidence", "must be a number"),
+    ("method=cfa selection.start_confidence=abc", "selection.start_confidence", "must be a number"),
+    ("method=patchcore method.coreset_device=foo", "method.coreset_device", "auto, cpu or cuda"),
+    ("method=patchcore method.coreset_device=cuda", "method.coreset_device", "no CUDA GPU"),
+    ("data.augment=[{_target_:albumentations.NoSuchThing}]", "data.augment", "albumentations.NoSuchThing"),
+    ("method=patchcore method.layers=layer2", "method.layers", "must be a list of stage names, e.g. [layer2]"),
+    ("method=stfpm method.layers=[layer1,layer1]", "method.layers", "names a stage twice"),
+    ("method=patchcore method.image_size=null", "method.image_size", "is null"),
+    ("method=patchcore method.image_size=[64.5,64]", "method.image_size", "whole numbers"),
+])
+def test_a_wrong_value_is_refused_naming_its_key(fast_cfg, tmp_path, override, key, said):
+    import torch
+
+    from adtrain.run import run
+
+    if "cuda" in override and torch.cuda.is_available():
+        pytest.skip("a GPU is there: coreset_device=cuda is valid")
+    with pytest.raises(ConfigError) as err:
+        run(fast_cfg(*override.split()), tmp_path / "run")
+    assert err.value.key == key and said in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_every_packaged_flag_is_checked_and_word_keys_are_not():
+    """The flags come from the packaged YAML (config.yaml and the groups' options): a new true/false key
+    is checked without being listed; feature_cache takes on | off words and keeps them."""
+    from adtrain.preflight import check_flags, flag_keys
+    from tests.conftest import compose
+
+    keys = flag_keys()
+    assert {"overwrite", "resume", "test", "schedule.joint", "output.scores_csv", "trainer.deterministic",
+            "method.recalibrate_bn", "backbone.pretrained"} <= keys
+    assert "feature_cache" not in keys
+    check_flags(compose(*FAST, "feature_cache=on"))
+    check_flags(compose(*FAST, "overwrite=true", "resume=False"))  # Hydra reads either spelling as a bool
+
+
+def test_a_zero_learning_rate_is_allowed_and_said(caplog):
+    from adtrain.preflight import check_config
+    from tests.conftest import compose
+
+    with caplog.at_level("WARNING", logger="adtrain"):
+        check_config(compose(*FAST, "method=cfa", "method.lr=0"))
+    assert "method.lr=0" in caplog.text
