@@ -820,6 +820,12 @@ def test_predict_bad_arguments_are_one_line(trained, tmp_path, capsys):
     ckpt = f"checkpoint={trained}/checkpoints/model.ckpt"
     code, err = _predict(capsys, ckpt, f"images={imgs}", "batch_size=0")
     assert code == 2 and "batch_size" in err and ">= 1" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "a_file").write_text("x")
+    for arg, said in (("num_workers=-1", "'num_workers': must be a whole number >= 0"),
+                      ("anomaly_maps=maybe", "'anomaly_maps': must be true or false"),
+                      (f"out={tmp_path / 'a_file'}", "'out': cannot make the folder")):
+        code, err = _predict(capsys, ckpt, f"images={imgs}", arg)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
     if not torch.cuda.is_available():
         code, err = _predict(capsys, ckpt, f"images={imgs}", "device=cuda")
         assert code == 2 and "device" in err and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1

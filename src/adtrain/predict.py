@@ -167,6 +167,11 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
         raise ConfigError("on_error", f"{on_error!r} is not one of {', '.join(ON_ERROR)}")
     if heatmaps and (isinstance(heatmap_size, bool) or not isinstance(heatmap_size, int) or heatmap_size < 32):
         raise ConfigError("heatmap_size", f"must be a whole number of pixels >= 32, got {heatmap_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError("num_workers", f"must be a whole number >= 0, got {num_workers!r}")
+    for key, value in (("heatmaps", heatmaps), ("anomaly_maps", anomaly_maps)):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
     files = list_images(images)
     detector = Detector.load(checkpoint, device=device, batch_size=batch_size)
     if not np.isfinite(detector.threshold):
@@ -186,7 +191,10 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     map_names = dict(zip(files, relative_names(files, relative_to))) if anomaly_maps else {}
     out_dir = Path(out) if out else default_out_dir(checkpoint)
     _check_out(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file of that name, or a folder that cannot be made
+        raise ConfigError("out", f"cannot make the folder {out_dir}: {err.strerror or err}") from None
     names = dict(zip(files, heatmap_names(files)))
     thr = detector.threshold
     records, skipped = [], []

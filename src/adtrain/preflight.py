@@ -89,6 +89,21 @@ def _check_optimiser(method) -> None:
             log.warning("method.%s=0: the parameters it drives do not train", key)
 
 
+def _check_normalisation(backbone) -> None:
+    """backbone.mean / std: lists of numbers, one per channel each (std > 0), not a tensor-size error
+    from inside the model or a NaN loss blamed on the learning rate."""
+    mean, std = backbone.get("mean"), backbone.get("std")
+    for key, value in (("mean", mean), ("std", std)):
+        if value is None:
+            continue
+        if isinstance(value, str) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"backbone.{key}", f"must be a list of numbers, one per channel, got {value!r}")
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise ConfigError("backbone.std", f"has {len(std)} values, backbone.mean {len(mean)}: one per channel each")
+    if std is not None and any(v <= 0 for v in std):
+        raise ConfigError("backbone.std", f"must be > 0 (images are divided by it), got {list(std)}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config values that would otherwise fail only after training (or never end)."""
     check_flags(cfg)
@@ -119,6 +134,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}", "is 0: nothing would train (the method keeps its untrained start); "
                               "leave it unset or give it a positive value")
     _check_optimiser(cfg.get("method") or {})
+    _check_normalisation(cfg.get("backbone") or {})
     output = cfg.get("output") or {}
     for key, least in (("heatmaps", 0), ("heatmap_size", 32)):  # else they would fail after the fit and test
         value = output.get(key)

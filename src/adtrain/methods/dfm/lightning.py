@@ -92,6 +92,9 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             raise ConfigError("method.gamma", f"must be > 0, got {gamma}")
         if validate_every not in ("round", "epoch"):
             raise ConfigError("method.validate_every", f"must be 'round' or 'epoch', got {validate_every!r}")
+        for key, value in (("candidates", candidates), ("row_chunk", row_chunk), ("mem_chunk", mem_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"method.{key}", f"must be a whole number >= 1, got {value!r}")
         self.model = model if model is not None else DfmModel(
             backbone, host=host, layers=layers, adapter_layers=adapter_layers, pool_size=pool_size,
             blur_sigma=blur_sigma, blur_mode=blur_mode, cfa_gamma_d=cfa_gamma_d, memory_size=memory_size, coreset_ratio=coreset_ratio,

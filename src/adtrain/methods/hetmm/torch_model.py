@@ -163,8 +163,9 @@ class HetmmModel(nn.Module):
                     raise ConfigError(f"method.{key}", f"windows must be odd positive ints, got {value}")
             elif key == "alphas" and any(not 0.0 <= float(a) <= 1.0 for a in value):
                 raise ConfigError("method.alphas", f"must lie in [0, 1], got {value}")
-            elif key == "lambdas" and any(float(v) < 0.0 for v in value):
-                raise ConfigError("method.lambdas", f"must be >= 0, got {value}")
+            elif key == "lambdas" and (any(float(v) < 0.0 for v in value) or not any(float(v) > 0.0 for v in value)):
+                raise ConfigError("method.lambdas", f"must be >= 0 with at least one > 0 (all 0: every score is 0), "
+                                  f"got {value}")
             cast = int if key.endswith("windows") else float
             setattr(self, key, [cast(v) for v in value])
 
