@@ -88,15 +88,16 @@ def test_a_wrong_value_is_refused_naming_its_key(fast_cfg, tmp_path, override, k
 
 def test_every_packaged_flag_is_checked_and_word_keys_are_not():
     """The flags come from the packaged YAML (config.yaml and the groups' options): a new true/false key
-    is checked without being listed; feature_cache takes on | off words and keeps them."""
+    is checked without being listed; feature_cache takes on | off words and trainer.deterministic
+    Lightning's "warn": kept."""
     from adtrain.preflight import check_flags, flag_keys
     from tests.conftest import compose
 
     keys = flag_keys()
-    assert {"overwrite", "resume", "test", "schedule.joint", "output.scores_csv", "trainer.deterministic",
+    assert {"overwrite", "resume", "test", "schedule.joint", "output.scores_csv", "trainer.inference_mode",
             "method.recalibrate_bn", "backbone.pretrained"} <= keys
-    assert "feature_cache" not in keys
-    check_flags(compose(*FAST, "feature_cache=on"))
+    assert "feature_cache" not in keys and "trainer.deterministic" not in keys
+    check_flags(compose(*FAST, "feature_cache=on", "trainer.deterministic=warn"))
     check_flags(compose(*FAST, "overwrite=true", "resume=False"))  # Hydra reads either spelling as a bool
 
 

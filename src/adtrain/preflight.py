@@ -32,8 +32,9 @@ def _number(value, key: str) -> float:
 
 #: the config groups whose options' keys sit under the group's name (config.yaml's at the top level)
 _FLAG_GROUPS = ("backbone", "data", "logger", "method", "schedule", "trainer")
-#: keys that take on | off words and check them where they are read (a bare off in YAML is false)
-_WORD_KEYS = frozenset({"feature_cache"})
+#: keys that take words too, checked where they are read: feature_cache on | off (a bare off in YAML is
+#: false), trainer.deterministic "warn" (Lightning's)
+_WORD_KEYS = frozenset({"feature_cache", "trainer.deterministic"})
 
 
 @functools.lru_cache(maxsize=1)
