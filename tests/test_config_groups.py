@@ -72,7 +72,7 @@ def test_contradicting_callback_and_trainer_flag_is_a_config_error(tmp_path):
     from adtrain.build import build_trainer
 
     cfg = compose(*FAST, "callbacks=[rich_progress_bar]", "trainer.enable_progress_bar=false")
-    with pytest.raises(ConfigError, match="config key 'trainer'.*enable_progress_bar"):
+    with pytest.raises(ConfigError, match="config key 'trainer.enable_progress_bar': .*RichProgressBar"):
         build_trainer(cfg, tmp_path, None)
 
 
