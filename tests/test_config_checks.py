@@ -67,6 +67,8 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("backbone.mean=abc", "backbone.mean", "list of numbers"),
     ("method=dfm method.mem_chunk=0", "method.mem_chunk", "whole number >= 1"),
     ("method=hetmm method.lambdas=[0,0,0]", "method.lambdas", "at least one > 0"),
+    ("method=cfa method.pool_size=4", "method.pool_size", "odd integer"),
+    ("method=patchcore method.pool_size=2.5", "method.pool_size", "odd integer"),
     ("method=patchcore method.layers=layer2", "method.layers", "must be a list of stage names, e.g. [layer2]"),
     ("method=stfpm method.layers=[layer1,layer1]", "method.layers", "names a stage twice"),
     ("method=patchcore method.image_size=null", "method.image_size", "is null"),

@@ -96,6 +96,13 @@ def upsampled_map(patch_scores: torch.Tensor, size, sigma: float, mode: str = "r
     return reduced_map(patch_scores, size, sigma, size, mode)
 
 
+def check_pool_size(pool_size) -> int:
+    """method.pool_size: an odd whole number >= 1 (the pooling keeps the grid's size)."""
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1 or pool_size % 2 == 0:
+        raise ConfigError("pool_size", f"must be an odd integer >= 1, got {pool_size!r}")
+    return pool_size
+
+
 def pooled_concat(feats: Mapping[str, torch.Tensor], layers: Sequence[str], pool_size: int) -> torch.Tensor:
     """Each layer avg-pooled (pool_size, stride 1, same padding), resized (bilinear) to the
     first layer's grid, concatenated over channels: (B, sum C, h, w) fp32, channels-last in

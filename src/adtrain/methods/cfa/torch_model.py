@@ -20,7 +20,8 @@ from adtrain.backbones.extractor import layer_names
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory import MemoryBank, kmeans, nearest_distances
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import check_blur_mode, frozen_extractor, pooled_concat, upsampled_map
+from adtrain.methods.patch_features import (check_blur_mode, check_pool_size, frozen_extractor, pooled_concat,
+                                           upsampled_map)
 
 
 class CoordConv1x1(nn.Module):
@@ -86,7 +87,7 @@ class CfaModel(nn.Module):
         self.gamma_d, self.gamma_c = int(gamma_d), int(gamma_c)
         self.K, self.J = int(num_nearest), int(num_hard_negatives)
         self.nu, self.alpha = float(nu), float(alpha)
-        self.pool_size, self.blur_sigma = int(pool_size), float(blur_sigma)
+        self.pool_size, self.blur_sigma = check_pool_size(pool_size), float(blur_sigma)
         self.blur_mode = check_blur_mode(blur_mode)
         self.kmeans_niter, self.seed = int(kmeans_niter), int(seed)
         self.extractor = frozen_extractor(backbone, self.layers, extractor)

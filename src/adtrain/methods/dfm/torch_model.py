@@ -17,7 +17,7 @@ from adtrain.methods.cfa.torch_model import CoordConv1x1
 from adtrain.methods.dfm.adapters import build_adapters
 from adtrain.methods.dfm.fmn import FeatureMatchingNetwork, distance_volume
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import check_blur_mode, pooled_concat, reduced_map, upsampled_map
+from adtrain.methods.patch_features import check_blur_mode, check_pool_size, pooled_concat, reduced_map, upsampled_map
 
 HOSTS = ("patchcore", "cfa")
 DEFAULT_LAYERS = {"patchcore": ("layer2", "layer3"), "cfa": ("layer1", "layer2", "layer3")}
@@ -70,8 +70,7 @@ class DfmModel(nn.Module):
         super().__init__()
         if host not in HOSTS:
             raise ConfigError("method.host", f"must be one of {HOSTS}, got {host!r}")
-        if int(pool_size) < 1 or int(pool_size) % 2 == 0:
-            raise ConfigError("method.pool_size", f"must be an odd integer >= 1, got {pool_size}")
+        check_pool_size(pool_size)
         if memory_size is not None and int(memory_size) < 1:
             raise ConfigError("method.memory_size", f"must be >= 1 or null, got {memory_size}")
         if not 0.0 < float(coreset_ratio) <= 1.0:

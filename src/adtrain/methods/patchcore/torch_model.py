@@ -13,7 +13,8 @@ from adtrain.errors import ConfigError
 from adtrain.memory import MemoryBank, bank_distances, nearest_distances
 from adtrain.memory.graph_knn import logsumexp
 from adtrain.methods.output import AnomalyOutput
-from adtrain.methods.patch_features import check_blur_mode, frozen_extractor, pooled_concat, upsampled_map
+from adtrain.methods.patch_features import (check_blur_mode, check_pool_size, frozen_extractor, pooled_concat,
+                                           upsampled_map)
 
 
 class PatchcoreModel(nn.Module):
@@ -38,8 +39,7 @@ class PatchcoreModel(nn.Module):
             raise ConfigError("coreset_ratio", f"must be in (0, 1], got {coreset_ratio}")
         if int(num_neighbors) < 1:
             raise ConfigError("num_neighbors", f"must be >= 1, got {num_neighbors}")
-        if int(pool_size) < 1 or int(pool_size) % 2 == 0:
-            raise ConfigError("pool_size", f"must be an odd integer >= 1, got {pool_size}")
+        check_pool_size(pool_size)
         self.layers = layer_names(layers)
         self.coreset_ratio = float(coreset_ratio)
         self.num_neighbors = int(num_neighbors)
