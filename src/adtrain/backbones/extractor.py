@@ -35,7 +35,6 @@ def _vit_convert(state: dict, model: nn.Module) -> dict:
     return checkpoint_filter_fn(state, model)
 
 
-
 def layer_names(layers: Any) -> list[str]:
     """method.layers as a list of stage names: a bare name (method.layers=layer2) or a stage named twice
     is refused, naming the key."""
@@ -45,6 +44,7 @@ def layer_names(layers: Any) -> list[str]:
     if len(set(names)) != len(names):
         raise ConfigError("method.layers", f"names a stage twice: {names}")
     return names
+
 
 class FeatureExtractor(nn.Module):
     """Backbone returning ``{layer: (B,C,H/stride,W/stride)}`` for the requested layers.
