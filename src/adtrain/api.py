@@ -202,9 +202,10 @@ def _seen_tasks(ckpt: dict, overrides: Sequence[str]) -> list[list[str]] | None:
     """The categories of each task a continual checkpoint has seen (joint: every task); None for a
     single-task run, a one-task schedule, or overrides that name the test categories."""
     from adtrain.continual.schedule import parse_tasks
+    from adtrain.resume import override_keys
 
     sched = ckpt.get("schedule")
-    if not isinstance(sched, dict) or any(o.lstrip("+~").split("=")[0] in ("data", "data.category") for o in overrides):
+    if not isinstance(sched, dict) or {"data", "data.category"} & set(override_keys(overrides)):
         return None
     tasks = parse_tasks(sched.get("tasks"))
     if len(tasks) < 2:
@@ -218,9 +219,8 @@ def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | 
     import contextlib
     import tempfile
 
-    import numpy as np
-
     from adtrain.build import build_datamodule, build_trainer
+    from adtrain.continual.runner import finite_mean
     from adtrain.continual.schedule import task_config, task_name
     from adtrain.engine import METRIC_KEYS, evaluate_method, write_scores_csv
     from adtrain.preflight import check_files
@@ -240,10 +240,6 @@ def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | 
             records += [{"task": i, **r} for r in method.test_records]
         if out_dir is not None:
             write_scores_csv(work / "scores.csv", records)
-
-    def mean(key):
-        vals = [float(e[key]) for e in per_task if isinstance(e.get(key), (int, float)) and np.isfinite(e[key])]
-        return float(np.mean(vals)) if vals else None
-
-    return {**{k: mean(k) for k in METRIC_KEYS}, "num_test": sum(e["num_test"] for e in per_task),
+    return {**{k: finite_mean(e.get(k) for e in per_task) for k in METRIC_KEYS},
+            "num_test": sum(e["num_test"] for e in per_task),
             "test_seconds": round(sum(e["test_seconds"] for e in per_task), 3), "per_task": per_task}

@@ -60,7 +60,8 @@ def replay_buffer(own_train: list[list], t: int, per_task: int, seed: int, names
     return out
 
 
-def _mean(values) -> float | None:
+def finite_mean(values) -> float | None:
+    """The mean of the finite numbers among values (None, NaN skipped); None if there are none."""
     vals = [float(v) for v in values if isinstance(v, (int, float)) and np.isfinite(v)]
     return float(np.mean(vals)) if vals else None
 
@@ -177,9 +178,9 @@ class _Sequence:
             heatmaps[m] = plot_matrix(R, self.names, m, self.run_dir / f"matrix_{m}.png", sched.joint, sub)
         peaks = [e["peak_memory_mb"] for e in all_evals if e.get("peak_memory_mb") is not None]
         # each task's validation figures (its selected state, its own validation set), averaged
-        own_val = {k: _mean(p.get(k) for p in state.per_task) for k in VAL_RESULT_KEYS.values()}
+        own_val = {k: finite_mean(p.get(k) for p in state.per_task) for k in VAL_RESULT_KEYS.values()}
         last_routed = state.per_task[-1].get("routed_validation") or []
-        routed_val = ({v: _mean(r.get(k) for r in last_routed) for k, v in VAL_RESULT_KEYS.items()}
+        routed_val = ({v: finite_mean(r.get(k) for r in last_routed) for k, v in VAL_RESULT_KEYS.items()}
                       if last_routed else None)
         n_final = sum(e["num_test"] for e in last_evals)
         results = {
@@ -189,7 +190,7 @@ class _Sequence:
             "backbone": str(cfg.backbone.name).split(".")[0],
             "seed": int(cfg.seed),
             # final averages over tasks (last row), so sweep summaries read a continual run like any other
-            **{k: _mean(e.get(k) for e in last_evals) for k in METRIC_KEYS},
+            **{k: finite_mean(e.get(k) for e in last_evals) for k in METRIC_KEYS},
             "pixel_resolution": next((e["pixel_resolution"] for e in last_evals if e.get("pixel_resolution")), None),
             # validation as the test keys: the last row's routed validation, averaged over tasks (a sweep's
             # objective); without it (routed_val=off, one task, joint) each task's own-state figures, averaged

@@ -27,18 +27,19 @@ from adtrain.inference.graph import OUTPUTS, Preprocessing
 from adtrain.inference.images import as_rgb, image_list
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' | 'cpu' | 'cuda[:i]' -> a torch.device; ConfigError('device') when unusable."""
+def resolve_device(device: str, key: str = "device", available: bool = True) -> torch.device:
+    """'auto' | 'cpu' | 'cuda[:i]' -> a torch.device; ConfigError(key) when unusable. available=False
+    checks the name only (a checkpoint made with cuda still loads on a CPU machine)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError("device", f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", f"{device} asked for, but no CUDA GPU is visible; use device=cpu or auto")
+        raise ConfigError(key, f"unknown device {device!r}; use auto, cpu or cuda") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ConfigError("device", f"unsupported device {device!r}; use auto, cpu or cuda")
+        raise ConfigError(key, f"unsupported device {device!r}; use auto, cpu or cuda")
+    if available and dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(key, f"{device} asked for, but no CUDA GPU is visible; use {key}=cpu or auto")
     return dev
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adtrain.errors import ConfigError
+from adtrain.inference.detector import resolve_device
 from adtrain.methods.memory_module import MemoryModule
 from adtrain.methods.patchcore.torch_model import PatchcoreModel
 
@@ -27,7 +27,8 @@ class Patchcore(MemoryModule):
         model: PatchcoreModel | None = None,
     ) -> None:
         super().__init__(continual=continual)
-        self.coreset_device = check_device(coreset_device, "method.coreset_device")
+        resolve_device(str(coreset_device), "method.coreset_device", available=False)  # its GPU: when used
+        self.coreset_device = str(coreset_device)
         self.model = model if model is not None else PatchcoreModel(
             backbone, layers, coreset_ratio=coreset_ratio, num_neighbors=num_neighbors, pool_size=pool_size,
             projection_dim=projection_dim, memory=memory, blur_sigma=blur_sigma, seed=seed, blur_mode=blur_mode,
@@ -40,10 +41,8 @@ class Patchcore(MemoryModule):
         """Coreset on the training device (GPU when training on one), then, for a shared bank
         in a continual schedule, the earlier tasks' items are kept alongside."""
         previous = self.model.memory.bank.clone() if (self.continual == "shared" and len(self.model.memory) > 0) else None
-        dev = self.device if self.coreset_device == "auto" else torch.device(self.coreset_device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("method.coreset_device", f"{self.coreset_device} asked for, but no CUDA GPU is "
-                              "visible; use auto or cpu")
+        dev = (self.device if self.coreset_device == "auto"
+               else resolve_device(self.coreset_device, "method.coreset_device"))
         self.model.build(device=dev)
         mem = self.model.memory
         if previous is not None and previous.shape[1] == mem.dim:
@@ -57,16 +56,3 @@ class Patchcore(MemoryModule):
 
     def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
         self.model.memory.set_bank(state["bank"])
-
-
-def check_device(value, key: str) -> str:
-    """auto, cpu, cuda or cuda:<n>, else a ConfigError naming key (a GPU is looked for when it is used:
-    a checkpoint made with cuda still loads on a CPU machine)."""
-    text = str(value)
-    try:
-        dev = None if text == "auto" else torch.device(text)
-    except (RuntimeError, TypeError):
-        raise ConfigError(key, f"must be auto, cpu or cuda[:n], got {value!r}") from None
-    if dev is not None and dev.type not in ("cpu", "cuda"):
-        raise ConfigError(key, f"must be auto, cpu or cuda[:n], got {value!r}")
-    return text
