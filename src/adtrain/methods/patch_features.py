@@ -128,6 +128,5 @@ def frozen_extractor(backbone, layers, extractor):
     if backbone is None:
         raise ConfigError("backbone", "missing (give a backbone config node or an extractor)")
     from adtrain.backbones import build_extractor
-    from adtrain.backbones.extractor import layer_names
 
-    return build_extractor(backbone, layer_names(layers), frozen=True)
+    return build_extractor(backbone, list(layers), frozen=True)  # the models pass layer_names'
