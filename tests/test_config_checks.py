@@ -73,6 +73,22 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("method=stfpm method.layers=[layer1,layer1]", "method.layers", "names a stage twice"),
     ("method=patchcore method.image_size=null", "method.image_size", "is null"),
     ("method=patchcore method.image_size=[64.5,64]", "method.image_size", "whole numbers"),
+    ("trainer.limit_test_batches=0", "trainer.limit_test_batches", "test=false"),
+    ("method=stfpm trainer.limit_val_batches=0", "trainer.limit_val_batches", "selection.monitor=last"),
+    ("method=cfa method.alpha=-1", "method.alpha", "number >= 0, got -1"),
+    ("method=patchcore method.blur_sigma=-1", "method.blur_sigma", "(0 = no blur)"),
+    ("method=patchcore method.num_neighbors=1.5", "method.num_neighbors", "whole number >= 1, got 1.5"),
+    ("method=dfm method.clip_grad_norm=-1", "method.clip_grad_norm", "number > 0"),
+    ("method=dfm method.lambda_seg=-1", "method.lambda_seg", "number >= 0"),
+    ("method=dfm method.num_keys=0", "method.num_keys", "whole number >= 1"),
+    ("method=dfm method.rounds=0", "method.rounds", ">= 1, got 0"),
+    ("method=dfm method.max_memory_features=0", "method.max_memory_features", ">= 1 or null"),
+    ("method=dfm method.cutpaste.area_ratio=[0.5,0.1]", "method.cutpaste.area_ratio", "low <= high"),
+    ("method=patchcore method.memory.nprobe=0", "method.memory.nprobe", ">= 1"),
+    ("schedule.tasks=[]", "schedule.tasks", "non-empty list"),
+    ("backbone.weights=/no/such.pth", "backbone.weights", "backbone.pretrained=true"),
+    ("method=hetmm method.pts_positions=foo", "method.pts_positions", "per_position"),  # templates=all: unused yet checked
+    ("logger=csv logger.save_dir=/proc/adtrain_no_such_dir", "logger.save_dir", "cannot be made: /proc/adtrain_no_such_dir"),
 ])
 def test_a_wrong_value_is_refused_naming_its_key(fast_cfg, tmp_path, override, key, said):
     import torch

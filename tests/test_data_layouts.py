@@ -263,6 +263,34 @@ def test_realiad_reads_its_split_file_and_refuses_paths_outside_the_root(tmp_pat
     assert len(_dm("realiad", linked, category="audiojack").test_samples) == 3
 
 
+def test_realiad_paths_start_at_the_split_files_prefix_and_its_normal_class_is_normal(tmp_path):
+    """The split file's "meta": entries' paths start at realiad_<res>/<meta.prefix> (the category, in the
+    release; absent or empty: the category too), and meta.normal_class names the normal entries; a prefix
+    that climbs out of data.root is refused, naming the file."""
+    from adtrain.data.testing import write_realiad_tree
+
+    root = write_realiad_tree(tmp_path / "riad", "audiojack", n_train=6, n_test_ok=2, defects={"AK": 2})
+    split = root / "realiad_jsons" / "realiad_jsons" / "audiojack.json"
+    listed = json.loads(split.read_text())
+    (root / "realiad_256" / "audiojack").rename(root / "realiad_256" / "moved")
+    for entries in (listed["train"], listed["test"]):
+        for e in entries:
+            e["anomaly_class"] = {"OK": "GOOD"}.get(e["anomaly_class"], e["anomaly_class"])
+    split.write_text(json.dumps({**listed, "meta": {"prefix": "moved", "normal_class": "GOOD"}}))
+    test = _dm("realiad", root, category="audiojack").test_samples
+    assert sorted((s.defect, s.label) for s in test) == [("AK", 1)] * 2 + [("good", 0)] * 2
+    assert all("/realiad_256/moved/" in s.path for s in test)
+    for meta in ({"normal_class": "GOOD"}, {"prefix": "", "normal_class": "GOOD"}):  # the category's folder
+        split.write_text(json.dumps({**listed, "meta": meta}))
+        with pytest.raises(DataError, match="not found") as e:
+            _ = _dm("realiad", root, category="audiojack").test_samples
+        assert "/realiad_256/audiojack/" in str(e.value.path)
+    split.write_text(json.dumps({**listed, "meta": {"prefix": "../../x"}}))
+    with pytest.raises(DataError, match="outside data.root") as e:
+        _ = _dm("realiad", root, category="audiojack").test_samples
+    assert e.value.path == str(split)
+
+
 def test_realiad_split_file_in_either_folder_and_views_held_out_together(tmp_path, caplog):
     """The release's zip unpacks its split files to realiad_jsons/realiad_jsons/ or realiad_jsons/ (the
     official README's): data.json_path=null finds either. The held-out normals are whole samples: no

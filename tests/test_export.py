@@ -267,3 +267,18 @@ def test_predict_cli_takes_an_export_and_writes_what_the_checkpoint_gives(runs, 
     np.testing.assert_allclose([float(r["score"]) for r in rows["onnx"]], [float(r["score"]) for r in rows["ckpt"]],
                                rtol=RTOL)
     assert [r["is_anomalous"] for r in rows["onnx"]] == [r["is_anomalous"] for r in rows["ckpt"]]
+
+
+def test_an_export_path_that_cannot_be_written_is_named_before_tracing(runs, tmp_path):
+    """out= a folder (TorchScript takes any suffix) or under a file: refused naming ``out``, nothing written."""
+    from adtrain.errors import ConfigError
+    from adtrain.export import export
+
+    ckpt = runs("patchcore") / "checkpoints" / "model.ckpt"
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ConfigError, match=r"'out'.* is a folder: give a file, e\.g\. out=.*folder/model\.pt"):
+        export(ckpt, "torchscript", out=tmp_path / "folder")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"'out'.*cannot be made: .*file"):
+        export(ckpt, "onnx", out=tmp_path / "file" / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and not any((tmp_path / "folder").iterdir())

@@ -34,8 +34,8 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
             # a constructor names its own argument: say where it is set (coreset_ratio -> method.coreset_ratio,
             # data.image_size -> the method.image_size it is interpolated from)
             key = cause.key.removeprefix(f"{where}.")
-            if key in cfg:
-                raw = OmegaConf.to_container(node, resolve=False).get(key)
+            if _lookup(cfg, key)[0]:  # a top-level key, or a nested one (memory.nprobe, cutpaste.area_ratio)
+                raw = _lookup(OmegaConf.to_container(node, resolve=False), key)[1]
                 source = raw[2:-1] if isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") \
                     and ":" not in raw and raw.count("${") == 1 else None
                 raise ConfigError(source or f"{where}.{key}", cause.detail + (
@@ -50,6 +50,16 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
             found = [k for k, v in cfg.items() if target and not k.startswith("_") and target in str(v)]
             raise ConfigError(f"{where}.{found[0]}" if len(found) == 1 else where, text) from None
         raise
+
+
+def _lookup(cfg: dict, key: str) -> tuple[bool, object]:
+    """(found, value) of ``key`` ("coreset_ratio", "memory.nprobe") in the plain config ``cfg``."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
 def _culprit(cfg: dict, where: str, cause: Exception) -> str:
@@ -108,6 +118,8 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if cfg.get("logger") is None or not cfg.logger.get("_target_"):
         return None
     extra = {"save_dir": str(run_dir)} if cfg.logger.get("save_dir", None) is None else {}
+    if not extra:
+        _check_save_dir(cfg.logger.save_dir)
     if "group" in cfg.logger and cfg.logger.group is None:  # W&B: the sweep, else the continual schedule
         from adtrain.loggers import default_group
 
@@ -123,6 +135,20 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
     log_config(logger, cfg)
     return logger
+
+
+def _check_save_dir(save_dir) -> None:
+    """logger.save_dir made (or found) and writable now, not an OSError from inside the logger after the fit
+    has begun."""
+    import os
+
+    path = Path(str(save_dir)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("logger.save_dir", f"cannot be made: {path} ({err.strerror or err})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("logger.save_dir", f"is not writable: {path}")
 
 
 def _keep_csv_rows(logger) -> None:

@@ -90,6 +90,65 @@ def _check_optimiser(method) -> None:
             log.warning("method.%s=0: the parameters it drives do not train", key)
 
 
+#: method values a model would take silently whatever they are: key -> (least, whole number, what 0 means);
+#: None and the keys a method does not have are left alone
+_METHOD_NUMBERS = {
+    "blur_sigma": (0, False, "0 = no blur"),  # PatchCore, CFA, DFM: a negative sigma blurred nothing
+    "projection_dim": (0, True, "0 = exact distances, no projection"),  # the coreset's random projection
+    "num_neighbors": (1, True, None),  # PatchCore's b: 1.5 was cut to 1
+    "num_keys": (1, True, None),  # DFM's continual task key
+    "alpha": (0, False, None),  # CFA's repulsion margin
+    "radius": (0, False, None),  # CFA's hypersphere radius (the loss uses r**2: a sign would be lost)
+    "lambda_det": (0, False, None),  # DFM's loss weights: a negative one trains the wrong way
+    "lambda_seg": (0, False, None),
+}
+
+
+def _check_method_numbers(method) -> None:
+    """Ranges of the method values in ``_METHOD_NUMBERS``, and DFM's clip_grad_norm (null = off, else > 0:
+    torch flips every gradient under a negative one)."""
+    import math
+
+    for key, (least, whole, zero) in _METHOD_NUMBERS.items():
+        value = method.get(key)
+        if value is None:
+            continue
+        kind = "a whole number" if whole else "a number"
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int))
+        if bad or not math.isfinite(value) or value < least:
+            raise ConfigError(f"method.{key}", f"must be {kind} >= {least}{f' ({zero})' if zero else ''}, got {value!r}")
+    clip = method.get("clip_grad_norm")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise ConfigError("method.clip_grad_norm", f"must be null (no clipping) or a number > 0, got {clip!r}")
+
+
+def _check_trainer_limits(cfg: DictConfig, trainer) -> None:
+    """limit_val_batches / limit_test_batches = 0: Lightning skips the loop, and the run would report empty
+    test figures, or keep the last state while saying it selected on validation."""
+    def zero(key: str) -> bool:
+        value = trainer.get(key)
+        return value is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0
+
+    if zero("limit_test_batches") and bool(cfg.get("test", True)):
+        raise ConfigError("trainer.limit_test_batches", "is 0: no test image would be scored (every test figure "
+                          "empty); leave it unset, or skip testing with test=false")
+    if zero("limit_val_batches"):
+        from adtrain.selection import resolve_monitor
+
+        monitor = resolve_monitor(cfg)
+        if monitor != "last":
+            raise ConfigError("trainer.limit_val_batches", f"is 0: no validation would run, so the selection on "
+                              f"{monitor} would compare nothing and keep the last state; leave it unset, or set "
+                              "selection.monitor=last")
+
+
+def _check_backbone_weights(backbone) -> None:
+    """A weights file with pretrained=false would be ignored (random init): said, not silently dropped."""
+    if backbone.get("weights") and backbone.get("pretrained") is False:
+        raise ConfigError("backbone.weights", f"is set ({backbone.get('weights')}) but backbone.pretrained=false "
+                          "(random init) would ignore it: set backbone.pretrained=true to load it, or weights=null")
+
+
 def _check_normalisation(backbone) -> None:
     """backbone.mean / std: lists of numbers, one per channel each (std > 0), not a tensor-size error
     from inside the model or a NaN loss blamed on the learning rate."""
@@ -134,8 +193,16 @@ def check_config(cfg: DictConfig) -> None:
         if value is not None and not isinstance(value, bool) and value == 0:
             raise ConfigError(f"trainer.{key}", "is 0: nothing would train (the method keeps its untrained start); "
                               "leave it unset or give it a positive value")
+    _check_trainer_limits(cfg, trainer)
     _check_optimiser(cfg.get("method") or {})
+    _check_method_numbers(cfg.get("method") or {})
     _check_normalisation(cfg.get("backbone") or {})
+    _check_backbone_weights(cfg.get("backbone") or {})
+    schedule = cfg.get("schedule") or {}
+    if schedule.get("tasks") is not None:  # an empty list ran one task silently
+        from adtrain.continual.schedule import parse_tasks
+
+        parse_tasks(schedule.get("tasks"))
     output = cfg.get("output") or {}
     for key, least in (("heatmaps", 0), ("heatmap_size", 32)):  # else they would fail after the fit and test
         value = output.get(key)

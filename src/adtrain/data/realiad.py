@@ -3,7 +3,8 @@
 ROOT/realiad_<resolution>/<category>/<image_path> with the split file
 ROOT/realiad_jsons/realiad_jsons/<category>.json, or ROOT/realiad_jsons/<category>.json (the release's
 realiad_jsons.zip unpacks either way; the official README's): {"train": [...], "test": [...]}, each entry
-{"category", "anomaly_class", "image_path", "mask_path"}; anomaly_class "OK" is normal, any other
+{"category", "anomaly_class", "image_path", "mask_path"}, paths from realiad_<resolution>/<meta.prefix>
+(the category's folder); anomaly_class "OK" (meta.normal_class) is normal, any other
 code a defect type (AK pit, BX deformation, CH abrasion, HS scratch, PS damage, QS missing part,
 YW foreign object, ZW contamination). Other split files of the release (single view
 ``realiad_jsons_sv``, the fully unsupervised ``realiad_jsons_fuiad_<ratio>``) via data.json_path.
@@ -32,7 +33,7 @@ class RealIADDataModule(AnomalyDataModule):
     """Each view is one image (the paper's image-level protocol); results.json's sample_auroc scores
     each sample (its views' folder) by its views' highest score, labelled defective if any view is
     (the paper's sample-level protocol). train_anomalies: what to do with
-    training entries that are not "OK" (the fully unsupervised split files have some):
+    training entries that are not normal ("OK") (the fully unsupervised split files have some):
     ``exclude`` (default) leaves them out; ``include`` trains on them unlabelled, as that setting
     means (the framework then sees them as normals). The held-out normals (data.val_split) are
     whole samples, all of their views together (``sample_group``): a view held out never has its
@@ -88,15 +89,26 @@ class RealIADDataModule(AnomalyDataModule):
         self._entries[cat] = {"path": path, **meta}
         return self._entries[cat]
 
+    def _listing(self, cat: str) -> tuple[Path, str]:
+        """(folder the entries' paths start from, the normal anomaly_class) from the split file's "meta":
+        realiad_<res>/<meta.prefix> (the category where it is absent or empty, as the release's files
+        have it) and meta.normal_class ("OK" where absent)."""
+        meta = self._read(cat)
+        info = meta.get("meta") if isinstance(meta.get("meta"), dict) else {}
+        prefix, normal = info.get("prefix") or cat, info.get("normal_class") or "OK"
+        if not isinstance(prefix, str) or not isinstance(normal, str):
+            raise DataError(meta["path"], f"meta.prefix and meta.normal_class must be text, got {info!r}")
+        return self._inside(self.root / f"realiad_{self.resolution}", prefix, meta["path"]), normal
+
     def _samples(self, cat: str, split: str) -> list[Sample]:
         meta = self._read(cat)
-        folder = self.root / f"realiad_{self.resolution}" / cat
+        folder, normal = self._listing(cat)
         out = []
         for n, e in enumerate(meta[split]):
             if not isinstance(e, dict) or not e.get("image_path") or not e.get("anomaly_class"):
                 raise DataError(meta["path"], f"{split}[{n}]: an entry needs image_path and anomaly_class, got {e!r}")
             defect = str(e["anomaly_class"])
-            label = int(defect != "OK")
+            label = int(defect != normal)
             if split == "train" and label and self.train_anomalies == "exclude":
                 continue
             image = self._inside(folder, e["image_path"], meta["path"])

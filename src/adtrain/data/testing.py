@@ -168,5 +168,5 @@ def write_realiad_tree(root: str | Path, category: str = "audiojack", n_train: i
             i += 1
     path = root / json_dir / f"{category}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": {"prefix": "", "normal_class": "OK"}, **split}))
+    path.write_text(json.dumps({"meta": {"prefix": category, "normal_class": "OK", "pre_transform": None}, **split}))
     return root

@@ -52,6 +52,8 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         raise ConfigError("batch", f"must be a whole number >= 1, got {batch!r}")
     if out and format != "torchscript" and Path(out).suffix != FORMATS[format]:
         raise ConfigError("out", f"a {format} export is a {FORMATS[format]} file, got {out}")
+    path = Path(out) if out else default_export_path(checkpoint, format)
+    _check_out(path, format, "out" if out else "checkpoint")
     method, cfg, _ = load_method(checkpoint)
     check_exportable(method, checkpoint)
     pre, _ = run_preprocessing(cfg)
@@ -63,13 +65,27 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         "score_center": float(method.score_center), "map_center": float(method.map_center),
         "max_batch": limit, "checkpoint": str(checkpoint), "adtrain_version": _version(),
     }
-    path = Path(out) if out else default_export_path(checkpoint, format)
     example = _trace_inputs(layout, min(batch, limit or batch), pre.image_size)
     with warnings.catch_warnings():  # the tracer's notes on shapes fixed at export (sizes, bank length)
         warnings.simplefilter("ignore")
         WRITERS[format](graph, example, meta, path)
     log.info("exported %s (%s) to %s", meta["method"], format, path)
     return path
+
+
+def _check_out(path: Path, format: str, key: str) -> None:
+    """The export's file can be written (a folder made, not a folder itself): said before the checkpoint is
+    loaded and traced, naming ``out`` (or the checkpoint whose run folder holds the default path)."""
+    import os
+
+    if path.is_dir():
+        raise ConfigError(key, f"{path} is a folder: give a file, e.g. out={path / ('model' + FORMATS[format])}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(key, f"the export's folder cannot be made: {path.parent} ({err.strerror or err})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"the export's folder is not writable: {path.parent}")
 
 
 def _version() -> str:

@@ -77,8 +77,8 @@ class Dfm(DfmContinualMixin, AnomalyModule):
     ) -> None:
         super().__init__()
         for key, val in (("rounds", rounds), ("stage1_epochs", stage1_epochs), ("stage2_epochs", stage2_epochs)):
-            if int(val) < 0:
-                raise ConfigError(f"method.{key}", f"must be >= 0, got {val}")
+            if int(val) < (1 if key == "rounds" else 0):
+                raise ConfigError(f"method.{key}", f"must be >= {1 if key == 'rounds' else 0}, got {val}")
         if int(stage1_epochs) + int(stage2_epochs) < 1:
             raise ConfigError("method.stage1_epochs", "stage1_epochs + stage2_epochs must be >= 1")
         if stage2_objective not in STAGE2_OBJECTIVES:

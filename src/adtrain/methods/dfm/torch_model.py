@@ -75,6 +75,8 @@ class DfmModel(nn.Module):
             raise ConfigError("method.memory_size", f"must be >= 1 or null, got {memory_size}")
         if not 0.0 < float(coreset_ratio) <= 1.0:
             raise ConfigError("method.coreset_ratio", f"must be in (0, 1], got {coreset_ratio}")
+        if max_memory_features is not None and int(max_memory_features) < 1:
+            raise ConfigError("method.max_memory_features", f"must be >= 1 or null, got {max_memory_features}")
         if int(cfa_gamma_d) < 1:
             raise ConfigError("method.cfa_gamma_d", f"must be >= 1, got {cfa_gamma_d}")
         bcfg = _plain(backbone)

@@ -33,8 +33,8 @@ from adtrain.errors import ConfigError
 
 __all__ = ["PTSResult", "pts_select", "pts_compress", "optics_labels"]
 
-_POSITIONS = ("per_position", "per_image")
-_BACKENDS = ("torch", "sklearn")
+POSITIONS = ("per_position", "per_image")
+BACKENDS = ("torch", "sklearn")
 
 
 class PTSResult(NamedTuple):
@@ -90,8 +90,8 @@ def _optics_graph(dist: torch.Tensor, min_samples: int) -> tuple[torch.Tensor, t
 
 def optics_labels(dist: torch.Tensor, min_samples: int, backend: str = "torch") -> torch.Tensor:
     """OPTICS (xi) cluster labels (P,N), -1 = noise, for P precomputed (N,N) distance matrices."""
-    if backend not in _BACKENDS:
-        raise ConfigError("method.optics_backend", f"must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ConfigError("method.optics_backend", f"must be one of {BACKENDS}, got {backend!r}")
     d64 = dist.double()
     out = np.empty(tuple(d64.shape[:2]), dtype=np.int64)
     with warnings.catch_warnings():
@@ -176,8 +176,8 @@ def pts_select(
     """Select a K-sheet tiny set from templates (N,C,H,W) (L2-normalised over C)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError("method.templates", f"the tiny-set size K must be a positive int, got {k!r}")
-    if pts_positions not in _POSITIONS:
-        raise ConfigError("method.pts_positions", f"must be one of {_POSITIONS}, got {pts_positions!r}")
+    if pts_positions not in POSITIONS:
+        raise ConfigError("method.pts_positions", f"must be one of {POSITIONS}, got {pts_positions!r}")
     n, c, h, w = templates.shape
     dev = templates.device
     if n <= k:

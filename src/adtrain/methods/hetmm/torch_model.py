@@ -18,7 +18,7 @@ from torch import nn
 from adtrain.backbones.extractor import layer_names
 from adtrain.errors import AdtrainError, ConfigError, DataError
 from adtrain.methods.hetmm.atmm import atmm_mutual
-from adtrain.methods.hetmm.pts import pts_select
+from adtrain.methods.hetmm.pts import BACKENDS, POSITIONS, pts_select
 from adtrain.methods.output import AnomalyOutput
 
 # Per-layer mode of the 15 MVTec AD category settings in the official configs/MVTec_AD.yaml.
@@ -113,6 +113,10 @@ class HetmmModel(nn.Module):
         self.image_score = image_score
         self.template_dtype = _dtype("method.template_dtype", template_dtype)
         self.compute_dtype = _dtype("method.compute_dtype", compute_dtype)
+        # used only to compress the templates (templates=K), checked whatever templates is: a typo stays no secret
+        for key, value, allowed in (("pts_positions", pts_positions, POSITIONS), ("optics_backend", optics_backend, BACKENDS)):
+            if value not in allowed:
+                raise ConfigError(f"method.{key}", f"must be one of {allowed}, got {value!r}")
         self.pts_positions = pts_positions
         self.optics_backend = optics_backend
         self.set_match_params(forward_windows, backward_windows, alphas, lambdas)
