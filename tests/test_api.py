@@ -42,6 +42,19 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys):
     assert (tmp_path / "again" / "scores.csv").exists()
     other = adtrain.test(run.checkpoint, ["data.category=grid", "output.heatmaps=0"])
     assert other["num_test"] == 16 and other["image_auroc"] is not None
+    spaced = adtrain.test(run.checkpoint, "data.category=grid output.heatmaps=0")  # one string, as compose takes
+    assert spaced["image_auroc"] == other["image_auroc"]  # (was split into letters: the run's own category tested)
+    # what a test would not read, a typo, a group swapped, a value a run refuses: said naming the key
+    for overrides, key, said in ((["method.blur_sigma=0"], "method.blur_sigma", "is not read"),
+                                 (["backbone.fuse_batchnorm=false"], "backbone.fuse_batchnorm", "checkpoint's"),
+                                 (["data.categroy=grid"], "data.categroy", "a typo?"),
+                                 (["data=mvtec"], "data", "is a config group"),
+                                 (["trainer.limit_test_batches=0"], "trainer.limit_test_batches", "is 0"),
+                                 (["output.heatmaps=abc"], "output.heatmaps", "whole number")):
+        with pytest.raises(ConfigError) as err:
+            adtrain.test(run.run_dir, overrides)
+        assert err.value.key == key and said in str(err.value), str(err.value)
+    assert adtrain.test(run.run_dir, ["logger=none", "output.heatmaps=0"])["image_auroc"] == again["image_auroc"]
 
     with pytest.raises(ConfigError, match="overrides"):
         adtrain.compose(["method=no_such_method"])

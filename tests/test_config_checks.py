@@ -89,6 +89,26 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("backbone.weights=/no/such.pth", "backbone.weights", "backbone.pretrained=true"),
     ("method=hetmm method.pts_positions=foo", "method.pts_positions", "per_position"),  # templates=all: unused yet checked
     ("logger=csv logger.save_dir=/proc/adtrain_no_such_dir", "logger.save_dir", "cannot be made: /proc/adtrain_no_such_dir"),
+    ("method=stfpm data.synthetic_anomaly={_target_:adtrain.data.cutpaste.CutPaste,p:1.0}", "data.synthetic_anomaly",
+     "as normal training images"),  # was learned as normal: image AUROC 0.94 -> 0.84
+    ("method=dfm method.stage2_objective=supervised method.anomalies=data", "method.anomalies", "trains nothing"),
+    ("data.category=[texture,texture]", "data.category", "names texture twice"),  # every split held it twice
+    ("data.shots=1.5", "data.shots", "whole number >= 1 or null, got 1.5"),
+    ("data.num_train=2.7", "data.num_train", "whole number >= 1"),
+    ("data.val_anomalies.per_normal=1.5", "data.val_anomalies.per_normal", "whole number >= 0"),
+    ("+data.val_anomalies.cutpaste.p=0.1", "data.val_anomalies.cutpaste.p", "per_normal"),  # was dropped
+    ("+data.val_anomalies.cutpaste.area_ratio=[0.5,0.1]", "data.val_anomalies.cutpaste.area_ratio", "low <= high"),
+    ("data.val_anomalies.cache_mb=abc", "data.val_anomalies.cache_mb", "number >= 0"),
+    ("schedule.tasks=[texture,grid] schedule.replay=true", "schedule.replay", "got True"),  # was 1 image
+    ("+trainer.fast_dev_run=true", "trainer.fast_dev_run", "debug=fdr"),
+    ("schedule.tasks=[texture,grid] schedule.joint=true schedule.replay=2", "schedule.replay", "nothing to replay"),
+    ("callbacks=[lr_monitor] logger=none", "callbacks.lr_monitor", "logger=csv"),
+    ("method=stfpm callbacks=[early_stopping] data.val_anomalies=null", "callbacks.early_stopping.monitor",
+     "needs validation anomalies"),  # failed after the first epoch
+    ("callbacks=[early_stopping] callbacks.early_stopping.monitor=val/foo", "callbacks.early_stopping.monitor",
+     "not a validation figure"),
+    ("callbacks=[early_stopping] callbacks.early_stopping.mode=foo", "callbacks.early_stopping", "`mode` can be"),
+    ("feature_cache=on feature_cache_max_gb=abc", "feature_cache_max_gb", "number > 0"),
 ])
 def test_a_wrong_value_is_refused_naming_its_key(fast_cfg, tmp_path, override, key, said):
     import torch

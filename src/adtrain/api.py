@@ -166,9 +166,13 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
     path = Path(checkpoint)
     if path.is_dir():
         path = Run.open(path).checkpoint
+    if isinstance(overrides, str):  # as compose and fit take them
+        overrides = overrides.split()
     method, cfg, ckpt = load_method(path)
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        from adtrain.test_overrides import merge_test_overrides
+
+        cfg = merge_test_overrides(cfg, list(overrides))
         configure_method(method, cfg)  # e.g. metrics.aupro_fpr_limit=0.05
     tasks = _seen_tasks(ckpt, overrides)
     if tasks:

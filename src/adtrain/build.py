@@ -42,7 +42,8 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
                     f" ({where}.{key} is {raw})" if source else "")) from None
         if isinstance(cause, AdtrainError):
             raise cause from None
-        if isinstance(cause, (TypeError, ValueError)):
+        if isinstance(cause, (TypeError, ValueError)) or type(cause).__name__ == "MisconfigurationException":
+            # Lightning's own refusal of a callback's argument (EarlyStopping(mode="foo")) is one too
             raise ConfigError(_culprit(cfg, where, cause), f"{cause} (target {cfg['_target_']})") from None
         if "Error locating target" in str(err):  # a _target_ that does not import (e.g. in data.augment)
             text = str(err).splitlines()[0].split(", set env var")[0]

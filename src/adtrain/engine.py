@@ -350,7 +350,10 @@ def _test_start(cfg: DictConfig, trainer, method, dm, run_dir: Path) -> dict | N
     """test_start=true: also test the untrained start (training beside its start on the same test
     set, for reports); the selected state is put back before it is tested."""
     start = run_dir / "checkpoints" / "start.ckpt"
-    if not cfg.get("test_start", False) or not start.exists():
+    if not cfg.get("test_start", False):
+        return None
+    if not start.exists():  # a one-pass method (PatchCore, HETMM) or one without a selection keeps none
+        log.warning("test_start=true: %s has no untrained start (start.ckpt) to test", cfg.method.get("name"))
         return None
     kept = {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
             for k, v in method.state_dict().items()}

@@ -31,3 +31,13 @@ class WeightsError(AdtrainError):
 
 class TrainingError(AdtrainError):
     """Training diverged (NaN/inf loss) or cannot continue."""
+
+
+def whole_number(value, key: str, least: int = 0, none_ok: bool = False) -> int | None:
+    """``value`` as an int >= ``least`` (None passed through where ``none_ok``); else ConfigError naming
+    ``key``: a fraction is not cut (1.5 shots would train on 1), a bool is not a count (true is not 1)."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(key, f"must be a whole number >= {least}{' or null' if none_ok else ''}, got {value!r}")
+    return value

@@ -149,6 +149,56 @@ def _check_backbone_weights(backbone) -> None:
                           "(random init) would ignore it: set backbone.pretrained=true to load it, or weights=null")
 
 
+def _check_synthetic_anomaly(cfg: DictConfig) -> None:
+    """data.synthetic_anomaly labels training images 1: only DFM's supervised stage 2 with
+    method.anomalies=data|both trains on them. Any other method would learn them as normals (or, DFM,
+    drop them), and DFM's anomalies=data|both without them would train nothing."""
+    data, method = cfg.get("data") or {}, cfg.get("method") or {}
+    consumes = method.get("name") == "dfm" and method.get("stage2_objective") == "supervised" \
+        and method.get("anomalies") in ("data", "both")
+    if data.get("synthetic_anomaly") is not None and not consumes:
+        raise ConfigError("data.synthetic_anomaly", "is used only by method=dfm with method.stage2_objective="
+                          f"supervised and method.anomalies=data|both; method={method.get('name')} here would "
+                          "take the pasted anomalies as normal training images (or drop them): leave it null "
+                          "(validation anomalies are data.val_anomalies)")
+    if consumes and data.get("synthetic_anomaly") is None:
+        raise ConfigError("method.anomalies", f"={method.get('anomalies')} needs data.synthetic_anomaly (e.g. "
+                          "data.synthetic_anomaly={_target_:adtrain.data.cutpaste.CutPaste,p:0.5}); without it "
+                          "stage 2 has no data anomalies" + (" and trains nothing" if method.get("anomalies") == "data"
+                                                              else "") + "; or use method.anomalies=cutpaste")
+
+
+def _check_callbacks(cfg: DictConfig) -> None:
+    """The callbacks group's Lightning callbacks that would fail after the fit began: a learning-rate
+    monitor without a logger; early stopping on a figure validation does not log."""
+    named = cfg.get("callbacks")
+    if not OmegaConf.is_dict(named):
+        return  # build.build_callbacks says what is wrong with it
+    for name, node in named.items():
+        target = str((node or {}).get("_target_", "")) if OmegaConf.is_dict(node) else ""
+        if target.endswith("LearningRateMonitor") and not (cfg.get("logger") or {}).get("_target_"):
+            raise ConfigError(f"callbacks.{name}", "logs to the experiment logger, and logger=none has none: "
+                              "use logger=csv or logger=wandb, or drop it")
+        if target.endswith("EarlyStopping"):
+            from adtrain.selection import MONITORS
+
+            monitor = node.get("monitor")
+            logged = sorted(m for m, _ in MONITORS.values() if m)
+            if monitor not in logged:
+                raise ConfigError(f"callbacks.{name}.monitor", f"{monitor!r} is not a validation figure; one of "
+                                  f"{', '.join(logged)}")
+            val = (cfg.get("data") or {}).get("val_anomalies")
+            families = [] if not val else [val.get("families")] if isinstance(val.get("families"), str) \
+                else list(val.get("families") or [])
+            if "normal_" not in monitor and not (families and val.get("per_normal", 1)):
+                raise ConfigError(f"callbacks.{name}.monitor", f"{monitor} needs validation anomalies, and "
+                                  "data.val_anomalies makes none: monitor val/normal_score or val/normal_map_mean")
+            family = monitor.removeprefix("val/image_auroc_") if monitor.startswith("val/image_auroc_") else None
+            if family and family not in families:
+                raise ConfigError(f"callbacks.{name}.monitor", f"{monitor} needs {family} in "
+                                  f"data.val_anomalies.families (now {families})")
+
+
 def _check_normalisation(backbone) -> None:
     """backbone.mean / std: lists of numbers, one per channel each (std > 0), not a tensor-size error
     from inside the model or a NaN loss blamed on the learning rate."""
@@ -194,6 +244,12 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}", "is 0: nothing would train (the method keeps its untrained start); "
                               "leave it unset or give it a positive value")
     _check_trainer_limits(cfg, trainer)
+    if trainer.get("fast_dev_run") not in (None, False, 0):
+        raise ConfigError("trainer.fast_dev_run", "is not supported: it turns checkpointing and the logger off and "
+                          "tests one batch, yet the run would write results.json as a real one; use debug=fdr "
+                          "(one batch of each loop, the run's own steps) instead")
+    _check_synthetic_anomaly(cfg)
+    _check_callbacks(cfg)
     _check_optimiser(cfg.get("method") or {})
     _check_method_numbers(cfg.get("method") or {})
     _check_normalisation(cfg.get("backbone") or {})

@@ -59,8 +59,8 @@ class FeatureCache:
     """A folder of feature entries with an LRU disk budget, and what this process did with it."""
 
     def __init__(self, root: str | os.PathLike, max_gb: float = 10.0):
-        if float(max_gb) <= 0:
-            raise ConfigError("feature_cache_max_gb", f"must be > 0, got {max_gb}")
+        if isinstance(max_gb, bool) or not isinstance(max_gb, (int, float)) or not max_gb > 0:
+            raise ConfigError("feature_cache_max_gb", f"must be a number > 0, got {max_gb!r}")
         self.root = Path(os.path.expanduser(str(root)))
         self.max_bytes = int(float(max_gb) * 2**30)
         self.hits = 0

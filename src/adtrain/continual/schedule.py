@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from adtrain.errors import ConfigError
+from adtrain.errors import ConfigError, whole_number
 
 
 ROUTED_VAL = ("last", "all", "off")
@@ -69,8 +69,10 @@ def read_schedule(cfg: DictConfig) -> Schedule:
         raise ConfigError("schedule.tasks", "no tasks: use schedule=mvtec_15 (or another sequence) or "
                           "schedule.tasks=[a,b,c]")
     replay = node.get("replay", 0) or 0
-    if not isinstance(replay, int) or replay < 0:
-        raise ConfigError("schedule.replay", f"must be an integer >= 0, got {replay!r}")
+    whole_number(replay, "schedule.replay")
+    if replay and node.get("joint", False) is True:  # results.json would say a replay that never happened
+        raise ConfigError("schedule.replay", f"is {replay}, but schedule.joint=true trains once on every task's "
+                          "images: there is nothing to replay; leave replay at 0")
     routed_val = str(node.get("routed_val", "last"))
     if routed_val not in ROUTED_VAL:
         raise ConfigError("schedule.routed_val", f"must be one of {ROUTED_VAL}, got {routed_val!r}")

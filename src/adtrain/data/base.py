@@ -22,7 +22,7 @@ from adtrain.data.resize import DEFAULT as DEFAULT_RESIZE
 from adtrain.data.resize import resize_rule
 from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment, build_transform,
                                      instantiate_if_config, size_pair, to_plain)
-from adtrain.errors import ConfigError, DataError
+from adtrain.errors import ConfigError, DataError, whole_number
 
 log = logging.getLogger("adtrain")
 
@@ -121,6 +121,9 @@ class AnomalyDataModule(LightningDataModule):
             if not category:
                 raise ConfigError("data.category", "empty list of categories")
             self.categories = [str(c) for c in category]
+            twice = sorted({c for c in self.categories if self.categories.count(c) > 1})
+            if twice:  # every split would hold its images twice (and count them twice)
+                raise ConfigError("data.category", f"names {', '.join(twice)} twice: each category once")
         else:
             self.categories = [str(category)]
         self.category = category if isinstance(category, str) else list(self.categories)
@@ -153,9 +156,7 @@ class AnomalyDataModule(LightningDataModule):
                 raise ConfigError("data.val_split", f"must be a fraction in [0, 1) or '{OFFICIAL}', got {val_split!r}")
             self.val_split = float(val_split)
         self.seed = int(seed)
-        if shots is not None and int(shots) < 1:
-            raise ConfigError("data.shots", f"must be a positive integer or null, got {shots}")
-        self.shots = int(shots) if shots is not None else None
+        self.shots = whole_number(shots, "data.shots", least=1, none_ok=True)
         self.augment = build_augment(augment)
         self.synthetic_anomaly = instantiate_if_config(synthetic_anomaly, "data.synthetic_anomaly")
         if self.synthetic_anomaly is not None and not callable(self.synthetic_anomaly):

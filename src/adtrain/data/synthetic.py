@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from adtrain.data.base import AnomalyDataModule, seeded_rng
 from adtrain.data.dataset import Loaded, Sample
-from adtrain.errors import ConfigError
+from adtrain.errors import ConfigError, whole_number
 
 SYNTHETIC_CATEGORIES = ("texture", "grid", "stripes")
 DEFECT_TYPES = ("scratch", "blob", "spots")
@@ -108,8 +108,7 @@ class SyntheticDataModule(AnomalyDataModule):
                               f"{bad}; choose from {', '.join(SYNTHETIC_CATEGORIES)}")
         for key, v in (("num_train", num_train), ("num_test_normal", num_test_normal),
                        ("num_test_anomalous", num_test_anomalous)):
-            if int(v) < 0 or (key == "num_train" and int(v) < 1):
-                raise ConfigError(f"data.{key}", f"must be {'>= 1' if key == 'num_train' else '>= 0'}, got {v}")
+            whole_number(v, f"data.{key}", least=1 if key == "num_train" else 0)
         if int(size) < 16:
             raise ConfigError("data.size", f"must be >= 16, got {size}")
         self.num_train, self.num_test_normal = int(num_train), int(num_test_normal)

@@ -32,14 +32,16 @@ import torch
 from torch.utils.data import Dataset
 
 from adtrain.data.dataset import AnomalyDataset, Sample, _binarise, image_tensor
-from adtrain.errors import ConfigError
+from adtrain.errors import ConfigError, whole_number
 
 FAMILIES = ("cutpaste", "perlin")
 
 
 def _generator(family: str, options: Mapping | None):
     opts = dict(options or {})
-    opts.pop("p", None)
+    if "p" in opts:  # every validation anomaly is made (per_normal of them per held-out normal)
+        raise ConfigError(f"data.val_anomalies.{family}.p", "is not an option here: each held-out normal gets "
+                          "data.val_anomalies.per_normal anomalies; set that instead")
     try:
         if family == "cutpaste":
             from adtrain.data.cutpaste import CutPaste
@@ -48,7 +50,10 @@ def _generator(family: str, options: Mapping | None):
         from adtrain.data.perlin import PerlinAnomaly
 
         return PerlinAnomaly(p=1.0, **opts)
-    except TypeError as err:
+    except ConfigError as err:  # named by the generator's own keys (cutpaste.area_ratio): said where it is set
+        key = err.key if err.key.startswith(f"{family}.") else f"{family}.{err.key}"
+        raise ConfigError(f"data.val_anomalies.{key}", err.detail) from None
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"data.val_anomalies.{family}", str(err)) from None
 
 
@@ -69,8 +74,9 @@ class ValAnomalies:
         if bad:
             raise ConfigError("data.val_anomalies.families", f"unknown {bad}; choose from {list(FAMILIES)}")
         self.families = tuple(fams)
-        if int(self.per_normal) < 0:
-            raise ConfigError("data.val_anomalies.per_normal", f"must be >= 0, got {self.per_normal}")
+        whole_number(self.per_normal, "data.val_anomalies.per_normal")
+        if isinstance(self.cache_mb, bool) or not isinstance(self.cache_mb, (int, float)) or not self.cache_mb >= 0:
+            raise ConfigError("data.val_anomalies.cache_mb", f"must be a number >= 0 (0 = off), got {self.cache_mb!r}")
         self.per_normal = int(self.per_normal) if self.families else 0
         self.generators = {f: _generator(f, getattr(self, f)) for f in self.families}
         self.category_generators: dict[str, dict] = {}

@@ -192,8 +192,8 @@ class NestedCache:
     """The on-disk coreset states and near-record entries, and what this process did with them."""
 
     def __init__(self, root: str | os.PathLike, max_gb: float = 10.0):
-        if float(max_gb) <= 0:
-            raise ConfigError("coreset_cache_max_gb", f"must be > 0, got {max_gb}")
+        if isinstance(max_gb, bool) or not isinstance(max_gb, (int, float)) or not max_gb > 0:
+            raise ConfigError("coreset_cache_max_gb", f"must be a number > 0, got {max_gb!r}")
         self.root = Path(os.path.expanduser(str(root)))
         self.max_bytes = int(float(max_gb) * 2**30)
         self.coreset_use: str | None = None  # computed | prefix | extended
