@@ -16,7 +16,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 
 
-def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys):
+def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplog):
     import adtrain
     from adtrain.errors import ConfigError
 
@@ -55,6 +55,16 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys):
             adtrain.test(run.run_dir, overrides)
         assert err.value.key == key and said in str(err.value), str(err.value)
     assert adtrain.test(run.run_dir, ["logger=none", "output.heatmaps=0"])["image_auroc"] == again["image_auroc"]
+    # a run whose stored config a newer check refuses (here a negative blur) is still tested, with a warning
+    from adtrain.io import torch_save
+    from adtrain.loading import read_checkpoint
+
+    ckpt = read_checkpoint(run.checkpoint)
+    ckpt["adtrain_config"]["method"]["blur_sigma"] = -1.0
+    older = torch_save(ckpt, tmp_path / "older.ckpt")
+    with caplog.at_level("WARNING", logger="adtrain"):
+        kept = adtrain.test(older, ["output.heatmaps=0"])
+    assert kept["image_auroc"] == pytest.approx(again["image_auroc"], abs=1e-9) and "method.blur_sigma" in caplog.text
 
     with pytest.raises(ConfigError, match="overrides"):
         adtrain.compose(["method=no_such_method"])
