@@ -109,6 +109,8 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
      "not a validation figure"),
     ("callbacks=[early_stopping] callbacks.early_stopping.mode=foo", "callbacks.early_stopping", "`mode` can be"),
     ("feature_cache=on feature_cache_max_gb=abc", "feature_cache_max_gb", "number > 0"),
+    ("+data.val_anomalies.by_category.txture.perlin.beta=[0.5,0.9]", "data.val_anomalies.by_category.txture",
+     "names no category"),  # a misspelt category was left at the family's options
 ])
 def test_a_wrong_value_is_refused_naming_its_key(fast_cfg, tmp_path, override, key, said):
     import torch

@@ -168,6 +168,30 @@ def _check_synthetic_anomaly(cfg: DictConfig) -> None:
                                                               else "") + "; or use method.anomalies=cutpaste")
 
 
+def _check_val_anomaly_categories(cfg: DictConfig) -> None:
+    """data.val_anomalies.by_category names a category of the dataset (its known_categories), of this run
+    or of a task of its schedule: a misspelt one was silently left at the family's options."""
+    data = cfg.get("data") or {}
+    val = data.get("val_anomalies")
+    named = [str(k) for k in (val.get("by_category") or {})] if OmegaConf.is_dict(val) else []
+    if not named:
+        return
+    cats = data.get("category")
+    cats = [cats] if isinstance(cats, str) else list(cats or [])
+    for task in (cfg.get("schedule") or {}).get("tasks") or []:
+        cats += [task] if isinstance(task, str) else list(task)
+    try:
+        from hydra.utils import get_class
+
+        known = tuple(getattr(get_class(str(data.get("_target_"))), "known_categories", None) or ())
+    except Exception:  # a _target_ that does not import: said where the data module is built
+        known = ()
+    unknown = [c for c in named if c not in {str(c) for c in cats} | set(known)]
+    if unknown:
+        raise ConfigError(f"data.val_anomalies.by_category.{unknown[0]}", "names no category of this dataset or "
+                          f"run ({', '.join(sorted(set(map(str, cats)) | set(known)))})")
+
+
 def _check_callbacks(cfg: DictConfig) -> None:
     """The callbacks group's Lightning callbacks that would fail after the fit began: a learning-rate
     monitor without a logger; early stopping on a figure validation does not log."""
@@ -249,6 +273,7 @@ def check_config(cfg: DictConfig) -> None:
                           "tests one batch, yet the run would write results.json as a real one; use debug=fdr "
                           "(one batch of each loop, the run's own steps) instead")
     _check_synthetic_anomaly(cfg)
+    _check_val_anomaly_categories(cfg)
     _check_callbacks(cfg)
     _check_optimiser(cfg.get("method") or {})
     _check_method_numbers(cfg.get("method") or {})

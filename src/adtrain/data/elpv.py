@@ -49,6 +49,7 @@ def _defect_name(prob: float) -> str:
 
 
 class ElpvDataModule(AnomalyDataModule):
+    known_categories = ELPV_TYPES
     """category: 'mono', 'poly', 'all' (both; each cell keeps its type as category) or a list.
 
     Per type, normal cells (probability 0) are split train / test by test_normal_fraction (seeded,

@@ -30,6 +30,7 @@ JSON_PATHS = ("realiad_jsons/realiad_jsons/{category}.json", "realiad_jsons/{cat
 
 
 class RealIADDataModule(AnomalyDataModule):
+    known_categories = REALIAD_CATEGORIES
     """Each view is one image (the paper's image-level protocol); results.json's sample_auroc scores
     each sample (its views' folder) by its views' highest score, labelled defective if any view is
     (the paper's sample-level protocol). train_anomalies: what to do with
