@@ -88,7 +88,7 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("schedule.tasks=[]", "schedule.tasks", "non-empty list"),
     ("backbone.weights=/no/such.pth", "backbone.weights", "backbone.pretrained=true"),
     ("method=hetmm method.pts_positions=foo", "method.pts_positions", "per_position"),  # templates=all: unused yet checked
-    ("logger=csv logger.save_dir=/proc/adtrain_no_such_dir", "logger.save_dir", "cannot be made: /proc/adtrain_no_such_dir"),
+    ("logger=csv logger.save_dir=/proc/adtrain_no_such_dir", "logger.save_dir", "folder cannot be made: /proc/adtrain_no_such_dir"),
     ("method=stfpm data.synthetic_anomaly={_target_:adtrain.data.cutpaste.CutPaste,p:1.0}", "data.synthetic_anomaly",
      "as normal training images"),  # was learned as normal: image AUROC 0.94 -> 0.84
     ("method=dfm method.stage2_objective=supervised method.anomalies=data", "method.anomalies", "trains nothing"),

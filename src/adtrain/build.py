@@ -119,8 +119,10 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if cfg.get("logger") is None or not cfg.logger.get("_target_"):
         return None
     extra = {"save_dir": str(run_dir)} if cfg.logger.get("save_dir", None) is None else {}
-    if not extra:
-        _check_save_dir(cfg.logger.save_dir)
+    if not extra:  # made and writable now, not an OSError from inside the logger once the fit has begun
+        from adtrain.io import writable_folder
+
+        writable_folder(cfg.logger.save_dir, "logger.save_dir", "the logger's folder")
     if "group" in cfg.logger and cfg.logger.group is None:  # W&B: the sweep, else the continual schedule
         from adtrain.loggers import default_group
 
@@ -136,20 +138,6 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
     log_config(logger, cfg)
     return logger
-
-
-def _check_save_dir(save_dir) -> None:
-    """logger.save_dir made (or found) and writable now, not an OSError from inside the logger after the fit
-    has begun."""
-    import os
-
-    path = Path(str(save_dir)).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError("logger.save_dir", f"cannot be made: {path} ({err.strerror or err})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError("logger.save_dir", f"is not writable: {path}")
 
 
 def _keep_csv_rows(logger) -> None:

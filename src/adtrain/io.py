@@ -87,3 +87,18 @@ def save_image(image, path: str | os.PathLike) -> Path:
     fmt = Path(path).suffix.lstrip(".").upper() or "PNG"
     fmt = "JPEG" if fmt == "JPG" else fmt
     return _atomic(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def writable_folder(path: str | os.PathLike, key: str, what: str = "folder") -> Path:
+    """``path`` made (parents too) if missing and writable, else ConfigError naming ``key``: said before
+    work is done that would be lost when the write fails."""
+    from adtrain.errors import ConfigError
+
+    path = Path(os.path.expanduser(str(path)))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(key, f"{what} cannot be made: {path} ({err.strerror or err})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"{what} is not writable: {path}")
+    return path

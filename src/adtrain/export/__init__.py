@@ -76,16 +76,11 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
 def _check_out(path: Path, format: str, key: str) -> None:
     """The export's file can be written (a folder made, not a folder itself): said before the checkpoint is
     loaded and traced, naming ``out`` (or the checkpoint whose run folder holds the default path)."""
-    import os
+    from adtrain.io import writable_folder
 
     if path.is_dir():
         raise ConfigError(key, f"{path} is a folder: give a file, e.g. out={path / ('model' + FORMATS[format])}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(key, f"the export's folder cannot be made: {path.parent} ({err.strerror or err})") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise ConfigError(key, f"the export's folder is not writable: {path.parent}")
+    writable_folder(path.parent, key, "the export's folder")
 
 
 def _version() -> str:
