@@ -111,6 +111,8 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("feature_cache=on feature_cache_max_gb=abc", "feature_cache_max_gb", "number > 0"),
     ("+data.val_anomalies.by_category.txture.perlin.beta=[0.5,0.9]", "data.val_anomalies.by_category.txture",
      "names no category"),  # a misspelt category was left at the family's options
+    ("+data.val_anomalies.by_category.texture.perlin.beta=[2,3]", "data.val_anomalies.by_category.texture.perlin.beta",
+     ""),  # named where it is set, not under the family's own (valid) options
 ])
 def test_a_wrong_value_is_refused_naming_its_key(fast_cfg, tmp_path, override, key, said):
     import torch
@@ -148,3 +150,19 @@ def test_a_zero_learning_rate_is_allowed_and_said(caplog):
     with caplog.at_level("WARNING", logger="adtrain"):
         check_config(compose(*FAST, "method=cfa", "method.lr=0"))
     assert "method.lr=0" in caplog.text
+
+
+def test_by_category_check_takes_a_category_given_as_a_number():
+    """BTAD's data.category=1 stands for folder "01" (and a schedule's tasks may be numbers): the
+    by_category check read them as lists and raised a TypeError."""
+    from adtrain.preflight import check_config
+    from tests.conftest import compose
+
+    check_config(compose("data=elpv", "data.category=1", "backbone.pretrained=false"))  # ELPV's packaged by_category.poly
+    from omegaconf import open_dict
+
+    cfg = compose("data=btad", "data.category=1", "schedule.tasks=[1,2]", "backbone.pretrained=false")
+    with open_dict(cfg):
+        cfg.data.val_anomalies.by_category = {"02": {"perlin": {"beta": [0.5, 0.9]}}}  # "02": not an override key
+    check_config(cfg)
+

@@ -271,7 +271,7 @@ def test_predict_cli_takes_an_export_and_writes_what_the_checkpoint_gives(runs, 
 
 def test_an_export_path_that_cannot_be_written_is_named_before_tracing(runs, tmp_path):
     """out= a folder (TorchScript takes any suffix) or under a file: refused naming ``out``, nothing written."""
-    from adtrain.errors import ConfigError
+    from adtrain.errors import ConfigError, DataError
     from adtrain.export import export
 
     ckpt = runs("patchcore") / "checkpoints" / "model.ckpt"
@@ -282,3 +282,6 @@ def test_an_export_path_that_cannot_be_written_is_named_before_tracing(runs, tmp
     with pytest.raises(ConfigError, match=r"'out'.*cannot be made: .*file"):
         export(ckpt, "onnx", out=tmp_path / "file" / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and not any((tmp_path / "folder").iterdir())
+    with pytest.raises(DataError):  # a missing checkpoint: no export folder is made for it
+        export(tmp_path / "nosuch" / "checkpoints" / "model.ckpt", "onnx", out=tmp_path / "nosuch2" / "m.onnx")
+    assert not (tmp_path / "nosuch").exists() and not (tmp_path / "nosuch2").exists()

@@ -176,20 +176,23 @@ def _check_val_anomaly_categories(cfg: DictConfig) -> None:
     named = [str(k) for k in (val.get("by_category") or {})] if OmegaConf.is_dict(val) else []
     if not named:
         return
-    cats = data.get("category")
-    cats = [cats] if isinstance(cats, str) else list(cats or [])
+    def names(value) -> list[str]:  # a name (BTAD's 1 for "01" too) or a list of them
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) \
+            else [] if value is None else [str(value)]
+
+    cats = names(data.get("category"))
     for task in (cfg.get("schedule") or {}).get("tasks") or []:
-        cats += [task] if isinstance(task, str) else list(task)
+        cats += names(task)
     try:
         from hydra.utils import get_class
 
         known = tuple(getattr(get_class(str(data.get("_target_"))), "known_categories", None) or ())
     except Exception:  # a _target_ that does not import: said where the data module is built
         known = ()
-    unknown = [c for c in named if c not in {str(c) for c in cats} | set(known)]
+    unknown = [c for c in named if c not in set(cats) | set(known)]
     if unknown:
         raise ConfigError(f"data.val_anomalies.by_category.{unknown[0]}", "names no category of this dataset or "
-                          f"run ({', '.join(sorted(set(map(str, cats)) | set(known)))})")
+                          f"run ({', '.join(sorted(set(cats) | set(known)))})")
 
 
 def _check_callbacks(cfg: DictConfig) -> None:

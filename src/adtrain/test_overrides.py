@@ -1,8 +1,8 @@
 """Overrides of ``adtrain.test``: what may change when a finished run is tested again, checked as a run's
 config is (adtrain.preflight), so a typo or a value the test would not use is said, not ignored.
 
-A test reads ``data``, ``trainer``, ``output``, ``metrics``, ``inference`` and ``seed`` (the heatmaps'
-sample); the model, its backbone and its threshold are the checkpoint's, so ``method.*``,
+A test reads ``data``, ``trainer``, ``output``, ``metrics``, ``inference``, ``callbacks`` (the trainer's)
+and ``seed`` (the heatmaps' sample); the model, its backbone and its threshold are the checkpoint's, so ``method.*``,
 ``backbone.*``, ``threshold.*`` and the rest cannot change at test time and are refused, not ignored
 (``logger=none`` is taken: a test logs nothing). A whole config group (``data=mvtec``) cannot be
 swapped: its keys can (``data.root=... data.category=...``). A key the run's config lacks is refused
@@ -23,7 +23,7 @@ from adtrain.errors import ConfigError
 log = logging.getLogger("adtrain")
 
 #: what a test reads
-READ = ("data", "trainer", "output", "metrics", "inference", "seed")
+READ = ("data", "trainer", "output", "metrics", "inference", "callbacks", "seed")
 #: data keys that change what the model sees: allowed, said
 GEOMETRY = ("data.image_size", "data.center_crop", "data.resize")
 
@@ -81,6 +81,8 @@ def merge_test_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     check = merged.copy()
     with open_dict(check):
         check.test = True  # this call tests, whatever the run did (trainer.limit_test_batches=0 is refused)
+        if check.get("trainer") is not None:
+            check.trainer.limit_val_batches = None  # a test validates nothing: no selection to spoil
     try:
         check_config(check)
     except ConfigError as err:  # the overrides' own mistakes stop the test; the run's stored config is as it ran

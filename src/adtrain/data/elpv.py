@@ -49,7 +49,6 @@ def _defect_name(prob: float) -> str:
 
 
 class ElpvDataModule(AnomalyDataModule):
-    known_categories = ELPV_TYPES
     """category: 'mono', 'poly', 'all' (both; each cell keeps its type as category) or a list.
 
     Per type, normal cells (probability 0) are split train / test by test_normal_fraction (seeded,
@@ -57,6 +56,8 @@ class ElpvDataModule(AnomalyDataModule):
     or 2/3: uncertain='exclude' drops them, 'anomalous' makes them test anomalies, 'normal' test
     normals (never training).
     """
+
+    known_categories = ELPV_TYPES
 
     def __init__(self, category: str | list[str] = "mono", uncertain: str = "exclude",
                  test_normal_fraction: float = 0.4, **common):

@@ -30,7 +30,6 @@ JSON_PATHS = ("realiad_jsons/realiad_jsons/{category}.json", "realiad_jsons/{cat
 
 
 class RealIADDataModule(AnomalyDataModule):
-    known_categories = REALIAD_CATEGORIES
     """Each view is one image (the paper's image-level protocol); results.json's sample_auroc scores
     each sample (its views' folder) by its views' highest score, labelled defective if any view is
     (the paper's sample-level protocol). train_anomalies: what to do with
@@ -40,6 +39,8 @@ class RealIADDataModule(AnomalyDataModule):
     whole samples, all of their views together (``sample_group``): a view held out never has its
     object's other views in training. The release is given on request
     (https://realiad4ad.github.io/Real-IAD/): no automatic download."""
+
+    known_categories = REALIAD_CATEGORIES
 
     def __init__(self, root: str, category: str | list[str], resolution: int | str = 256,
                  json_path: str | None = None, train_anomalies: str = "exclude",

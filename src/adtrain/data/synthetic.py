@@ -97,8 +97,9 @@ class SyntheticRenderer:
 
 
 class SyntheticDataModule(AnomalyDataModule):
-    known_categories = SYNTHETIC_CATEGORIES
     """In-memory procedural data; category: one of SYNTHETIC_CATEGORIES or a list of them."""
+
+    known_categories = SYNTHETIC_CATEGORIES
 
     def __init__(self, category: str | list[str] = "texture", num_train: int = 64, num_test_normal: int = 16,
                  num_test_anomalous: int = 16, size: int = 128, **common):

@@ -37,10 +37,16 @@ from adtrain.errors import ConfigError, whole_number
 FAMILIES = ("cutpaste", "perlin")
 
 
-def _generator(family: str, options: Mapping | None):
+def _generator(family: str, options: Mapping | None, where: str = "data.val_anomalies", own=()):
+    """The family's generator from ``options``; a bad option is named where it is set: under ``where``
+    (a by_category entry) if it is one of ``own`` (that entry's options), else under data.val_anomalies."""
     opts = dict(options or {})
+
+    def named(opt: str) -> str:
+        return f"{where if opt.split('.')[0] in own else 'data.val_anomalies'}.{family}.{opt}"
+
     if "p" in opts:  # every validation anomaly is made (per_normal of them per held-out normal)
-        raise ConfigError(f"data.val_anomalies.{family}.p", "is not an option here: each held-out normal gets "
+        raise ConfigError(named("p"), "is not an option here: each held-out normal gets "
                           "data.val_anomalies.per_normal anomalies; set that instead")
     try:
         if family == "cutpaste":
@@ -51,10 +57,9 @@ def _generator(family: str, options: Mapping | None):
 
         return PerlinAnomaly(p=1.0, **opts)
     except ConfigError as err:  # named by the generator's own keys (cutpaste.area_ratio): said where it is set
-        key = err.key if err.key.startswith(f"{family}.") else f"{family}.{err.key}"
-        raise ConfigError(f"data.val_anomalies.{key}", err.detail) from None
+        raise ConfigError(named(err.key.removeprefix(f"{family}.")), err.detail) from None
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"data.val_anomalies.{family}", str(err)) from None
+        raise ConfigError(f"{where}.{family}", str(err)) from None
 
 
 @dataclass
@@ -91,7 +96,8 @@ class ValAnomalies:
             if bad:
                 raise ConfigError(key, f"unknown families {bad}; choose from {list(FAMILIES)}")
             self.category_generators[str(cat)] = {
-                f: _generator(f, {**dict(getattr(self, f) or {}), **dict(over[f] or {})}) if f in over
+                f: _generator(f, {**dict(getattr(self, f) or {}), **dict(over[f] or {})}, key, set(over[f] or {}))
+                if f in over
                 else self.generators[f] for f in self.families}
 
     def generator(self, family: str, category: str):

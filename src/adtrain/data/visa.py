@@ -17,9 +17,10 @@ _COLUMNS = ("object", "split", "label", "image", "mask")
 
 
 class VisADataModule(AnomalyDataModule):
-    known_categories = VISA_CATEGORIES
     """VisA from its split CSV. Masks are 0/255 (or small ints): >0 is defect. Rows of the train
     split labelled 'anomaly' (none in the official 1cls split) are left out of training."""
+
+    known_categories = VISA_CATEGORIES
 
     def __init__(self, root: str, category: str | list[str], split_csv: str = "split_csv/1cls.csv",
                  download: bool = False, **common):

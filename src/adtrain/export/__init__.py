@@ -52,9 +52,9 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         raise ConfigError("batch", f"must be a whole number >= 1, got {batch!r}")
     if out and format != "torchscript" and Path(out).suffix != FORMATS[format]:
         raise ConfigError("out", f"a {format} export is a {FORMATS[format]} file, got {out}")
+    method, cfg, _ = load_method(checkpoint)  # a missing or unreadable checkpoint first: nothing is made for it
     path = Path(out) if out else default_export_path(checkpoint, format)
     _check_out(path, format, "out" if out else "checkpoint")
-    method, cfg, _ = load_method(checkpoint)
     check_exportable(method, checkpoint)
     pre, _ = run_preprocessing(cfg)
     graph = InferenceGraph(method.cpu(), pre, layout).eval()
@@ -74,8 +74,8 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
 
 
 def _check_out(path: Path, format: str, key: str) -> None:
-    """The export's file can be written (a folder made, not a folder itself): said before the checkpoint is
-    loaded and traced, naming ``out`` (or the checkpoint whose run folder holds the default path)."""
+    """The export's file can be written (a folder made, not a folder itself): said before the model is
+    traced, naming ``out`` (or the checkpoint whose run folder holds the default path)."""
     from adtrain.io import writable_folder
 
     if path.is_dir():
