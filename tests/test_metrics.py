@@ -112,7 +112,7 @@ def test_streaming_pixel_metrics_match_sklearn():
     batches = _random_pixel_batches(1)
     ev = AnomalyEvaluator(num_bins=65536)
     _feed(ev, batches)
-    assert ev.pixel.bins.exact and ev.pixel.error_bounds() == {"pixel_auroc": 0.0, "pixel_aupro": 0.0}
+    assert ev.pixel.bins.exact and ev.pixel.error_bounds() == {"pixel_auroc": 0.0, "pixel_ap": 0.0, "pixel_f1max": 0.0, "pixel_aupro": 0.0}
     m = ev.compute()
     s = torch.cat([a for a, _ in batches]).numpy().ravel()
     y = torch.cat([k for _, k in batches]).numpy().ravel().astype(int)
@@ -136,6 +136,40 @@ def test_coarse_bins_are_less_accurate_but_within_their_bound():
     a_fine, a_coarse = fine.compute()["pixel_auroc"], coarse.compute()["pixel_auroc"]
     bound = coarse.pixel.error_bounds()["pixel_auroc"]
     assert a_fine != a_coarse and abs(a_fine - a_coarse) <= bound < 0.1
+    # AP and F1-max stream through the same bins, within their own bounds (F1-max from below)
+    assert fine.pixel.bins.exact
+    exact, binned, bounds = fine.compute(), coarse.compute(), coarse.pixel.error_bounds()
+    assert 0 < abs(exact["pixel_ap"] - binned["pixel_ap"]) <= bounds["pixel_ap"] < 0.2
+    assert 0 <= exact["pixel_f1max"] - binned["pixel_f1max"] <= bounds["pixel_f1max"] < 0.2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_binned_ap_and_f1max_are_within_their_bounds(seed):
+    """The AP and F1-max bounds hold whatever order the scores take inside a bin: ties, separated
+    and mixed classes, against scikit-learn on the exact scores."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    from adtrain.metrics.curves import ap_from_counts, f1max_from_counts
+    from adtrain.metrics.summary import AdaptiveBins
+
+    rng = np.random.default_rng(seed)
+    n = 3000
+    y = (rng.random(n) < [0.02, 0.1, 0.3, 0.5, 0.05, 0.2][seed]).astype(np.int64)
+    s = rng.normal(size=n) + y * [0.5, 1.0, 2.0, 0.0, 3.0, 1.5][seed]
+    if seed % 2:
+        s = np.round(s, 1)  # heavy ties
+    bins = AdaptiveBins(16)
+    for part in np.array_split(np.arange(n), 5):
+        v, inv = np.unique(s[part], return_inverse=True)
+        bins.add(torch.tensor(v), torch.tensor(np.bincount(inv, weights=1 - y[part], minlength=v.size)).long(),
+                 torch.tensor(np.bincount(inv, weights=y[part], minlength=v.size)).long(), torch.zeros(v.size))
+    c = bins.counts
+    bounds = bins.error_bounds(0, 0.3)
+    p, r, _ = precision_recall_curve(y, s)
+    exact_ap, exact_f1 = average_precision_score(y, s), np.max(2 * p * r / np.maximum(p + r, 1e-300))
+    assert abs(ap_from_counts(c["anomalous"], c["normal"]) - exact_ap) <= bounds["pixel_ap"] + 1e-12
+    assert 0 <= exact_f1 - f1max_from_counts(c["anomalous"], c["normal"]) <= bounds["pixel_f1max"] + 1e-12
+    assert bounds["pixel_ap"] < 1.0
 
 
 # ---------------------------------------------------------------- AUPRO, by hand
@@ -321,6 +355,17 @@ def test_low_precision_inputs_and_bad_inputs():
         AnomalyEvaluator(aupro_fpr_limit=0.0)
 
 
+def test_float64_image_scores_keep_their_precision():
+    """Scores 1e8 + 0..3 differ only past float32's precision: the evaluator and image_metrics
+    both rank them as float64 (the evaluator used to round them to float32, giving 0.5)."""
+    from adtrain.metrics.image import image_metrics
+
+    s, y = torch.tensor([1e8, 1e8 + 1, 1e8 + 2, 1e8 + 3], dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    ev = AnomalyEvaluator(pixel_metrics=False)
+    ev.update(s, y)
+    assert ev.compute()["image_auroc"] == image_metrics(s, y)["image_auroc"] == 0.75
+
+
 # ---------------------------------------------------------------- bounded memory
 
 
@@ -375,7 +420,7 @@ def test_heavy_tailed_maps_match_exact_metrics(num_bins):
     exact_auroc, exact_ap, exact_aupro = _exact_pixel_metrics(batches)
     assert exact_auroc > 0.9 and exact_aupro > 0.8  # linear bins over the range gave 0.50 / 0.15 here
     if num_bins == 65536:  # 4800 pixels: every distinct score kept
-        assert ev.pixel.bins.exact and bounds == {"pixel_auroc": 0.0, "pixel_aupro": 0.0}
+        assert ev.pixel.bins.exact and bounds == {"pixel_auroc": 0.0, "pixel_ap": 0.0, "pixel_f1max": 0.0, "pixel_aupro": 0.0}
         assert m["pixel_auroc"] == pytest.approx(exact_auroc, abs=1e-12)
         assert m["pixel_ap"] == pytest.approx(exact_ap, abs=1e-12)
         assert m["pixel_aupro"] == pytest.approx(exact_aupro, abs=1e-12)
@@ -396,7 +441,7 @@ def test_held_pixel_scores_are_exact_past_the_bins_capacity_until_their_budget()
             ev.update(amap.amax((1, 2, 3)), (mask.flatten(1).amax(1) > 0).long(), amap, mask)
     m = held.compute()
     assert len(held.pixel.bins) == 0 and held.pixel.exact and held.pixel.nbytes >= 4800 * 4
-    assert held.pixel.error_bounds() == {"pixel_auroc": 0.0, "pixel_aupro": 0.0}
+    assert held.pixel.error_bounds() == {"pixel_auroc": 0.0, "pixel_ap": 0.0, "pixel_f1max": 0.0, "pixel_aupro": 0.0}
     assert m["pixel_auroc"] == pytest.approx(exact_auroc, abs=1e-12)
     assert m["pixel_ap"] == pytest.approx(exact_ap, abs=1e-12)
     assert m["pixel_aupro"] == pytest.approx(exact_aupro, abs=1e-12)
@@ -545,5 +590,8 @@ def test_per_category_per_defect_and_threshold_figures_from_score_rows():
     table = run_table({"image_auroc": 0.6, "by_category": cats,
                        "image_auroc_by_defect": auroc_by_defect(rows), "test_at_threshold": at,
                        "val_image_auroc": 0.9}, "RUN")[2]
-    assert [r[0] for r in table] == ["image AUROC", "  image AUROC, a", "  image AUROC, b", "  image AUROC, mean",
+    # several categories: the top-level figure ranks all images together (pooled), the protocol's mean first
+    assert [r[0] for r in table] == ["image AUROC, categories pooled", "  image AUROC, mean of categories",
+                                     "  image AUROC, a", "  image AUROC, b",
                                      "defects caught at threshold", "false alarms at threshold", "image AUROC"]
+    assert [r[1] for r in table[:4]] == ["0.6000", "0.3750", "0.7500", "0.0000"]

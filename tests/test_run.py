@@ -51,7 +51,7 @@ def test_run_writes_results_config_checkpoint_heatmaps(fast_cfg, tmp_path, umask
     assert saved["pixel_auroc"] > 0.75 and saved["pixel_aupro"] > 0.4
     # 16 maps of 64 x 64: within metrics.exact_pixels, so counted exactly
     assert saved["pixel_metrics_exact"] is True
-    assert saved["pixel_error_bounds"] == {"pixel_auroc": 0.0, "pixel_aupro": 0.0}
+    assert saved["pixel_error_bounds"] == {"pixel_auroc": 0.0, "pixel_ap": 0.0, "pixel_f1max": 0.0, "pixel_aupro": 0.0}
     assert saved["threshold"] is not None
     assert (tmp_path / "score_histogram.png").exists()
     metrics = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))

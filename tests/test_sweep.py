@@ -273,6 +273,29 @@ def test_continual_jobs_bring_their_final_averages_and_forgetting(tmp_path):
     assert body["per_task"]["final_image_auroc"].startswith("0.9000 ± ")
 
 
+def test_several_category_jobs_bring_the_mean_over_their_categories(tmp_path):
+    """A job of several categories (one model, the multi-class protocol): its top-level image_auroc pools
+    every category's images; the summary also carries by_category.mean's figures, averaged over seeds."""
+    sweep = tmp_path / "sweep"
+    base = {"method": "stfpm", "data": "synthetic", "category": ["texture", "grid"], "backbone": "resnet18"}
+    for num, (seed, pooled, mean) in enumerate([(0, 0.6, 0.75), (1, 0.7, 0.85)]):
+        _job(sweep, num, [f"seed={seed}"], {**base, "seed": seed, "image_auroc": pooled, "by_category": {
+            "texture": {"image_auroc": mean + 0.1}, "grid": {"image_auroc": mean - 0.1},
+            "mean": {"image_auroc": mean, "pixel_auroc": None}}})
+    _job(sweep, 2, ["seed=2"], {**base, "category": "texture", "seed": 2, "image_auroc": 0.9})  # one category
+    csv_path, md_path = summarize(sweep)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["image_auroc"] for r in rows] == ["0.6", "0.7", "0.9"]
+    assert [r["category_mean_image_auroc"] for r in rows] == ["0.75", "0.85", ""]
+    assert "category_mean_pixel_auroc" in rows[0] and "category_mean_image_ap" not in rows[0]
+    means = md_path.read_text().split("Mean ± std over seeds")[1]
+    head = next(line for line in means.splitlines() if line.startswith("| method"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    row = next(dict(zip(cols, [c.strip() for c in line.strip("|").split("|")])) for line in means.splitlines()
+               if line.startswith("| stfpm") and "| 2 |" in line)
+    assert row["category_mean_image_auroc"].startswith("0.8000 ± ") and row["image_auroc"].startswith("0.6500 ± ")
+
+
 def test_nested_job_folders_and_failed_jobs_keep_their_key_columns(tmp_path):
     """``hydra.sweep.subdir=${data.category}/seed${seed}`` puts jobs two levels down: they are still
     summarised, named by their path; a failed job's method, category and seed come from its config."""

@@ -65,9 +65,12 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
             rows[at + 2:at + 2] = [["pixel F1 at threshold", fmt(pixels.get("f1")), "test"]]
     # after the overall image AUROC: each category of a several-category task, else each defect type
     by_defect = results.get("image_auroc_by_defect") or {}
-    parts = {k: v.get("image_auroc") for k, v in (results.get("by_category") or {}).items()} or \
-        (by_defect if len(by_defect) > 1 else {})
+    cats = {k: v.get("image_auroc") for k, v in (results.get("by_category") or {}).items()}
+    parts = cats or (by_defect if len(by_defect) > 1 else {})
     at = next((i + 1 for i, r in enumerate(rows) if r[0] == "image AUROC" and r[2] == "test"), 0)
+    if cats and at:  # several categories: the top-level figures rank all their images together
+        rows[at - 1][0] = "image AUROC, categories pooled"
+        parts = {"mean of categories": cats.pop("mean", None), **cats}  # the multi-class protocol's figure first
     rows[at:at] = [[f"  image AUROC, {k}", fmt(v), "test"] for k, v in parts.items()]
     auspro = results.get("auspro") or {}
     if auspro:  # MVTec LOCO AD's metric, after pixel AUPRO: the mean over defect types, then each type

@@ -43,6 +43,10 @@ OBJECTIVES = {
 }
 # a continual run's summary columns (final average over tasks, forgetting) per metric
 CONTINUAL_PREFIXES = ("final_", "forgetting_")
+# a several-category job's mean over its categories (results.json by_category.mean; the top-level
+# figures pool the categories' images): the multi-class protocol's figures
+CATEGORY_MEAN_PREFIX = "category_mean_"
+
 # overrides that say how a job ran, not what it ran (never a swept column)
 _RUN_FLAGS = {"overwrite", "resume"}
 # override keys that repeat a key column (the summary already shows them)
@@ -152,6 +156,8 @@ def collect(sweep_dir: Path) -> list[dict]:
         res = json.loads(path.read_text())
         if isinstance(res.get("summary"), dict):  # a continual run: its final averages and forgetting too
             res = {**res, **{k: v for k, v in res["summary"].items() if k.startswith(CONTINUAL_PREFIXES)}}
+        if isinstance((res.get("by_category") or {}).get("mean"), dict):
+            res = {**res, **{CATEGORY_MEAN_PREFIX + k: v for k, v in res["by_category"]["mean"].items()}}
         rows.append({"job": str(path.parent.relative_to(sweep_dir)), **res, "_overrides": read_overrides(path.parent)})
     for path in sorted(sweep_dir.glob("**/error.txt")):
         job = path.parent
@@ -191,7 +197,8 @@ def summarize(sweep_dir: Path) -> tuple[Path, Path] | None:
     if not rows:
         return None
     swept = swept_keys([r["_overrides"] for r in rows])
-    continual = sorted({k for r in rows for k in r if k.startswith(CONTINUAL_PREFIXES)})
+    continual = sorted({k for r in rows for k in r if k.startswith(CONTINUAL_PREFIXES)}) + \
+        [CATEGORY_MEAN_PREFIX + k for k in TEST_COLUMNS if any(CATEGORY_MEAN_PREFIX + k in r for r in rows)]
     cols = ["job", *KEY_COLUMNS, *swept, *VALUE_COLUMNS, *continual] + (["error"] if any("error" in r for r in rows) else [])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")

@@ -12,7 +12,7 @@ def to_numpy(values, dtype=np.float64) -> np.ndarray:
     """Any tensor (any device, fp16/bf16 included), array or list -> numpy array of dtype."""
     if isinstance(values, torch.Tensor):
         values = values.detach()
-        if values.is_floating_point():
+        if values.is_floating_point() and values.dtype != torch.float64:  # fp16/bf16 widened; float64 kept
             values = values.float()
         values = values.cpu().numpy()
     return np.asarray(values, dtype=dtype)

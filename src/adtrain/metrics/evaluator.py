@@ -98,9 +98,10 @@ class AnomalyEvaluator:
         has_mask: torch.Tensor | None = None,
     ) -> None:
         """Add a batch: pred_score (B,), label (B,), maps/masks (B,1,H,W), has_mask (B,) bool."""
-        if isinstance(pred_score, torch.Tensor):  # as to_numpy: floating scores via float32
+        if isinstance(pred_score, torch.Tensor):  # as to_numpy: fp16/bf16 scores widened, float64 kept
             scores = pred_score.detach().reshape(-1)
-            scores = (scores.float() if scores.is_floating_point() else scores.double()).clone()
+            scores = (scores.float() if scores.is_floating_point() and scores.dtype != torch.float64
+                      else scores.double()).clone()
         else:
             scores = torch.from_numpy(to_numpy(pred_score).reshape(-1))
         labels = (label.detach().reshape(-1).clone() if isinstance(label, torch.Tensor)

@@ -227,8 +227,9 @@ class PixelMetricAccumulator:
                 for limit in fpr_limits]
 
     def error_bounds(self) -> dict[str, float]:
-        """Largest possible |streaming - exact| of pixel_auroc and pixel_aupro (0.0 while exact)."""
+        """Largest possible |streaming - exact| of pixel_auroc, pixel_ap, pixel_f1max and pixel_aupro
+        (0.0 while exact)."""
         if not len(self.bins):
-            return {"pixel_auroc": 0.0, "pixel_aupro": 0.0}
+            return dict.fromkeys(("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"), 0.0)
         self._flush()
         return self.bins.error_bounds(self.num_regions, self.aupro_fpr_limit)

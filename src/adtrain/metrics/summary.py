@@ -168,16 +168,45 @@ class AdaptiveBins:
         self.merges += 1
 
     def error_bounds(self, num_regions: int, fpr_limit: float) -> dict[str, float]:
-        """Largest possible |binned - exact| for AUROC and AUPRO, from the order left unknown
-        inside multi-score bins (0.0 while every bin is one score)."""
+        """Largest possible |binned - exact| for AUROC, AP, F1-max and AUPRO, from the order left
+        unknown inside multi-score bins (0.0 while every bin is one score)."""
         multi = self.lo < self.hi
         neg, pos, pro = (self.counts[c].astype(np.float64) for c in CHANNELS)
         n, p = neg.sum(), pos.sum()
         auroc = 0.5 * float(np.sum(neg[multi] * pos[multi]) / (n * p)) if n > 0 and p > 0 else 0.0
+        ap, f1 = precision_bounds(pos, neg, multi)
         aupro = 0.0
         if n > 0 and num_regions > 0:
             # a bin spans a box in (FPR, PRO); the straight segment is off by at most its area
             fpr_hi = np.cumsum(neg[::-1])[::-1] / n  # FPR at each bin's lower edge
             in_range = multi & (fpr_hi - neg / n < fpr_limit)
             aupro = float(np.sum((neg[in_range] / n) * (pro[in_range] / num_regions))) / fpr_limit
-        return {"pixel_auroc": auroc, "pixel_aupro": aupro}
+        return {"pixel_auroc": auroc, "pixel_ap": ap, "pixel_f1max": f1, "pixel_aupro": aupro}
+
+
+def precision_bounds(pos: np.ndarray, neg: np.ndarray, multi: np.ndarray) -> tuple[float, float]:
+    """Largest possible |binned - exact| of AP and of F1-max (adtrain.metrics.curves), bins sorted
+    by ascending score, ``multi`` the bins holding more than one score.
+
+    Above bin k lie TP positives and FP negatives, exactly; inside it m positives and h negatives in
+    an unknown order. A positive's precision at its own threshold is at most (TP+m)/(TP+m+FP) and,
+    as the i-th positive of the bin, at least (TP+i)/(TP+i+FP+h); summed over i = 1..m that is
+    m - (FP+h) (psi(b+m+1) - psi(b+1)) with b = TP+FP+h. F1 at a bin's edge is exact (the binned
+    F1-max is a lower bound); inside bin k it is at most 2(TP+m)/(TP+m+FP+P)."""
+    p = pos.sum()
+    if p <= 0 or not multi.any():
+        return 0.0, 0.0
+    from scipy.special import digamma
+
+    pos_d, neg_d, multi_d = pos[::-1], neg[::-1], multi[::-1]  # from the highest bin down
+    tp_above, fp_above = np.cumsum(pos_d) - pos_d, np.cumsum(neg_d) - neg_d
+    m, h, tp, fp = pos_d[multi_d], neg_d[multi_d], tp_above[multi_d], fp_above[multi_d]
+    binned = m * (tp + m) / np.maximum(tp + m + fp + h, 1.0)  # each bin's share in ap_from_counts (x P)
+    upper = m * (tp + m) / np.maximum(tp + m + fp, 1.0)
+    b = tp + fp + h
+    lower = np.where(m > 0, m - (fp + h) * (digamma(b + m + 1.0) - digamma(b + 1.0)), 0.0)
+    ap = max(float(np.sum(upper - binned)), float(np.sum(binned - lower))) / p
+    tp_all, fp_all = np.cumsum(pos_d), np.cumsum(neg_d)
+    f1_binned = float(np.max(2.0 * tp_all / (tp_all + fp_all + p)))
+    f1_inside = float(np.max(2.0 * (tp + m) / (tp + m + fp + p)))
+    return ap, max(0.0, f1_inside - f1_binned)
