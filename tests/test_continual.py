@@ -114,6 +114,25 @@ def test_three_task_schedule_end_to_end(fast_cfg, tmp_path, monkeypatch):
     assert state["finished"] == [0, 1, 2]
     method, cfg, _ = load_method(tmp_path / saved["final_checkpoint"])  # adtrain.predict can use it
     assert cfg.data.category == "stripes" and method.threshold.isfinite()
+    # one shared model decides every task's images: its final threshold is fitted on the held-out
+    # normals of all three tasks (schedule.threshold=seen), each earlier task's on its own
+    import numpy as np
+
+    from adtrain.build import build_datamodule
+    from adtrain.continual.schedule import task_config
+
+    scores = []
+    with torch.no_grad():
+        for cat in ("texture", "grid", "stripes"):
+            dm = build_datamodule(task_config(fast_cfg(*TINY, "schedule=synthetic_3"), [cat]))
+            scores.append(torch.cat([method.anomaly_output(b["image"]).pred_score
+                                     for b in dm.val_normal_dataloader()]).double().numpy())
+    final = saved["per_task"][2]
+    assert [p["threshold_tasks"] for p in saved["per_task"]] == [[0], [1], [0, 1, 2]]
+    assert final["num_threshold_images"] == sum(len(s) for s in scores) == 6
+    assert float(method.threshold) == pytest.approx(np.quantile(np.concatenate(scores), 0.99), rel=1e-5)
+    assert final["threshold"] == pytest.approx(float(method.threshold), rel=1e-6)
+    assert final["task_threshold"] == pytest.approx(np.quantile(scores[2], 0.99), rel=1e-5)
     rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
     assert len(rows) == 18 and {r["task"] for r in rows} == {"0", "1", "2"}
     metrics = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
@@ -279,6 +298,10 @@ def test_schedule_configs_and_errors(fast_cfg, tmp_path):
     with pytest.raises(ConfigError, match="schedule.replay"):
         read_schedule(compose("schedule=synthetic_3", "schedule.replay=-1"))
     assert read_schedule(compose("schedule=synthetic_3")).routed_val == "last"
+    assert read_schedule(compose("schedule=synthetic_3")).threshold == "seen"
+    assert read_schedule(compose("schedule=synthetic_3", "schedule.threshold=task")).threshold == "task"
+    with pytest.raises(ConfigError, match="schedule.threshold"):
+        read_schedule(compose("schedule=synthetic_3", "schedule.threshold=all"))
     with pytest.raises(ConfigError, match="schedule.routed_val"):
         read_schedule(compose("schedule=synthetic_3", "schedule.routed_val=first"))
     # a category the data set does not have fails before any training, naming the task

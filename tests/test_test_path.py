@@ -465,7 +465,7 @@ def test_test_pixel_metrics_are_exact_up_to_their_budget_and_say_when_they_are_n
     exact = _run_batched(method, batches)[0]
     assert exact["pixel_auroc"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
     assert method.pixel_exactness() == {"pixel_metrics_exact": True,
-                                        "pixel_error_bounds": {"pixel_auroc": 0.0, "pixel_aupro": 0.0}}
+                                        "pixel_error_bounds": {"pixel_auroc": 0.0, "pixel_ap": 0.0, "pixel_f1max": 0.0, "pixel_aupro": 0.0}}
     method.test_exact_pixels = 0
     streamed = _run_batched(method, batches)[0]
     state = method.pixel_exactness()
@@ -594,3 +594,16 @@ def test_a_run_counts_anomalous_test_images_with_an_empty_mask(base_cfg, tmp_pat
     assert res["empty_anomaly_masks"] == 1 and res["pixel_auroc"] is not None
     assert json.loads((tmp_path / "run" / "results.json").read_text())["empty_anomaly_masks"] == 1
     assert "1 anomalous test image(s) have no anomalous pixel" in caplog.text
+
+
+def test_threshold_fit_takes_the_true_median_of_an_even_count():
+    """normalized_score is 0 at the held-out normals' median: of 4 scores 1, 2, 3, 4 that is 2.5
+    (torch's .median() gave the lower middle value, 2)."""
+    method = _Method().eval()
+    # one-pixel images whose map (3 x the channel mean) and score are 1, 2, 3, 4
+    batches = [{"image": torch.full((2, 3, 1, 1), v / 3.0) * torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)}
+               for v in (1.0, 3.0)]  # scores 1, 2 then 3, 6 -> sorted 1, 2, 3, 6: median 2.5
+    info = method.fit_threshold(batches, 0.5)
+    assert info["normal_score_median"] == pytest.approx(2.5)
+    assert float(method.map_center) == pytest.approx(2.5)
+    assert info["threshold"] == pytest.approx(2.5)  # quantile 0.5, torch's linear interpolation

@@ -126,6 +126,10 @@ class _Sequence:
 
         final_row = t == n_train - 1
         seen = range(len(sched.tasks)) if sched.joint else range(t + 1)
+        own = info["threshold_info"]
+        own["threshold_tasks"] = [t]
+        if final_row and t > 0 and sched.threshold == "seen" and not self.method.decides_per_task:
+            info["threshold_info"] = self.fit_seen_threshold(trainer, list(seen), own)
         evals: dict[int, dict] = {}
         for i in seen:
             heatmaps = self.run_dir / "heatmaps" / f"task_{i}" if final_row else None
@@ -159,6 +163,21 @@ class _Sequence:
             write_scores_csv(self.run_dir / "scores.csv", self.records)
         self.state.save(self.run_dir)
         log_row(self.logger, t, evals, self.names)
+
+    def fit_seen_threshold(self, trainer, seen: list[int], own: dict) -> dict:
+        """The final model's decision threshold (and display centres) on the held-out normals of every
+        seen task (schedule.threshold=seen): one threshold decides every task's images, so it is fitted
+        on all of them, not on the last task's alone (which flagged most normals of an earlier task whose
+        scores run higher). The same validation sets the routed validation scores; no test image."""
+        loaders = [self.eval_dms[i].val_normal_dataloader() for i in seen]
+        with trainer.precision_plugin.forward_context():
+            fitted = self.method.fit_threshold(_Chained(loaders), self.cfg.threshold.quantile)
+        distributed.broadcast_buffers(self.method)
+        if fitted.get("threshold") is None:  # no task holds normals out: the last task's (none) stays
+            return own
+        log.info("  threshold %.4f on the held-out normals of tasks %s (%d images; task %d's own: %s)",
+                 fitted["threshold"], seen, fitted["num_threshold_images"], seen[-1], _fmt(own.get("threshold")))
+        return {**fitted, "threshold_tasks": seen, "task_threshold": own.get("threshold")}
 
     def finish(self) -> dict:
         cfg, sched, state = self.cfg, self.sched, self.state
@@ -221,6 +240,20 @@ class _Sequence:
                   task_checkpoint(self.run_dir, state.finished[-1]))
         distributed.barrier()  # DDP: the other ranks wait until rank 0 has written the run's files
         return results  # adtrain.run shows its table (final and forgetting of each metric)
+
+
+class _Chained:
+    """Several data loaders read one after the other (with a length, as fit_threshold wants)."""
+
+    def __init__(self, loaders: list):
+        self.loaders = loaders
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.loaders)
+
+    def __iter__(self):
+        for d in self.loaders:
+            yield from d
 
 
 def validate_routed(trainer, method, dm, task: int | None = None) -> dict[str, float]:

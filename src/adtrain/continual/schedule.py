@@ -11,6 +11,9 @@ from adtrain.errors import ConfigError, whole_number
 
 
 ROUTED_VAL = ("last", "all", "off")
+#: after the last task, a model without per-task thresholds fits its decision threshold on the held-out
+#: normals of every seen task (seen) or of the last task only (task)
+THRESHOLD = ("seen", "task")
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class Schedule:
     joint: bool = False         # upper bound: train once on the union, evaluate per task
     replay: int = 0             # images kept from each finished task for later training
     routed_val: str = "last"    # validation sets scored as the test sets are (routed): last row | all | off
+    threshold: str = "seen"     # the final decision threshold's held-out normals: every seen task's | the last task's
 
     @property
     def task_names(self) -> list[str]:
@@ -76,11 +80,14 @@ def read_schedule(cfg: DictConfig) -> Schedule:
     routed_val = str(node.get("routed_val", "last"))
     if routed_val not in ROUTED_VAL:
         raise ConfigError("schedule.routed_val", f"must be one of {ROUTED_VAL}, got {routed_val!r}")
+    threshold = node.get("threshold", "seen")
+    if threshold not in THRESHOLD:
+        raise ConfigError("schedule.threshold", f"must be one of {THRESHOLD}, got {threshold!r}")
     name = str(node.get("name") or "custom")
     if name == "single":
         name = "custom"
     return Schedule(name=name, tasks=parse_tasks(node.tasks), joint=bool(node.get("joint", False)),
-                    replay=int(replay), routed_val=routed_val)
+                    replay=int(replay), routed_val=routed_val, threshold=threshold)
 
 
 def task_config(cfg: DictConfig, categories: list[str]) -> DictConfig:

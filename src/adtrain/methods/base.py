@@ -301,8 +301,9 @@ class AnomalyModule(LightningModule):
         s = torch.cat(scores).double()
         self.normal_scores = s  # the held-out normals' image scores (continual DFM's per-task calibration)
         self.threshold.fill_(float(torch.quantile(s, quantile)))
-        self.score_center.fill_(float(s.median()))
-        self.map_center.fill_(float(torch.cat(pixels).double().median()))
+        # the median (torch's .median() is the lower of the two middle values of an even count)
+        self.score_center.fill_(float(torch.quantile(s, 0.5)))
+        self.map_center.fill_(float(torch.quantile(torch.cat(pixels).double(), 0.5)))
         self.pixel_threshold.fill_(float(torch.quantile(torch.cat(peaks).double(), quantile)))
         return {
             "threshold": float(self.threshold),
@@ -458,6 +459,12 @@ class AnomalyModule(LightningModule):
     # ----------------------------------------------------------------- continual learning
     #: what the method does across tasks (docs/continual.md); "finetune" = naive sequential
     continual_behaviour: str = "finetune"
+
+    @property
+    def decides_per_task(self) -> bool:
+        """A routed image is decided with its task's own threshold (per-task memories, calibrated DFM):
+        the continual runner then leaves the last task's threshold alone (schedule.threshold)."""
+        return False
 
     def begin_task(self, task_id: int, categories: list[str]) -> None:
         """Called by the continual runner before training on task `task_id`."""

@@ -36,6 +36,10 @@ class TaskMemoryMixin:
         self.routed_calibration: torch.Tensor | None = None
         self.task_open = False  # between begin_task and end_task: the memory being built is the one scored
 
+    @property
+    def decides_per_task(self) -> bool:
+        return self.continual == "per_task"
+
     def reset_memory(self) -> None:
         raise NotImplementedError
 

@@ -112,8 +112,8 @@ class DfmContinualMixin:
         s = self.normal_scores
         if s is None or s.numel() < 2:
             return None
-        center = float(s.median())
-        scale = 1.4826 * float((s - center).abs().median())
+        center = float(torch.quantile(s.double(), 0.5))  # the median (torch's .median() is the lower middle value)
+        scale = 1.4826 * float(torch.quantile((s.double() - center).abs(), 0.5))
         if not scale > 0:
             scale = float(s.std())
         if not scale > 0:
@@ -126,6 +126,11 @@ class DfmContinualMixin:
         """Routed scores in units of each task's held-out normals (every finished task has them)."""
         return (self.task_score_norm == "normal" and len(self.task_calibration) == len(self.task_states)
                 and all(c is not None for c in self.task_calibration))
+
+    @property
+    def decides_per_task(self) -> bool:
+        """Calibrated routed scores are decided against the tasks' own thresholds, averaged in their units."""
+        return self.calibrated
 
     @torch.no_grad()
     def _calibrated_threshold(self) -> None:
