@@ -9,6 +9,7 @@ schedule): that would mix two experiments into one result, and is refused with t
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import shlex
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from adtrain.errors import ConfigError
+
+log = logging.getLogger("adtrain")
 
 #: config keys (and everything under them) a resumed run may change
 RESUMABLE = ("resume", "overwrite", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar",
@@ -84,8 +87,13 @@ def stored_config(run_dir: Path) -> dict:
         stored = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:  # noqa: BLE001 - any unreadable YAML
         raise ConfigError("resume", f"{path}: unreadable ({type(err).__name__}: {err})") from None
-    if not isinstance(stored, dict):
-        raise ConfigError("resume", f"{path}: not a run config")
+    if not isinstance(stored, dict) or not {"method", "data"} <= set(stored):  # e.g. an empty file
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.exists():  # the config last.ckpt carries, as for a deleted config.yaml
+            log.warning("%s is not a run config (empty?): resuming with the config %s carries", path, last)
+            return _config_of_checkpoint(last)
+        raise ConfigError("resume", f"{path}: not a run config (empty, or no method/data); overwrite=true runs "
+                          "the experiment again from the start")
     from adtrain.data.resize import with_legacy_rule
 
     return with_legacy_rule(stored)  # a run begun before data.resize existed: the rule it began with

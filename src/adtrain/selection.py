@@ -176,8 +176,8 @@ class Selection(Callback):
         if path is None:
             return
         if not path.exists():
-            raise TrainingError(f"{path}: the selected checkpoint is missing; rerun, or select the last state "
-                                "with selection.monitor=last")
+            raise TrainingError(f"{path}: the selected checkpoint is missing (deleted?); the run cannot keep "
+                                "that state: overwrite=true trains it again from the start")
         from adtrain.loading import read_checkpoint
 
         method.load_state_dict(read_checkpoint(path)["state_dict"])

@@ -63,13 +63,17 @@ class ContinualState:
     def load(cls, run_dir: Path) -> "ContinualState":
         path = Path(run_dir) / STATE_FILE
         if not path.exists():
+            if (Path(run_dir) / "tasks").is_dir():  # a begun sequence whose state file was deleted
+                raise ConfigError("resume", f"{run_dir} holds a sequence's tasks/ but no {STATE_FILE}: which tasks "
+                                  "finished is not known, so it cannot be resumed; overwrite=true runs it again")
             raise ConfigError("resume", f"no {STATE_FILE} in {run_dir}: nothing to resume. Pass the interrupted "
                               "run's directory: hydra.run.dir=<that run dir> resume=true")
         try:
             data = json.loads(path.read_text())
             state = cls(**data)
         except (ValueError, TypeError) as err:
-            raise DataError(path, f"unreadable continual state ({err}); delete it to start the sequence over")
+            raise DataError(path, f"unreadable continual state ({err}): the sequence cannot be resumed; "
+                            "overwrite=true runs it again from its first task")
         if state.version != STATE_VERSION:
             raise DataError(path, f"state version {state.version}, this adtrain writes {STATE_VERSION}")
         return state
