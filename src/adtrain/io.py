@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,10 +19,48 @@ import torch
 from adtrain import distributed
 
 
+#: a temp file or folder of adtrain's: ``.<name>.<pid>-<12 hex>.tmp`` (the writing process's pid)
+TEMP_NAME = re.compile(r"^\..+\.(\d+)-[0-9a-f]{12}\.tmp$")
+
+
+def temp_name(name: str) -> str:
+    """A unique temp name for ``name``, carrying this process's pid (remove_dead_temps)."""
+    return f".{name}.{os.getpid()}-{secrets.token_hex(6)}.tmp"
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's live process; a number no pid is
+        return True
+    return True
+
+
+def remove_dead_temps(folder: str | os.PathLike, recursive: bool = True) -> int:
+    """Delete the temp files and folders a killed write left in ``folder`` (those of a process that
+    has ended; a live one's are kept); returns how many. A write killed midway leaves its temp
+    (a checkpoint's is checkpoint-sized) that nothing else would ever remove."""
+    folder, removed = Path(folder), 0
+    if not folder.is_dir():
+        return 0
+    for path in list(folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+        m = TEMP_NAME.match(path.name)
+        if not m or process_alive(int(m.group(1))):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed += 1
+        except OSError:  # removed meanwhile, or not ours to remove
+            continue
+    return removed
+
+
 def _new_temp(path: Path) -> str:
     """Create an empty, unique temp file beside path, mode 0o666 & ~umask (mkstemp would give 0600)."""
     for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = str(path.parent / temp_name(path.name))
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp

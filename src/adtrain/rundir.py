@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import sys
@@ -27,6 +28,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 from adtrain.errors import AdtrainError, ConfigError
+
+log = logging.getLogger("adtrain")
 
 LOCK_FILE = ".adtrain.lock"
 #: what shows that a run already trained in a directory (results.json: it finished)
@@ -97,6 +100,11 @@ def acquire(run_dir: str | os.PathLike) -> bool:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _HELD[key] = fd
+    from adtrain.io import remove_dead_temps
+
+    if gone := remove_dead_temps(run_dir):  # a write killed midway (a checkpoint's temp is its size)
+        log.info("%s: %d temp file(s) of an ended run's unfinished writes deleted",
+                                          run_dir, gone)
     return True
 
 

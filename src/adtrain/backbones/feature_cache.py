@@ -115,7 +115,9 @@ class FeatureCache:
     def evict(self) -> int:
         """Delete the least recently used entries until the folder fits the budget; returns how many."""
         from adtrain.cache_files import evict_lru
+        from adtrain.io import remove_dead_temps
 
+        remove_dead_temps(self.root, recursive=False)  # writes killed midway: nothing else removes them
         return evict_lru(self.root.glob("*" + SUFFIX), self.max_bytes)
 
 

@@ -34,7 +34,6 @@ import inspect
 import json
 import logging
 import os
-import secrets
 import shutil
 import stat
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 from adtrain.data.image_io import mask_files
 from adtrain.data.resize import DEFAULT, ImageResize, describe
 from adtrain.errors import AdtrainError, ConfigError
+from adtrain.io import remove_dead_temps, temp_name
 
 log = logging.getLogger("adtrain")
 
@@ -207,6 +207,8 @@ class ImageCache:
         use here, or used elsewhere in the last RECENT_S seconds, are kept); returns how many."""
         import time
 
+        if gone := remove_dead_temps(self.root, recursive=False):  # builds killed midway, their space reserved
+            log.info("image cache: %d unfinished entr%s of ended processes deleted", gone, "y" if gone == 1 else "ies")
         entries = []
         for folder in self.root.iterdir() if self.root.is_dir() else ():
             if not _is_entry_name(folder.name) or not folder.is_dir():
@@ -265,9 +267,10 @@ class ImageCache:
             return None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            remove_dead_temps(self.root, recursive=False)  # a killed build's space, before it is counted
             free = shutil.disk_usage(self.root).free
             if free >= need + HEADROOM_BYTES:
-                tmp = self.root / f".{key}.{secrets.token_hex(6)}.tmp"
+                tmp = self.root / temp_name(key)  # with its pid: a killed build's is deleted by evict
                 tmp.mkdir()
         except OSError as e:
             log.warning("data.cache_dir=%s is not writable (%s): images are decoded without the cache", self.root, e)

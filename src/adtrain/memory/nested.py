@@ -233,7 +233,9 @@ class NestedCache:
 
     def evict(self) -> int:
         from adtrain.cache_files import evict_lru
+        from adtrain.io import remove_dead_temps
 
+        remove_dead_temps(self.root)  # writes killed midway: nothing else removes them
         return evict_lru(self.root.rglob("*.pt"), self.max_bytes)
 
     # ---------------------------------------------------------- coreset (MemoryBank.build's hook)
