@@ -116,6 +116,25 @@ def test_a_damaged_entry_is_rebuilt_and_a_deleted_one_keeps_serving(tree, tmp_pa
     _same(ref, _items(served))
 
 
+@pytest.mark.parametrize("meta", ["{}", "[]", '{"source_size": [], "has_mask": []}', '{"source_size": 1}'])
+def test_an_entry_whose_meta_json_lacks_its_lists_is_rebuilt(tree, tmp_path, caplog, meta):
+    """meta.json of valid JSON without the per-image lists (or with lists of another length than the
+    arrays) is a damaged entry, decoded again as a truncated images.npy is: not a KeyError from inside."""
+    import logging
+
+    dm = _dm(tree, "auto", tmp_path / "c")
+    ref = _items(dm.make_dataset(dm.train_samples))
+    entry = next(p for p in (tmp_path / "c").iterdir() if not p.name.startswith("."))
+    (entry / "meta.json").write_text(meta)
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        rebuilt = dm.make_dataset(dm.train_samples)
+    assert dm.image_cache.events == ["miss", "miss"] and f"image cache entry {entry} unreadable" in caplog.text
+    _same(ref, _items(rebuilt))
+    again = _dm(tree, "auto", tmp_path / "c")
+    again.make_dataset(again.train_samples)
+    assert again.image_cache.events == ["hit"]  # the rebuilt entry is whole
+
+
 def test_each_resize_rule_has_its_own_entry(tree, tmp_path):
     """The rule is part of the key: a changed data.resize never serves another rule's images."""
     from adtrain.data.image_cache import cache_key
@@ -225,6 +244,44 @@ def test_feature_cache_hit_is_bit_identical_and_keyed_on_the_input(tmp_path):
     y[0, 0, 0, 0] += 1e-6  # one value differs: another key
     ext(y)
     assert ext.feature_cache.misses == 2 and ext.feature_cache.state() == "miss"
+
+
+def _random_bytes(path):
+    import random
+
+    path.write_bytes(random.Random(0).randbytes(200))  # torch: UnpicklingError "Unsupported operand"
+
+
+def _empty(path):
+    path.write_bytes(b"")  # EOFError
+
+
+def _other_layout(path):
+    torch.save(torch.zeros(3), path)  # loads fine (weights-only), yet is no entry of this cache
+
+
+@pytest.mark.parametrize("damage", [_random_bytes, _empty, _other_layout])
+def test_a_damaged_feature_cache_entry_is_named_deleted_and_recomputed(tmp_path, caplog, damage):
+    """An entry overwritten, cut short or of another layout: a warning naming the file, the features
+    computed again (bit for bit the extractor's) and stored whole; not a traceback from torch.load."""
+    import logging
+
+    from adtrain.backbones.feature_cache import SUFFIX, FeatureCache
+
+    ext = _extractor()
+    x = torch.randn(2, 3, 32, 32)
+    ref = ext(x)
+    ext.feature_cache = FeatureCache(tmp_path / "f")
+    ext(x)
+    path = tmp_path / "f" / (ext.feature_cache.key(ext, x) + SUFFIX)
+    damage(path)
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        again = ext(x)
+    assert f"feature cache entry {path} unreadable" in caplog.text
+    assert "weights_only" not in caplog.text  # not torch's advice to load it unsafely
+    assert (ext.feature_cache.misses, ext.feature_cache.hits) == (2, 0)
+    assert torch.equal(again["layer1"], ref["layer1"])
+    assert torch.equal(ext(x)["layer1"], ref["layer1"]) and ext.feature_cache.hits == 1  # stored again, whole
 
 
 def test_feature_cache_budget_evicts_least_recently_used(tmp_path):

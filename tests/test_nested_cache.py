@@ -103,6 +103,39 @@ def test_records_with_repeated_bank_rows(tmp_path, one_thread):
     assert len(set(map(tuple, x[idx].tolist()))) < idx.shape[0]  # the bank does repeat rows
 
 
+@pytest.mark.parametrize("damage", ["random_bytes", "other_layout"])
+def test_a_damaged_entry_is_named_deleted_and_recomputed(tmp_path, caplog, one_thread, damage):
+    """Every coreset and records entry overwritten (random bytes: torch's UnpicklingError; or a
+    loadable dict without the entry's keys): each named in a warning and deleted, the coreset and
+    the neighbours computed again as if the cache were empty, and the entries stored whole."""
+    import logging
+    import random
+
+    x = _data("random", n=600, dim=8)
+    q = torch.randn(50, 8, generator=torch.Generator().manual_seed(4))
+    first = NestedCache(tmp_path / "c")
+    idx = first.coreset(x, 0.1, seed=0)
+    mem = _bank(x[idx])
+    ref = first.nearest(q, mem)
+    entries = sorted((tmp_path / "c").rglob("*.pt"))
+    assert len(entries) == 2  # the coreset's and the query batch's records
+    for path in entries:
+        if damage == "random_bytes":
+            path.write_bytes(random.Random(0).randbytes(200))
+        else:
+            torch.save({"order": torch.zeros(3, dtype=torch.long)}, path)
+    cache = NestedCache(tmp_path / "c")
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        assert torch.equal(cache.coreset(x, 0.1, seed=0), idx)
+        assert torch.equal(cache.nearest(q, _bank(x[idx])), ref)
+    for path in entries:
+        assert f"coreset cache entry {path} unreadable" in caplog.text
+    assert cache.coreset_use == "computed" and cache.lookups == {"hit": 0, "extended": 0, "computed": 1}
+    warm = NestedCache(tmp_path / "c")  # stored again: served
+    assert torch.equal(warm.coreset(x, 0.1, seed=0), idx) and warm.coreset_use == "prefix"
+    assert torch.equal(warm.nearest(q, _bank(x[idx])), ref) and warm.lookups["hit"] == 1
+
+
 def _sweep_job(fast_cfg, tmp_path, name, ratio, on: bool):
     from adtrain.run import run
 

@@ -55,6 +55,12 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _holds_layers(obj, layers) -> bool:
+    """What _store writes: a tensor for each layer asked for (a damaged entry may hold anything)."""
+    return (isinstance(obj, dict) and set(obj) == set(layers)
+            and all(isinstance(v, torch.Tensor) for v in obj.values()))
+
+
 class FeatureCache:
     """A folder of feature entries with an LRU disk budget, and what this process did with it."""
 
@@ -89,15 +95,14 @@ class FeatureCache:
 
     def __call__(self, extractor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The extractor's output for x: from the cache, or computed (``extractor.extract``) and stored."""
+        from adtrain.cache_files import load_entry
+
         path = self.root / (self.key(extractor, x) + SUFFIX)
-        if path.is_file():
-            try:
-                feats = torch.load(path, map_location=x.device, weights_only=True)
-                os.utime(path)  # least recently used goes first
-                self.hits += 1
-                return feats
-            except (OSError, RuntimeError, EOFError) as e:  # evicted meanwhile, or unreadable: compute
-                log.debug("feature cache: %s unreadable (%s), recomputed", path, e)
+        # a damaged entry is warned about, deleted and computed again (load_entry)
+        feats = load_entry(path, "feature cache entry", x.device, lambda obj: _holds_layers(obj, extractor.layers))
+        if feats is not None:
+            self.hits += 1
+            return feats
         feats = extractor.extract(x)
         self.misses += 1
         self._store(path, {k: v.detach() for k, v in feats.items()})

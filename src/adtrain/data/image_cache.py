@@ -308,15 +308,28 @@ class CachedImages:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         meta = json.loads((self.folder / "meta.json").read_text())
-        self.source_size = meta["source_size"]
-        self.has_mask = meta["has_mask"]
+        self.source_size, self.has_mask = self._per_image(meta)
         self._arrays = None
         self._open()  # now, in this process: forked workers inherit the maps (a later rm is harmless)
+        if not len(self._arrays[0]) == len(self._arrays[1]) == len(self.source_size):
+            self._damaged("meta.json and the arrays disagree on the number of images")
         _IN_USE.add(str(self.folder.resolve()))
         try:
             os.utime(self.folder / "meta.json")  # its last use, for the budget's LRU order
         except OSError:
             pass
+
+    def _per_image(self, meta) -> tuple[list, list]:
+        """meta.json's per-image lists (valid JSON of another shape, e.g. ``{}``, is a damaged entry)."""
+        lists = [meta.get(k) if isinstance(meta, dict) else None for k in ("source_size", "has_mask")]
+        if not all(isinstance(v, list) for v in lists) or len(lists[0]) != len(lists[1]):
+            self._damaged("meta.json lacks the images' source_size / has_mask lists")
+        return lists[0], lists[1]
+
+    def _damaged(self, why: str):
+        from adtrain.errors import DataError
+
+        raise DataError(self.folder, f"image cache entry damaged ({why})")
 
     def _open(self):
         from adtrain.errors import DataError

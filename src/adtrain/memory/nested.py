@@ -48,6 +48,9 @@ _BANK_BLOCK = 2048
 _QUERY_CHUNK = 8192
 _SUB = 64  # sub-block of bank rows whose minima pre-select the candidates
 _SQRT_MARGIN = 2.0 ** -20  # rerank compares sqrt(r): equal square roots can hide r a few ulps apart
+#: what an entry holds (greedy_resume's state; a batch's near-records): anything else is a damaged entry
+CORESET_KEYS = ("order", "mind", "upto", "pool_idx", "pool_val", "tau")
+RECORD_KEYS = ("length", "count", "pos", "d")
 
 
 def nested_mode(value) -> str:
@@ -210,16 +213,12 @@ class NestedCache:
         return {"coreset": self.coreset_use, "records": dict(self.lookups)}
 
     # ---------------------------------------------------------- files
-    def _load(self, path: Path):
-        if not path.is_file():
-            return None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            os.utime(path)  # least recently used goes first
-            return obj
-        except (OSError, RuntimeError, EOFError) as e:
-            log.debug("nested cache: %s unreadable (%s), recomputed", path, e)
-            return None
+    def _load(self, path: Path, keys: tuple[str, ...]):
+        """The entry at path (a dict holding keys), or None: absent, or damaged (then warned about,
+        deleted and computed again, adtrain.cache_files.load_entry)."""
+        from adtrain.cache_files import dict_with, load_entry
+
+        return load_entry(path, "coreset cache entry", "cpu", dict_with(keys))
 
     def _store(self, path: Path, obj: dict) -> None:
         from adtrain.io import torch_save
@@ -253,7 +252,7 @@ class NestedCache:
                 "device": dev.type, "torch": torch.__version__}
         key = _digest(head, features)
         path = self.root / f"{key}.coreset.pt"
-        state = self._load(path)
+        state = self._load(path, CORESET_KEYS)
         done = 0 if state is None else int(state["order"].shape[0])
         idx, new = greedy_resume(features, n_sel, projection_dim=projection_dim, seed=seed, pool=pool,
                                  device=dev, state=state)
@@ -296,7 +295,7 @@ class NestedCache:
                 "dtype": str(queries.dtype), "device": dev.type, "matmul": str(matmul_dtype(dev))}
         path = self.root / "nn" / f"{_digest(head, queries)}.nn.pt"
         tol = _tolerance(q32, ref["m_norm"], dev)
-        entry = self._load(path)
+        entry = self._load(path, RECORD_KEYS)
         if entry is not None and entry["length"] >= n:
             self.lookups["hit"] += 1
             q = torch.repeat_interleave(torch.arange(q32.shape[0]), entry["count"].long()).to(dev)
