@@ -70,6 +70,24 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplo
         adtrain.compose(["method=no_such_method"])
 
 
+@pytest.mark.parametrize("text", ["", '{"method": "patchcore", "image_au', "[]", b"\xff\xfe\x00garbage"])
+def test_an_unreadable_results_json_is_named(tmp_path, text):
+    """results.json empty, cut short, not a run's results, not text: Run.open and test() raise a
+    DataError naming the file and what to do, not a bare JSONDecodeError (or a Run of a list)."""
+    import adtrain
+    from adtrain.errors import DataError
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    path = run_dir / "results.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    for read in (adtrain.Run.open, adtrain.test):
+        with pytest.raises(DataError) as err:
+            read(run_dir)
+        assert err.value.path == str(path) and "unreadable results.json" in str(err.value), str(err.value)
+        assert "overwrite=true" in str(err.value)
+
+
 def test_import_adtrain_is_light():
     code = "import sys, adtrain; print('torch' in sys.modules, 'hydra' in sys.modules, callable(adtrain.compose))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)

@@ -316,6 +316,31 @@ def test_nested_job_folders_and_failed_jobs_keep_their_key_columns(tmp_path):
     assert failed["error"] == "DataError: no such category"
 
 
+def test_a_job_with_an_unreadable_results_json_is_a_failed_row_naming_it(tmp_path):
+    """A job's results.json cut short (a job killed while writing it, a damaged copy) fails that job's
+    row, named, as a job with error.txt does; the summary of the others is still written."""
+    sweep = tmp_path / "sweep"
+    base = {"method": "patchcore", "data": "synthetic", "category": "texture", "backbone": "resnet18"}
+    for seed in (0, 1):
+        _job(sweep, seed, [f"seed={seed}"], {**base, "seed": seed, "image_auroc": 0.8 + seed / 10})
+    _job(sweep, 2, ["seed=2"], {**base, "seed": 2, "image_auroc": 0.5})
+    cut = sweep / "2" / "results.json"
+    cut.write_text(cut.read_text()[:30])
+    (sweep / "2" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(
+        {"method": {"name": "patchcore"}, "data": {"name": "synthetic", "category": "texture"},
+         "backbone": {"name": "resnet18.tv_in1k"}, "seed": 2})))
+    csv_path, md_path = summarize(sweep)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["job"] for r in rows] == ["0", "1", "2"]
+    assert [r["error"] for r in rows[:2]] == ["", ""] and rows[1]["image_auroc"] == "0.9"
+    failed = rows[2]
+    assert failed["error"].startswith(f"DataError: {cut}: unreadable results.json"), failed["error"]
+    assert (failed["method"], failed["category"], failed["seed"], failed["image_auroc"]) == ("patchcore", "texture", "2", "")
+    assert str(cut) in md_path.read_text()
+    means = md_path.read_text().split("Mean ± std over seeds")[1]
+    assert "| 2 |" in means and "0.8500 ± " in means  # the two whole jobs, the failed one left out
+
+
 def test_swept_keys_are_those_that_vary():
     jobs = [{"a": "1", "b": "x", "seed": "0"}, {"a": "2", "b": "x", "seed": "1"}, {"a": "2", "b": "x", "c": "y"}]
     assert swept_keys(jobs) == ["a", "c"]  # seed is a key column already; b is constant

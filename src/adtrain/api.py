@@ -59,6 +59,24 @@ def default_run_dir(cfg: DictConfig) -> Path:
     return Path("outputs") / str(cfg.method.name) / str(cfg.data.name) / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def read_results(path: str | Path) -> dict:
+    """A run's results.json as a dict; a DataError naming the file where it cannot be read (empty,
+    cut short, not JSON, not an object), not a bare JSONDecodeError from inside the reader."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        why = "empty" if not err.doc.strip() else f"not JSON: {err.msg} at line {err.lineno} column {err.colno}"
+    except (OSError, ValueError) as err:  # unreadable, or bytes that are no UTF-8 text
+        why = f"{type(err).__name__}: {err}"
+    else:
+        if isinstance(results, dict):
+            return results
+        why = f"holds a JSON {type(results).__name__}, not a run's results"
+    raise DataError(path, f"unreadable results.json ({why}); a run killed while writing it, or a damaged copy? "
+                    "rerun it with overwrite=true")
+
+
 @dataclass
 class Run:
     """A finished run's directory and results (results.json); `run[key]` reads a result."""
@@ -72,7 +90,7 @@ class Run:
         path = Path(run_dir) / "results.json"
         if not path.is_file():
             raise DataError(path, "no results.json: not a finished adtrain run directory")
-        return cls(Path(run_dir), json.loads(path.read_text()))
+        return cls(Path(run_dir), read_results(path))
 
     def __getitem__(self, key: str):
         return self.results[key]

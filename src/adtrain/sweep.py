@@ -22,7 +22,8 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from adtrain.errors import ConfigError
+from adtrain.api import read_results
+from adtrain.errors import ConfigError, DataError
 from adtrain.io import write_text
 
 log = logging.getLogger("adtrain")
@@ -153,7 +154,11 @@ def collect(sweep_dir: Path) -> list[dict]:
     rows = []
     found = [p for p in sweep_dir.glob("**/results.json") if (p.parent / ".hydra").is_dir()]
     for path in sorted(found, key=lambda p: (len(str(p.parent.relative_to(sweep_dir))), str(p.parent))):
-        res = json.loads(path.read_text())
+        try:
+            res = read_results(path)
+        except DataError as err:  # cut short or damaged: this job's row fails, not the whole summary
+            rows.append(_failed_row(sweep_dir, path.parent, f"DataError: {err}"))
+            continue
         if isinstance(res.get("summary"), dict):  # a continual run: its final averages and forgetting too
             res = {**res, **{k: v for k, v in res["summary"].items() if k.startswith(CONTINUAL_PREFIXES)}}
         if isinstance((res.get("by_category") or {}).get("mean"), dict):
@@ -163,20 +168,24 @@ def collect(sweep_dir: Path) -> list[dict]:
         job = path.parent
         if (job / "results.json").exists():
             continue
-        keys = {}
-        hcfg = job / ".hydra" / "config.yaml"
-        if hcfg.exists():
-            c = OmegaConf.load(hcfg)
-            sel = lambda k: OmegaConf.select(c, k, throw_on_resolution_failure=False)  # noqa: E731
-            keys = {"method": sel("method.name"), "data": sel("data.name"), "category": sel("data.category"),
-                    "backbone": str(sel("backbone.name") or "").split(".")[0] or None, "seed": sel("seed")}
-            keys = {k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in keys.items()}
-        rows.append({"job": str(job.relative_to(sweep_dir)), **keys, "error": path.read_text().strip().splitlines()[0],
-                     "_overrides": read_overrides(job)})
+        rows.append(_failed_row(sweep_dir, job, path.read_text().strip().splitlines()[0]))
     swept = swept_keys([r["_overrides"] for r in rows])
     for r in rows:
         r.update({k: r["_overrides"].get(k) for k in swept})
     return rows
+
+
+def _failed_row(sweep_dir: Path, job: Path, error: str) -> dict:
+    """A failed job's row: its error, and its key columns from the job's .hydra/config.yaml."""
+    keys = {}
+    hcfg = job / ".hydra" / "config.yaml"
+    if hcfg.exists():
+        c = OmegaConf.load(hcfg)
+        sel = lambda k: OmegaConf.select(c, k, throw_on_resolution_failure=False)  # noqa: E731
+        keys = {"method": sel("method.name"), "data": sel("data.name"), "category": sel("data.category"),
+                "backbone": str(sel("backbone.name") or "").split(".")[0] or None, "seed": sel("seed")}
+        keys = {k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in keys.items()}
+    return {"job": str(job.relative_to(sweep_dir)), **keys, "error": error, "_overrides": read_overrides(job)}
 
 
 def _table(head: list[str], body: list[list[str]]) -> list[str]:
