@@ -40,6 +40,10 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplo
     assert again["image_auroc"] == pytest.approx(run["image_auroc"], abs=1e-9)
     assert again["pixel_auroc"] == pytest.approx(run["pixel_auroc"], abs=1e-6)
     assert (tmp_path / "again" / "scores.csv").exists()
+    scores = (run.run_dir / "scores.csv").read_bytes()  # out_dir = the run's own directory: refused, untouched
+    with pytest.raises(ConfigError, match="is a run directory") as err:
+        adtrain.test(run.run_dir, ["data.category=grid"], out_dir=run.run_dir)
+    assert err.value.key == "out_dir" and (run.run_dir / "scores.csv").read_bytes() == scores
     other = adtrain.test(run.checkpoint, ["data.category=grid", "output.heatmaps=0"])
     assert other["num_test"] == 16 and other["image_auroc"] is not None
     spaced = adtrain.test(run.checkpoint, "data.category=grid output.heatmaps=0")  # one string, as compose takes
@@ -68,6 +72,44 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplo
 
     with pytest.raises(ConfigError, match="overrides"):
         adtrain.compose(["method=no_such_method"])
+
+
+def _fake_run(run_dir, *, finished=True):
+    """A run directory's record (config.yaml, results.json or a continual task) around a model.ckpt
+    that is no checkpoint: a test that reads it raises DataError, so a refusal must come first."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("method:\n  name: patchcore\n")
+    (run_dir / "checkpoints" / "model.ckpt").write_bytes(b"not a checkpoint")
+    (run_dir / "scores.csv").write_text("the run's own scores\n")
+    if finished:
+        (run_dir / "results.json").write_text('{"method": "patchcore"}')
+    return run_dir
+
+
+def test_test_refuses_an_out_dir_that_is_a_run_directory(tmp_path):
+    """adtrain.test(..., out_dir=) a run's directory, its own or another's (finished, begun, a
+    continual one under way): refused before the checkpoint is read, the run's files untouched. A
+    folder that merely holds a checkpoints/ folder is no run: the test goes on (to the checkpoint)."""
+    import adtrain
+    from adtrain.errors import ConfigError, DataError
+
+    run = _fake_run(tmp_path / "run")
+    other = _fake_run(tmp_path / "other")
+    begun = _fake_run(tmp_path / "begun", finished=False)
+    continual = tmp_path / "continual"
+    (continual / ".hydra").mkdir(parents=True)
+    (continual / "tasks" / "0").mkdir(parents=True)
+    for source in (run, run / "checkpoints" / "model.ckpt"):
+        for out_dir in (run, other, begun, continual):
+            with pytest.raises(ConfigError, match="is a run directory") as err:
+                adtrain.test(source, ["data.category=grid"], out_dir=out_dir)
+            assert err.value.key == "out_dir" and str(out_dir) in str(err.value)
+    assert (run / "scores.csv").read_text() == "the run's own scores\n"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "results.json", "scores.csv"]
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    with pytest.raises(DataError, match="model.ckpt"):
+        adtrain.test(run, out_dir=project)
 
 
 @pytest.mark.parametrize("text", ["", '{"method": "patchcore", "image_au', "[]", b"\xff\xfe\x00garbage"])

@@ -181,6 +181,8 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
     from adtrain.loading import load_method
 
     _quiet()
+    if out_dir is not None:
+        _check_out_dir(Path(out_dir))
     path = Path(checkpoint)
     if path.is_dir():
         path = Run.open(path).checkpoint
@@ -197,6 +199,16 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
         return _test_tasks(method, cfg, tasks, out_dir)
     dm = build_datamodule(cfg)
     return _test_one(method, cfg, dm, out_dir)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """out_dir must not be a run directory (this run's or another's): the test's scores.csv and
+    heatmaps would replace the run's own, beside a results.json that no longer describes them."""
+    from adtrain.rundir import is_run_dir
+
+    if is_run_dir(out_dir):
+        raise ConfigError("out_dir", f"{out_dir} is a run directory (its scores.csv and heatmaps/ are its own "
+                          "test's): choose another folder, or leave out_dir out to keep no files")
 
 
 def _test_one(method, cfg: DictConfig, dm, out_dir: str | Path | None) -> dict:

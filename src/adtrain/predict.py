@@ -126,8 +126,9 @@ def _clear_earlier(out_dir: Path) -> None:
 
 def _check_out(out_dir: Path) -> None:
     """out= must not be a run directory: its heatmaps/ are the test's (predict's default is RUN/predictions)."""
-    run_made = (out_dir / "config.yaml").is_file() or (out_dir / ".hydra").is_dir()
-    if run_made and ((out_dir / "results.json").is_file() or (out_dir / "checkpoints").is_dir()):
+    from adtrain.rundir import is_run_dir
+
+    if is_run_dir(out_dir):
         raise ConfigError("out", f"{out_dir} is a run directory (its heatmaps/ hold the test's heatmaps): choose "
                           "another folder, or leave out= for RUN/predictions")
 

@@ -169,6 +169,15 @@ def started(run_dir: Path) -> bool:
     return finished(run_dir) or any(any(Path(run_dir).glob(m)) for m in STARTED_MARKERS)
 
 
+def is_run_dir(path: Path) -> bool:
+    """Does path hold a run: made by one (config.yaml, or Hydra's .hydra/) and holding its results,
+    checkpoints or continual state? Its scores.csv and heatmaps/ are that run's test's, so predict's
+    out= and test's out_dir may not be it (a folder that merely holds a checkpoints/ folder may)."""
+    path = Path(path)
+    made = (path / "config.yaml").is_file() or (path / ".hydra").is_dir()
+    return made and (started(path) or (path / "checkpoints").is_dir())
+
+
 def check_outputs_writable(run_dir: Path, sub: str) -> None:
     """run_dir/sub (checkpoints/, tasks/) can be written, checked without leaving a folder behind
     (acquire already proved run_dir itself writable)."""
