@@ -66,8 +66,8 @@ def merge_test_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
                               "threshold are the checkpoint's (fit again to change them); a test takes "
                               f"{', '.join(k + ('' if k == 'seed' else '.*') for k in READ)}")
         if "." not in key and OmegaConf.is_dict(cfg.get(key)):
-            raise ConfigError(key, f"is a config group: the run keeps its own; set its keys instead (e.g. "
-                              f"{key}.root=... {key}.category=...)")
+            example = f"{key}.root=... {key}.category=..." if key == "data" else f"{key}.<key>=..."
+            raise ConfigError(key, f"is a config group: the run keeps its own; set its keys instead (e.g. {example})")
         if not plus and not _known(cfg, key):
             raise ConfigError(key, "is not a key of the run's config (a typo?); add a new one with +key=value")
         dotlist.append(f"{key}={value}")

@@ -108,7 +108,7 @@ def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | N
     if has_threshold:
         bar.ax.axhline(0.5, color="white", linewidth=2.5)
         bar.ax.axhline(0.5, color="black", linewidth=1, linestyle="--")
-        bar.set_ticks([0.0, 0.5, 1.0], labels=["normal median", "threshold", "2x threshold"], fontsize=7)
+        bar.set_ticks([0.0, 0.5, 1.0], labels=["normal median", "threshold", "median + 2 (thr - median)"], fontsize=7)
     else:
         bar.set_ticks([0.0, 1.0], labels=["min", "max"], fontsize=7)
         bar.set_label("no threshold: min-max", fontsize=7)
