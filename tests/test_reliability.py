@@ -509,6 +509,40 @@ def test_kill_9_mid_schedule_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     assert after_task(run_dir) == after_task(ref) == ["0", "1"]
 
 
+@pytest.mark.parametrize("lost", [0, 1])
+def test_a_kill_between_the_state_and_a_tasks_row_still_logs_the_row_once(fast_cfg, tmp_path, monkeypatch, lost):
+    """The state lists task `lost` as finished, then the run dies before logging its after_task row
+    (log_row comes after state.save): the resume logs that row, and no other finished task's again,
+    though the kept csv/metrics.csv holds rows (it used to skip every finished task's row then)."""
+    from adtrain.continual import runner
+    from adtrain.run import run
+
+    class Killed(BaseException):  # as kill -9 would: no handler of the run's gets to act on it
+        pass
+
+    logged = runner.log_row
+
+    def dies_at_lost(logger, t, *args):
+        if t == lost:
+            raise Killed
+        logged(logger, t, *args)
+
+    over = [*TINY_SCHEDULE, "schedule.tasks=[texture,grid,stripes]", "trainer.limit_train_batches=1", "logger=csv"]
+    monkeypatch.setattr(runner, "log_row", dies_at_lost)
+    with pytest.raises(Killed):
+        run(fast_cfg(*over), tmp_path)
+    assert json.loads((tmp_path / "continual_state.json").read_text())["finished"] == list(range(lost + 1))
+    metrics = tmp_path / "csv" / "metrics.csv"
+
+    def after_task():
+        return [r["continual/after_task"] for r in csv.DictReader(open(metrics)) if r.get("continual/after_task")]
+
+    assert after_task() == [str(t) for t in range(lost)] and len(list(csv.DictReader(open(metrics)))) > lost
+    monkeypatch.setattr(runner, "log_row", logged)
+    run(fast_cfg(*over, "resume=true"), tmp_path)
+    assert after_task() == ["0", "1", "2"]
+
+
 def test_ctrl_c_says_where_the_run_is_and_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(*KILL_FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "ctrl_c.log")

@@ -155,12 +155,25 @@ def _keep_csv_rows(logger) -> None:
         reader = csv.DictReader(f)
         rows, keys = list(reader), list(reader.fieldnames or [])
     writer = logger.experiment  # created now: this is where the old file is removed
-    logger.adtrain_kept_rows = bool(rows)  # a resumed continual run need not log its finished tasks' rows again
+    # the continual tasks whose after_task row the file holds: a resumed run logs the others' rows again (a
+    # run killed between saving its state and logging a finished task's row has that task's row missing)
+    logger.adtrain_logged_tasks = _after_task_rows(rows)
     writer.metrics_keys = sorted(set(writer.metrics_keys) | set(keys))
     with open(path, "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=writer.metrics_keys)
         out.writeheader()
         out.writerows(rows)
+
+
+def _after_task_rows(rows: list[dict]) -> set[int]:
+    """The tasks t of the kept csv rows that hold a continual/after_task value (continual.outputs.log_row)."""
+    tasks = set()
+    for row in rows:
+        try:
+            tasks.add(int(float(row.get("continual/after_task"))))  # written as 0 or 0.0
+        except (TypeError, ValueError, OverflowError):  # no after_task value: an epoch's row
+            continue
+    return tasks
 
 
 def build_callbacks(cfg: DictConfig, extra=None) -> list:

@@ -91,10 +91,12 @@ class _Sequence:
         last = self.state.finished[-1]
         load_task_checkpoint(self.method, task_checkpoint(self.run_dir, last))
         log.info("Resuming the sequence after task %d (%s); finished tasks are not redone", last, self.names[last])
-        if getattr(self.logger, "adtrain_kept_rows", False):  # csv/metrics.csv kept them (build._keep_csv_rows)
-            return
-        for entry in self.state.per_task:  # a new W&B run: the finished tasks' rows again
-            log_row(self.logger, entry["task"], {e["task"]: e for e in entry["evaluations"]}, self.names)
+        # csv/metrics.csv kept the rows it holds (build._keep_csv_rows); a new W&B run holds none: each
+        # finished task without its row gets it now, so every task's row is there once
+        logged = getattr(self.logger, "adtrain_logged_tasks", set())
+        for entry in self.state.per_task:
+            if entry["task"] not in logged:
+                log_row(self.logger, entry["task"], {e["task"]: e for e in entry["evaluations"]}, self.names)
 
     def train_task(self, t: int, resuming: bool) -> None:
         cfg, sched = self.cfg, self.sched
