@@ -2,6 +2,7 @@
 grouped by swept overrides, and one real Optuna search that never opens a test image."""
 
 import csv
+import fcntl
 import json
 import math
 import shutil
@@ -85,7 +86,6 @@ def test_a_sweep_into_an_earlier_sweeps_folder_is_refused_before_its_first_job(t
     with pytest.raises(SystemExit) as ex:
         SweepSummary().on_multirun_start(cfg())
     assert ex.value.code == 2 and "'hydra.sweep.dir'" in capsys.readouterr().err
-    SweepSummary().on_multirun_start(cfg(overwrite=True))  # said on purpose: allowed
     SweepSummary().on_multirun_start(cfg(resume=True))
     sweep_new = tmp_path / "fresh"
     SweepSummary().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_new)}}}))
@@ -100,6 +100,49 @@ def test_a_sweep_into_an_earlier_sweeps_folder_is_refused_before_its_first_job(t
     unseeded.hydra.sweeper.sampler.seed = 7
     SweepSummary().on_multirun_start(unseeded)
     assert swept_keys([{"overwrite": "true", "a": "1"}, {"a": "2"}]) == ["a"]  # how a job ran is no column
+    SweepSummary().on_multirun_start(cfg(overwrite=True))  # said on purpose: allowed (the earlier job deleted)
+    assert not (sweep / "0").exists()
+
+
+def test_overwrite_deletes_the_earlier_sweeps_jobs_before_the_first_job(tmp_path, capsys):
+    """overwrite=true on an earlier sweep's folder: a job the new sweep does not run again (fewer jobs,
+    another subdir) used to stay and be summarised, and averaged, as one of the new sweep's. Every
+    earlier job goes at the start, nested or failed ones too, unless a run still holds one."""
+    sweep = tmp_path / "sweep"
+    earlier = {"method": "stfpm", "data": "synthetic", "category": "texture", "backbone": "resnet18"}
+    for seed in (0, 1, 2):
+        _job(sweep, seed, [f"seed={seed}", "trainer.max_epochs=3"], {**earlier, "seed": seed, "image_auroc": 0.1})
+    _job(sweep, "texture/seed3", ["seed=3"], {**earlier, "seed": 3, "image_auroc": 0.1})  # hydra.sweep.subdir nested
+    (sweep / "grid" / "seed4").mkdir(parents=True)
+    (sweep / "grid" / "seed4" / "error.txt").write_text("DataError: failed before Hydra's record")
+    (sweep / "notes.txt").write_text("the user's, not a job's")
+    summarize(sweep)
+
+    def cfg(**top):
+        return OmegaConf.create({"optimized_metric": None, **top, "hydra": {"sweep": {"dir": str(sweep)}}})
+
+    for word in ("off", "no"):  # a string, which Python reads as true: never a reason to delete
+        with pytest.raises(SystemExit) as ex:
+            SweepSummary().on_multirun_start(cfg(overwrite=word))
+        assert ex.value.code == 2 and "'overwrite'" in capsys.readouterr().err
+    live = os.getpid()
+    (sweep / "2" / ".adtrain.lock").write_text(str(live))
+    with open(sweep / "2" / ".adtrain.lock", "r+") as held:  # a run still going in job 2
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as ex:
+            SweepSummary().on_multirun_start(cfg(overwrite=True))
+        said = capsys.readouterr().err
+        assert ex.value.code == 2 and "'hydra.sweep.dir'" in said and f"{sweep / '2'}" in said and f"pid {live}" in said
+    left = sorted(str(p.parent.relative_to(sweep)) for p in sweep.glob("**/results.json"))
+    assert left == ["0", "1", "2", "texture/seed3"] and (sweep / "summary.csv").exists()  # nothing deleted
+
+    SweepSummary().on_multirun_start(cfg(overwrite=True))
+    assert sorted(p.name for p in sweep.iterdir()) == ["notes.txt"]  # no job, no empty texture/, no summary
+    for num, seed in enumerate((5, 6)):  # the new sweep's jobs
+        _job(sweep, num, [f"seed={seed}", "trainer.max_epochs=1"], {**earlier, "seed": seed, "image_auroc": 0.9})
+    rows = list(csv.DictReader(open(summarize(sweep)[0])))
+    assert [(r["job"], r["seed"]) for r in rows] == [("0", "5"), ("1", "6")]
+    assert "trainer.max_epochs" not in rows[0]  # one value in this sweep: no swept column
 
 
 def test_a_sweep_whose_jobs_cannot_give_its_objective_is_refused_at_its_start(fast_cfg, capsys):
@@ -450,3 +493,29 @@ def test_a_stopped_sweep_resumes_keeping_finished_jobs(tmp_path):
     assert "seed=1" in record and "seed=6" not in record
     assert OmegaConf.load(sweep / "1" / "config.yaml").seed == 1 and not (sweep / "1" / "results.json").exists()
     assert not (sweep / "1" / "error.txt").exists() and "the fitted model is kept" not in said  # nothing written into it
+
+
+def test_an_overwritten_sweep_summarises_only_its_own_jobs(tmp_path):
+    """The command line of the report: a sweep of seeds 0, 1 then, into its folder with overwrite=true,
+    one of seed 5 (another epoch count). Job 1 of the first sweep used to stay, summarised with the
+    new sweep's job (and in its mean over seeds)."""
+    from tests.conftest import FAST
+
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    args = [*FAST, "method=patchcore", "output.heatmaps=0", "data.num_train=16",
+            "optimized_metric=val_normal_score", f"hydra.sweep.dir={sweep}"]
+
+    def sweep_run(*extra):
+        return subprocess.run([sys.executable, "-m", "adtrain", "-m", *args, *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    p = sweep_run("seed=0,1", "trainer.max_epochs=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(list(csv.DictReader(open(sweep / "summary.csv")))) == 2
+    p = sweep_run("seed=5", "overwrite=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["job"], r["seed"]) for r in rows] == [("0", "5")]
+    assert not (sweep / "1").exists()
+    assert "Mean ± std" not in (sweep / "summary.md").read_text()  # one seed: nothing averaged with a stale job

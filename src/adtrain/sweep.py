@@ -8,6 +8,7 @@ the swept overrides as columns and the mean ± std over seeds of each swept sett
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -290,6 +291,95 @@ def drop_records(sweep_dir: Path) -> None:
         shutil.rmtree(prior, ignore_errors=True)
 
 
+#: what a sweep writes beside its jobs (adtrain's summary, Optuna's best trial): an earlier sweep's
+#: would describe that sweep until this one ends
+SWEEP_OUTPUTS = ("summary.csv", "summary.md", "optimization_results.yaml")
+
+
+def job_folders(sweep_dir: Path) -> list[Path]:
+    """The folders under sweep_dir that collect() reads as jobs: a .hydra/ record or an error.txt
+    (at any depth: hydra.sweep.subdir may nest them)."""
+    found = {p.parent for p in sweep_dir.glob("**/.hydra") if p.is_dir()}
+    found |= {p.parent for p in sweep_dir.glob("**/error.txt")}
+    return sorted(found)
+
+
+def _flag(config: DictConfig, key: str) -> bool:
+    """A true/false key read before any job checks it (preflight.check_flags): overwrite=off, a
+    string Python reads as true, must not delete an earlier sweep's jobs."""
+    value = config.get(key, False)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return bool(value)
+
+
+def clear_earlier(sweep_dir: Path, jobs: list[Path]) -> None:
+    """overwrite=true: delete an earlier sweep's jobs and outputs before this sweep's first job. A job
+    this sweep does not run again (fewer or other jobs, another subdir) would otherwise be summarised
+    as one of its own. Each job's lock is taken first, all of them before any folder goes: a run still
+    going in one stops the sweep with nothing deleted."""
+    from adtrain import rundir
+
+    with contextlib.ExitStack() as held:
+        for job in jobs:
+            try:
+                rundir.check_free(job)
+            except ConfigError:
+                raise ConfigError("hydra.sweep.dir", f"overwrite=true would delete the earlier sweep's job {job}, "
+                                  f"but a run still going holds it (pid {_lock_holder(job)}); nothing was deleted: "
+                                  "wait for it to end, or choose another hydra.sweep.dir") from None
+            held.enter_context(rundir.locked(job))  # no run starts in it while the folders go
+        try:
+            for job in jobs:
+                if job.resolve() == sweep_dir.resolve():  # hydra.sweep.subdir='': jobs share the folder itself
+                    rundir.clear(job)
+                elif job.is_dir():  # not gone with a job folder above it
+                    shutil.rmtree(job)
+                    _prune_empty(job.parent, sweep_dir)
+            for name in SWEEP_OUTPUTS:
+                (sweep_dir / name).unlink(missing_ok=True)
+        except OSError as err:  # raised from a Hydra callback it would be a warning, the sweep going on
+            raise ConfigError("hydra.sweep.dir", f"overwrite=true cannot delete {err.filename or sweep_dir} of an "
+                              f"earlier sweep: {err.strerror or err}") from None
+    if jobs:
+        log.info("overwrite=true: %d job folder(s) of an earlier sweep deleted from %s", len(jobs), sweep_dir)
+
+
+def _lock_holder(job: Path) -> str:
+    from adtrain.rundir import LOCK_FILE
+
+    try:
+        return (job / LOCK_FILE).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _prune_empty(folder: Path, sweep_dir: Path) -> None:
+    """Remove the folders a deleted nested job leaves empty (texture/ of texture/seed0), up to sweep_dir."""
+    stop = sweep_dir.resolve()
+    while folder.resolve() != stop and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+def prepare_sweep_dir(config: DictConfig) -> None:
+    """An earlier sweep's jobs in hydra.sweep.dir would be summarised under this sweep's overrides
+    (Hydra rewrites each job's .hydra/ before the job refuses the folder): refused, unless resume=true
+    (kept, their records copied) or overwrite=true (deleted now; resume wins, as for one run)."""
+    where = OmegaConf.select(config, "hydra.sweep.dir")
+    sweep_dir = Path(str(where)) if where else None
+    earlier = sorted(p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")) if sweep_dir else []
+    overwrite, resume = _flag(config, "overwrite"), _flag(config, "resume")
+    if earlier and not (overwrite or resume):
+        raise ConfigError("hydra.sweep.dir", f"{sweep_dir} holds {len(earlier)} job(s) of an earlier sweep; "
+                          "choose another hydra.sweep.dir, or overwrite=true / resume=true")
+    if earlier and resume and not overwrite:
+        check_sampler_repeats(config)
+        keep_records(earlier)  # a job that turns out to be another sweep's gets its record back
+    if overwrite and not resume and sweep_dir is not None and sweep_dir.is_dir():
+        clear_earlier(sweep_dir, job_folders(sweep_dir))
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         # a wrong objective wastes the whole sweep: stop before the first job (Hydra turns a
@@ -300,22 +390,11 @@ class SweepSummary(Callback):
         except ConfigError as err:
             print(f"adtrain: error: {err}", file=sys.stderr)
             sys.exit(2)
-        # an earlier sweep's jobs in this directory: their results would be summarised under this
-        # sweep's overrides (Hydra rewrites each job's .hydra/ before the job refuses the directory)
-        where = OmegaConf.select(config, "hydra.sweep.dir")
-        sweep_dir = Path(str(where)) if where else None
-        earlier = sorted(p.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")) if sweep_dir else []
-        if earlier and not (config.get("overwrite") or config.get("resume")):
-            print(f"adtrain: error: config key 'hydra.sweep.dir': {sweep_dir} holds {len(earlier)} job(s) of an "
-                  "earlier sweep; choose another hydra.sweep.dir, or overwrite=true / resume=true", file=sys.stderr)
+        try:
+            prepare_sweep_dir(config)
+        except ConfigError as err:
+            print(f"adtrain: error: {err}", file=sys.stderr)
             sys.exit(2)
-        if earlier and config.get("resume") and not config.get("overwrite"):
-            try:
-                check_sampler_repeats(config)
-            except ConfigError as err:
-                print(f"adtrain: error: {err}", file=sys.stderr)
-                sys.exit(2)
-            keep_records([p.parent for p in earlier])  # a job that turns out to be another sweep's gets its record back
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
