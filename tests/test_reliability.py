@@ -290,6 +290,47 @@ def test_cli_refuses_a_finished_run_before_hydra_writes(tmp_path):
     assert sorted(x.name for x in run_dir.iterdir()) == [".hydra", "results.json"]
 
 
+def test_a_kill_while_overwrite_clears_a_run_leaves_no_finished_marker(tmp_path, monkeypatch):
+    """overwrite=true deletes the earlier run's files. A kill part way used to leave results.json beside a
+    half-deleted run (checkpoints/ went first): Run.open read it as finished, adtrain.test then found no
+    model.ckpt, and resume said "nothing to resume". results.json goes first now, what shows a run started
+    last: whatever order the filesystem lists the entries in, what is left reads as an unfinished run."""
+    import shutil
+
+    import adtrain
+    from adtrain import rundir
+
+    run_dir = tmp_path / "run"
+    for name in ("checkpoints/model.ckpt", "checkpoints/last.ckpt", "heatmaps/good__000.png", "csv/metrics.csv",
+                 "scores.csv", "config.yaml", "results.json"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("x")
+    listed = Path.iterdir
+    def results_json_last(self):  # the filesystem's order is anyone's: here the worst one
+        return iter(sorted(listed(self), key=lambda p: p.name == "results.json"))
+
+    monkeypatch.setattr(Path, "iterdir", results_json_last)
+    real, removed = shutil.rmtree, []
+
+    def killed_after_the_first_folder(path, *args, **kwargs):
+        if removed:
+            raise OSError("killed")
+        removed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", killed_after_the_first_folder)
+    with pytest.raises(OSError, match="killed"):
+        rundir.prepare_fresh(run_dir, overwrite=True)
+    assert removed and not (run_dir / "results.json").exists()
+    with pytest.raises(DataError, match="no results.json"):
+        adtrain.Run.open(run_dir)
+    with pytest.raises(ConfigError, match="did not finish"):  # a new run does not take it over unseen
+        rundir.refuse_earlier(run_dir, overwrite=False)
+    monkeypatch.undo()
+    rundir.prepare_fresh(run_dir, overwrite=True)  # overwrite=true again finishes the clearing
+    assert list(run_dir.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------- resume
 def _interrupted_run(fast_cfg, run_dir, monkeypatch, *over):
     from adtrain.run import run

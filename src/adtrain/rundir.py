@@ -187,10 +187,17 @@ def check_outputs_writable(run_dir: Path, sub: str) -> None:
 
 
 def clear(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
-    """Delete everything in run_dir but the lock file and the names in keep."""
-    for p in Path(run_dir).iterdir():
-        if p.name in (LOCK_FILE, *keep):
-            continue
+    """Delete everything in run_dir but the lock file and the names in keep.
+
+    In the order that leaves a directory cut short by a kill in a state it can be read in: results.json
+    first (a half-deleted run must not look finished: Run.open would read it, adtrain.test would miss its
+    model.ckpt), what shows a run started (STARTED_MARKERS) last, so that anything left still reads as an
+    unfinished run, refused until overwrite=true clears it, never taken over by a new run unseen."""
+    run_dir = Path(run_dir)
+    (run_dir / "results.json").unlink(missing_ok=True)
+    markers = {m.split("/")[0] for m in STARTED_MARKERS}  # checkpoints, continual_state.json, tasks
+    rest = [p for p in run_dir.iterdir() if p.name not in (LOCK_FILE, *keep)]
+    for p in sorted(rest, key=lambda p: p.name in markers):  # False (not a marker) first
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
