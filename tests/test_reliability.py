@@ -331,6 +331,55 @@ def test_a_kill_while_overwrite_clears_a_run_leaves_no_finished_marker(tmp_path,
     assert list(run_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("cut", ["write_scores_csv", "log_test_outputs"])
+def test_results_json_is_written_last_so_a_run_cut_short_resumes(fast_cfg, tmp_path, monkeypatch, cut):
+    """results.json is what says a run finished. It used to be written before scores.csv, the histogram and
+    the logger's test row: a kill in between left a run that resume called finished ("nothing to resume")
+    while Run.scores() found no scores.csv. Now a run stopped before its last file is resumed to the end."""
+    import adtrain
+    import adtrain.engine as engine
+    from adtrain.run import run
+
+    def stopped(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    over = ["trainer.limit_train_batches=1"]
+    monkeypatch.setattr(engine, cut, stopped)
+    with pytest.raises(OSError, match="No space left"):
+        run(fast_cfg(*over), tmp_path)
+    assert (tmp_path / "checkpoints" / "model.ckpt").is_file() and not (tmp_path / "results.json").exists()
+    with pytest.raises(DataError, match="no results.json"):
+        adtrain.Run.open(tmp_path)
+    monkeypatch.undo()
+    res = run(fast_cfg(*over, "resume=true"), tmp_path)
+    done = adtrain.Run.open(tmp_path)
+    assert done["seed"] == res["seed"] == 0 and len(done.scores()) == res["num_test"] == 16
+    assert done.histogram is not None
+
+
+def test_a_schedule_cut_short_before_results_json_resumes_to_its_end(fast_cfg, tmp_path, monkeypatch):
+    """The continual runner too writes results.json after scores.csv, the matrix plots and the logger's
+    summary: a sequence stopped there is resumed (no task trained again), not called finished."""
+    import adtrain
+    import adtrain.continual.runner as runner
+    from adtrain.run import run
+
+    def stopped(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "log_final", stopped)
+    with pytest.raises(OSError, match="No space left"):
+        run(fast_cfg(*TINY_SCHEDULE[len(FAST):]), tmp_path)
+    assert not (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "continual_state.json").read_text())["finished"] == [0, 1]
+    monkeypatch.undo()
+    _never_trains(monkeypatch)  # both tasks are finished: resume only writes what was left
+    res = run(fast_cfg(*TINY_SCHEDULE[len(FAST):], "resume=true"), tmp_path)
+    done = adtrain.Run.open(tmp_path)
+    assert done.continual and done["matrices"] == res["matrices"] and len(done.scores()) == 12
+    assert (tmp_path / "matrix_image_auroc.png").is_file()
+
+
 # ---------------------------------------------------------------------------------------- resume
 def _interrupted_run(fast_cfg, run_dir, monkeypatch, *over):
     from adtrain.run import run

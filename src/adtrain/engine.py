@@ -334,7 +334,6 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
         **info["threshold_info"],
     }
     save_method(method, model_ckpt, {"results": results})
-    write_json(run_dir / "results.json", results)
     if do_test:
         if cfg.output.scores_csv:
             write_scores_csv(run_dir / "scores.csv", method.test_records)
@@ -342,6 +341,9 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
     if distributed.is_writer():
         log_test_outputs(logger, results, method.test_records if do_test else [],
                          method.heatmap_files if do_test else [], model_ckpt, tested=do_test)
+    # last: results.json says the run finished (resume refuses it, Run.open reads it), so a kill or an error
+    # before this leaves a run that resume=true finishes, never one without its scores.csv or logged test
+    write_json(run_dir / "results.json", results)
     distributed.barrier()  # the other ranks wait until rank 0 has written the run's files
     return results
 

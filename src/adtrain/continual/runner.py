@@ -233,13 +233,15 @@ class _Sequence:
             "per_task": state.per_task,
             "final_checkpoint": str(task_checkpoint(Path("."), state.finished[-1])),
         }
-        write_json(self.run_dir / "results.json", results)
         if cfg.output.scores_csv and self.records:
             write_scores_csv(self.run_dir / "scores.csv", self.records)
         final_heatmaps = {name: sorted((self.run_dir / "heatmaps" / f"task_{i}").glob("*.png"))
                           for i, name in enumerate(self.names)}
         log_final(self.logger, results, heatmaps, final_heatmaps, self.records,
                   task_checkpoint(self.run_dir, state.finished[-1]))
+        # last: results.json says the sequence finished; a kill or an error before this leaves one that
+        # resume=true finishes (its tasks are not redone), never one without its plots, scores or logged summary
+        write_json(self.run_dir / "results.json", results)
         distributed.barrier()  # DDP: the other ranks wait until rank 0 has written the run's files
         return results  # adtrain.run shows its table (final and forgetting of each metric)
 
