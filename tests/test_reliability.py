@@ -7,6 +7,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -46,10 +47,11 @@ def _cli(*args, cwd, timeout=600):
                           text=True, timeout=timeout)
 
 
-def _start(*args, cwd, log):
+def _start(*args, cwd, log, group=False):
+    """group: the run leads a process group of its own (its loader workers in it), as a SLURM job step."""
     out = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", "adtrain", *args], cwd=cwd, env=_env(), stdout=out,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=group)
 
 
 @contextmanager
@@ -67,12 +69,12 @@ def _reference_beside(*args, cwd, log):
     assert rc == 0, Path(log).read_text()[-3000:]
 
 
-def _signal_when(proc, ready, sig, timeout=400):
-    """Send sig to proc as soon as ready() holds; fail if proc ends first."""
+def _signal_when(proc, ready, sig, timeout=400, group=False):
+    """Send sig to proc (group: to its whole process group) as soon as ready() holds; fail if proc ends first."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         if ready():
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
             return proc.wait(timeout=120)
         if proc.poll() is not None:
             pytest.fail(f"the run ended (rc {proc.returncode}) before it could be interrupted")
@@ -103,14 +105,14 @@ def _never_trains(monkeypatch):
     monkeypatch.setattr(Stfpm, "training_step", step)
 
 
-def _crash_at_epoch(monkeypatch, epoch=1):
+def _crash_at_epoch(monkeypatch, epoch=1, error=None):
     from adtrain.methods.stfpm import Stfpm
 
     original = getattr(Stfpm.training_step, "unpatched", Stfpm.training_step)
 
     def step(self, batch, idx):
         if self.current_epoch == epoch:
-            raise RuntimeError("simulated crash")
+            raise error if error is not None else RuntimeError("simulated crash")
         return original(self, batch, idx)
 
     step.unpatched = original
@@ -645,6 +647,130 @@ def test_ctrl_c_says_where_the_run_is_and_how_to_resume(tmp_path):
     p = _cli(*command.split()[3:], cwd=tmp_path)  # the printed command continues the run
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["epochs_trained"] == 4
+
+
+@pytest.mark.parametrize("how", ["run", "sweep", "job_step"])
+def test_sigterm_stops_a_run_or_a_sweep_with_status_143_and_says_how_to_resume(tmp_path, how):
+    """SLURM, `timeout` and Kubernetes stop a job with SIGTERM. Lightning ends the fit with SIGTERMException,
+    a SystemExit without a code: a run, or a whole sweep, used to end with status 0 and no word but
+    Lightning's "Received SIGTERM". Now as Ctrl-C: where the run is, how to resume it, status 128 + 15.
+    job_step: SLURM signals every process of the job, the loader workers too, whose death the run then
+    met as a crash (a traceback, status 1)."""
+    from adtrain.resume import resume_command, sweep_resume_command
+
+    if how == "sweep":
+        job = tmp_path / "sweep" / "0"
+        args = ["-m", *KILL_FAST, "seed=0,1", f"hydra.sweep.dir={job.parent}"]
+        command = sweep_resume_command(args, job.parent)
+    else:
+        job = tmp_path / "run"
+        over = ([*(a for a in KILL_FAST if a != "data.num_workers=0"), "data.num_workers=2"] if how == "job_step"
+                else KILL_FAST)
+        args = [*over, f"hydra.run.dir={job}"]
+        command = resume_command(job)
+    group = how == "job_step"
+    proc = _start(*args, cwd=tmp_path, log=tmp_path / "sigterm.log", group=group)
+    rc = _signal_when(proc, (job / "checkpoints" / "last.ckpt").exists, signal.SIGTERM, group=group)
+    text = (tmp_path / "sigterm.log").read_text()
+    assert rc == 143, text[-3000:]
+    assert "Traceback" not in text and not (job / "results.json").exists()
+    said = [line for line in text.splitlines() if line.startswith("adtrain: interrupted (SIGTERM): ")]
+    assert len(said) == 1 and str(job / "checkpoints" / "last.ckpt") in said[0], text[-3000:]
+    assert said[0].endswith(f"Resume it with: {command}")
+    if how == "sweep":  # the sweep stopped with its job: the next one never began
+        assert "its unfinished ones run on resume" in said[0] and not (job.parent / "1").exists()
+
+
+@pytest.mark.parametrize("when", ["after_the_fit", "in_the_last_test_batch"])
+def test_sigterm_outside_lightnings_checks_stops_the_cli_too(fast_cfg, tmp_path, monkeypatch, capsys, when):
+    """Lightning acts on SIGTERM only inside its loops, between batches. Elsewhere (the threshold, the
+    results) the signal killed the process without a word; in a test's last batch Lightning noted it and
+    let the run go on, so a sweep went on to its next job. The CLI now stops either way, with status 143."""
+    from adtrain.__main__ import main
+    import adtrain.engine as engine
+    from adtrain.methods.stfpm import Stfpm
+    from adtrain.resume import resume_command
+
+    if when == "after_the_fit":
+        real_save = engine.save_method
+
+        def save(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "save_method", save)
+    else:
+        real_step = Stfpm.test_step
+
+        def step(self, batch, idx):
+            if idx == self.trainer.num_test_batches[0] - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(self, batch, idx)
+
+        monkeypatch.setattr(Stfpm, "test_step", step)
+
+    def not_caught(signum, frame):
+        raise AssertionError("SIGTERM reached the test's own handler: the CLI did not catch it")
+
+    import adtrain.run
+
+    monkeypatch.setattr(adtrain.run, "run_dir_from_hydra", lambda default=".": tmp_path)  # as Hydra's run.dir
+    before = signal.signal(signal.SIGTERM, not_caught)
+    try:
+        with pytest.raises(SystemExit) as ex:
+            main(fast_cfg("trainer.limit_train_batches=1"))
+        assert signal.getsignal(signal.SIGTERM) is not_caught  # the CLI put the earlier handler back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert ex.value.code == 143, err
+    if when == "after_the_fit":
+        assert not (tmp_path / "results.json").exists()
+        assert (f"adtrain: interrupted (SIGTERM): the run in {tmp_path} stopped; its last checkpoint is "
+                f"{tmp_path / 'checkpoints' / 'last.ckpt'}. Resume it with: {resume_command(tmp_path)}") in err, err
+    else:
+        assert (tmp_path / "results.json").exists()
+        assert f"adtrain: interrupted (SIGTERM): the run in {tmp_path} had finished: its results are kept" in err, err
+
+
+def test_sigterm_in_the_api_raises_terminated_not_a_silent_exit(fast_cfg, tmp_path, monkeypatch, capsys):
+    """adtrain.fit and adtrain.test under SIGTERM ended in Lightning's SystemExit(None): a script exited
+    with status 0 as if done. They raise Terminated, naming the run; like KeyboardInterrupt it is no
+    Exception, so a loop's `except Exception` does not go on to its next run. The small commands
+    (adtrain-bench's run) say it in one line with status 143."""
+    import adtrain
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from adtrain.errors import Terminated
+    from adtrain.methods.stfpm import Stfpm
+
+    over = ["trainer.max_epochs=2", "trainer.limit_train_batches=1"]
+    _crash_at_epoch(monkeypatch, error=SIGTERMException())
+    run_dir = tmp_path / "run"
+    with pytest.raises(Terminated, match=rf"{re.escape(str(run_dir))}: stopped by SIGTERM; .*resume=true") as ex:
+        adtrain.fit(fast_cfg(*over), run_dir)
+    assert not isinstance(ex.value, Exception)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "results.json").exists()
+    monkeypatch.undo()
+    done = adtrain.fit(fast_cfg(*over, "resume=true"), run_dir)  # as the error says
+    assert done["epochs_trained"] == 2
+
+    def step(self, batch, idx):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(Stfpm, "test_step", step)
+    with pytest.raises(Terminated, match=rf"{re.escape(str(done.run_dir))}: stopped by SIGTERM"):
+        adtrain.test(done.run_dir)
+
+    def bench(args):  # adtrain-bench runs through adtrain.run as fit does
+        raise Terminated(tmp_path / "bench", "the same config with resume=true, into this run directory, continues it")
+
+    from adtrain.cli import command
+
+    with pytest.raises(SystemExit) as ex:
+        command("adtrain-bench", "usage", bench, [])
+    said = capsys.readouterr().err
+    assert ex.value.code == 143 and said.startswith(f"adtrain-bench: interrupted: {tmp_path / 'bench'}: stopped by ")
 
 
 # ---------------------------------------------------------------------------------------- bad input, before training

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from adtrain.errors import AdtrainError, ConfigError
+from adtrain.errors import AdtrainError, ConfigError, Terminated
 
 log = logging.getLogger("adtrain")
 
@@ -37,8 +38,11 @@ def _is_multirun() -> bool:
         return False
 
 
-def _interrupted(run_dir: Path) -> None:
-    """Ctrl-C: where the run stands and the command that continues it (a sweep's job: the sweep's command)."""
+def _interrupted(run_dir: Path, signum: int = signal.SIGINT) -> None:
+    """Ctrl-C or SIGTERM: where the run stands and the command that continues it (a sweep's job: the
+    sweep's command); exit status 128 + the signal's number (130, 143), as a shell reports it, so that
+    neither a run nor a sweep stopped part way reads as a success."""
+    from adtrain import rundir
     from adtrain.resume import resume_command
 
     command = resume_command(run_dir)
@@ -48,21 +52,26 @@ def _interrupted(run_dir: Path) -> None:
         from adtrain.resume import sweep_resume_command
 
         command = sweep_resume_command(sys.argv[1:], HydraConfig.get().sweep.dir)
+    how = "interrupted" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})"
+    if rundir.finished(run_dir):  # SIGTERM in a fit's or test's last batch: Lightning let the run finish
+        rest = (f"; the sweep's unfinished jobs run on resume: {command}" if _is_multirun() else "")
+        print(f"adtrain: {how}: the run in {run_dir} had finished: its results are kept{rest}", file=sys.stderr)
+        sys.exit(128 + signum)
     ckpts = sorted(run_dir.glob("checkpoints/last.ckpt")) + sorted(run_dir.glob("tasks/*/checkpoints/last.ckpt"))
     if ckpts or (run_dir / "continual_state.json").exists() or (run_dir / "config.yaml").exists():
         where = (f"its last checkpoint is {ckpts[-1]}" if ckpts else "finished tasks are kept"
                  if (run_dir / "continual_state.json").exists() else "no epoch had finished (the fit starts over)")
         if _is_multirun():
             where += "; the sweep's finished jobs are kept and its unfinished ones run on resume"
-        print(f"adtrain: interrupted: the run in {run_dir} stopped; {where}. Resume it with: {command}",
+        print(f"adtrain: {how}: the run in {run_dir} stopped; {where}. Resume it with: {command}",
               file=sys.stderr)
     elif _is_multirun():
-        print(f"adtrain: interrupted before the first checkpoint of the sweep's job in {run_dir}; the sweep's "
+        print(f"adtrain: {how} before the first checkpoint of the sweep's job in {run_dir}; the sweep's "
               f"finished jobs are kept and its unfinished ones run on resume: {command}", file=sys.stderr)
     else:
-        print(f"adtrain: interrupted before the first checkpoint of the run in {run_dir}: nothing to resume; "
+        print(f"adtrain: {how} before the first checkpoint of the run in {run_dir}: nothing to resume; "
               "run the same command again", file=sys.stderr)
-    sys.exit(130)
+    sys.exit(128 + signum)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -72,7 +81,7 @@ def main(cfg: DictConfig) -> float | None:
     from adtrain.io import write_text
     from adtrain.logs import quiet
     from adtrain.run import run, run_dir_from_hydra
-    from adtrain.runstate import interrupted
+    from adtrain.runstate import catch_sigterm, interrupted, sigterm_seen
     from adtrain.sweep import check_objective, objective
 
     quiet()
@@ -89,6 +98,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     mine = False
+    put_back = catch_sigterm(run_dir)  # SIGTERM stops the run as Ctrl-C does, with a word and a non-zero status
     try:
         from adtrain import distributed
 
@@ -122,7 +132,11 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupted(run_dir)
+    except Terminated:  # SIGTERM (SLURM, timeout, Kubernetes): the run, and a sweep, stop (exit status 143)
+        _interrupted(run_dir, signal.SIGTERM)
     except Exception as err:  # a crash (CUDA OOM, a library error): in a sweep, this job fails, the sweep goes on
+        if sigterm_seen():  # SLURM signals every process of a job: a DataLoader worker's death is the SIGTERM's
+            _interrupted(run_dir, signal.SIGTERM)
         if not _is_multirun():
             raise
         import traceback
@@ -137,8 +151,11 @@ def main(cfg: DictConfig) -> float | None:
             _interrupted(run_dir)
         raise
     finally:
+        put_back()
         if mine:
             rundir.release(run_dir)
+    if sigterm_seen():  # it came in a last batch, which Lightning finishes: a sweep must not go on to its next job
+        _interrupted(run_dir, signal.SIGTERM)
     return objective(results, metric, quiet=not _is_multirun())  # a single run: no sweeper to warn about
 
 

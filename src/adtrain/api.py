@@ -156,7 +156,8 @@ def fit(cfg: DictConfig | Sequence[str] | None = None, run_dir: str | Path | Non
     validation set, fit the threshold, then test unless cfg.test=false; prints the results table.
 
     run_dir defaults to outputs/<method>/<data>/<time>; a directory holding an earlier run is
-    refused unless cfg.overwrite=true (or cfg.resume=true to continue it)."""
+    refused unless cfg.overwrite=true (or cfg.resume=true to continue it). A fit stopped by SIGTERM
+    raises adtrain.errors.Terminated (Lightning's own exit would end a script with status 0)."""
     from adtrain.run import run
 
     _quiet()
@@ -177,13 +178,19 @@ def test(checkpoint: str | Path, overrides: Sequence[str] = (), out_dir: str | P
     test set of every task seen up to that checkpoint, each separately (``per_task``), the metrics
     averaged over them (results.json's final row); ``data.category`` in the overrides tests the
     named categories as one set instead."""
-    from adtrain.build import build_datamodule, configure_method
-    from adtrain.loading import load_method
+    from adtrain.runstate import sigterm_as_error
 
     _quiet()
     if out_dir is not None:
         _check_out_dir(Path(out_dir))
-    path = Path(checkpoint)
+    with sigterm_as_error(checkpoint, "the test did not finish"):  # not a silent SystemExit(None)
+        return _test(Path(checkpoint), overrides, out_dir)
+
+
+def _test(path: Path, overrides: Sequence[str], out_dir: str | Path | None) -> dict:
+    from adtrain.build import build_datamodule, configure_method
+    from adtrain.loading import load_method
+
     if path.is_dir():
         path = Run.open(path).checkpoint
     if isinstance(overrides, str):  # as compose and fit take them

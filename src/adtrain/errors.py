@@ -41,3 +41,14 @@ def whole_number(value, key: str, least: int = 0, none_ok: bool = False) -> int 
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ConfigError(key, f"must be a whole number >= {least}{' or null' if none_ok else ''}, got {value!r}")
     return value
+
+
+class Terminated(BaseException):
+    """A run (or a test) stopped by SIGTERM (SLURM, `timeout`, Kubernetes); a run can be resumed.
+
+    Not an Exception, as KeyboardInterrupt is not: a script's ``except Exception`` (or ``except
+    AdtrainError``) that goes on to its next run must not swallow a request to stop."""
+
+    def __init__(self, path, message: str | None = None):
+        self.path = str(path)
+        super().__init__(f"{path}: stopped by SIGTERM" + (f"; {message}" if message else ""))

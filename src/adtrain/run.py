@@ -18,8 +18,12 @@ from adtrain.build import build_datamodule, build_logger, build_method
 from adtrain.engine import fit_and_test
 from adtrain.errors import ConfigError
 from adtrain.io import write_text
+from adtrain.runstate import sigterm_as_error
 
 log = logging.getLogger("adtrain")
+
+#: what a run stopped by SIGTERM says to the Python API (the CLI prints its resume command instead)
+RESUME_HINT = "the same config with resume=true, into this run directory, continues it"
 
 
 def run_dir_from_hydra(default: str = ".") -> Path:
@@ -77,7 +81,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
     cfg = _record_resize_rule(cfg)
     if distributed.rank() != 0:  # a DDP rank started by rank 0: it computes, rank 0 owns the directory
-        return _run_rank(cfg, run_dir)
+        with sigterm_as_error(run_dir, RESUME_HINT):
+            return _run_rank(cfg, run_dir)
     rundir.check_free(run_dir)  # a run still going is named as such, whatever it has written yet
     check_flags(cfg)  # overwrite=off must not read as true
     resume = bool(cfg.get("resume", False))
@@ -87,7 +92,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         rundir.refuse_earlier(run_dir, bool(cfg.get("overwrite", False)))  # before the lock file is made
     check_config(cfg)
     continual = cfg.get("schedule") is not None and bool(cfg.schedule.get("tasks"))
-    with rundir.locked(run_dir):
+    with sigterm_as_error(run_dir, RESUME_HINT), rundir.locked(run_dir):
         if resume:
             cfg = resumed_config(cfg, run_dir)  # again, now that no other run can change the directory
         else:

@@ -9,12 +9,20 @@ checkpoint still loads with weights_only=True (adtrain.loading.read_checkpoint).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
+import threading
 import time
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback
+
+from adtrain.errors import Terminated
 
 #: set when a fit saw Ctrl-C (Lightning turns KeyboardInterrupt into exit(1) after its shutdown)
 _INTERRUPTED = {"flag": False}
@@ -22,6 +30,52 @@ _INTERRUPTED = {"flag": False}
 
 def interrupted() -> bool:
     return _INTERRUPTED["flag"]
+
+
+#: set when SIGTERM came while catch_sigterm's handler was in place (also inside a Lightning fit or test,
+#: where Lightning acts on it only between batches: one in the last batch would otherwise be lost)
+_SIGTERM = {"seen": False}
+
+
+def sigterm_seen() -> bool:
+    return _SIGTERM["seen"]
+
+
+def catch_sigterm(run_dir: Path) -> Callable[[], None]:
+    """From now on SIGTERM (SLURM, `timeout`, Kubernetes) raises Terminated, as Ctrl-C raises
+    KeyboardInterrupt: the CLI says where the run stands and how to resume it instead of dying without
+    a word. Inside a Lightning fit or test Lightning's handler runs and calls this one, which then only
+    notes the signal: Lightning stops at the next batch boundary (SIGTERMException, sigterm_as_error),
+    not in the middle of a step. Returns the function that puts the earlier handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # Python sets signal handlers from the main thread only
+    owner = os.getpid()
+    _SIGTERM["seen"] = False
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a process forked from this one (DataLoader workers set their own handler):
+            signal.signal(signum, signal.SIG_DFL)  # it ends as it would without this handler
+            os.kill(os.getpid(), signum)
+            return
+        _SIGTERM["seen"] = True
+        if signal.getsignal(signal.SIGTERM) is handler:  # not inside Lightning (which composes it with its own)
+            raise Terminated(run_dir)
+
+    before = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def sigterm_as_error(path, message: str | None = None):
+    """Lightning ends a fit or a test that got SIGTERM with SIGTERMException, a SystemExit without a
+    code: uncaught, the process (a whole sweep too) exits with status 0, as if the run had finished.
+    Raised as Terminated, naming path, instead."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        yield
+    except SIGTERMException:
+        raise Terminated(path, message) from None
 
 
 def rng_states() -> dict:
