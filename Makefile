@@ -18,7 +18,7 @@ $(PY):  # a fresh clone: `make quickstart` and `make test` set up the environmen
 	$(MAKE) install
 
 test: | $(PY)  ## the whole test suite on CPU
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 quickstart: | $(PY)  ## the README quickstart: PatchCore on real ELPV cells with real ImageNet weights (under 2 min on 2 cores)
 	$(PY) -m adtrain method=patchcore data=elpv backbone=efficientnet_lite0   # = python -m adtrain (no arguments)
