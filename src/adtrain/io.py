@@ -29,6 +29,7 @@ def temp_name(name: str) -> str:
 
 
 def process_alive(pid: int) -> bool:
+    """Is process ``pid`` running (another user's counts as running)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

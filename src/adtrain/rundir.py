@@ -64,15 +64,12 @@ ORPHAN_WAIT_S = 15.0
 
 def _alive(pid: str) -> bool:
     """Is ``pid`` (the lock file's text) a live process? Unknown text counts as alive."""
+    from adtrain.io import process_alive
+
     try:
-        os.kill(int(pid), 0)
+        return process_alive(int(pid))
     except ValueError:
         return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def acquire(run_dir: str | os.PathLike) -> bool:
