@@ -50,3 +50,18 @@ def test_the_image_cache_deletes_a_killed_build_and_keeps_a_live_one(tmp_path, d
         (d / "images.npy").write_bytes(b"\0" * 4096)
     ImageCache(tmp_path, "auto", 1.0).evict()
     assert not dead.exists() and live.is_dir()
+
+
+def test_the_feature_cache_sweeps_ended_writes_once(tmp_path, dead_pid):
+    """A killed write's temp in the feature cache goes at the cache's first eviction; the sweep is
+    not repeated after every stored batch (a directory scan on the extraction path)."""
+    from adtrain.backbones.feature_cache import FeatureCache
+
+    cache = FeatureCache(tmp_path, 1.0)
+    dead = tmp_path / f".ab.pt.{dead_pid}-0123456789ab.tmp"
+    dead.write_bytes(b"x")
+    cache.evict()
+    assert not dead.exists()
+    dead.write_bytes(b"x")
+    cache.evict()
+    assert dead.exists()  # swept once per cache: the next run's cache removes it

@@ -122,7 +122,9 @@ class FeatureCache:
         from adtrain.cache_files import evict_lru
         from adtrain.io import remove_dead_temps
 
-        remove_dead_temps(self.root, recursive=False)  # writes killed midway: nothing else removes them
+        if not getattr(self, "_temps_swept", False):  # once per cache, not after every stored batch
+            remove_dead_temps(self.root, recursive=False)  # writes killed midway: nothing else removes them
+            self._temps_swept = True
         return evict_lru(self.root.glob("*" + SUFFIX), self.max_bytes)
 
 

@@ -234,7 +234,9 @@ class NestedCache:
         from adtrain.cache_files import evict_lru
         from adtrain.io import remove_dead_temps
 
-        remove_dead_temps(self.root)  # writes killed midway: nothing else removes them
+        if not getattr(self, "_temps_swept", False):  # once per cache, not after every stored entry
+            remove_dead_temps(self.root)  # writes killed midway: nothing else removes them
+            self._temps_swept = True
         return evict_lru(self.root.rglob("*.pt"), self.max_bytes)
 
     # ---------------------------------------------------------- coreset (MemoryBank.build's hook)
