@@ -11,7 +11,6 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.metrics import (
     AnomalyEvaluator,
-    StreamingHistogram,
     aupro,
     auroc,
     average_precision,
@@ -65,21 +64,6 @@ def test_image_metrics_single_class_is_none():
     assert m["image_ap"] == pytest.approx(1.0) and m["image_f1max"] == pytest.approx(1.0)
     m = image_metrics([0.3, 0.7], [0, 0])
     assert m == {"image_auroc": None, "image_ap": None, "image_f1max": None}
-
-
-# ---------------------------------------------------------------- streaming histogram
-
-
-def test_histogram_widening_keeps_counts_exact():
-    h = StreamingHistogram(8)
-    batches = [np.r_[0.0, np.arange(7) + 0.5, 7.0], np.array([12.5, 3.5]), np.r_[-3.5, 0.5, 9.5]]
-    for b in batches:  # range [0,8) -> [0,16) -> [-16,16): widened right, then left
-        h.add("count", torch.tensor(b))
-    assert (h.low, h.width) == (-16.0, 32.0)
-    expected, _ = np.histogram(np.concatenate(batches), bins=h.edges)
-    np.testing.assert_array_equal(h.counts["count"], expected)
-    with pytest.raises(ConfigError):
-        StreamingHistogram(7)
 
 
 # ---------------------------------------------------------------- pixel metrics vs sklearn

@@ -2,7 +2,6 @@
 
 from adtrain.metrics.aupro import aupro
 from adtrain.metrics.evaluator import METRIC_KEYS, AnomalyEvaluator
-from adtrain.metrics.histogram import StreamingHistogram
 from adtrain.metrics.image import auroc, average_precision, f1_max, image_metrics
 from adtrain.metrics.pixel import PixelMetricAccumulator
 from adtrain.metrics.summary import AdaptiveBins
@@ -12,7 +11,6 @@ __all__ = [
     "METRIC_KEYS",
     "AnomalyEvaluator",
     "PixelMetricAccumulator",
-    "StreamingHistogram",
     "aupro",
     "auroc",
     "average_precision",
