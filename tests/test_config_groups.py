@@ -261,7 +261,7 @@ def test_print_config_at_start_of_main(fast_cfg, monkeypatch, capsys):
 @pytest.mark.parametrize("module, words", [("adtrain.predict", "checkpoint=RUN/checkpoints/model.ckpt images="),
                                            ("adtrain.export", "format=torchscript|onnx|openvino"),
                                            ("adtrain.templates", "add checkpoint="),
-                                           ("adtrain.bench", "bench.model_only=true")])
+                                           ("adtrain.bench", "bench.run_dir=DIR")])
 def test_each_small_command_answers_help_with_its_usage(module, words, capsys):
     """--help used to be refused as an unknown option (or a traceback from adtrain.bench)."""
     import importlib
@@ -291,3 +291,18 @@ def test_a_bad_bench_override_ends_in_one_line(capsys):
         _with_argv(cli, "nosuch=1")
     err = capsys.readouterr().err
     assert ex.value.code == 2 and err.startswith("adtrain-bench: error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("arg, words", [("bench.outt=x.json", "'bench.outt': unknown benchmark option"),
+                                        ("bench.out", "'bench.out': needs a value"),
+                                        ("bench.model_only=yes", "'bench.model_only': must be true or false")])
+def test_a_bad_bench_option_is_refused_before_the_run(arg, words, capsys):
+    """A misspelt bench.* option used to be ignored: the run went on (minutes) without it."""
+    from unittest import mock
+
+    from adtrain import bench
+
+    with mock.patch("adtrain.run.run", side_effect=AssertionError("the run started")), pytest.raises(SystemExit) as ex:
+        _with_argv(bench.cli, "method=patchcore", arg)
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and words in err and "Traceback" not in err

