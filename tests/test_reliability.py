@@ -681,6 +681,41 @@ def test_sigterm_stops_a_run_or_a_sweep_with_status_143_and_says_how_to_resume(t
         assert "its unfinished ones run on resume" in said[0] and not (job.parent / "1").exists()
 
 
+KILL_AFTER_JOB = """import os, signal
+from hydra.experimental.callback import Callback
+
+
+class KillAfterJob(Callback):  # the signal comes once a job has returned, before the next begins
+    def __init__(self, sig):
+        self.sig = getattr(signal, sig)
+
+    def on_job_end(self, config, job_return, **kwargs):
+        os.kill(os.getpid(), self.sig)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_between_a_sweeps_jobs_says_how_to_resume(tmp_path, sig):
+    """Between two jobs of a sweep (Hydra's callbacks, the next job's set-up) SIGTERM ended the sweep
+    without a word and Ctrl-C in a traceback from Hydra's callbacks. Now: the sweep's resume command,
+    status 143 / 130 (the command itself is the one test_ctrl_c_in_a_sweep_offers_the_sweeps_command_not_the_jobs
+    resumes a sweep with)."""
+    from adtrain.resume import sweep_resume_command
+
+    (tmp_path / "kill_after_job.py").write_text(KILL_AFTER_JOB)
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY_SCHEDULE[:-1], "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    kill = ["+hydra.callbacks.kill._target_=kill_after_job.KillAfterJob", f"+hydra.callbacks.kill.sig={sig}"]
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "adtrain", *args, *kill], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 128 + getattr(signal, sig), p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and (sweep / "0" / "results.json").exists() and not (sweep / "1").exists()
+    said = [line for line in p.stderr.splitlines() if line.startswith("adtrain: interrupted")]
+    assert len(said) == 1 and f"between the sweep's jobs (the last one ended in {sweep / '0'})" in said[0], p.stderr
+    assert said[0].endswith(sweep_resume_command([*args, *kill], sweep))
+
+
 @pytest.mark.parametrize("when", ["after_the_fit", "in_the_last_test_batch"])
 def test_sigterm_outside_lightnings_checks_stops_the_cli_too(fast_cfg, tmp_path, monkeypatch, capsys, when):
     """Lightning acts on SIGTERM only inside its loops, between batches. Elsewhere (the threshold, the

@@ -74,6 +74,42 @@ def _interrupted(run_dir: Path, signum: int = signal.SIGINT) -> None:
     sys.exit(128 + signum)
 
 
+def _between_jobs(run_dir: Path) -> None:
+    """A sweep, once a job has returned: Ctrl-C or SIGTERM before the next job begins (Hydra's own
+    work, the callbacks, the summary) says so with the sweep's resume command and exits 130 / 143.
+    SIGTERM used to end the sweep without a word and Ctrl-C in a traceback from Hydra's callbacks."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    from adtrain.resume import sweep_resume_command
+
+    command = sweep_resume_command(sys.argv[1:], HydraConfig.get().sweep.dir)
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked process: it ends as it would without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        how = "interrupted" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})"
+        print(f"adtrain: {how} between the sweep's jobs (the last one ended in {run_dir}); its finished "
+              f"jobs are kept and its unfinished ones run on resume: {command}", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    handler.adtrain_between_jobs = True
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _in_a_job() -> None:
+    """A job begins: Ctrl-C is Python's KeyboardInterrupt again (the run says where it stopped)."""
+    if getattr(signal.getsignal(signal.SIGINT), "adtrain_between_jobs", False):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """The run; returns results[optimized_metric] (a validation figure) to a multirun's sweeper."""
@@ -98,6 +134,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     mine = False
+    _in_a_job()
     put_back = catch_sigterm(run_dir)  # SIGTERM stops the run as Ctrl-C does, with a word and a non-zero status
     try:
         from adtrain import distributed
@@ -154,6 +191,8 @@ def main(cfg: DictConfig) -> float | None:
         put_back()
         if mine:
             rundir.release(run_dir)
+        if _is_multirun():
+            _between_jobs(run_dir)
     if sigterm_seen():  # it came in a last batch, which Lightning finishes: a sweep must not go on to its next job
         _interrupted(run_dir, signal.SIGTERM)
     return objective(results, metric, quiet=not _is_multirun())  # a single run: no sweeper to warn about
