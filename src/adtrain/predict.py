@@ -46,7 +46,8 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from adtrain.data.image_io import is_image_file
+from adtrain.data.image_files import check_name, is_image_file
+from adtrain.data.image_files import list_images as images_in
 from adtrain.errors import ConfigError, DataError
 from adtrain.inference.map_files import MAP_FOLDERS
 
@@ -57,13 +58,17 @@ ON_ERROR = ("stop", "skip")
 
 
 def list_images(spec: str) -> list[str]:
+    """A folder's images as training lists them (below it, linked folders followed, hidden files
+    skipped: adtrain.data.image_files.list_images), a file, or a glob's image files; a name that is not
+    UTF-8 is refused here, before any image is scored (the CSV could not hold it)."""
     p = Path(spec)
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if is_image_file(f))
+        files = [str(f) for f in images_in(p, recursive=True)]
     elif p.is_file():
-        files = [str(p)]
+        files = [str(check_name(p))]
     else:
-        files = sorted(f for f in glob.glob(spec, recursive=True) if is_image_file(f))
+        files = sorted(str(check_name(Path(f))) for f in glob.glob(spec, recursive=True)
+                       if is_image_file(f) and Path(f).is_file())
     if not files:
         raise DataError(spec, "no images found (give a folder, a file or a glob such as 'dir/*.png')")
     return files
@@ -82,12 +87,11 @@ def default_out_dir(checkpoint: str | Path) -> Path:
 def heatmap_names(files: list[str]) -> list[str]:
     """A file name per image from its path below the images' common folder ('crack/000.png' ->
     'crack__000.png'): images of different folders never collide."""
-    import os
-
-    parents = [str(Path(f).resolve().parent) for f in files]
+    where = [Path(os.path.abspath(f)) for f in files]  # not resolve(): a linked file keeps its own name
+    parents = [str(p.parent) for p in where]
     common = Path(os.path.commonpath(parents)) if parents else Path(".")
     base = common.parent if len(set(parents)) == 1 else common  # one folder: keep its name
-    names = ["__".join(Path(f).resolve().relative_to(base).with_suffix("").parts) for f in files]
+    names = ["__".join(p.relative_to(base).with_suffix("").parts) for p in where]
     seen: dict[str, int] = {}
     for n in names:
         seen[n] = seen.get(n, 0) + 1

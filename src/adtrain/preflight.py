@@ -319,14 +319,18 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def header_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(W, H) from the file's header; DataError naming the file if it is empty or not an image."""
+    """(W, H) from the file's header, upright (an EXIF orientation that turns the image a quarter
+    swaps them, as image_io.read_image turns the pixels); DataError naming the file if it is empty or
+    not an image."""
     from PIL import Image, UnidentifiedImageError
+
+    from adtrain.data.orientation import shown_size
 
     try:
         if os.stat(path).st_size == 0:
             raise DataError(path, "empty file (0 bytes)")
         with Image.open(path) as im:  # lazy: the header only, no pixel is decoded
-            return im.size
+            return shown_size(im)
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:

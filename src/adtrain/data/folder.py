@@ -6,7 +6,7 @@ from pathlib import Path
 
 from adtrain.data.base import AnomalyDataModule, seeded_rng, split_by_fraction, warn_unmasked
 from adtrain.data.dataset import Sample
-from adtrain.data.image_io import IMAGE_EXTENSIONS, list_images
+from adtrain.data.image_io import IMAGE_EXTENSIONS, find_file, list_images
 from adtrain.errors import ConfigError, DataError
 
 
@@ -98,7 +98,7 @@ class FolderDataModule(AnomalyDataModule):
         if self.mask_dir is None:
             return None
         for folder in dict.fromkeys([self.mask_dir / rel, self.mask_dir]):
-            for name in dict.fromkeys((f"{stem}.png", f"{stem}_mask.png", *(stem + ext for ext in IMAGE_EXTENSIONS))):
-                if (folder / name).is_file():
-                    return folder / name
+            found = find_file(folder, (f"{stem}.png", f"{stem}_mask.png", *(stem + ext for ext in IMAGE_EXTENSIONS)))
+            if found is not None:
+                return found
         return None

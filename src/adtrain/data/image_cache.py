@@ -50,7 +50,7 @@ from adtrain.io import remove_dead_temps, temp_name
 log = logging.getLogger("adtrain")
 
 MODES = ("auto", "off")
-FORMAT = 1  # bump when the layout of an entry changes
+FORMAT = 2  # bump when the layout of an entry, or how a file is decoded, changes (2: EXIF orientation)
 #: an entry another process used this recently is never evicted (it may be reading it now)
 RECENT_S = 600.0
 #: entry folders this process has opened: never evicted by it

@@ -2,56 +2,17 @@
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from adtrain.data.image_files import (IMAGE_EXTENSIONS, check_name, expand_image_paths,  # noqa: F401
+                                      find_file, is_image_file, list_images)
+from adtrain.data.orientation import orientation, still_to_turn, upright
 from adtrain.errors import ConfigError, DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
 _READ_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
-
-
-def is_image_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def check_name(path: Path) -> Path:
-    """A path whose bytes are not UTF-8 (names from a zip made on Windows, e.g. Latin-1 'caf\\xe9.png')
-    would fail later in a seed, a CSV or a JSON file: refused here, naming it."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise DataError(shown, "file name is not valid UTF-8 (e.g. Latin-1 from an archive made on Windows): "
-                        "rename it (convmv -f latin1 -t utf8 --notest -r FOLDER converts a tree)") from None
-    return path
-
-
-def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files in a folder, sorted by path (hidden files skipped; a name that is not UTF-8 refused)."""
-    folder = Path(folder)
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(check_name(p) for p in it if p.is_file() and is_image_file(p) and not p.name.startswith("."))
-
-
-def expand_image_paths(spec: str | Path | list) -> list[Path]:
-    """A folder, a glob pattern, a single file, or a list of these -> sorted image paths."""
-    if isinstance(spec, (list, tuple)):
-        return [p for s in spec for p in expand_image_paths(s)]
-    p = Path(spec)
-    if p.is_dir():
-        return list_images(p, recursive=True)
-    if p.is_file():
-        return [p]
-    hits = sorted(Path(h) for h in glob.glob(str(spec), recursive=True))
-    hits = [h for h in hits if h.is_file() and is_image_file(h)]
-    if not hits:
-        raise DataError(spec, "no image files found (expected a folder, a glob pattern or an image file)")
-    return hits
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -90,24 +51,29 @@ def _to_uint8(arr: np.ndarray, mode: str, bit_depth: int | None = None) -> np.nd
     if arr.dtype == np.uint8:
         return arr
     top = float(2 ** (bit_depth or 16) - 1)
-    if mode.startswith("I;16") or arr.dtype == np.uint16:
-        return np.round(np.minimum(arr.astype(np.float64), top) * (255.0 / top)).astype(np.uint8)
+    if mode.startswith("I;16") or arr.dtype in (np.uint16, np.int16):  # I;16S: negative values are 0
+        return np.round(np.clip(arr.astype(np.float64), 0, top) * (255.0 / top)).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
         a = arr.astype(np.float64)
         a = np.nan_to_num(a)
         if a.size and a.max() <= 1.0:
             a = a * 255.0
         return np.clip(np.round(a), 0, 255).astype(np.uint8)
-    # 32-bit integer ("I"): Pillow uses it for 16-bit data in some formats.
-    a = arr.astype(np.int64)
-    if bit_depth is not None or (a.size and a.max() > 255):
-        return np.round(np.clip(a, 0, top) * (255.0 / top)).astype(np.uint8)
-    return np.clip(a, 0, 255).astype(np.uint8)
+    # 32-bit integer ("I"): Pillow uses it for 16-bit data in some formats and versions (16-bit grey
+    # PNGs before Pillow 11). Read as 16-bit values whatever this image holds: a dark frame whose
+    # values all lie below 256 is scaled as a bright one of the same camera is, not read as 8-bit.
+    return np.round(np.clip(arr.astype(np.float64), 0, top) * (255.0 / top)).astype(np.uint8)
 
 
-def image_to_rgb(im: Image.Image, bit_depth: int | None = None) -> np.ndarray:
-    """A PIL image of any mode -> RGB uint8 (H,W,3); alpha is dropped. A 16-bit (or 32-bit integer)
-    image's values are read as ``bit_depth``-bit ones (``check_bit_depth``); 8-bit images are as they are."""
+def image_to_rgb(im: Image.Image, bit_depth: int | None = None, turn: int | None = None) -> np.ndarray:
+    """A PIL image of any mode -> RGB uint8 (H,W,3), upright (its EXIF orientation applied:
+    adtrain.data.orientation; ``turn`` None: read from ``im``); alpha is dropped. A 16-bit (or 32-bit
+    integer) image's values are read as ``bit_depth``-bit ones (``check_bit_depth``); 8-bit images are
+    as they are."""
+    if turn is None:  # a PIL image given as it is (adtrain.Detector)
+        before = orientation(im)
+        im.load()
+        turn = still_to_turn(im, before)
     mode = im.mode
     if mode == "RGB":
         arr = np.asarray(im)
@@ -119,6 +85,7 @@ def image_to_rgb(im: Image.Image, bit_depth: int | None = None) -> np.ndarray:
         arr = _to_uint8(np.asarray(im), mode, bit_depth)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
+    arr = upright(arr, turn)
     # writable: np.asarray of a PIL image is read-only, and torch warns when such an array (an image
     # already at the run's size passes the resize untouched) becomes a tensor
     return np.require(arr, np.uint8, ("C", "W"))
@@ -137,30 +104,49 @@ def _wide_colour(im: Image.Image) -> bool:
     return False
 
 
-def _wide_rgb(path: str | Path) -> np.ndarray:
+def _wide_rgb(path: str | Path, turn: int = 1, fmt: str | None = None) -> np.ndarray:
     """A 16-bit-per-channel colour file's RGB values (H,W,3) uint16, through OpenCV (which keeps the
-    16 bits); alpha dropped."""
+    16 bits), upright (``turn``: its EXIF orientation); alpha dropped. A TIFF that must be turned is
+    read with tifffile: OpenCV turns some such TIFFs itself and fails on others."""
+    if turn != 1 and fmt == "TIFF":
+        return upright(_stored_tiff_rgb(path), turn)
     import cv2
 
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # a PNG's eXIf orientation is not applied
     if arr is None or arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise DataError(path, "cannot read image: a 16-bit colour file that OpenCV cannot decode")
-    return np.ascontiguousarray(arr[:, :, 2::-1])  # BGR(A) -> RGB
+    return upright(np.ascontiguousarray(arr[:, :, 2::-1]), turn)  # BGR(A) -> RGB
 
 
-def _read_wide_colour(path: str | Path, bit_depth: int | None) -> np.ndarray:
-    """A 16-bit colour file scaled to uint8 as a 16-bit grey image is."""
-    return np.require(_to_uint8(_wide_rgb(path), "RGB;16", bit_depth), np.uint8, ("C", "W"))
+def _stored_tiff_rgb(path: str | Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        arr = tifffile.imread(str(path), key=0)
+    except Exception as e:  # tifffile raises its own types, and ValueError / KeyError for codecs it lacks
+        raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):  # planar
+        arr = np.moveaxis(arr, 0, 2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise DataError(path, f"cannot read image: a 16-bit colour TIFF of shape {arr.shape}")
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def _read_wide_colour(path: str | Path, bit_depth: int | None, turn: int, fmt: str | None) -> np.ndarray:
+    """A 16-bit colour file scaled to uint8 as a 16-bit grey image is, upright."""
+    return np.require(_to_uint8(_wide_rgb(path, turn, fmt), "RGB;16", bit_depth), np.uint8, ("C", "W"))
 
 
 def read_image(path: str | Path, bit_depth: int | None = None) -> np.ndarray:
     """Read any image as RGB uint8 (H,W,3) (``bit_depth``: image_to_rgb; 16-bit colour files too).
     Raises DataError(path, 'cannot read image: ...')."""
     with _open(path) as im:
+        turn = orientation(im)  # from the header, as preflight.header_size reads it
         if _wide_colour(im):
-            return _read_wide_colour(path, bit_depth)
+            return _read_wide_colour(path, bit_depth, turn, im.format)
         try:
-            return image_to_rgb(_load(im, path), bit_depth)
+            _load(im, path)
+            return image_to_rgb(im, bit_depth, still_to_turn(im, turn))
         except _READ_ERRORS as e:
             raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
 
@@ -186,19 +172,25 @@ def mask_files(mask_path: str | Path) -> list[Path]:
 
 
 def mask_values(path: str | Path) -> np.ndarray:
-    """A mask or region file's values as stored, (H,W) or (H,W,3): alpha dropped, palette indices
-    kept, 16-bit colour files with their 16 bits (Pillow would keep each value's high byte: a defect
-    drawn with value 1 would vanish)."""
+    """A mask or region file's values as stored, (H,W) or (H,W,3), upright as its image is read
+    (its EXIF orientation applied): alpha dropped, palette indices kept, 16-bit colour files with
+    their 16 bits (Pillow would keep each value's high byte: a defect drawn with value 1 would vanish)."""
     with _open(path) as im:
+        turn = orientation(im)
         if _wide_colour(im):
-            return _wide_rgb(path)
-        if _load(im, path).mode in ("LA", "La", "PA"):
-            return np.asarray(im.getchannel(0))
-        if im.mode in ("RGBA", "RGBa", "RGBX"):
-            return np.asarray(im.convert("RGB"))
-        if im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-            return np.asarray(im.convert("L"))
-        return np.asarray(im)
+            return _wide_rgb(path, turn, im.format)
+        _load(im, path)
+        return upright(_stored_values(im), still_to_turn(im, turn))
+
+
+def _stored_values(im: Image.Image) -> np.ndarray:
+    if im.mode in ("LA", "La", "PA"):
+        return np.asarray(im.getchannel(0))
+    if im.mode in ("RGBA", "RGBa", "RGBX"):
+        return np.asarray(im.convert("RGB"))
+    if im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(im.convert("L"))
+    return np.asarray(im)
 
 
 def read_mask(mask_path: str | Path, image_size: tuple[int, int] | None = None,

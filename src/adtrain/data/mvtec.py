@@ -13,7 +13,7 @@ from pathlib import Path
 from adtrain.data.base import AnomalyDataModule
 from adtrain.data.dataset import Sample
 from adtrain.data.download import MVTEC_AD, ArchiveSpec, download_dataset
-from adtrain.data.image_io import IMAGE_EXTENSIONS, list_images
+from adtrain.data.image_io import IMAGE_EXTENSIONS, find_file, list_images
 from adtrain.errors import DataError
 
 log = logging.getLogger("adtrain")
@@ -153,7 +153,4 @@ class MVTecDataModule(AnomalyDataModule):
 
 def find_mask(gt_dir: Path, stem: str) -> Path | None:
     """<stem>_mask.png (MVTec AD, MPDD), else <stem>.<any image extension> (BTAD, MVTec 3D-AD)."""
-    for name in (f"{stem}_mask.png", *(stem + ext for ext in IMAGE_EXTENSIONS)):
-        if (gt_dir / name).is_file():
-            return gt_dir / name
-    return None
+    return find_file(gt_dir, (f"{stem}_mask.png", *(stem + ext for ext in IMAGE_EXTENSIONS)))

@@ -50,12 +50,17 @@ def relative_names(files: list[str], relative_to: str | Path | None) -> list[Pat
         common = Path(os.path.commonpath(parents))
         relative_to = common.parent if len(set(parents)) == 1 else common
     base = Path(os.path.abspath(relative_to))
-    names = []
+    names, taken = [], {}
     for f, p in zip(files, resolved):
         try:
-            names.append(p.relative_to(base).with_suffix(""))
+            name = p.relative_to(base).with_suffix("")
         except ValueError:
             raise DataError(f, f"is not below relative_to={relative_to}") from None
+        if name in taken:  # the layout names a map by the image's path without its suffix
+            raise DataError(f, f"its anomaly map would overwrite that of {taken[name]} (both {name}.tiff): the "
+                            "map files are named without the image's suffix; score such images in separate calls")
+        taken[name] = f
+        names.append(name)
     return names
 
 
