@@ -77,15 +77,26 @@ def _cli(run_dir: Path, *args: str) -> dict:
     return _finish(_start(run_dir, *args), run_dir)
 
 
+def _single(run_dir: Path, *args: str, base: list[str] = FAST) -> dict:
+    """The single-process run of a config, in this process (adtrain.run.run, what the CLI runs): no second
+    Python and torch start-up to pay for the reference."""
+    from adtrain.run import run
+    from tests.conftest import compose
+
+    run(compose(*base, *args), run_dir)
+    assert list(run_dir.rglob("results.json")) == [run_dir / "results.json"]
+    return json.loads((run_dir / "results.json").read_text())
+
+
 def _single_and_ddp(tmp_path: Path, args: list[str], ddp: list[str], base: list[str] = FAST) -> tuple[dict, dict]:
     """The single-process run and the DDP run of one config, at the same time: they share nothing (own
-    run directories), and the DDP run leaves a core idle while its second rank starts."""
-    procs = [_start(tmp_path / "ddp", *args, *ddp, base=base), _start(tmp_path / "single", *args, base=base)]
+    run directories). The DDP run (the CLI, as a user starts it) goes first, in the background; the
+    single-process reference runs in this process meanwhile."""
+    proc = _start(tmp_path / "ddp", *args, *ddp, base=base)
     try:
-        return _finish(procs[1], tmp_path / "single"), _finish(procs[0], tmp_path / "ddp")
+        return _single(tmp_path / "single", *args, base=base), _finish(proc, tmp_path / "ddp")
     finally:
-        for p in procs:
-            _end(p)
+        _end(proc)
 
 
 def _scores(run_dir: Path) -> list[dict]:
