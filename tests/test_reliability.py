@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +53,23 @@ def _start(*args, cwd, log, group=False):
                             stderr=subprocess.STDOUT, start_new_session=group)
 
 
-@contextmanager
-def _reference_beside(*args, cwd, log):
-    """The uninterrupted run a resumed one must equal, run beside the with-block (which kills and resumes
-    its own run in another directory) rather than before it: on 2 cores each leaves the other room."""
-    proc = _start(*args, cwd=cwd, log=log)
-    try:
-        yield
-        rc = proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def _resume_beside_reference(run_dir, ref, over, cwd, log):
+    """The CLI's resume of a killed run (nothing but resume=true: the run's own config), and meanwhile, in
+    this process (adtrain.run.run, what the CLI runs), the uninterrupted run it must equal: on 2 cores each
+    leaves the other room, and the reference costs no Python and torch start-up of its own."""
+    from adtrain.run import run
+    from tests.conftest import compose
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "adtrain", f"hydra.run.dir={run_dir}", "resume=true"],
+                                cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            run(compose(*over), ref)
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert rc == 0, Path(log).read_text()[-3000:]
 
 
@@ -554,41 +558,37 @@ def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     and restarted the workers' random streams (the schedule's kill test below runs without workers)."""
     over = [*(a for a in KILL_FAST if a != "data.num_workers=0"), "data.num_workers=2", AUGMENT]
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
-    with _reference_beside(*over, f"hydra.run.dir={ref}", cwd=tmp_path, log=tmp_path / "ref.log"):
-        proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
-        metrics_csv = run_dir / "csv" / "metrics.csv"
+    proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
+    metrics_csv = run_dir / "csv" / "metrics.csv"
 
-        def mid_run() -> bool:  # last.ckpt is written before the CSV logger flushes: wait for both
-            return (run_dir / "checkpoints" / "last.ckpt").exists() and metrics_csv.exists() and \
-                len(metrics_csv.read_text().splitlines()) > 1
+    def mid_run() -> bool:  # last.ckpt is written before the CSV logger flushes: wait for both
+        return (run_dir / "checkpoints" / "last.ckpt").exists() and metrics_csv.exists() and \
+            len(metrics_csv.read_text().splitlines()) > 1
 
-        rc = _signal_when(proc, mid_run, signal.SIGKILL)
-        assert rc == -signal.SIGKILL and not (run_dir / "results.json").exists()
-        first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # still plain data only
-        before = first["callbacks"]["adtrain.RunState"]["fit_seconds"]
-        rows_before = list(csv.DictReader(open(metrics_csv)))
-        assert before > 0 and rows_before
+    rc = _signal_when(proc, mid_run, signal.SIGKILL)
+    assert rc == -signal.SIGKILL and not (run_dir / "results.json").exists()
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # still plain data only
+    before = first["callbacks"]["adtrain.RunState"]["fit_seconds"]
+    rows_before = list(csv.DictReader(open(metrics_csv)))
+    assert before > 0 and rows_before
 
-        p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)  # nothing else: the run's own config
-        assert p.returncode == 0, p.stderr[-3000:]
-        res = json.loads((run_dir / "results.json").read_text())
-        assert res["epochs_trained"] == 4 and res["fit_seconds"] > before  # cumulative over both sessions
-        rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
-        assert len(rows) > len(rows_before) and "0" in {r.get("epoch") for r in rows}  # appended, not restarted
+    _resume_beside_reference(run_dir, ref, over, cwd=tmp_path, log=tmp_path / "resumed.log")
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["epochs_trained"] == 4 and res["fit_seconds"] > before  # cumulative over both sessions
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    assert len(rows) > len(rows_before) and "0" in {r.get("epoch") for r in rows}  # appended, not restarted
     assert _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
 
 
 def test_kill_9_mid_schedule_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     over = [*TINY_SCHEDULE, "trainer.max_epochs=4", "logger=csv"]
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
-    with _reference_beside(*over, f"hydra.run.dir={ref}", cwd=tmp_path, log=tmp_path / "ref.log"):
-        proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
-        last = run_dir / "tasks" / "1" / "checkpoints" / "last.ckpt"
-        rc = _signal_when(proc, last.exists, signal.SIGKILL)
-        assert rc == -signal.SIGKILL
-        assert json.loads((run_dir / "continual_state.json").read_text())["finished"] == [0]
-        p = _cli(f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)
-        assert p.returncode == 0, p.stderr[-3000:]
+    proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
+    last = run_dir / "tasks" / "1" / "checkpoints" / "last.ckpt"
+    rc = _signal_when(proc, last.exists, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    assert json.loads((run_dir / "continual_state.json").read_text())["finished"] == [0]
+    _resume_beside_reference(run_dir, ref, over, cwd=tmp_path, log=tmp_path / "resumed.log")
     a = json.loads((run_dir / "results.json").read_text())
     b = json.loads((ref / "results.json").read_text())
     assert a["matrices"] == b["matrices"] and _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
