@@ -80,10 +80,12 @@ def _between_jobs(run_dir: Path) -> None:
     SIGTERM used to end the sweep without a word and Ctrl-C in a traceback from Hydra's callbacks."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return
     from hydra.core.hydra_config import HydraConfig
 
+    if threading.current_thread() is not threading.main_thread() or not HydraConfig.initialized():
+        return
+    if not str(HydraConfig.get().launcher.get("_target_", "")).endswith(".BasicLauncher"):
+        return  # joblib's or submitit's jobs run in processes of their own, which their launcher ends
     from adtrain.resume import sweep_resume_command
 
     command = sweep_resume_command(sys.argv[1:], HydraConfig.get().sweep.dir)
