@@ -34,7 +34,6 @@ maps of earlier calls stay). It needs a checkpoint: exports output display maps 
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import tempfile
@@ -46,8 +45,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from adtrain.data.image_files import check_name, is_image_file
-from adtrain.data.image_files import list_images as images_in
+from adtrain.data.image_files import expand_image_paths
 from adtrain.errors import ConfigError, DataError
 from adtrain.inference.map_files import MAP_FOLDERS
 
@@ -58,18 +56,11 @@ ON_ERROR = ("stop", "skip")
 
 
 def list_images(spec: str) -> list[str]:
-    """A folder's images as training lists them (below it, linked folders followed, hidden files
-    skipped: adtrain.data.image_files.list_images), a file, or a glob's image files; a name that is not
-    UTF-8 is refused here, before any image is scored (the CSV could not hold it)."""
-    p = Path(spec)
-    if p.is_dir():
-        files = [str(f) for f in images_in(p, recursive=True)]
-    elif p.is_file():
-        files = [str(check_name(p))]
-    else:
-        files = sorted(str(check_name(Path(f))) for f in glob.glob(spec, recursive=True)
-                       if is_image_file(f) and Path(f).is_file())
-    if not files:
+    """A folder's images as training lists them (adtrain.data.image_files.expand_image_paths: below
+    it, linked folders followed, hidden files skipped), a file, or a glob's image files; a name that is
+    not UTF-8 is refused there, before any image is scored (the CSV could not hold it)."""
+    files = [str(f) for f in expand_image_paths(spec)]
+    if not files:  # an empty folder
         raise DataError(spec, "no images found (give a folder, a file or a glob such as 'dir/*.png')")
     return files
 

@@ -87,7 +87,7 @@ def expand_image_paths(spec: str | Path | list) -> list[Path]:
     if p.is_dir():
         return list_images(p, recursive=True)
     if p.is_file():
-        return [p]
+        return [check_name(p)]
     hits = sorted(Path(h) for h in glob.glob(str(spec), recursive=True))
     hits = [check_name(h) for h in hits if h.is_file() and is_image_file(h)]
     if not hits:
