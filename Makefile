@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2  # pytest-xdist workers, one thread each (tests/conftest.py); 0 runs the suite in this process
 
 .PHONY: install lock test quickstart bench notebook clean
 
@@ -17,8 +18,8 @@ lock: | $(PY)  ## constraints.txt from this environment (after `make test` passe
 $(PY):  # a fresh clone: `make quickstart` and `make test` set up the environment first
 	$(MAKE) install
 
-test: | $(PY)  ## the whole test suite on CPU
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
+test: | $(PY)  ## the whole test suite on CPU, in PYTEST_WORKERS processes
+	$(PY) -m pytest -q --durations=25 -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 quickstart: | $(PY)  ## the README quickstart: PatchCore on real ELPV cells with real ImageNet weights (under 2 min on 2 cores)
 	$(PY) -m adtrain method=patchcore data=elpv backbone=efficientnet_lite0   # = python -m adtrain (no arguments)

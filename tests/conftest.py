@@ -9,12 +9,19 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+# `make test` runs two pytest-xdist workers on 2 cores: one thread each (and in the runs they start), or
+# torch's, FAISS's and OpenMP's thread pools spin against each other and the suite runs slower than on one
+TEST_THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+if TEST_THREADS == "1":
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = TEST_THREADS
+import torch  # noqa: E402  (after the thread counts)
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(min(int(TEST_THREADS), os.cpu_count() or 1))
 # the image and feature caches (paths.cache_dir) of every test, and of the runs tests start, in a temp
 # folder removed at exit: tests never write to ~/.cache/adtrain
 _CACHE_DIR = tempfile.mkdtemp(prefix="adtrain-test-cache-")

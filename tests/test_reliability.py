@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from adtrain.errors import ConfigError, DataError
-from tests.conftest import FAST
+from tests.conftest import FAST, TEST_THREADS
 
 # small enough for seconds per epoch, large enough that an epoch outlasts the kill below
 KILL_FAST = [*FAST, "data.size=64", "trainer.max_epochs=4", "logger=csv", "output.heatmaps=0"]
@@ -38,7 +38,7 @@ COMPARED = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
 
 # ---------------------------------------------------------------------------------------- helpers
 def _env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS=TEST_THREADS)
 
 
 def _cli(*args, cwd, timeout=600):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_THREADS
 from tests.test_launchers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def wheel_venv(tmp_path_factory):
     work = tmp / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ADTRAIN_CONFIG_DIR")}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="2")
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS=TEST_THREADS)
     return {"wheel": wheel, "venv": venv, "work": work, "env": env}
 
 
