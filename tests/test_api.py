@@ -74,6 +74,17 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplo
         adtrain.compose(["method=no_such_method"])
 
 
+def test_fit_names_its_default_run_directory_absolutely(tmp_path, monkeypatch):
+    import adtrain
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr("adtrain.run.run", lambda cfg, run_dir: seen.append(run_dir) or {"method": "patchcore"})
+    run = adtrain.fit([*FAST, "method=patchcore"])
+    assert seen == [run.run_dir] and run.run_dir.is_absolute()
+    assert run.run_dir.parent == tmp_path / "outputs" / "patchcore" / "synthetic"
+
+
 def _fake_run(run_dir, *, finished=True):
     """A run directory's record (config.yaml, results.json or a continual task) around a model.ckpt
     that is no checkpoint: a test that reads it raises DataError, so a refusal must come first."""

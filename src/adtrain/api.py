@@ -155,7 +155,8 @@ def fit(cfg: DictConfig | Sequence[str] | None = None, run_dir: str | Path | Non
     """Fit cfg (a composed config, or overrides to compose) in run_dir: train, select on the
     validation set, fit the threshold, then test unless cfg.test=false; prints the results table.
 
-    run_dir defaults to outputs/<method>/<data>/<time>; a directory holding an earlier run is
+    run_dir defaults to outputs/<method>/<data>/<time> under the current folder (Run.run_dir is
+    absolute either way); a directory holding an earlier run is
     refused unless cfg.overwrite=true (or cfg.resume=true to continue it). A fit stopped by SIGTERM
     raises adtrain.errors.Terminated (Lightning's own exit would end a script with status 0)."""
     from adtrain.run import run
@@ -163,7 +164,8 @@ def fit(cfg: DictConfig | Sequence[str] | None = None, run_dir: str | Path | Non
     _quiet()
     if not isinstance(cfg, DictConfig):
         cfg = compose(list(cfg or []))
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    # absolute, as the CLI's: the table and Run.run_dir still name it after a notebook changes folder
+    run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(cfg)).absolute()
     return Run(run_dir, run(cfg, run_dir))
 
 
