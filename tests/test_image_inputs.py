@@ -315,3 +315,19 @@ def test_mask_encodings_read_as_defect_wherever_nonzero(tmp_path, kind):
     out = read_mask(tmp_path / "m.png", (16, 12))
     assert out.dtype == np.uint8 and set(np.unique(out)) == {0, 1}
     assert out.sum() == (30 if kind == "grey_edges" else 24)
+
+
+def test_float_images_read_over_0_1_or_0_255_and_others_are_refused_by_name(tmp_path):
+    """A 32-bit float TIFF (mode F): brightness 0..1 or 0..255 as stored; values outside 0..255 (a
+    thermal frame in kelvin) are refused naming the file, never clipped into a white image."""
+    ramp = np.linspace(0.0, 1.0, 48, dtype=np.float32).reshape(6, 8)
+    Image.fromarray(ramp).save(tmp_path / "unit.tif")
+    Image.fromarray(ramp * 200).save(tmp_path / "bytes.tif")
+    Image.fromarray(ramp * 20 + 290).save(tmp_path / "kelvin.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    assert np.array_equal(read_image(tmp_path / "unit.tif")[..., 1], np.round(ramp.astype(np.float64) * 255).astype(np.uint8))
+    assert np.array_equal(read_image(tmp_path / "bytes.tif")[..., 2], np.round(ramp.astype(np.float64) * 200).astype(np.uint8))
+    with pytest.raises(DataError, match="kelvin.tif.*float image with values from 290 to 310"):
+        read_image(tmp_path / "kelvin.tif")
+    with pytest.raises(DataError, match="frame 3.*not clipped"):
+        as_rgb(Image.open(tmp_path / "kelvin.tif"), "frame 3")

@@ -50,7 +50,8 @@ from adtrain.io import remove_dead_temps, temp_name
 log = logging.getLogger("adtrain")
 
 MODES = ("auto", "off")
-FORMAT = 2  # bump when the layout of an entry, or how a file is decoded, changes (2: EXIF orientation)
+FORMAT = 3  # bump when the layout of an entry, or how a file is decoded, changes (2: EXIF orientation;
+#            3: float images beyond 0..255 refused, where an entry of 2 holds them clipped)
 #: an entry another process used this recently is never evicted (it may be reading it now)
 RECENT_S = 600.0
 #: entry folders this process has opened: never evicted by it

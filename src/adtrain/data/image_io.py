@@ -47,16 +47,22 @@ def check_bit_depth(bit_depth, key: str = "data.bit_depth") -> int | None:
 
 def _to_uint8(arr: np.ndarray, mode: str, bit_depth: int | None = None) -> np.ndarray:
     """Scale a high bit depth or float single-channel array to uint8: 16-bit values over
-    0..2**bit_depth - 1 (bit_depth None: 16), larger values clipped."""
+    0..2**bit_depth - 1 (bit_depth None: 16), larger values clipped; float values over 0..1 when
+    none exceeds 1, else over 0..255, and a ValueError (read_image: a DataError naming the file)
+    when any lies outside 0..255, rather than a clipped image."""
     if arr.dtype == np.uint8:
         return arr
     top = float(2 ** (bit_depth or 16) - 1)
     if mode.startswith("I;16") or arr.dtype in (np.uint16, np.int16):  # I;16S: negative values are 0
         return np.round(np.clip(arr.astype(np.float64), 0, top) * (255.0 / top)).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
-        a = arr.astype(np.float64)
-        a = np.nan_to_num(a)
-        if a.size and a.max() <= 1.0:
+        a = np.nan_to_num(arr.astype(np.float64))
+        low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if low < 0.0 or high > 255.0:  # clipped, a thermal frame in kelvin would read all white
+            raise ValueError(f"a 32-bit float image with values from {low:.6g} to {high:.6g}: float images are "
+                             "read as brightness from 0 to 1 (or 0 to 255), not clipped to it; convert it to "
+                             "8- or 16-bit (16-bit: data.bit_depth) over a range fixed for the whole dataset")
+        if high <= 1.0:
             a = a * 255.0
         return np.clip(np.round(a), 0, 255).astype(np.uint8)
     # 32-bit integer ("I"): Pillow uses it for 16-bit data in some formats and versions (16-bit grey
