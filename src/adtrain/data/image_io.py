@@ -15,6 +15,17 @@ from adtrain.errors import ConfigError, DataError
 _READ_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
+class ValueRangeError(ValueError):
+    """Decoded, but its values cannot be read as brightness (a float image beyond 0..255)."""
+
+
+def read_error(where: str | Path, err: BaseException) -> DataError:
+    """The DataError for a file or image that could not be read: a decoder's own error by type and
+    message, adtrain's ValueRangeError by its message alone."""
+    why = str(err) if isinstance(err, ValueRangeError) else f"{type(err).__name__}: {err}"
+    return DataError(where, f"cannot read image: {why}")
+
+
 def _open(path: str | Path) -> Image.Image:
     """The file opened, its header read (not yet its pixels: ``_load``)."""
     try:
@@ -22,7 +33,7 @@ def _open(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise DataError(path, "cannot read image: file not found") from None
     except _READ_ERRORS as e:
-        raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
+        raise read_error(path, e) from None
 
 
 def _load(im: Image.Image, path: str | Path) -> Image.Image:
@@ -31,7 +42,7 @@ def _load(im: Image.Image, path: str | Path) -> Image.Image:
         im.load()
         return im
     except _READ_ERRORS as e:
-        raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
+        raise read_error(path, e) from None
 
 
 def check_bit_depth(bit_depth, key: str = "data.bit_depth") -> int | None:
@@ -48,7 +59,7 @@ def check_bit_depth(bit_depth, key: str = "data.bit_depth") -> int | None:
 def _to_uint8(arr: np.ndarray, mode: str, bit_depth: int | None = None) -> np.ndarray:
     """Scale a high bit depth or float single-channel array to uint8: 16-bit values over
     0..2**bit_depth - 1 (bit_depth None: 16), larger values clipped; float values over 0..1 when
-    none exceeds 1, else over 0..255, and a ValueError (read_image: a DataError naming the file)
+    none exceeds 1, else over 0..255, and a ValueRangeError (read_image: a DataError naming the file)
     when any lies outside 0..255, rather than a clipped image."""
     if arr.dtype == np.uint8:
         return arr
@@ -59,7 +70,7 @@ def _to_uint8(arr: np.ndarray, mode: str, bit_depth: int | None = None) -> np.nd
         a = np.nan_to_num(arr.astype(np.float64))
         low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         if low < 0.0 or high > 255.0:  # clipped, a thermal frame in kelvin would read all white
-            raise ValueError(f"a 32-bit float image with values from {low:.6g} to {high:.6g}: float images are "
+            raise ValueRangeError(f"a 32-bit float image with values from {low:.6g} to {high:.6g}: float images are "
                              "read as brightness from 0 to 1 (or 0 to 255), not clipped to it; convert it to "
                              "8- or 16-bit (16-bit: data.bit_depth) over a range fixed for the whole dataset")
         if high <= 1.0:
@@ -130,7 +141,7 @@ def _stored_tiff_rgb(path: str | Path) -> np.ndarray:
     try:
         arr = tifffile.imread(str(path), key=0)
     except Exception as e:  # tifffile raises its own types, and ValueError / KeyError for codecs it lacks
-        raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
+        raise read_error(path, e) from None
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):  # planar
         arr = np.moveaxis(arr, 0, 2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
@@ -154,7 +165,7 @@ def read_image(path: str | Path, bit_depth: int | None = None) -> np.ndarray:
             _load(im, path)
             return image_to_rgb(im, bit_depth, still_to_turn(im, turn))
         except _READ_ERRORS as e:
-            raise DataError(path, f"cannot read image: {type(e).__name__}: {e}") from None
+            raise read_error(path, e) from None
 
 
 def mask_from_array(arr: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ def as_rgb(image: Any, where: str, bit_depth: int | None = None) -> np.ndarray:
     ``bit_depth``-bit values: adtrain.data.image_io.image_to_rgb); DataError naming it otherwise."""
     from PIL import Image
 
-    from adtrain.data.image_io import _READ_ERRORS, image_to_rgb, read_image
+    from adtrain.data.image_io import _READ_ERRORS, image_to_rgb, read_error, read_image
 
     if isinstance(image, (str, Path)):
         return read_image(image, bit_depth)
@@ -35,7 +35,7 @@ def as_rgb(image: Any, where: str, bit_depth: int | None = None) -> np.ndarray:
         try:  # a lazily opened file is decoded here: a truncated one raises
             rgb = image_to_rgb(image, bit_depth)
         except _READ_ERRORS as e:
-            raise DataError(where, f"cannot read image: {type(e).__name__}: {e}") from None
+            raise read_error(where, e) from None
     elif isinstance(image, np.ndarray):
         rgb = _from_array(image, where)
     else:
