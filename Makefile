@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-PYTEST_WORKERS ?= 2  # pytest-xdist workers, one thread each (tests/conftest.py); 0 runs the suite in this process
+# pytest-xdist workers, one thread each (tests/conftest.py); 0 runs the suite in this process
+PYTEST_WORKERS ?= 2
 
 .PHONY: install lock test quickstart bench notebook clean
 

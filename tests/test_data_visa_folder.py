@@ -163,3 +163,27 @@ def test_folder_datasets_nested_in_each_other_keep_their_images_apart(tmp_path):
     assert sorted(s.mask_path.rsplit("/", 1)[1] for s in every if s.label == 1) == ["a.png", "b.png"]
     with pytest.raises(ConfigError, match="data.abnormal_dir"):
         FolderDataModule(normal_dir=str(root), abnormal_dir=str(root), **COMMON)
+
+
+def test_a_run_warns_when_its_images_are_stretched_far_out_of_shape(tmp_path, caplog):
+    """Line-scan strips (200x40) squeezed into a square input: warned, naming both shapes and the key;
+    an input of their shape, or VisA's 1.5:1 boards at a square input, are not."""
+    from adtrain.preflight import check_files, warn_stretched
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((40, 200, 3), 90, np.uint8)).save(good / f"{i}.png")
+    square = FolderDataModule(normal_dir=str(good), image_size=[32, 32], batch_size=4)
+    square.setup()
+    with caplog.at_level("WARNING", logger="adtrain"):
+        check_files(square, test=False)
+    assert "typically 200x40 (width/height 5)" in caplog.text and "stretched 5.0x" in caplog.text
+    assert "method.image_size=[32, 32]" in caplog.text
+    caplog.clear()
+    shaped = FolderDataModule(normal_dir=str(good), image_size=[16, 80], batch_size=4)
+    shaped.setup()
+    with caplog.at_level("WARNING", logger="adtrain"):
+        check_files(shaped, test=False)
+    assert "stretched" not in caplog.text
+    assert warn_stretched([(1500, 1000)] * 3 + [(300, 3000)], (256, 256)) == pytest.approx(1.5)  # the median shape

@@ -15,15 +15,19 @@ from tests.conftest import FAST_BASE, compose
 pytest.importorskip("onnxruntime")
 
 RTOL = 1e-4
-METHODS = {
+METHODS = {  # non-square inputs ([H, W]) for CFA, STFPM and HETMM (PatchCore's run is the square one that the
+    # raw-graph and resize-rule tests below feed at its own size; DFM's graph is counted at 64x64)
     "patchcore": ["method.coreset_ratio=0.25", "method.center_crop=[56,56]"],  # crop inside the graph
-    "cfa": ["trainer.limit_train_batches=1"],
-    "stfpm": ["trainer.limit_train_batches=1"],
+    "cfa": ["trainer.limit_train_batches=1", "method.image_size=[64,96]"],
+    "stfpm": ["trainer.limit_train_batches=1", "method.image_size=[96,64]"],
     "dfm": ["trainer.max_epochs=2", "method.rounds=1", "method.stage1_epochs=1", "method.stage2_epochs=1",
             "method.memory_size=32", "method.mem_chunk=8"],  # 4 memory chunks in the graph
-    "hetmm": ["method.chunk_size=4", "method.forward_windows=[3,3,3]", "method.backward_windows=[5,3,3]"],
+    "hetmm": ["method.chunk_size=4", "method.forward_windows=[3,3,3]", "method.backward_windows=[5,3,3]",
+              "method.image_size=[48,64]"],
     # two template chunks, batches above 4 split; small windows keep the unrolled graph small
 }
+#: the model's input (H, W) per method: the maps' size
+INPUT = {"patchcore": (56, 56), "cfa": (64, 96), "stfpm": (96, 64), "dfm": (64, 64), "hetmm": (48, 64)}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +85,7 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
     paths = _scores_csv(run_dir)[0]
     from_ckpt = Detector.load(ckpt, device="cpu", batch_size=4).predict(paths)
     _check_against_run(from_ckpt, run_dir)
+    assert from_ckpt.maps.shape[1:] == INPUT[method]
     formats = ["torchscript", "onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
     for fmt in formats:
         path = export(ckpt, fmt, out=tmp_path / f"model{FORMATS[fmt]}", batch=2)

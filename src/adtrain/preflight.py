@@ -337,13 +337,16 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
         raise DataError(path, f"not a readable image ({type(err).__name__}: {err})") from None
 
 
-def _problems(samples, with_masks: bool) -> list[DataError]:
+def _problems(samples, with_masks: bool, sizes: list | None = None) -> list[DataError]:
+    """The bad files among samples (``sizes``: each readable image's (W, H) appended)."""
     from adtrain.data.image_io import mask_files
 
     found = []
     for s in samples:
         try:
             size = header_size(s.path)
+            if sizes is not None:
+                sizes.append(size)
             if with_masks and s.mask_path is not None:
                 for mask in mask_files(s.mask_path):  # a file, or each file of a mask folder
                     msize = header_size(mask)
@@ -355,6 +358,28 @@ def _problems(samples, with_masks: bool) -> list[DataError]:
     return found
 
 
+#: the stretch (source aspect ratio over the input's, or its inverse) from which a run warns
+STRETCH_WARNING = 2.5
+
+
+def warn_stretched(sizes: list[tuple[int, int]], image_size, limit: float = STRETCH_WARNING) -> float:
+    """Warn when the training images' typical shape (the median width/height of ``sizes``, (W, H)
+    each) is stretched ``limit`` times or more along one side to reach ``image_size`` (H, W): a
+    line-scan strip squeezed into a square input loses what a defect looks like. Returns the stretch."""
+    ratios = sorted((w / h, (w, h)) for w, h in sizes if w > 0 and h > 0)
+    if not ratios or image_size is None:
+        return 1.0
+    ratio, (w, h) = ratios[len(ratios) // 2]
+    in_h, in_w = (int(v) for v in image_size)
+    stretch = max(ratio / (in_w / in_h), (in_w / in_h) / ratio)
+    if stretch >= limit:
+        log.warning("the training images are typically %dx%d (width/height %.3g) and the model's input %dx%d "
+                    "(method.image_size=[%d, %d], width/height %.3g): each is stretched %.1fx along one side. "
+                    "A method.image_size=[H, W] of about their shape keeps it (every method takes a non-square "
+                    "size), or cut them into tiles first", w, h, ratio, in_w, in_h, in_h, in_w, in_w / in_h, stretch)
+    return stretch
+
+
 def check_files(dm, test: bool = True) -> None:
     """Headers, sizes and emptiness of every training, held-out and (test=true) test file of dm.
 
@@ -364,7 +389,9 @@ def check_files(dm, test: bool = True) -> None:
 
     if not reads_files(dm.sample_loader()):
         return
-    found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False)
+    sizes: list[tuple[int, int]] = []
+    found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False, sizes=sizes)
+    warn_stretched(sizes, getattr(dm, "image_size", None))
     if test:
         found += _problems(dm._test_samples(), with_masks=True)
         regions = dm.spro_regions()  # MVTec LOCO AD's defects_config.json files (AU-sPRO)
