@@ -440,8 +440,9 @@ def test_optuna_search_optimises_validation_without_opening_the_test_set(tmp_pat
 
 def test_a_stopped_sweep_resumes_keeping_finished_jobs(tmp_path):
     """`-m ... resume=true` (what the refusal of an earlier sweep's folder offers): a finished job
-    is kept as it is (its objective read back, nothing run), a begun one resumes from its
-    last.ckpt, one that never began runs; the summary holds all three. Another sweep's job in a
+    is kept as it is (its objective read back, nothing run), a begun one (here: finished, but its
+    results.json damaged, moved aside) resumes from its checkpoints, one that never began runs; the
+    summary holds all three. Another sweep's job in a
     folder (a changed swept value) is refused, not mixed in."""
     from tests.conftest import FAST
 
@@ -458,7 +459,7 @@ def test_a_stopped_sweep_resumes_keeping_finished_jobs(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     first = {i: json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3)}
     kept_at = (sweep / "0" / "results.json").stat().st_mtime_ns
-    (sweep / "1" / "results.json").unlink()  # begun: stopped after its fit
+    (sweep / "1" / "results.json").write_text('{"image_auroc": 0.9')  # a damaged copy: begun, stopped after its fit
     for p in (sweep / "2").iterdir():  # never begun: Hydra's record alone
         if p.name != ".hydra":
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -469,6 +470,8 @@ def test_a_stopped_sweep_resumes_keeping_finished_jobs(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == kept_at
     assert not list(sweep.glob("*/error.txt"))
+    assert "results.json cannot be read (not JSON" in p.stdout + p.stderr  # said, and kept to be looked at
+    assert (sweep / "1" / "results.damaged.json").read_text() == '{"image_auroc": 0.9'
     for i in range(3):
         again = json.loads((sweep / str(i) / "results.json").read_text())
         assert again["val_normal_score"] == pytest.approx(first[i]["val_normal_score"], rel=1e-6), i
@@ -520,3 +523,29 @@ def test_an_overwritten_sweep_summarises_only_its_own_jobs(tmp_path):
     assert [(r["job"], r["seed"]) for r in rows] == [("0", "5")]
     assert not (sweep / "1").exists()
     assert "Mean ± std" not in (sweep / "summary.md").read_text()  # one seed: nothing averaged with a stale job
+
+
+def test_a_resumed_sweep_job_with_a_damaged_record(tmp_path):
+    """adtrain.resume.sweep_job on a finished job's folder: an unreadable results.json is moved aside and
+    the job resumes (its fit is on disk); an unreadable config.yaml (is it this very job?) is refused
+    naming the file and the way to run that job alone again, with the damaged files left as they were."""
+    from adtrain.resume import DAMAGED_RESULTS, sweep_job
+    from tests.conftest import FAST, compose
+
+    cfg = compose(*FAST, "method=patchcore", "resume=true")
+    job = tmp_path / "3"
+    job.mkdir()
+    OmegaConf.save(cfg, job / "config.yaml")
+    (job / "results.json").write_text("[1, 2]")  # valid JSON, not a run's results
+    done, resumed = sweep_job(cfg, job, keys=["method"])
+    assert done is None and resumed.resume is True and resumed.method.coreset_ratio == cfg.method.coreset_ratio
+    assert (job / DAMAGED_RESULTS).read_text() == "[1, 2]" and not (job / "results.json").exists()
+
+    (job / "results.json").write_text('{"image_auroc": 0.5}')
+    (job / "config.yaml").write_text("method: [unclosed")
+    with pytest.raises(ConfigError, match=r"config.yaml of a finished job cannot be read \(.*move .*3 away") as err:
+        sweep_job(cfg, job, keys=["method"])
+    assert err.value.key == "resume" and "overwrite=true" in str(err.value)
+    assert (job / "results.json").read_text() == '{"image_auroc": 0.5}'
+    (job / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # readable again: finished, its results kept
+    assert sweep_job(cfg, job, keys=["method"]) == ({"image_auroc": 0.5}, cfg)

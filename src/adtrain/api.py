@@ -62,19 +62,24 @@ def default_run_dir(cfg: DictConfig) -> Path:
 def read_results(path: str | Path) -> dict:
     """A run's results.json as a dict; a DataError naming the file where it cannot be read (empty,
     cut short, not JSON, not an object), not a bare JSONDecodeError from inside the reader."""
-    path = Path(path)
+    results, why = results_or_why(path)
+    if results is None:
+        raise DataError(path, f"unreadable results.json ({why}); a run killed while writing it, or a damaged "
+                        "copy? rerun it with overwrite=true")
+    return results
+
+
+def results_or_why(path: str | Path) -> tuple[dict | None, str]:
+    """(a run's results.json as a dict, "") or (None, why it cannot be read)."""
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        why = "empty" if not err.doc.strip() else f"not JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        return None, "empty" if not err.doc.strip() else f"not JSON: {err.msg} at line {err.lineno} column {err.colno}"
     except (OSError, ValueError) as err:  # unreadable, or bytes that are no UTF-8 text
-        why = f"{type(err).__name__}: {err}"
-    else:
-        if isinstance(results, dict):
-            return results
-        why = f"holds a JSON {type(results).__name__}, not a run's results"
-    raise DataError(path, f"unreadable results.json ({why}); a run killed while writing it, or a damaged copy? "
-                    "rerun it with overwrite=true")
+        return None, f"{type(err).__name__}: {err}"
+    if isinstance(results, dict):
+        return results, ""
+    return None, f"holds a JSON {type(results).__name__}, not a run's results"
 
 
 @dataclass

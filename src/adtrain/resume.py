@@ -138,6 +138,10 @@ def resumed_config(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None
     return OmegaConf.create(merged)
 
 
+#: where a sweep job's unreadable results.json is moved when the sweep is resumed (kept to be looked at)
+DAMAGED_RESULTS = "results.damaged.json"
+
+
 def sweep_job(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> tuple[dict | None, DictConfig]:
     """A job of a multirun sweep started again with resume=true: (results, cfg).
 
@@ -145,8 +149,12 @@ def sweep_job(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> 
     equal, run-time settings aside; another job's folder is refused, as a resumed run is). Begun
     (config.yaml or last.ckpt): (None, its resumed config). Never begun (Hydra's .hydra/ alone, or
     an attempt that failed before its config was written): (None, cfg with resume=false), a fresh
-    job. So a sweep that stopped part way is run again with its command plus resume=true."""
-    import json
+    job. So a sweep that stopped part way is run again with its command plus resume=true. A finished
+    job whose results.json cannot be read (a damaged copy) is begun: that file is moved aside
+    (DAMAGED_RESULTS) and the job resumes, tested again from its fitted model."""
+    import os
+
+    from adtrain.api import results_or_why
 
     run_dir = Path(run_dir)
     results = run_dir / "results.json"
@@ -154,15 +162,22 @@ def sweep_job(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> 
         path = run_dir / "config.yaml"
         try:
             stored = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-            done = json.loads(results.read_text())
-        except Exception as err:  # noqa: BLE001 - any unreadable record: run the job again
-            raise ConfigError("resume", f"{run_dir} holds a finished job whose record cannot be read "
-                              f"({type(err).__name__}: {err}); overwrite=true runs the sweep again") from None
-        if not isinstance(stored, dict) or not isinstance(done, dict):
-            raise ConfigError("resume", f"{run_dir}: config.yaml / results.json are not a run's record; "
-                              "overwrite=true runs the sweep again")
+        except Exception as err:  # noqa: BLE001 - any unreadable record
+            stored = err
+        if not isinstance(stored, dict):
+            why = (f"{type(stored).__name__}: {' '.join(str(stored).split())}"  # a YAML error's lines, on one
+                   if isinstance(stored, Exception) else "not a run config")
+            raise ConfigError("resume", f"{path} of a finished job cannot be read ({why}), so whether the "
+                              f"folder holds this very job is not known; move {run_dir} away and resume again "
+                              "(that job alone runs again), or overwrite=true runs the whole sweep again")
         _another_job(run_dir, stored, cfg, keys)
-        return done, cfg
+        done, why = results_or_why(results)
+        if done is not None:
+            return done, cfg
+        aside = run_dir / DAMAGED_RESULTS  # its fit is on disk: tested again from it, not refused
+        os.replace(results, aside)
+        log.warning("%s cannot be read (%s): moved to %s; the job resumes from its checkpoints", results, why,
+                    aside.name)
     if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints" / "last.ckpt").exists():
         stored = stored_config(run_dir)  # read once (without config.yaml: from last.ckpt)
         _another_job(run_dir, stored, cfg, keys)  # begun: refused as a finished job is
