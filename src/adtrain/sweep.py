@@ -304,6 +304,20 @@ def job_folders(sweep_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+def single_runs(folders: list[Path]) -> list[Path]:
+    """The folders among these that Hydra's record says a single run made (hydra.mode: RUN), not a
+    sweep's job (MULTIRUN); a folder without a readable record is not counted."""
+    found = []
+    for folder in folders:
+        try:
+            mode = OmegaConf.select(OmegaConf.load(Path(folder) / ".hydra" / "hydra.yaml"), "hydra.mode")
+        except Exception:  # noqa: BLE001 - no record, or an unreadable one: not known to be a single run
+            continue
+        if str(mode) == "RUN":
+            found.append(Path(folder))
+    return found
+
+
 def _flag(config: DictConfig, key: str) -> bool:
     """A true/false key read before any job checks it (preflight.check_flags): overwrite=off, a
     string Python reads as true, must not delete an earlier sweep's jobs."""
@@ -320,6 +334,11 @@ def clear_earlier(sweep_dir: Path, jobs: list[Path]) -> None:
     going in one stops the sweep with nothing deleted."""
     from adtrain import rundir
 
+    single = single_runs(jobs)
+    if single:  # a folder of runs used as the sweep's: overwrite=true is not an order to delete them
+        raise ConfigError("hydra.sweep.dir", f"overwrite=true deletes an earlier sweep's jobs, but {sweep_dir} also "
+                          f"holds {len(single)} single run(s) (e.g. {single[0]}: its .hydra/hydra.yaml says "
+                          "hydra.mode RUN); nothing was deleted: choose another hydra.sweep.dir")
     with contextlib.ExitStack() as held:
         for job in jobs:
             try:
