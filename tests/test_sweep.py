@@ -145,10 +145,11 @@ def test_overwrite_deletes_the_earlier_sweeps_jobs_before_the_first_job(tmp_path
     assert "trainer.max_epochs" not in rows[0]  # one value in this sweep: no swept column
 
 
-def test_overwrite_refuses_a_folder_that_also_holds_single_runs(tmp_path, capsys):
+def test_a_sweep_folder_that_also_holds_single_runs_is_refused(tmp_path, capsys):
     """hydra.sweep.dir=outputs overwrite=true, outputs/ holding the user's single runs beside an earlier
-    sweep's jobs: every folder with a .hydra/ record went. Hydra's record says which made each folder
-    (hydra.mode RUN or MULTIRUN): the sweep stops naming one, nothing deleted."""
+    sweep's jobs: every folder with a .hydra/ record went (with resume=true they were summarised as the
+    sweep's jobs). Hydra's record says which made each folder (hydra.mode RUN or MULTIRUN): the sweep
+    stops naming one, nothing changed, whatever the flags."""
     sweep = tmp_path / "outputs"
     base = {"method": "patchcore", "data": "synthetic", "category": "texture", "backbone": "resnet18"}
     for num in (0, 1):
@@ -158,14 +159,19 @@ def test_overwrite_refuses_a_folder_that_also_holds_single_runs(tmp_path, capsys
     _job(single.parent, single.name, ["method=patchcore"], {**base, "seed": 0, "image_auroc": 0.9})
     OmegaConf.save(OmegaConf.create({"hydra": {"mode": "RUN", "run": {"dir": "${now:%H}"}}}),
                    single / ".hydra" / "hydra.yaml")
-    cfg = OmegaConf.create({"optimized_metric": None, "overwrite": True, "hydra": {"sweep": {"dir": str(sweep)}}})
-    with pytest.raises(SystemExit) as ex:
-        SweepSummary().on_multirun_start(cfg)
-    said = capsys.readouterr().err
-    assert ex.value.code == 2 and "'hydra.sweep.dir'" in said and "1 single run(s)" in said and str(single) in said
-    assert len(list(sweep.glob("**/results.json"))) == 3  # nothing deleted
+
+    def cfg(**flags):
+        return OmegaConf.create({"optimized_metric": None, **flags, "hydra": {"sweep": {"dir": str(sweep)}}})
+
+    for flags in ({"overwrite": True}, {"resume": True}, {}):  # deleted; summarised as the sweep's; offered both
+        with pytest.raises(SystemExit) as ex:
+            SweepSummary().on_multirun_start(cfg(**flags))
+        said = capsys.readouterr().err
+        assert ex.value.code == 2 and "'hydra.sweep.dir'" in said and "1 single run(s)" in said, flags
+        assert str(single) in said and "overwrite=true / resume=true" not in said
+        assert len(list(sweep.glob("**/results.json"))) == 3 and not list(sweep.glob("**/.hydra-before-resume"))
     shutil.rmtree(sweep / "2026-12-01")
-    SweepSummary().on_multirun_start(cfg)  # a sweep's jobs alone: deleted as before
+    SweepSummary().on_multirun_start(cfg(overwrite=True))  # a sweep's jobs alone: deleted as before
     assert not sweep.exists() or not any(sweep.iterdir())
 
 

@@ -334,11 +334,6 @@ def clear_earlier(sweep_dir: Path, jobs: list[Path]) -> None:
     going in one stops the sweep with nothing deleted."""
     from adtrain import rundir
 
-    single = single_runs(jobs)
-    if single:  # a folder of runs used as the sweep's: overwrite=true is not an order to delete them
-        raise ConfigError("hydra.sweep.dir", f"overwrite=true deletes an earlier sweep's jobs, but {sweep_dir} also "
-                          f"holds {len(single)} single run(s) (e.g. {single[0]}: its .hydra/hydra.yaml says "
-                          "hydra.mode RUN); nothing was deleted: choose another hydra.sweep.dir")
     with contextlib.ExitStack() as held:
         for job in jobs:
             try:
@@ -389,6 +384,12 @@ def prepare_sweep_dir(config: DictConfig) -> None:
     sweep_dir = Path(str(where)) if where else None
     earlier = sorted(p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")) if sweep_dir else []
     overwrite, resume = _flag(config, "overwrite"), _flag(config, "resume")
+    single = single_runs(job_folders(sweep_dir)) if earlier else []
+    if single:  # a folder of runs used as the sweep's (hydra.sweep.dir=outputs): summarised as its jobs, or deleted
+        raise ConfigError("hydra.sweep.dir", f"{sweep_dir} holds {len(single)} single run(s) (e.g. {single[0]}: its "
+                          ".hydra/hydra.yaml says hydra.mode RUN), not only a sweep's jobs: a sweep would summarise "
+                          "them as its own, and overwrite=true delete them; nothing was changed: choose another "
+                          "hydra.sweep.dir")
     if earlier and not (overwrite or resume):
         raise ConfigError("hydra.sweep.dir", f"{sweep_dir} holds {len(earlier)} job(s) of an earlier sweep; "
                           "choose another hydra.sweep.dir, or overwrite=true / resume=true")
