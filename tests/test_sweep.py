@@ -147,9 +147,10 @@ def test_overwrite_deletes_the_earlier_sweeps_jobs_before_the_first_job(tmp_path
 
 def test_a_sweep_folder_that_also_holds_single_runs_is_refused(tmp_path, capsys):
     """hydra.sweep.dir=outputs overwrite=true, outputs/ holding the user's single runs beside an earlier
-    sweep's jobs: every folder with a .hydra/ record went (with resume=true they were summarised as the
-    sweep's jobs). Hydra's record says which made each folder (hydra.mode RUN or MULTIRUN): the sweep
-    stops naming one, nothing changed, whatever the flags."""
+    sweep's jobs: every folder with a .hydra/ record went. Hydra's record says which made each folder
+    (hydra.mode RUN or MULTIRUN): the sweep stops naming one, nothing deleted; without a flag the
+    refusal no longer offers overwrite=true. (resume=true goes on: one job run again alone into its
+    folder is a single run there.)"""
     sweep = tmp_path / "outputs"
     base = {"method": "patchcore", "data": "synthetic", "category": "texture", "backbone": "resnet18"}
     for num in (0, 1):
@@ -163,13 +164,13 @@ def test_a_sweep_folder_that_also_holds_single_runs_is_refused(tmp_path, capsys)
     def cfg(**flags):
         return OmegaConf.create({"optimized_metric": None, **flags, "hydra": {"sweep": {"dir": str(sweep)}}})
 
-    for flags in ({"overwrite": True}, {"resume": True}, {}):  # deleted; summarised as the sweep's; offered both
+    for flags in ({"overwrite": True}, {}):  # deleted; the refusal offered overwrite=true
         with pytest.raises(SystemExit) as ex:
             SweepSummary().on_multirun_start(cfg(**flags))
         said = capsys.readouterr().err
         assert ex.value.code == 2 and "'hydra.sweep.dir'" in said and "1 single run(s)" in said, flags
         assert str(single) in said and "overwrite=true / resume=true" not in said
-        assert len(list(sweep.glob("**/results.json"))) == 3 and not list(sweep.glob("**/.hydra-before-resume"))
+        assert len(list(sweep.glob("**/results.json"))) == 3
     shutil.rmtree(sweep / "2026-12-01")
     SweepSummary().on_multirun_start(cfg(overwrite=True))  # a sweep's jobs alone: deleted as before
     assert not sweep.exists() or not any(sweep.iterdir())

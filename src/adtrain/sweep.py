@@ -384,15 +384,18 @@ def prepare_sweep_dir(config: DictConfig) -> None:
     sweep_dir = Path(str(where)) if where else None
     earlier = sorted(p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")) if sweep_dir else []
     overwrite, resume = _flag(config, "overwrite"), _flag(config, "resume")
-    single = single_runs(job_folders(sweep_dir)) if earlier else []
-    if single:  # a folder of runs used as the sweep's (hydra.sweep.dir=outputs): summarised as its jobs, or deleted
-        raise ConfigError("hydra.sweep.dir", f"{sweep_dir} holds {len(single)} single run(s) (e.g. {single[0]}: its "
-                          ".hydra/hydra.yaml says hydra.mode RUN), not only a sweep's jobs: a sweep would summarise "
-                          "them as its own, and overwrite=true delete them; nothing was changed: choose another "
+    # a folder of runs used as the sweep's (hydra.sweep.dir=outputs); resume=true may meet one job run again alone
+    single = single_runs(job_folders(sweep_dir)) if earlier and not resume else []
+    singles = (f"{len(single)} single run(s) (e.g. {single[0]}: its .hydra/hydra.yaml says hydra.mode RUN)"
+               if single else "")
+    if single and overwrite:
+        raise ConfigError("hydra.sweep.dir", f"overwrite=true deletes an earlier sweep's jobs, but {sweep_dir} also "
+                          f"holds {singles}; nothing was deleted: move them out of it first, or choose another "
                           "hydra.sweep.dir")
     if earlier and not (overwrite or resume):
-        raise ConfigError("hydra.sweep.dir", f"{sweep_dir} holds {len(earlier)} job(s) of an earlier sweep; "
-                          "choose another hydra.sweep.dir, or overwrite=true / resume=true")
+        raise ConfigError("hydra.sweep.dir", f"{sweep_dir} holds {len(earlier)} job(s) of an earlier sweep"
+                          + (f", {singles} among them: choose another hydra.sweep.dir" if single else
+                             "; choose another hydra.sweep.dir, or overwrite=true / resume=true"))
     if earlier and resume and not overwrite:
         check_sampler_repeats(config)
         keep_records(earlier)  # a job that turns out to be another sweep's gets its record back
