@@ -156,7 +156,7 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
     thr_info = {"threshold": None}
     if has_val:
         with trainer.precision_plugin.forward_context():
-            thr_info = method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile)
+            thr_info = fit_threshold(cfg, method, dm)
     else:
         log.warning("No held-out normals (data.val_split=%s of %d training normals holds out none): no decision "
                     "threshold is fitted, so this run's figures are threshold-free (AUROC, AP) and adtrain.predict "
@@ -177,6 +177,13 @@ def fit_and_select(cfg: DictConfig, run_dir: Path, dm, method, logger=None,
         "nested_cache": nested_cache,
     }
     return trainer, info
+
+
+def fit_threshold(cfg: DictConfig, method, dm) -> dict:
+    """The method's decision threshold on dm's held-out normals (threshold.quantile), or, with
+    threshold.mode=val_f1, on its whole validation set (held-out normals and their synthetic anomalies)."""
+    f1 = dm.val_dataloader() if cfg.threshold.get("mode", "quantile") == "val_f1" else None
+    return method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile, f1_dataloader=f1)
 
 
 def cache_states(dm, feature_cache, nested_cache=None) -> dict:
@@ -364,7 +371,7 @@ def _test_start(cfg: DictConfig, trainer, method, dm, run_dir: Path) -> dict | N
     method.load_state_dict(read_checkpoint(start)["state_dict"])
     method.to(trainer.strategy.root_device)
     with trainer.precision_plugin.forward_context():
-        method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile)
+        fit_threshold(cfg, method, dm)
     tested = evaluate_method(cfg, trainer, method, dm, None)
     method.load_state_dict(kept)
     return {k: tested[k] for k in METRIC_KEYS}

@@ -215,8 +215,7 @@ def _check_callbacks(cfg: DictConfig) -> None:
                 raise ConfigError(f"callbacks.{name}.monitor", f"{monitor!r} is not a validation figure; one of "
                                   f"{', '.join(logged)}")
             val = (cfg.get("data") or {}).get("val_anomalies")
-            families = [] if not val else [val.get("families")] if isinstance(val.get("families"), str) \
-                else list(val.get("families") or [])
+            families = _val_families(val)
             if "normal_" not in monitor and not (families and val.get("per_normal", 1)):
                 raise ConfigError(f"callbacks.{name}.monitor", f"{monitor} needs validation anomalies, and "
                                   "data.val_anomalies makes none: monitor val/normal_score or val/normal_map_mean")
@@ -224,6 +223,38 @@ def _check_callbacks(cfg: DictConfig) -> None:
             if family and family not in families:
                 raise ConfigError(f"callbacks.{name}.monitor", f"{monitor} needs {family} in "
                                   f"data.val_anomalies.families (now {families})")
+
+
+def _val_families(val) -> list[str]:
+    """The synthetic anomaly families data.val_anomalies makes (none where it is null)."""
+    if not val:
+        return []
+    families = val.get("families")
+    return [families] if isinstance(families, str) else list(families or [])
+
+
+def _check_threshold(cfg: DictConfig) -> None:
+    """threshold.quantile in [0, 1]; threshold.mode one of MODES, val_f1 only with synthetic
+    validation anomalies and in a single-task run."""
+    from adtrain.methods.val_threshold import MODES
+
+    threshold = cfg.get("threshold") or {}
+    q = threshold.get("quantile", 0.99)
+    if not 0.0 <= _number(q, "threshold.quantile") <= 1.0:
+        raise ConfigError("threshold.quantile", f"must be in [0, 1], got {q}")
+    mode = threshold.get("mode", "quantile")
+    if mode not in MODES:
+        raise ConfigError("threshold.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "val_f1":
+        val = (cfg.get("data") or {}).get("val_anomalies")
+        if not (_val_families(val) and val.get("per_normal", 1)):
+            raise ConfigError("threshold.mode", "val_f1 needs synthetic anomalies in the validation set, and "
+                              "data.val_anomalies makes none: set it (families, per_normal > 0) or use "
+                              "threshold.mode=quantile")
+        schedule = cfg.get("schedule") or {}
+        if schedule.get("tasks"):
+            raise ConfigError("threshold.mode", "val_f1 is for single-task runs: a continual schedule fits its "
+                              "routed and seen-task thresholds on held-out normals (threshold.mode=quantile)")
 
 
 def _check_normalisation(backbone) -> None:
@@ -244,9 +275,7 @@ def _check_normalisation(backbone) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Config values that would otherwise fail only after training (or never end)."""
     check_flags(cfg)
-    q = (cfg.get("threshold") or {}).get("quantile", 0.99)
-    if not 0.0 <= _number(q, "threshold.quantile") <= 1.0:
-        raise ConfigError("threshold.quantile", f"must be in [0, 1], got {q}")
+    _check_threshold(cfg)
     trainer = cfg.get("trainer") or {}
     epochs = trainer.get("max_epochs")
     if "max_epochs" in trainer:

@@ -283,10 +283,13 @@ class AnomalyModule(LightningModule):
 
     # ----------------------------------------------------------------- thresholds
     @torch.no_grad()
-    def fit_threshold(self, dataloader, quantile: float = 0.99, max_pixels: int = 2_000_000) -> dict:
+    def fit_threshold(self, dataloader, quantile: float = 0.99, max_pixels: int = 2_000_000,
+                      f1_dataloader=None) -> dict:
         """Image threshold and display normalisation from held-out normal images; the pixel
         threshold (decision masks: adtrain.inference.map_files) is the same quantile of their maps'
-        maxima, on the maps' own scale (an image score need not be a map's maximum)."""
+        maxima, on the maps' own scale (an image score need not be a map's maximum). f1_dataloader
+        (threshold.mode=val_f1): the image threshold is instead the largest F1's on that validation
+        set (adtrain.methods.val_threshold); the centres and the pixel threshold stay as above."""
         self.eval()
         scores, pixels, peaks = [], [], []
         per_batch = max(1, max_pixels // max(1, len(dataloader)))
@@ -305,13 +308,17 @@ class AnomalyModule(LightningModule):
         self.score_center.fill_(float(torch.quantile(s, 0.5)))
         self.map_center.fill_(float(torch.quantile(torch.cat(pixels).double(), 0.5)))
         self.pixel_threshold.fill_(float(torch.quantile(torch.cat(peaks).double(), quantile)))
-        return {
-            "threshold": float(self.threshold),
-            "threshold_quantile": quantile,
-            "normal_score_median": float(self.score_center),
-            "pixel_threshold": float(self.pixel_threshold),
-            "num_threshold_images": int(s.numel()),
-        }
+        info = {"threshold": float(self.threshold), "threshold_mode": "quantile", "threshold_quantile": quantile,
+                "normal_score_median": float(self.score_center), "pixel_threshold": float(self.pixel_threshold),
+                "num_threshold_images": int(s.numel())}
+        if f1_dataloader is not None:
+            from adtrain.methods.val_threshold import val_f1_threshold
+
+            f1 = val_f1_threshold(self, f1_dataloader)
+            if f1["threshold"] is not None:
+                self.threshold.fill_(f1["threshold"])
+                info.update(f1, threshold_mode="val_f1", quantile_threshold=info["threshold"])
+        return info
 
     def normalize(self, values: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         """0 at the normal median, 0.5 at the threshold (linear); no threshold -> raw values."""

@@ -43,6 +43,25 @@ def f1_max(scores, labels) -> float | None:
     return f1max_from_counts(*grouped_counts(scores, labels))
 
 
+def f1_max_threshold(scores, labels) -> tuple[float, float] | None:
+    """(threshold, F1) of the largest F1 over all cuts, as a float32 threshold that decides
+    "anomalous if score > threshold" (what adtrain's decisions do): midway between the lowest score the
+    best cut flags and the next lower score (just below that score where it is the lowest). Of equal
+    F1s the cut flagging the fewest images wins. None without anomalous samples."""
+    s = np.unique(to_numpy(scores).reshape(-1).astype(np.float32))
+    pos, neg = grouped_counts(to_numpy(scores).reshape(-1).astype(np.float32), labels)
+    tp, fp = np.cumsum(pos[::-1]), np.cumsum(neg[::-1])  # flagging the top k + 1 distinct scores
+    if tp.size == 0 or tp[-1] <= 0:
+        return None
+    f1 = 2.0 * tp / (tp + fp + tp[-1])
+    g = s.size - 1 - int(np.argmax(f1))  # ascending index of the lowest flagged score
+    low = np.float32(s[g])
+    cut = np.float32((np.float64(s[g - 1]) + np.float64(low)) / 2.0) if g > 0 else low
+    if cut >= low:  # adjacent float32 values, or the lowest score: the largest float32 below it
+        cut = np.nextafter(low, np.float32(-np.inf))
+    return float(cut), float(np.max(f1))
+
+
 def image_metrics(scores, labels) -> dict[str, float | None]:
     """image_auroc, image_ap, image_f1max from image scores and 0/1 labels."""
     pos, neg = grouped_counts(scores, labels)

@@ -1,0 +1,98 @@
+"""threshold.mode=val_f1: the image threshold of the largest F1 on the validation set (held-out
+normals and their synthetic anomalies), never on the test set (adtrain.methods.val_threshold)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adtrain.errors import ConfigError
+from adtrain.metrics.image import f1_max, f1_max_threshold
+from tests.test_test_path import _batches, _Method
+
+
+def _f1_at(cut: float, scores: np.ndarray, labels: np.ndarray) -> float:
+    flagged = scores.astype(np.float32) > np.float32(cut)  # adtrain's decision: score > threshold
+    tp = int((flagged & (labels == 1)).sum())
+    return 2 * tp / (int(flagged.sum()) + int(labels.sum()))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_deciding_above_the_threshold_gives_the_largest_f1(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    labels = (rng.random(n) < 0.4).astype(np.int64)
+    labels[0] = 1
+    scores = np.round(rng.normal(size=n) + labels, 1)  # rounded: many ties
+    cut, f1 = f1_max_threshold(scores, labels)
+    assert f1 == pytest.approx(f1_max(scores, labels)) and _f1_at(cut, scores, labels) == pytest.approx(f1)
+    best = [t for t in np.unique(scores.astype(np.float32)) if _f1_at(t - 1e-3, scores, labels) == pytest.approx(f1)]
+    assert (scores.astype(np.float32) > cut).sum() == min((scores.astype(np.float32) >= t).sum() for t in best)
+
+
+def test_the_threshold_at_the_edges_of_float32():
+    low = np.float32(1.0)
+    high = np.nextafter(low, np.float32(2))  # adjacent float32 values: no midpoint between them
+    cut, f1 = f1_max_threshold(np.array([low, high], np.float32), np.array([0, 1]))
+    assert f1 == 1.0 and low <= np.float32(cut) < high
+    cut, f1 = f1_max_threshold(np.array([3.0, 3.0, 5.0]), np.array([1, 1, 1]))  # all anomalous: flag all
+    assert f1 == 1.0 and np.float32(cut) < 3.0 and np.float32(cut) == np.nextafter(np.float32(3), np.float32(0))
+    assert f1_max_threshold(np.array([1.0, 2.0]), np.array([0, 0])) is None
+
+
+def test_fit_threshold_takes_the_f1_cut_of_the_validation_set_and_keeps_the_centres():
+    method = _Method().eval()
+    normals = [{"image": b["image"]} for b in _batches(2, seed=1)]
+    val = _batches(3, seed=2)
+    quantile = method.fit_threshold(normals, 0.99)
+    centre, pixel = float(method.score_center), float(method.pixel_threshold)
+    info = method.fit_threshold(normals, 0.99, f1_dataloader=val)
+    scores = torch.cat([method.anomaly_output(b["image"]).pred_score for b in val]).numpy()
+    labels = torch.cat([b["label"] for b in val]).numpy()
+    assert info["threshold_mode"] == "val_f1" and info["quantile_threshold"] == quantile["threshold"]
+    assert info["threshold"] == float(method.threshold) == f1_max_threshold(scores, labels)[0]
+    assert info["threshold_val_f1"] == pytest.approx(f1_max(scores, labels))
+    assert info["num_threshold_anomalies"] == int(labels.sum()) and info["num_threshold_normals"] == labels.size - labels.sum()
+    assert float(method.score_center) == centre and float(method.pixel_threshold) == pixel  # normals' as before
+    no_anomaly = [{**b, "label": torch.zeros_like(b["label"])} for b in val]
+    kept = method.fit_threshold(normals, 0.99, f1_dataloader=no_anomaly)  # nothing to take an F1 of: the quantile
+    assert kept["threshold_mode"] == "quantile" and kept["threshold"] == quantile["threshold"]
+
+
+def test_val_f1_is_checked_before_training(fast_cfg):
+    from adtrain.preflight import check_config
+
+    check_config(fast_cfg("threshold.mode=val_f1"))
+    for overrides, said in ((["threshold.mode=f1"], "must be one of quantile, val_f1"),
+                            (["threshold.mode=val_f1", "data.val_anomalies=null"], "makes none"),
+                            (["threshold.mode=val_f1", "schedule=synthetic_3"], "single-task runs")):
+        with pytest.raises(ConfigError, match=said) as err:
+            check_config(fast_cfg(*overrides))
+        assert err.value.key == "threshold.mode"
+
+
+def test_a_run_decides_at_the_validation_sets_f1_cut(fast_cfg, tmp_path, monkeypatch):
+    """End to end (PatchCore): the threshold is the F1 cut of the validation items' scores, which are
+    the held-out normals and their synthetic anomalies (not a test image), and scores.csv decides with it."""
+    import adtrain.methods.val_threshold as vt
+    from adtrain.run import run
+
+    seen = {}
+
+    def recording(scores, labels):
+        seen["scores"], seen["labels"] = np.array(scores), np.array(labels)
+        return f1_max_threshold(scores, labels)
+
+    monkeypatch.setattr(vt, "f1_max_threshold", recording)
+    run(fast_cfg("method=patchcore", "threshold.mode=val_f1", "output.heatmaps=0"), tmp_path / "run")
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["threshold_mode"] == "val_f1" and res["threshold"] == f1_max_threshold(seen["scores"], seen["labels"])[0]
+    assert res["num_threshold_anomalies"] == int(seen["labels"].sum()) > 0
+    assert res["num_threshold_normals"] == res["num_threshold_images"]  # the held-out normals, and them alone
+    assert res["threshold"] != res["quantile_threshold"]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "scores.csv")))
+    assert rows and all(int(r["prediction"]) == int(np.float32(r["score"]) > np.float32(res["threshold"])) for r in rows)
