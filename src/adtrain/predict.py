@@ -5,8 +5,8 @@
         [relative_to=DIR] [on_error=stop|skip]
 
 checkpoint: a finished run's model.ckpt or an export of it (adtrain-export: .onnx, .pt, .xml); both
-go through `adtrain.Detector`. The decision threshold is the one fitted on held-out normals during
-training: a checkpoint without one (a training checkpoint such as last.ckpt) is refused. Output goes to RUN/predictions by
+go through `adtrain.Detector`. The decision threshold is the one fitted during training (on held-out
+normals, or on the validation set with threshold.mode=val_f1): a checkpoint without one (a training checkpoint such as last.ckpt) is refused. Output goes to RUN/predictions by
 default (RUN: the run the checkpoint belongs to), replaces the heatmaps and CSV of an earlier call
 there, and heatmaps are named after each image's folder and file (good__000.png, crack__000.png). They
 are drawn as the run's own test heatmaps are: input | map over it with a colour bar (the threshold at
