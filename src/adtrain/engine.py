@@ -183,7 +183,11 @@ def fit_threshold(cfg: DictConfig, method, dm) -> dict:
     """The method's decision threshold on dm's held-out normals (threshold.quantile), or, with
     threshold.mode=val_f1, on its whole validation set (held-out normals and their synthetic anomalies)."""
     f1 = dm.val_dataloader() if cfg.threshold.get("mode", "quantile") == "val_f1" else None
-    return method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile, f1_dataloader=f1)
+    info = method.fit_threshold(dm.val_normal_dataloader(), cfg.threshold.quantile, f1_dataloader=f1)
+    if f1 is not None and info.get("threshold_mode") != "val_f1" and info.get("threshold") is not None:
+        log.warning("threshold.mode=val_f1: the validation set holds no synthetic anomaly (or no normal) to take "
+                    "an F1 on; the threshold is threshold.quantile of the held-out normals' scores")
+    return info
 
 
 def cache_states(dm, feature_cache, nested_cache=None) -> dict:
