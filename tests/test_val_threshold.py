@@ -96,3 +96,23 @@ def test_a_run_decides_at_the_validation_sets_f1_cut(fast_cfg, tmp_path, monkeyp
     assert res["threshold"] != res["quantile_threshold"]
     rows = list(csv.DictReader(open(tmp_path / "run" / "scores.csv")))
     assert rows and all(int(r["prediction"]) == int(np.float32(r["score"]) > np.float32(res["threshold"])) for r in rows)
+
+
+def test_val_f1_without_an_anomaly_keeps_the_quantile_and_says_so(caplog):
+    from omegaconf import OmegaConf
+
+    from adtrain.engine import fit_threshold
+
+    normals = [{"image": b["image"]} for b in _batches(2, seed=1)]
+
+    class Data:
+        def val_normal_dataloader(self):
+            return normals
+
+        def val_dataloader(self):
+            return [{**b, "label": torch.zeros_like(b["label"])} for b in _batches(2, seed=2)]
+
+    cfg = OmegaConf.create({"threshold": {"mode": "val_f1", "quantile": 0.99}})
+    with caplog.at_level("WARNING", logger="adtrain"):
+        info = fit_threshold(cfg, _Method().eval(), Data())
+    assert info["threshold_mode"] == "quantile" and "holds no synthetic anomaly" in caplog.text
