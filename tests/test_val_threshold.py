@@ -67,9 +67,9 @@ def test_val_f1_is_checked_before_training(fast_cfg):
     from adtrain.preflight import check_config
 
     check_config(fast_cfg("threshold.mode=val_f1"))
+    check_config(fast_cfg("threshold.mode=val_f1", "schedule=synthetic_3"))
     for overrides, said in ((["threshold.mode=f1"], "must be one of quantile, val_f1"),
-                            (["threshold.mode=val_f1", "data.val_anomalies=null"], "makes none"),
-                            (["threshold.mode=val_f1", "schedule=synthetic_3"], "single-task runs")):
+                            (["threshold.mode=val_f1", "data.val_anomalies=null"], "makes none")):
         with pytest.raises(ConfigError, match=said) as err:
             check_config(fast_cfg(*overrides))
         assert err.value.key == "threshold.mode"
@@ -116,3 +116,33 @@ def test_val_f1_without_an_anomaly_keeps_the_quantile_and_says_so(caplog):
     with caplog.at_level("WARNING", logger="adtrain"):
         info = fit_threshold(cfg, _Method().eval(), Data())
     assert info["threshold_mode"] == "quantile" and "holds no synthetic anomaly" in caplog.text
+
+
+def test_a_continual_run_takes_the_f1_cut_of_every_seen_tasks_validation_set(fast_cfg, tmp_path):
+    """schedule=synthetic_3 with one shared model (STFPM, schedule.threshold=seen): each task's own
+    threshold is the F1 cut of its validation set, the final one that of all three tasks' validation
+    sets together (held-out normals and their synthetic anomalies), never of a test image."""
+    from adtrain.build import build_datamodule
+    from adtrain.continual.schedule import task_config
+    from adtrain.loading import load_method
+    from adtrain.run import run
+
+    tiny = ["data.num_train=20", "data.num_test_normal=4", "data.num_test_anomalous=4", "data.size=64"]
+    run(fast_cfg(*tiny, "schedule=synthetic_3", "threshold.mode=val_f1", "output.heatmaps=0"), tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [p["threshold_mode"] for p in saved["per_task"]] == ["val_f1"] * 3
+    final = saved["per_task"][2]
+    assert final["threshold_tasks"] == [0, 1, 2]
+    method, _, _ = load_method(tmp_path / saved["final_checkpoint"])
+    scores, labels = [], []
+    with torch.no_grad():
+        for cat in ("texture", "grid", "stripes"):
+            dm = build_datamodule(task_config(fast_cfg(*tiny, "schedule=synthetic_3"), [cat]))
+            for b in dm.val_dataloader():
+                scores.append(method.anomaly_output(b["image"]).pred_score.float())
+                labels.append(b["label"])
+    s, y = torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    assert final["num_threshold_anomalies"] == int(y.sum()) > 0 and final["num_threshold_normals"] == int((y == 0).sum())
+    cut, f1 = f1_max_threshold(s, y)
+    assert final["threshold"] == float(method.threshold) == pytest.approx(cut, rel=1e-5)
+    assert final["threshold_val_f1"] == pytest.approx(f1)

@@ -235,7 +235,7 @@ def _val_families(val) -> list[str]:
 
 def _check_threshold(cfg: DictConfig) -> None:
     """threshold.quantile in [0, 1]; threshold.mode one of MODES, val_f1 only with synthetic
-    validation anomalies and in a single-task run."""
+    validation anomalies."""
     from adtrain.methods.val_threshold import MODES
 
     threshold = cfg.get("threshold") or {}
@@ -251,10 +251,6 @@ def _check_threshold(cfg: DictConfig) -> None:
             raise ConfigError("threshold.mode", "val_f1 needs synthetic anomalies in the validation set, and "
                               "data.val_anomalies makes none: set it (families, per_normal > 0) or use "
                               "threshold.mode=quantile")
-        schedule = cfg.get("schedule") or {}
-        if schedule.get("tasks"):
-            raise ConfigError("threshold.mode", "val_f1 is for single-task runs: a continual schedule fits its "
-                              "routed and seen-task thresholds on held-out normals (threshold.mode=quantile)")
 
 
 def _check_normalisation(backbone) -> None:

@@ -172,8 +172,10 @@ class _Sequence:
         on all of them, not on the last task's alone (which flagged most normals of an earlier task whose
         scores run higher). The same validation sets the routed validation scores; no test image."""
         loaders = [self.eval_dms[i].val_normal_dataloader() for i in seen]
+        f1 = (_Chained([self.eval_dms[i].val_dataloader() for i in seen])  # their synthetic anomalies too
+              if self.cfg.threshold.get("mode", "quantile") == "val_f1" else None)
         with trainer.precision_plugin.forward_context():
-            fitted = self.method.fit_threshold(_Chained(loaders), self.cfg.threshold.quantile)
+            fitted = self.method.fit_threshold(_Chained(loaders), self.cfg.threshold.quantile, f1_dataloader=f1)
         distributed.broadcast_buffers(self.method)
         if fitted.get("threshold") is None:  # no task holds normals out: the last task's (none) stays
             return own
