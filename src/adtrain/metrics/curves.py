@@ -43,13 +43,19 @@ def ap_from_counts(pos: np.ndarray, neg: np.ndarray) -> float | None:
     return float(np.sum(recall_step * precision))
 
 
-def f1max_from_counts(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    """Largest F1 over all thresholds (predict anomalous at score >= threshold)."""
+def f1_from_counts(pos: np.ndarray, neg: np.ndarray) -> np.ndarray | None:
+    """F1 of each cut, entry k flagging the top k + 1 groups (predict anomalous at score >= the
+    group's); None if no positive."""
     tp, fp = _tail_sums(pos), _tail_sums(neg)
     if tp.size == 0 or tp[-1] <= 0:
         return None
-    f1 = 2.0 * tp / (tp + fp + tp[-1])  # 2TP / (2TP + FP + FN), FN = P - TP
-    return float(np.max(f1))
+    return 2.0 * tp / (tp + fp + tp[-1])  # 2TP / (2TP + FP + FN), FN = P - TP
+
+
+def f1max_from_counts(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """Largest F1 over all thresholds (predict anomalous at score >= threshold)."""
+    f1 = f1_from_counts(pos, neg)
+    return None if f1 is None else float(np.max(f1))
 
 
 def partial_trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 
 from adtrain.errors import AdtrainError
 from adtrain.metrics._arrays import check_finite, to_numpy
-from adtrain.metrics.curves import ap_from_counts, auroc_from_counts, f1max_from_counts
+from adtrain.metrics.curves import ap_from_counts, auroc_from_counts, f1_from_counts, f1max_from_counts
 
 
 def grouped_counts(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -48,12 +48,11 @@ def f1_max_threshold(scores, labels) -> tuple[float, float] | None:
     "anomalous if score > threshold" (what adtrain's decisions do): midway between the lowest score the
     best cut flags and the next lower score (just below that score where it is the lowest). Of equal
     F1s the cut flagging the fewest images wins. None without anomalous samples."""
-    s = np.unique(to_numpy(scores).reshape(-1).astype(np.float32))
-    pos, neg = grouped_counts(to_numpy(scores).reshape(-1).astype(np.float32), labels)
-    tp, fp = np.cumsum(pos[::-1]), np.cumsum(neg[::-1])  # flagging the top k + 1 distinct scores
-    if tp.size == 0 or tp[-1] <= 0:
+    s32 = to_numpy(scores).reshape(-1).astype(np.float32)
+    f1 = f1_from_counts(*grouped_counts(s32, labels))  # entry k: flagging the top k + 1 distinct scores
+    if f1 is None:
         return None
-    f1 = 2.0 * tp / (tp + fp + tp[-1])
+    s = np.unique(s32)
     g = s.size - 1 - int(np.argmax(f1))  # ascending index of the lowest flagged score
     low = np.float32(s[g])
     cut = np.float32((np.float64(s[g - 1]) + np.float64(low)) / 2.0) if g > 0 else low
