@@ -296,6 +296,29 @@ def test_cli_refuses_a_finished_run_before_hydra_writes(tmp_path):
     assert sorted(x.name for x in run_dir.iterdir()) == [".hydra", "results.json"]
 
 
+def test_overwrite_never_clears_another_run_or_sweep_kept_inside_the_run_directory(tmp_path):
+    """hydra.run.dir=outputs/a, later outputs/a/b: overwrite=true of a must not delete b with a's files."""
+    from adtrain import rundir
+
+    outer = tmp_path / "a"
+    files = ("results.json", "config.yaml", "checkpoints/model.ckpt", "tasks/0/model.ckpt", "heatmaps/x.png",
+             "wandb/run-1/files/config.yaml",  # W&B's own config.yaml: not a run
+             "b/config.yaml", "b/results.json", "sweeps/s1/multirun.yaml", "sweeps/s1/0/results.json")
+    for name in files:
+        (outer / name).parent.mkdir(parents=True, exist_ok=True)
+        (outer / name).write_text("x")
+    assert rundir.nested_runs(outer) == [outer / "b", outer / "sweeps" / "s1"]
+    with pytest.raises(ConfigError, match=rf"overwrite=true would clear {outer}, but it also holds 2 other run\(s\) "
+                                          rf"or sweep\(s\) \(e.g. {outer / 'b'}\); nothing was deleted"):
+        rundir.prepare_fresh(outer, overwrite=True)
+    assert all((outer / name).exists() for name in files)
+
+    (outer / "b").rename(tmp_path / "b")
+    (outer / "sweeps").rename(tmp_path / "sweeps")
+    rundir.prepare_fresh(outer, overwrite=True)
+    assert list(outer.iterdir()) == [] and (tmp_path / "b" / "results.json").exists()
+
+
 def test_a_kill_while_overwrite_clears_a_run_leaves_no_finished_marker(tmp_path, monkeypatch):
     """overwrite=true deletes the earlier run's files. A kill part way used to leave results.json beside a
     half-deleted run (checkpoints/ went first): Run.open read it as finished, adtrain.test then found no

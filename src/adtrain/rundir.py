@@ -199,13 +199,40 @@ def clear(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
 
 
 def refuse_earlier(run_dir: Path, overwrite: bool) -> None:
-    """A new run (not resume) may not go into an earlier run's directory unless overwrite=true."""
+    """A new run (not resume) may not go into an earlier run's directory unless overwrite=true, nor clear
+    one that holds other runs."""
     run_dir = Path(run_dir)
     if started(run_dir) and not overwrite:
         what = ("a finished run (results.json)" if finished(run_dir)
                 else "an earlier run that did not finish (resume=true continues it)")
         raise ConfigError("overwrite", f"{run_dir} holds {what}; overwrite=true replaces it, or choose another "
                           "hydra.run.dir")
+    if started(run_dir):
+        refuse_nested(run_dir)
+
+
+def nested_runs(run_dir: Path) -> list[Path]:
+    """Other runs or sweeps inside run_dir (hydra.run.dir=outputs/a, then outputs/a/b): folders below
+    it that hold a run of their own (is_run_dir) or a sweep's multirun.yaml. The run's own checkpoints/,
+    tasks/ and Hydra record are not searched."""
+    run_dir = Path(run_dir)
+    own = {"checkpoints", "tasks", ".hydra"}
+    found = []
+    for top in sorted(p for p in run_dir.iterdir() if p.name not in own and p.is_dir() and not p.is_symlink()):
+        for here, dirs, files in os.walk(top):
+            if "multirun.yaml" in files or is_run_dir(Path(here)):
+                found.append(Path(here))
+                dirs.clear()  # its own folders are its business
+    return found
+
+
+def refuse_nested(run_dir: Path) -> None:
+    """overwrite=true clears one run's directory, never another run kept inside it."""
+    nested = nested_runs(run_dir)
+    if nested:
+        raise ConfigError("overwrite", f"overwrite=true would clear {run_dir}, but it also holds {len(nested)} other "
+                          f"run(s) or sweep(s) (e.g. {nested[0]}); nothing was deleted: move them out of it first, "
+                          "or choose another hydra.run.dir")
 
 
 def prepare_fresh(run_dir: Path, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
