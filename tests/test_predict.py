@@ -1,0 +1,181 @@
+"""Fault injection (issue 11): predict writes only what describes its own call, names its heatmaps by
+folder, skips the unreadable when asked, and says why it cannot decide without a threshold."""
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adtrain.errors import ConfigError, DataError
+from tests.conftest import FAST
+
+
+# ---------------------------------------------------------------------------------------- predict
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from adtrain.run import run
+    from tests.conftest import compose
+
+    run_dir = tmp_path_factory.mktemp("trained")
+    run(compose(*FAST, "trainer.limit_train_batches=1"), run_dir)
+    return run_dir
+
+
+def _images(folder: Path, names: list[str]) -> Path:
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(folder / name)
+    return folder
+
+
+def _predict(capsys, *args):
+    from adtrain.predict import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(list(args))
+    return ex.value.code, capsys.readouterr().err
+
+
+def test_predict_names_heatmaps_by_folder_and_clears_an_earlier_call(trained, tmp_path):
+    from adtrain.predict import predict
+
+    imgs = _images(tmp_path / "new", ["good/000.png", "crack/000.png", "crack/001.png"])
+    out = predict(str(trained / "checkpoints" / "model.ckpt"), str(imgs))
+    assert out == trained / "predictions"  # beside the checkpoint's run
+    assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["crack__000.png", "crack__001.png",
+                                                                       "good__000.png"]
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert {r["heatmap"] for r in rows} == {"heatmaps/crack__000.png", "heatmaps/crack__001.png",
+                                            "heatmaps/good__000.png"}
+    # drawn as the run's test heatmaps (colour bar, threshold), output.heatmap_size's 320 px panels, not thumbnails
+    assert Image.open(out / "heatmaps" / "good__000.png").height > 320
+    other = _images(tmp_path / "other", ["scratch/000.png"])
+    mine = out / "heatmaps" / "mine.png"  # a file predict did not write: kept by the next call
+    mine.write_bytes(b"not predict's")
+    predict(str(trained / "checkpoints" / "model.ckpt"), str(other))
+    assert mine.read_bytes() == b"not predict's"
+    mine.unlink()
+    assert [p.name for p in (out / "heatmaps").glob("*.png")] == ["other__scratch__000.png"] or \
+        [p.name for p in (out / "heatmaps").glob("*.png")] == ["scratch__000.png"]
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 1
+    # a call that fails on an unreadable image leaves the earlier call's output as it was
+    before = sorted(p.name for p in (out / "heatmaps").glob("*.png")), (out / "predictions.csv").read_bytes()
+    broken = _images(tmp_path / "broken", ["good/000.png", "good/001.png"])
+    (broken / "good" / "001.png").write_bytes((broken / "good" / "001.png").read_bytes()[:200])  # cut short
+    with pytest.raises(DataError, match="001.png"):
+        predict(str(trained / "checkpoints" / "model.ckpt"), str(broken), batch_size=1)
+    assert (sorted(p.name for p in (out / "heatmaps").glob("*.png")), (out / "predictions.csv").read_bytes()) == before
+    assert not list(out.glob(".predict-*"))
+    # out= a run directory would mix into (and once cleared) the test's heatmaps: refused, nothing touched
+    test_heatmaps = sorted((trained / "heatmaps").iterdir())
+    with pytest.raises(ConfigError, match="is a run directory") as err:
+        predict(str(trained / "checkpoints" / "model.ckpt"), str(other), out=str(trained))
+    assert err.value.key == "out" and sorted((trained / "heatmaps").iterdir()) == test_heatmaps
+    project = tmp_path / "project"  # a folder that merely holds a checkpoints/ folder is not a run: allowed
+    (project / "checkpoints").mkdir(parents=True)
+    assert predict(str(trained / "checkpoints" / "model.ckpt"), str(other), out=str(project)) == project
+
+
+def test_predict_on_error_skip_scores_the_rest_and_lists_the_unreadable(trained, tmp_path, caplog):
+    """on_error=skip: a cut-short file and a non-image get rows with their reason and no score; the
+    readable images are scored as a clean call scores them; a call where nothing reads still fails."""
+    from adtrain.predict import predict
+
+    ckpt = str(trained / "checkpoints" / "model.ckpt")
+    imgs = _images(tmp_path / "mixed", ["a/000.png", "a/001.png", "a/002.png", "b/000.png"])
+    clean = {r["path"]: r for r in csv.DictReader(open(predict(ckpt, str(imgs), out=str(tmp_path / "clean")) /
+                                                      "predictions.csv"))}
+    assert all(r["error"] == "" for r in clean.values())
+    (imgs / "a" / "001.png").write_bytes((imgs / "a" / "001.png").read_bytes()[:200])  # cut short
+    (imgs / "b" / "000.png").write_bytes(b"not an image at all")
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        out = predict(ckpt, str(imgs), out=str(tmp_path / "skip"), batch_size=2, on_error="skip")
+    rows = {r["path"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+    assert set(rows) == set(clean)
+    bad = {p for p, r in rows.items() if r["error"]}
+    assert {Path(p).relative_to(imgs).as_posix() for p in bad} == {"a/001.png", "b/000.png"}
+    for p in bad:
+        assert rows[p]["score"] == "" and rows[p]["heatmap"] == "" and rows[p]["is_anomalous"] == ""
+    for p in set(rows) - bad:
+        assert float(rows[p]["score"]) == pytest.approx(float(clean[p]["score"]), rel=1e-5)
+        assert (out / rows[p]["heatmap"]).is_file()
+    assert len(list((out / "heatmaps").glob("*.png"))) == 2
+    assert any("2 of 4 images could not be read" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match=r"no image could be read \(1 given"):
+        predict(ckpt, str(imgs / "b") + "/*.png", out=str(tmp_path / "none"), on_error="skip")
+    with pytest.raises(ConfigError, match="on_error"):
+        predict(ckpt, str(imgs), on_error="ignore")
+
+
+def test_predict_outside_a_run_writes_beside_the_checkpoint(trained, tmp_path):
+    from adtrain.predict import predict
+
+    (tmp_path / "models").mkdir()
+    ckpt = tmp_path / "models" / "model.ckpt"
+    ckpt.write_bytes((trained / "checkpoints" / "model.ckpt").read_bytes())
+    out = predict(str(ckpt), str(_images(tmp_path / "new", ["a.png"])))
+    assert out == tmp_path / "models" / "predictions" and (out / "predictions.csv").exists()
+    assert not (tmp_path / "predictions").exists()
+
+
+def test_predict_refuses_a_checkpoint_without_a_threshold(trained, tmp_path, capsys):
+    imgs = _images(tmp_path / "new", ["a.png"])
+    code, err = _predict(capsys, f"checkpoint={trained}/checkpoints/last.ckpt", f"images={imgs}", f"out={tmp_path}/o")
+    assert code == 2 and "no fitted threshold" in err and "last.ckpt" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_bad_arguments_are_one_line(trained, tmp_path, capsys):
+    imgs = _images(tmp_path / "new", ["a.png"])
+    ckpt = f"checkpoint={trained}/checkpoints/model.ckpt"
+    code, err = _predict(capsys, ckpt, f"images={imgs}", "batch_size=0")
+    assert code == 2 and "batch_size" in err and ">= 1" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "a_file").write_text("x")
+    for arg, said in (("num_workers=-1", "'num_workers': must be a whole number >= 0"),
+                      ("anomaly_maps=maybe", "'anomaly_maps': must be true or false"),
+                      (f"out={tmp_path / 'a_file'}", "'out': cannot make the folder")):
+        code, err = _predict(capsys, ckpt, f"images={imgs}", arg)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    if not torch.cuda.is_available():
+        code, err = _predict(capsys, ckpt, f"images={imgs}", "device=cuda")
+        assert code == 2 and "device" in err and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_without_held_out_normals_warns_and_predict_says_why_it_cannot_decide(fast_cfg, tmp_path, caplog):
+    """data.val_split=0 (the papers' "all normals into the bank"): threshold-free figures, a warning
+    that says so at the run, and adtrain.predict's refusal names the cause, not only "a training
+    checkpoint" (the finished run's own model.ckpt is what the user passes)."""
+    
+    from adtrain.predict import predict
+    from adtrain.run import run
+
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        result = run(fast_cfg("method=patchcore", "data.val_split=0", "output.heatmaps=0"), tmp_path / "run")
+    assert result["threshold"] is None and result["image_auroc"] is not None
+    import adtrain
+
+    rows = adtrain.Run.open(tmp_path / "run").scores()  # no threshold, no prediction: None, not ""
+    assert rows and all(r["prediction"] is None and isinstance(r["score"], float) for r in rows)
+    assert any("No held-out normals (data.val_split=0" in r.getMessage() for r in caplog.records)
+    ckpt = tmp_path / "run" / "checkpoints" / "model.ckpt"
+    images = next(p for p in (tmp_path / "run").rglob("*.png"))
+    with pytest.raises(DataError, match=r"model.ckpt: holds no fitted threshold: .*data.val_split=0") as err:
+        predict(str(ckpt), str(images), out=str(tmp_path / "pred"))
+    assert "\n" not in str(err.value) and not (tmp_path / "pred").exists()
+
+
+def test_a_test_set_of_one_label_is_said_before_its_figures_are_null(fast_cfg, tmp_path, caplog):
+    
+    from adtrain.run import run
+
+    with caplog.at_level(logging.INFO, logger="adtrain"):
+        result = run(fast_cfg("method=patchcore", "data.num_test_anomalous=0", "output.heatmaps=0"), tmp_path / "run")
+    assert result["image_auroc"] is None and result["test_at_threshold"]["tn"] + result["test_at_threshold"]["fp"] == 8
+    assert any("The test set holds no anomalous image (8 images)" in r.getMessage() for r in caplog.records)
+    # the kept state names a file that is there: a one-pass method takes no optimiser step, so no last.ckpt
+    assert result["selected_checkpoint"] == "model.ckpt" and not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert any("Kept the last state (model.ckpt, after 1 epoch)" in r.getMessage() for r in caplog.records)
