@@ -57,6 +57,9 @@ def test_bad_test_files_fail_before_training(base_cfg, mvtec, tmp_path, monkeypa
     ("seed=-1", "seed", "whole number in [0, 2**32)"),
     ("data.num_workers=-1", "data.num_workers", "whole number >= 0"),
     ("data.batch_size=abc", "data.batch_size", "whole number >= 1"),
+    ("method.center_crop=[300,300]", "method.center_crop", "is larger than image_size"),  # data's is ${method...}
+    ("data.center_crop=[300,300]", "data.center_crop", "is larger than image_size"),
+    ("method.image_size=[0,0]", "method.image_size", "sizes must be positive"),
 ])
 def test_bad_config_values_fail_before_anything_is_written(fast_cfg, tmp_path, over, key, words):
     from adtrain.run import run

@@ -268,6 +268,39 @@ def _check_normalisation(backbone) -> None:
         raise ConfigError("backbone.std", f"must be > 0 (images are divided by it), got {list(std)}")
 
 
+def _check_crop(data) -> None:
+    """data.image_size / data.center_crop (each ${method.*} in the packaged data configs): a crop larger
+    than the resized image, named where it is set, before the run directory is written (the data module
+    refuses it too, later)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from adtrain.data.transforms import check_crop, size_pair
+
+    if not isinstance(data, DictConfig) or "image_size" not in data or "center_crop" not in data:
+        return
+    raw = OmegaConf.to_container(data, resolve=False)
+    keys = {k: _set_at(raw[k], f"data.{k}") for k in ("image_size", "center_crop")}
+    try:
+        size = size_pair(data.image_size, keys["image_size"])
+        crop = size_pair(data.center_crop, keys["center_crop"])
+    except OmegaConfBaseException:  # missing or unresolvable: the data module names it
+        return
+    if size is not None:
+        try:
+            check_crop(crop, size, keys["center_crop"])
+        except ConfigError as err:
+            if keys["center_crop"] == "data.center_crop":
+                raise
+            raise ConfigError(err.key, f"{err.detail} (data.center_crop is {raw['center_crop']})") from None
+
+
+def _set_at(raw, key: str) -> str:
+    """The key a plain ${other.key} interpolation takes its value from, else key itself."""
+    if isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") and raw.count("${") == 1 and ":" not in raw:
+        return raw[2:-1]
+    return key
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config values that would otherwise fail only after training (or never end)."""
     check_flags(cfg)
@@ -306,6 +339,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_optimiser(cfg.get("method") or {})
     _check_method_numbers(cfg.get("method") or {})
     _check_normalisation(cfg.get("backbone") or {})
+    _check_crop(cfg.get("data"))
     _check_backbone_weights(cfg.get("backbone") or {})
     schedule = cfg.get("schedule") or {}
     if schedule.get("tasks") is not None:  # an empty list ran one task silently

@@ -20,7 +20,7 @@ from adtrain.data.dataset import (AnomalyDataset, BitDepthLoader, Loaded, Predic
 from adtrain.data.image_io import check_bit_depth, expand_image_paths
 from adtrain.data.resize import DEFAULT as DEFAULT_RESIZE
 from adtrain.data.resize import resize_rule
-from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment, build_transform,
+from adtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_augment, build_transform, check_crop,
                                      instantiate_if_config, size_pair, to_plain)
 from adtrain.errors import ConfigError, DataError, whole_number
 
@@ -133,9 +133,7 @@ class AnomalyDataModule(LightningDataModule):
         self.center_crop = size_pair(center_crop, "data.center_crop")
         self.resize = resize_rule(resize)
         self.bit_depth = check_bit_depth(to_plain(bit_depth))
-        if self.center_crop is not None and any(c > s for c, s in zip(self.center_crop, self.image_size)):
-            raise ConfigError("data.center_crop", f"{list(self.center_crop)} is larger than image_size "
-                              f"{list(self.image_size)}")
+        check_crop(self.center_crop, self.image_size)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
         if self.batch_size < 1 or self.eval_batch_size < 1:

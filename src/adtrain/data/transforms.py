@@ -73,6 +73,13 @@ def build_augment(augment: Sequence | None) -> list:
     return out
 
 
+def check_crop(center_crop, image_size, key: str = "data.center_crop") -> None:
+    """A centre crop ([H, W] or None) no larger than the resized image, named ``key`` where not."""
+    if center_crop is not None and any(c > s for c, s in zip(center_crop, image_size)):
+        raise ConfigError(key, f"{list(center_crop)} is larger than image_size {list(image_size)}: set it no "
+                          f"larger, or {key}=null for no crop")
+
+
 def size_pair(value, key: str) -> tuple[int, int] | None:
     """An int or [H, W] -> (H, W); None stays None."""
     value = to_plain(value)
@@ -101,8 +108,7 @@ def build_transform(image_size: tuple[int, int], center_crop: tuple[int, int] | 
     very tensor Normalize would have (adtrain.data.device_norm)."""
     steps = [ImageResize(image_size[0], image_size[1], resize)]
     if center_crop is not None:
-        if center_crop[0] > image_size[0] or center_crop[1] > image_size[1]:
-            raise ConfigError("data.center_crop", f"{list(center_crop)} is larger than image_size {list(image_size)}")
+        check_crop(center_crop, image_size)
         steps.append(A.CenterCrop(center_crop[0], center_crop[1]))
     steps += list(augment or [])
     if normalize:
