@@ -13,10 +13,11 @@ import pytest
 from tests.conftest import FAST, TEST_THREADS
 
 
-# small enough for seconds per epoch, large enough that an epoch outlasts the kill below
+# a few tenths of a second an epoch on 2 cores
 KILL_FAST = [*FAST, "data.size=64", "trainer.max_epochs=4", "logger=csv", "output.heatmaps=0"]
-# a signal sent once the first last.ckpt exists must land while the fit still runs: at a few tenths of a
-# second an epoch, four epochs leave a poller starved on a loaded machine too little room (session 40's CI)
+# a signal or kill sent once the first last.ckpt exists must land while the fit still runs: four such epochs
+# left a poller starved on a loaded machine too little room (a fresh-clone CI, 2026-12-07), so the tests that
+# signal a fit train more of them (12 here; the kill -9 tests 8, as each also trains an uninterrupted reference)
 SIGNAL_FAST = [*(a for a in KILL_FAST if not a.startswith("trainer.max_epochs=")), "trainer.max_epochs=12"]
 # training-time randomness in the workers (the fast runs have none by default)
 AUGMENT = "data.augment=[{_target_:albumentations.HorizontalFlip,p:0.5},{_target_:albumentations.RandomBrightnessContrast,p:0.5}]"

@@ -115,7 +115,8 @@ def test_schedule_twice_gives_identical_metrics(fast_cfg, tmp_path):
 def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     """With 2 persistent workers and augmentation: the resumed epochs used to see epoch 0's order
     and restarted the workers' random streams (the schedule's kill test below runs without workers)."""
-    over = [*(a for a in KILL_FAST if a != "data.num_workers=0"), "data.num_workers=2", AUGMENT]
+    over = [*(a for a in KILL_FAST if a not in ("data.num_workers=0", "trainer.max_epochs=4")), "data.num_workers=2",
+            AUGMENT, "trainer.max_epochs=8"]  # room for the kill to land mid-fit, as SIGNAL_FAST
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
     proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
     metrics_csv = run_dir / "csv" / "metrics.csv"
@@ -133,14 +134,14 @@ def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
 
     _resume_beside_reference(run_dir, ref, over, cwd=tmp_path, log=tmp_path / "resumed.log")
     res = json.loads((run_dir / "results.json").read_text())
-    assert res["epochs_trained"] == 4 and res["fit_seconds"] > before  # cumulative over both sessions
+    assert res["epochs_trained"] == 8 and res["fit_seconds"] > before  # cumulative over both sessions
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert len(rows) > len(rows_before) and "0" in {r.get("epoch") for r in rows}  # appended, not restarted
     assert _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
 
 
 def test_kill_9_mid_schedule_then_resume_ends_as_an_uninterrupted_run(tmp_path):
-    over = [*TINY_SCHEDULE, "trainer.max_epochs=4", "logger=csv"]
+    over = [*TINY_SCHEDULE, "trainer.max_epochs=8", "logger=csv"]  # room for the kill to land inside task 1
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
     proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
     last = run_dir / "tasks" / "1" / "checkpoints" / "last.ckpt"
