@@ -176,6 +176,27 @@ def test_a_sweep_folder_that_also_holds_single_runs_is_refused(tmp_path, capsys)
     assert not sweep.exists() or not any(sweep.iterdir())
 
 
+def test_overwrite_keeps_another_sweep_kept_inside_the_sweep_folder(tmp_path, capsys):
+    """hydra.sweep.dir=multirun/a, later multirun/a/b: overwrite=true of a counted b's jobs as its own
+    and deleted them. Another multirun.yaml below the folder stops it, naming that sweep's folder."""
+    sweep = tmp_path / "a"
+    base = {"method": "patchcore", "data": "synthetic", "category": "texture", "backbone": "resnet18"}
+    _job(sweep, 0, ["seed=0"], {**base, "seed": 0, "image_auroc": 0.5})
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    inner = sweep / "b"
+    _job(inner, 0, ["seed=1"], {**base, "seed": 1, "image_auroc": 0.7})
+    (inner / "multirun.yaml").write_text("hydra: {}\n")
+    cfg = OmegaConf.create({"optimized_metric": None, "overwrite": True, "hydra": {"sweep": {"dir": str(sweep)}}})
+    with pytest.raises(SystemExit) as ex:
+        SweepSummary().on_multirun_start(cfg)
+    said = capsys.readouterr().err
+    assert ex.value.code == 2 and f"another sweep's folder ({inner}" in said and "nothing was deleted" in said
+    assert len(list(sweep.glob("**/results.json"))) == 2
+    inner.rename(tmp_path / "b")
+    SweepSummary().on_multirun_start(cfg)  # its own jobs alone: deleted as before
+    assert not list(sweep.glob("**/results.json")) and (tmp_path / "b" / "0" / "results.json").exists()
+
+
 def test_a_sweep_whose_jobs_cannot_give_its_objective_is_refused_at_its_start(fast_cfg, capsys):
     """Found trial by trial, these burn every Optuna trial and end in 'No trials are completed yet'."""
     for overrides, key in ((["schedule=synthetic_3", "test=false"], "'test'"),

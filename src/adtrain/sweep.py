@@ -388,9 +388,13 @@ def prepare_sweep_dir(config: DictConfig) -> None:
     single = single_runs(job_folders(sweep_dir)) if earlier and not resume else []
     singles = (f"{len(single)} single run(s) (e.g. {single[0]}: its .hydra/hydra.yaml says hydra.mode RUN)"
                if single else "")
-    if single and overwrite:
+    # another sweep kept inside this one's folder (its own multirun.yaml below it): its jobs are not this folder's
+    inner = sorted(p.parent for p in sweep_dir.glob("*/**/multirun.yaml")) if earlier and overwrite and not resume \
+        else []
+    if (single or inner) and overwrite:
+        held = singles or f"another sweep's folder ({inner[0]}: its own multirun.yaml)"
         raise ConfigError("hydra.sweep.dir", f"overwrite=true deletes an earlier sweep's jobs, but {sweep_dir} also "
-                          f"holds {singles}; nothing was deleted: move them out of it first, or choose another "
+                          f"holds {held}; nothing was deleted: move them out of it first, or choose another "
                           "hydra.sweep.dir")
     if earlier and not (overwrite or resume):
         raise ConfigError("hydra.sweep.dir", f"{sweep_dir} holds {len(earlier)} job(s) of an earlier sweep"
