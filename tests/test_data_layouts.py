@@ -91,7 +91,7 @@ def test_loco_mask_is_the_union_of_its_region_files_and_each_file_keys_the_cache
     with pytest.raises(DataError, match="mask size 16x16 differs") as e:
         read_mask(folder, (32, 32), sample.path)
     assert e.value.path == str(odd)
-    from adtrain.preflight import _problems
+    from adtrain.data.file_checks import _problems
 
     assert [err.path for err in _problems([sample], with_masks=True)] == [str(odd)]
 

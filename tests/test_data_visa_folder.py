@@ -168,7 +168,7 @@ def test_folder_datasets_nested_in_each_other_keep_their_images_apart(tmp_path):
 def test_a_run_warns_when_its_images_are_stretched_far_out_of_shape(tmp_path, caplog):
     """Line-scan strips (200x40) squeezed into a square input: warned, naming both shapes and the key;
     an input of their shape, or VisA's 1.5:1 boards at a square input, are not."""
-    from adtrain.preflight import check_files, warn_stretched
+    from adtrain.data.file_checks import check_files, warn_stretched
 
     good = tmp_path / "good"
     good.mkdir()

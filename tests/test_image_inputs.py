@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from adtrain.data.image_io import list_images, mask_values, read_image, read_mask
 from adtrain.errors import DataError
 from adtrain.inference.images import as_rgb
-from adtrain.preflight import header_size
+from adtrain.data.file_checks import header_size
 
 ORIENT = 0x0112
 

@@ -171,7 +171,7 @@ def test_threshold_uses_normals_only(fast_cfg):
 
 
 def test_no_test_image_or_label_is_read_before_testing(base_cfg, tmp_path, monkeypatch):
-    """The test files raise when decoded until testing. The pre-flight check (adtrain.preflight) may
+    """The test files raise when decoded until testing. The pre-flight check (adtrain.data.file_checks) may
     list the test set to read file headers, but may use nothing of a test sample but its paths: no
     label, no pixels; with test=false it does not even list it."""
     import adtrain.data.dataset as dataset

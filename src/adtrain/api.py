@@ -230,7 +230,7 @@ def _test_one(method, cfg: DictConfig, dm, out_dir: str | Path | None) -> dict:
 
     from adtrain.build import build_trainer
     from adtrain.engine import evaluate_method, test_breakdown, write_scores_csv
-    from adtrain.preflight import check_files
+    from adtrain.data.file_checks import check_files
 
     check_files(dm, test=True)
     if out_dir is None:  # nothing to keep: the trainer's folder is removed afterwards
@@ -271,7 +271,7 @@ def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | 
     from adtrain.continual.runner import finite_mean
     from adtrain.continual.schedule import task_config, task_name
     from adtrain.engine import METRIC_KEYS, evaluate_method, write_scores_csv
-    from adtrain.preflight import check_files
+    from adtrain.data.file_checks import check_files
 
     per_task, records = [], []
     keep = contextlib.nullcontext(out_dir) if out_dir is not None else tempfile.TemporaryDirectory(prefix="adtrain-test-")

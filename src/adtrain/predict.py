@@ -153,7 +153,7 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
             relative_to: str | None = None, heatmap_size: int = 320, on_error: str = "stop") -> Path:
     from adtrain.inference.detector import Detector
     from adtrain.inference.map_files import relative_names, to_source_size, write_map_files
-    from adtrain.preflight import header_size
+    from adtrain.data.file_checks import header_size
     from adtrain.engine import write_scores_csv
     from adtrain.viz import save_heatmap
     from adtrain.writer import BackgroundWriter

@@ -128,7 +128,7 @@ def _run_rank(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _run_single(cfg: DictConfig, run_dir: Path) -> dict:
-    from adtrain.preflight import check_files
+    from adtrain.data.file_checks import check_files
 
     seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_path = resume_checkpoint(cfg, run_dir)

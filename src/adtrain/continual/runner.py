@@ -32,7 +32,7 @@ from adtrain.errors import ConfigError
 from adtrain import distributed
 from adtrain.io import write_json
 from adtrain.loggers import is_wandb
-from adtrain.preflight import check_files
+from adtrain.data.file_checks import check_files
 from adtrain.engine import (METRIC_KEYS, VAL_RESULT_KEYS, cache_states, evaluate_method, fit_and_select,
                             write_scores_csv)
 

@@ -158,7 +158,7 @@ def read_image(path: str | Path, bit_depth: int | None = None) -> np.ndarray:
     """Read any image as RGB uint8 (H,W,3) (``bit_depth``: image_to_rgb; 16-bit colour files too).
     Raises DataError(path, 'cannot read image: ...')."""
     with _open(path) as im:
-        turn = orientation(im)  # from the header, as preflight.header_size reads it
+        turn = orientation(im)  # from the header, as file_checks.header_size reads it
         if _wide_colour(im):
             return _read_wide_colour(path, bit_depth, turn, im.format)
         try:

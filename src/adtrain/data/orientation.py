@@ -1,7 +1,7 @@
 """EXIF orientation: a camera or phone that stores its pixels sideways writes tag 0x0112 and every
 viewer and labelling tool shows the image turned upright; masks are drawn on that upright image.
 adtrain turns images and masks the same way (``image_io.read_image``, ``image_io.mask_values``), and
-``preflight.header_size`` reports the upright size, so training, the image cache, predict and the
+``file_checks.header_size`` reports the upright size, so training, the image cache, predict and the
 exports all see what the user sees, and a mask drawn on the upright image fits it.
 """
 

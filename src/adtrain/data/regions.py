@@ -113,7 +113,7 @@ class RegionReader:
         return self._loaded[category]
 
     def check(self) -> None:
-        """Read every category's config now (before training: adtrain.preflight)."""
+        """Read every category's config now (before training: adtrain.data.file_checks)."""
         for category in self.configs:
             self.config(category)
 

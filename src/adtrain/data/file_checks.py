@@ -1,0 +1,108 @@
+"""Checks of the data files that run before training, so a bad file fails in seconds, not after fitting.
+
+`check_files`: every image file is non-empty and has a readable header, every mask matches its
+image's size, every defects config (MVTec LOCO AD) reads; headers only (PIL's lazy open reads no
+pixels). The test set is listed for this, but only paths are used: no test label is read and no
+test image is decoded before testing. A run also warns when its images are stretched far out of
+shape (`warn_stretched`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from adtrain.errors import DataError
+
+log = logging.getLogger("adtrain")
+
+#: files named in one error at most (the count of the rest follows)
+MAX_LISTED = 3
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(W, H) from the file's header, upright (an EXIF orientation that turns the image a quarter
+    swaps them, as image_io.read_image turns the pixels); DataError naming the file if it is empty or
+    not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from adtrain.data.orientation import shown_size
+
+    try:
+        if os.stat(path).st_size == 0:
+            raise DataError(path, "empty file (0 bytes)")
+        with Image.open(path) as im:  # lazy: the header only, no pixel is decoded
+            return shown_size(im)
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise DataError(path, f"not a readable image ({type(err).__name__}: {err})") from None
+
+
+def _problems(samples, with_masks: bool, sizes: list | None = None) -> list[DataError]:
+    """The bad files among samples (``sizes``: each readable image's (W, H) appended)."""
+    from adtrain.data.image_io import mask_files
+
+    found = []
+    for s in samples:
+        try:
+            size = header_size(s.path)
+            if sizes is not None:
+                sizes.append(size)
+            if with_masks and s.mask_path is not None:
+                for mask in mask_files(s.mask_path):  # a file, or each file of a mask folder
+                    msize = header_size(mask)
+                    if msize != size:
+                        raise DataError(mask, f"mask size {msize[0]}x{msize[1]} differs from image {s.path} "
+                                        f"{size[0]}x{size[1]}")
+        except DataError as err:
+            found.append(err)
+    return found
+
+
+#: the stretch (source aspect ratio over the input's, or its inverse) from which a run warns
+STRETCH_WARNING = 2.5
+
+
+def warn_stretched(sizes: list[tuple[int, int]], image_size, limit: float = STRETCH_WARNING) -> float:
+    """Warn when the training images' typical shape (the median width/height of ``sizes``, (W, H)
+    each) is stretched ``limit`` times or more along one side to reach ``image_size`` (H, W): a
+    line-scan strip squeezed into a square input loses what a defect looks like. Returns the stretch."""
+    ratios = sorted((w / h, (w, h)) for w, h in sizes if w > 0 and h > 0)
+    if not ratios or image_size is None:
+        return 1.0
+    ratio, (w, h) = ratios[len(ratios) // 2]
+    in_h, in_w = (int(v) for v in image_size)
+    stretch = max(ratio / (in_w / in_h), (in_w / in_h) / ratio)
+    if stretch >= limit:
+        log.warning("the training images are typically %dx%d (width/height %.3g) and the model's input %dx%d "
+                    "(method.image_size=[%d, %d], width/height %.3g): each is stretched %.1fx along one side. "
+                    "A method.image_size=[H, W] of about their shape keeps it (every method takes a non-square "
+                    "size), or cut them into tiles first", w, h, ratio, in_w, in_h, in_h, in_w, in_w / in_h, stretch)
+    return stretch
+
+
+def check_files(dm, test: bool = True) -> None:
+    """Headers, sizes and emptiness of every training, held-out and (test=true) test file of dm.
+
+    Only for data modules that read files with the default loader (in-memory data is skipped).
+    The test set is listed through dm._test_samples() and only its paths are used."""
+    from adtrain.data.dataset import reads_files
+
+    if not reads_files(dm.sample_loader()):
+        return
+    sizes: list[tuple[int, int]] = []
+    found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False, sizes=sizes)
+    warn_stretched(sizes, getattr(dm, "image_size", None))
+    if test:
+        found += _problems(dm._test_samples(), with_masks=True)
+        regions = dm.spro_regions()  # MVTec LOCO AD's defects_config.json files (AU-sPRO)
+        try:
+            regions is not None and regions.check()
+        except DataError as err:
+            found.append(err)
+    if found:
+        more = f" (and {len(found) - 1} more bad file{'s' if len(found) > 2 else ''}" + (
+            f": {', '.join(str(e.path) for e in found[1:1 + MAX_LISTED])}{', ...' if len(found) > 1 + MAX_LISTED else ''})"
+        ) if len(found) > 1 else ""
+        raise DataError(found[0].path, f"{str(found[0]).removeprefix(f'{found[0].path}: ')}{more}")
