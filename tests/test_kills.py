@@ -16,8 +16,8 @@ import torch
 
 from tests.conftest import FAST
 from tests.reliability import (
-    _env, _cli, _start, _resume_beside_reference, _signal_when, _metrics, _crash_at_epoch, KILL_FAST, SIGNAL_FAST,
-    AUGMENT, TINY_SCHEDULE, COMPARED,
+    _env, _cli, _start, _resume_beside_reference, _signal_when, _metrics, _crash_at_epoch, KILL_FAST, AUGMENT,
+    TINY_SCHEDULE, COMPARED,
 )
 
 
@@ -115,8 +115,7 @@ def test_schedule_twice_gives_identical_metrics(fast_cfg, tmp_path):
 def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     """With 2 persistent workers and augmentation: the resumed epochs used to see epoch 0's order
     and restarted the workers' random streams (the schedule's kill test below runs without workers)."""
-    over = [*(a for a in KILL_FAST if a not in ("data.num_workers=0", "trainer.max_epochs=4")), "data.num_workers=2",
-            AUGMENT, "trainer.max_epochs=8"]  # room for the kill to land mid-fit, as SIGNAL_FAST
+    over = [*(a for a in KILL_FAST if a != "data.num_workers=0"), "data.num_workers=2", AUGMENT]
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
     proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
     metrics_csv = run_dir / "csv" / "metrics.csv"
@@ -134,14 +133,14 @@ def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path):
 
     _resume_beside_reference(run_dir, ref, over, cwd=tmp_path, log=tmp_path / "resumed.log")
     res = json.loads((run_dir / "results.json").read_text())
-    assert res["epochs_trained"] == 8 and res["fit_seconds"] > before  # cumulative over both sessions
+    assert res["epochs_trained"] == 4 and res["fit_seconds"] > before  # cumulative over both sessions
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert len(rows) > len(rows_before) and "0" in {r.get("epoch") for r in rows}  # appended, not restarted
     assert _metrics(run_dir / "results.json") == _metrics(ref / "results.json")
 
 
 def test_kill_9_mid_schedule_then_resume_ends_as_an_uninterrupted_run(tmp_path):
-    over = [*TINY_SCHEDULE, "trainer.max_epochs=8", "logger=csv"]  # room for the kill to land inside task 1
+    over = [*TINY_SCHEDULE, "trainer.max_epochs=4", "logger=csv"]
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
     proc = _start(*over, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "killed.log")
     last = run_dir / "tasks" / "1" / "checkpoints" / "last.ckpt"
@@ -197,7 +196,7 @@ def test_a_kill_between_the_state_and_a_tasks_row_still_logs_the_row_once(fast_c
 
 def test_ctrl_c_says_where_the_run_is_and_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start(*SIGNAL_FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "ctrl_c.log")
+    proc = _start(*KILL_FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path, log=tmp_path / "ctrl_c.log")
     rc = _signal_when(proc, lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), signal.SIGINT)
     text = (tmp_path / "ctrl_c.log").read_text()
     assert rc == 130, text[-3000:]
@@ -206,7 +205,7 @@ def test_ctrl_c_says_where_the_run_is_and_how_to_resume(tmp_path):
     assert command in text and str(run_dir / "checkpoints" / "last.ckpt") in text
     p = _cli(*command.split()[3:], cwd=tmp_path)  # the printed command continues the run
     assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads((run_dir / "results.json").read_text())["epochs_trained"] == 12
+    assert json.loads((run_dir / "results.json").read_text())["epochs_trained"] == 4
 
 
 @pytest.mark.parametrize("how", ["run", "sweep", "job_step"])
@@ -220,12 +219,12 @@ def test_sigterm_stops_a_run_or_a_sweep_with_status_143_and_says_how_to_resume(t
 
     if how == "sweep":
         job = tmp_path / "sweep" / "0"
-        args = ["-m", *SIGNAL_FAST, "seed=0,1", f"hydra.sweep.dir={job.parent}"]
+        args = ["-m", *KILL_FAST, "seed=0,1", f"hydra.sweep.dir={job.parent}"]
         command = sweep_resume_command(args, job.parent)
     else:
         job = tmp_path / "run"
-        over = ([*(a for a in SIGNAL_FAST if a != "data.num_workers=0"), "data.num_workers=2"] if how == "job_step"
-                else SIGNAL_FAST)
+        over = ([*(a for a in KILL_FAST if a != "data.num_workers=0"), "data.num_workers=2"] if how == "job_step"
+                else KILL_FAST)
         args = [*over, f"hydra.run.dir={job}"]
         command = resume_command(job)
     group = how == "job_step"
