@@ -36,8 +36,7 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
             key = cause.key.removeprefix(f"{where}.")
             if _lookup(cfg, key)[0]:  # a top-level key, or a nested one (memory.nprobe, cutpaste.area_ratio)
                 raw = _lookup(OmegaConf.to_container(node, resolve=False), key)[1]
-                source = raw[2:-1] if isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") \
-                    and ":" not in raw and raw.count("${") == 1 else None
+                source = interpolated_from(raw)
                 raise ConfigError(source or f"{where}.{key}", cause.detail + (
                     f" ({where}.{key} is {raw})" if source else "")) from None
         if isinstance(cause, AdtrainError):
@@ -51,6 +50,14 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
             found = [k for k, v in cfg.items() if target and not k.startswith("_") and target in str(v)]
             raise ConfigError(f"{where}.{found[0]}" if len(found) == 1 else where, text) from None
         raise
+
+
+def interpolated_from(raw) -> str | None:
+    """The key a plain ``${other.key}`` interpolation (a config value, unresolved) takes its value from:
+    where the user sets it (data.image_size is ${method.image_size}); None for anything else."""
+    if isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") and ":" not in raw and raw.count("${") == 1:
+        return raw[2:-1]
+    return None
 
 
 def _lookup(cfg: dict, key: str) -> tuple[bool, object]:

@@ -16,6 +16,7 @@ from adtrain.errors import ConfigError
 
 log = logging.getLogger("adtrain")
 
+
 def _number(value, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(key, f"must be a number, got {value!r}")
@@ -266,31 +267,25 @@ def _check_crop(data) -> None:
     refuses it too, later)."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from adtrain.build import interpolated_from
     from adtrain.data.transforms import check_crop, size_pair
 
     if not isinstance(data, DictConfig) or "image_size" not in data or "center_crop" not in data:
         return
     raw = OmegaConf.to_container(data, resolve=False)
-    keys = {k: _set_at(raw[k], f"data.{k}") for k in ("image_size", "center_crop")}
+    keys = {k: interpolated_from(raw[k]) or f"data.{k}" for k in ("image_size", "center_crop")}
     try:
         size = size_pair(data.image_size, keys["image_size"])
         crop = size_pair(data.center_crop, keys["center_crop"])
     except OmegaConfBaseException:  # missing or unresolvable: the data module names it
         return
-    if size is not None:
-        try:
-            check_crop(crop, size, keys["center_crop"])
-        except ConfigError as err:
-            if keys["center_crop"] == "data.center_crop":
-                raise
-            raise ConfigError(err.key, f"{err.detail} (data.center_crop is {raw['center_crop']})") from None
-
-
-def _set_at(raw, key: str) -> str:
-    """The key a plain ${other.key} interpolation takes its value from, else key itself."""
-    if isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") and raw.count("${") == 1 and ":" not in raw:
-        return raw[2:-1]
-    return key
+    if size is None:  # the data module says it is null
+        return
+    hint = f" (data.center_crop is {raw['center_crop']})" if keys["center_crop"] != "data.center_crop" else ""
+    try:
+        check_crop(crop, size, keys["center_crop"])
+    except ConfigError as err:
+        raise ConfigError(err.key, err.detail + hint) from None
 
 
 def check_config(cfg: DictConfig) -> None:

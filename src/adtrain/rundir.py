@@ -202,13 +202,14 @@ def refuse_earlier(run_dir: Path, overwrite: bool) -> None:
     """A new run (not resume) may not go into an earlier run's directory unless overwrite=true, nor clear
     one that holds other runs."""
     run_dir = Path(run_dir)
-    if started(run_dir) and not overwrite:
+    if not started(run_dir):
+        return
+    if not overwrite:
         what = ("a finished run (results.json)" if finished(run_dir)
                 else "an earlier run that did not finish (resume=true continues it)")
         raise ConfigError("overwrite", f"{run_dir} holds {what}; overwrite=true replaces it, or choose another "
                           "hydra.run.dir")
-    if started(run_dir):
-        refuse_nested(run_dir)
+    refuse_nested(run_dir)
 
 
 def nested_runs(run_dir: Path) -> list[Path]:
