@@ -26,7 +26,7 @@ def _mvtec_cfg(base_cfg, root, *over):
     return base_cfg("data=mvtec", f"data.root={root}", "data.category=widget", "data.num_workers=0", *over)
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "zero_bytes", "mask_size"])
+@pytest.mark.parametrize("damage", ["corrupt", "zero_bytes", "mask_size", "cut_short", "mask_cut_short"])
 def test_bad_test_files_fail_before_training(base_cfg, mvtec, tmp_path, monkeypatch, damage):
     from adtrain.run import run
 
@@ -37,11 +37,19 @@ def test_bad_test_files_fail_before_training(base_cfg, mvtec, tmp_path, monkeypa
         test_image.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image at all")
     elif damage == "zero_bytes":
         test_image.write_bytes(b"")
+    elif damage == "cut_short":  # a copy that stopped: the header is whole, the pixels are not
+        data = test_image.read_bytes()
+        test_image.write_bytes(data[:len(data) // 2])
     else:
         bad = mvtec / "widget" / "ground_truth" / "crack" / "001_mask.png"
-        Image.fromarray(np.zeros((40, 48), np.uint8)).save(bad)
+        if damage == "mask_size":
+            Image.fromarray(np.zeros((40, 48), np.uint8)).save(bad)
+        else:
+            data = bad.read_bytes()
+            bad.write_bytes(data[:len(data) // 2])
     want = {"corrupt": "not a readable image", "zero_bytes": r"empty file \(0 bytes\)",
-            "mask_size": "mask size 48x40 differs from image"}[damage]
+            "mask_size": "mask size 48x40 differs from image", "cut_short": "cannot read image: OSError",
+            "mask_cut_short": "cannot read image: OSError"}[damage]
     with pytest.raises(DataError, match=rf"^{bad}: {want}") as err:
         run(_mvtec_cfg(base_cfg, mvtec), tmp_path / "run")
     assert "\n" not in str(err.value)

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from adtrain.data.image_io import list_images, mask_values, read_image, read_mask
 from adtrain.errors import DataError
 from adtrain.inference.images import as_rgb
-from adtrain.data.file_checks import header_size
+from adtrain.data.file_checks import check_complete, header_size
 
 ORIENT = 0x0112
 
@@ -200,6 +200,28 @@ def test_unreadable_files_raise_a_data_error_naming_them(tmp_path):
         if name in ("empty.png", "notes.png"):  # header_size reads the header only
             with pytest.raises(DataError, match=name):
                 header_size(path)
+
+
+def test_a_file_cut_short_is_found_before_training_and_data_past_the_end_is_not_a_fault(tmp_path, monkeypatch):
+    """check_complete (the pre-flight check): the two files cut short raise as reading them does; whole
+    files, with or without bytes past their end marker (a camera's trailer), pass, and only a file
+    whose end marker is missing from its tail is decoded."""
+    import adtrain.data.image_io as image_io
+
+    _bad_files(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    for name in ("cut.jpg", "cut.png"):
+        with pytest.raises(DataError, match=rf"{name}: cannot read image: OSError"):
+            check_complete(tmp_path / name)
+    for name in ("ok.jpg", "ok.png"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"trailer_{name}").write_bytes(data + bytes(5000))  # the marker no longer in the tail
+    decoded = []
+    real = image_io.read_image
+    monkeypatch.setattr(image_io, "read_image", lambda p, *a: decoded.append(os.path.basename(p)) or real(p, *a))
+    for name in ("ok.jpg", "ok.png", "trailer_ok.jpg", "trailer_ok.png", "notes.txt"):
+        check_complete(tmp_path / name)  # notes.txt: not a format it knows, left to the decoder
+    assert decoded == ["trailer_ok.jpg", "trailer_ok.png"]
 
 
 # ---------------------------------------------------------------- listing

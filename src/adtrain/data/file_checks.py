@@ -1,9 +1,10 @@
 """Checks of the data files that run before training, so a bad file fails in seconds, not after fitting.
 
 `check_files`: every image file is non-empty and has a readable header, every mask matches its
-image's size, every defects config (MVTec LOCO AD) reads; headers only (PIL's lazy open reads no
+image's size, every PNG and JPEG ends as its format ends (one cut short is decoded to name its
+error), every defects config (MVTec LOCO AD) reads; headers and tails only (PIL's lazy open reads no
 pixels). The test set is listed for this, but only paths are used: no test label is read and no
-test image is decoded before testing. A run also warns when its images are stretched far out of
+test image is decoded before testing (but one whose end is missing, to name its error). A run also warns when its images are stretched far out of
 shape (`warn_stretched`).
 """
 
@@ -39,6 +40,29 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
         raise DataError(path, f"not a readable image ({type(err).__name__}: {err})") from None
 
 
+#: bytes read from a file's end to find its format's end marker (a PNG's IEND chunk, a JPEG's EOI)
+TAIL_BYTES = 1024
+_END_MARKERS = {".png": b"IEND", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """A PNG or JPEG cut short (a copy or a download that stopped) has a whole header, so header_size
+    passes it, and failed only when decoded: a test image, after the whole fit. Its end marker is
+    looked for among its last TAIL_BYTES; where it is not there the file is decoded, and the decoder's
+    error raised as reading it would raise it (a file that merely carries data past its end decodes
+    and passes). Other formats are left to the decoder."""
+    marker = _END_MARKERS.get(os.path.splitext(str(path))[1].lower())
+    if marker is None:
+        return
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+        if marker in f.read():
+            return
+    from adtrain.data.image_io import read_image
+
+    read_image(path)  # DataError naming the file, as the run would have raised it
+
+
 def _problems(samples, with_masks: bool, sizes: list | None = None) -> list[DataError]:
     """The bad files among samples (``sizes``: each readable image's (W, H) appended)."""
     from adtrain.data.image_io import mask_files
@@ -47,11 +71,13 @@ def _problems(samples, with_masks: bool, sizes: list | None = None) -> list[Data
     for s in samples:
         try:
             size = header_size(s.path)
+            check_complete(s.path)
             if sizes is not None:
                 sizes.append(size)
             if with_masks and s.mask_path is not None:
                 for mask in mask_files(s.mask_path):  # a file, or each file of a mask folder
                     msize = header_size(mask)
+                    check_complete(mask)
                     if msize != size:
                         raise DataError(mask, f"mask size {msize[0]}x{msize[1]} differs from image {s.path} "
                                         f"{size[0]}x{size[1]}")
