@@ -89,3 +89,17 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_they_were():
+    """A test that runs the CLI in this process may leave its signal handlers behind (Lightning sets
+    SIGINT to ignored after a KeyboardInterrupt, a sweep its between-jobs handler); the next test, and
+    every process it starts, would inherit them: what a test sees must not depend on the one before."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in before.items():
+        if handler is not None and signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
