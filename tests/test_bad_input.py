@@ -68,6 +68,8 @@ def test_bad_test_files_fail_before_training(base_cfg, mvtec, tmp_path, monkeypa
     ("method.center_crop=[300,300]", "method.center_crop", "is larger than image_size"),  # data's is ${method...}
     ("data.center_crop=[300,300]", "data.center_crop", "is larger than image_size"),
     ("method.image_size=[0,0]", "method.image_size", "sizes must be positive"),
+    ("+data.bit_depth=[310,290]", "data.bit_depth", "low < high"),
+    ("+data.bit_depth=20", "data.bit_depth", "from 8 to 16"),
 ])
 def test_bad_config_values_fail_before_anything_is_written(fast_cfg, tmp_path, over, key, words):
     from adtrain.run import run

@@ -2,6 +2,7 @@
 colour, read over their real range in training, testing, the image cache and adtrain.predict alike."""
 
 import csv
+import json
 from pathlib import Path
 
 import cv2
@@ -61,6 +62,35 @@ def test_bad_bit_depths_name_the_key():
         assert err.value.key == "data.bit_depth"
 
 
+def test_a_value_range_reads_16bit_32bit_and_float_images_over_it(tmp_path):
+    """data.bit_depth=[low, high]: an X-ray's window of its 16-bit values, a thermal camera's kelvin:
+    low..high read as 0..255, values outside clipped, on every image wider than 8 bits; 8-bit as stored."""
+    window = (1000.0, 3000.0)
+    grey = np.linspace(500, 3500, 48).astype(np.uint16).reshape(6, 8)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    want = np.round((np.clip(grey.astype(np.float64), *window) - 1000) * 255 / 2000).astype(np.uint8)
+    assert (read_image(tmp_path / "g.png", window) == want[:, :, None]).all()
+    colour = np.dstack([grey, grey[::-1], grey[:, ::-1]])
+    cv2.imwrite(str(tmp_path / "c.png"), colour[:, :, ::-1])
+    want_c = np.round((np.clip(colour.astype(np.float64), *window) - 1000) * 255 / 2000).astype(np.uint8)
+    assert (read_image(tmp_path / "c.png", window) == want_c).all()
+    kelvin = (np.linspace(285, 315, 48, dtype=np.float32).reshape(6, 8))
+    kelvin[0, 0] = np.nan  # a dead pixel: black, not a crash
+    tifffile.imwrite(tmp_path / "k.tif", kelvin)
+    out = read_image(tmp_path / "k.tif", (290, 310))[..., 0]
+    ref = np.round((np.clip(np.nan_to_num(kelvin.astype(np.float64), nan=290), 290, 310) - 290) * 255 / 20)
+    assert (out == ref.astype(np.uint8)).all() and out[0, 0] == 0 and out.max() == 255
+    tifffile.imwrite(tmp_path / "i32.tif", grey.astype(np.int32))
+    assert (read_image(tmp_path / "i32.tif", window)[..., 0] == want).all()
+    eight = (np.arange(48, dtype=np.uint8) * 5).reshape(6, 8)
+    Image.fromarray(eight).save(tmp_path / "e.png")
+    assert (read_image(tmp_path / "e.png", window)[..., 0] == eight).all()
+    assert check_bit_depth([290, 310]) == (290.0, 310.0) and check_bit_depth((0.5, 1)) == (0.5, 1.0)
+    for bad in ([310, 290], [1, 1], [1], [0, "a"], [0, float("nan")], [True, 2]):
+        with pytest.raises(ConfigError, match=r"data.bit_depth.*\[low, high\]"):
+            check_bit_depth(bad)
+
+
 def _tree(root: Path) -> None:
     """A folder dataset of 16-bit PNGs holding 12-bit values: normals dim noise, defects a bright square."""
     rng = np.random.default_rng(0)
@@ -101,6 +131,46 @@ def test_a_run_and_predict_read_12bit_files_alike(tmp_path, base_cfg):
     assert len(keys) == 2
 
 
+def test_a_thermal_dataset_in_kelvin_runs_and_predicts_over_its_range(tmp_path, base_cfg):
+    """Float TIFFs in kelvin: refused without a range (never clipped to white), read over
+    data.bit_depth=[290,310] by the run, the image cache and predict alike."""
+    from adtrain.data.image_cache import cache_key
+    from adtrain.errors import DataError
+    from adtrain.predict import predict
+    from adtrain.run import run
+    from tests.conftest import FAST_BASE, compose
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "thermal"
+    for folder, n, hot in (("good", 16, False), ("test_good", 4, False), ("bad/hot", 4, True)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            frame = (295 + rng.random((48, 48)) * 4).astype(np.float32)
+            if hot:
+                frame[10:24, 12:26] = 308.5
+            tifffile.imwrite(root / folder / f"{i:03d}.tif", frame)
+    data = ["data=folder", f"data.normal_dir={root}/good", f"data.normal_test_dir={root}/test_good",
+            f"data.abnormal_dir={root}/bad", "data.num_workers=0", f"paths.cache_dir={tmp_path}/cache"]
+    with pytest.raises(DataError, match="cannot read image: a 32-bit float image with values from 29"):
+        run(base_cfg(*data, "method=patchcore"), tmp_path / "refused")
+    res = run(base_cfg(*data, "method=patchcore", "data.bit_depth=[290,310]"), tmp_path / "run")
+    assert res["image_auroc"] == 1.0
+    scores = {r["path"]: float(r["score"]) for r in csv.DictReader(open(tmp_path / "run" / "scores.csv"))}
+    out = predict(str(tmp_path / "run" / "checkpoints" / "model.ckpt"), f"{root}/bad/hot", heatmaps=False,
+                  out=str(tmp_path / "pred"))
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 4 and all(float(r["score"]) == pytest.approx(scores[r["path"]], rel=1e-5) for r in rows)
+    from adtrain.build import _instantiate
+
+    keys = set()
+    for window in ("[290,310]", "[280,320]"):  # the image cache keeps the two readings apart
+        dm = _instantiate(compose(*FAST_BASE, *data, "method=patchcore", f"data.bit_depth={window}").data, "data",
+                          drop=("name",))
+        dm.setup()
+        keys.add(cache_key(dm.train_samples, dm.sample_loader(), dm.image_size, dm.resize))
+    assert len(keys) == 2
+
+
 def test_a_16bit_colour_mask_keeps_a_defect_of_value_one(tmp_path):
     """Pillow keeps a 48-bit file's high bytes: a mask drawn with value 1 would read as empty."""
     from adtrain.data.image_io import read_mask
@@ -123,3 +193,6 @@ def test_exports_carry_the_bit_depth_in_their_preprocessing():
     assert Preprocessing.from_dict(older).bit_depth is None
     with pytest.raises(ConfigError, match="preprocessing.bit_depth"):
         Preprocessing.from_dict({**pre.to_dict(), "bit_depth": 40})
+    windowed = Preprocessing((64, 64), None, (0.5,) * 3, (0.5,) * 3, "pil_bilinear", (290.0, 310.0))
+    assert json.loads(json.dumps(windowed.to_dict()))["bit_depth"] == [290.0, 310.0]
+    assert Preprocessing.from_dict(json.loads(json.dumps(windowed.to_dict()))) == windowed

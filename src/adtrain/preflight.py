@@ -288,6 +288,20 @@ def _check_crop(data) -> None:
         raise ConfigError(err.key, err.detail + hint) from None
 
 
+def _check_bit_depth(data) -> None:
+    """data.bit_depth (null, bits or [low, high]), before the run directory is written."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from adtrain.data.image_io import check_bit_depth
+
+    if isinstance(data, DictConfig) and "bit_depth" in data:
+        try:
+            value = OmegaConf.to_object(data.bit_depth) if OmegaConf.is_config(data.bit_depth) else data.bit_depth
+        except OmegaConfBaseException:  # missing or unresolvable: the data module names it
+            return
+        check_bit_depth(value)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config values that would otherwise fail only after training (or never end)."""
     check_flags(cfg)
@@ -327,6 +341,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_method_numbers(cfg.get("method") or {})
     _check_normalisation(cfg.get("backbone") or {})
     _check_crop(cfg.get("data"))
+    _check_bit_depth(cfg.get("data"))
     _check_backbone_weights(cfg.get("backbone") or {})
     schedule = cfg.get("schedule") or {}
     if schedule.get("tasks") is not None:  # an empty list ran one task silently

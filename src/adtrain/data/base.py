@@ -91,8 +91,10 @@ class AnomalyDataModule(LightningDataModule):
     torchvision's Resize of a PIL image, antialiased), pil_lanczos, cv2_linear (OpenCV bilinear,
     not antialiased; adtrain's rule before the key existed). Masks: nearest, whatever the rule.
     bit_depth: null = a 16-bit image's full range (0-65535) maps onto 0-255; N (8-16) = its values
-    use N bits (a 12-bit camera's 0-4095 in 16-bit files: 12), larger ones clipped. 8-bit images
-    are read as they are either way (``adtrain.data.image_io.check_bit_depth``).
+    use N bits (a 12-bit camera's 0-4095 in 16-bit files: 12), larger ones clipped; [low, high] = the
+    values of any image wider than 8 bits (16-bit, 32-bit, float) from low to high map onto 0-255,
+    those outside clipped (an X-ray window, a thermal camera's kelvin). 8-bit images are read as they
+    are either way (``adtrain.data.image_io.check_bit_depth``).
     cache: auto = decoded, resized images kept in ``cache_dir`` (adtrain.data.image_cache) and
     shared by epochs, jobs and tasks; off = decoded every time.
     augment: albumentations transforms (objects or `_target_` dicts), training images only.
@@ -114,7 +116,7 @@ class AnomalyDataModule(LightningDataModule):
                  synthetic_anomaly: object | None = None, val_anomalies: object | None = None,
                  cache: str | bool = "off", cache_dir: str | None = None, cache_max_gb: float = 20.0,
                  device_normalize: str | bool = "auto", resize: str = DEFAULT_RESIZE,
-                 bit_depth: int | None = None):
+                 bit_depth=None):
         super().__init__()
         category = to_plain(category)
         if isinstance(category, (list, tuple)):

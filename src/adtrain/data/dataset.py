@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from adtrain.data.image_io import read_image, read_mask
+from adtrain.data.image_io import BitDepth, check_bit_depth, read_image, read_mask
 from adtrain.data.regions import pack_regions
 from adtrain.data.resize import resize_mask
 from adtrain.data.sampling import Draw
@@ -31,7 +31,7 @@ class Sample:
     defect: str
 
 
-def load_sample(sample: Sample, bit_depth: int | None = None) -> Loaded:
+def load_sample(sample: Sample, bit_depth: BitDepth = None) -> Loaded:
     """Default loader: image from sample.path, mask from sample.mask_path (size checked)."""
     image = read_image(sample.path, bit_depth)
     if sample.mask_path is None:
@@ -41,17 +41,18 @@ def load_sample(sample: Sample, bit_depth: int | None = None) -> Loaded:
 
 
 class BitDepthLoader:
-    """``load_sample`` reading 16-bit images as ``bit_depth``-bit values (``data.bit_depth``); its repr
-    enters the image cache's key, so images cached at another bit depth are not served."""
+    """``load_sample`` reading images wider than 8 bits by ``data.bit_depth`` (bits, or a [low, high]
+    range); its repr enters the image cache's key, so images cached at another bit depth are not served."""
 
-    def __init__(self, bit_depth: int):
-        self.bit_depth = int(bit_depth)
+    def __init__(self, bit_depth: BitDepth):
+        self.bit_depth = check_bit_depth(bit_depth)
 
     def __call__(self, sample: Sample) -> Loaded:
         return load_sample(sample, self.bit_depth)
 
     def __repr__(self) -> str:
-        return f"BitDepthLoader(bit_depth={self.bit_depth})"
+        b = self.bit_depth
+        return f"BitDepthLoader(bit_depth={list(b) if isinstance(b, tuple) else b})"
 
 
 def reads_files(loader) -> bool:
@@ -230,7 +231,7 @@ def collate(items: list[dict]) -> dict:
 class PredictDataset(Dataset):
     """Images only (no labels): yields {'image', 'path'} with the eval transform."""
 
-    def __init__(self, paths: Sequence[str | Path], transform, bit_depth: int | None = None):
+    def __init__(self, paths: Sequence[str | Path], transform, bit_depth: BitDepth = None):
         self.paths = [str(p) for p in paths]
         self.transform = transform
         self.bit_depth = bit_depth

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -45,24 +46,43 @@ def _load(im: Image.Image, path: str | Path) -> Image.Image:
         raise read_error(path, e) from None
 
 
-def check_bit_depth(bit_depth, key: str = "data.bit_depth") -> int | None:
-    """None (a 16-bit file's full 0-65535 range) or the bits its values use, 8-16 (a 12-bit camera's
-    0-4095 stored in a 16-bit PNG or TIFF: bit_depth=12)."""
+#: ``data.bit_depth``: None (a 16-bit image's full range), the bits its values use, or the (low, high)
+#: range of values read as 0-255 (any image wider than 8 bits: 16-bit, 32-bit integer, float)
+BitDepth = Union[int, tuple[float, float], None]
+
+
+def check_bit_depth(bit_depth, key: str = "data.bit_depth") -> BitDepth:
+    """None (a 16-bit file's full 0-65535 range), the bits its values use, 8-16 (a 12-bit camera's
+    0-4095 stored in a 16-bit PNG or TIFF: bit_depth=12), or [low, high]: the values of an image wider
+    than 8 bits from low to high read as 0-255, those outside clipped (an X-ray's window of its 16-bit
+    values, a thermal camera's float kelvin: [290, 310])."""
     if bit_depth is None:
         return None
+    if isinstance(bit_depth, (list, tuple)):
+        if len(bit_depth) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                                       for v in bit_depth) and bit_depth[0] < bit_depth[1]:
+            return float(bit_depth[0]), float(bit_depth[1])
+        raise ConfigError(key, f"as a range must be [low, high], two numbers with low < high (the values read as "
+                          f"black and white), got {list(bit_depth)!r}")
     if isinstance(bit_depth, bool) or not isinstance(bit_depth, int) or not 8 <= bit_depth <= 16:
-        raise ConfigError(key, f"must be null (16-bit files use their full range) or a whole number of bits "
-                          f"from 8 to 16 (e.g. 12 for a 12-bit camera's images in 16-bit files), got {bit_depth!r}")
+        raise ConfigError(key, f"must be null (16-bit files use their full range), a whole number of bits from 8 "
+                          f"to 16 (e.g. 12 for a 12-bit camera's images in 16-bit files) or a range [low, high] "
+                          f"of values read as 0-255, got {bit_depth!r}")
     return bit_depth
 
 
-def _to_uint8(arr: np.ndarray, mode: str, bit_depth: int | None = None) -> np.ndarray:
-    """Scale a high bit depth or float single-channel array to uint8: 16-bit values over
-    0..2**bit_depth - 1 (bit_depth None: 16), larger values clipped; float values over 0..1 when
-    none exceeds 1, else over 0..255, and a ValueRangeError (read_image: a DataError naming the file)
-    when any lies outside 0..255, rather than a clipped image."""
+def _to_uint8(arr: np.ndarray, mode: str, bit_depth: BitDepth = None) -> np.ndarray:
+    """Scale a high bit depth or float single-channel array to uint8: with a (low, high) range, every
+    value over low..high, those outside clipped; else 16-bit values over 0..2**bit_depth - 1
+    (bit_depth None: 16), larger values clipped; float values over 0..1 when none exceeds 1, else over
+    0..255, and a ValueRangeError (read_image: a DataError naming the file) when any lies outside
+    0..255, rather than a clipped image."""
     if arr.dtype == np.uint8:
         return arr
+    if isinstance(bit_depth, tuple):
+        low, high = bit_depth
+        a = np.nan_to_num(arr.astype(np.float64), nan=low)
+        return np.round((np.clip(a, low, high) - low) * (255.0 / (high - low))).astype(np.uint8)
     top = float(2 ** (bit_depth or 16) - 1)
     if mode.startswith("I;16") or arr.dtype in (np.uint16, np.int16):  # I;16S: negative values are 0
         return np.round(np.clip(arr.astype(np.float64), 0, top) * (255.0 / top)).astype(np.uint8)
@@ -71,8 +91,9 @@ def _to_uint8(arr: np.ndarray, mode: str, bit_depth: int | None = None) -> np.nd
         low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         if low < 0.0 or high > 255.0:  # clipped, a thermal frame in kelvin would read all white
             raise ValueRangeError(f"a 32-bit float image with values from {low:.6g} to {high:.6g}: float images are "
-                             "read as brightness from 0 to 1 (or 0 to 255), not clipped to it; convert it to "
-                             "8- or 16-bit (16-bit: data.bit_depth) over a range fixed for the whole dataset")
+                             "read as brightness from 0 to 1 (or 0 to 255), not clipped to it; set "
+                             "data.bit_depth=[low, high], the values read as black and white, one range for the "
+                             "whole dataset")
         if high <= 1.0:
             a = a * 255.0
         return np.clip(np.round(a), 0, 255).astype(np.uint8)
@@ -82,10 +103,10 @@ def _to_uint8(arr: np.ndarray, mode: str, bit_depth: int | None = None) -> np.nd
     return np.round(np.clip(arr.astype(np.float64), 0, top) * (255.0 / top)).astype(np.uint8)
 
 
-def image_to_rgb(im: Image.Image, bit_depth: int | None = None, turn: int | None = None) -> np.ndarray:
+def image_to_rgb(im: Image.Image, bit_depth: BitDepth = None, turn: int | None = None) -> np.ndarray:
     """A PIL image of any mode -> RGB uint8 (H,W,3), upright (its EXIF orientation applied:
     adtrain.data.orientation; ``turn`` None: read from ``im``); alpha is dropped. A 16-bit (or 32-bit
-    integer) image's values are read as ``bit_depth``-bit ones (``check_bit_depth``); 8-bit images are
+    integer, or float) image's values are read by ``bit_depth`` (``check_bit_depth``); 8-bit images are
     as they are."""
     if turn is None:  # a PIL image given as it is (adtrain.Detector)
         before = orientation(im)
@@ -149,12 +170,12 @@ def _stored_tiff_rgb(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def _read_wide_colour(path: str | Path, bit_depth: int | None, turn: int, fmt: str | None) -> np.ndarray:
+def _read_wide_colour(path: str | Path, bit_depth: BitDepth, turn: int, fmt: str | None) -> np.ndarray:
     """A 16-bit colour file scaled to uint8 as a 16-bit grey image is, upright."""
     return np.require(_to_uint8(_wide_rgb(path, turn, fmt), "RGB;16", bit_depth), np.uint8, ("C", "W"))
 
 
-def read_image(path: str | Path, bit_depth: int | None = None) -> np.ndarray:
+def read_image(path: str | Path, bit_depth: BitDepth = None) -> np.ndarray:
     """Read any image as RGB uint8 (H,W,3) (``bit_depth``: image_to_rgb; 16-bit colour files too).
     Raises DataError(path, 'cannot read image: ...')."""
     with _open(path) as im:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from adtrain.data.dataset import WorkerDataError
 from adtrain.errors import ConfigError, DataError
 from adtrain.inference.graph import OUTPUTS, Preprocessing
 from adtrain.inference.images import as_rgb, image_list
+
+if TYPE_CHECKING:
+    from adtrain.data.image_io import BitDepth
 
 
 def resolve_device(device: str, key: str = "device", available: bool = True) -> torch.device:
@@ -81,7 +84,7 @@ class _Items(Dataset):
     """Images (paths, PIL, arrays) -> {'image': transform(rgb), 'display': uint8 input, 'index'}."""
 
     def __init__(self, items: list, names: list[str], transform, display, skip_unreadable: bool = False,
-                 bit_depth: int | None = None):
+                 bit_depth: BitDepth = None):
         self.items, self.names, self.transform, self.display = items, names, transform, display
         self.skip_unreadable, self.bit_depth = skip_unreadable, bit_depth
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from adtrain.data.image_io import check_bit_depth
+from adtrain.data.image_io import BitDepth, check_bit_depth
 from adtrain.data.resize import LEGACY, resize_rule, resize_tensor
 from adtrain.errors import DataError
 
@@ -33,9 +33,9 @@ class Preprocessing:
     std: tuple[float, float, float]
     #: ``data.resize`` (adtrain.data.resize.RULES)
     resize: str
-    #: ``data.bit_depth``: how 16-bit files are read (None: their full range); applied where files
-    #: are decoded (adtrain.Detector), before the graph, which takes uint8 images
-    bit_depth: int | None = None
+    #: ``data.bit_depth``: how images wider than 8 bits are read (None: a 16-bit file's full range; bits;
+    #: a (low, high) range); applied where files are decoded (adtrain.Detector), before the uint8 graph
+    bit_depth: BitDepth = None
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from adtrain.errors import DataError
+
+if TYPE_CHECKING:
+    from adtrain.data.image_io import BitDepth
 
 
 def _from_array(arr: np.ndarray, where: str) -> np.ndarray:
@@ -22,7 +25,7 @@ def _from_array(arr: np.ndarray, where: str) -> np.ndarray:
     raise DataError(where, f"expected an (H,W), (H,W,3) or (H,W,4) image, got shape {arr.shape}")
 
 
-def as_rgb(image: Any, where: str, bit_depth: int | None = None) -> np.ndarray:
+def as_rgb(image: Any, where: str, bit_depth: BitDepth = None) -> np.ndarray:
     """A path, PIL image or uint8 array -> RGB uint8 (H,W,3) (16-bit files and PIL images read as
     ``bit_depth``-bit values: adtrain.data.image_io.image_to_rgb); DataError naming it otherwise."""
     from PIL import Image
