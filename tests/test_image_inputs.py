@@ -203,24 +203,30 @@ def test_unreadable_files_raise_a_data_error_naming_them(tmp_path):
 
 
 def test_a_file_cut_short_is_found_before_training_and_data_past_the_end_is_not_a_fault(tmp_path, monkeypatch):
-    """check_complete (the pre-flight check): the two files cut short raise as reading them does; whole
-    files, with or without bytes past their end marker (a camera's trailer), pass, and only a file
-    whose end marker is missing from its tail is decoded."""
+    """check_complete (the pre-flight check): files cut short raise as reading them does; whole files,
+    with or without bytes past their end (a camera's trailer), pass; only a PNG or JPEG whose end marker
+    is missing from its tail is decoded to find out (a BMP's or WebP's header says its length)."""
     import adtrain.data.image_io as image_io
 
     _bad_files(tmp_path)
+    for ext in ("bmp", "webp"):
+        Image.fromarray(_pattern(30, 40)).save(tmp_path / f"ok.{ext}")
+        data = (tmp_path / f"ok.{ext}").read_bytes()
+        (tmp_path / f"cut.{ext}").write_bytes(data[: len(data) // 2])
     (tmp_path / "notes.txt").write_text("not an image\n")
-    for name in ("cut.jpg", "cut.png"):
+    for name in ("cut.jpg", "cut.png", "cut.bmp", "cut.webp"):
         with pytest.raises(DataError, match=rf"{name}: cannot read image: OSError"):
             check_complete(tmp_path / name)
-    for name in ("ok.jpg", "ok.png"):
+    for name in ("ok.jpg", "ok.png", "ok.bmp", "ok.webp"):
         data = (tmp_path / name).read_bytes()
-        (tmp_path / f"trailer_{name}").write_bytes(data + bytes(5000))  # the marker no longer in the tail
+        (tmp_path / f"trailer_{name}").write_bytes(data + bytes(5000))  # a PNG's, JPEG's marker not in the tail
     decoded = []
     real = image_io.read_image
     monkeypatch.setattr(image_io, "read_image", lambda p, *a: decoded.append(os.path.basename(p)) or real(p, *a))
-    for name in ("ok.jpg", "ok.png", "trailer_ok.jpg", "trailer_ok.png", "notes.txt"):
-        check_complete(tmp_path / name)  # notes.txt: not a format it knows, left to the decoder
+    for ext in ("jpg", "png", "bmp", "webp"):
+        check_complete(tmp_path / f"ok.{ext}")
+        check_complete(tmp_path / f"trailer_ok.{ext}")
+    check_complete(tmp_path / "notes.txt")  # not a format it knows: left to the decoder
     assert decoded == ["trailer_ok.jpg", "trailer_ok.png"]
 
 

@@ -1,11 +1,11 @@
 """Checks of the data files that run before training, so a bad file fails in seconds, not after fitting.
 
 `check_files`: every image file is non-empty and has a readable header, every mask matches its
-image's size, every PNG and JPEG ends as its format ends (one cut short is decoded to name its
-error), every defects config (MVTec LOCO AD) reads; headers and tails only (PIL's lazy open reads no
-pixels). The test set is listed for this, but only paths are used: no test label is read and no
-test image is decoded before testing (but one whose end is missing, to name its error). A run also warns when its images are stretched far out of
-shape (`warn_stretched`).
+image's size, every PNG, JPEG, BMP and WebP ends as its format says (one cut short is decoded to
+name its error), every defects config (MVTec LOCO AD) reads; headers and tails only (PIL's lazy
+open reads no pixels). The test set is listed for this, but only paths are used: no test label is
+read and no test image is decoded before testing (but one cut short, to name its error). A run
+also warns when its images are stretched far out of shape (`warn_stretched`).
 """
 
 from __future__ import annotations
@@ -43,20 +43,37 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
 #: bytes read from a file's end to find its format's end marker (a PNG's IEND chunk, a JPEG's EOI)
 TAIL_BYTES = 1024
 _END_MARKERS = {".png": b"IEND", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+_CHECKED = (*_END_MARKERS, ".bmp", ".webp")
+
+
+def _looks_whole(f, suffix: str, size: int) -> bool:
+    """Does the open file end as its format says? PNG, JPEG: the end marker among the last TAIL_BYTES;
+    BMP, WebP: at least the length their header declares (a BMP's bfSize, 0 where a writer leaves it
+    out; a WebP's RIFF size + 8)."""
+    if suffix in _END_MARKERS:
+        f.seek(max(0, size - TAIL_BYTES))
+        return _END_MARKERS[suffix] in f.read()
+    head = f.read(12)
+    if suffix == ".bmp" and head[:2] == b"BM":
+        return size >= int.from_bytes(head[2:6], "little")
+    if suffix == ".webp" and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    return True  # not the format its name says: left to the decoder
 
 
 def check_complete(path: str | os.PathLike) -> None:
-    """A PNG or JPEG cut short (a copy or a download that stopped) has a whole header, so header_size
-    passes it, and failed only when decoded: a test image, after the whole fit. Its end marker is
-    looked for among its last TAIL_BYTES; where it is not there the file is decoded, and the decoder's
-    error raised as reading it would raise it (a file that merely carries data past its end decodes
-    and passes). Other formats are left to the decoder."""
-    marker = _END_MARKERS.get(os.path.splitext(str(path))[1].lower())
-    if marker is None:
+    """A PNG, JPEG, BMP or WebP cut short (a copy or a download that stopped) has a whole header, so
+    header_size passes it, and failed only when decoded: a test image, after the whole fit. Where the
+    file does not end as its format says (``_looks_whole``) it is decoded, and the decoder's error
+    raised as reading it would raise it (a file that merely carries data past its end decodes and
+    passes). Other formats (TIFF) are left to the decoder."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix not in _CHECKED:
         return
     with open(path, "rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
-        if marker in f.read():
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        if _looks_whole(f, suffix, size):
             return
     from adtrain.data.image_io import read_image
 
