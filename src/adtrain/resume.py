@@ -193,7 +193,7 @@ def _another_job(run_dir: Path, stored: dict, cfg: DictConfig, keys: list[str] |
     aside), its .hydra/ record put back as it was, with the sweep's way to resume (not a single run's)."""
     refused = [d for d in config_diff(stored, OmegaConf.to_container(cfg, resolve=True), keys) if not resumable(d[0])]
     if refused:
-        from adtrain.sweep import restore_record
+        from adtrain.sweep_dir import restore_record
 
         restore_record(run_dir)  # Hydra has rewritten its .hydra/ for this job already
         raise ConfigError("resume", f"{run_dir} holds another job of a sweep ({_shown(refused)}): a sweep is resumed "
