@@ -91,9 +91,9 @@ def _to_uint8(arr: np.ndarray, mode: str, bit_depth: BitDepth = None) -> np.ndar
         low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         if low < 0.0 or high > 255.0:  # clipped, a thermal frame in kelvin would read all white
             raise ValueRangeError(f"a 32-bit float image with values from {low:.6g} to {high:.6g}: float images are "
-                             "read as brightness from 0 to 1 (or 0 to 255), not clipped to it; set "
-                             "data.bit_depth=[low, high], the values read as black and white, one range for the "
-                             "whole dataset")
+                             "read as brightness from 0 to 1 (or 0 to 255), not clipped to it; a run reads them "
+                             "with data.bit_depth=[low, high] (the values read as black and white, one range for "
+                             "the whole dataset), and its model, predict and exports then read them so too")
         if high <= 1.0:
             a = a * 255.0
         return np.clip(np.round(a), 0, 255).astype(np.uint8)
