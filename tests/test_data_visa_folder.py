@@ -187,3 +187,29 @@ def test_a_run_warns_when_its_images_are_stretched_far_out_of_shape(tmp_path, ca
         check_files(shaped, test=False)
     assert "stretched" not in caplog.text
     assert warn_stretched([(1500, 1000)] * 3 + [(300, 3000)], (256, 256)) == pytest.approx(1.5)  # the median shape
+
+
+def test_images_far_smaller_than_the_rest_of_their_split_are_named(tmp_path, caplog):
+    """A 1x1 placeholder and a thumbnail among 96x64 frames, in training and in test: each split names
+    its own; a split of uniformly small images, or a frame a little smaller, is not warned about."""
+    from adtrain.data.file_checks import check_files, warn_small
+
+    good, test_good, bad = tmp_path / "good", tmp_path / "test_good", tmp_path / "bad" / "crack"
+    for folder in (good, test_good, bad):
+        folder.mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(np.full((64, 96, 3), 90, np.uint8)).save(good / f"{i}.png")
+        Image.fromarray(np.full((64, 96, 3), 90, np.uint8)).save(test_good / f"{i}.png")
+        Image.fromarray(np.full((64, 96, 3), 200, np.uint8)).save(bad / f"{i}.png")
+    Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(good / "placeholder.png")
+    Image.fromarray(np.full((12, 16, 3), 200, np.uint8)).save(bad / "thumb.png")
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(bad / "smaller.png")  # 1.6x: not warned
+    dm = FolderDataModule(normal_dir=str(good), normal_test_dir=str(test_good), abnormal_dir=str(tmp_path / "bad"),
+                          image_size=[64, 96], batch_size=4)
+    dm.setup()
+    with caplog.at_level("WARNING", logger="adtrain"):
+        check_files(dm)
+    said = [r.getMessage() for r in caplog.records if "smaller than the split's typical" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("1 training image(s)") and "placeholder.png (1x1)" in said[0]
+    assert said[1].startswith("1 test image(s)") and "thumb.png (16x12)" in said[1] and "smaller.png" not in said[1]
+    assert warn_small([(16, 12)] * 6, [f"{i}.png" for i in range(6)], "training") == []

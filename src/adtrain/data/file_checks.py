@@ -5,7 +5,8 @@ image's size, every PNG, JPEG, BMP and WebP ends as its format says (one cut sho
 name its error), every defects config (MVTec LOCO AD) reads; headers and tails only (PIL's lazy
 open reads no pixels). The test set is listed for this, but only paths are used: no test label is
 read and no test image is decoded before testing (but one cut short, to name its error). A run
-also warns when its images are stretched far out of shape (`warn_stretched`).
+also warns when its images are stretched far out of shape (`warn_stretched`) and names the images
+far smaller than the rest of their split (`warn_small`).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def check_complete(path: str | os.PathLike) -> None:
     read_image(path)  # DataError naming the file, as the run would have raised it
 
 
-def _problems(samples, with_masks: bool, sizes: list | None = None) -> list[DataError]:
-    """The bad files among samples (``sizes``: each readable image's (W, H) appended)."""
+def _problems(samples, with_masks: bool, sizes: list | None = None, paths: list | None = None) -> list[DataError]:
+    """The bad files among samples (``sizes``: each readable image's (W, H) appended, ``paths`` its path)."""
     from adtrain.data.image_io import mask_files
 
     found = []
@@ -91,6 +92,8 @@ def _problems(samples, with_masks: bool, sizes: list | None = None) -> list[Data
             check_complete(s.path)
             if sizes is not None:
                 sizes.append(size)
+            if paths is not None:
+                paths.append(s.path)
             if with_masks and s.mask_path is not None:
                 for mask in mask_files(s.mask_path):  # a file, or each file of a mask folder
                     msize = header_size(mask)
@@ -125,6 +128,27 @@ def warn_stretched(sizes: list[tuple[int, int]], image_size, limit: float = STRE
     return stretch
 
 
+#: an image this many times smaller than its split's median size along a side is warned about
+SMALL_OUTLIER = 4.0
+
+
+def warn_small(sizes: list[tuple[int, int]], paths: list, split: str, factor: float = SMALL_OUTLIER) -> list:
+    """Warn about the images ``factor`` times or more smaller than the split's median width or height
+    (a 1x1 placeholder or a thumbnail among camera frames: upscaled to the input, it is trained on or
+    scored as a frame). A split of uniformly small images is not warned about. Returns their paths."""
+    if len(sizes) < 4:
+        return []
+    mid_w = sorted(w for w, _ in sizes)[len(sizes) // 2]
+    mid_h = sorted(h for _, h in sizes)[len(sizes) // 2]
+    small = [(p, w, h) for p, (w, h) in zip(paths, sizes) if w * factor <= mid_w or h * factor <= mid_h]
+    if small:
+        listed = ", ".join(f"{p} ({w}x{h})" for p, w, h in small[:MAX_LISTED]) + (", ..." if len(small) > MAX_LISTED
+                                                                                 else "")
+        log.warning("%d %s image(s) are %gx or more smaller than the split's typical %dx%d along a side, and are "
+                    "upscaled to the model's input as any other: %s", len(small), split, factor, mid_w, mid_h, listed)
+    return [p for p, _, _ in small]
+
+
 def check_files(dm, test: bool = True) -> None:
     """Headers, sizes and emptiness of every training, held-out and (test=true) test file of dm.
 
@@ -135,10 +159,14 @@ def check_files(dm, test: bool = True) -> None:
     if not reads_files(dm.sample_loader()):
         return
     sizes: list[tuple[int, int]] = []
-    found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False, sizes=sizes)
+    paths: list = []
+    found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False, sizes=sizes, paths=paths)
     warn_stretched(sizes, getattr(dm, "image_size", None))
+    warn_small(sizes, paths, "training")
     if test:
-        found += _problems(dm._test_samples(), with_masks=True)
+        sizes, paths = [], []
+        found += _problems(dm._test_samples(), with_masks=True, sizes=sizes, paths=paths)
+        warn_small(sizes, paths, "test")
         regions = dm.spro_regions()  # MVTec LOCO AD's defects_config.json files (AU-sPRO)
         try:
             regions is not None and regions.check()
