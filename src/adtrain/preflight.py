@@ -293,10 +293,11 @@ def _check_bit_depth(data) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from adtrain.data.image_io import check_bit_depth
+    from adtrain.data.transforms import to_plain
 
     if isinstance(data, DictConfig) and "bit_depth" in data:
         try:
-            value = OmegaConf.to_object(data.bit_depth) if OmegaConf.is_config(data.bit_depth) else data.bit_depth
+            value = to_plain(data.bit_depth)
         except OmegaConfBaseException:  # missing or unresolvable: the data module names it
             return
         check_bit_depth(value)

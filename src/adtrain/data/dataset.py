@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from adtrain.data.image_io import BitDepth, check_bit_depth, read_image, read_mask
+from adtrain.data.image_io import BitDepth, read_image, read_mask
 from adtrain.data.regions import pack_regions
 from adtrain.data.resize import resize_mask
 from adtrain.data.sampling import Draw
@@ -45,7 +45,7 @@ class BitDepthLoader:
     range); its repr enters the image cache's key, so images cached at another bit depth are not served."""
 
     def __init__(self, bit_depth: BitDepth):
-        self.bit_depth = check_bit_depth(bit_depth)
+        self.bit_depth = bit_depth  # as image_io.check_bit_depth returned it (the data module's)
 
     def __call__(self, sample: Sample) -> Loaded:
         return load_sample(sample, self.bit_depth)

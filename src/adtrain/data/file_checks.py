@@ -22,23 +22,29 @@ log = logging.getLogger("adtrain")
 MAX_LISTED = 3
 
 
-def header_size(path: str | os.PathLike) -> tuple[int, int]:
+def header_size(path: str | os.PathLike, whole: bool = False) -> tuple[int, int]:
     """(W, H) from the file's header, upright (an EXIF orientation that turns the image a quarter
     swaps them, as image_io.read_image turns the pixels); DataError naming the file if it is empty or
-    not an image."""
+    not an image. whole: also check_complete, through the same open file."""
     from PIL import Image, UnidentifiedImageError
 
     from adtrain.data.orientation import shown_size
 
     try:
-        if os.stat(path).st_size == 0:
+        size = os.stat(path).st_size
+        if size == 0:
             raise DataError(path, "empty file (0 bytes)")
-        with Image.open(path) as im:  # lazy: the header only, no pixel is decoded
-            return shown_size(im)
+        with open(path, "rb") as f:
+            with Image.open(f) as im:  # lazy: the header only, no pixel is decoded
+                shown = shown_size(im)
+            cut = whole and not _ends_whole(f, path, size)
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise DataError(path, f"not a readable image ({type(err).__name__}: {err})") from None
+    if cut:
+        _decode(path)
+    return shown
 
 
 #: bytes read from a file's end to find its format's end marker (a PNG's IEND chunk, a JPEG's EOI)
@@ -62,23 +68,32 @@ def _looks_whole(f, suffix: str, size: int) -> bool:
     return True  # not the format its name says: left to the decoder
 
 
+def _ends_whole(f, path, size: int) -> bool:
+    """Does the open file end as its format says (``_looks_whole``)? True for formats not checked."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix not in _CHECKED:
+        return True
+    f.seek(0)
+    return _looks_whole(f, suffix, size)
+
+
+def _decode(path) -> None:
+    from adtrain.data.image_io import read_image
+
+    read_image(path)  # DataError naming the file, as the run would have raised it
+
+
 def check_complete(path: str | os.PathLike) -> None:
     """A PNG, JPEG, BMP or WebP cut short (a copy or a download that stopped) has a whole header, so
     header_size passes it, and failed only when decoded: a test image, after the whole fit. Where the
     file does not end as its format says (``_looks_whole``) it is decoded, and the decoder's error
     raised as reading it would raise it (a file that merely carries data past its end decodes and
-    passes). Other formats (TIFF) are left to the decoder."""
-    suffix = os.path.splitext(str(path))[1].lower()
-    if suffix not in _CHECKED:
-        return
+    passes). Other formats (TIFF) are left to the decoder. (``header_size(path, whole=True)`` checks
+    it through the header's open file.)"""
     with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(0)
-        if _looks_whole(f, suffix, size):
-            return
-    from adtrain.data.image_io import read_image
-
-    read_image(path)  # DataError naming the file, as the run would have raised it
+        whole = _ends_whole(f, path, f.seek(0, os.SEEK_END))
+    if not whole:
+        _decode(path)
 
 
 def _problems(samples, with_masks: bool, sizes: list | None = None, paths: list | None = None) -> list[DataError]:
@@ -88,16 +103,14 @@ def _problems(samples, with_masks: bool, sizes: list | None = None, paths: list 
     found = []
     for s in samples:
         try:
-            size = header_size(s.path)
-            check_complete(s.path)
+            size = header_size(s.path, whole=True)
             if sizes is not None:
                 sizes.append(size)
             if paths is not None:
                 paths.append(s.path)
             if with_masks and s.mask_path is not None:
                 for mask in mask_files(s.mask_path):  # a file, or each file of a mask folder
-                    msize = header_size(mask)
-                    check_complete(mask)
+                    msize = header_size(mask, whole=True)
                     if msize != size:
                         raise DataError(mask, f"mask size {msize[0]}x{msize[1]} differs from image {s.path} "
                                         f"{size[0]}x{size[1]}")
