@@ -96,8 +96,6 @@ def test_three_task_schedule_end_to_end(fast_cfg, tmp_path, monkeypatch):
     # the last task's own validation is the final model's: the same figure through the routed path
     assert routed[2] == pytest.approx(saved["per_task"][2]["val_image_auroc"])
     # the logger's val/ curves are the tasks' own validations; the routed ones go under routed_val/
-    import csv
-
     logged = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     own_passes = sum(len(p["selection"]["history"]) for p in saved["per_task"])
     assert sum(1 for r in logged if r.get("val/image_auroc")) == own_passes

@@ -205,7 +205,8 @@ def test_unreadable_files_raise_a_data_error_naming_them(tmp_path):
 def test_a_file_cut_short_is_found_before_training_and_data_past_the_end_is_not_a_fault(tmp_path, monkeypatch):
     """check_complete (the pre-flight check): files cut short raise as reading them does; whole files,
     with or without bytes past their end (a camera's trailer), pass; only a PNG or JPEG whose end marker
-    is missing from its tail is decoded to find out (a BMP's or WebP's header says its length)."""
+    is missing from its tail is decoded to find out (a BMP's or WebP's header says its length, a
+    TIFF's where its strips or tiles lie)."""
     import adtrain.data.image_io as image_io
 
     _bad_files(tmp_path)
@@ -213,7 +214,21 @@ def test_a_file_cut_short_is_found_before_training_and_data_past_the_end_is_not_
         Image.fromarray(_pattern(30, 40)).save(tmp_path / f"ok.{ext}")
         data = (tmp_path / f"ok.{ext}").read_bytes()
         (tmp_path / f"cut.{ext}").write_bytes(data[: len(data) // 2])
+    import tifffile
+
+    wide = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50)
+    Image.fromarray(wide).save(tmp_path / "ok.tif")  # strips
+    tifffile.imwrite(tmp_path / "ok.tiff", np.repeat(wide[:, :, None], 3, axis=2)[:32, :32], tile=(16, 16))
+    for ext in ("tif", "tiff"):
+        data = (tmp_path / f"ok.{ext}").read_bytes()
+        (tmp_path / f"cut.{ext}").write_bytes(data[: len(data) * 3 // 4])  # the header (its tags) kept whole
     (tmp_path / "notes.txt").write_text("not an image\n")
+    for name in ("cut.tif", "cut.tiff"):
+        with pytest.raises(DataError, match=rf"{name}: cannot read image: "):
+            check_complete(tmp_path / name)
+        with pytest.raises(DataError, match=rf"{name}: cannot read image: "):
+            header_size(tmp_path / name, whole=True)
+        header_size(tmp_path / name)  # the header alone is whole
     for name in ("cut.jpg", "cut.png", "cut.bmp", "cut.webp"):
         with pytest.raises(DataError, match=rf"{name}: cannot read image: OSError"):
             check_complete(tmp_path / name)
@@ -226,6 +241,9 @@ def test_a_file_cut_short_is_found_before_training_and_data_past_the_end_is_not_
     for ext in ("jpg", "png", "bmp", "webp"):
         check_complete(tmp_path / f"ok.{ext}")
         check_complete(tmp_path / f"trailer_ok.{ext}")
+    for ext in ("tif", "tiff"):  # whole strips or tiles: passed on the header's word
+        check_complete(tmp_path / f"ok.{ext}")
+        assert header_size(tmp_path / f"ok.{ext}", whole=True) == ((40, 30) if ext == "tif" else (32, 30))
     check_complete(tmp_path / "notes.txt")  # not a format it knows: left to the decoder
     assert decoded == ["trailer_ok.jpg", "trailer_ok.png"]
 

@@ -9,7 +9,7 @@ from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory import MemoryBank, greedy_coreset, kmeans, nearest_distances, random_projection
 from adtrain.memory.coreset import greedy_coreset_reference
 
-import faiss  # noqa: E402 - a hard dependency: an import error must fail, not skip
+import faiss  # noqa: E402,F401 - a hard dependency: an import error must fail, not skip
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")

@@ -15,7 +15,7 @@ from adtrain.methods.output import AnomalyOutput
 from adtrain.methods.patchcore import PatchcoreModel
 from adtrain.methods.patch_features import gaussian_blur2d
 
-import faiss  # noqa: E402 - a hard dependency: an import error must fail, not skip
+import faiss  # noqa: E402,F401 - a hard dependency: an import error must fail, not skip
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")

@@ -1,8 +1,8 @@
 """Checks of the data files that run before training, so a bad file fails in seconds, not after fitting.
 
 `check_files`: every image file is non-empty and has a readable header, every mask matches its
-image's size, every PNG, JPEG, BMP and WebP ends as its format says (one cut short is decoded to
-name its error), every defects config (MVTec LOCO AD) reads; headers and tails only (PIL's lazy
+image's size, every PNG, JPEG, BMP and WebP ends as its format says and every TIFF holds the
+strips its header names (one cut short is decoded to name its error), every defects config (MVTec LOCO AD) reads; headers and tails only (PIL's lazy
 open reads no pixels). The test set is listed for this, but only paths are used: no test label is
 read and no test image is decoded before testing (but one cut short, to name its error). A run
 also warns when its images are stretched far out of shape (`warn_stretched`) and names the images
@@ -37,7 +37,9 @@ def header_size(path: str | os.PathLike, whole: bool = False) -> tuple[int, int]
         with open(path, "rb") as f:
             with Image.open(f) as im:  # lazy: the header only, no pixel is decoded
                 shown = shown_size(im)
-            cut = whole and not _ends_whole(f, path, size)
+                tiff = im.format == "TIFF"
+                cut = whole and tiff and not _tiff_whole(im, size)
+            cut = cut or (whole and not tiff and not _ends_whole(f, path, size))
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
@@ -77,6 +79,21 @@ def _ends_whole(f, path, size: int) -> bool:
     return _looks_whole(f, suffix, size)
 
 
+def _tiff_whole(im, size: int) -> bool:
+    """Do the first page's strips (or tiles) of an open TIFF lie inside its ``size`` bytes? From the
+    header's offsets and byte counts (tags 273/279, tiled 324/325); True where they are not given."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return True
+    for offsets_tag, counts_tag in ((273, 279), (324, 325)):
+        offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
+        if offsets and counts:
+            offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+            counts = counts if isinstance(counts, tuple) else (counts,)
+            return max(int(o) + int(c) for o, c in zip(offsets, counts)) <= size
+    return True
+
+
 def _decode(path) -> None:
     from adtrain.data.image_io import read_image
 
@@ -88,8 +105,11 @@ def check_complete(path: str | os.PathLike) -> None:
     header_size passes it, and failed only when decoded: a test image, after the whole fit. Where the
     file does not end as its format says (``_looks_whole``) it is decoded, and the decoder's error
     raised as reading it would raise it (a file that merely carries data past its end decodes and
-    passes). Other formats (TIFF) are left to the decoder. (``header_size(path, whole=True)`` checks
-    it through the header's open file.)"""
+    passes). A TIFF is decoded where its first page's strips or tiles reach past its end
+    (``_tiff_whole``). (``header_size(path, whole=True)`` checks it through the header's open file.)"""
+    if os.path.splitext(str(path))[1].lower() in (".tif", ".tiff"):
+        header_size(path, whole=True)
+        return
     with open(path, "rb") as f:
         whole = _ends_whole(f, path, f.seek(0, os.SEEK_END))
     if not whole:

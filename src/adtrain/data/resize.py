@@ -196,7 +196,6 @@ def resize_tensor(x, size: tuple[int, int], rule: str):
     fixed-point sums over each output's filter window, RESIZE_BLOCK outputs at a time),
     cv2_linear by bilinear interpolation rounded to grey levels (within one grey level of
     OpenCV's fixed-point one). Traceable with dynamic H and W (exports)."""
-    import torch
     import torch.nn.functional as F
 
     if resize_rule(rule) == "cv2_linear":
