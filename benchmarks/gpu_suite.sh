@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and figures for docs/BENCHMARKS.md, run on the lent GPU machine through the device
 # tool (repo root; the wheels that machine lacks carried in .whl, benchmarks/README.md; results written to $OUT):
-#   bash benchmarks/gpu_suite.sh tests|cudatests|gemm|nearest|hetmm|bank|patchcore|e2e|stfpm_e2e|pretrained|parts ...
+#   bash benchmarks/gpu_suite.sh tests|cudatests|gemm|nearest|hetmm|bank|patchcore|e2e|stfpm_e2e|pretrained|official|parts ...
 # Each step has its own time limit so one slow step cannot eat the others, and all of them stop by
 # DEADLINE seconds after the start (default 570: the device tool's 600 s a call), a step that would
 # not start with 20 s left is skipped and says so. Issue 14's figures first:
@@ -73,6 +73,15 @@ for part in "$@"; do
       # feeds once the image cache is warm: docs/BENCHMARKS.md, calls 3-4)
       e2e_method patchcore method.center_crop=null data.num_workers=12
       e2e_method stfpm trainer.max_epochs=1 data.num_workers=4 ;;
+    official)  # e2e's PatchCore with the official code's 1,024-d descriptor (method.embed_dims) instead of
+               # the 1,536-d concatenation: the same data, one warm run (the image cache of a cold one first)
+      for state in cold warm; do
+        t 80 python3 -m adtrain.bench method=patchcore method.center_crop=null 'method.embed_dims=[1024,1024]' \
+          trainer=gpu backbone.pretrained=false data=synthetic data.size=256 data.num_train=440 \
+          data.num_test_normal=2000 data.num_test_anomalous=2000 data.num_workers=12 data.eval_batch_size=128 \
+          paths.cache_dir=/tmp/adcache_official bench.run_dir=/tmp/e2e_official_$state \
+          bench.out="$OUT/e2e_patchcore_official_$state.json" 2>&1 | grep -E '"(test_images_per_second|fit_seconds|image_auroc|pixel_auroc|peak_memory_mb)"|Error|error|skipped'
+      done ;;
     stfpm_e2e)  # e2e's STFPM half alone (its target was met in call 4, before the exact test metrics)
       e2e_method stfpm trainer.max_epochs=1 data.num_workers=4 ;;
     pretrained)  # PatchCore on ImageNet features (EfficientNet-Lite0, the offline weights): the e2e run with

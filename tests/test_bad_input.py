@@ -82,6 +82,7 @@ def test_bad_config_values_fail_before_anything_is_written(fast_cfg, tmp_path, o
 
 @pytest.mark.parametrize("method, over, key", [
     ("patchcore", "method.coreset_ratio=2", "method.coreset_ratio"),
+    ("patchcore", "method.embed_dims=[1024]", "method.embed_dims"),  # pre-flight: nothing written
     ("cfa", "method.gamma_c=0", "method.gamma_c"),
     ("stfpm", "method.image_size=[0,0]", "method.image_size"),  # data.image_size is ${method.image_size}
 ])
@@ -92,6 +93,8 @@ def test_a_constructor_s_bad_argument_is_named_where_it_is_set(fast_cfg, tmp_pat
     with pytest.raises(ConfigError) as err:
         run(fast_cfg(f"method={method}", over), tmp_path / "run")
     assert str(err.value).startswith(f"config key '{key}': ") and err.value.key == key
+    if key == "method.embed_dims":
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_test_that_fails_on_its_data_keeps_the_fitted_model(fast_cfg, tmp_path, monkeypatch):

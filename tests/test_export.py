@@ -18,6 +18,8 @@ RTOL = 1e-4
 METHODS = {  # non-square inputs ([H, W]) for CFA, STFPM and HETMM (PatchCore's run is the square one that the
     # raw-graph and resize-rule tests below feed at its own size; DFM's graph is counted at 64x64)
     "patchcore": ["method.coreset_ratio=0.25", "method.center_crop=[56,56]"],  # crop inside the graph
+    # the official code's descriptor (patchified layers, adaptive means) inside the graph
+    "patchcore-official": ["method.coreset_ratio=0.25", "method.embed_dims=[96,64]"],
     "cfa": ["trainer.limit_train_batches=1", "method.image_size=[64,96]"],
     "stfpm": ["trainer.limit_train_batches=1", "method.image_size=[96,64]"],
     "dfm": ["trainer.max_epochs=2", "method.rounds=1", "method.stage1_epochs=1", "method.stage2_epochs=1",
@@ -27,7 +29,7 @@ METHODS = {  # non-square inputs ([H, W]) for CFA, STFPM and HETMM (PatchCore's 
     # two template chunks, batches above 4 split; small windows keep the unrolled graph small
 }
 #: the model's input (H, W) per method: the maps' size
-INPUT = {"patchcore": (56, 56), "cfa": (64, 96), "stfpm": (96, 64), "dfm": (64, 64), "hetmm": (48, 64)}
+INPUT = {"patchcore": (56, 56), "patchcore-official": (64, 64), "cfa": (64, 96), "stfpm": (96, 64), "dfm": (64, 64), "hetmm": (48, 64)}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def runs(mvtec_root, tmp_path_factory):
         if method not in made:
             out = tmp_path_factory.mktemp(method)
             run(compose(*FAST_BASE, "data=mvtec", f"data.root={mvtec_root}", "data.category=widget",
-                        "data.num_workers=0", f"method={method}", *METHODS[method]), out)
+                        "data.num_workers=0", f"method={method.split('-')[0]}", *METHODS[method]), out)
             made[method] = out
         return made[method]
 

@@ -110,6 +110,11 @@ def _check_method_numbers(method) -> None:
         bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int))
         if bad or not math.isfinite(value) or value < least:
             raise ConfigError(f"method.{key}", f"must be {kind} >= {least}{f' ({zero})' if zero else ''}, got {value!r}")
+    if method.get("embed_dims") is not None:  # PatchCore's official-code descriptor
+        from adtrain.data.transforms import to_plain
+        from adtrain.methods.patchcore.mean_mapper import check_embed_dims
+
+        check_embed_dims(to_plain(method.get("embed_dims")), "method.embed_dims")
     clip = method.get("clip_grad_norm")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise ConfigError("method.clip_grad_norm", f"must be null (no clipping) or a number > 0, got {clip!r}")

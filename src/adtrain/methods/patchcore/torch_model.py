@@ -13,6 +13,7 @@ from adtrain.errors import ConfigError
 from adtrain.memory import MemoryBank, bank_distances, nearest_distances
 from adtrain.memory.graph_knn import logsumexp
 from adtrain.methods.output import AnomalyOutput
+from adtrain.methods.patchcore.mean_mapper import check_embed_dims, mean_mapped
 from adtrain.methods.patch_features import (check_blur_mode, check_pool_size, frozen_extractor, pooled_concat,
                                            upsampled_map)
 
@@ -33,6 +34,7 @@ class PatchcoreModel(nn.Module):
         blur_sigma: float = 4.0,
         seed: int = 0,
         blur_mode: str = "reflect",
+        embed_dims: Sequence[int] | None = None,
     ):
         super().__init__()
         if not 0.0 < float(coreset_ratio) <= 1.0:
@@ -44,6 +46,7 @@ class PatchcoreModel(nn.Module):
         self.coreset_ratio = float(coreset_ratio)
         self.num_neighbors = int(num_neighbors)
         self.pool_size = int(pool_size)
+        self.embed_dims = check_embed_dims(embed_dims)
         self.projection_dim = int(projection_dim)
         self.blur_sigma, self.blur_mode = float(blur_sigma), check_blur_mode(blur_mode)
         self.seed = int(seed)
@@ -52,8 +55,13 @@ class PatchcoreModel(nn.Module):
         self.nested_cache = None  # memory.nested.NestedCache (method.nested_cache): a sweep's shared work
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Locally aware patch features (B, D, h, w) at the first layer's grid."""
-        return pooled_concat(self.extractor(images), self.layers, self.pool_size)
+        """Locally aware patch features (B, D, h, w) at the first layer's grid: each layer averaged
+        over pool_size x pool_size and concatenated, or (``embed_dims``) the official code's
+        descriptor (``mean_mapper``)."""
+        feats = self.extractor(images)
+        if self.embed_dims is not None:
+            return mean_mapped(feats, self.layers, self.pool_size, self.embed_dims)
+        return pooled_concat(feats, self.layers, self.pool_size)
 
     @torch.no_grad()
     def add_batch(self, images: torch.Tensor) -> None:
