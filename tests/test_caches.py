@@ -357,3 +357,24 @@ def test_reserved_entry_is_allocated_and_reads_back(tmp_path):
     b = np.load(tmp_path / "a.npy")
     assert b.shape == (3, 8, 8, 3) and b.dtype == np.uint8 and int(b.sum()) == 7 * 8 * 8 * 3
     assert os.stat(tmp_path / "a.npy").st_blocks * 512 >= b.nbytes  # blocks allocated, not sparse
+
+
+def test_many_damaged_entries_are_named_a_few_times_then_summed_up_in_one_line(tmp_path, caplog):
+    """A cache folder full of damaged entries (a full disk, a bad copy): the first WARNED_BROKEN named
+    in a warning each, then one line for the rest, not one warning per entry; each is still deleted."""
+    import logging
+
+    from adtrain.cache_files import WARNED_BROKEN, load_entry
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    paths = [folder / f"{i}.pt" for i in range(WARNED_BROKEN + 4)]
+    for p in paths:
+        p.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        assert all(load_entry(p, "feature cache entry") is None for p in paths)
+    named = [r for r in caplog.records if "unreadable (" in r.getMessage()]
+    assert [r.getMessage().split()[3] for r in named] == [str(p) for p in paths[:WARNED_BROKEN]]
+    rest = [r for r in caplog.records if r.getMessage().startswith("more unreadable entries in")]
+    assert len(rest) == 1 and str(folder) in rest[0].getMessage()
+    assert not any(p.exists() for p in paths)

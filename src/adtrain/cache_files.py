@@ -63,9 +63,24 @@ def _why(err: BaseException) -> str:
     return f"{type(err).__name__}{': ' + first[:200] if first else ''}"
 
 
+#: broken entries of one cache folder named in a warning each; the rest in one line, then debug logs
+WARNED_BROKEN = 3
+_broken_seen: dict[tuple[str, str], int] = {}
+
+
 def _drop_broken(path: Path, what: str, why: str) -> None:
-    """Warn naming the entry and delete it: the caller computes and stores it again."""
-    log.warning("%s %s unreadable (%s): deleted, computed again", what, path, why)
+    """Warn naming the entry and delete it: the caller computes and stores it again. A folder of
+    many broken entries (a full disk, a damaged copy of the cache) names its first WARNED_BROKEN, then
+    says once that the others follow without a warning each (each still named in the debug log)."""
+    key = (what, str(path.parent))
+    seen = _broken_seen[key] = _broken_seen.get(key, 0) + 1
+    if seen <= WARNED_BROKEN:
+        log.warning("%s %s unreadable (%s): deleted, computed again", what, path, why)
+    else:
+        if seen == WARNED_BROKEN + 1:
+            log.warning("more unreadable entries in %s (%s): each is deleted and computed again without a "
+                        "warning (the debug log names them)", path.parent, what)
+        log.debug("%s %s unreadable (%s): deleted, computed again", what, path, why)
     try:
         path.unlink()
     except OSError:  # deleted meanwhile by another job, or a read-only cache: the rename replaces it
