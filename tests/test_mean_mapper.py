@@ -100,3 +100,14 @@ def test_mapped_is_the_adaptive_mean_of_the_unfolded_neighbourhoods(channels, ou
 
     x = torch.randn(2, channels, 5, 6)
     torch.testing.assert_close(mapped(x, pool, out), adaptive_mean(patchified(x, pool), out), rtol=1e-5, atol=1e-6)
+
+
+def test_mean_mapped_stays_fp32_under_bf16_autocast():
+    """bf16-mixed runs: the descriptor's convolution is not lowered to bf16 (each bin's sum would keep
+    8 bits), so it equals the fp32 one to the bit."""
+    g = torch.Generator().manual_seed(2)
+    feats = {"a": torch.randn(2, 64, 8, 8, generator=g), "b": torch.randn(2, 128, 4, 4, generator=g)}
+    ref = mean_mapped(feats, ["a", "b"], 3, (128, 96))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mean_mapped(feats, ["a", "b"], 3, (128, 96))
+    assert got.dtype == torch.float32 and torch.equal(got, ref)

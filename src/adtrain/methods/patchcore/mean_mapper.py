@@ -86,7 +86,8 @@ def _bin_kernels(channels: int, pool_size: int, out: int, device: str):
     """For ``adaptive_mean(patchified(x), out)`` as a depthwise convolution: each bin's flat values
     (channel-major, p * p per channel) lie in at most ``m`` consecutive channels; per bin and each of
     those channels, the channel's index (clamped) and a p x p kernel of ones where the bin takes that
-    channel's neighbourhood values. Returns (channel (out * m,), kernels (out * m, 1, p, p), count (out,))."""
+    channel's neighbourhood values. Returns (channel (out * m,), kernels (out * m, 1, p, p), count
+    (out,), m)."""
     pp = pool_size * pool_size
     start, count, _ = _bins(channels * pp, out, "cpu")
     end = start + count
@@ -117,11 +118,14 @@ def mapped(x: torch.Tensor, pool_size: int, out: int) -> torch.Tensor:
 def mean_mapped(feats: Mapping[str, torch.Tensor], layers: Sequence[str], pool_size: int,
                 dims: tuple[int, int]) -> torch.Tensor:
     """The official code's descriptor (module docstring): (B, target, h, w) fp32 at the first
-    layer's grid, channels-last in memory (as ``pooled_concat``)."""
+    layer's grid, channels-last in memory (as ``pooled_concat``). In fp32 under any autocast (a
+    bf16 convolution would round each bin's sum to 8 bits)."""
     pretrain, target = dims
     out, grid = [], None
     for name in layers:
-        f = mapped(feats[name].float(), pool_size, pretrain)
+        x = feats[name]
+        with torch.autocast(x.device.type, enabled=False):
+            f = mapped(x.float(), pool_size, pretrain)
         if grid is None:
             grid = f.shape[-2:]
         elif f.shape[-2:] != grid:  # resized channels-last: several times faster on the CPU
