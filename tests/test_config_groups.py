@@ -112,7 +112,8 @@ def test_paths_place_runs_sweeps_and_data():
         assert cfg.data.root == "/datasets/mvtec"
 
 
-@pytest.mark.parametrize("name", ["stfpm_mvtec", "patchcore_mvtec", "cfa_mvtec", "hetmm_mvtec", "dfm_mvtec"])
+@pytest.mark.parametrize("name", ["stfpm_mvtec", "patchcore_mvtec", "cfa_mvtec", "hetmm_mvtec", "dfm_mvtec",
+                                  "patchcore_official_mvtec"])
 def test_paper_experiments_cover_mvtec_with_the_methods_recipe(name):
     cfg = _compose_hydra(f"experiment={name}")
     method = name.split("_")[0]
@@ -123,9 +124,10 @@ def test_paper_experiments_cover_mvtec_with_the_methods_recipe(name):
                       "hetmm": "wide_resnet101_2", "dfm": "efficientnet_lite0"}[method]
     assert paper_backbone in cfg.backbone.name
     plain = compose(f"method={method}")  # the experiment pins the method config's recipe...
-    paper = {"dfm": {"rounds": 2, "stage1_epochs": 3, "max_epochs": 16, "lr_fmn": 5e-3,
-                     "stage2_objective": "supervised", "selection": "val_image_auroc_perlin"},
-             }.get(method, {})  # ...or the paper's, where they differ
+    paper = {"dfm_mvtec": {"rounds": 2, "stage1_epochs": 3, "max_epochs": 16, "lr_fmn": 5e-3,
+                           "stage2_objective": "supervised", "selection": "val_image_auroc_perlin"},
+             "patchcore_official_mvtec": {"embed_dims": [1024, 1024], "num_neighbors": 1},  # the official code's
+             }.get(name, {})  # ...or the paper's (or the official code's), where they differ
     for key, value in cfg.method.items():
         if key not in ("backbone",):
             assert paper.get(key, plain.method[key]) == value, key
