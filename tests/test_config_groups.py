@@ -126,7 +126,8 @@ def test_paper_experiments_cover_mvtec_with_the_methods_recipe(name):
     plain = compose(f"method={method}")  # the experiment pins the method config's recipe...
     paper = {"dfm_mvtec": {"rounds": 2, "stage1_epochs": 3, "max_epochs": 16, "lr_fmn": 5e-3,
                            "stage2_objective": "supervised", "selection": "val_image_auroc_perlin"},
-             "patchcore_official_mvtec": {"embed_dims": [1024, 1024], "num_neighbors": 1},  # the official code's
+             "patchcore_official_mvtec": {"embed_dims": [1024, 1024], "num_neighbors": 1,  # the official code's
+                                          "squared_scores": True},
              }.get(name, {})  # ...or the paper's (or the official code's), where they differ
     for key, value in cfg.method.items():
         if key not in ("backbone",):

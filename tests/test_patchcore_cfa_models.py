@@ -105,6 +105,24 @@ def test_patchcore_reweighting(patchcore):
         patchcore.num_neighbors = 9
 
 
+def test_patchcore_squared_scores_are_the_official_codes_squared_distances(patchcore):
+    """method.squared_scores (the official code's FAISS IndexFlatL2 scores): the map is the blurred
+    map of the squared patch distances, the image score the square of the plain one."""
+    x = _with_patch(_normal(2, 104))
+    plain = patchcore(x)
+    dist, _ = patchcore.patch_distances(patchcore.embed(x))
+    patchcore.squared_scores = True
+    try:
+        squared = patchcore(x)
+    finally:
+        patchcore.squared_scores = False
+    torch.testing.assert_close(squared.pred_score, plain.pred_score.square())
+    torch.testing.assert_close(squared.anomaly_map, patchcore.anomaly_map(dist.square(), x.shape[-2:]))
+    assert not torch.allclose(squared.anomaly_map, plain.anomaly_map.square(), rtol=1e-3)  # blurred after squaring
+    with pytest.raises(ConfigError, match="squared_scores"):
+        PatchcoreModel(RESNET18, squared_scores="yes")
+
+
 def test_patchcore_patch_distances_are_nearest_neighbours(patchcore):
     emb = patchcore.embed(_normal(1, 102))
     dist, index = patchcore.patch_distances(emb)

@@ -21,6 +21,7 @@ class Patchcore(MemoryModule):
         blur_sigma: float = 4.0,
         blur_mode: str = "reflect",
         embed_dims: list[int] | None = None,
+        squared_scores: bool = False,
         memory: dict | None = None,
         coreset_device: str = "auto",
         seed: int = 0,
@@ -33,7 +34,7 @@ class Patchcore(MemoryModule):
         self.model = model if model is not None else PatchcoreModel(
             backbone, layers, coreset_ratio=coreset_ratio, num_neighbors=num_neighbors, pool_size=pool_size,
             projection_dim=projection_dim, memory=memory, blur_sigma=blur_sigma, seed=seed, blur_mode=blur_mode,
-            embed_dims=embed_dims,
+            embed_dims=embed_dims, squared_scores=squared_scores,
         )
 
     def collect(self, images: torch.Tensor) -> None:

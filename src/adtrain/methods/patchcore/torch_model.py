@@ -35,6 +35,7 @@ class PatchcoreModel(nn.Module):
         seed: int = 0,
         blur_mode: str = "reflect",
         embed_dims: Sequence[int] | None = None,
+        squared_scores: bool = False,
     ):
         super().__init__()
         if not 0.0 < float(coreset_ratio) <= 1.0:
@@ -47,6 +48,9 @@ class PatchcoreModel(nn.Module):
         self.num_neighbors = int(num_neighbors)
         self.pool_size = int(pool_size)
         self.embed_dims = check_embed_dims(embed_dims)
+        if not isinstance(squared_scores, bool):
+            raise ConfigError("squared_scores", f"must be true or false, got {squared_scores!r}")
+        self.squared_scores = squared_scores
         self.projection_dim = int(projection_dim)
         self.blur_sigma, self.blur_mode = float(blur_sigma), check_blur_mode(blur_mode)
         self.seed = int(seed)
@@ -134,4 +138,6 @@ class PatchcoreModel(nn.Module):
         """Eval output from ``frozen_features``, with maps of ``size``: what ``forward`` gives."""
         dist, index = self.patch_distances(emb)
         score = self.image_score(emb, dist, index)
+        if self.squared_scores:  # the official code's scores: FAISS IndexFlatL2's squared distances
+            dist, score = dist.square(), score.square()
         return AnomalyOutput(anomaly_map=self.anomaly_map(dist, size), pred_score=score)
