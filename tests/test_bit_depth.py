@@ -196,3 +196,31 @@ def test_exports_carry_the_bit_depth_in_their_preprocessing():
     windowed = Preprocessing((64, 64), None, (0.5,) * 3, (0.5,) * 3, "pil_bilinear", (290.0, 310.0))
     assert json.loads(json.dumps(windowed.to_dict()))["bit_depth"] == [290.0, 310.0]
     assert Preprocessing.from_dict(json.loads(json.dumps(windowed.to_dict()))) == windowed
+
+
+def test_is_wide_from_the_header_alone_and_a_range_on_8bit_training_images_is_warned_about(tmp_path, caplog):
+    """data.bit_depth=[low, high] reads images wider than 8 bits over the range; 8-bit ones stay as
+    stored. The pre-flight tells wide from 8-bit by the header (a 48-bit colour PNG opens as PIL's
+    'RGB' too) and warns, naming them, when a range is set but training images are 8-bit."""
+    import logging
+
+    from adtrain.data.file_checks import header_info, warn_range_unused
+
+    values = _twelve_bit((16, 24, 3), seed=2)
+    cv2.imwrite(str(tmp_path / "wide_colour.png"), values[:, :, ::-1])
+    Image.fromarray(values[:, :, 0]).save(tmp_path / "wide_grey.png")
+    tifffile.imwrite(tmp_path / "float.tif", values[:, :, 0].astype(np.float32))
+    Image.fromarray((values[:, :, 0] >> 4).astype(np.uint8)).save(tmp_path / "grey8.png")
+    Image.fromarray((values >> 4).astype(np.uint8)).save(tmp_path / "colour8.jpg")
+    names = ["wide_colour.png", "wide_grey.png", "float.tif", "grey8.png", "colour8.jpg"]
+    infos = [header_info(tmp_path / n) for n in names]
+    assert [w for _, w in infos] == [True, True, True, False, False]
+    assert all(size == (24, 16) for size, _ in infos)
+    paths = [tmp_path / n for n in names]
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        assert warn_range_unused([w for _, w in infos], paths, (100.0, 3000.0)) == paths[3:]
+        assert warn_range_unused([w for _, w in infos], paths, 12) == []  # bits: nothing to warn about
+        assert warn_range_unused([True, True], paths[:2], (100.0, 3000.0)) == []
+    assert len(caplog.records) == 1
+    text = caplog.records[0].getMessage()
+    assert "2 of the 5 training images are 8-bit" in text and "grey8.png" in text and "[100, 3000]" in text

@@ -5,8 +5,9 @@ image's size, every PNG, JPEG, BMP and WebP ends as its format says and every TI
 strips its header names (one cut short is decoded to name its error), every defects config (MVTec
 LOCO AD) reads; headers and tails only (PIL's lazy open reads no pixels). The test set is listed for this, but only paths are used: no test label is
 read and no test image is decoded before testing (but one cut short, to name its error). A run
-also warns when its images are stretched far out of shape (`warn_stretched`) and names the images
-far smaller than the rest of their split (`warn_small`).
+also warns when its images are stretched far out of shape (`warn_stretched`), names the images
+far smaller than the rest of their split (`warn_small`) and the 8-bit training images a
+`data.bit_depth` range does not apply to (`warn_range_unused`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ def header_size(path: str | os.PathLike, whole: bool = False) -> tuple[int, int]
     """(W, H) from the file's header, upright (an EXIF orientation that turns the image a quarter
     swaps them, as image_io.read_image turns the pixels); DataError naming the file if it is empty or
     not an image. whole: also check_complete, through the same open file."""
+    return header_info(path, whole)[0]
+
+
+def header_info(path: str | os.PathLike, whole: bool = False) -> tuple[tuple[int, int], bool]:
+    """(``header_size``'s (W, H), whether its values are wider than 8 bits: 16-bit, 32-bit integer or
+    float, grey or colour), from the header alone."""
     from PIL import Image, UnidentifiedImageError
 
+    from adtrain.data.image_io import is_wide
     from adtrain.data.orientation import shown_size
 
     try:
@@ -37,6 +45,7 @@ def header_size(path: str | os.PathLike, whole: bool = False) -> tuple[int, int]
         with open(path, "rb") as f:
             with Image.open(f) as im:  # lazy: the header only, no pixel is decoded
                 shown = shown_size(im)
+                wide = is_wide(im)
                 tiff = im.format == "TIFF"
                 cut = whole and tiff and not _tiff_whole(im, size)
             cut = cut or (whole and not tiff and not _ends_whole(f, path, size))
@@ -46,7 +55,7 @@ def header_size(path: str | os.PathLike, whole: bool = False) -> tuple[int, int]
         raise DataError(path, f"not a readable image ({type(err).__name__}: {err})") from None
     if cut:
         _decode(path)
-    return shown
+    return shown, wide
 
 
 #: bytes read from a file's end to find its format's end marker (a PNG's IEND chunk, a JPEG's EOI)
@@ -116,16 +125,20 @@ def check_complete(path: str | os.PathLike) -> None:
         _decode(path)
 
 
-def _problems(samples, with_masks: bool, sizes: list | None = None, paths: list | None = None) -> list[DataError]:
-    """The bad files among samples (``sizes``: each readable image's (W, H) appended, ``paths`` its path)."""
+def _problems(samples, with_masks: bool, sizes: list | None = None, paths: list | None = None,
+              wide: list | None = None) -> list[DataError]:
+    """The bad files among samples (``sizes``: each readable image's (W, H) appended, ``paths`` its
+    path, ``wide`` whether it is wider than 8 bits)."""
     from adtrain.data.image_io import mask_files
 
     found = []
     for s in samples:
         try:
-            size = header_size(s.path, whole=True)
+            size, is_wide = header_info(s.path, whole=True)
             if sizes is not None:
                 sizes.append(size)
+            if wide is not None:
+                wide.append(is_wide)
             if paths is not None:
                 paths.append(s.path)
             if with_masks and s.mask_path is not None:
@@ -182,6 +195,21 @@ def warn_small(sizes: list[tuple[int, int]], paths: list, split: str, factor: fl
     return [p for p, _, _ in small]
 
 
+def warn_range_unused(wide: list[bool], paths: list, bit_depth) -> list:
+    """Warn when ``data.bit_depth`` is a [low, high] range but training images are 8-bit: the range is
+    for images wider than 8 bits, and those are read as stored (an 8-bit X-ray is not windowed).
+    Returns their paths."""
+    if not isinstance(bit_depth, tuple):
+        return []
+    narrow = [p for p, w in zip(paths, wide) if not w]
+    if narrow:
+        listed = ", ".join(str(p) for p in narrow[:MAX_LISTED]) + (", ..." if len(narrow) > MAX_LISTED else "")
+        log.warning("data.bit_depth=[%g, %g] is a range for images wider than 8 bits (16-bit, 32-bit, float), "
+                    "but %d of the %d training images are 8-bit and are read as stored, not over that range: %s",
+                    bit_depth[0], bit_depth[1], len(narrow), len(wide), listed)
+    return narrow
+
+
 def check_files(dm, test: bool = True) -> None:
     """Headers, sizes and emptiness of every training, held-out and (test=true) test file of dm.
 
@@ -193,9 +221,11 @@ def check_files(dm, test: bool = True) -> None:
         return
     sizes: list[tuple[int, int]] = []
     paths: list = []
-    found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False, sizes=sizes, paths=paths)
+    wide: list[bool] = []
+    found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False, sizes=sizes, paths=paths, wide=wide)
     warn_stretched(sizes, getattr(dm, "image_size", None))
     warn_small(sizes, paths, "training")
+    warn_range_unused(wide, paths, getattr(dm, "bit_depth", None))
     if test:
         sizes, paths = [], []
         found += _problems(dm._test_samples(), with_masks=True, sizes=sizes, paths=paths)

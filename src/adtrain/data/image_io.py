@@ -129,6 +129,12 @@ def image_to_rgb(im: Image.Image, bit_depth: BitDepth = None, turn: int | None =
     return np.require(arr, np.uint8, ("C", "W"))
 
 
+def is_wide(im: Image.Image) -> bool:
+    """Are an opened image's values wider than 8 bits (16-bit, 32-bit integer, float; grey or colour)?
+    From its header: what ``data.bit_depth`` applies to."""
+    return im.mode.startswith(("I", "F")) or _wide_colour(im)
+
+
 def _wide_colour(im: Image.Image) -> bool:
     """A colour file of 16 bits per channel (PNG, TIFF): Pillow decodes it as 8-bit RGB(A), keeping
     each value's high byte, which would ignore ``bit_depth``."""
