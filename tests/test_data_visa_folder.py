@@ -209,7 +209,14 @@ def test_images_far_smaller_than_the_rest_of_their_split_are_named(tmp_path, cap
     dm.setup()
     with caplog.at_level("WARNING", logger="adtrain"):
         check_files(dm)
-    said = [r.getMessage() for r in caplog.records if "smaller than the split's typical" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "smaller than the split's typical" in r.getMessage()
+            or "smaller than the training images' typical" in r.getMessage()]
     assert len(said) == 2 and said[0].startswith("1 training image(s)") and "placeholder.png (1x1)" in said[0]
     assert said[1].startswith("1 test image(s)") and "thumb.png (16x12)" in said[1] and "smaller.png" not in said[1]
     assert warn_small([(16, 12)] * 6, [f"{i}.png" for i in range(6)], "training") == []
+    # a test set of thumbnails beside full-size training frames: named against the training images
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adtrain"):
+        thumbs = warn_small([(16, 12)] * 6, [f"{i}.png" for i in range(6)], "test", reference=[(96, 64)] * 8)
+    assert len(thumbs) == 6 and "than the training images' typical 96x64" in caplog.text
+    assert warn_small([(96, 64)] * 6, [f"{i}.png" for i in range(6)], "test", reference=[(100, 70)] * 8) == []

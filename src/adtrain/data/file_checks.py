@@ -178,20 +178,32 @@ def warn_stretched(sizes: list[tuple[int, int]], image_size, limit: float = STRE
 SMALL_OUTLIER = 4.0
 
 
-def warn_small(sizes: list[tuple[int, int]], paths: list, split: str, factor: float = SMALL_OUTLIER) -> list:
+def _median_size(sizes: list[tuple[int, int]]) -> tuple[int, int] | None:
+    if len(sizes) < 4:
+        return None
+    return sorted(w for w, _ in sizes)[len(sizes) // 2], sorted(h for _, h in sizes)[len(sizes) // 2]
+
+
+def warn_small(sizes: list[tuple[int, int]], paths: list, split: str, factor: float = SMALL_OUTLIER,
+               reference: list[tuple[int, int]] | None = None) -> list:
     """Warn about the images ``factor`` times or more smaller than the split's median width or height
     (a 1x1 placeholder or a thumbnail among camera frames: upscaled to the input, it is trained on or
-    scored as a frame). A split of uniformly small images is not warned about. Returns their paths."""
-    if len(sizes) < 4:
+    scored as a frame), or than the ``reference`` split's (the training images', for the test split:
+    a test set of thumbnails beside full-size training frames). A split of uniformly small images,
+    with no larger reference, is not warned about. Returns their paths."""
+    own, ref = _median_size(sizes), _median_size(reference or [])
+    if own is None and ref is None:
         return []
-    mid_w = sorted(w for w, _ in sizes)[len(sizes) // 2]
-    mid_h = sorted(h for _, h in sizes)[len(sizes) // 2]
+    mid_w, mid_h = max(v[0] for v in (own, ref) if v), max(v[1] for v in (own, ref) if v)
+    whose = "the training images'" if ref is not None and (own is None or ref[0] > own[0] or ref[1] > own[1]) \
+        else "the split's"
     small = [(p, w, h) for p, (w, h) in zip(paths, sizes) if w * factor <= mid_w or h * factor <= mid_h]
     if small:
         listed = ", ".join(f"{p} ({w}x{h})" for p, w, h in small[:MAX_LISTED]) + (", ..." if len(small) > MAX_LISTED
                                                                                  else "")
-        log.warning("%d %s image(s) are %gx or more smaller than the split's typical %dx%d along a side, and are "
-                    "upscaled to the model's input as any other: %s", len(small), split, factor, mid_w, mid_h, listed)
+        log.warning("%d %s image(s) are %gx or more smaller than %s typical %dx%d along a side, and are "
+                    "upscaled to the model's input as any other: %s", len(small), split, factor, whose, mid_w, mid_h,
+                    listed)
     return [p for p, _, _ in small]
 
 
@@ -227,9 +239,9 @@ def check_files(dm, test: bool = True) -> None:
     warn_small(sizes, paths, "training")
     warn_range_unused(wide, paths, getattr(dm, "bit_depth", None))
     if test:
-        sizes, paths = [], []
+        train_sizes, sizes, paths = sizes, [], []
         found += _problems(dm._test_samples(), with_masks=True, sizes=sizes, paths=paths)
-        warn_small(sizes, paths, "test")
+        warn_small(sizes, paths, "test", reference=train_sizes)
         regions = dm.spro_regions()  # MVTec LOCO AD's defects_config.json files (AU-sPRO)
         try:
             regions is not None and regions.check()
