@@ -98,8 +98,8 @@ _METHOD_NUMBERS = {
 
 
 def _check_method_numbers(method) -> None:
-    """Ranges of the method values in ``_METHOD_NUMBERS``, and DFM's clip_grad_norm (null = off, else > 0:
-    torch flips every gradient under a negative one)."""
+    """Ranges of the method values in ``_METHOD_NUMBERS``, DFM's clip_grad_norm (null = off, else > 0:
+    torch flips every gradient under a negative one) and PatchCore's embed_dims (two sizes or null)."""
     import math
 
     for key, (least, whole, zero) in _METHOD_NUMBERS.items():

@@ -3,11 +3,12 @@
 `check_files`: every image file is non-empty and has a readable header, every mask matches its
 image's size, every PNG, JPEG, BMP and WebP ends as its format says and every TIFF holds the
 strips its header names (one cut short is decoded to name its error), every defects config (MVTec
-LOCO AD) reads; headers and tails only (PIL's lazy open reads no pixels). The test set is listed for this, but only paths are used: no test label is
-read and no test image is decoded before testing (but one cut short, to name its error). A run
-also warns when its images are stretched far out of shape (`warn_stretched`), names the images
-far smaller than the rest of their split (`warn_small`) and the 8-bit training images a
-`data.bit_depth` range does not apply to (`warn_range_unused`).
+LOCO AD) reads; headers and tails only (PIL's lazy open reads no pixels). The test set is listed
+for this, but only paths are used: no test label is read and no test image is decoded before
+testing (but one cut short, to name its error). A run also warns when its images are stretched far
+out of shape (`warn_stretched`), names the images far smaller than the rest of their split or than
+the training images (`warn_small`) and the 8-bit training images a `data.bit_depth` range does not
+apply to (`warn_range_unused`).
 """
 
 from __future__ import annotations
