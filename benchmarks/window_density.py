@@ -8,7 +8,8 @@ RUN_DIR: a finished PatchCore run. Embeds its first --images test images and, fo
 upper bound: every one of them can be the nearest item, so the certified search re-ranks them
 all exactly (or searches the query again in full when they exceed its candidates). Prints the
 mean nearest squared distance, the mean window 2 eps and the count's mean, 90th percentile and
-maximum: device-independent arithmetic, so a CPU measures what a GPU's pass faces.
+maximum, and the shares of queries over 33 and 256 items (``certified_nearest``'s ``cap`` and
+its block guard: past them a query is searched again in full fp32): device-independent arithmetic, so a CPU measures what a GPU's pass faces.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def main() -> dict:
                 nearest.append(torch.cdist(q[s: s + 512], bank).min(dim=1).values.square())
         need = torch.cat(need)
         out[name] = {"window_2eps_mean": float(torch.cat(window).mean()), "items_in_window_mean": round(float(need.mean()), 2),
-                     "p90": float(need.quantile(0.9)), "max": int(need.max())}
+                     "p90": float(need.quantile(0.9)), "max": int(need.max()),
+                     # lowp_nearest's candidates per query before a full fp32 search, and its block guard
+                     "share_over_33": round(float((need > 33).float().mean()), 4),
+                     "share_over_256": round(float((need > 256).float().mean()), 4)}
     out["nearest_squared_distance_mean"] = float(torch.cat(nearest).mean())
     print(json.dumps(out, indent=1))
     return out

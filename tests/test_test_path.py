@@ -255,6 +255,33 @@ def test_nearest_pass_keeps_every_tie_across_query_and_bank_blocks(chunks, monke
         assert 4 <= sum(redone) <= (4 if dtype == torch.float16 else 25)
 
 
+def test_a_wider_cap_reranks_what_a_narrow_one_searches_again(monkeypatch):
+    """The 40 duplicates and 60 near ties exceed a cap of 33 (a full fp32 search each) but not one
+    of 128 (re-ranked over their own candidates): the same exact neighbours either way. The cap
+    grows with the bank, from 33 to 256."""
+    import adtrain.memory.lowp_nearest as ln
+    from adtrain.memory.bank import rerank
+
+    queries, bank = _tie_data()
+    redone = []
+    real = ln.exact_search
+    monkeypatch.setattr(ln, "exact_search", lambda q, *a, **k: redone.append(q.shape[0]) or real(q, *a, **k))
+    rd, ri = _fp32_reference(queries, bank, 1)
+    for cap, searched_again in ((33, 2), (128, 0)):
+        redone.clear()
+        d, idx = ln.certified_nearest(queries, bank, torch.float16, 64, 512, rerank, center=bank.mean(0), cap=cap)
+        assert torch.equal(idx, ri) and torch.equal(d, rd)
+        assert sum(redone) == searched_again
+    assert [ln.nearest_cap(n) for n in (500, 2000, 4096, 36044, 10**6)] == [33, 33, 64, 256, 256]
+    queries, bank = _tie_data(n=4096)  # the bank's own search: cap 64 holds the 41 and 61 candidates
+    mb = MemoryBank(backend="torch", distance_dtype="float16", bank_chunk=512, search_chunk=64)
+    mb.set_bank(bank)
+    redone.clear()
+    d, idx = mb.search(queries, 1)
+    rd, ri = _fp32_reference(queries, bank, 1)
+    assert torch.equal(idx, ri) and torch.equal(d, rd) and sum(redone) == 0
+
+
 def test_certificate_rejects_what_it_cannot_prove_and_fp32_redoes_it():
     from adtrain.memory.lowp import certified_search
 

@@ -15,7 +15,7 @@ from adtrain.memory.index import (build_faiss_index, exact_distances, faiss_avai
                                   faiss_search, index_to_gpu, torch_search)
 from adtrain.memory.lowp import (certified_from_rerank, certified_pass, exact_search, fits_dtype, matmul_dtype,
                                  max_norm, pair_bound, pair_eps, resolve_distance_dtype)
-from adtrain.memory.lowp_nearest import certified_nearest
+from adtrain.memory.lowp_nearest import certified_nearest, nearest_cap
 from adtrain.memory.projected import Projection, projected_search, projection_for
 
 RERANK_PAD = 8  # extra candidates re-ranked by exact distance
@@ -169,7 +169,8 @@ class BankSearch:
         low = self.low_precision(queries, dev)
         if low is not None and k == 1:  # the nearest item alone: a row minimum, no sort (lowp_nearest)
             d, idx = certified_nearest(queries, bank, low, self.search_chunk, self.bank_chunk, rerank, dev,
-                                       center=self._bank_center(), cap=1 + LOWP_PAD)
+                                       center=self._bank_center(),
+                                       cap=nearest_cap(bank.shape[0], 1 + LOWP_PAD))
             return d.to(queries.device), idx.to(queries.device)
         if low is not None:  # certified low-precision pass, re-ranked only as wide as each query needs
             cand, lows, thr = certified_pass(queries, bank, k, LOWP_PAD, low, self.search_chunk, self.bank_chunk,

@@ -36,6 +36,20 @@ from adtrain.memory.lowp import _CUDA_BLOCK, augment, exact_search, pair_bound, 
 
 #: devices on which ``addmm(..., out_dtype=float32)`` of half inputs failed once (older torch)
 _NO_OUT_DTYPE: set[str] = set()
+#: most candidates a query is re-ranked over (``nearest_cap``), and the bank items one candidate's
+#: exact re-ranking is worth: a gather, a difference and a norm of ``dim`` fp32 values (about 12
+#: bytes each) against the 2 ``dim`` fp32 flops per item of a full search (a GPU's ~14 flops per
+#: byte: ~85 items; a CPU's fewer), rounded down to be safe
+CAP_MAX, ITEMS_PER_CANDIDATE = 256, 64
+
+
+def nearest_cap(n: int, least: int = 33) -> int:
+    """Most candidates a query of ``certified_nearest`` is re-ranked over before it is searched
+    again in full fp32 instead: ``least`` on a small bank, up to ``CAP_MAX`` where a full search of
+    the ``n`` items costs more than that many re-ranked candidates. A dense bank of random-init
+    WRN50 features (36,044 items) leaves 10 % of its queries more than 33 fp16 candidates, at most
+    119 (docs/BENCHMARKS.md)."""
+    return max(least, min(CAP_MAX, n // ITEMS_PER_CANDIDATE))
 
 
 def _low_minus_qadj(qlow: torch.Tensor, mlow_t: torch.Tensor, madj: torch.Tensor) -> torch.Tensor:
