@@ -67,7 +67,7 @@ def main() -> dict:
     res = {"run_dir": args.run_dir, "method": str(cfg.method.name), "images": n, "batch": args.batch,
            "precision": precision, "model_images_per_second": round(n / plain, 1)}
 
-    import adtrain.memory.bank as bank_mod
+    import adtrain.memory.bank_search as bank_mod  # where MemoryBank.search looks these names up
     import adtrain.memory.dense_exact as dense_exact
     import adtrain.memory.lowp_nearest as ln
     from adtrain.memory.bank import MemoryBank
