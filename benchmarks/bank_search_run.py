@@ -28,7 +28,7 @@ def main() -> dict:
     ap.add_argument("--backend", default="faiss", choices=["faiss", "torch", "auto"])
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
-    import adtrain.memory.bank as bank_mod
+    import adtrain.memory.bank_search as bank_mod  # where MemoryBank.search looks rerank and exact_search up
     import adtrain.memory.dense_exact as dense_exact
     from _timing import run_patch_queries
 
