@@ -29,10 +29,11 @@ MODULES = ("adtrain.methods.patchcore.torch_model", "adtrain.methods.cfa.torch_m
            "adtrain.methods.dfm.torch_model")
 
 
-def before(patch_scores: torch.Tensor, size, sigma: float) -> torch.Tensor:
-    """The maps as they were made before `upsampled_map`."""
+def before(patch_scores: torch.Tensor, size, sigma: float, mode: str = "reflect") -> torch.Tensor:
+    """The maps as they were made before `upsampled_map` (``mode``: the blur's borders, ``method.blur_mode``)."""
     s = patch_scores if patch_scores.ndim == 4 else patch_scores.unsqueeze(1)
-    return gaussian_blur2d(F.interpolate(s.float(), size=tuple(size), mode="bilinear", align_corners=False), sigma)
+    return gaussian_blur2d(F.interpolate(s.float(), size=tuple(size), mode="bilinear", align_corners=False),
+                           sigma, mode)
 
 
 def use(fn) -> None:
