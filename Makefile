@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers, one thread each (tests/conftest.py); 0 runs the suite in this process
 PYTEST_WORKERS ?= 2
 
-.PHONY: install lock test quickstart bench notebook clean
+.PHONY: install lock test quickstart bench bench-smoke notebook clean
 
 install:  ## virtual environment + adtrain with its dev extra (tests, notebook, offline data/weights), at constraints.txt's versions
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ quickstart: | $(PY)  ## the README quickstart: PatchCore on real ELPV cells with
 
 bench: | $(PY)  ## throughput and memory figures of the quickstart's run (see docs/BENCHMARKS.md), offline
 	$(PY) -m adtrain.bench
+
+bench-smoke: | $(PY)  ## every quick benchmark script once on tiny inputs (~3 min): a script a refactor broke fails here
+	PY=$(PY) bash benchmarks/smoke.sh
 
 notebook: | $(PY)  ## the notebooks in JupyterLab (the notebook extra, part of dev)
 	$(VENV)/bin/jupyter lab notebooks/
