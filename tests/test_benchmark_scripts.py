@@ -90,6 +90,12 @@ def _looked_up(module: types.ModuleType, attr: str) -> bool:
     return False
 
 
+def _is_setattr(func: ast.AST) -> bool:
+    """``setattr(...)`` or ``monkeypatch.setattr(...)`` (a getattr only reads)."""
+    return (isinstance(func, ast.Name) and func.id == "setattr") or (
+        isinstance(func, ast.Attribute) and func.attr == "setattr")
+
+
 def _patched(tree: ast.AST, aliases: dict[str, str]):
     """(line, module name, attribute) of each replacement of an aliased module's attribute."""
     for node in ast.walk(tree):
@@ -99,7 +105,7 @@ def _patched(tree: ast.AST, aliases: dict[str, str]):
                 for el in (t.elts if isinstance(t, ast.Tuple) else [t]):
                     if isinstance(el, ast.Attribute) and isinstance(el.value, ast.Name) and el.value.id in aliases:
                         yield node.lineno, aliases[el.value.id], el.attr
-        elif isinstance(node, (ast.Tuple, ast.Call)):
+        elif isinstance(node, ast.Tuple) or (isinstance(node, ast.Call) and _is_setattr(node.func)):
             items = node.elts if isinstance(node, ast.Tuple) else node.args
             for i, el in enumerate(items[:-1]):
                 nxt = items[i + 1]
@@ -155,10 +161,12 @@ def test_the_check_sees_a_name_that_moved(tmp_path):
     # replaced where nothing looks it up (re-exported by bank, called from bank_search)
     script.write_text("import adtrain.memory.bank as bank_mod\nimport adtrain.memory.bank_search as bs\n\n"
                       "def main(wrap):\n    bank_mod.rerank = wrap\n    bs.rerank = wrap\n"
+                      "    setattr(bank_mod, 'rerank', getattr(bank_mod, 'LOWP_PAD'))\n"
                       "    return [('timed', bank_mod, 'rerank'), ('timed', bs, 'certified_nearest')]\n")
     assert _missing_names(script) == [
         "line 5: adtrain.memory.bank.rerank replaced, but nothing in adtrain looks it up there",
-        "line 7: adtrain.memory.bank.rerank replaced, but nothing in adtrain looks it up there"]
+        "line 7: adtrain.memory.bank.rerank replaced, but nothing in adtrain looks it up there",
+        "line 8: adtrain.memory.bank.rerank replaced, but nothing in adtrain looks it up there"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
