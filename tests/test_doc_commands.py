@@ -2,7 +2,9 @@
 benchmarks/README.md composes: a renamed or removed config key or option fails here, not in a
 user's first run from the docs. Composition only (Hydra's struct config refuses unknown keys and
 missing group options); placeholders (RUN_DIR, M, <...>, $VAR) skip a command, a sweep's first
-value stands for its list, `hydra.*` and `bench.*` keys are left to their own checks."""
+value stands for its list, `hydra.*` and `bench.*` keys are left to their own checks. The small
+commands (`adtrain.predict`, `adtrain.export`, `adtrain.templates add`, or their console scripts)
+name only options they know."""
 
 from __future__ import annotations
 
@@ -63,6 +65,31 @@ def test_every_documented_command_composes():
     assert failed == []
 
 
+SMALL = re.compile(r"(?:-m adtrain\.|adtrain-)(predict|export|templates)(?:\s+add)?((?:\s+[\w.]+=\S+)+)")
+
+
+def small_commands() -> list[tuple[str, str, list[str]]]:
+    """(file, command, option keys) of each documented predict / export / templates command."""
+    found = []
+    for doc in DOCS:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text(encoding="utf-8"))
+        for m in SMALL.finditer(text):
+            keys = [w.split("=", 1)[0] for w in m.group(2).split()]
+            found.append((str(doc.relative_to(ROOT)), m.group(1), keys))
+    return found
+
+
+def test_the_small_commands_in_the_docs_name_known_options():
+    from adtrain import predict, templates
+    from adtrain.export import DEFAULTS as export_options
+
+    known = {"predict": set(predict.DEFAULTS), "export": set(export_options), "templates": set(templates.DEFAULTS)}
+    found = small_commands()
+    assert {cmd for _, cmd, _ in found} == set(known)  # each is documented with options
+    unknown = [(doc, cmd, key) for doc, cmd, keys in found for key in keys if key not in known[cmd]]
+    assert unknown == []
+
+
 def test_a_stale_key_in_a_documented_command_is_caught(tmp_path, monkeypatch):
     doc = tmp_path / "README.md"
     doc.write_text("Run `python -m adtrain method=patchcore data.no_such_key=3` or\n"
@@ -79,3 +106,7 @@ def test_a_stale_key_in_a_documented_command_is_caught(tmp_path, monkeypatch):
         except Exception as err:  # noqa: BLE001
             errors.append(str(err))
     assert len(errors) == 1 and "no_such_key" in errors[0]
+    doc.write_text("`python -m adtrain.export checkpoint=RUN/m.ckpt fmt=onnx` and `adtrain-predict \\\n"
+                   "  checkpoint=X images=Y`\n")
+    assert small_commands() == [("README.md", "export", ["checkpoint", "fmt"]),
+                                ("README.md", "predict", ["checkpoint", "images"])]

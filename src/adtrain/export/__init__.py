@@ -83,6 +83,10 @@ def _check_out(path: Path, format: str, key: str) -> None:
     writable_folder(path.parent, key, "the export's folder")
 
 
+#: adtrain-export's options (key=value) and their defaults
+DEFAULTS = {"checkpoint": None, "format": "onnx", "out": None, "layout": "nhwc", "batch": 2}
+
+
 def _version() -> str:
     from adtrain import __version__
 
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from adtrain.cli import command
 
-    defaults = {"checkpoint": None, "format": "onnx", "out": None, "layout": "nhwc", "batch": 2}
+    defaults = DEFAULTS
 
     def body(argv: list[str]) -> None:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
