@@ -47,6 +47,17 @@ def test_wandb_offline_logs_heatmaps_table_and_checkpoint(fast_cfg, tmp_path, mo
         assert wb["history"][f"test/image_auroc/{defect}"] == pytest.approx(value)
     assert {"stfpm", "synthetic", "schedule:single"} <= set(wb["tags"]) and wb["group"] is None
     assert wb["name"] == f"stfpm-synthetic-{res['category']}-seed0" and wb["exit_code"] == 0
+    # a file still being written (cut anywhere) reads as a prefix of its records, never a parse error
+    from tests.wandb_offline import records as wandb_records
+
+    (log,) = runs[0].glob("*.wandb")
+    whole = [r.SerializeToString() for r in wandb_records(log)]
+    data = log.read_bytes()
+    cut = tmp_path / "cut.wandb"
+    for n in sorted({7, 100, 1000, len(data) // 3, len(data) // 2, len(data) - 5, len(data) - 1}):
+        cut.write_bytes(data[:n])
+        got = [r.SerializeToString() for r in wandb_records(cut)]
+        assert got == whole[:len(got)] and len(got) <= len(whole)
 
 
 def test_a_run_without_test_logs_its_selected_figures_and_checkpoint_to_wandb(fast_cfg, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Read a W&B offline run (<run dir>/wandb/offline-run-*/run-*.wandb) without wandb.Api: the file is
 a LevelDB-style log (7-byte header, 32 KiB blocks of chunks: crc32 u32, length u16, type u8, data)
-of wandb_internal_pb2.Record messages. Returns the run's config, summary/history keys, group, tags."""
+of wandb_internal_pb2.Record messages. Returns the run's config, summary/history keys, group, tags.
+A run still writing its file is read up to its last whole chunk (a test polls until the exit record)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def records(path: Path):
         if kind == 0 and length == 0:  # zero padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # the last chunk still being written (a live run): stop there
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (FULL, FIRST):
