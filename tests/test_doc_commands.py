@@ -20,11 +20,16 @@ START = re.compile(r"(?:^|[\s`(;&|])(?:\S*python3? -m adtrain(?:\.bench)?|adtrai
 PLACEHOLDER = re.compile(r"\b[A-Z]\b|[A-Z]{2,}|<|\$|\.\.\.|\[\w+=")
 
 
+def _joined(doc: Path) -> str:
+    """A doc's text with shell line continuations (backslash, newline, indent) joined."""
+    return re.sub(r"\\\n\s*", " ", doc.read_text(encoding="utf-8"))
+
+
 def documented_commands() -> list[tuple[str, list[str]]]:
     """(file, overrides) of each distinct documented command."""
     found, seen = [], set()
     for doc in DOCS:
-        text = re.sub(r"\\\n\s*", " ", doc.read_text(encoding="utf-8"))  # continued lines joined
+        text = _joined(doc)
         for line in text.splitlines():
             spans = re.findall(r"`([^`]+)`", line) if "`" in line else [line]
             for span in spans:
@@ -72,7 +77,7 @@ def small_commands() -> list[tuple[str, str, list[str]]]:
     """(file, command, option keys) of each documented predict / export / templates command."""
     found = []
     for doc in DOCS:
-        text = re.sub(r"\\\n\s*", " ", doc.read_text(encoding="utf-8"))
+        text = _joined(doc)
         for m in SMALL.finditer(text):
             keys = [w.split("=", 1)[0] for w in m.group(2).split()]
             found.append((str(doc.relative_to(ROOT)), m.group(1), keys))
