@@ -167,6 +167,14 @@ def test_final_average_and_forgetting_on_constructed_matrices():
     s = summarize({"image_auroc": R})
     assert s == {"final_image_auroc": pytest.approx(2.2 / 3), "forgetting_image_auroc": pytest.approx(0.175)}
 
+    # numpy numbers are figures (not dropped as if missing); bools, NaN and None are not
+    import numpy as np
+    from adtrain.continual.runner import finite_mean
+
+    Rn = [[np.float32(0.9), None, None], [np.float64(0.8), 0.95, None], [0.6, np.float32(0.9), 0.7]]
+    assert forgetting(Rn) == pytest.approx(0.175) and final_average(Rn) == pytest.approx(2.2 / 3, rel=1e-6)
+    assert finite_mean([np.float32(0.5), 1, True, float("nan"), None]) == pytest.approx(0.75)
+
 
 def test_resume_after_crash_in_second_task(fast_cfg, tmp_path, monkeypatch):
     from adtrain.methods.stfpm import Stfpm

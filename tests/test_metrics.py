@@ -350,6 +350,41 @@ def test_float64_image_scores_keep_their_precision():
     assert ev.compute()["image_auroc"] == image_metrics(s, y)["image_auroc"] == 0.75
 
 
+@pytest.mark.parametrize("dtype,base,step", [(torch.float64, 1.0, 1e-9), (torch.int64, 2 ** 24, 1)])
+def test_float64_and_integer_maps_keep_their_precision_in_pixel_metrics(dtype, base, step):
+    """The defect pixel scores above the others only past float32's precision: the evaluator
+    counts the map as the pixel accumulator does (fp64), not cut to fp32 (ties: AUROC 0.5)."""
+    from adtrain.metrics.pixel import PixelMetricAccumulator
+
+    amap = torch.full((2, 1, 4, 4), base, dtype=dtype)
+    amap[1, 0, 1, 2] = base + step
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[1, 0, 1, 2] = 1
+    ev = AnomalyEvaluator(pixel_threshold=float(base))
+    ev.update(torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), amap, mask)
+    got = ev.compute()
+    acc = PixelMetricAccumulator()
+    acc.update(amap[:, 0], mask[:, 0] > 0.5)
+    assert {k: got[k] for k in ("pixel_auroc", "pixel_ap", "pixel_f1max")} == \
+        {k: acc.compute()[k] for k in ("pixel_auroc", "pixel_ap", "pixel_f1max")} == \
+        {"pixel_auroc": 1.0, "pixel_ap": 1.0, "pixel_f1max": 1.0}
+    assert ev.compute_pixels_at_threshold()["tp"] == 1 and ev.compute_pixels_at_threshold()["fp"] == 0
+
+
+def test_exactness_counts_scores_still_held_after_streaming_began():
+    """Past the exact budget, scores added since the last flush can merge bins: ``exact`` says so
+    before a compute, as it does after one."""
+    from adtrain.metrics.pixel import PixelMetricAccumulator
+
+    acc = PixelMetricAccumulator(num_bins=4, exact_pixels=3)
+    acc.update(torch.tensor([[[0.1, 0.2], [0.3, 0.4]]]), torch.tensor([[[False, False], [False, True]]]))
+    assert acc.exact  # four scores in four bins
+    acc.update(torch.tensor([[[0.5, 0.6]]]), torch.tensor([[[True, False]]]))
+    before = acc.exact
+    figures = acc.compute()
+    assert before is False and acc.exact is False and acc.compute() == figures
+
+
 # ---------------------------------------------------------------- bounded memory
 
 

@@ -8,13 +8,15 @@ baseline has a single row. Functions work on any number of finished rows (a part
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 Matrix = list[list[float | None]]
 
 
-def _ok(v) -> bool:
-    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+def is_figure(v) -> bool:
+    """A finite real number (numpy's too: np.float32 counts), never a bool; None and NaN are not."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def make_row(num_tasks: int, values: dict[int, float | None]) -> list[float | None]:
@@ -29,7 +31,7 @@ def final_average(R: Sequence[Sequence[float | None]]) -> float | None:
     """
     if not R:
         return None
-    vals = [float(v) for v in R[-1] if _ok(v)]
+    vals = [float(v) for v in R[-1] if is_figure(v)]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -43,8 +45,8 @@ def forgetting_per_task(R: Sequence[Sequence[float | None]]) -> list[float | Non
     out: list[float | None] = []
     for i in range(max(0, n - 1)):
         last = R[n - 1][i] if i < len(R[n - 1]) else None
-        before = [float(R[t][i]) for t in range(i, n - 1) if i < len(R[t]) and _ok(R[t][i])]
-        out.append(max(before) - float(last) if before and _ok(last) else None)
+        before = [float(R[t][i]) for t in range(i, n - 1) if i < len(R[t]) and is_figure(R[t][i])]
+        out.append(max(before) - float(last) if before and is_figure(last) else None)
     return out
 
 

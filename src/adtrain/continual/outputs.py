@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
-from adtrain.continual.metrics import Matrix
+from adtrain.continual.metrics import Matrix, is_figure
 from adtrain.continual.state import MATRIX_METRICS
 from adtrain.loggers import is_wandb, score_table
 from adtrain.viz import figure_png
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def row_labels(num_rows: int, task_names: list[str], joint: bool) -> list[str]:
@@ -27,7 +22,7 @@ def plot_matrix(R: Matrix, task_names: list[str], metric: str, path: Path, joint
     import matplotlib
     from matplotlib.figure import Figure
 
-    data = np.array([[v if _num(v) else np.nan for v in row] for row in R], dtype=float)
+    data = np.array([[v if is_figure(v) else np.nan for v in row] for row in R], dtype=float)
     data = data.reshape(len(R), len(task_names))
     n_rows, n_cols = data.shape
     fig = Figure(figsize=(max(4.0, 0.75 * n_cols + 2.5), max(2.2, 0.5 * n_rows + 1.8)), dpi=100)
@@ -60,7 +55,7 @@ def log_row(logger, t: int, evals: dict[int, dict], task_names: list[str]) -> No
     for m in MATRIX_METRICS:
         vals = []
         for i, r in sorted(evals.items()):
-            if _num(r.get(m)):
+            if is_figure(r.get(m)):
                 scalars[f"continual/{m}/{task_names[i]}"] = float(r[m])
                 vals.append(float(r[m]))
         if vals:
@@ -72,7 +67,7 @@ def log_row(logger, t: int, evals: dict[int, dict], task_names: list[str]) -> No
 def _curves(R: Matrix, task_names: list[str]) -> tuple[list, list, list]:
     xs, ys, keys = [], [], []
     for i, name in enumerate(task_names):
-        pts = [(t, R[t][i]) for t in range(len(R)) if _num(R[t][i])]
+        pts = [(t, R[t][i]) for t in range(len(R)) if is_figure(R[t][i])]
         if pts:
             xs.append([p[0] for p in pts])
             ys.append([float(p[1]) for p in pts])
@@ -87,7 +82,7 @@ def log_final(logger, results: dict, heatmaps: dict[str, Path], test_heatmaps: d
     score table (``records``) and the final checkpoint as a model artifact."""
     if logger is None:
         return
-    summary = {f"continual/{k}": v for k, v in results["summary"].items() if _num(v)}
+    summary = {f"continual/{k}": v for k, v in results["summary"].items() if is_figure(v)}
     if summary:
         logger.log_metrics(summary)
     if is_wandb(logger):

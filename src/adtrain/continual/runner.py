@@ -22,7 +22,7 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
 from adtrain.build import build_datamodule, build_logger, build_method
-from adtrain.continual.metrics import summarize
+from adtrain.continual.metrics import is_figure, summarize
 from adtrain.continual.outputs import log_final, log_row, plot_matrix
 from adtrain.continual.schedule import Schedule, read_schedule, task_config, task_name
 from adtrain.continual.state import (MATRIX_METRICS, ContinualState, load_task_checkpoint, save_task_checkpoint,
@@ -62,7 +62,7 @@ def replay_buffer(own_train: list[list], t: int, per_task: int, seed: int, names
 
 def finite_mean(values) -> float | None:
     """The mean of the finite numbers among values (None, NaN skipped); None if there are none."""
-    vals = [float(v) for v in values if isinstance(v, (int, float)) and np.isfinite(v)]
+    vals = [float(v) for v in values if is_figure(v)]
     return float(np.mean(vals)) if vals else None
 
 

@@ -8,7 +8,7 @@ import torch
 from adtrain.errors import AdtrainError
 from adtrain.metrics._arrays import check_finite, to_numpy
 from adtrain.metrics.image import image_metrics
-from adtrain.metrics.pixel import PIXEL_KEYS, PixelMetricAccumulator
+from adtrain.metrics.pixel import PIXEL_KEYS, PixelMetricAccumulator, score_dtype
 from adtrain.metrics.spro import SproAccumulator
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", *PIXEL_KEYS)
@@ -21,6 +21,13 @@ def _spatial(x: torch.Tensor, name: str, batch: int) -> torch.Tensor:
     if x.ndim != 3 or x.shape[0] != batch:
         raise AdtrainError(f"{name} must be ({batch},1,H,W) or ({batch},H,W), got {tuple(x.shape)}")
     return x
+
+
+def _pixel_scores(amap: torch.Tensor) -> torch.Tensor:
+    """A map in the dtype its pixel scores are counted in (``score_dtype``): fp16 / bf16 widened to
+    fp32, fp32 and fp64 as they come, integers exact in fp64. Cutting fp64 to fp32 here would tie
+    scores that differ below fp32's precision (and the pixel threshold's decisions with them)."""
+    return amap.to(score_dtype(amap.dtype, amap.device))
 
 
 class AnomalyEvaluator:
@@ -119,11 +126,11 @@ class AnomalyEvaluator:
             label = torch.as_tensor(label).reshape(-1)
             self._update_pixels(anomaly_map, label, mask, has_mask, groups if self.pixel_groups else None)
             if self.spro is not None and spro is not None:
-                self.spro.update(_spatial(anomaly_map.detach(), "anomaly_map", label.numel()).float(), label, *spro)
+                self.spro.update(_pixel_scores(_spatial(anomaly_map.detach(), "anomaly_map", label.numel())), label, *spro)
 
     def _update_pixels(self, anomaly_map, label, mask, has_mask, groups=None) -> None:
         batch = label.numel()
-        amap = _spatial(anomaly_map.detach(), "anomaly_map", batch).float()
+        amap = _pixel_scores(_spatial(anomaly_map.detach(), "anomaly_map", batch))
         device = amap.device
         if mask is None:  # no ground truth: only normal images' (empty) masks are known
             gt = torch.zeros_like(amap, dtype=torch.bool)

@@ -155,7 +155,11 @@ class PixelMetricAccumulator:
 
     @property
     def exact(self) -> bool:
-        """True while the metrics equal the exact ones (scores held, or bins of one score each)."""
+        """True while the metrics equal the exact ones (scores held, or bins of one score each).
+        Once streaming, scores still held go into the bins first (as ``compute`` would put them):
+        they can merge bins, so the answer holds for what has been added so far."""
+        if len(self.bins) and self._held:
+            self._flush()
         return len(self.bins) == 0 or self.bins.exact
 
     def update(self, anomaly_map: torch.Tensor, mask: torch.Tensor,
