@@ -27,7 +27,7 @@ def main() -> dict:
     args = ap.parse_args()
     from _timing import run_patch_queries
 
-    from adtrain.memory.lowp import pair_bound
+    from adtrain.memory.lowp import pair_bound, pair_eps
 
     method, cfg, _, q = run_patch_queries(args.run_dir, args.images)
     bank = method.model.memory.bank.float()
@@ -38,12 +38,12 @@ def main() -> dict:
            "queries": q.shape[0]}
     nearest = []
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        a, b, c = pair_bound(q.shape[1], dtype)
+        bound = pair_bound(q.shape[1], dtype)
         need, window = [], []
         for s in range(0, q.shape[0], 512):
             qq, qk = qc[s: s + 512], qn[s: s + 512].unsqueeze(1)
             d = (qq * qq).sum(1, keepdim=True) + (bc * bc).sum(1) - 2 * (qq.to(dtype) @ bc.to(dtype).t()).float()
-            eps = a * qk * mn + b * (qk + mn) ** 2 + c * (qk + mn)
+            eps = pair_eps(qk, mn, bound)
             upper_min = (d + eps).min(dim=1).values
             need.append(((d - eps) <= upper_min.unsqueeze(1)).sum(dim=1).float())
             window.append((2 * eps).mean(dim=1))

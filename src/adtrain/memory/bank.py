@@ -195,10 +195,17 @@ class MemoryBank(BankSearch, nn.Module):
 
     @torch.no_grad()
     def set_bank(self, bank: torch.Tensor) -> None:
-        """Use ``bank`` (K,D) as the memory (copied to fp32 on this module's device)."""
+        """Use ``bank`` (K,D) as the memory: fp32, contiguous, on this module's device (converted
+        where it is not, else taken as it is: the caller's later in-place changes then reach the
+        memory, and the search caches follow them by the tensor's version counter). An inference
+        tensor (made under ``torch.inference_mode``) has no such counter and is copied into one
+        that has."""
         if bank.dim() != 2 or bank.shape[0] == 0:
             raise AdtrainError(f"MemoryBank.set_bank: expected non-empty (K,D), got {tuple(bank.shape)}")
         bank = bank.detach().to(self.bank.device, torch.float32).contiguous()
+        if bank.is_inference():
+            with torch.inference_mode(False):
+                bank = bank.clone()
         if self.keep_on_host and torch.cuda.is_available() and not bank.is_pinned():
             bank = bank.pin_memory()  # asynchronous slice copies to the GPU
         self.bank = bank

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from adtrain.memory.bank import RERANK_PAD, MemoryBank, rerank
-from adtrain.memory.graph_knn import graph_distances, in_graph
-from adtrain.memory.index import torch_search
+from adtrain.memory.graph_knn import graph_distances, graph_knn, in_graph
+from adtrain.memory.lowp import exact_search
 
 #: rows per chunk: about this many gathered floats. On the CPU 2 MB blocks stay in the heap and the
 #: caches (32 MB ones are mapped fresh and page-faulted on every call): DFM's and CFA's shapes run
@@ -87,13 +87,13 @@ def nearest_distances(
     k: int = 1,
     eps: float = 1e-12,
     squared: bool = False,
-    search_chunk: int = 16384,
     bank_chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest bank items of each query: (d (M,k) with gradients, idx (M,k) int64).
 
-    ``bank`` is a MemoryBank (its index finds the neighbours) or a (K,D) tensor (exact torch
-    search; gradients reach it if it requires grad). Queries and bank on the same device.
+    ``bank`` is a MemoryBank (its index finds the neighbours) or a (K,D) tensor (the certified
+    exact fp32 search, ``memory.lowp.exact_search``; gradients reach it if it requires grad; while
+    traced, ``graph_knn`` over ``bank_chunk`` rows at a time). Queries and bank on the same device.
     """
     with torch.no_grad():
         if isinstance(bank, MemoryBank):
@@ -101,9 +101,12 @@ def nearest_distances(
             items = bank.bank
         else:
             items = bank
-            kc = min(items.shape[0], k + RERANK_PAD)
-            cand = torch_search(queries, items, kc, search_chunk, bank_chunk)
-            _, idx = rerank(queries, items.detach(), cand, k)
+            fixed = items.detach()
+            if in_graph():  # traced: the graph's plain-op search (centred candidates, re-ranked)
+                _, idx = graph_knn(queries.detach(), fixed, k, RERANK_PAD, bank_chunk)
+            else:  # the certified exact fp32 search (centred on the bank's mean; a query it does
+                # not prove is searched again in full), as MemoryBank's fallback
+                _, idx = exact_search(queries.detach(), fixed, k, rerank, fixed.device, fixed.float().mean(dim=0))
     if isinstance(bank, MemoryBank):
         return bank_distances(queries, bank, idx, eps=eps, squared=squared), idx.to(queries.device)
     idx = idx.to(items.device)

@@ -26,8 +26,11 @@ def graph_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: i
                      scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (M,k) of the k smallest ``scale_j * ||q - b_j|| + shift_j`` (plain squared distance
     ordering when scale/shift are None: by ||b_j||^2 - 2 q.b_j, the same order) per query, by a
-    running top-k over bank chunks."""
-    q = queries.float()
+    running top-k over bank chunks. Both sides are centred on the bank's mean first (the same
+    distances, smaller norms: a bank far from the origin beside its spread would otherwise lose the
+    order to the expansion's cancellation, as the eager search's centring avoids)."""
+    center = bank.float().mean(dim=0, keepdim=True)
+    q = queries.float() - center
     n = int(bank.shape[0])
     k = min(int(k), n)
     q_sq = (q * q).sum(dim=1, keepdim=True) if scale is not None else None
@@ -38,7 +41,7 @@ def graph_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: i
     q1 = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
     best_v = best_i = None
     for c in range(0, n, chunk):
-        m = bank[c : c + chunk].float()
+        m = bank[c : c + chunk].float() - center
         d = q1 @ torch.cat([m * -2.0, (m * m).sum(dim=1, keepdim=True)], dim=1).t()
         if scale is not None:
             d = (d + q_sq).clamp(min=0.0).sqrt() * scale[c : c + chunk] + shift[c : c + chunk]

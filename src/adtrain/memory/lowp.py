@@ -29,8 +29,10 @@ _LOW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 #: unit roundoff of each low precision (half an ulp at 1) and of fp32
 _UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 _U32 = 2.0 ** -24
-#: largest absolute error of rounding a tiny value into the format (fp16 subnormal spacing / 2)
-_UNDERFLOW = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 2.0 ** -150}
+#: largest absolute error of rounding a tiny value into the format: fp16's subnormal spacing / 2;
+#: bf16 and fp32 the smallest normal, 2^-126, as hardware that flushes subnormals to zero makes it
+#: (Intel AMX's bf16 products, FTZ / DAZ modes); still negligible beside any real feature's eps
+_UNDERFLOW = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -126, torch.float32: 2.0 ** -126}
 _FP16_SAFE = 30000.0  # stay well inside fp16's 65504 for every input and product
 _CUDA_BLOCK = 1 << 28  # distances per (queries x bank) block of a GPU-resident bank (1 GiB in fp32)
 
@@ -53,7 +55,15 @@ def error_bound(q_norm: torch.Tensor, m_norm_max: float, dim: int, dtype: torch.
     cross = (2 * u + u * u + u + 1.01 * dim * _U32) * q_norm * m_norm_max  # inputs, accumulation, output
     under = 2 * _UNDERFLOW[dtype] * math.sqrt(dim) * (q_norm + m_norm_max)
     fp32 = 4 * (dim + 8) * _U32 * (q_norm + m_norm_max) ** 2  # fp32 norms, sum, and the reference's rounding
-    return 2 * (cross + under) + fp32
+    return 2 * (cross + under) + fp32 + tiny_term(dim, dtype)
+
+
+def tiny_term(dim: int, dtype: torch.dtype) -> float:
+    """The part of eps that no norm scales: a product or a distance small enough to round into the
+    format's subnormal range is off by up to ``_UNDERFLOW`` (fp16's 2^-25 whatever the norms), as
+    are the fp32 terms of the pass's and the reference's sums (D + 2 of them); twice that. Without
+    it the bound failed on rows whose centred norms are near 1e-3 (fp16)."""
+    return 2 * (_UNDERFLOW[dtype] + (dim + 2) * _UNDERFLOW[torch.float32])
 
 
 def max_norm(x: torch.Tensor) -> float:
@@ -69,35 +79,37 @@ def fits_dtype(queries: torch.Tensor, bank_max_norm: float, dtype: torch.dtype, 
     return math.isfinite(qn * mn) and qn * mn < _FP16_SAFE and max(qn, mn) < _FP16_SAFE
 
 
-def pair_bound(dim: int, dtype: torch.dtype) -> tuple[float, float, float]:
-    """(a, b, c) with eps(|q|, |m|) = a |q| |m| + b (|q| + |m|)^2 + c (|q| + |m|): ``error_bound``
-    for one pair of norms (the item's own norm, not the bank's largest), with margins for the
-    centring, the augmented column and the adjusted norms of ``certified_pass``."""
+def pair_bound(dim: int, dtype: torch.dtype) -> tuple[float, float, float, float]:
+    """(a, b, c, z) with eps(|q|, |m|) = a |q| |m| + b (|q| + |m|)^2 + c (|q| + |m|) + z:
+    ``error_bound`` for one pair of norms (the item's own norm, not the bank's largest), with
+    margins for the centring, the augmented column and the adjusted norms of ``certified_pass``;
+    z: ``tiny_term`` (the augmented column adds one input)."""
     u = _UNIT[dtype]
     a = 2 * (3 * u + u * u + 1.01 * (dim + 1) * _U32) * (1 + 4 * u)
     b = 4 * (dim + 10) * _U32
     c = 4 * _UNDERFLOW[dtype] * math.sqrt(dim + 1)
-    return a, b, c
+    return a, b, c, tiny_term(dim + 1, dtype)
 
 
-def pair_eps(qn, mn, bound: tuple[float, float, float]):
+def pair_eps(qn, mn, bound: tuple[float, float, float, float]):
     """``pair_bound``'s eps at query norms ``qn`` and item norms ``mn`` (tensors or floats that
-    broadcast): a |q| |m| + b (|q| + |m|)^2 + c (|q| + |m|)."""
-    a, b, c = bound
-    return a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn)
+    broadcast): a |q| |m| + b (|q| + |m|)^2 + c (|q| + |m|) + z."""
+    a, b, c, z = bound
+    return a * qn * mn + b * (qn + mn) ** 2 + c * (qn + mn) + z
 
 
-def augment(x: torch.Tensor, dtype: torch.dtype, s: float, b: float, c: float):
+def augment(x: torch.Tensor, dtype: torch.dtype, s: float, b: float, c: float, z: float = 0.0):
     """The low-precision pass's side of ``x`` (R, D) fp32: ((R, W) in ``dtype``, the vectors and
     s |x| in column D, W = D + 1 padded to a multiple of 8 for tensor cores), the fp32 per-row
-    term |x|^2 - b |x|^2 - c |x| of the lower bound, and |x| (``pair_bound``'s b and c)."""
+    term |x|^2 - b |x|^2 - c |x| - z / 2 of the lower bound (each side takes half of ``pair_bound``'s
+    z), and |x| (``pair_bound``'s b, c and z)."""
     dim = x.shape[1]
     sq = (x * x).sum(dim=1)
     norm = sq.sqrt()
     out = torch.zeros(x.shape[0], -(-(dim + 1) // 8) * 8, device=x.device, dtype=dtype)
     out[:, :dim] = x.to(dtype)
     out[:, dim] = (s * norm).to(dtype)
-    return out, sq - b * sq - c * norm, norm
+    return out, sq - b * sq - c * norm - z / 2, norm
 
 
 def certified_search(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, dtype: torch.dtype,
@@ -140,11 +152,11 @@ def certified_pass(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, 
     dim = q32.shape[1]
     kc = min(n, k + pad)
     keep = min(n, kc + 1)  # one more: the best excluded item certifies the kept ones
-    a, b, c = pair_bound(dim, dtype)
+    a, b, c, z = pair_bound(dim, dtype)
     s = math.sqrt(a / 2 + b)
 
     def augmented(x: torch.Tensor):
-        return augment(x, dtype, s, b, c)
+        return augment(x, dtype, s, b, c, z)
 
     qlow, qadj, qn = augmented(q32)
     qadj = qadj.unsqueeze(1)
@@ -177,7 +189,7 @@ def certified_pass(queries: torch.Tensor, bank: torch.Tensor, k: int, pad: int, 
         return best_i, best_l, None
     kept_n = m_norm[best_i[:, :kc]]
     qk = qn.unsqueeze(1)
-    upper = best_l[:, :kc] + 2 * pair_eps(qk, kept_n, (a, b, c))
+    upper = best_l[:, :kc] + 2 * pair_eps(qk, kept_n, (a, b, c, z))
     return best_i, best_l, torch.kthvalue(upper, k, dim=1).values
 
 
@@ -226,11 +238,10 @@ def exact_search(queries: torch.Tensor, bank: torch.Tensor, k: int, rerank, devi
     q32 = q_all if cen is None else q_all - cen
     n, dim = bank.shape
     step = 4096  # the bank is read in slices: a host bank is streamed, never copied whole
-    a, b, c = pair_bound(dim, matmul_dtype(dev))
-    a, b, c = 1.01 * a, 1.01 * b, 1.01 * c  # the elementwise roundings of the bounds themselves
+    bound = tuple(1.01 * v for v in pair_bound(dim, matmul_dtype(dev)))  # the bounds' own roundings
 
     def eps(qn: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
-        return pair_eps(qn, mn, (a, b, c))
+        return pair_eps(qn, mn, bound)
 
     m_norm = torch.empty(n, device=dev)
     rows = max(1, (1 << (27 if dev.type == "cuda" else 24)) // max(1, n))  # GPU: fewer, larger blocks

@@ -76,14 +76,14 @@ def certified_nearest(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dt
     if cen is not None:
         q32 = q32 - cen
     m, (n, dim) = q32.shape[0], bank.shape
-    a, b, c = pair_bound(dim, dtype)
+    a, b, c, z = pair_bound(dim, dtype)
     s = math.sqrt(a / 2 + b)
 
     def augmented(x: torch.Tensor):  # as lowp.certified_pass
-        return augment(x, dtype, s, b, c)
+        return augment(x, dtype, s, b, c, z)
 
     def slack(qn: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:  # U - L = 2 eps(|q|, |m|)
-        return 2 * pair_eps(qn, mn, (a, b, c))
+        return 2 * pair_eps(qn, mn, (a, b, c, z))
 
     qlow, qadj, qn = augmented(q32)
     finite = torch.isfinite(qadj) & torch.isfinite(qlow).all(dim=1)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from adtrain.memory.dense_exact import widths
-from adtrain.memory.lowp import exact_search
+from adtrain.memory.lowp import exact_search, tiny_term
 
 _U32 = 2.0 ** -24
 #: residual variance share the subspace may leave out (the bound's slack grows with it)
@@ -77,10 +77,11 @@ class Projection:
         components are each within D u |x - mu| (Cauchy-Schwarz on a unit basis vector), so the
         projected vector within sqrt(p) D u |x - mu|, and the residual as much again through the
         reconstruction; the basis's own rounding, the centring and the GEMM of width p + 3 add
-        O((p + 3) u). Every term is at most (|q - mu| + max |m - mu|)^2 in size."""
+        O((p + 3) u). Every term is at most (|q - mu| + max |m - mu|)^2 in size; values that round
+        into (or flush out of) fp32's subnormal range add ``lowp.tiny_term``, whatever the norms."""
         p, d = self.dim, self.full_dim
         c = 4.0 * (p ** 0.5 * (d + p) + 2 * p + 16)
-        return c * _U32 * (q_norm.double() + self.bank_norm_max) ** 2
+        return c * _U32 * (q_norm.double() + self.bank_norm_max) ** 2 + tiny_term(d + p + 3, torch.float32)
 
 
 def _spectrum(bank: torch.Tensor):
