@@ -36,7 +36,7 @@ def header_info(path: str | os.PathLike, whole: bool = False) -> tuple[tuple[int
     float, grey or colour), from the header alone."""
     from PIL import Image, UnidentifiedImageError
 
-    from adtrain.data.image_io import is_wide
+    from adtrain.data.image_io import _stored_tiff_rgb, is_wide, needs_tifffile
     from adtrain.data.orientation import shown_size
 
     try:
@@ -48,6 +48,7 @@ def header_info(path: str | os.PathLike, whole: bool = False) -> tuple[tuple[int
                 shown = shown_size(im)
                 wide = is_wide(im)
                 tiff = im.format == "TIFF"
+                by_tifffile = needs_tifffile(im)
                 cut = whole and tiff and not _tiff_whole(im, size)
             cut = cut or (whole and not tiff and not _ends_whole(f, path, size))
     except FileNotFoundError:
@@ -56,6 +57,8 @@ def header_info(path: str | os.PathLike, whole: bool = False) -> tuple[tuple[int
         raise DataError(path, f"not a readable image ({type(err).__name__}: {err})") from None
     if cut:
         _decode(path)
+    if by_tifffile:  # rare (16-bit colour, turned or planar): decoded now, so a codec it lacks is
+        _stored_tiff_rgb(path)  # found before training, not at the test after the whole fit
     return shown, wide
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from adtrain.data.base import AnomalyDataModule, seeded_rng, split_by_fraction, warn_unmasked
@@ -12,12 +13,19 @@ from adtrain.errors import ConfigError, DataError
 
 def _images(folder: Path, key: str, others: tuple[Path, ...] = ()) -> list[Path]:
     """The images under ``folder``, less those under ``others`` (the other data.*_dir folders, where
-    one lies inside it: masks in the anomaly folder, anomalies in the normal folder)."""
+    one lies inside it: masks in the anomaly folder, anomalies in the normal folder). Inside is
+    judged both as written and with links followed: a linked anomaly folder, or links to files
+    kept elsewhere, are left out as real ones are."""
     if not folder.is_dir():
         raise DataError(folder, f"folder not found (data.{key})")
-    inner = [o.resolve() for o in others if o.resolve() != folder.resolve() and o.resolve().is_relative_to(folder.resolve())]
+
+    def ways(x: Path) -> tuple[Path, Path]:
+        return Path(os.path.abspath(x)), x.resolve()
+
+    top = ways(folder)
+    inner = [w for o in others for w, t in zip(ways(o), top) if w != t and w.is_relative_to(t)]
     images = [p for p in list_images(folder, recursive=True)
-              if not any(p.resolve().is_relative_to(o) for o in inner)]
+              if not any(w.is_relative_to(o) for w in ways(p) for o in inner)]
     if not images:
         raise DataError(folder, f"no image files found in this folder (data.{key})")
     return images

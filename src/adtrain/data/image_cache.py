@@ -50,8 +50,9 @@ from adtrain.io import remove_dead_temps, temp_name
 log = logging.getLogger("adtrain")
 
 MODES = ("auto", "off")
-FORMAT = 3  # bump when the layout of an entry, or how a file is decoded, changes (2: EXIF orientation;
-#            3: float images beyond 0..255 refused, where an entry of 2 holds them clipped)
+FORMAT = 4  # bump when the layout of an entry, or how a file is decoded, changes (2: EXIF orientation;
+#            3: float images beyond 0..255 refused, where an entry of 2 holds them clipped; 4: TIFFs
+#            turned a quarter no longer scrambled, planar 16-bit colour TIFFs read by their bits)
 #: an entry another process used this recently is never evicted (it may be reading it now)
 RECENT_S = 600.0
 #: entry folders this process has opened: never evicted by it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Union
 
@@ -28,9 +29,16 @@ def read_error(where: str | Path, err: BaseException) -> DataError:
 
 
 def _open(path: str | Path) -> Image.Image:
-    """The file opened, its header read (not yet its pixels: ``_load``)."""
+    """The file opened, its header read (not yet its pixels: ``_load``). A TIFF turned a quarter
+    (EXIF orientation 5-8) is opened from its bytes: opened by name, Pillow memory-maps an
+    uncompressed one at the turned size and scrambles its pixels."""
     try:
-        return Image.open(path)
+        im = Image.open(path)
+        if im.format == "TIFF" and orientation(im) >= 5:
+            data = Path(path).read_bytes()
+            im.close()
+            im = Image.open(io.BytesIO(data))
+        return im
     except FileNotFoundError:
         raise DataError(path, "cannot read image: file not found") from None
     except _READ_ERRORS as e:
@@ -137,9 +145,14 @@ def is_wide(im: Image.Image) -> bool:
 
 def _wide_colour(im: Image.Image) -> bool:
     """A colour file of 16 bits per channel (PNG, TIFF): Pillow decodes it as 8-bit RGB(A), keeping
-    each value's high byte, which would ignore ``bit_depth``."""
+    each value's high byte, which would ignore ``bit_depth`` (a planar TIFF, one plane per channel,
+    it reads as garbage: its BitsPerSample says what its planes' raw modes do not)."""
     if im.mode not in ("RGB", "RGBA"):
         return False
+    if im.format == "TIFF":
+        bits = getattr(im, "tag_v2", {}).get(258)  # BitsPerSample
+        if any(isinstance(b, int) and b > 8 for b in (bits if isinstance(bits, tuple) else (bits,))):
+            return True
     for tile in getattr(im, "tile", None) or ():
         args = tile[3] if len(tile) > 3 else None
         raw = args[0] if isinstance(args, tuple) and args else args
@@ -148,11 +161,12 @@ def _wide_colour(im: Image.Image) -> bool:
     return False
 
 
-def _wide_rgb(path: str | Path, turn: int = 1, fmt: str | None = None) -> np.ndarray:
+def _wide_rgb(path: str | Path, turn: int = 1, fmt: str | None = None, planar: bool = False) -> np.ndarray:
     """A 16-bit-per-channel colour file's RGB values (H,W,3) uint16, through OpenCV (which keeps the
-    16 bits), upright (``turn``: its EXIF orientation); alpha dropped. A TIFF that must be turned is
-    read with tifffile: OpenCV turns some such TIFFs itself and fails on others."""
-    if turn != 1 and fmt == "TIFF":
+    16 bits), upright (``turn``: its EXIF orientation); alpha dropped. A TIFF that must be turned or
+    is ``planar`` is read with tifffile: OpenCV turns some turned TIFFs itself, fails on others, and
+    reads a planar one's first plane as if it held every channel."""
+    if fmt == "TIFF" and (turn != 1 or planar):  # needs_tifffile
         return upright(_stored_tiff_rgb(path), turn)
     import cv2
 
@@ -168,6 +182,10 @@ def _stored_tiff_rgb(path: str | Path) -> np.ndarray:
     try:
         arr = tifffile.imread(str(path), key=0)
     except Exception as e:  # tifffile raises its own types, and ValueError / KeyError for codecs it lacks
+        if "imagecodecs" in str(e):
+            raise DataError(path, "cannot read image: a 16-bit colour TIFF, turned (EXIF orientation) or "
+                            f"planar, whose compression needs the imagecodecs package ({e}): pip install "
+                            "imagecodecs, or save it uncompressed") from None
         raise read_error(path, e) from None
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):  # planar
         arr = np.moveaxis(arr, 0, 2)
@@ -176,9 +194,21 @@ def _stored_tiff_rgb(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def _read_wide_colour(path: str | Path, bit_depth: BitDepth, turn: int, fmt: str | None) -> np.ndarray:
+def _planar(im: Image.Image) -> bool:
+    """A TIFF stored one plane per channel (PlanarConfiguration 2)?"""
+    return im.format == "TIFF" and getattr(im, "tag_v2", {}).get(284) == 2
+
+
+def needs_tifffile(im: Image.Image) -> bool:
+    """Is an opened file read with tifffile (``_wide_rgb``): a 16-bit colour TIFF turned by its
+    EXIF orientation, or planar?"""
+    return im.format == "TIFF" and _wide_colour(im) and (orientation(im) != 1 or _planar(im))
+
+
+def _read_wide_colour(path: str | Path, bit_depth: BitDepth, turn: int, im: Image.Image) -> np.ndarray:
     """A 16-bit colour file scaled to uint8 as a 16-bit grey image is, upright."""
-    return np.require(_to_uint8(_wide_rgb(path, turn, fmt), "RGB;16", bit_depth), np.uint8, ("C", "W"))
+    arr = _wide_rgb(path, turn, im.format, _planar(im))
+    return np.require(_to_uint8(arr, "RGB;16", bit_depth), np.uint8, ("C", "W"))
 
 
 def read_image(path: str | Path, bit_depth: BitDepth = None) -> np.ndarray:
@@ -187,7 +217,7 @@ def read_image(path: str | Path, bit_depth: BitDepth = None) -> np.ndarray:
     with _open(path) as im:
         turn = orientation(im)  # from the header, as file_checks.header_size reads it
         if _wide_colour(im):
-            return _read_wide_colour(path, bit_depth, turn, im.format)
+            return _read_wide_colour(path, bit_depth, turn, im)
         try:
             _load(im, path)
             return image_to_rgb(im, bit_depth, still_to_turn(im, turn))
@@ -222,7 +252,7 @@ def mask_values(path: str | Path) -> np.ndarray:
     with _open(path) as im:
         turn = orientation(im)
         if _wide_colour(im):
-            return _wide_rgb(path, turn, im.format)
+            return _wide_rgb(path, turn, im.format, _planar(im))
         _load(im, path)
         return upright(_stored_values(im), still_to_turn(im, turn))
 

@@ -113,7 +113,9 @@ class MVTecDataModule(AnomalyDataModule):
             test_dir = self.root / cat / self.test_split
             if not test_dir.is_dir():
                 raise DataError(test_dir, f"test folder not found (expected <category>/{self.test_split}/<defect>)")
-            for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and p.name != "ground_truth"):
+            # hidden folders (.ipynb_checkpoints, a sync tool's) are no defect type, as list_images skips hidden files
+            for defect_dir in sorted(p for p in test_dir.iterdir()
+                                     if p.is_dir() and p.name != "ground_truth" and not p.name.startswith(".")):
                 defect = defect_dir.name
                 if not (defect_dir / self.image_subdir).is_dir():
                     expected = self.layout.replace("train", self.test_split).replace(self.normal, "<defect>", 1)
