@@ -16,7 +16,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 
 
-def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplog):
+def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplog, monkeypatch):
     import adtrain
     from adtrain.errors import ConfigError
 
@@ -59,6 +59,14 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplo
             adtrain.test(run.run_dir, overrides)
         assert err.value.key == key and said in str(err.value), str(err.value)
     assert adtrain.test(run.run_dir, ["logger=none", "output.heatmaps=0"])["image_auroc"] == again["image_auroc"]
+    # a test checks its own files alone (a training file damaged after the fit stopped it)
+    import adtrain.data.file_checks as file_checks
+
+    checked, real = [], file_checks.check_files
+    monkeypatch.setattr(file_checks, "check_files", lambda dm, **kw: checked.append(kw) or real(dm, **kw))
+    adtrain.test(run.run_dir, ["output.heatmaps=0"])
+    assert checked == [{"test": True, "train": False}]
+    monkeypatch.undo()
     # a run whose stored config a newer check refuses (here a negative blur) is still tested, with a warning
     from adtrain.io import torch_save
     from adtrain.loading import read_checkpoint

@@ -232,7 +232,7 @@ def _test_one(method, cfg: DictConfig, dm, out_dir: str | Path | None) -> dict:
     from adtrain.engine import evaluate_method, test_breakdown, write_scores_csv
     from adtrain.data.file_checks import check_files
 
-    check_files(dm, test=True)
+    check_files(dm, test=True, train=False)
     if out_dir is None:  # nothing to keep: the trainer's folder is removed afterwards
         with tempfile.TemporaryDirectory(prefix="adtrain-test-") as work:
             trainer, _ = build_trainer(cfg, Path(work), None)
@@ -280,7 +280,7 @@ def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | 
         for i, cats in enumerate(tasks):
             tcfg = task_config(cfg, cats)
             dm = build_datamodule(tcfg)
-            check_files(dm, test=True)
+            check_files(dm, test=True, train=False)
             trainer, _ = build_trainer(tcfg, work, None)
             heatmaps = work / "heatmaps" / f"task_{i}" if out_dir is not None else None
             figures = evaluate_method(tcfg, trainer, method, dm, heatmaps, per_category=False)

@@ -77,7 +77,8 @@ def default_out_dir(checkpoint: str | Path) -> Path:
 
 def heatmap_names(files: list[str]) -> list[str]:
     """A file name per image from its path below the images' common folder ('crack/000.png' ->
-    'crack__000.png'): images of different folders never collide."""
+    'crack__000.png'): images of different folders never collide (a name already given, even in
+    another case, takes a counter: _2, _3, ...)."""
     where = [Path(os.path.abspath(f)) for f in files]  # not resolve(): a linked file keeps its own name
     parents = [str(p.parent) for p in where]
     common = Path(os.path.commonpath(parents)) if parents else Path(".")
@@ -86,7 +87,15 @@ def heatmap_names(files: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     for n in names:
         seen[n] = seen.get(n, 0) + 1
-    return [f"{n}_{Path(f).suffix.lstrip('.')}.png" if seen[n] > 1 else f"{n}.png" for n, f in zip(names, files)]
+    out = [f"{n}_{Path(f).suffix.lstrip('.')}.png" if seen[n] > 1 else f"{n}.png" for n, f in zip(names, files)]
+    taken: set[str] = set()  # 'a/b__c.png' and 'a__b/c.png' join alike; a case-blind disk: 'A.png', 'a.png'
+    for i, name in enumerate(out):
+        k = 2
+        while out[i].lower() in taken:
+            out[i] = f"{name[:-4]}_{k}.png"
+            k += 1
+        taken.add(out[i].lower())
+    return out
 
 
 def _check_args(batch_size, device: str) -> torch.device:

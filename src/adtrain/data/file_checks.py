@@ -226,8 +226,9 @@ def warn_range_unused(wide: list[bool], paths: list, bit_depth) -> list:
     return narrow
 
 
-def check_files(dm, test: bool = True) -> None:
-    """Headers, sizes and emptiness of every training, held-out and (test=true) test file of dm.
+def check_files(dm, test: bool = True, train: bool = True) -> None:
+    """Headers, sizes and emptiness of every (train=true) training and held-out and (test=true)
+    test file of dm; ``adtrain.test`` checks the test files alone (it reads no other).
 
     Only for data modules that read files with the default loader (in-memory data is skipped).
     The test set is listed through dm._test_samples() and only its paths are used."""
@@ -238,10 +239,13 @@ def check_files(dm, test: bool = True) -> None:
     sizes: list[tuple[int, int]] = []
     paths: list = []
     wide: list[bool] = []
-    found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False, sizes=sizes, paths=paths, wide=wide)
-    warn_stretched(sizes, getattr(dm, "image_size", None))
-    warn_small(sizes, paths, "training")
-    warn_range_unused(wide, paths, getattr(dm, "bit_depth", None))
+    found: list[DataError] = []
+    if train:
+        found = _problems([*dm.train_samples, *dm.val_samples], with_masks=False, sizes=sizes, paths=paths,
+                          wide=wide)
+        warn_stretched(sizes, getattr(dm, "image_size", None))
+        warn_small(sizes, paths, "training")
+        warn_range_unused(wide, paths, getattr(dm, "bit_depth", None))
     if test:
         train_sizes, sizes, paths = sizes, [], []
         found += _problems(dm._test_samples(), with_masks=True, sizes=sizes, paths=paths)

@@ -192,7 +192,8 @@ def _pil_pass(y, n_out: int, rule: str):
 
 def resize_tensor(x, size: tuple[int, int], rule: str):
     """(B,C,H,W) uint8 images, or float ones holding whole grey levels -> (B,C,h,w) float32 by ``rule``: the PIL rules
-    exactly as PIL's 8-bit resampling (horizontal pass, rounded to uint8, then vertical; float64
+    exactly as PIL's 8-bit resampling (horizontal pass, rounded to uint8, then vertical, as Pillow
+    up to 12.x and Pillow 13 for square and landscape frames: docs/EXPORT.md; float64
     fixed-point sums over each output's filter window, RESIZE_BLOCK outputs at a time),
     cv2_linear by bilinear interpolation rounded to grey levels (within one grey level of
     OpenCV's fixed-point one). Traceable with dynamic H and W (exports)."""

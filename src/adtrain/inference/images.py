@@ -27,14 +27,21 @@ def _from_array(arr: np.ndarray, where: str) -> np.ndarray:
 
 def as_rgb(image: Any, where: str, bit_depth: BitDepth = None) -> np.ndarray:
     """A path, PIL image or uint8 array -> RGB uint8 (H,W,3) (16-bit files and PIL images read as
-    ``bit_depth``-bit values: adtrain.data.image_io.image_to_rgb); DataError naming it otherwise."""
+    ``bit_depth``-bit values: adtrain.data.image_io.image_to_rgb; a PIL image of a 16-bit colour
+    file from its file, as Pillow keeps 8 bits of it); DataError naming it otherwise."""
     from PIL import Image
 
-    from adtrain.data.image_io import _READ_ERRORS, image_to_rgb, read_error, read_image
+    from adtrain.data.image_io import _READ_ERRORS, _wide_colour, image_to_rgb, read_error, read_image
 
     if isinstance(image, (str, Path)):
         return read_image(image, bit_depth)
     if isinstance(image, Image.Image):
+        if _wide_colour(image):  # Pillow holds a 16-bit colour file's high bytes alone: read its file
+            path = getattr(image, "filename", "")
+            if not path or not Path(path).is_file():
+                raise DataError(where, "a PIL image of a 16-bit colour file, whose 8-bit copy Pillow holds (each "
+                                "value's high byte): give its path instead, so its 16 bits are read")
+            return read_image(path, bit_depth)
         try:  # a lazily opened file is decoded here: a truncated one raises
             rgb = image_to_rgb(image, bit_depth)
         except _READ_ERRORS as e:
