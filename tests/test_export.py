@@ -96,6 +96,14 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
         np.testing.assert_allclose(pred.maps, from_ckpt.maps, atol=1e-4)
         if method == "dfm" and fmt == "onnx":
             _assert_memory_read_in_chunks(path, memory=32, chunk=8)
+        if fmt == "openvino" and method == "patchcore":  # a CUDA device asked for (device=auto on an
+            from adtrain.export.formats import open_export  # NVIDIA machine): OpenVINO's GPU is Intel's
+
+            meta, on_cpu = open_export(path, "cpu")
+            _, asked_cuda = open_export(path, "cuda")  # no Intel GPU here: the CPU (failed to open before)
+            batch = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)
+            assert meta["layout"] == "nhwc"
+            np.testing.assert_array_equal(asked_cuda(batch)["score"], on_cpu(batch)["score"])
 
 
 def _assert_memory_read_in_chunks(path, memory: int, chunk: int, image_size=(64, 64)):

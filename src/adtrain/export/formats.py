@@ -10,6 +10,7 @@ checkpoints are the format that runs no code when read.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import zipfile
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 from adtrain.errors import ConfigError, DataError
 from adtrain.inference.graph import OUTPUTS
 from adtrain.io import _atomic
+
+log = logging.getLogger("adtrain")
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "openvino": ".xml"}
 META_KEY = "adtrain.json"
@@ -147,8 +150,13 @@ def open_export(path: str | Path, device: str = "cpu", threads: int | None = Non
             core = ov.Core()
             model = core.read_model(str(path))
             meta = json.loads(model.get_rt_info(META_KEY).astype(str))
+            # OpenVINO's "GPU" is an Intel GPU: a CUDA device asked for (device=auto on an NVIDIA
+            # machine) runs the export on the CPU, where no Intel GPU is there to take it
+            target = "GPU" if device.startswith("cuda") and "GPU" in core.available_devices else "CPU"
+            if device.startswith("cuda") and target == "CPU":
+                log.info("%s: OpenVINO has no GPU here (its GPU plugin is for Intel GPUs): run on the CPU", path)
             # f32 throughout: OpenVINO otherwise runs bf16/f16 where the CPU or GPU has it
-            compiled = core.compile_model(model, "GPU" if device.startswith("cuda") else "CPU",
+            compiled = core.compile_model(model, target,
                                           {"INFERENCE_PRECISION_HINT": "f32",
                                            **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {})})
 
