@@ -88,3 +88,16 @@ def test_a_clear_gain_replaces_the_start(tmp_path, data):
 def test_start_confidence_out_of_range_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="selection.start_confidence"):
         Selection("val_image_auroc", tmp_path, start_confidence=1.0)
+
+
+@pytest.mark.parametrize("monitor", ["normal_score", "val_image_auroc"])
+def test_an_undefined_start_gives_way_to_a_trained_state_with_a_figure(tmp_path, monitor):
+    """A NaN start figure won against every trained one (`not better(0.9, nan)`), and the log said
+    no trained state did better while naming 0.9; between epochs a NaN already gave way."""
+    s = Selection(monitor, tmp_path)
+    s.start = {"metrics": {s.key: float("nan")}, "value": float("nan"), "seconds": 0, "items": {}}
+    s.history = [{"epoch": 0, "metrics": {s.key: 0.9}}]
+    s.best = {"epoch": 0, "value": 0.9}
+    assert s.choose()["selected"] == "epoch" and s.choose()["value"] == 0.9
+    s.best, s.history = None, []  # nothing trained has a figure: the start is what there is
+    assert s.choose()["selected"] == "start"

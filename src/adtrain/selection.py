@@ -161,7 +161,9 @@ class Selection(Callback):
         """{"selected": start|epoch|last, "epoch", "value", "metrics"} of the state to keep."""
         if self.key is not None:
             start_v = None if self.start is None else self.start.get("value")
-            if start_v is not None and (self.best is None or not _better(self.best["value"], start_v, self.mode)):
+            # a start whose figure is undefined (NaN) gives way to any trained state that has one
+            if start_v is not None and (self.best is None
+                                        or (start_v == start_v and not _better(self.best["value"], start_v, self.mode))):
                 return {"selected": "start", "epoch": None, "value": start_v, "metrics": self.start["metrics"]}
             if self.best is not None:
                 entry = next(h for h in self.history if h["epoch"] == self.best["epoch"])
