@@ -100,7 +100,7 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
             from adtrain.export.formats import open_export  # NVIDIA machine): OpenVINO's GPU is Intel's
 
             meta, on_cpu = open_export(path, "cpu")
-            _, asked_cuda = open_export(path, "cuda")  # no Intel GPU here: the CPU (failed to open before)
+            _, asked_cuda = open_export(path, "cuda")  # the CPU: OpenVINO has no CUDA device (failed to open before)
             batch = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)
             assert meta["layout"] == "nhwc"
             np.testing.assert_array_equal(asked_cuda(batch)["score"], on_cpu(batch)["score"])
