@@ -161,12 +161,12 @@ def _wide_colour(im: Image.Image) -> bool:
     return False
 
 
-def _wide_rgb(path: str | Path, turn: int = 1, fmt: str | None = None, planar: bool = False) -> np.ndarray:
+def _wide_rgb(path: str | Path, turn: int = 1, by_tifffile: bool = False) -> np.ndarray:
     """A 16-bit-per-channel colour file's RGB values (H,W,3) uint16, through OpenCV (which keeps the
-    16 bits), upright (``turn``: its EXIF orientation); alpha dropped. A TIFF that must be turned or
-    is ``planar`` is read with tifffile: OpenCV turns some turned TIFFs itself, fails on others, and
-    reads a planar one's first plane as if it held every channel."""
-    if fmt == "TIFF" and (turn != 1 or planar):  # needs_tifffile
+    16 bits), upright (``turn``: its EXIF orientation); alpha dropped. ``by_tifffile``
+    (``needs_tifffile``: a TIFF that must be turned, or is planar) with tifffile: OpenCV turns some
+    turned TIFFs itself, fails on others, and reads a planar one's first plane as every channel."""
+    if by_tifffile:
         return upright(_stored_tiff_rgb(path), turn)
     import cv2
 
@@ -207,7 +207,7 @@ def needs_tifffile(im: Image.Image) -> bool:
 
 def _read_wide_colour(path: str | Path, bit_depth: BitDepth, turn: int, im: Image.Image) -> np.ndarray:
     """A 16-bit colour file scaled to uint8 as a 16-bit grey image is, upright."""
-    arr = _wide_rgb(path, turn, im.format, _planar(im))
+    arr = _wide_rgb(path, turn, needs_tifffile(im))
     return np.require(_to_uint8(arr, "RGB;16", bit_depth), np.uint8, ("C", "W"))
 
 
@@ -252,7 +252,7 @@ def mask_values(path: str | Path) -> np.ndarray:
     with _open(path) as im:
         turn = orientation(im)
         if _wide_colour(im):
-            return _wide_rgb(path, turn, im.format, _planar(im))
+            return _wide_rgb(path, turn, needs_tifffile(im))
         _load(im, path)
         return upright(_stored_values(im), still_to_turn(im, turn))
 
