@@ -101,6 +101,8 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("data.val_anomalies.cache_mb=abc", "data.val_anomalies.cache_mb", "number >= 0"),
     ("schedule.tasks=[texture,grid] schedule.replay=true", "schedule.replay", "got True"),  # was 1 image
     ("+trainer.fast_dev_run=true", "trainer.fast_dev_run", "debug=fdr"),
+    ("trainer.precision=bf16-true", "trainer.precision", "bf16-mixed"),  # failed in the first conv
+    ("trainer.precision=64", "trainer.precision", "(64-true) casts every weight"),
     ("schedule.tasks=[texture,grid] schedule.joint=true schedule.replay=2", "schedule.replay", "nothing to replay"),
     ("callbacks=[lr_monitor] logger=none", "callbacks.lr_monitor", "logger=csv"),
     ("method=stfpm callbacks=[early_stopping] data.val_anomalies=null", "callbacks.early_stopping.monitor",

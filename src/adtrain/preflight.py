@@ -140,6 +140,25 @@ def _check_trainer_limits(cfg: DictConfig, trainer) -> None:
                               "selection.monitor=last")
 
 
+#: Lightning's precisions that cast the whole module (weights *and* buffers) to another dtype
+_WHOLE_MODULE_PRECISIONS = {"64": "64-true", "64-true": "64-true", "16-true": "16-true", "bf16-true": "bf16-true",
+                            "transformer-engine": "transformer-engine",
+                            "transformer-engine-float16": "transformer-engine-float16"}
+
+
+def _check_precision(trainer) -> None:
+    """A ``*-true`` precision other than 32-true casts every weight and buffer: the images stay fp32 (so
+    the first convolution failed deep inside torch), and the fitted threshold, normalisation and memory
+    bank would be rounded to the cast's dtype (bf16 keeps 8 bits: a threshold of 1.2345 became 1.234375).
+    Refused here; autocast (bf16-mixed / 16-mixed) keeps the weights and the fitted figures in fp32."""
+    value = trainer.get("precision")
+    name = _WHOLE_MODULE_PRECISIONS.get(str(value).strip().lower()) if value is not None else None
+    if name is not None:
+        raise ConfigError("trainer.precision", f"{value!r} ({name}) casts every weight and buffer (the fitted "
+                          "threshold, normalisation and memory bank included) and is not supported; use "
+                          "bf16-mixed or 16-mixed (autocast: weights and fitted figures stay fp32) or 32-true")
+
+
 def _check_backbone_weights(backbone) -> None:
     """A weights file with pretrained=false would be ignored (random init): said, not silently dropped."""
     if backbone.get("weights") and backbone.get("pretrained") is False:
@@ -336,6 +355,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}", "is 0: nothing would train (the method keeps its untrained start); "
                               "leave it unset or give it a positive value")
     _check_trainer_limits(cfg, trainer)
+    _check_precision(trainer)
     if trainer.get("fast_dev_run") not in (None, False, 0):
         raise ConfigError("trainer.fast_dev_run", "is not supported: it turns checkpointing and the logger off and "
                           "tests one batch, yet the run would write results.json as a real one; use debug=fdr "
