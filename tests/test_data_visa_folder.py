@@ -126,6 +126,30 @@ def test_folder_split_and_mask_matching(tmp_path, caplog):
     assert e.value.path == str(wrong)
 
 
+def test_a_mask_found_for_two_anomalous_images_is_refused(tmp_path):
+    """abnormal_dir/crack/000.png and abnormal_dir/hole/000.png with a flat mask_dir holding 000.png: both
+    were given masks/000.png, so one was scored against the other's ground truth. Per-defect mask
+    subfolders resolve it."""
+    _write(tmp_path / "good", [f"{i:02d}.png" for i in range(6)])
+    for defect in ("crack", "hole"):
+        _write(tmp_path / "bad" / defect, ["000.png"], value=200)
+    flat = tmp_path / "masks"
+    flat.mkdir()
+    m = np.zeros((16, 16), np.uint8)
+    m[3:6, 3:6] = 255
+    Image.fromarray(m).save(flat / "000.png")
+    kw = dict(normal_dir=str(tmp_path / "good"), abnormal_dir=str(tmp_path / "bad"), **COMMON)
+    with pytest.raises(DataError, match=r"mask found for two anomalous images.*crack/000.png.*hole/000.png") as e:
+        _ = FolderDataModule(mask_dir=str(flat), **kw).test_samples
+    assert e.value.path == str(flat / "000.png")
+    nested = tmp_path / "masks_by_defect"
+    for defect in ("crack", "hole"):
+        (nested / defect).mkdir(parents=True)
+        Image.fromarray(m).save(nested / defect / "000.png")
+    masks = {s.defect: s.mask_path for s in FolderDataModule(mask_dir=str(nested), **kw).test_samples if s.label}
+    assert masks == {"crack": str(nested / "crack" / "000.png"), "hole": str(nested / "hole" / "000.png")}
+
+
 def test_folder_normal_test_dir_and_errors(tmp_path):
     _write(tmp_path / "good", ["1.png", "2.png", "3.png", "4.png", "5.png"])
     _write(tmp_path / "good_test", ["t.png"])

@@ -91,6 +91,7 @@ class FolderDataModule(AnomalyDataModule):
                 mask = self._find_mask(rel, p.stem)
                 samples.append(Sample(str(p), 1, str(mask) if mask else None, cat, defect))
             anomalous = [s for s in samples if s.label == 1]
+            _refuse_shared_masks(anomalous)
             if self.mask_dir is not None and anomalous and not any(s.mask_path for s in anomalous):
                 first = Path(anomalous[0].path)
                 rel = first.parent.relative_to(self.abnormal_dir)
@@ -110,3 +111,19 @@ class FolderDataModule(AnomalyDataModule):
             if found is not None:
                 return found
         return None
+
+
+def _refuse_shared_masks(anomalous: list[Sample]) -> None:
+    """One mask file found for two anomalous images (a flat data.mask_dir beside per-defect subfolders
+    of data.abnormal_dir holding the same file name, e.g. crack/000.png and hole/000.png, both given
+    masks/000.png): one of them would be scored against the other's ground truth. Refused, naming both."""
+    owner: dict[str, str] = {}
+    for s in anomalous:
+        if s.mask_path is None:
+            continue
+        if s.mask_path in owner:
+            raise DataError(s.mask_path, f"is the mask found for two anomalous images, {owner[s.mask_path]} and "
+                            f"{s.path} (data.mask_dir): give each image its own mask, in a subfolder of "
+                            "data.mask_dir named as the image's subfolder of data.abnormal_dir (e.g. "
+                            "<mask_dir>/<defect>/<stem>.png)")
+        owner[s.mask_path] = s.path
