@@ -88,15 +88,19 @@ def test_exports_reproduce_the_runs_scores(method, runs, tmp_path):
     run_dir = runs(method)
     ckpt = run_dir / "checkpoints" / "model.ckpt"
     paths = _scores_csv(run_dir)[0]
-    from_ckpt = Detector.load(ckpt, device="cpu", batch_size=4).predict(paths)
+    loaded = Detector.load(ckpt, device="cpu", batch_size=4)
+    from_ckpt = loaded.predict(paths)
     _check_against_run(from_ckpt, run_dir)
     assert from_ckpt.maps.shape[1:] == INPUT[method]
     formats = ["torchscript", "onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
     for fmt in formats:
         path = export(ckpt, fmt, out=tmp_path / f"model{FORMATS[fmt]}", batch=2)
-        pred = Detector.load(path, device="cpu", batch_size=5).predict(paths)  # not the traced 2; HETMM: split to 4
+        exported = Detector.load(path, device="cpu", batch_size=5)
+        pred = exported.predict(paths)  # not the traced 2; HETMM: split to 4
         _check_against_run(pred, run_dir)
         np.testing.assert_allclose(pred.maps, from_ckpt.maps, atol=1e-4)
+        # its maps' 0.5 is the pixel threshold, as the checkpoint's
+        assert exported.map_threshold is not None and exported.map_threshold == loaded.map_threshold
         if method == "dfm" and fmt == "onnx":
             _assert_memory_read_in_chunks(path, memory=32, chunk=8)
         if fmt == "openvino" and method == "patchcore":  # asked for cuda (device=auto on an NVIDIA machine):

@@ -74,6 +74,12 @@ def test_predict_writes_the_ad2_servers_files_from_the_raw_maps(base_cfg, tmp_pa
             assert (got[:2] == raw.min().astype(np.float16)).all() and (got[:, 34:] == got[0, 0]).all()
         else:  # bilinear: within the map's range
             assert raw.min() - 1e-6 <= want.min() and want.max() <= raw.max() + 1e-6
+    # the display maps (heatmaps) put 0.5 at the same pixel threshold, not at the image threshold
+    assert detector.map_threshold == thr
+    shown = detector.predict([str(root / n.replace(".tiff", ".png")) for n in tiffs])
+    clear = np.abs(shown.raw_maps - thr) > 1e-5 * abs(thr)
+    assert clear.mean() > 0.99 and (shown.raw_maps > thr).any()
+    assert np.array_equal((shown.maps > 0.5)[clear], (shown.raw_maps > thr)[clear])
     bright = tifffile.imread(out / "anomaly_images" / "c1/test_private/001_regular.tiff").astype(np.float32)
     assert bright[5:12, 8:20].mean() > bright.mean()  # the bright patch scores where it is
     # a second category's call adds its files and leaves these

@@ -227,7 +227,8 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                 if heatmaps:  # as the run's test heatmaps: colour bar, threshold, the image's aspect ratio
                     writer.submit(staging / "heatmaps" / names[path], save_heatmap, image=pred.inputs[i],
                                   norm_map=pred.maps[i], mask=None, score=score, label=None, truth=False,
-                                  height=int(heatmap_size), source_size=(h, w), threshold=image_thr)
+                                  height=int(heatmap_size), source_size=(h, w), threshold=image_thr,
+                                  map_threshold=detector.map_threshold if pred.thresholds is None else None)
                 if anomaly_maps:
                     write_map_files(staging, map_names[path], to_source_size(pred.raw_maps[i], detector.pre, (h, w)),
                                     float(pred.pixel_thresholds[i]))

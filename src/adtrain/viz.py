@@ -60,13 +60,13 @@ MAX_PANEL_ASPECT = 8
 
 def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | None, *, score: float,
                    threshold: float | None, label: int | None, defect: str = "", source_size=None,
-                   height: int = 320, alpha: float = 0.5, truth: bool = True):
+                   height: int = 320, alpha: float = 0.5, truth: bool = True, map_threshold: float | None = None):
     """A Figure: input | map over the input (+ colour bar, threshold at 0.5) | ground truth (truth=False:
     no ground-truth panel nor line, for images that have none, as adtrain.predict's).
 
-    norm_map is in [0, 1], 0.5 = the image threshold (adtrain.methods.base.normalize; without a
-    threshold, min-max of this map). source_size (h, w) sets the aspect ratio; height the panel
-    height in pixels."""
+    norm_map is in [0, 1], 0.5 = map_threshold, the pixel threshold of the decision masks, where given
+    (AnomalyModule.display_threshold), else the image threshold (without a threshold, min-max of this
+    map). source_size (h, w) sets the aspect ratio; height the panel height in pixels."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
@@ -108,7 +108,11 @@ def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | N
     if has_threshold:
         bar.ax.axhline(0.5, color="white", linewidth=2.5)
         bar.ax.axhline(0.5, color="black", linewidth=1, linestyle="--")
-        bar.set_ticks([0.0, 0.5, 1.0], labels=["normal median", "threshold", "median + 2 (thr - median)"], fontsize=7)
+        pixel = map_threshold is not None and np.isfinite(map_threshold)
+        bar.set_ticks([0.0, 0.5, 1.0], labels=["normal median", "pixel threshold" if pixel else "threshold",
+                                               "median + 2 (thr - median)"], fontsize=7)
+        if pixel:
+            bar.set_label(f"0.5 = pixel threshold {map_threshold:.4g}", fontsize=7)
     else:
         bar.set_ticks([0.0, 1.0], labels=["min", "max"], fontsize=7)
         bar.set_label("no threshold: min-max", fontsize=7)

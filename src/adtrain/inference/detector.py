@@ -119,6 +119,8 @@ class Detector:
         self.source, self.kind, self.pre, self.threshold = source, kind, pre, threshold
         self.device, self.batch_size, self.max_batch = device, batch_size, max_batch
         self.method = method  # the LightningModule for a checkpoint, else None
+        #: the map level its display maps put at 0.5 where it is the pixel threshold, else None (the image threshold)
+        self.map_threshold: float | None = None
         self._score, self._transform, self._display = score, transform, display
 
     # ------------------------------------------------------------------ loading
@@ -149,8 +151,10 @@ class Detector:
             res = method.predict_step(torch.stack(images).float().to(dev))
             return {k: v.numpy() for k, v in res.items()}
 
-        return cls(path, "checkpoint", pre, float(method.threshold), dev, batch_size, score, transform,
-                   lambda t: denormalize(t, pre.mean, pre.std), method=method)
+        found = cls(path, "checkpoint", pre, float(method.threshold), dev, batch_size, score, transform,
+                    lambda t: denormalize(t, pre.mean, pre.std), method=method)
+        found.map_threshold = float(method.display_threshold()) if method.pixel_decisions else None
+        return found
 
     @classmethod
     def _from_export(cls, path: Path, dev: torch.device, batch_size: int) -> "Detector":
@@ -174,8 +178,10 @@ class Detector:
             (h, w), (ch, cw) = pre.image_size, pre.center_crop
             return image[(h - ch) // 2 : (h - ch) // 2 + ch, (w - cw) // 2 : (w - cw) // 2 + cw]
 
-        return cls(path, meta["format"], pre, float(meta["threshold"]), dev, batch_size, score, resize, display,
-                   max_batch=meta.get("max_batch"))
+        found = cls(path, meta["format"], pre, float(meta["threshold"]), dev, batch_size, score, resize, display,
+                    max_batch=meta.get("max_batch"))
+        found.map_threshold = meta.get("map_threshold")  # None: an export made before its maps took the pixel threshold
+        return found
 
     # ------------------------------------------------------------------ scoring
     def predict_batches(self, images: Any, batch_size: int | None = None, num_workers: int = 0,

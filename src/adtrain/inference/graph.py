@@ -103,8 +103,11 @@ class MethodScorer(nn.Module):
     def anomaly_output(self, images):
         return self._bind.anomaly_output(self, images)
 
-    def normalize(self, values, center):
-        return self._bind.normalize(self, values, center)
+    def normalize(self, values, center, threshold=None):
+        return self._bind.normalize(self, values, center, threshold)
+
+    def display_threshold(self):
+        return self._bind.display_threshold(self)
 
     def inference_outputs(self, out):
         return self._bind.inference_outputs(self, out)

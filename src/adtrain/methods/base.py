@@ -146,8 +146,8 @@ class AnomalyModule(AnomalyTestHooks, LightningModule):
     def inference_outputs(self, out: AnomalyOutput) -> dict[str, torch.Tensor]:
         """What a prediction returns, from the model's raw output: ``score`` (B,) raw image score,
         ``normalized_score`` (B,) (0 at the normal median, 0.5 at the threshold), ``map`` (B,H,W)
-        display-normalised to [0, 1] (0.5 = threshold; per-image min-max when no threshold is
-        fitted) and ``decision`` (B,) bool, score > threshold; ``threshold`` (B,) each image's
+        display-normalised to [0, 1] (0.5 = ``display_threshold()``, the pixel threshold where it
+        decides; per-image min-max when no threshold is fitted) and ``decision`` (B,) bool, score > threshold; ``threshold`` (B,) each image's
         (a routed model's: its task's); ``raw_map`` (B,H,W) the model's own map and (one task's
         model) ``pixel_threshold`` (B,), for benchmark servers' files (adtrain.inference.map_files).
         Exports trace this very code (and output the first four)."""
@@ -160,7 +160,7 @@ class AnomalyModule(AnomalyTestHooks, LightningModule):
                     "map": normalize_with(amap, m_center, thr).clamp(0, 1), "decision": score > thr,
                     "threshold": thr.float(), "raw_map": amap}
         if torch.isfinite(self.threshold):
-            norm_map = self.normalize(amap, self.map_center).clamp(0, 1)
+            norm_map = self.normalize(amap, self.map_center, self.display_threshold()).clamp(0, 1)
         else:
             low = amap.flatten(1).amin(dim=1).view(-1, 1, 1)
             norm_map = (amap - low) / (amap.flatten(1).amax(dim=1).view(-1, 1, 1) - low).clamp_min(1e-12)
@@ -322,9 +322,21 @@ class AnomalyModule(AnomalyTestHooks, LightningModule):
                 info.update(f1, threshold_mode="val_f1", quantile_threshold=info["threshold"])
         return info
 
-    def normalize(self, values: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        """0 at the normal median, 0.5 at the threshold (linear); no threshold -> raw values."""
-        thr = self.threshold
+    def display_threshold(self) -> torch.Tensor:
+        """The map level a display map puts at 0.5: the pixel threshold where it decides this model's
+        pixels (``pixel_decisions``: the level of the decision masks, on the maps' own scale), else the
+        image threshold (a routed model's, or one fitted before the pixel threshold existed). An image
+        score need not be its map's maximum (PatchCore reweights it, DFM's is taken before the
+        upsampling and blur), so the image threshold put map pixels of the masks' level below 0.5."""
+        thr = self.pixel_threshold
+        if bool(torch.isfinite(thr)) and len(getattr(self, "task_memories", ())) <= 1:
+            return thr
+        return self.threshold
+
+    def normalize(self, values: torch.Tensor, center: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+        """0 at the normal median, 0.5 at the threshold (the image threshold, or ``threshold``: a map's
+        is ``display_threshold()``) (linear); no threshold -> raw values."""
+        thr = self.threshold if threshold is None else threshold
         if not torch.isfinite(thr) or float(thr - center) <= 0:
             return values
         return 0.5 * (values - center) / (thr - center)

@@ -101,13 +101,15 @@ class AnomalyTestHooks:
         from adtrain.viz import denormalize, save_heatmap
         from adtrain.writer import BackgroundWriter
 
-        threshold = self.threshold
+        threshold, map_threshold = self.threshold, None
         routed = per_image(self, out.pred_score.shape[0], out.anomaly_map.device)
         if routed is not None:  # the image's task's threshold and map centre
             threshold = routed[0][i]
             norm_map = normalize_with(out.anomaly_map[i, 0][None], routed[2][i:i + 1], routed[0][i:i + 1])[0].clamp(0, 1)
         elif torch.isfinite(self.threshold):
-            norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center).clamp(0, 1)
+            level = self.display_threshold()
+            map_threshold = float(level) if self.pixel_decisions else None
+            norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center, level).clamp(0, 1)
         else:  # no threshold: min-max for display only
             m = out.anomaly_map[i, 0]
             norm_map = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
@@ -122,7 +124,7 @@ class AnomalyTestHooks:
         # under DDP each rank writes the heatmaps of the images it scored
         self._writer.submit(path, distributed.as_own_output(save_heatmap), image=denormalize(batch["image"][i]),
                             norm_map=norm_map.float().cpu().numpy(), mask=mask,
-                            score=float(out.pred_score[i]), threshold=float(threshold),
+                            score=float(out.pred_score[i]), threshold=float(threshold), map_threshold=map_threshold,
                             label=int(batch["label"][i]), defect=str(batch["defect"][i]),
                             height=int(self.heatmap_size),
                             source_size=tuple(int(v) for v in source[i]) if source is not None else None)
