@@ -66,7 +66,8 @@ def _reference(method: AnomalyModule, batches, heatmap_dir: Path | None):
                             "label": int(batch["label"][i]), "score": score, "normalized_score": float(norm[i]),
                             "prediction": int(score > thr) if np.isfinite(thr) else None})
             if heatmap_dir is not None and path in method.heatmap_paths:
-                norm_map = method.normalize(out.anomaly_map[i, 0], method.map_center).clamp(0, 1)
+                level = method.display_threshold()  # the pixel threshold where fitted, else the image threshold
+                norm_map = method.normalize(out.anomaly_map[i, 0], method.map_center, level).clamp(0, 1)
                 if not torch.isfinite(method.threshold):
                     m = out.anomaly_map[i, 0]
                     norm_map = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
@@ -74,6 +75,7 @@ def _reference(method: AnomalyModule, batches, heatmap_dir: Path | None):
                 name = f"{len(files):03d}_{batch['category'][i]}_{batch['defect'][i]}_{Path(path).stem}.png"
                 save_heatmap(heatmap_dir / name, image=denormalize(batch["image"][i]), norm_map=norm_map.float().numpy(),
                              mask=mask, score=score, threshold=thr, label=int(batch["label"][i]),
+                             map_threshold=float(level) if torch.isfinite(method.pixel_threshold) else None,
                              defect=str(batch["defect"][i]), height=int(method.heatmap_size),
                              source_size=tuple(int(v) for v in batch["source_size"][i]))
                 files.append(str(heatmap_dir / name))
@@ -88,11 +90,12 @@ def _run_batched(method: AnomalyModule, batches):
     return method.test_results(), method.test_records, method.heatmap_files
 
 
-@pytest.mark.parametrize("threshold", [1.5, float("nan")])
-def test_batched_path_matches_per_image_reference(tmp_path, threshold):
+@pytest.mark.parametrize("threshold,pixel_threshold", [(1.5, float("nan")), (1.5, 1.2), (float("nan"), float("nan"))])
+def test_batched_path_matches_per_image_reference(tmp_path, threshold, pixel_threshold):
     batches = _batches()
     method = _Method().eval()
     method.threshold.fill_(threshold)
+    method.pixel_threshold.fill_(pixel_threshold)
     method.score_center.fill_(0.25)
     method.map_center.fill_(0.1)
     method.heatmap_size = 48
