@@ -246,6 +246,40 @@ def test_feature_cache_hit_is_bit_identical_and_keyed_on_the_input(tmp_path):
     assert ext.feature_cache.misses == 2 and ext.feature_cache.state() == "miss"
 
 
+@pytest.mark.parametrize("other", [
+    {"mean": [0.2, 0.2, 0.2], "std": [0.9, 0.9, 0.9]},  # against 0.5 / 0.5: only "a conversion" was keyed
+    {"output_stride": 8},  # timm kwargs: dilations instead of strides, the same weights
+    {"stages": {"layer2": 1, "layer3": 3}},  # layer2 taken at another stage (the same network)
+])
+def test_feature_cache_never_serves_another_extractors_features(tmp_path, other):
+    """Two frozen extractors with the same weights and layer names that compute other features: the
+    second got the first's tensors (wrong values, or another shape) while its key missed these settings."""
+    from adtrain.backbones.extractor import FeatureExtractor
+    from adtrain.backbones.feature_cache import FeatureCache
+
+    def make(stages=None, **kw):
+        torch.manual_seed(1)
+        stages = stages or {"layer2": 2, "layer3": 3}
+        kw = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], **kw}
+        return FeatureExtractor("resnet18", stages, ["layer2", "layer3"], pretrained=False, frozen=True, **kw)
+
+    cache = FeatureCache(tmp_path / "f")
+    x = torch.randn(2, 3, 32, 32)
+    first, second = make(), make(**other)
+    assert weights_equal(first, second)
+    first.feature_cache = second.feature_cache = cache
+    first(x)
+    for layer in ("layer2", "layer3"):
+        got, want = second(x)[layer], second.extract(x)[layer]
+        assert got.shape == want.shape and torch.equal(got, want), layer
+    assert cache.hits == 1  # its own entry (the second call), never the first extractor's
+
+
+def weights_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def _random_bytes(path):
     import random
 

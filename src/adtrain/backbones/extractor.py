@@ -93,6 +93,7 @@ class FeatureExtractor(nn.Module):
                 "choose among them, or name the stage in backbone.stages"
             )
         self._index = {layer: stages[layer] for layer in self.layers}
+        self.timm_kwargs = dict(timm_kwargs)  # what else shaped the network (e.g. output_stride): the feature cache's key
         self._indices = sorted(set(self._index.values()))
         try:
             if kind == "cnn":

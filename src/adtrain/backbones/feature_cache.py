@@ -3,8 +3,9 @@
 A frozen extractor's output depends only on its weights, the layers asked for and the exact input
 batch: the jobs of a sweep over, say, ``method.coreset_ratio`` feed the same batches through the
 same backbone and can reuse each other's features. Each lookup is keyed on a SHA-256 of the
-weights (hashed once per extractor), the extractor's settings (name, kind, layers, channels-last,
-batch-norm folding, pre-/post-activation taps, input statistics), the input batch's shape, dtype and bytes, the device, the autocast state and
+weights (hashed once per extractor), the extractor's settings (name, kind, layers and the stage
+indices they are taken at, the network's structure and timm kwargs, channels-last, batch-norm
+folding, pre-/post-activation taps, the input statistics' values), the input batch's shape, dtype and bytes, the device, the autocast state and
 the torch version; a hit returns the stored tensors, bit for bit what the extractor returned when
 they were stored. Entries are single files written atomically (temp + rename), so concurrent jobs
 are safe; the folder is kept under ``feature_cache_max_gb`` by deleting the least recently used
@@ -55,6 +56,19 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def settings_digest(extractor) -> str:
+    """Everything besides the weights that shapes the features: the network's structure (its repr:
+    strides, dilations, what timm kwargs such as ``output_stride`` changed), the timm kwargs, the
+    stage index each layer is taken at and the input statistics' conversion (values, not only
+    whether there is one: the conversion's buffers are not in the state dict)."""
+    renorm = ([tensor_bytes(extractor._scale).hex(), tensor_bytes(extractor._shift).hex()]
+              if extractor._renorm else None)
+    head = {"structure": hashlib.sha256(repr(extractor.model).encode()).hexdigest(),
+            "timm_kwargs": repr(sorted(getattr(extractor, "timm_kwargs", {}).items())),
+            "index": sorted((str(k), int(v)) for k, v in extractor._index.items()), "renorm": renorm}
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
+
+
 def _holds_layers(obj, layers) -> bool:
     """What _store writes: a tensor for each layer asked for (a damaged entry may hold anything)."""
     return (isinstance(obj, dict) and set(obj) == set(layers)
@@ -78,11 +92,13 @@ class FeatureCache:
         return "miss" if self.misses else "hit"
 
     def key(self, extractor, x: torch.Tensor) -> str:
-        if getattr(extractor, "_weights_digest", None) is None:
+        if getattr(extractor, "_weights_digest", None) is None:  # once per extractor (weights frozen)
             extractor._weights_digest = weights_digest(extractor)
+            extractor._settings_digest = settings_digest(extractor)
         dev = x.device
         autocast = torch.is_autocast_enabled(dev.type) if dev.type in ("cpu", "cuda") else False
-        head = {"weights": extractor._weights_digest, "name": extractor.name, "kind": extractor.kind,
+        head = {"weights": extractor._weights_digest, "settings": extractor._settings_digest,
+                "name": extractor.name, "kind": extractor.kind,
                 "layers": list(extractor.layers), "channels_last": extractor.channels_last,
                 "fuse_batchnorm": bool(getattr(extractor, "fuse_batchnorm", False)),
                 "pre_activation": bool(getattr(extractor, "pre_activation", False)),
