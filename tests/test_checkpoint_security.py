@@ -189,6 +189,62 @@ def test_config_target_outside_adtrain_is_refused_before_building(fast_cfg, tmp_
     assert built == [] and not marker.exists()
 
 
+@pytest.mark.parametrize("where", ["method__evil", "data__root", "method__backbone__stages__layer9"])
+def test_an_interpolation_in_a_stored_config_is_refused_before_it_resolves(fast_cfg, tmp_path, where):
+    """No `_target_` key in the stored config, yet ``${oc.create:...}`` makes one when the config is
+    resolved, after the check: the method's build called open(marker, "w") (the file appeared),
+    then failed on the unknown key. A run stores its config resolved: an interpolation is refused."""
+    from adtrain.continual.state import load_task_checkpoint
+    from adtrain.loading import load_method
+
+    marker = tmp_path / "PWNED"
+    evil = "${oc.create:'{_target_: builtins.open, _args_: [\"" + str(marker) + "\", w]}'}"
+    cfg = _stored_config(fast_cfg, **{where: evil})
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}, "adtrain_config": cfg}, path)
+    with pytest.raises(DataError) as e:
+        load_method(path)
+    msg = str(e.value)
+    assert "interpolation" in msg and f"'{where.replace('__', '.')}'" in msg and str(path) in msg and "\n" not in msg
+    with pytest.raises(DataError, match="interpolation"):
+        load_task_checkpoint(object(), path)
+    assert not marker.exists()
+
+
+def test_weights_that_do_not_fit_their_config_are_refused_naming_the_file(fast_cfg, tmp_path):
+    """A file that loads weights-only and builds adtrain classes, but whose tensors do not fit the
+    method its config builds (damaged, crafted, or another method's): predict, test and export printed
+    torch's 27-line "size mismatch" traceback without the file's name."""
+    from adtrain.continual.state import load_task_checkpoint
+    from adtrain.loading import load_method
+    from adtrain.methods.base import AnomalyModule
+    from adtrain.selection import Selection
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"model.student.conv1.weight": torch.zeros(1, 1, 1, 1)},
+                "adtrain_config": _stored_config(fast_cfg)}, path)
+    for load in (load_method, lambda p: load_task_checkpoint(AnomalyModule(), p)):
+        with pytest.raises(DataError) as e:
+            load(path)
+        assert e.value.path == str(path) and "do not fit" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "sel").mkdir()
+    path.rename(tmp_path / "sel" / "start.ckpt")  # the untrained start a selection keeps
+    with pytest.raises(DataError, match="do not fit"):
+        Selection("val_image_auroc", tmp_path / "sel").restore(AnomalyModule(), {"selected": "start"})
+
+
+def test_a_malformed_rng_state_in_last_ckpt_is_an_error_naming_it():
+    """A resume from a last.ckpt whose RunState holds an RNG state of the wrong size failed deep in
+    Lightning's restore ("Expected a CPUGeneratorImplState of size 5056") without naming the file."""
+    from adtrain.runstate import RunState
+
+    before = torch.get_rng_state()
+    with pytest.raises(DataError) as e:
+        RunState("run/checkpoints/last.ckpt").load_state_dict({"rng": {"torch": torch.zeros(3, dtype=torch.uint8)}})
+    assert e.value.path == "run/checkpoints/last.ckpt" and "overwrite=true" in str(e.value)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("target", ["adtrain.io.write_text", "adtrain.rundir.clear", "adtrain.io.os.system",
                                     "adtrain.loading.torch.load"])
 def test_adtrain_functions_and_imported_names_are_refused_too(fast_cfg, tmp_path, target):

@@ -227,7 +227,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, selection=None, val_ev
         save_on_train_epoch_end=True,  # every epoch, also those not validated (val_every_n_epochs > 1)
     )
     # RunState: RNG states and fit time travel in last.ckpt, so a resumed fit ends as an uninterrupted one
-    callbacks = [ckpt, RunState()] + ([selection] if selection is not None else [])
+    callbacks = [ckpt, RunState(str(run_dir / "checkpoints" / "last.ckpt"))] + ([selection] if selection is not None else [])
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     callbacks += build_callbacks(cfg, kwargs.pop("callbacks", None))
     for key, value in kwargs.items():  # e.g. trainer.profiler={_target_: ...SimpleProfiler}

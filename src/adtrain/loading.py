@@ -105,9 +105,31 @@ def _unsafe_target(node: Any, key: str) -> tuple[str, Any] | None:
     return None
 
 
+def _interpolation(node: Any, key: str) -> tuple[str, Any] | None:
+    """(key, value) of the first string in node (nested dicts/lists, keys too) holding an OmegaConf
+    interpolation (``${``), else None. A run stores its config resolved, so a real checkpoint holds
+    none; one in a crafted file becomes config when resolved (``${oc.create:...}`` makes a new
+    ``_target_`` after the check), so none is let through."""
+    if isinstance(node, str):
+        return (key, node) if "${" in node else None
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{key}.{k}" if key else str(k)
+            found = _interpolation(k, sub) or _interpolation(v, sub)
+            if found:
+                return found
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            found = _interpolation(v, f"{key}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def checked_config(stored: Any, path: str | Path) -> dict:
     """A copy of a checkpoint's stored config that is safe to build from: training-only parts
-    (TRAINING_ONLY) set to null, then every `_target_` left checked to start with 'adtrain.'; a
+    (TRAINING_ONLY) set to null, then no interpolation anywhere (`_interpolation`) and every
+    `_target_` left checked to start with 'adtrain.'; a
     config without ``data.resize`` (older runs) gets the rule those runs used (cv2_linear)."""
     if not isinstance(stored, dict) or not stored:
         raise DataError(path, "not an adtrain checkpoint (no adtrain_config inside)")
@@ -118,6 +140,10 @@ def checked_config(stored: Any, path: str | Path) -> dict:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and last in node:
             node[last] = None
+    bad = _interpolation(cfg, "")
+    if bad:
+        raise DataError(path, f"refused: stored config key '{bad[0]}' = {bad[1]!r} is an interpolation (a run stores "
+                              "its config resolved; one in a checkpoint could build any class when resolved)")
     bad = _unsafe_target(cfg, "")
     if bad:
         raise DataError(path, f"refused: stored config key '{bad[0]}' = {bad[1]!r} is not an adtrain class "
@@ -146,6 +172,18 @@ class _CheckpointWeightsFollow(logging.Filter):
         return "random init" not in record.getMessage()
 
 
+def load_weights(method, state_dict: dict, path: str | Path) -> None:
+    """``method.load_state_dict(state_dict)``; weights that do not fit the method the file's config
+    builds (a damaged or crafted file, another method's, backbone's or size's) are a DataError
+    naming the file and the first mismatch, not torch's traceback."""
+    try:
+        method.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        text = " ".join(str(err).split())
+        raise DataError(path, "its weights do not fit the method its stored config builds "
+                              f"({text[:300]}{'...' if len(text) > 300 else ''})") from None
+
+
 def load_method(checkpoint: str | Path):
     """(method in eval mode, config, raw checkpoint). Backbone weights come from the checkpoint,
     so no pretrained weights are looked up."""
@@ -161,7 +199,7 @@ def load_method(checkpoint: str | Path):
         method = build_method(cfg)
     finally:
         log.removeFilter(quiet)
-    method.load_state_dict(ckpt["state_dict"])
+    load_weights(method, ckpt["state_dict"], checkpoint)
     log.info("model weights (backbone included) loaded from %s", checkpoint)
     method.adtrain_config = ckpt["adtrain_config"]
     return method.eval(), cfg, ckpt

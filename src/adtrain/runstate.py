@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 
-from adtrain.errors import Terminated
+from adtrain.errors import DataError, Terminated
 
 #: set when a fit saw Ctrl-C (Lightning turns KeyboardInterrupt into exit(1) after its shutdown)
 _INTERRUPTED = {"flag": False}
@@ -109,7 +109,8 @@ class RunState(Callback):
     """Saves the RNG states and the fit seconds so far with every full checkpoint (last.ckpt) and
     puts them back when a fit resumes from one: a resumed run ends as an uninterrupted one would."""
 
-    def __init__(self):
+    def __init__(self, checkpoint: str | None = None):
+        self.checkpoint = checkpoint  # the file a resume reads (last.ckpt), named when its state is unreadable
         self.seconds_before = 0.0  # fit time of the interrupted session(s), from the checkpoint
         self._t0: float | None = None
 
@@ -135,6 +136,12 @@ class RunState(Callback):
     def load_state_dict(self, state: dict) -> None:
         # Lightning restores callbacks before the fit loop sets up its data: the first resumed epoch's
         # loader is made (its shuffling seed drawn) after this, as the uninterrupted run's was
-        if state.get("rng") is not None:
-            set_rng_states(state["rng"])
-        self.seconds_before = float(state.get("fit_seconds") or 0.0)
+        try:
+            if state.get("rng") is not None:
+                set_rng_states(state["rng"])
+            self.seconds_before = float(state.get("fit_seconds") or 0.0)
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            text = " ".join(str(err).split())[:200]
+            raise DataError(self.checkpoint or "checkpoints/last.ckpt",
+                            f"unreadable run state (RNG states, fit time: {type(err).__name__}: {text}); the run "
+                            "cannot resume as it was: overwrite=true runs it again") from None

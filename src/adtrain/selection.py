@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from adtrain.errors import ConfigError, TrainingError
+from adtrain.errors import ConfigError, DataError, TrainingError
 
 log = logging.getLogger("adtrain")
 
@@ -180,9 +180,12 @@ class Selection(Callback):
         if not path.exists():
             raise TrainingError(f"{path}: the selected checkpoint is missing (deleted?); the run cannot keep "
                                 "that state: overwrite=true trains it again from the start")
-        from adtrain.loading import read_checkpoint
+        from adtrain.loading import load_weights, read_checkpoint
 
-        method.load_state_dict(read_checkpoint(path)["state_dict"])
+        ckpt = read_checkpoint(path)
+        if not isinstance(ckpt.get("state_dict"), dict):
+            raise DataError(path, "not a checkpoint of this run (no state_dict inside); overwrite=true trains it again")
+        load_weights(method, ckpt["state_dict"], path)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:

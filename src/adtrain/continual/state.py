@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adtrain.loading import checked_config, read_checkpoint
+from adtrain.loading import checked_config, load_weights, read_checkpoint
 from adtrain.continual.metrics import Matrix, make_row
 from adtrain.errors import ConfigError, DataError
 from adtrain.io import torch_save, write_json
@@ -105,6 +105,6 @@ def load_task_checkpoint(method, path: Path) -> dict:
     if not isinstance(ckpt.get("state_dict"), dict):
         raise DataError(path, "not an adtrain task checkpoint (no state_dict inside)")
     method.on_load_checkpoint(ckpt)
-    method.load_state_dict(ckpt["state_dict"])
+    load_weights(method, ckpt["state_dict"], path)
     method.adtrain_config = ckpt.get("adtrain_config")
     return ckpt
