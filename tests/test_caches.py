@@ -96,6 +96,60 @@ def test_changed_or_touched_file_gets_a_new_entry(tree, tmp_path):
     assert len([p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]) == 3
 
 
+def test_a_file_rewritten_with_its_mtime_put_back_gets_a_new_entry(tree, tmp_path):
+    """The same size and mtime (an uncompressed PNG of the same size rewritten in place, its mtime
+    restored with utime, as rsync -a or a careless script leaves it): the old pixels were served."""
+    dm = _dm(tree, "auto", tmp_path / "c")
+    samples = dm.train_samples
+    path = samples[0].path
+    Image.fromarray(np.full((50, 50, 3), 10, np.uint8)).save(path, compress_level=0)
+    first = _items(dm.make_dataset(samples))
+    st = os.stat(path)
+    Image.fromarray(np.full((50, 50, 3), 240, np.uint8)).save(path, compress_level=0)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+    again = _items(dm.make_dataset(samples))
+    assert dm.image_cache.events == ["miss", "miss"] and not torch.equal(first[0]["image"], again[0]["image"])
+    _same(again, _items(_dm(tree, "off", tmp_path / "c").make_dataset(samples)))
+
+
+def test_an_entry_left_without_meta_json_is_rebuilt_and_evicted_not_blocking(tree, tmp_path, monkeypatch):
+    """A deletion cut short after meta.json went: the key's folder blocked every later build (the
+    rename onto it failed) and escaped the budget for good. Entries are now deleted renamed away
+    first; a folder left so by an older version is deleted and rebuilt, or evicted."""
+    from adtrain.data import image_cache
+
+    dm = _dm(tree, "auto", tmp_path / "c")
+    folder = dm.make_dataset(dm.train_samples).cached.folder
+    (folder / "meta.json").unlink()
+    ds = dm.make_dataset(dm.train_samples)
+    assert dm.image_cache.events == ["miss", "miss"] and ds.cached is not None and (folder / "meta.json").is_file()
+    dm.make_dataset(dm.train_samples)
+    assert dm.image_cache.events[-1] == "hit"
+    _same(_items(ds), _items(_dm(tree, "off", tmp_path / "c").make_dataset(dm.train_samples)))
+    (folder / "meta.json").unlink()  # and evict() deletes such a folder rather than skipping it
+    monkeypatch.setattr(image_cache, "_IN_USE", set())
+    dm.image_cache.evict()
+    assert not folder.exists() and not [p for p in (tmp_path / "c").iterdir()]
+
+
+def test_a_new_run_releases_the_entries_an_earlier_run_in_this_process_opened(tree, tmp_path, monkeypatch):
+    """A sequential sweep runs every job in one process: entries opened by its first job were never
+    evicted by the later ones, whatever the budget. run() releases them (past RECENT_S they go)."""
+    from adtrain.data import image_cache
+
+    monkeypatch.setattr(image_cache, "_IN_USE", set())
+    dm = _dm(tree, "auto", tmp_path / "c")
+    old = dm.make_dataset(dm.train_samples).cached.folder
+    entry = sum(f.stat().st_size for f in old.iterdir())
+    os.utime(old / "meta.json", (1e9, 1e9))  # last used long ago
+    budget = 1.5 * entry / 2**30  # one entry fits, not two
+    image_cache.release_entries()  # what adtrain.run.run does first
+    other = _dm(tree, "auto", tmp_path / "c", resize="cv2_linear", max_gb=budget)
+    other.make_dataset(other.train_samples)
+    assert not old.exists()
+
+
 def test_a_damaged_entry_is_rebuilt_and_a_deleted_one_keeps_serving(tree, tmp_path, caplog):
     """An entry cut short (a full disk, a killed copy) is decoded again, not trusted; an entry
     deleted while a run reads it keeps serving that run (its arrays are mapped when it opens)."""

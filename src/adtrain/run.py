@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from adtrain import distributed
 from adtrain.build import build_datamodule, build_logger, build_method
+from adtrain.data.image_cache import release_entries
 from adtrain.engine import fit_and_test
 from adtrain.errors import ConfigError
 from adtrain.io import write_text
@@ -84,6 +85,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         with sigterm_as_error(run_dir, RESUME_HINT):
             return _run_rank(cfg, run_dir)
     rundir.check_free(run_dir)  # a run still going is named as such, whatever it has written yet
+    release_entries()  # a sequential sweep's earlier jobs' image cache entries are evictable again
     check_flags(cfg)  # overwrite=off must not read as true
     resume = bool(cfg.get("resume", False))
     if resume:

@@ -10,14 +10,16 @@ returned unchanged), so crop, augmentation, normalisation and the random stream 
 those of the uncached path and the tensors are bit-identical (tests/test_caches.py).
 
 An entry's key (a SHA-256) covers the sample list (path, label, mask path, category, defect),
-each file's size and modification time, the loader, the resize rule and the versions of adtrain
+each file's size, modification and change times, inode and device, the loader, the resize rule and the versions of adtrain
 and the decoding libraries: a changed or touched file gets a new entry, never a stale one. An
 entry is a folder ``<key>/`` (images.npy, masks.npy, meta.json), built in a temp folder beside it
-and renamed into place: a concurrent job either wins the rename or uses the winner's entry.
+and renamed into place: a concurrent job either wins the rename or uses the winner's entry. An
+entry is deleted the same way round (renamed away, then removed): none is ever seen half made or
+half deleted.
 
 The folder is kept under ``data.cache_max_gb``: after an entry is written, the least recently used
 entries (meta.json's mtime, touched on every use) are deleted until the rest fit, except those
-this process has opened (its loaders' workers reopen them by path) and those another process used
+this process's run has opened (its loaders' workers reopen them by path) and those another process used
 in the last ``RECENT_S`` seconds (a parallel sweep job may be reading them). An entry larger than
 the whole budget is not written (the run decodes as before, and says so).
 
@@ -55,8 +57,15 @@ FORMAT = 4  # bump when the layout of an entry, or how a file is decoded, change
 #            turned a quarter no longer scrambled, planar 16-bit colour TIFFs read by their bits)
 #: an entry another process used this recently is never evicted (it may be reading it now)
 RECENT_S = 600.0
-#: entry folders this process has opened: never evicted by it
+#: entry folders this process's run has opened: never evicted by it (`release_entries` at each run's start:
+#: a sequential sweep's later jobs may evict an earlier job's entries, past RECENT_S)
 _IN_USE: set[str] = set()
+
+
+def release_entries() -> None:
+    """A new run in this process (a sequential sweep's next job): the entries the earlier runs opened
+    are evictable again once RECENT_S has passed since their last use (their maps stay readable)."""
+    _IN_USE.clear()
 
 
 def cache_mode(value) -> str:
@@ -86,7 +95,9 @@ def _stat(path) -> list | None:
         return None
     if stat.S_ISDIR(st.st_mode):  # a mask folder (MVTec LOCO): every file in it
         return [[p.name, *_stat(p)] for p in mask_files(path)]
-    return [st.st_size, st.st_mtime_ns]
+    # inode, device and ctime too: a file rewritten in place with its mtime put back (utime cannot set
+    # ctime), or a dataset root switched to a copy that kept the mtimes (cp -p, rsync -a), is a new entry
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns]
 
 
 def describe_loader(loader) -> str:
@@ -190,6 +201,18 @@ def _is_entry_name(name: str) -> bool:
     return len(name) == 40 and all(c in "0123456789abcdef" for c in name)
 
 
+def _delete_entry(folder: Path) -> None:
+    """Delete an entry so that no process ever sees it half deleted: renamed first to a temp name with
+    this pid (one a killed deletion leaves is removed by `remove_dead_temps`), then removed. A plain
+    rmtree killed after meta.json went left a folder that blocked its key for good."""
+    gone = folder.with_name(temp_name(folder.name))
+    try:
+        os.rename(folder, gone)
+    except OSError:  # deleted meanwhile, or cannot be renamed: removed in place
+        gone = folder
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 class ImageCache:
     """Where the entries live, and what the runs of this process did with them (for results.json)."""
 
@@ -216,9 +239,15 @@ class ImageCache:
             if not _is_entry_name(folder.name) or not folder.is_dir():
                 continue  # a build in progress (.<key>.tmp), or not the cache's: never touched
             try:
-                used = (folder / "meta.json").stat().st_mtime
                 size = sum(f.stat().st_size for f in folder.iterdir())
-            except OSError:  # being built, or deleted meanwhile
+            except OSError:  # deleted meanwhile
+                continue
+            try:
+                used = (folder / "meta.json").stat().st_mtime
+            except OSError:  # entries appear whole (renamed from their build): one without meta.json is damaged
+                if folder.exists():
+                    log.warning("image cache entry %s has no meta.json (a deletion cut short): deleted", folder)
+                    _delete_entry(folder)
                 continue
             entries.append((used, size, folder))
         total, removed, now = sum(e[1] for e in entries), 0, time.time()
@@ -227,7 +256,7 @@ class ImageCache:
                 break
             if str(folder.resolve()) in _IN_USE or now - used < RECENT_S:
                 continue
-            shutil.rmtree(folder, ignore_errors=True)
+            _delete_entry(folder)
             total -= size
             removed += 1
         if removed:
@@ -257,10 +286,13 @@ class ImageCache:
                 hit = CachedImages(folder)
             except (OSError, ValueError, AdtrainError) as e:  # damaged or deleted meanwhile: build it again
                 log.warning("image cache entry %s unreadable (%s): decoding it again", folder, e)
-                shutil.rmtree(folder, ignore_errors=True)
+                _delete_entry(folder)
             else:
                 self.events.append("hit")
                 return hit
+        elif folder.is_dir():  # entries appear whole: without meta.json it is a deletion cut short
+            log.warning("image cache entry %s has no meta.json (a deletion cut short): decoding it again", folder)
+            _delete_entry(folder)
         need, tmp = entry_bytes(len(dataset), image_size), None
         if need > self.max_bytes:
             log.warning("data.cache_max_gb=%g: the image cache entry of %d images needs %.2f GB: images are "
