@@ -555,3 +555,39 @@ def test_exact_distances_are_the_same_in_any_chunking(floats, monkeypatch):
     monkeypatch.setattr(index, "GATHER_FLOATS_CPU", floats)
     assert torch.equal(index.exact_distances(queries, bank, idx), whole)
     assert torch.equal(whole, (queries.unsqueeze(1) - bank[idx]).norm(dim=-1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_searches_and_coresets_under_a_bf16_autocast_are_the_fp32_answers(backend):
+    """trainer.precision=bf16-mixed runs test_step under autocast: the projected CPU pass failed
+    (topk's fp32 out buffers got bf16), and a search or coreset done in bf16 would break the
+    certificates' fp32 bounds. Under any autocast they now give the fp32 answer, bit for bit."""
+    from adtrain.methods.patch_features import _axis_operator, _axis_operator_on, reduced_map
+
+    feats = _clustered(3000, dim=64, seed=3)
+    queries = _clustered(400, dim=64, seed=4)
+    picked = greedy_coreset(feats, n=300, projection_dim=32, seed=0)
+
+    def bank():
+        mb = MemoryBank(backend=backend)
+        mb.add(feats)
+        mb.build(coreset_ratio=0.1, projection_dim=32, seed=0)
+        return mb
+
+    plain = bank()
+    want = [plain.search(queries, k) for k in (1, 3)]
+    want_nd = nearest_distances(queries, plain, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(greedy_coreset(feats, n=300, projection_dim=32, seed=0), picked)
+        mixed = bank()
+        assert torch.equal(mixed.bank, plain.bank)
+        got = [mixed.search(queries, k) for k in (1, 3)]
+        got_nd = nearest_distances(queries, mixed, 3)
+        _axis_operator.cache_clear()
+        _axis_operator_on.cache_clear()  # built afresh under the autocast: cached for every later call
+        blurred = reduced_map(torch.rand(2, 8, 8), (32, 32), 4.0, (32, 32))
+    for (d0, i0), (d1, i1) in zip(want, got):
+        assert d1.dtype == torch.float32 and torch.equal(i0, i1) and torch.equal(d0, d1)
+    assert torch.equal(want_nd[1], got_nd[1]) and torch.equal(want_nd[0], got_nd[0])
+    assert _axis_operator(8, 32, 4.0, 32).dtype == torch.float32 and blurred.dtype == torch.float32
+    reduced_map(torch.rand(2, 8, 8), (32, 32), 4.0, (32, 32))  # outside the autocast: fp32 operators still

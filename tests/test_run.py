@@ -98,6 +98,17 @@ def test_resume_after_crash_continues_from_last_checkpoint(fast_cfg, tmp_path, m
     assert res["epochs_trained"] == 3
 
 
+@pytest.mark.parametrize("method", ["patchcore", "cfa", "dfm"])
+def test_bf16_mixed_runs_on_the_cpu_with_the_fp32_searches(fast_cfg, tmp_path, method):
+    """trainer.precision=bf16-mixed on the CPU (README: every method) failed for PatchCore and CFA
+    in the memory search (topk's fp32 out buffers got bf16) and for DFM in the map's blur (its cached
+    operator was built in bf16). The memory work now runs in fp32 under the autocast."""
+    from adtrain.run import run
+
+    res = run(fast_cfg(f"method={method}", "trainer.precision=bf16-mixed", "output.heatmaps=0"), tmp_path / "run")
+    assert res["precision"] == "bf16-mixed" and 0.0 <= res["image_auroc"] <= 1.0
+
+
 def test_resume_without_checkpoint_names_the_key(fast_cfg, tmp_path):
     from adtrain.run import run
 

@@ -12,6 +12,7 @@ from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory.bank_search import (DENSE_PAD, FLAT_PAD, LOWP_PAD, RERANK_PAD, BankSearch,  # noqa: F401
                                         rerank, tensor_version)
 from adtrain.memory.coreset import greedy_coreset, kmeans
+from adtrain.memory.fp32 import autocast_off
 from adtrain.memory.index import BACKENDS, INDEXES, faiss_available
 from adtrain.memory.lowp import DISTANCE_DTYPES
 from adtrain.memory.projected import PROJECTIONS
@@ -160,6 +161,7 @@ class MemoryBank(BankSearch, nn.Module):
 
     # ---------------------------------------------------------------- bank
     @torch.no_grad()
+    @autocast_off
     def build(
         self,
         coreset_ratio: float | None = None,

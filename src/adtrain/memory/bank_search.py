@@ -10,6 +10,7 @@ import torch
 
 from adtrain.errors import AdtrainError
 from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense_certified_search, dense_nearest
+from adtrain.memory.fp32 import autocast_off
 from adtrain.memory.graph_knn import graph_knn, in_graph
 from adtrain.memory.index import (build_faiss_index, exact_distances, faiss_available, faiss_num_gpus,
                                   faiss_search, index_to_gpu, torch_search)
@@ -141,6 +142,7 @@ class BankSearch:
         return self._index_cache[gkey]
 
     @torch.no_grad()
+    @autocast_off  # its certificates bound fp32 (or their own low precision), not an autocast's bf16
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """k nearest bank items of each query: (distances (M,k) Euclidean, indices (M,k) int64),
         ascending, on the queries' device. Chunked over queries (``search_chunk``)."""

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adtrain.errors import AdtrainError
+from adtrain.memory.fp32 import autocast_off
 
 _ROW_BLOCK = 4096
 _CENTRE_BLOCK = 1024  # 16 MB fp32 tiles: near-peak GEMM, few parallel regions
@@ -151,6 +152,7 @@ def coreset_size(n_points: int, ratio: float | None = None, n: int | None = None
 
 
 @torch.no_grad()
+@autocast_off
 def greedy_coreset(
     features: torch.Tensor,
     ratio: float | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from adtrain.memory.bank import RERANK_PAD, MemoryBank, rerank
+from adtrain.memory.fp32 import autocast_off
 from adtrain.memory.graph_knn import graph_distances, graph_knn, in_graph
 from adtrain.memory.lowp import exact_search
 
@@ -81,6 +82,7 @@ def gathered_distances(queries, bank, idx, eps: float = 1e-12, squared: bool = F
     return _GatheredDistance.apply(queries, bank, idx.to(bank.device), float(eps), bool(squared))
 
 
+@autocast_off
 def nearest_distances(
     queries: torch.Tensor,
     bank: MemoryBank | torch.Tensor,

@@ -58,10 +58,11 @@ def gaussian_blur2d(x: torch.Tensor, sigma: float = 4.0, mode: str = "reflect") 
 def _axis_operator(n: int, full: int, sigma: float, out: int, mode: str = "reflect") -> torch.Tensor:
     """(out, n): along one axis, the bilinear resize n -> full, the blur's pass and the area
     average full -> out, found by passing the unit vectors through the very same ops."""
-    x = torch.eye(n).view(n, 1, n, 1)
-    x = F.interpolate(x, size=(full, 1), mode="bilinear", align_corners=False)  # width 1 -> 1: identity
-    x = gaussian_blur2d(x, sigma, mode)  # the width-1 pass sums the normalised kernel: identity
-    x = F.adaptive_avg_pool2d(x, (out, 1))
+    with torch.autocast("cpu", enabled=False):  # fp32 (cached: a CPU autocast's bf16 blur was kept for good)
+        x = torch.eye(n).view(n, 1, n, 1)
+        x = F.interpolate(x, size=(full, 1), mode="bilinear", align_corners=False)  # width 1 -> 1: identity
+        x = gaussian_blur2d(x, sigma, mode)  # the width-1 pass sums the normalised kernel: identity
+        x = F.adaptive_avg_pool2d(x, (out, 1))
     return x.view(n, out).t().contiguous()
 
 
