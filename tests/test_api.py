@@ -1,5 +1,6 @@
 """The Python API (adtrain.compose/fit/test, Run), the tables people read, --help and the no-argument quickstart."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -40,6 +41,12 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplo
     assert again["image_auroc"] == pytest.approx(run["image_auroc"], abs=1e-9)
     assert again["pixel_auroc"] == pytest.approx(run["pixel_auroc"], abs=1e-6)
     assert (tmp_path / "again" / "scores.csv").exists()
+    (tmp_path / "again" / "heatmaps" / "notes.txt").write_text("mine")
+    adtrain.test(run.run_dir, ["data.category=grid"], out_dir=tmp_path / "again")  # the same folder again:
+    kept = sorted(p.name for p in (tmp_path / "again" / "heatmaps").iterdir())  # only this test's heatmaps
+    assert len(kept) == 4 and "notes.txt" in kept and all("_grid_" in n for n in kept if n.endswith(".png"))
+    with open(tmp_path / "again" / "scores.csv") as f:
+        assert {r["category"] for r in csv.DictReader(f)} == {"grid"}
     scores = (run.run_dir / "scores.csv").read_bytes()  # out_dir = the run's own directory: refused, untouched
     with pytest.raises(ConfigError, match="is a run directory") as err:
         adtrain.test(run.run_dir, ["data.category=grid"], out_dir=run.run_dir)

@@ -95,10 +95,14 @@ def test_three_task_schedule_end_to_end(fast_cfg, tmp_path, monkeypatch):
     assert saved["val_source"] == "routed" and saved["val_image_auroc"] == pytest.approx(sum(routed) / 3)
     # the last task's own validation is the final model's: the same figure through the routed path
     assert routed[2] == pytest.approx(saved["per_task"][2]["val_image_auroc"])
-    # the logger's val/ curves are the tasks' own validations; the routed ones go under routed_val/
+    # the logger's task<t>/val/ curves are the tasks' own validations (each task's steps count from 0:
+    # one key for all overlaid them on W&B's step axis); the routed ones go under routed_val/
     logged = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
-    own_passes = sum(len(p["selection"]["history"]) for p in saved["per_task"])
-    assert sum(1 for r in logged if r.get("val/image_auroc")) == own_passes
+    for t, p in enumerate(saved["per_task"]):
+        passes = [float(r[f"task{t}/val/image_auroc"]) for r in logged if r.get(f"task{t}/val/image_auroc")]
+        # logged as float64: the very figures the selection kept (float32 rounded 0.485 to 0.48500001)
+        assert passes == [h["metrics"]["val/image_auroc"] for h in p["selection"]["history"]]
+    assert not any(r.get("val/image_auroc") for r in logged)
     assert [float(r["routed_val/task0/image_auroc"]) for r in logged if r.get("routed_val/task0/image_auroc")] == \
         [pytest.approx(routed[0])]
     own = [p["val_image_auroc"] for p in saved["per_task"]]

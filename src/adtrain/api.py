@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -225,6 +226,27 @@ def _check_out_dir(out_dir: Path) -> None:
                           "test's): choose another folder, or leave out_dir out to keep no files")
 
 
+#: a test heatmap's name (test_hooks._queue_heatmap): its number in test order, category, defect, stem
+_HEATMAP_NAME = re.compile(r"^\d{3,}_.+\.png$")
+
+
+def _clear_earlier_test(out_dir: Path) -> None:
+    """An earlier test's files in out_dir: scores.csv and the heatmaps adtrain named (heatmaps/ and its
+    task_<i>/ folders), so that a second test into the folder leaves only its own beside its
+    scores.csv (the earlier ones stayed, numbered alike: two 000_ files of other images). Other files
+    are left alone."""
+    (out_dir / "scores.csv").unlink(missing_ok=True)
+    folder = out_dir / "heatmaps"
+    if not folder.is_dir():
+        return
+    for sub in [folder, *sorted(p for p in folder.glob("task_*") if p.is_dir())]:
+        for f in sub.iterdir():
+            if f.is_file() and _HEATMAP_NAME.match(f.name):
+                f.unlink()
+        if sub != folder and not any(sub.iterdir()):
+            sub.rmdir()
+
+
 def _test_one(method, cfg: DictConfig, dm, out_dir: str | Path | None) -> dict:
     import tempfile
 
@@ -239,6 +261,7 @@ def _test_one(method, cfg: DictConfig, dm, out_dir: str | Path | None) -> dict:
             figures = evaluate_method(cfg, trainer, method, dm, None)
     else:
         work = Path(out_dir)
+        _clear_earlier_test(work)
         trainer, _ = build_trainer(cfg, work, None)
         figures = evaluate_method(cfg, trainer, method, dm, work / "heatmaps")
         write_scores_csv(work / "scores.csv", method.test_records)
@@ -277,6 +300,8 @@ def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | 
     keep = contextlib.nullcontext(out_dir) if out_dir is not None else tempfile.TemporaryDirectory(prefix="adtrain-test-")
     with keep as work:
         work = Path(work)
+        if out_dir is not None:
+            _clear_earlier_test(work)
         for i, cats in enumerate(tasks):
             tcfg = task_config(cfg, cats)
             dm = build_datamodule(tcfg)

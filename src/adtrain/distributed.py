@@ -231,7 +231,8 @@ def sync_test(module) -> None:
         gathered["calibration"] = torch.stack([r[2] for r in rows])
     outputs.set(gathered, {k: [r[3 + j] for r in rows] for j, k in enumerate(META_KEYS)})
     module.evaluator = module.evaluator.merged()
-    module.heatmap_files = sorted(f for files in all_gather_objects(module.heatmap_files) for f in files)
+    # once each: the sampler pads the last rank with repeats of the first images, which drew theirs again
+    module.heatmap_files = sorted({f for files in all_gather_objects(module.heatmap_files) for f in files})
 
 
 def check_agree(values: dict, what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -113,6 +114,27 @@ def log_config(logger, cfg) -> None:
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
     logger.log_hyperparams(container)
+
+
+@contextlib.contextmanager
+def task_prefix(logger, t: int, n_tasks: int):
+    """While task t of a continual run of several trains: its training and validation curves go to the
+    logger as ``task<t>/<key>`` (``task1/val/image_auroc``). Each task's Trainer counts its steps from
+    0, and W&B plots every key against ``trainer/global_step``: unprefixed, task 1's curves were drawn
+    over task 0's. One task (or a joint fit) keeps the plain keys."""
+    if logger is None or n_tasks < 2 or not hasattr(logger, "_prefix"):
+        yield
+        return
+    before = logger._prefix, logger.__dict__.get("LOGGER_JOIN_CHAR")
+    logger._prefix, logger.LOGGER_JOIN_CHAR = f"task{t}", "/"
+    try:
+        yield
+    finally:
+        logger._prefix = before[0]
+        if before[1] is None:
+            del logger.LOGGER_JOIN_CHAR
+        else:
+            logger.LOGGER_JOIN_CHAR = before[1]
 
 
 def is_wandb(logger) -> bool:

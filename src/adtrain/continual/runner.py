@@ -31,7 +31,7 @@ from adtrain.data.base import seeded_rng
 from adtrain.errors import ConfigError
 from adtrain import distributed
 from adtrain.io import write_json
-from adtrain.loggers import is_wandb
+from adtrain.loggers import is_wandb, task_prefix
 from adtrain.data.file_checks import check_files
 from adtrain.engine import (METRIC_KEYS, VAL_RESULT_KEYS, cache_states, evaluate_method, fit_and_select,
                             write_scores_csv)
@@ -122,7 +122,8 @@ class _Sequence:
         for name, m in self.method.named_modules():
             m.training = self.modes.get(name, m.training)
         self.method.begin_task(t, list(cats))
-        trainer, info = fit_and_select(tcfg, tdir, dm, self.method, self.logger, ckpt_path)
+        with task_prefix(self.logger, t, n_train):
+            trainer, info = fit_and_select(tcfg, tdir, dm, self.method, self.logger, ckpt_path)
         self.method.end_task(t, list(cats))
         self.device = str(trainer.strategy.root_device)
 

@@ -274,8 +274,12 @@ class AnomalyModule(AnomalyTestHooks, LightningModule):
         ev = self._val_evaluator
         if self.validating_now() and ev is not None and len(ev.image_scores) == len(self._val_defects):
             self.last_val_items = {"scores": [float(v) for v in ev.image_scores], "defects": list(self._val_defects)}
+        # float64: a Python float logged as is became a float32 tensor, so the CSV and W&B held 0.48500001
+        # beside results.json's 0.485 (MPS has no float64: float32 there)
+        wide = torch.float32 if self.device.type == "mps" else torch.float64
         for key, value in (self.last_val_metrics if self.log_validation else {}).items():
-            self.log(key, value, prog_bar=key in ("val/image_auroc", "val/normal_score"),
+            self.log(key, torch.tensor(float(value), dtype=wide, device=self.device),
+                     prog_bar=key in ("val/image_auroc", "val/normal_score"),
                      sync_dist=distributed.world_size() > 1)  # equal on every rank already: quiets Lightning
         self._val_scores = []
         self._val_defects = []
