@@ -162,3 +162,19 @@ def test_sweep_results_identical_with_nested_cache(fast_cfg, tmp_path):
     assert second["nested_cache_lookups"]["records"]["extended"] > 0
     saved = json.loads((tmp_path / "on0.1" / "results.json").read_text())
     assert saved["nested_cache"] == "hit"
+
+
+def test_records_under_a_bf16_autocast_are_the_fp32_answers(tmp_path, one_thread):
+    """trainer.precision=bf16-mixed with the nested cache on (it is with feature_cache=on): the records'
+    distances came out of an autocast addmm in bf16 and failed to go into their fp32 buffer."""
+    x = _data("random", n=2000, dim=12)
+    q = torch.randn(200, 12, generator=torch.Generator().manual_seed(3))
+    plain = NestedCache(tmp_path / "a")
+    want_idx = plain.coreset(x, 0.1, projection_dim=64, seed=0)
+    want = plain.nearest(q, _bank(x[want_idx]))
+    mixed = NestedCache(tmp_path / "b")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx = mixed.coreset(x, 0.1, projection_dim=64, seed=0)
+        got = mixed.nearest(q, _bank(x[idx]))
+    assert torch.equal(idx, want_idx) and got is not None and torch.equal(got, want)
+

@@ -37,6 +37,7 @@ import torch
 from adtrain.errors import ConfigError
 from adtrain.memory.bank import rerank
 from adtrain.memory.coreset import _LazyGreedy, coreset_size, greedy_coreset, random_projection
+from adtrain.memory.fp32 import autocast_off
 from adtrain.memory.graph_knn import in_graph
 from adtrain.memory.lowp import error_bound, matmul_dtype
 
@@ -240,6 +241,7 @@ class NestedCache:
         return evict_lru(self.root.rglob("*.pt"), self.max_bytes)
 
     # ---------------------------------------------------------- coreset (MemoryBank.build's hook)
+    @autocast_off
     def coreset(self, features: torch.Tensor, ratio: float, *, projection_dim: int = 128, seed: int = 0,
                 device=None, pool: int = 4096) -> torch.Tensor:
         """greedy_coreset(features, ratio, ...) through the cache; remembers the bank it makes."""
@@ -282,6 +284,7 @@ class NestedCache:
 
     # ---------------------------------------------------------- k=1 search (PatchCore's scoring hook)
     @torch.no_grad()
+    @autocast_off  # its records' distances and tolerances are fp32 (under bf16 autocast: a dtype error)
     def nearest(self, queries: torch.Tensor, memory) -> torch.Tensor | None:
         """MemoryBank.search(queries, 1)'s indices (M,) on the queries' device, from the records; None
         when the bank is not the coreset this cache built (then search as usual)."""
