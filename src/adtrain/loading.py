@@ -87,42 +87,34 @@ def _adtrain_class(target: Any) -> bool:
     return inspect.isclass(obj) and obj.__module__.startswith(TARGET_PREFIX)
 
 
+def _entries(node: Any, key: str = ""):
+    """(dotted key, name, value) of every dict entry and list item in node, depth first."""
+    if isinstance(node, dict):
+        items = ((f"{key}.{k}" if key else str(k), k, v) for k, v in node.items())
+    elif isinstance(node, (list, tuple)):
+        items = ((f"{key}[{i}]", i, v) for i, v in enumerate(node))
+    else:
+        return
+    for sub, name, value in items:
+        yield sub, name, value
+        yield from _entries(value, sub)
+
+
 def _unsafe_target(node: Any, key: str) -> tuple[str, Any] | None:
     """(key, value) of the first `_target_` in node (nested dicts/lists) outside adtrain, else None."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            sub = f"{key}.{k}" if key else str(k)
-            if k == "_target_" and not (v is None or _adtrain_class(v)):
-                return sub, v
-            found = _unsafe_target(v, sub)
-            if found:
-                return found
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            found = _unsafe_target(v, f"{key}[{i}]")
-            if found:
-                return found
-    return None
+    return next(((sub, v) for sub, k, v in _entries(node, key)
+                 if k == "_target_" and not (v is None or _adtrain_class(v))), None)
 
 
 def _interpolation(node: Any, key: str) -> tuple[str, Any] | None:
-    """(key, value) of the first string in node (nested dicts/lists, keys too) holding an OmegaConf
+    """(key, string) of the first string in node (nested dicts/lists, keys too) holding an OmegaConf
     interpolation (``${``), else None. A run stores its config resolved, so a real checkpoint holds
     none; one in a crafted file becomes config when resolved (``${oc.create:...}`` makes a new
     ``_target_`` after the check), so none is let through."""
-    if isinstance(node, str):
-        return (key, node) if "${" in node else None
-    if isinstance(node, dict):
-        for k, v in node.items():
-            sub = f"{key}.{k}" if key else str(k)
-            found = _interpolation(k, sub) or _interpolation(v, sub)
-            if found:
-                return found
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            found = _interpolation(v, f"{key}[{i}]")
-            if found:
-                return found
+    for sub, k, v in _entries(node, key):
+        for text in (k, v):
+            if isinstance(text, str) and "${" in text:
+                return sub, text
     return None
 
 
