@@ -162,7 +162,8 @@ def main(cfg: DictConfig) -> float | None:
         if rundir.holds(run_dir) and not rundir.finished(run_dir) and not refused:  # never into another run's directory
             write_text(run_dir / "error.txt", f"{type(err).__name__}: {err}\n")
             fitted = run_dir / "checkpoints" / "model.ckpt"
-            if fitted.is_file():  # it failed while testing: the fit is kept
+            about_a_checkpoint = str(getattr(err, "path", None) or "").endswith(".ckpt")  # e.g. a resume's last.ckpt
+            if fitted.is_file() and not about_a_checkpoint:  # it failed while testing: the fit is kept
                 log.error("the fitted model is kept: %s; once the test data are fixed, "
                           "adtrain.test('%s', out_dir=...) tests it without fitting again", fitted, fitted)
         if _is_multirun():  # one failed job does not stop the sweep
