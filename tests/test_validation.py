@@ -164,6 +164,27 @@ def test_by_category_overrides_one_category_and_leaves_the_others_identical(tmp_
             val_set(by_category=bad)
 
 
+def test_a_categorys_validation_anomalies_do_not_depend_on_the_other_categories_of_its_task():
+    """One family order over every category's normals gave texture other families (so other anomalies
+    and masks) beside grid than alone: a joint baseline or a multi-category task was selected on
+    another validation set than the same category's own run. Each category now draws its own."""
+    from adtrain.data.synthetic import SyntheticDataModule
+
+    def anomalies(category):
+        dm = SyntheticDataModule(category=category, num_train=20, num_test_normal=2, num_test_anomalous=2, size=64,
+                                 image_size=(64, 64), val_split=0.25, seed=3,
+                                 val_anomalies={"families": ["cutpaste", "perlin"], "per_normal": 1})
+        dm.setup()
+        ds = dm.validation_dataset()
+        return {it["path"]: it["mask"] for it in (ds[i] for i in range(len(ds)))
+                if it["category"] == "texture" and it["label"] == 1}
+
+    alone, beside = anomalies("texture"), anomalies(["grid", "texture"])
+    assert len(alone) == 5 and {p.rsplit("#", 1)[1][:-1] for p in alone} == {"cutpaste", "perlin"}
+    assert sorted(alone) == sorted(beside)  # the same items: image, family and copy
+    assert all(torch.equal(alone[p], beside[p]) for p in alone)
+
+
 def test_threshold_uses_normals_only(fast_cfg):
     dm = _dm(fast_cfg(*TINY))
     labels = torch.cat([b["label"] for b in dm.val_normal_dataloader()])

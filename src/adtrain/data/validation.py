@@ -123,11 +123,18 @@ class ValAnomalies:
         items: list[tuple[Sample, str | None, int]] = [(s, None, 0) for s in normals]
         if not self.per_normal or not normals:
             return items
-        order = seeded_rng(seed, "val_anomaly_order").permutation(len(normals))
+        # each category's normals on their own (the same stream for each): a category's anomalies are
+        # those it has alone, whatever else the task holds (one order over all categories gave texture
+        # other families, so other anomalies, beside grid than alone); one category: as before
+        by_category: dict[str, list[int]] = {}
+        for i, s in enumerate(normals):
+            by_category.setdefault(str(s.category), []).append(i)
         f = len(self.families)
-        for rank, i in enumerate(order.tolist()):
-            for copy in range(self.per_normal):
-                items.append((normals[i], self.families[(rank * self.per_normal + copy) % f], copy))
+        for members in by_category.values():
+            order = seeded_rng(seed, "val_anomaly_order").permutation(len(members))
+            for rank, j in enumerate(order.tolist()):
+                for copy in range(self.per_normal):
+                    items.append((normals[members[j]], self.families[(rank * self.per_normal + copy) % f], copy))
         items[len(normals):] = sorted(items[len(normals):], key=lambda it: (it[0].category, it[0].path, it[2]))
         return items
 
