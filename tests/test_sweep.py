@@ -411,6 +411,22 @@ def test_nested_job_folders_and_failed_jobs_keep_their_key_columns(tmp_path):
     assert failed["error"] == "DataError: no such category"
 
 
+def test_a_sweep_whose_every_job_failed_exits_with_an_error(tmp_path, capsys):
+    """Each job of experiment=patchcore_mvtec without MVTec on disk failed alone, as it should, but the
+    sweep then exited 0, as if it had worked; with one job finished it still does."""
+    from adtrain.sweep import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    for i in range(2):
+        _job(sweep, str(i), [f"seed={i}"], None, "DataError: /data/mvtec: not found\nmore")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with pytest.raises(SystemExit) as e:
+        SweepSummary().on_multirun_end(config)
+    assert e.value.code == 1 and "every job of the sweep failed (2; the first: 0: DataError" in capsys.readouterr().err
+    _job(sweep, "2", ["seed=2"], {"method": "patchcore", "data": "synthetic", "backbone": "resnet18", "image_auroc": 0.9})
+    SweepSummary().on_multirun_end(config)  # one job finished: no exit
+
+
 def test_a_job_with_an_unreadable_results_json_is_a_failed_row_naming_it(tmp_path):
     """A job's results.json cut short (a job killed while writing it, a damaged copy) fails that job's
     row, named, as a job with error.txt does; the summary of the others is still written."""

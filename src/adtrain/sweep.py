@@ -279,3 +279,7 @@ class SweepSummary(Callback):
 
             rows = collect(sweep_dir)
             show_sweep(rows, swept_keys([r["_overrides"] for r in rows]), sweep_dir, out)
+            if rows and all("error" in r for r in rows):  # one failed job lets the sweep go on; all failed is an error
+                print(f"adtrain: error: every job of the sweep failed ({len(rows)}; the first: {rows[0]['job']}: "
+                      f"{rows[0]['error']}); summary.csv's error column says why each did", file=sys.stderr)
+                sys.exit(1)
