@@ -64,7 +64,7 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         "preprocessing": pre.to_dict(), "threshold": float(method.threshold),
         "score_center": float(method.score_center), "map_center": float(method.map_center),
         # the level its display maps put at 0.5 (the pixel threshold where it decides, else null: the image threshold)
-        "map_threshold": float(method.display_threshold()) if method.pixel_decisions else None,
+        "map_threshold": method.map_threshold(),
         "max_batch": limit, "checkpoint": str(checkpoint), "adtrain_version": _version(),
     }
     example = _trace_inputs(layout, min(batch, limit or batch), pre.image_size)

@@ -153,7 +153,7 @@ class Detector:
 
         found = cls(path, "checkpoint", pre, float(method.threshold), dev, batch_size, score, transform,
                     lambda t: denormalize(t, pre.mean, pre.std), method=method)
-        found.map_threshold = float(method.display_threshold()) if method.pixel_decisions else None
+        found.map_threshold = method.map_threshold()
         return found
 
     @classmethod

@@ -31,6 +31,12 @@ VAL_EXACT_PIXELS = 1 << 23
 TEST_EXACT_PIXELS = 1 << 24
 
 
+def decides_pixels(module) -> bool:
+    """``AnomalyModule.pixel_decisions`` of a module or of an export's MethodScorer (which holds the
+    same buffers but not the property)."""
+    return bool(torch.isfinite(module.pixel_threshold)) and len(getattr(module, "task_memories", ())) <= 1
+
+
 class AnomalyModule(AnomalyTestHooks, LightningModule):
     #: memory-bank / training-free methods set this: one pass over the data, no optimiser
     training_free: bool = False
@@ -136,7 +142,7 @@ class AnomalyModule(AnomalyTestHooks, LightningModule):
     def pixel_decisions(self) -> bool:
         """Does ``pixel_threshold`` decide this model's pixels? Fitted, and one model for every image
         (a continual run's memories of several tasks route each image to its task's calibration)."""
-        return bool(torch.isfinite(self.pixel_threshold)) and len(getattr(self, "task_memories", ())) <= 1
+        return decides_pixels(self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint from before pixel thresholds were kept (2026-12-06): none fitted
@@ -147,8 +153,8 @@ class AnomalyModule(AnomalyTestHooks, LightningModule):
         """What a prediction returns, from the model's raw output: ``score`` (B,) raw image score,
         ``normalized_score`` (B,) (0 at the normal median, 0.5 at the threshold), ``map`` (B,H,W)
         display-normalised to [0, 1] (0.5 = ``display_threshold()``, the pixel threshold where it
-        decides; per-image min-max when no threshold is fitted) and ``decision`` (B,) bool, score > threshold; ``threshold`` (B,) each image's
-        (a routed model's: its task's); ``raw_map`` (B,H,W) the model's own map and (one task's
+        decides; per-image min-max when no threshold is fitted) and ``decision`` (B,) bool, score >
+        threshold; ``threshold`` (B,) each image's (a routed model's: its task's); ``raw_map`` (B,H,W) the model's own map and (one task's
         model) ``pixel_threshold`` (B,), for benchmark servers' files (adtrain.inference.map_files).
         Exports trace this very code (and output the first four)."""
         score = out.pred_score.float()
@@ -332,10 +338,12 @@ class AnomalyModule(AnomalyTestHooks, LightningModule):
         image threshold (a routed model's, or one fitted before the pixel threshold existed). An image
         score need not be its map's maximum (PatchCore reweights it, DFM's is taken before the
         upsampling and blur), so the image threshold put map pixels of the masks' level below 0.5."""
-        thr = self.pixel_threshold
-        if bool(torch.isfinite(thr)) and len(getattr(self, "task_memories", ())) <= 1:
-            return thr
-        return self.threshold
+        return self.pixel_threshold if decides_pixels(self) else self.threshold
+
+    def map_threshold(self) -> float | None:
+        """The pixel threshold where the display maps put it at 0.5 (``display_threshold``), None where
+        they put the image threshold there: what a heatmap's colour bar names."""
+        return float(self.pixel_threshold) if decides_pixels(self) else None
 
     def normalize(self, values: torch.Tensor, center: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
         """0 at the normal median, 0.5 at the threshold (the image threshold, or ``threshold``: a map's

@@ -107,9 +107,8 @@ class AnomalyTestHooks:
             threshold = routed[0][i]
             norm_map = normalize_with(out.anomaly_map[i, 0][None], routed[2][i:i + 1], routed[0][i:i + 1])[0].clamp(0, 1)
         elif torch.isfinite(self.threshold):
-            level = self.display_threshold()
-            map_threshold = float(level) if self.pixel_decisions else None
-            norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center, level).clamp(0, 1)
+            map_threshold = self.map_threshold()
+            norm_map = self.normalize(out.anomaly_map[i, 0], self.map_center, self.display_threshold()).clamp(0, 1)
         else:  # no threshold: min-max for display only
             m = out.anomaly_map[i, 0]
             norm_map = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
