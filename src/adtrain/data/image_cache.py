@@ -10,8 +10,9 @@ returned unchanged), so crop, augmentation, normalisation and the random stream 
 those of the uncached path and the tensors are bit-identical (tests/test_caches.py).
 
 An entry's key (a SHA-256) covers the sample list (path, label, mask path, category, defect),
-each file's size, modification and change times, inode and device, the loader, the resize rule and the versions of adtrain
-and the decoding libraries: a changed or touched file gets a new entry, never a stale one. An
+each file's size, modification and change times, inode and device, the loader, the resize rule
+and the versions of adtrain and the decoding libraries: a changed or touched file gets a new
+entry, never a stale one. An
 entry is a folder ``<key>/`` (images.npy, masks.npy, meta.json), built in a temp folder beside it
 and renamed into place: a concurrent job either wins the rename or uses the winner's entry. An
 entry is deleted the same way round (renamed away, then removed): none is ever seen half made or
@@ -19,9 +20,9 @@ half deleted.
 
 The folder is kept under ``data.cache_max_gb``: after an entry is written, the least recently used
 entries (meta.json's mtime, touched on every use) are deleted until the rest fit, except those
-this process's run has opened (its loaders' workers reopen them by path) and those another process used
-in the last ``RECENT_S`` seconds (a parallel sweep job may be reading them). An entry larger than
-the whole budget is not written (the run decodes as before, and says so).
+this process's run has opened (its loaders' workers reopen them by path) and those another
+process used in the last ``RECENT_S`` seconds (a parallel sweep job may be reading them). An
+entry larger than the whole budget is not written (the run decodes as before, and says so).
 
 Disk space is reserved before a single image is written (``posix_fallocate``): writing a
 memory-mapped file whose pages the disk cannot hold kills the process with SIGBUS ("Bus error"),
