@@ -5,8 +5,8 @@ batch: the jobs of a sweep over, say, ``method.coreset_ratio`` feed the same bat
 same backbone and can reuse each other's features. Each lookup is keyed on a SHA-256 of the
 weights (hashed once per extractor), the extractor's settings (name, kind, layers and the stage
 indices they are taken at, the network's structure and timm kwargs, channels-last, batch-norm
-folding, pre-/post-activation taps, the input statistics' values), the input batch's shape, dtype and bytes, the device, the autocast state and
-the torch version; a hit returns the stored tensors, bit for bit what the extractor returned when
+folding, pre-/post-activation taps, the input statistics' values), the input batch's shape, dtype
+and bytes, the device, the autocast state and the torch version; a hit returns the stored tensors, bit for bit what the extractor returned when
 they were stored. Entries are single files written atomically (temp + rename), so concurrent jobs
 are safe; the folder is kept under ``feature_cache_max_gb`` by deleting the least recently used
 entries (a hit refreshes an entry's time).

@@ -4,7 +4,8 @@ Lightning runs ``test_step`` (and every other step) under autocast with ``traine
 or ``16-mixed``. The searches' certificates (``memory.lowp``, ``memory.dense_exact``, the projected
 pass) bound fp32 rounding, or the low precision they pick themselves; an autocast matmul in bf16
 breaks them (on the CPU it failed outright: ``topk(out=...)`` got bf16 into fp32 buffers), and a
-coreset picked on bf16 distances is another coreset. `autocast_off` (a decorator) and `no_autocast` turn off whatever autocast is on.
+coreset picked on bf16 distances is another coreset. `autocast_off` (a decorator) and `no_autocast`
+turn off whatever autocast is on.
 """
 
 from __future__ import annotations

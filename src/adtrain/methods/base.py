@@ -154,9 +154,10 @@ class AnomalyModule(AnomalyTestHooks, LightningModule):
         ``normalized_score`` (B,) (0 at the normal median, 0.5 at the threshold), ``map`` (B,H,W)
         display-normalised to [0, 1] (0.5 = ``display_threshold()``, the pixel threshold where it
         decides; per-image min-max when no threshold is fitted) and ``decision`` (B,) bool, score >
-        threshold; ``threshold`` (B,) each image's (a routed model's: its task's); ``raw_map`` (B,H,W) the model's own map and (one task's
-        model) ``pixel_threshold`` (B,), for benchmark servers' files (adtrain.inference.map_files).
-        Exports trace this very code (and output the first four)."""
+        threshold; ``threshold`` (B,) each image's (a routed model's: its task's); ``raw_map``
+        (B,H,W) the model's own map and (one task's model) ``pixel_threshold`` (B,), for benchmark
+        servers' files (adtrain.inference.map_files). Exports trace this very code (and output the
+        first four)."""
         score = out.pred_score.float()
         amap = out.anomaly_map[:, 0].float()
         routed = per_image(self, score.shape[0], score.device)  # continual per-task memories
