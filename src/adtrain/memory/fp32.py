@@ -11,7 +11,6 @@ turn off whatever autocast is on.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
@@ -29,10 +28,6 @@ def no_autocast():
 
 
 def autocast_off(fn):
-    """``fn`` run under `no_autocast`."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with no_autocast():
-            return fn(*args, **kwargs)
-
-    return run
+    """``fn`` run under `no_autocast` (a generator context manager is a ContextDecorator: a fresh one
+    per call)."""
+    return no_autocast()(fn)
