@@ -47,6 +47,17 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplo
     assert len(kept) == 4 and "notes.txt" in kept and all("_grid_" in n for n in kept if n.endswith(".png"))
     with open(tmp_path / "again" / "scores.csv") as f:
         assert {r["category"] for r in csv.DictReader(f)} == {"grid"}
+    # a test that fails after its heatmaps are drawn (here: scores.csv cannot be written) leaves the
+    # earlier test's files as they were and none of its own (they were cleared first: both were lost)
+    import adtrain.engine
+
+    folder = tmp_path / "again"
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with monkeypatch.context() as m, pytest.raises(OSError, match="disk full"):
+        m.setattr(adtrain.engine, "write_scores_csv", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+        adtrain.test(run.run_dir, out_dir=folder)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in folder.iterdir()) == ["heatmaps", "scores.csv"]  # no staging folder left
     scores = (run.run_dir / "scores.csv").read_bytes()  # out_dir = the run's own directory: refused, untouched
     with pytest.raises(ConfigError, match="is a run directory") as err:
         adtrain.test(run.run_dir, ["data.category=grid"], out_dir=run.run_dir)

@@ -115,6 +115,9 @@ def test_patchcore_per_task_banks_route_images_to_their_task(fast_cfg, tmp_path)
     assert len(set(res["matrices"]["image_auroc"][2])) > 1  # the average differs from the last task's figure
     assert [float(r["score"]) for r in csv.DictReader(open(tmp_path / "again" / "scores.csv"))] == \
         pytest.approx([float(r["score"]) for r in csv.DictReader(open(tmp_path / "scores.csv"))], abs=1e-6)
+    drawn = {f.parent.name: [] for f in (tmp_path / "again" / "heatmaps").rglob("*.png")}
+    assert sorted(drawn) == ["task_0", "task_1", "task_2"]  # moved in from the test's staging folder, which is gone
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["heatmaps", "scores.csv"]
     first = adtrain.test(tmp_path / "tasks" / "1" / "model.ckpt", ["output.heatmaps=0"])
     assert [e["image_auroc"] for e in first["per_task"]] == pytest.approx(res["matrices"]["image_auroc"][1][:2], abs=1e-9)
     one = adtrain.test(tmp_path, ["data.category=grid", "output.heatmaps=0"])

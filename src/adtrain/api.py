@@ -13,8 +13,10 @@ training itself is adtrain.engine's (the continual runner's too).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -247,6 +249,27 @@ def _clear_earlier_test(out_dir: Path) -> None:
             sub.rmdir()
 
 
+@contextlib.contextmanager
+def _staged(out_dir: Path):
+    """A folder inside out_dir for a test's scores.csv and heatmaps/, moved into out_dir (replacing
+    an earlier test's, _clear_earlier_test) only once the test has finished: a test that fails or is
+    stopped leaves the earlier test's files as they were, and none of its own."""
+    import shutil
+    import tempfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".adtrain-test-", dir=out_dir))
+    try:
+        yield stage
+        _clear_earlier_test(out_dir)
+        files = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
+        for rel in sorted(files, key=lambda r: r == Path("scores.csv")):  # scores.csv last
+            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, out_dir / rel)  # the same file system: a rename
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _test_one(method, cfg: DictConfig, dm, out_dir: str | Path | None) -> dict:
     import tempfile
 
@@ -260,11 +283,10 @@ def _test_one(method, cfg: DictConfig, dm, out_dir: str | Path | None) -> dict:
             trainer, _ = build_trainer(cfg, Path(work), None)
             figures = evaluate_method(cfg, trainer, method, dm, None)
     else:
-        work = Path(out_dir)
-        _clear_earlier_test(work)
-        trainer, _ = build_trainer(cfg, work, None)
-        figures = evaluate_method(cfg, trainer, method, dm, work / "heatmaps")
-        write_scores_csv(work / "scores.csv", method.test_records)
+        with _staged(Path(out_dir)) as stage:
+            trainer, _ = build_trainer(cfg, Path(out_dir), None)
+            figures = evaluate_method(cfg, trainer, method, dm, stage / "heatmaps")
+            write_scores_csv(stage / "scores.csv", method.test_records)
     breakdown = test_breakdown(method, figures, dm)  # by_category holds the per-category pixel figures
     return {**{k: v for k, v in figures.items() if k != "pixel_by_category"}, **breakdown}
 
@@ -287,7 +309,6 @@ def _seen_tasks(ckpt: dict, overrides: Sequence[str]) -> list[list[str]] | None:
 def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | Path | None) -> dict:
     """Each seen task's test set on its own (as the continual runner's last row): per_task figures,
     the metrics averaged over tasks; with out_dir, scores.csv (a task column) and heatmaps/task_<i>."""
-    import contextlib
     import tempfile
 
     from adtrain.build import build_datamodule, build_trainer
@@ -297,22 +318,23 @@ def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | 
     from adtrain.data.file_checks import check_files
 
     per_task, records = [], []
-    keep = contextlib.nullcontext(out_dir) if out_dir is not None else tempfile.TemporaryDirectory(prefix="adtrain-test-")
-    with keep as work:
-        work = Path(work)
-        if out_dir is not None:
-            _clear_earlier_test(work)
+    if out_dir is None:  # nothing to keep: the trainers' folder is removed afterwards
+        keep, work = tempfile.TemporaryDirectory(prefix="adtrain-test-"), None
+    else:
+        keep, work = _staged(Path(out_dir)), Path(out_dir)
+    with keep as stage:
+        stage = Path(stage)
         for i, cats in enumerate(tasks):
             tcfg = task_config(cfg, cats)
             dm = build_datamodule(tcfg)
             check_files(dm, test=True, train=False)
-            trainer, _ = build_trainer(tcfg, work, None)
-            heatmaps = work / "heatmaps" / f"task_{i}" if out_dir is not None else None
+            trainer, _ = build_trainer(tcfg, work or stage, None)
+            heatmaps = stage / "heatmaps" / f"task_{i}" if out_dir is not None else None
             figures = evaluate_method(tcfg, trainer, method, dm, heatmaps, per_category=False)
             per_task.append({"task": i, "name": task_name(cats), **figures})
             records += [{"task": i, **r} for r in method.test_records]
         if out_dir is not None:
-            write_scores_csv(work / "scores.csv", records)
+            write_scores_csv(stage / "scores.csv", records)
     return {**{k: finite_mean(e.get(k) for e in per_task) for k in METRIC_KEYS},
             "num_test": sum(e["num_test"] for e in per_task),
             "test_seconds": round(sum(e["test_seconds"] for e in per_task), 3), "per_task": per_task}
