@@ -135,6 +135,11 @@ def test_btad_reads_bmp_and_names_numeric_categories_as_released(tmp_path):
     assert dm.categories == ["01"] and _dm("btad", root, category="1").categories == ["01"]
     assert BTADDataModule(root=str(root), category=[1, "03"]).categories == ["01", "03"]
     assert BTADDataModule(root=str(root), category=1).category == "01"
+    from adtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="names 01 twice") as e:  # one product: every image was loaded twice
+        BTADDataModule(root=str(root), category=[1, "01"])
+    assert e.value.key == "data.category"
     dm.setup()
     assert all(s.path.endswith(".bmp") for s in dm.train_samples)
     assert {s.mask_path.rsplit("/", 2)[-2] for s in dm.test_samples if s.label} == {"crack", "hole"}

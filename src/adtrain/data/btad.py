@@ -23,8 +23,16 @@ class BTADDataModule(MVTecDataModule):
     mask_suffix = ".png"  # ground_truth/ko/<stem>.png (.bmp for product 03, also read)
 
     def __init__(self, root: str, category: str | int | list, download: bool = False, **common):
+        # data.category=1 (a YAML or Python integer) names the released folder "01": renamed before
+        # the base class checks the list, so [1, "01"] is refused as one product named twice
+        category = to_plain(category)
+        if isinstance(category, (list, tuple)):
+            category = [_released_name(c) for c in category]
+        else:
+            category = _released_name(category)
         super().__init__(root=root, category=category, download=download, **common)
-        # data.category=1 (a YAML or Python integer) names the released folder "01"
-        self.categories = [f"{int(c):02d}" if c.isdigit() and len(c) < 2 else c for c in self.categories]
-        several = isinstance(to_plain(category), (list, tuple))
-        self.category = list(self.categories) if several else self.categories[0]
+
+
+def _released_name(category) -> str:
+    c = str(category)
+    return f"{int(c):02d}" if c.isdigit() and len(c) < 2 else c
