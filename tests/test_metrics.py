@@ -59,9 +59,9 @@ def test_image_metrics_match_sklearn_on_random_ties():
 
 
 def test_image_metrics_single_class_is_none():
-    m = image_metrics([0.3, 0.7], [1, 1])
-    assert m["image_auroc"] is None
-    assert m["image_ap"] == pytest.approx(1.0) and m["image_f1max"] == pytest.approx(1.0)
+    # no normal image: AP and F1-max were 1.0 for any detector (sklearn's AP), while the log said null
+    assert image_metrics([0.3, 0.7], [1, 1]) == {"image_auroc": None, "image_ap": None, "image_f1max": None}
+    assert image_metrics([0.3, 0.7], [0, 1]) == {"image_auroc": 1.0, "image_ap": 1.0, "image_f1max": 1.0}
     m = image_metrics([0.3, 0.7], [0, 0])
     assert m == {"image_auroc": None, "image_ap": None, "image_f1max": None}
 

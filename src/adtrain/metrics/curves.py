@@ -33,9 +33,10 @@ def auroc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float | None:
 
 
 def ap_from_counts(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    """Average precision: sum of recall step * precision over thresholds; None if no positive."""
+    """Average precision: sum of recall step * precision over thresholds; None when a class is empty
+    (with no negative every detector scores 1.0, sklearn's answer: no figure, as AUROC)."""
     tp, fp = _tail_sums(pos), _tail_sums(neg)
-    if tp.size == 0 or tp[-1] <= 0:
+    if tp.size == 0 or tp[-1] <= 0 or fp[-1] <= 0:
         return None
     predicted = tp + fp
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
@@ -53,9 +54,12 @@ def f1_from_counts(pos: np.ndarray, neg: np.ndarray) -> np.ndarray | None:
 
 
 def f1max_from_counts(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    """Largest F1 over all thresholds (predict anomalous at score >= threshold)."""
+    """Largest F1 over all thresholds (predict anomalous at score >= threshold); None when a class is
+    empty (with no negative, flagging everything scores 1.0 for any detector)."""
     f1 = f1_from_counts(pos, neg)
-    return None if f1 is None else float(np.max(f1))
+    if f1 is None or _tail_sums(neg)[-1] <= 0:
+        return None
+    return float(np.max(f1))
 
 
 def partial_trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:

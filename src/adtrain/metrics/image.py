@@ -34,12 +34,12 @@ def auroc(scores, labels) -> float | None:
 
 
 def average_precision(scores, labels) -> float | None:
-    """Exact average precision (sklearn definition); None without anomalous samples."""
+    """Exact average precision (sklearn definition); None when only one class is present."""
     return ap_from_counts(*grouped_counts(scores, labels))
 
 
 def f1_max(scores, labels) -> float | None:
-    """Largest F1 over all thresholds; None without anomalous samples."""
+    """Largest F1 over all thresholds; None when only one class is present."""
     return f1max_from_counts(*grouped_counts(scores, labels))
 
 
