@@ -317,3 +317,41 @@ def test_an_export_path_that_cannot_be_written_is_named_before_tracing(runs, tmp
     with pytest.raises(DataError):  # a missing checkpoint: no export folder is made for it
         export(tmp_path / "nosuch" / "checkpoints" / "model.ckpt", "onnx", out=tmp_path / "nosuch2" / "m.onnx")
     assert not (tmp_path / "nosuch").exists() and not (tmp_path / "nosuch2").exists()
+
+
+def test_an_export_that_cannot_be_written_is_one_error_and_leaves_no_file(runs, tmp_path, monkeypatch):
+    """A full disk in each format's write: one ConfigError naming the file and the reason, and no file
+    (nor a temporary one) left; TorchScript's own writer aborted the whole process there. A TorchScript
+    export named .onnx or .xml (which then could not be opened: read as the other format) is refused."""
+    import errno
+    import pathlib
+
+    from adtrain.errors import ConfigError
+    from adtrain.export import export, formats
+
+    ckpt = runs("stfpm") / "checkpoints" / "model.ckpt"
+    for suffix in (".onnx", ".xml"):
+        with pytest.raises(ConfigError, match=r"'out'.*a torchscript export is a \.pt file"):
+            export(ckpt, "torchscript", out=tmp_path / f"m{suffix}")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def stream_error(*args, **kwargs):  # what OpenVINO's save_model raised on a full disk
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    fmts = {"torchscript": (pathlib.Path, "write_bytes", full, "No space left on device"),
+            "onnx": (formats._require("onnx", "onnx"), "save", full, "No space left on device")}
+    if importlib.util.find_spec("openvino"):
+        fmts["openvino"] = (formats._require("openvino", "openvino"), "save_model", stream_error, "iostream error")
+    for fmt, (owner, name, fault, said) in fmts.items():
+        out = tmp_path / fmt / f"m{formats.FORMATS[fmt]}"
+        with monkeypatch.context() as m, pytest.raises(ConfigError, match=rf"'out'.*cannot write the export .*{said}"):
+            m.setattr(owner, name, fault)
+            export(ckpt, fmt, out=out)
+        assert list(out.parent.iterdir()) == [], fmt
+    made = export(ckpt, "torchscript", out=tmp_path / "named.ckpt")  # any other name: found by its content
+    from adtrain.inference.detector import Detector
+
+    assert Detector.load(made, device="cpu").kind == "torchscript"
+

@@ -104,6 +104,18 @@ def test_patchcore_per_task_banks_route_images_to_their_task(fast_cfg, tmp_path)
         r = rows[f]
         assert float(r["threshold"]) == pytest.approx(float(thr)) and int(r["is_anomalous"]) == int(score > thr)
 
+    # export: a routing checkpoint is refused (no export folder made for it: one was); a task's own checkpoint
+    # exports beside it, not to RUN/export where the next task's export would replace it
+    from adtrain.errors import DataError
+    from adtrain.export import export
+
+    with pytest.raises(DataError, match=r"routes images among several tasks.*tasks/0/model\.ckpt"):
+        export(final, "torchscript")
+    assert not (tmp_path / "export").exists()
+    first_task = tmp_path / "tasks" / "0" / "model.ckpt"
+    assert export(first_task, "torchscript") == first_task.resolve().parent / "export" / "model.pt"
+    assert Detector.load(first_task.parent / "export" / "model.pt", device="cpu").predict(files[:2]).scores.shape == (2,)
+
     # adtrain.test on the continual run: every seen task's test set, as the run's last row (not the last
     # task's alone); a task's checkpoint: the tasks up to it; data.category: those categories as one set
     import adtrain

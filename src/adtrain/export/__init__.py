@@ -26,8 +26,13 @@ log = logging.getLogger("adtrain")
 
 
 def default_export_path(checkpoint: str | Path, fmt: str) -> Path:
+    """RUN/export/model.<ext>; a continual run's task checkpoint (RUN/tasks/<t>/model.ckpt):
+    RUN/tasks/<t>/export/model.<ext>, so that two tasks' exports never replace each other."""
     from adtrain.predict import default_out_dir
 
+    ckpt = Path(checkpoint).resolve()
+    if ckpt.parent.name.isdigit() and ckpt.parent.parent.name == "tasks":
+        return ckpt.parent / "export" / f"model{FORMATS[fmt]}"
     return default_out_dir(checkpoint).parent / "export" / f"model{FORMATS[fmt]}"
 
 
@@ -50,12 +55,13 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         raise ConfigError("layout", f"must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError("batch", f"must be a whole number >= 1, got {batch!r}")
-    if out and format != "torchscript" and Path(out).suffix != FORMATS[format]:
+    others = {ext for f, ext in FORMATS.items() if f != format}  # a .pt may be named as the user likes, not as these
+    if out and ((format != "torchscript" and Path(out).suffix != FORMATS[format]) or Path(out).suffix in others):
         raise ConfigError("out", f"a {format} export is a {FORMATS[format]} file, got {out}")
     method, cfg, _ = load_method(checkpoint)  # a missing or unreadable checkpoint first: nothing is made for it
+    check_exportable(method, checkpoint)  # nor for one that cannot be exported
     path = Path(out) if out else default_export_path(checkpoint, format)
     _check_out(path, format, "out" if out else "checkpoint")
-    check_exportable(method, checkpoint)
     pre, _ = run_preprocessing(cfg)
     graph = InferenceGraph(method.cpu(), pre, layout).eval()
     limit = max_batch(method)
@@ -70,7 +76,11 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
     example = _trace_inputs(layout, min(batch, limit or batch), pre.image_size)
     with warnings.catch_warnings():  # the tracer's notes on shapes fixed at export (sizes, bank length)
         warnings.simplefilter("ignore")
-        WRITERS[format](graph, example, meta, path)
+        try:
+            WRITERS[format](graph, example, meta, path)
+        except OSError as err:  # a full disk, a folder removed meanwhile: one line, no file left
+            raise ConfigError("out" if out else "checkpoint",
+                              f"cannot write the export {path}: {err.strerror or err}") from None
     log.info("exported %s (%s) to %s", meta["method"], format, path)
     return path
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import zipfile
 from pathlib import Path
@@ -48,10 +49,14 @@ def _trace_inputs(layout: str, batch: int, size: tuple[int, int]) -> torch.Tenso
 
 
 def write_torchscript(graph, example: torch.Tensor, meta: dict, path: Path) -> Path:
+    import io
+
     with torch.no_grad():
         traced = torch.jit.trace(graph, example, check_trace=False)
     traced = torch.jit.freeze(traced.eval())
-    return _atomic(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files={META_KEY: json.dumps(meta)}))
+    data = io.BytesIO()  # torch's own file writer aborts the process on a full disk (a C++ terminate)
+    torch.jit.save(traced, data, _extra_files={META_KEY: json.dumps(meta)})
+    return _atomic(path, lambda tmp: Path(tmp).write_bytes(data.getbuffer()))
 
 
 def _dynamic_axes(layout: str) -> dict:
@@ -89,7 +94,16 @@ def write_openvino(graph, example: torch.Tensor, meta: dict, path: Path) -> Path
     finally:
         onnx_tmp.unlink(missing_ok=True)
     model.set_rt_info(json.dumps(meta), META_KEY)
-    ov.save_model(model, str(path), compress_to_fp16=False)  # writes path and its .bin
+    # written under temporary names, then renamed: the .bin first, then the .xml that needs it (OpenVINO
+    # reads the .bin beside the .xml by name), so a failed write leaves no export, nor a half of one
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        xml = Path(tmp) / "model.xml"
+        try:
+            ov.save_model(model, str(xml), compress_to_fp16=False)  # writes model.xml and model.bin
+        except RuntimeError as err:  # OpenVINO's stream errors ("iostream error") on a full disk
+            raise OSError(f"OpenVINO could not write the model ({' '.join(str(err).split())[:200]})") from None
+        os.replace(xml.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(xml, path)
     return path
 
 
@@ -99,14 +113,14 @@ WRITERS = {"torchscript": write_torchscript, "onnx": write_onnx, "openvino": wri
 def export_format(path: str | Path) -> str | None:
     """The export format of a file by its name and content, or None (a checkpoint, or not ours)."""
     path = Path(path)
+    if zipfile.is_zipfile(path):  # first: a TorchScript export is one, whatever its name
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith(f"extra/{META_KEY}") for n in z.namelist()):
+                return "torchscript"
     if path.suffix == ".onnx":
         return "onnx"
     if path.suffix == ".xml":
         return "openvino"
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith(f"extra/{META_KEY}") for n in z.namelist()):
-                return "torchscript"
     return None
 
 

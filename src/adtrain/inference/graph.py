@@ -82,8 +82,9 @@ def check_exportable(method, checkpoint) -> None:
     if not torch.isfinite(method.threshold):
         raise DataError(checkpoint, NO_THRESHOLD)
     if routes_tasks(method):
-        raise DataError(checkpoint, "is a continual run that routes images among several tasks: export "
-                                    "is for one task's model (export a task's checkpoint from a single-task run)")
+        raise DataError(checkpoint, "routes images among several tasks' states (a continual run's): an export "
+                                    "holds one model; export a checkpoint saved before a second task was added "
+                                    "(the run's tasks/0/model.ckpt) or a single-task run's")
 
 
 class MethodScorer(nn.Module):
