@@ -111,6 +111,12 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
      "not a validation figure"),
     ("callbacks=[early_stopping] callbacks.early_stopping.mode=foo", "callbacks.early_stopping", "`mode` can be"),
     ("feature_cache=on feature_cache_max_gb=abc", "feature_cache_max_gb", "number > 0"),
+    # a ViT's input a multiple of its patch size: timm's assertion inside the first forward pass, after the data
+    ("method=dfm backbone=vit_small_patch16_224 backbone.pretrained=false method.layers=[block6] "
+     "method.adapter_layers=[block5,block6] method.image_size=[63,63]", "method.image_size", "patch size 16, e.g. [64, 64]"),
+    ("backbone=vit_small_patch16_224 backbone.pretrained=false method.layers=[block6] method.image_size=[80,80] "
+     "method.center_crop=[70,64]", "method.center_crop", "multiple of its patch size 16"),
+    ("backbone.name=nosuchmodel", "backbone.name", "unknown timm model"),  # named method.backbone.name
     ("+data.val_anomalies.by_category.txture.perlin.beta=[0.5,0.9]", "data.val_anomalies.by_category.txture",
      "names no category"),  # a misspelt category was left at the family's options
     ("+data.val_anomalies.by_category.texture.perlin.beta=[2,3]", "data.val_anomalies.by_category.texture.perlin.beta",

@@ -179,8 +179,15 @@ def test_cli_run_then_predict(tmp_path):
 
 
 def test_cli_bad_input_gives_message_not_traceback(tmp_path):
-    p = _cli("method.lrr=1", f"hydra.run.dir={tmp_path}/x", cwd=tmp_path)
-    assert p.returncode != 0 and "lrr" in p.stderr
+    # Hydra's refusals (a misspelt key, a group's unknown option, an override it cannot parse): one line
+    # naming the key, status 2, as adtrain's own (Hydra printed 3-10 lines and exited 1)
+    for args, said in ((["method.lrr=1"], "config key 'method.lrr': is not in the config; did you mean method.lr?"),
+                       (["method=pachcore"], "config key 'method': has no option 'pachcore'; did you mean method=patchcore?"),
+                       (["method.layers=[layer2"], "config key 'method.layers': the override 'method.layers=[layer2' "
+                                                  "cannot be parsed")):
+        p = _cli(*args, f"hydra.run.dir={tmp_path}/x", cwd=tmp_path)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and said in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()
     p = _cli("data=mvtec", f"data.root={tmp_path}/nowhere", "data.category=bottle", f"hydra.run.dir={tmp_path}/y", cwd=tmp_path)
     assert p.returncode == 2
     assert "nowhere" in p.stderr and "Traceback" not in p.stderr

@@ -209,6 +209,9 @@ def cli() -> None:
         print(f"adtrain: no arguments: running the offline quickstart (python -m adtrain {' '.join(QUICKSTART)}); "
               "python -m adtrain --help shows the options", file=sys.stderr)
         sys.argv += list(QUICKSTART)
+    from adtrain.hydra_errors import one_line_composition_errors
+
+    one_line_composition_errors()  # a misspelt key or group option: one line, exit status 2
     main()
 
 

@@ -35,10 +35,11 @@ def _instantiate(node: DictConfig, where: str, /, drop: tuple[str, ...] = (), **
             # data.image_size -> the method.image_size it is interpolated from)
             key = cause.key.removeprefix(f"{where}.")
             if _lookup(cfg, key)[0]:  # a top-level key, or a nested one (memory.nprobe, cutpaste.area_ratio)
-                raw = _lookup(OmegaConf.to_container(node, resolve=False), key)[1]
-                source = interpolated_from(raw)
+                unresolved = OmegaConf.to_container(node, resolve=False)
+                found, raw = _lookup(unresolved, key)
+                source = _source_of(unresolved, key)
                 raise ConfigError(source or f"{where}.{key}", cause.detail + (
-                    f" ({where}.{key} is {raw})" if source else "")) from None
+                    f" ({where}.{key} is {raw})" if source and found else "")) from None
         if isinstance(cause, AdtrainError):
             raise cause from None
         if isinstance(cause, (TypeError, ValueError)) or type(cause).__name__ == "MisconfigurationException":
@@ -68,6 +69,21 @@ def _lookup(cfg: dict, key: str) -> tuple[bool, object]:
             return False, None
         node = node[part]
     return True, node
+
+
+def _source_of(raw_cfg: dict, key: str) -> str | None:
+    """Where the user sets ``key`` of an unresolved config when it, or a node above it, is a plain
+    interpolation: method.image_size for data's image_size (${method.image_size}), backbone.name for
+    method's backbone.name (method.backbone is ${backbone}); None when it is set where it is."""
+    node, parts = raw_cfg, key.split(".")
+    for i, part in enumerate(parts):
+        source = interpolated_from(node)
+        if source is not None:
+            return ".".join([source, *parts[i:]])
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return interpolated_from(node)
 
 
 def _culprit(cfg: dict, where: str, cause: Exception) -> str:

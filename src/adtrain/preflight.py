@@ -285,7 +285,7 @@ def _check_normalisation(backbone) -> None:
         raise ConfigError("backbone.std", f"must be > 0 (images are divided by it), got {list(std)}")
 
 
-def _check_crop(data) -> None:
+def _check_crop(data, backbone=None) -> None:
     """data.image_size / data.center_crop (each ${method.*} in the packaged data configs): a crop larger
     than the resized image, named where it is set, before the run directory is written (the data module
     refuses it too, later)."""
@@ -310,6 +310,23 @@ def _check_crop(data) -> None:
         check_crop(crop, size, keys["center_crop"])
     except ConfigError as err:
         raise ConfigError(err.key, err.detail + hint) from None
+    _check_patch_multiple(backbone, crop or size, keys["center_crop" if crop else "image_size"])
+
+
+def _check_patch_multiple(backbone, size: tuple[int, int], key: str) -> None:
+    """A ViT (backbone.kind: vit) cuts its input into patches: the network's input (the crop, else the
+    resized image) a multiple of the patch size its name says (vit_small_patch16_224: 16), else timm's
+    assertion deep inside the first forward pass, after the data were read."""
+    import re
+
+    if not isinstance(backbone, DictConfig) or backbone.get("kind") != "vit":
+        return
+    found = re.search(r"patch(\d+)", str(backbone.get("name", "")))
+    patch = int(found.group(1)) if found else 0
+    if patch > 1 and any(v % patch for v in size):
+        fit = [max(patch, round(v / patch) * patch) for v in size]
+        raise ConfigError(key, f"{list(size)} is the ViT's input ({backbone.name}): each side must be a multiple of "
+                               f"its patch size {patch}, e.g. {fit}")
 
 
 def _check_bit_depth(data) -> None:
@@ -366,7 +383,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_optimiser(cfg.get("method") or {})
     _check_method_numbers(cfg.get("method") or {})
     _check_normalisation(cfg.get("backbone") or {})
-    _check_crop(cfg.get("data"))
+    _check_crop(cfg.get("data"), cfg.get("backbone"))
     _check_bit_depth(cfg.get("data"))
     _check_backbone_weights(cfg.get("backbone") or {})
     schedule = cfg.get("schedule") or {}
