@@ -33,6 +33,20 @@ def test_rgba_drops_alpha(tmp_path):
     assert tuple(out[0, 0]) == (200, 100, 50)
 
 
+def test_a_multi_page_tiff_is_read_by_its_first_page_and_said_once(tmp_path, caplog):
+    import logging
+
+    pages = [np.full((16, 16, 3), v, np.uint8) for v in (40, 200)]
+    path = tmp_path / "stack.tif"
+    Image.fromarray(pages[0]).save(path, save_all=True, append_images=[Image.fromarray(pages[1])])
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        for _ in range(2):
+            np.testing.assert_array_equal(read_image(path), pages[0])
+        read_image(_save(tmp_path / "one.tif", pages[1]))
+    said = [r.getMessage() for r in caplog.records if "pages" in r.getMessage()]
+    assert said == [f"{path} holds 2 pages (frames): only the first is read"]  # was silent
+
+
 def test_palette_becomes_rgb(tmp_path):
     im = Image.new("P", (6, 4))
     im.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)

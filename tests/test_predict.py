@@ -105,8 +105,12 @@ def test_predict_on_error_skip_scores_the_rest_and_lists_the_unreadable(trained,
         assert (out / rows[p]["heatmap"]).is_file()
     assert len(list((out / "heatmaps").glob("*.png"))) == 2
     assert any("2 of 4 images could not be read" in r.getMessage() for r in caplog.records)
+    # the rows in listing order (a batch's unreadable files came first: b/000 before a/000 in batches of 2
+    # ending with it; here a/001 sits in the first batch)
+    assert list(rows) == sorted(rows)
     with pytest.raises(DataError, match=r"no image could be read \(1 given"):
         predict(ckpt, str(imgs / "b") + "/*.png", out=str(tmp_path / "none"), on_error="skip")
+    assert not (tmp_path / "none").exists()  # a call that failed leaves no folder it made
     with pytest.raises(ConfigError, match="on_error"):
         predict(ckpt, str(imgs), on_error="ignore")
 
@@ -143,6 +147,58 @@ def test_predict_bad_arguments_are_one_line(trained, tmp_path, capsys):
     if not torch.cuda.is_available():
         code, err = _predict(capsys, ckpt, f"images={imgs}", "device=cuda")
         assert code == 2 and "device" in err and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_takes_paths_as_typed_and_never_scores_its_own_outputs(trained, tmp_path, capsys, monkeypatch):
+    """A folder named 2024, an out= named 007, a file name holding ${...}: YAML read them as 2024, 7 and an
+    interpolation (a TypeError traceback, or another value put in). out= inside the images' folder: the
+    second call scored the first call's heatmaps as new images."""
+    from adtrain.predict import main, predict
+
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "2024", ["a.png", "d${x}.png"])
+    ckpt = f"checkpoint={trained}/checkpoints/model.ckpt"
+    for images in ("images=2024", "images=2024/d${x}.png"):
+        main([ckpt, images, "out=007", "heatmaps=false"])
+        rows = list(csv.DictReader(open(tmp_path / "007" / "predictions.csv")))
+        assert [r["path"] for r in rows] == (["2024/a.png", "2024/d${x}.png"] if images.endswith("2024")
+                                             else ["2024/d${x}.png"])
+    capsys.readouterr()
+    code, err = _predict(capsys, ckpt, "images=2024", "batch_size=[1")
+    assert code == 2 and "'batch_size': cannot read '[1'" in err and len(err.strip().splitlines()) == 1, err
+    for _ in range(2):
+        out = predict(str(trained / "checkpoints" / "model.ckpt"), "2024", out="2024/results")
+        assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 2  # not 4: its heatmaps left out
+
+
+def test_predict_stopped_by_sigterm_keeps_the_earlier_call_and_leaves_no_work_folder(trained, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """SIGTERM (timeout, SLURM) ended predict without running its clean-up: a hidden work folder with
+    partial heatmaps stayed in out= for good, one per stopped call. Now: status 143, nothing left."""
+    import os
+    import signal
+
+    from adtrain.inference.detector import Detector
+
+    imgs = _images(tmp_path / "new", ["a.png", "b.png", "c.png"])
+    ckpt, out = f"checkpoint={trained}/checkpoints/model.ckpt", tmp_path / "out"
+    from adtrain.predict import main
+
+    main([ckpt, f"images={imgs}", f"out={out}"])
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = Detector.predict_batches
+
+    def stopped_after_one(self, *args, **kwargs):
+        for k, batch in enumerate(real(self, *args, **kwargs)):
+            yield batch
+            if k == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Detector, "predict_batches", stopped_after_one)
+    code, err = _predict(capsys, ckpt, f"images={imgs}", f"out={out}", "batch_size=1")
+    assert code == 143 and "stopped by SIGTERM" in err, err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not list(out.glob(".predict-*")) and signal.getsignal(signal.SIGTERM) is not None
 
 
 def test_a_run_without_held_out_normals_warns_and_predict_says_why_it_cannot_decide(fast_cfg, tmp_path, caplog):

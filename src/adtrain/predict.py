@@ -34,6 +34,7 @@ maps of earlier calls stay). It needs a checkpoint: exports output display maps 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -42,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from adtrain.data.image_files import expand_image_paths
@@ -63,6 +63,19 @@ def list_images(spec: str) -> list[str]:
     if not files:  # an empty folder
         raise DataError(spec, "no images found (give a folder, a file or a glob such as 'dir/*.png')")
     return files
+
+
+def _without_own_outputs(files: list[str], out_dir: Path, spec: str) -> list[str]:
+    """The images less those an earlier call wrote into out_dir (its heatmaps/ and map folders): an
+    out= inside the images' folder (images=lot out=lot/results) scored them as new images."""
+    own = [(out_dir / name).resolve() for name in ("heatmaps", *MAP_FOLDERS)]
+    kept = [f for f in files if not any(Path(f).resolve().is_relative_to(folder) for folder in own)]
+    if len(kept) < len(files):
+        log.info("%d files of %s are this command's own outputs in %s: not scored", len(files) - len(kept), spec,
+                 out_dir)
+    if not kept:
+        raise DataError(spec, f"holds no images but this command's outputs in {out_dir}")
+    return kept
 
 
 def default_out_dir(checkpoint: str | Path) -> Path:
@@ -193,9 +206,11 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
             raise DataError(checkpoint, "holds no pixel threshold for decision masks (a continual run routes each "
                             "image to its task's, or the run was fitted before 2026-12-06): use a one-task run "
                             "fitted with this version")
-    map_names = dict(zip(files, relative_names(files, relative_to))) if anomaly_maps else {}
     out_dir = Path(out) if out else default_out_dir(checkpoint)
     _check_out(out_dir)
+    files = _without_own_outputs(files, out_dir, images)
+    map_names = dict(zip(files, relative_names(files, relative_to))) if anomaly_maps else {}
+    made = not out_dir.exists()  # removed again if this call fails (empty: its work folder is removed too)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file of that name, or a folder that cannot be made
@@ -237,8 +252,11 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
         if skipped and len(skipped) == len(files):
             raise DataError(images, f"no image could be read ({len(files)} given; first: {skipped[0]}: "
                             f"{records[0]['error']})")
+        order = {f: i for i, f in enumerate(files)}  # listing order (a batch's unreadable files came first)
+        records.sort(key=lambda r: order[r["path"]])
         write_scores_csv(staging / "predictions.csv", records)
         _publish(staging, out_dir)
+        made = False
     except BaseException as e:
         if records and len(skipped) < len(files):
             log.error("stopped after %d of %d images; %s is left as it was", len(records), len(files), out_dir)
@@ -249,6 +267,9 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
         if writer is not None:
             writer.stop()
         shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
     if skipped:
         log.warning("%d of %d images could not be read and were skipped (their reasons: the error column of %s)",
                     len(skipped), len(files), out_dir / "predictions.csv")
@@ -257,18 +278,22 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    from adtrain.cli import command
+    from adtrain.cli import command, options
 
     def body(argv: list[str]) -> None:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-        args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv))
-        unknown = set(args.keys()) - set(DEFAULTS)
-        if unknown:
-            raise ConfigError(sorted(unknown)[0], f"unknown option; known: {', '.join(DEFAULTS)}")
+        args = options(argv, DEFAULTS, text=("checkpoint", "images", "out", "relative_to", "device", "on_error"))
         for key in ("checkpoint", "images"):
             if not args[key]:
                 raise ConfigError(key, "required, e.g. checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB'")
-        predict(**OmegaConf.to_container(args))
+        from adtrain.runstate import catch_sigterm
+
+        # SIGTERM (timeout, SLURM) as Ctrl-C: the work folder in out= removed, the earlier outputs kept, status 143
+        put_back = catch_sigterm(Path(args["out"] or default_out_dir(args["checkpoint"])))
+        try:
+            predict(**args)
+        finally:
+            put_back()
 
     command("adtrain.predict", __doc__, body, argv)
 

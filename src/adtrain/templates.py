@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -68,20 +67,17 @@ def add_images(checkpoint: str, images: str, out: str | None = None, recompress:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from adtrain.cli import command
+    from adtrain.cli import command, options
 
     def body(argv: list[str]) -> None:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
         if not argv or argv[0] != "add":
             raise ConfigError("command", "usage: python -m adtrain.templates add checkpoint=... images=...")
-        args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv[1:]))
-        unknown = set(args.keys()) - set(DEFAULTS)
-        if unknown:
-            raise ConfigError(sorted(unknown)[0], f"unknown option; known: {', '.join(DEFAULTS)}")
+        args = options(argv[1:], DEFAULTS, text=("checkpoint", "images", "out", "device"))
         for key in ("checkpoint", "images"):
             if not args[key]:
                 raise ConfigError(key, "required")
-        add_images(**OmegaConf.to_container(args))  # its log line says what changed
+        add_images(**args)  # its log line says what changed
 
     command("adtrain.templates", __doc__, body, argv)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Union
 
@@ -211,11 +212,27 @@ def _read_wide_colour(path: str | Path, bit_depth: BitDepth, turn: int, im: Imag
     return np.require(_to_uint8(arr, "RGB;16", bit_depth), np.uint8, ("C", "W"))
 
 
+_SAID_PAGES: set[str] = set()
+
+
+def _say_pages(im: Image.Image, path: str | Path) -> None:
+    """A multi-page TIFF or an animated PNG/WebP/GIF: its first page is the image (said once per file
+    and process, not left silent: a stack of lightings or focus planes is not one picture)."""
+    try:
+        pages = int(getattr(im, "n_frames", 1) or 1)
+    except _READ_ERRORS:  # a damaged later page: the first is read (or refused) as before
+        return
+    if pages > 1 and str(path) not in _SAID_PAGES:
+        _SAID_PAGES.add(str(path))
+        logging.getLogger("adtrain").warning("%s holds %d pages (frames): only the first is read", path, pages)
+
+
 def read_image(path: str | Path, bit_depth: BitDepth = None) -> np.ndarray:
     """Read any image as RGB uint8 (H,W,3) (``bit_depth``: image_to_rgb; 16-bit colour files too).
     Raises DataError(path, 'cannot read image: ...')."""
     with _open(path) as im:
         turn = orientation(im)  # from the header, as file_checks.header_size reads it
+        _say_pages(im, path)
         if _wide_colour(im):
             return _read_wide_colour(path, bit_depth, turn, im)
         try:

@@ -106,21 +106,14 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from omegaconf import OmegaConf
-
-    from adtrain.cli import command
-
-    defaults = DEFAULTS
+    from adtrain.cli import command, options
 
     def body(argv: list[str]) -> None:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-        args = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.from_dotlist(argv))
-        unknown = set(args.keys()) - set(defaults)
-        if unknown:
-            raise ConfigError(sorted(unknown)[0], f"unknown option; known: {', '.join(defaults)}")
-        if not args.checkpoint:
+        args = options(argv, DEFAULTS, text=("checkpoint", "out", "format", "layout"))
+        if not args["checkpoint"]:
             raise ConfigError("checkpoint", "required, e.g. checkpoint=RUN/checkpoints/model.ckpt format=onnx")
-        print(export(**OmegaConf.to_container(args)))
+        print(export(**args))
 
     command("adtrain-export", __doc__, body, argv)
 
