@@ -47,6 +47,14 @@ def test_a_multi_page_tiff_is_read_by_its_first_page_and_said_once(tmp_path, cap
     assert said == [f"{path} holds 2 pages (frames): only the first is read"]  # was silent
 
 
+def test_an_image_over_pillows_size_guard_says_what_can_be_done(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # refused at twice this (Pillow's 179 MP by default)
+    path = _save(tmp_path / "linescan.png", np.zeros((100, 100), np.uint8))
+    with pytest.raises(DataError, match=r"linescan\.png: cannot read image: DecompressionBombError.*cut into tiles.*"
+                                        r"PIL\.Image\.MAX_IMAGE_PIXELS"):
+        read_image(path)
+
+
 def test_palette_becomes_rgb(tmp_path):
     im = Image.new("P", (6, 4))
     im.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)

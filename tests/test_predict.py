@@ -171,6 +171,20 @@ def test_predict_takes_paths_as_typed_and_never_scores_its_own_outputs(trained, 
         assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 2  # not 4: its heatmaps left out
 
 
+def test_predict_says_which_images_are_far_from_the_models_input(trained, tmp_path, caplog):
+    """A 1x1 file or a thumbnail, a line-scan strip: upscaled or stretched into the input, scored without a
+    word (a training run warns about its own such images)."""
+    from adtrain.predict import predict
+
+    imgs = _images(tmp_path / "new", ["a.png", "b.png"])
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(imgs / "dot.png")
+    Image.fromarray(np.zeros((20, 200, 3), np.uint8)).save(imgs / "strip.png")
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        predict(str(trained / "checkpoints" / "model.ckpt"), str(imgs), out=str(tmp_path / "out"), heatmaps=False)
+    said = [r.getMessage() for r in caplog.records if "far from the model's input" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("2 of 4 images") and "dot.png, 1x1" in said[0], said
+
+
 def test_predict_stopped_by_sigterm_keeps_the_earlier_call_and_leaves_no_work_folder(trained, tmp_path, capsys,
                                                                                  monkeypatch):
     """SIGTERM (timeout, SLURM) ended predict without running its clean-up: a hidden work folder with

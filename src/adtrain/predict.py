@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from adtrain.data.file_checks import SMALL_OUTLIER, STRETCH_WARNING
 from adtrain.data.image_files import expand_image_paths
 from adtrain.errors import ConfigError, DataError
 from adtrain.inference.map_files import MAP_FOLDERS
@@ -76,6 +77,16 @@ def _without_own_outputs(files: list[str], out_dir: Path, spec: str) -> list[str
     if not kept:
         raise DataError(spec, f"holds no images but this command's outputs in {out_dir}")
     return kept
+
+
+def _out_of_shape(w: int, h: int, image_size) -> bool:
+    """An image the model's input (H, W) blows up 4x or more along a side (a thumbnail, a 1x1 file), or
+    stretches STRETCH_WARNING times out of its shape (as a training run warns about its own images)."""
+    in_h, in_w = (int(v) for v in image_size)
+    if w <= 0 or h <= 0:
+        return True
+    stretch = max((w / h) / (in_w / in_h), (in_w / in_h) / (w / h))
+    return w * SMALL_OUTLIER <= in_w or h * SMALL_OUTLIER <= in_h or stretch >= STRETCH_WARNING
 
 
 def default_out_dir(checkpoint: str | Path) -> Path:
@@ -217,7 +228,7 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
         raise ConfigError("out", f"cannot make the folder {out_dir}: {err.strerror or err}") from None
     names = dict(zip(files, heatmap_names(files)))
     thr = detector.threshold
-    records, skipped = [], []
+    records, skipped, odd = [], [], []
     staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
     writer = BackgroundWriter() if heatmaps else None  # drawn in a thread while the next batch is scored
     try:
@@ -237,8 +248,9 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                     "normalized_score": float(pred.normalized_scores[i]), "threshold": image_thr,
                     "is_anomalous": int(pred.decisions[i]), "error": None,
                 })
-                if heatmaps or anomaly_maps:
-                    w, h = header_size(path)  # the file's own size, read from its header once
+                w, h = header_size(path)  # the file's own size, read from its header once
+                if _out_of_shape(w, h, detector.pre.image_size):
+                    odd.append((path, w, h))
                 if heatmaps:  # as the run's test heatmaps: colour bar, threshold, the image's aspect ratio
                     writer.submit(staging / "heatmaps" / names[path], save_heatmap, image=pred.inputs[i],
                                   norm_map=pred.maps[i], mask=None, score=score, label=None, truth=False,
@@ -270,6 +282,12 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
         if made:
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
+    if odd:
+        path, w, h = odd[0]
+        in_h, in_w = detector.pre.image_size
+        log.warning("%d of %d images are far from the model's input %dx%d (4x or more smaller along a side, or "
+                    "stretched %.1fx or more; first: %s, %dx%d): they are scored from little or distorted detail",
+                    len(odd), len(files), in_w, in_h, STRETCH_WARNING, path, w, h)
     if skipped:
         log.warning("%d of %d images could not be read and were skipped (their reasons: the error column of %s)",
                     len(skipped), len(files), out_dir / "predictions.csv")

@@ -26,6 +26,9 @@ def read_error(where: str | Path, err: BaseException) -> DataError:
     """The DataError for a file or image that could not be read: a decoder's own error by type and
     message, adtrain's ValueRangeError by its message alone."""
     why = str(err) if isinstance(err, ValueRangeError) else f"{type(err).__name__}: {err}"
+    if isinstance(err, Image.DecompressionBombError):  # a large line-scan frame: say what can be done
+        why = (f"{why} (Pillow's guard against decompression bombs; an image this large is better cut into "
+               "tiles; a script that trusts its files may raise PIL.Image.MAX_IMAGE_PIXELS)")
     return DataError(where, f"cannot read image: {why}")
 
 
