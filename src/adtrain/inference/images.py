@@ -56,7 +56,8 @@ def as_rgb(image: Any, where: str, bit_depth: BitDepth = None) -> np.ndarray:
 
 
 def image_list(images: Any) -> tuple[list[Any], list[str]]:
-    """(items, names) from one image, a list of them, or an (N,H,W[,C]) uint8 batch array."""
+    """(items, names) from one image, a list of them, or an (N,H,W,C) uint8 batch array (a 3-D array is one
+    image: (H,W,3) colour or (H,W) grey is not a batch)."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         items = list(images)
     elif isinstance(images, (list, tuple)):
