@@ -56,8 +56,8 @@ def as_rgb(image: Any, where: str, bit_depth: BitDepth = None) -> np.ndarray:
 
 
 def image_list(images: Any) -> tuple[list[Any], list[str]]:
-    """(items, names) from one image, a list of them, or an (N,H,W,C) uint8 batch array (a 3-D array is one
-    image: (H,W,3) colour or (H,W) grey is not a batch)."""
+    """(items, names) from one image, a list of them, or an (N,H,W,C) uint8 batch array (a 2-D or 3-D
+    array is one image, grey (H,W) or colour (H,W,3), never a batch)."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         items = list(images)
     elif isinstance(images, (list, tuple)):
