@@ -117,6 +117,9 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("backbone=vit_small_patch16_224 backbone.pretrained=false method.layers=[block6] method.image_size=[80,80] "
      "method.center_crop=[70,64]", "method.center_crop", "multiple of its patch size 16"),
     ("backbone.name=nosuchmodel", "backbone.name", "unknown timm model"),  # named method.backbone.name
+    # a schedule option on an ordinary run (no tasks): ignored without a word, a bad value too
+    ("schedule.joint=true", "schedule.joint", "no schedule runs"),
+    ("schedule.replay=-1", "schedule.replay", "no schedule runs"),
     ("+data.val_anomalies.by_category.txture.perlin.beta=[0.5,0.9]", "data.val_anomalies.by_category.txture",
      "names no category"),  # a misspelt category was left at the family's options
     ("+data.val_anomalies.by_category.texture.perlin.beta=[2,3]", "data.val_anomalies.by_category.texture.perlin.beta",

@@ -285,6 +285,10 @@ def _check_normalisation(backbone) -> None:
         raise ConfigError("backbone.std", f"must be > 0 (images are divided by it), got {list(std)}")
 
 
+#: the schedule options of schedule=single (conf/schedule/single.yaml): what a run without tasks reads
+SINGLE_SCHEDULE = {"joint": False, "replay": 0, "routed_val": "last", "threshold": "seen"}
+
+
 def _check_crop(data, backbone=None) -> None:
     """data.image_size / data.center_crop (each ${method.*} in the packaged data configs): a crop larger
     than the resized image, named where it is set, before the run directory is written (the data module
@@ -391,6 +395,12 @@ def check_config(cfg: DictConfig) -> None:
         from adtrain.continual.schedule import parse_tasks
 
         parse_tasks(schedule.get("tasks"))
+    else:  # one ordinary run: a schedule option set for it would be ignored without a word
+        for key, default in SINGLE_SCHEDULE.items():
+            if key in schedule and schedule.get(key) != default:
+                raise ConfigError(f"schedule.{key}", f"is {schedule.get(key)!r}, but no schedule runs (schedule.tasks "
+                                  "is null: one ordinary run); give the tasks (schedule.tasks=[a,b]) or a sequence "
+                                  "(schedule=mvtec_15), or leave it out")
     output = cfg.get("output") or {}
     for key, least in (("heatmaps", 0), ("heatmap_size", 32)):  # else they would fail after the fit and test
         value = output.get(key)
