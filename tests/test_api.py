@@ -19,7 +19,7 @@ def _env():
 
 def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplog, monkeypatch):
     import adtrain
-    from adtrain.errors import ConfigError
+    from adtrain.errors import ConfigError, DataError
 
     cfg = adtrain.compose([*FAST, "method=patchcore", "method.coreset_ratio=0.5", "output.heatmaps=3"])
     assert cfg.method.name == "patchcore" and cfg.data.name == "synthetic"
@@ -34,6 +34,10 @@ def test_fit_then_test_through_the_api(tmp_path, one_faiss_thread, capsys, caplo
     assert adtrain.Run.open(run.run_dir).results == run.results
     (run.run_dir / "score_histogram.png").unlink()  # as a continual run or test=false draws none: None, not a path
     assert adtrain.Run.open(run.run_dir).histogram is None
+    kept = (run.run_dir / "scores.csv").rename(run.run_dir / "kept.csv")  # output.scores_csv=false: said, not
+    with pytest.raises(DataError, match=r"scores\.csv: not found: the run kept none"):  # a bare FileNotFoundError
+        adtrain.Run.open(run.run_dir).scores()
+    kept.rename(run.run_dir / "scores.csv")
     assert "image threshold" in run.table() and str(run.run_dir) in repr(run)
 
     # the finished run's model.ckpt on its test set again: the same figures, same threshold
@@ -173,7 +177,7 @@ def test_import_adtrain_is_light():
     assert out.stdout.split() == ["False", "False", "True"], out.stderr
 
 
-def test_plain_tables_name_the_directory_and_align():
+def test_plain_tables_name_the_directory_and_align(monkeypatch):
     from adtrain.report import plain, run_table, sweep_table
 
     results = {"method": "patchcore", "data": "elpv", "category": "mono", "backbone": "efficientnet_lite0",
@@ -192,6 +196,33 @@ def test_plain_tables_name_the_directory_and_align():
         "run directory: c  (results.json, tasks/<t>/, the final model tasks/2/model.ckpt)"  # no checkpoints/ there
     sweep = plain(*sweep_table(rows, [], "multirun/s", ("summary.csv",)))
     assert "failed" in sweep and sweep.splitlines()[-1] == "sweep directory: multirun/s  (summary: summary.csv)"
+    # seed=0,1 (never a swept column): a seed column where the jobs' seeds differ, else two rows of one
+    # setting with other figures stood unexplained; a list value drawn by rich stays (its markup dropped it)
+    seeds = [{"job": str(i), "method": "patchcore", "category": "a", "seed": i, "method.layers": "[layer2,layer3]",
+              "image_auroc": 0.5 + i / 10, "_overrides": {}} for i in (0, 1)]
+    head = sweep_table(seeds, ["method.layers"], "s")[1]
+    assert head[:5] == ["job", "method", "category", "seed", "method.layers"]
+    import io
+
+    from adtrain.report import render
+
+    pytest.importorskip("rich")
+    monkeypatch.setenv("COLUMNS", "300")  # rich's width off a terminal: no cell folded over two lines
+    drawn = io.StringIO()
+    render(*sweep_table(seeds, ["method.layers"], "s"), file=drawn)
+    assert drawn.getvalue().count("[layer2,layer3]") == 2, drawn.getvalue()
+    # test=false: the footer names only what such a run writes (no heatmaps/, no scores.csv)
+    untested = plain(*run_table({**results, "tested": False}, "outputs/x")).splitlines()[-1]
+    assert untested.startswith("test=false") and "heatmaps" not in untested and "model.ckpt" in untested
+
+
+def test_the_histogram_says_where_its_threshold_comes_from():
+    from adtrain.viz import histogram_figure
+
+    scores, labels = np.array([0.1, 0.2, 0.9]), np.array([0, 0, 1])
+    assert "held-out normals" in histogram_figure(scores, labels, 0.5).axes[0].get_title()
+    # threshold.mode=val_f1: the line is the validation set's F1 cut, not the held-out normals' quantile
+    assert "best F1" in histogram_figure(scores, labels, 0.5, "val_f1").axes[0].get_title()
 
 
 def test_heatmap_keeps_the_source_aspect_and_the_backend(tmp_path):

@@ -606,11 +606,13 @@ def test_per_category_per_defect_and_threshold_figures_from_score_rows():
     assert at["recall"] == 2 / 3 and at["false_alarm_rate"] == 1 / 3 and at["precision"] == 2 / 3
     assert at["f1"] == 4 / 6 and at["accuracy"] == 4 / 6
     assert at_threshold([{**r, "prediction": None} for r in rows]) is None
-    table = run_table({"image_auroc": 0.6, "by_category": cats,
+    table = run_table({"image_auroc": 0.6, "image_ap": 0.5, "pixel_auroc": 0.7, "by_category": cats,
                        "image_auroc_by_defect": auroc_by_defect(rows), "test_at_threshold": at,
                        "val_image_auroc": 0.9}, "RUN")[2]
-    # several categories: the top-level figure ranks all images together (pooled), the protocol's mean first
+    # several categories: the top-level figures rank all images (pixels) together (pooled: each says so, AP and
+    # the pixel figures too, which had no word), the protocol's mean first
     assert [r[0] for r in table] == ["image AUROC, categories pooled", "  image AUROC, mean of categories",
-                                     "  image AUROC, a", "  image AUROC, b",
+                                     "  image AUROC, a", "  image AUROC, b", "image AP, categories pooled",
+                                     "pixel AUROC, categories pooled",
                                      "defects caught at threshold", "false alarms at threshold", "image AUROC"]
     assert [r[1] for r in table[:4]] == ["0.6000", "0.3750", "0.7500", "0.0000"]

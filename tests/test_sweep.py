@@ -355,10 +355,12 @@ def test_continual_jobs_bring_their_final_averages_and_forgetting(tmp_path):
     base = {"method": "patchcore", "data": "synthetic", "category": "synthetic_3", "backbone": "resnet18"}
     for num, (mode, seed, fm) in enumerate([("per_task", 0, 0.0), ("per_task", 1, 0.02), ("shared", 0, 0.1), ("shared", 1, 0.2)]):
         _job(sweep, num, [f"method.continual={mode}", f"seed={seed}"],
-             {**base, "seed": seed, "image_auroc": 0.9, "summary": {"final_image_auroc": 0.9, "forgetting_image_auroc": fm}})
+             {**base, "seed": seed, "image_auroc": 0.9, "final_checkpoint": "tasks/2/model.ckpt",
+              "summary": {"final_image_auroc": 0.9, "forgetting_image_auroc": fm}})
     csv_path, md_path = summarize(sweep)
     rows = list(csv.DictReader(open(csv_path)))
     assert [r["forgetting_image_auroc"] for r in rows] == ["0.0", "0.02", "0.1", "0.2"]
+    assert "final_checkpoint" not in rows[0]  # a path, not a figure: it was a column (and a "-" mean)
     means = md_path.read_text().split("Mean ± std over seeds")[1]
     head = next(line for line in means.splitlines() if line.startswith("| method"))
     cols = [c.strip() for c in head.strip("|").split("|")]

@@ -63,6 +63,29 @@ def test_fit_threshold_takes_the_f1_cut_of_the_validation_set_and_keeps_the_cent
     assert kept["threshold_mode"] == "quantile" and kept["threshold"] == quantile["threshold"]
 
 
+def test_a_val_f1_threshold_below_the_normals_median_moves_the_centre_below_it(caplog):
+    """Mostly anomalies in the validation set, scored as the normals are: the best F1 flags them all, a
+    threshold below the normals' median. normalize() then returned the raw scores (scores.csv's
+    normalized_score = score, silently); now 0.5 stays the threshold, the centre below it."""
+    import logging
+
+    method = _Method().eval()
+    normals = [{"image": b["image"]} for b in _batches(2, seed=1)]
+    val = _batches(2, seed=1)  # the same images, nearly all labelled anomalous
+    for b in val:
+        b["label"] = torch.ones_like(b["label"])
+    val[0]["label"][0] = 0
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        info = method.fit_threshold(normals, 0.99, f1_dataloader=val)
+    thr, centre = float(method.threshold), float(method.score_center)
+    assert info["threshold_mode"] == "val_f1" and thr <= info["normal_score_median"]
+    assert centre < thr and info["score_center"] == centre
+    assert centre == pytest.approx(thr - (info["quantile_threshold"] - info["normal_score_median"]))
+    values = torch.tensor([thr, centre, thr + 1.0])
+    assert method.normalize(values, method.score_center).tolist() == pytest.approx([0.5, 0.0, 0.5 + 0.5 / (thr - centre)])
+    assert any("normalised scores take 0 at" in r.getMessage() for r in caplog.records)
+
+
 def test_val_f1_is_checked_before_training(fast_cfg):
     from adtrain.preflight import check_config
 

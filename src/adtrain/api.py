@@ -129,8 +129,14 @@ class Run:
     def scores(self) -> list[dict]:
         """scores.csv: one dict per test image (path, category, defect, label, score, normalized_score,
         prediction; a continual run's task), the numbers as numbers (category and defect stay text: "01"),
-        an empty cell as None (no prediction without a threshold)."""
-        with open(self.run_dir / "scores.csv", newline="") as f:
+        an empty cell as None (no prediction without a threshold). A run that wrote none (test=false,
+        output.scores_csv=false): a DataError naming the file and why."""
+        path = self.run_dir / "scores.csv"
+        if not path.is_file():
+            why = ("the run was not tested (test=false)" if self.results.get("tested") is False
+                   else "the run kept none (output.scores_csv=false)")
+            raise DataError(path, f"not found: {why}; adtrain.test('{self.run_dir}', out_dir=...) writes one")
+        with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         for row in rows:
             for key, kind in SCORE_COLUMNS.items():

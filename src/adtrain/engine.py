@@ -348,7 +348,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, dm, method, logger=None, ckpt_p
     if do_test:
         if cfg.output.scores_csv:
             write_scores_csv(run_dir / "scores.csv", method.test_records)
-        _histogram(run_dir, method)
+        _histogram(run_dir, method, str(results.get("threshold_mode") or "quantile"))
     if distributed.is_writer():
         log_test_outputs(logger, results, method.test_records if do_test else [],
                          method.heatmap_files if do_test else [], model_ckpt, tested=do_test)
@@ -381,7 +381,7 @@ def _test_start(cfg: DictConfig, trainer, method, dm, run_dir: Path) -> dict | N
     return {k: tested[k] for k in METRIC_KEYS}
 
 
-def _histogram(run_dir: Path, method) -> None:
+def _histogram(run_dir: Path, method, mode: str) -> None:
     if not method.test_records:
         return
     from adtrain.viz import score_histogram
@@ -389,4 +389,4 @@ def _histogram(run_dir: Path, method) -> None:
     scores = np.array([r["score"] for r in method.test_records])
     labels = np.array([r["label"] for r in method.test_records])
     thr = float(method.threshold)
-    score_histogram(scores, labels, thr if np.isfinite(thr) else None, run_dir / "score_histogram.png")
+    score_histogram(scores, labels, thr if np.isfinite(thr) else None, run_dir / "score_histogram.png", mode)

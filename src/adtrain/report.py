@@ -28,6 +28,8 @@ RUN_ROWS = (
     ("test_images_per_second", "test images/s", "test"),
     ("peak_memory_mb", "peak memory MB", ""),
 )
+#: the test figures a several-category run computes over all its categories' images together
+POOLED = ("image AUROC", "image AP", "image F1-max", "pixel AUROC", "pixel AP", "pixel F1-max", "pixel AUPRO")
 SWEEP_VALUES = ("val_image_auroc", "image_auroc", "pixel_auroc", "fit_seconds")
 
 
@@ -68,8 +70,10 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
     cats = {k: v.get("image_auroc") for k, v in (results.get("by_category") or {}).items()}
     parts = cats or (by_defect if len(by_defect) > 1 else {})
     at = next((i + 1 for i, r in enumerate(rows) if r[0] == "image AUROC" and r[2] == "test"), 0)
-    if cats and at:  # several categories: the top-level figures rank all their images together
-        rows[at - 1][0] = "image AUROC, categories pooled"
+    if cats and at:  # several categories: the top-level figures rank all their images (pixels) together
+        for row in rows:
+            if row[2] == "test" and row[0] in POOLED:
+                row[0] = f"{row[0]}, categories pooled"
         parts = {"mean of categories": cats.pop("mean", None), **cats}  # the multi-class protocol's figure first
     rows[at:at] = [[f"  image AUROC, {k}", fmt(v), "test"] for k, v in parts.items()]
     auspro = results.get("auspro") or {}
@@ -81,15 +85,19 @@ def run_table(results: dict, run_dir: Path | str) -> tuple[str, list[str], list[
     if results.get("pixel_resolution") == "source":  # metrics.resolution=source
         rows = [[r[0], r[1], "test, source size"] if r[2] == "test" and ("pixel" in r[0] or "AU-sPRO" in r[0])
                 else r for r in rows]
-    if results.get("tested") is False:
-        footer = "test=false: the test set was not opened; " + footer
+    if results.get("tested") is False:  # no heatmaps/ nor scores.csv were written
+        footer = f"test=false: the test set was not opened; run directory: {run_dir}  (results.json, checkpoints/model.ckpt)"
     return what, ["figure", "value", "measured on"], rows, footer
 
 
 def sweep_table(rows: list[dict], swept: list[str], sweep_dir: Path | str,
                 files: tuple = ()) -> tuple[str, list[str], list[list[str]], str]:
-    head = ["job", "method", "category", *swept, *SWEEP_VALUES]
-    body = [[str(r.get("job")), str(r.get("method", "-")), str(r.get("category", "-")), *(fmt(r.get(k)) for k in swept),
+    # the key columns beside method and category where the jobs differ (seed=0,1, backbone=a,b: never
+    # swept columns), else two jobs of one setting and other figures stood side by side unexplained
+    varying = [k for k in ("data", "backbone", "seed") if len({str(r.get(k)) for r in rows}) > 1]
+    head = ["job", "method", "category", *varying, *swept, *SWEEP_VALUES]
+    body = [[str(r.get("job")), str(r.get("method", "-")), str(r.get("category", "-")), *(fmt(r.get(k)) for k in varying),
+             *(fmt(r.get(k)) for k in swept),
              *(fmt(r.get(k)) if "error" not in r else ("failed" if i == 0 else "") for i, k in enumerate(SWEEP_VALUES))]
             for r in rows]
     footer = f"sweep directory: {sweep_dir}" + (f"  (summary: {', '.join(Path(f).name for f in files)})" if files else "")
@@ -122,17 +130,19 @@ def render(title: str, head: list[str], rows: list[list[str]], footer: str = "",
     except ImportError:
         print(plain(title, head, rows, footer), file=file or sys.stdout, flush=True)
         return
+    from rich.text import Text
+
     table = Table()
     for i, h in enumerate(head):
         right = i > 0 and 2 * sum(_numeric(r[i]) for r in rows) > len(rows)
-        table.add_column(h, justify="right" if right else "left", overflow="fold")
-    for r in rows:
-        table.add_row(*r)
+        table.add_column(Text(h), justify="right" if right else "left", overflow="fold")
+    for r in rows:  # as text: rich's markup took a cell's [layer2,layer3] for a tag and dropped it
+        table.add_row(*(Text(str(c)) for c in r))
     console = Console(file=file, soft_wrap=True, highlight=False)
-    console.print(title, style="bold")
+    console.print(Text(title, style="bold"))
     console.print(table)
     if footer:
-        console.print(footer)
+        console.print(Text(footer))
 
 
 def show_run(results: dict, run_dir: Path | str, file=None) -> None:

@@ -206,7 +206,8 @@ def summarize(sweep_dir: Path) -> tuple[Path, Path] | None:
     if not rows:
         return None
     swept = swept_keys([r["_overrides"] for r in rows])
-    continual = sorted({k for r in rows for k in r if k.startswith(CONTINUAL_PREFIXES)}) + \
+    continual = sorted({k for r in rows for k, v in r.items() if k.startswith(CONTINUAL_PREFIXES)  # the figures:
+                        and isinstance(v, (int, float)) and not isinstance(v, bool)}) + \
         [CATEGORY_MEAN_PREFIX + k for k in TEST_COLUMNS if any(CATEGORY_MEAN_PREFIX + k in r for r in rows)]
     cols = ["job", *KEY_COLUMNS, *swept, *VALUE_COLUMNS, *continual] + (["error"] if any("error" in r for r in rows) else [])
     buf = io.StringIO()

@@ -131,8 +131,13 @@ def save_heatmap(path, **kwargs) -> Path:
     return figure_png(heatmap_figure(**kwargs), path)
 
 
-def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | None):
-    """Image scores by label, the fitted threshold as a dashed line."""
+#: where a run's image threshold comes from (results.json threshold_mode), as the histogram's title says it
+THRESHOLD_SOURCES = {"quantile": "threshold from held-out normals",
+                     "val_f1": "threshold: the validation set's best F1"}
+
+
+def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | None, mode: str = "quantile"):
+    """Image scores by label, the fitted threshold as a dashed line; the title says where it comes from."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 3.4), dpi=100, layout="constrained")
@@ -144,11 +149,12 @@ def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | 
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.4g}")
     ax.set_xlabel("image score")
     ax.set_ylabel("test images")
-    ax.set_title("test image scores (threshold from held-out normals)", fontsize=9)
+    ax.set_title(f"test image scores ({THRESHOLD_SOURCES.get(mode, 'threshold: ' + str(mode))})", fontsize=9)
     ax.legend(fontsize=8)
     return fig
 
 
-def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None, path) -> Path:
+def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None, path,
+                    mode: str = "quantile") -> Path:
     """histogram_figure written to path as PNG (atomic)."""
-    return figure_png(histogram_figure(scores, labels, threshold), path)
+    return figure_png(histogram_figure(scores, labels, threshold, mode), path)

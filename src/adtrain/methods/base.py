@@ -331,7 +331,26 @@ class AnomalyModule(AnomalyTestHooks, LightningModule):
             if f1["threshold"] is not None:
                 self.threshold.fill_(f1["threshold"])
                 info.update(f1, threshold_mode="val_f1", quantile_threshold=info["threshold"])
+                self._centre_below_threshold(info)
         return info
+
+    def _centre_below_threshold(self, info: dict) -> None:
+        """A validation-F1 threshold at or below the held-out normals' median score: a normalised score
+        (0 at the centre, 0.5 at the threshold) needs a centre below the threshold, else it was the raw
+        score, unsaid. The centre moves to the threshold less the normals' spread (the quantile
+        threshold's distance above their median); results.json's score_center says where."""
+        thr, centre = float(self.threshold), float(self.score_center)
+        if thr > centre:
+            return
+        spread = info["quantile_threshold"] - centre
+        moved = thr - (spread if spread > 0 else max(abs(thr), 1e-6))
+        self.score_center.fill_(moved)
+        info["score_center"] = float(self.score_center)
+        import logging
+
+        logging.getLogger("adtrain").warning(
+            "the validation set's F1 threshold %.4g is at or below the held-out normals' median score %.4g: "
+            "normalised scores take 0 at %.4g instead (0.5 stays the threshold)", thr, centre, info["score_center"])
 
     def display_threshold(self) -> torch.Tensor:
         """The map level a display map puts at 0.5: the pixel threshold where it decides this model's
