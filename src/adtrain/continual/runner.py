@@ -198,6 +198,8 @@ class _Sequence:
         })
         heatmaps = {}
         for m, R in state.matrices.items():
+            if all(v is None for row in R for v in row):  # not measured (pixel metrics of data without masks)
+                continue
             sub = f"final {_fmt(summary[f'final_{m}'])}, forgetting {_fmt(summary[f'forgetting_{m}'])}"
             heatmaps[m] = plot_matrix(R, self.names, m, self.run_dir / f"matrix_{m}.png", sched.joint, sub)
         peaks = [e["peak_memory_mb"] for e in all_evals if e.get("peak_memory_mb") is not None]
