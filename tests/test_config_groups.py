@@ -302,7 +302,10 @@ def test_a_bad_bench_override_ends_in_one_line(capsys):
 
 @pytest.mark.parametrize("arg, words", [("bench.outt=x.json", "'bench.outt': unknown benchmark option"),
                                         ("bench.out", "'bench.out': needs a value"),
-                                        ("bench.model_only=yes", "'bench.model_only': must be true or false")])
+                                        ("bench.model_only=yes", "'bench.model_only': must be true or false"),
+                                        # a traceback after the whole run, before
+                                        ("bench.out=/dev/null/x.json", "'bench.out': the figures' folder cannot be made"),
+                                        ("bench.out=/", "'bench.out': / is a folder")])
 def test_a_bad_bench_option_is_refused_before_the_run(arg, words, capsys):
     """A misspelt bench.* option used to be ignored: the run went on (minutes) without it."""
     from unittest import mock

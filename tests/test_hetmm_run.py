@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -48,6 +49,7 @@ def test_hetmm_run_and_hot_update(fast_cfg, tmp_path):
     after = _score(tmp_path / "updated.ckpt", img_dir)[0]
     assert after < 1e-3 < before
     assert "{'before'" not in p.stdout  # the log line says it, no raw dict
+    assert "the threshold" in p.stderr and "fit the run again" in p.stderr  # kept, and said
     # the same image again (and a copy of it) is skipped and said: templates are not duplicated
     from adtrain.templates import add_images
 
@@ -55,6 +57,15 @@ def test_hetmm_run_and_hot_update(fast_cfg, tmp_path):
     again = add_images(str(tmp_path / "updated.ckpt"), str(img_dir))
     assert (again["added_images"], again["skipped_images"], again["after"]) == (0, 2, n_before + 1)
     assert load_method(tmp_path / "updated.ckpt")[0].model.num_templates == n_before + 1
+    # out= a folder or where no folder can be made, recompress not a flag: one line, before any work
+    from adtrain.errors import ConfigError
+
+    (tmp_path / "afile").write_text("x")
+    for kwargs, key in (({"out": str(tmp_path)}, "out"), ({"out": str(tmp_path / "afile" / "m.ckpt")}, "out"),
+                        ({"recompress": "maybe"}, "recompress")):  # (maybe recompressed: taken as true)
+        with pytest.raises(ConfigError) as err:
+            add_images(str(tmp_path / "updated.ckpt"), str(img_dir), **kwargs)
+        assert err.value.key == key, str(err.value)
 
 
 def test_hetmm_tiny_set_and_category_values(fast_cfg, tmp_path):

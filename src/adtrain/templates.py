@@ -6,7 +6,9 @@
 Writes the updated checkpoint atomically (in place unless out= is given). The checkpoint remembers
 the images hot updates gave it (a digest of each file's bytes): an image added by an earlier update
 is skipped, and said, not added twice (the training normals are not recorded: re-adding one of them
-adds it again). Python API: `adtrain.templates.add_images(checkpoint, images, out=None)`.
+adds it again). The fitted thresholds are kept (and said): more templates lower normal scores, so the
+model flags fewer images than at its fit; a new fit refits them. Python API:
+`adtrain.templates.add_images(checkpoint, images, out=None)`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ def add_images(checkpoint: str, images: str, out: str | None = None, recompress:
     from adtrain.loading import load_method, save_method
     from adtrain.predict import _check_args, list_images
 
+    from adtrain.io import writable_folder
+
     dev = _check_args(batch_size, device)  # one-line errors for batch_size=0, device=cuda without a GPU
+    if not isinstance(recompress, bool):  # "maybe" was true
+        raise ConfigError("recompress", f"must be true or false, got {recompress!r}")
+    path = Path(out) if out else Path(checkpoint)
+    if out and path.is_dir():  # said before the templates are built, not as a traceback after
+        raise ConfigError("out", f"{path} is a folder: give a file, e.g. out={path / 'model.ckpt'}")
+    if out:
+        writable_folder(path.parent, "out", "the updated checkpoint's folder")
     method, cfg, ckpt = load_method(checkpoint)
     if not hasattr(method, "add_normal_images"):
         raise ConfigError("checkpoint", f"method '{cfg.method.name}' has no hot update (training-free methods only, e.g. hetmm)")
@@ -57,7 +68,11 @@ def add_images(checkpoint: str, images: str, out: str | None = None, recompress:
         method.model.compressed.fill_(False)
         method.finalize()
     after = method.model.num_templates
-    path = Path(out) if out else Path(checkpoint)
+    if new:  # more normal templates lower normal scores: the held-out normals' quantile is not refitted
+        log.warning("templates: the threshold (%.4g) and the pixel threshold stay those fitted on the run's held-out "
+                    "normals; with more templates normal scores fall, so it now flags fewer images (fewer false "
+                    "alarms, possibly more missed defects): fit the run again to refit them",
+                    float(method.threshold))
     extra = {k: v for k, v in ckpt.items() if k not in ("state_dict", "adtrain_config")}
     extra[ADDED_KEY] = sorted(seen)
     save_method(method.cpu(), path, extra)

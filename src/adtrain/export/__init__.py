@@ -1,7 +1,10 @@
 """Export a finished run's model as one graph: TorchScript, ONNX or OpenVINO.
 
-    adtrain-export checkpoint=RUN/checkpoints/model.ckpt format=torchscript|onnx|openvino
+    adtrain-export checkpoint=RUN/checkpoints/model.ckpt [format=onnx|torchscript|openvino]
         [out=FILE] [layout=nhwc|nchw] [batch=2]
+
+layout: the input's axis order, images (B,H,W,3) as image files decode (nhwc) or (B,3,H,W) (nchw);
+batch: the batch size the graph is traced at (any batch runs; HETMM's at most method.chunk_size).
 
 The graph takes a uint8 image batch (any size: it resizes to the run's image_size by the run's
 data.resize rule) and holds the run's preprocessing, the method's anomaly map and image score,
