@@ -61,7 +61,13 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("method=cfa selection.start_confidence=abc", "selection.start_confidence", "must be a number"),
     ("method=patchcore method.coreset_device=foo", "method.coreset_device", "auto, cpu or cuda"),
     ("method=patchcore method.coreset_device=cuda", "method.coreset_device", "no CUDA GPU"),
-    ("data.augment=[{_target_:albumentations.NoSuchThing}]", "data.augment", "albumentations.NoSuchThing"),
+    ("data.augment=[{_target_:albumentations.NoSuchThing}]", "data.augment[0]", "albumentations.NoSuchThing"),
+    # a value out of range: several lines naming `data`; a misspelt argument: a Python warning, the default
+    # used; a _target_ that builds no transform: "expected a dict with '_target_'"
+    ("data.augment=[{_target_:albumentations.HorizontalFlip,p:7}]", "data.augment[0]", "less than or equal to 1"),
+    ("data.augment=[{_target_:albumentations.HorizontalFlip,p:0.5},{_target_:albumentations.HorizontalFlip,q:0.5}]",
+     "data.augment[1]", "'q' are not valid"),
+    ("data.augment=[{_target_:builtins.dict}]", "data.augment[0]", "not an albumentations transform"),
     ("backbone.std=[0.2,0.2]", "backbone.std", "one per channel"),
     ("backbone.std=[0,0,0]", "backbone.std", "must be > 0"),
     ("backbone.mean=abc", "backbone.mean", "list of numbers"),

@@ -333,6 +333,24 @@ def _check_patch_multiple(backbone, size: tuple[int, int], key: str) -> None:
                                f"its patch size {patch}, e.g. {fit}")
 
 
+def _check_augment(data) -> None:
+    """data.augment's transforms built one by one, each error naming its entry (data.augment[0]):
+    built inside the data module, a wrong value was a several-line error naming `data`, a misspelt
+    argument a Python warning (the transform ran with its default), a `_target_` that builds no
+    transform "expected a dict with '_target_'"."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from adtrain.data.transforms import build_augment
+
+    if not isinstance(data, DictConfig) or data.get("augment") is None:
+        return
+    try:
+        augment = data.augment
+    except OmegaConfBaseException:  # unresolvable: the data module names it
+        return
+    build_augment(augment)
+
+
 def _check_bit_depth(data) -> None:
     """data.bit_depth (null, bits or [low, high]), before the run directory is written."""
     from omegaconf.errors import OmegaConfBaseException
@@ -388,6 +406,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_method_numbers(cfg.get("method") or {})
     _check_normalisation(cfg.get("backbone") or {})
     _check_crop(cfg.get("data"), cfg.get("backbone"))
+    _check_augment(cfg.get("data"))
     _check_bit_depth(cfg.get("data"))
     _check_backbone_weights(cfg.get("backbone") or {})
     schedule = cfg.get("schedule") or {}

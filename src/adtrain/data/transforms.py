@@ -34,12 +34,22 @@ def instantiate_if_config(obj: Any, key: str) -> Any:
     if isinstance(obj_plain, dict):
         if "_target_" not in obj_plain:
             raise ConfigError(key, f"expected an object or a dict with '_target_', got {obj_plain!r}")
+        import warnings
+
         from hydra.utils import instantiate
 
         try:
-            return instantiate(obj_plain)
-        except Exception as e:  # Hydra wraps import/argument errors
-            raise ConfigError(key, f"cannot instantiate {obj_plain['_target_']}: {e}") from e
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                built = instantiate(obj_plain)
+        except Exception as e:  # Hydra wraps import/argument errors (pydantic's over several lines)
+            why = " ".join(str(e.__cause__ or e).split()).split(" For further information visit")[0]
+            why = why.split(", set env var HYDRA_FULL_ERROR")[0]
+            raise ConfigError(key, f"cannot instantiate {obj_plain['_target_']}: {why}") from None
+        for w in said:  # albumentations warns of an argument it does not take (p misspelt) and ignores it
+            if "not valid for transform" in str(w.message):
+                raise ConfigError(key, f"{obj_plain['_target_']}: {' '.join(str(w.message).split())}")
+        return built
     return obj
 
 
