@@ -266,7 +266,7 @@ def test_print_config_at_start_of_main(fast_cfg, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("module, words", [("adtrain.predict", "checkpoint=RUN/checkpoints/model.ckpt images="),
-                                           ("adtrain.export", "format=torchscript|onnx|openvino"),
+                                           ("adtrain.export", "[format=onnx|torchscript|openvino]"),
                                            ("adtrain.templates", "add checkpoint="),
                                            ("adtrain.bench", "bench.run_dir=DIR")])
 def test_each_small_command_answers_help_with_its_usage(module, words, capsys):
