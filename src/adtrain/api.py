@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -263,15 +262,15 @@ def _staged(out_dir: Path):
     import shutil
     import tempfile
 
+    from adtrain.io import move_files
+
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".adtrain-test-", dir=out_dir))
     try:
         yield stage
         _clear_earlier_test(out_dir)
         files = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
-        for rel in sorted(files, key=lambda r: r == Path("scores.csv")):  # scores.csv last
-            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stage / rel, out_dir / rel)  # the same file system: a rename
+        move_files(stage, out_dir, sorted(files, key=lambda r: r == Path("scores.csv")))  # scores.csv last
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

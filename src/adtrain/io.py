@@ -86,6 +86,14 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def move_files(source: Path, dest: Path, files) -> None:
+    """Each of ``files`` (paths relative to ``source``) moved to the same place below ``dest``, folders
+    made as needed: renames on one file system (a staging folder inside dest), in the order given."""
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source / rel, dest / rel)
+
+
 def _clean(obj: Any) -> Any:
     """JSON-safe: NaN/inf -> null, tensors/numpy scalars -> Python numbers."""
     if isinstance(obj, dict):

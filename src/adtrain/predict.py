@@ -50,6 +50,7 @@ from tqdm import tqdm
 from adtrain.data.file_checks import SMALL_OUTLIER, STRETCH_WARNING
 from adtrain.data.image_files import expand_image_paths
 from adtrain.errors import ConfigError, DataError
+from adtrain.io import move_files
 from adtrain.inference.map_files import MAP_FOLDERS
 
 log = logging.getLogger("adtrain")
@@ -176,11 +177,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
     for png in sorted((staging / "heatmaps").glob("*.png")):
         os.replace(png, out_dir / "heatmaps" / png.name)
     for folder in MAP_FOLDERS:  # map files (anomaly_maps=true): added, earlier calls' other images kept
-        for f in sorted((staging / folder).rglob("*")):
-            if f.is_file():
-                dest = out_dir / f.relative_to(staging)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(f, dest)
+        move_files(staging, out_dir, [f.relative_to(staging) for f in sorted((staging / folder).rglob("*")) if f.is_file()])
 
 
 def predict(checkpoint: str, images: str, out: str | None = None, batch_size: int = 16, device: str = "auto",

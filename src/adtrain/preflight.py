@@ -285,8 +285,13 @@ def _check_normalisation(backbone) -> None:
         raise ConfigError("backbone.std", f"must be > 0 (images are divided by it), got {list(std)}")
 
 
-#: the schedule options of schedule=single (conf/schedule/single.yaml): what a run without tasks reads
-SINGLE_SCHEDULE = {"joint": False, "replay": 0, "routed_val": "last", "threshold": "seen"}
+def single_schedule() -> dict:
+    """The options of schedule=single (conf/schedule/single.yaml, less its name and tasks): the values
+    a run without tasks leaves as they are."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parent / "conf" / "schedule" / "single.yaml"))
+    return {k: v for k, v in node.items() if k not in ("name", "tasks")}
 
 
 def _check_crop(data, backbone=None) -> None:
@@ -415,7 +420,7 @@ def check_config(cfg: DictConfig) -> None:
 
         parse_tasks(schedule.get("tasks"))
     else:  # one ordinary run: a schedule option set for it would be ignored without a word
-        for key, default in SINGLE_SCHEDULE.items():
+        for key, default in single_schedule().items():
             if key in schedule and schedule.get(key) != default:
                 raise ConfigError(f"schedule.{key}", f"is {schedule.get(key)!r}, but no schedule runs (schedule.tasks "
                                   "is null: one ordinary run); give the tasks (schedule.tasks=[a,b]) or a sequence "
