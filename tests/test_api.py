@@ -244,6 +244,33 @@ def test_heatmap_keeps_the_source_aspect_and_the_backend(tmp_path):
     assert matplotlib.get_backend() == backend
 
 
+def test_heatmaps_of_a_crop_take_the_crops_proportions(tmp_path, one_faiss_thread, monkeypatch):
+    """A centre crop of other proportions than image_size shows a part of the source of other
+    proportions than the source: the test's and predict's heatmaps were drawn at the whole source's
+    aspect ratio, so a square defect came out stretched (here 1.5x wide)."""
+    import adtrain
+    import adtrain.viz
+    from adtrain.predict import predict
+
+    drawn, original = [], adtrain.viz.save_heatmap
+
+    def spy(path, **kw):
+        drawn.append(kw["source_size"])
+        return original(path, **kw)
+
+    monkeypatch.setattr(adtrain.viz, "save_heatmap", spy)
+    assert adtrain.viz.shown_size((150, 230), (64, 96), None) == (150, 230)
+    cfg = adtrain.compose([*FAST, "method=patchcore", "method.coreset_ratio=0.5", "output.heatmaps=2",
+                           "method.image_size=[64,96]", "method.center_crop=[48,48]"])
+    run = adtrain.fit(cfg, tmp_path / "run")  # synthetic sources are 128 x 128: the crop shows 96 x 64 of them
+    assert len(run.heatmaps) == 2 and drawn == [(96.0, 64.0)] * 2
+    drawn.clear()
+    images = sorted((run.run_dir / "heatmaps").glob("*.png"))[:1]
+    Image.new("RGB", (230, 150)).save(tmp_path / "wide.png")
+    predict(str(run.checkpoint), str(tmp_path / "wide.png"), out=str(tmp_path / "pred"), heatmaps=True)
+    assert images and drawn == [(150 * 48 / 64, 230 * 48 / 96)]
+
+
 def test_selection_says_what_was_kept_and_why():
     from adtrain.selection import Selection, describe
 

@@ -68,6 +68,13 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("data.augment=[{_target_:albumentations.HorizontalFlip,p:0.5},{_target_:albumentations.HorizontalFlip,q:0.5}]",
      "data.augment[1]", "'q' are not valid"),
     ("data.augment=[{_target_:builtins.dict}]", "data.augment[0]", "not an albumentations transform"),
+    # a transform that changes a training image's size: a batch of mixed shapes (traceback), or a model trained
+    # at another size or orientation than it is tested at (PatchCore: validation AUROC 1.00 -> 0.75, no word)
+    ("method.image_size=[64,96] data.augment=[{_target_:albumentations.RandomRotate90,p:0.5}]", "data.augment[0]",
+     "RandomRotate90 turns the 64 x 96 training input"),
+    ("method.image_size=[64,96] data.augment=[{_target_:albumentations.HorizontalFlip,p:0.5},"
+     "{_target_:albumentations.Transpose,p:1.0}]", "data.augment[1]", "into 96 x 64"),
+    ("data.augment=[{_target_:albumentations.RandomResizedCrop,size:[32,48]}]", "data.augment[0]", "into 32 x 48"),
     ("backbone.std=[0.2,0.2]", "backbone.std", "one per channel"),
     ("backbone.std=[0,0,0]", "backbone.std", "must be > 0"),
     ("backbone.mean=abc", "backbone.mean", "list of numbers"),

@@ -252,6 +252,7 @@ def test_joint_baseline_has_one_row(fast_cfg, tmp_path, monkeypatch):
         assert len(R) == 1 and len(R[0]) == 3 and all(v is not None for v in R[0])
         assert res["summary"][f"forgetting_{m}"] is None
     assert len(res["per_task"]) == 1 and res["per_task"][0]["num_train"] == 24
+    assert res["per_task"][0]["threshold_tasks"] == [0, 1, 2]  # fitted on every task's held-out normals
     assert [e["num_test"] for e in res["per_task"][0]["evaluations"]] == [6, 6, 6]
     assert (tmp_path / "matrix_image_auroc.png").exists()
 
@@ -268,6 +269,29 @@ def test_user_defined_grouped_tasks_with_replay(fast_cfg, tmp_path, monkeypatch)
     assert second["num_train"] == 8 and second["replay_images"] == 3
     assert res["summary"]["replay_images_total"] == 3
     assert [e["num_test"] for e in second["evaluations"]] == [12, 6]
+    # a grouped task's figure pools its categories (R[t][i]); each category's figures are kept too, and the
+    # last row's mean over every category (IUF's figure: each class weighs the same), recomputed here
+    from sklearn.metrics import roc_auc_score
+
+    with open(tmp_path / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+
+    def auroc(cat):
+        mine = [r for r in rows if r["category"] == cat]
+        return roc_auc_score([int(r["label"]) for r in mine], [float(r["score"]) for r in mine])
+
+    grouped = second["evaluations"][0]["by_category"]
+    assert set(grouped) == {"texture", "grid", "mean"} and "by_category" not in second["evaluations"][1]
+    for cat in ("texture", "grid"):
+        assert grouped[cat]["image_auroc"] == pytest.approx(auroc(cat), abs=1e-9)
+    final = res["final_by_category"]
+    assert set(final) == {"texture", "grid", "stripes", "mean"}
+    mean = sum(auroc(c) for c in ("texture", "grid", "stripes")) / 3
+    assert final["mean"]["image_auroc"] == pytest.approx(mean, abs=1e-9)
+    assert res["summary"]["final_category_mean_image_auroc"] == pytest.approx(mean, abs=1e-9)
+    assert res["summary"]["final_image_auroc"] == pytest.approx(  # the pooled task figure, weighed per task
+        (second["evaluations"][0]["image_auroc"] + auroc("stripes")) / 2, abs=1e-9)
+    assert res["schedule"]["threshold"] == "seen" and res["schedule"]["routed_val"] == "last"
 
 
 def test_replay_buffer_is_bounded_seeded_and_from_earlier_tasks_only():

@@ -385,6 +385,26 @@ def test_continual_scores_are_calibrated_per_task_on_its_held_out_normals(tmp_pa
         Dfm(RESNET18, memory_size=30, task_score_norm="zscore")
 
 
+def test_routed_dfm_decides_pixels_in_its_tasks_units():
+    """The routed maps are in units of each task's held-out normals: so is the pixel threshold that
+    decides them (and sets the maps' 0.5 level), each task's averaged as the image threshold is. It
+    was the last task's raw pixel threshold, on the raw maps' scale."""
+    m = _two_task_dfm("normal")
+    cal = m.task_calibration
+    expect = np.mean([(k["pixel_threshold"] - k["center"]) / k["scale"] for k in cal])
+    assert float(m.pixel_threshold) == pytest.approx(expect, rel=1e-5)
+    assert float(m.pixel_threshold) != pytest.approx(cal[-1]["pixel_threshold"], rel=1e-3)
+    assert m.pixel_decisions and float(m.display_threshold()) == float(m.pixel_threshold)
+    info = m.calibrated_threshold_info()  # what results.json records as the threshold used
+    assert info["threshold"] == pytest.approx(float(m.threshold)) and info["threshold_tasks"] == [0, 1]
+    assert info["pixel_threshold"] == pytest.approx(expect, rel=1e-5) and info["threshold_units"] == "task_normals"
+    assert _two_task_dfm("none").calibrated_threshold_info() is None  # raw scores: the seen-threshold fit decides
+    for k in cal:  # a calibration from before pixel thresholds were kept: no pixel decisions, not a wrong one
+        del k["pixel_threshold"]
+    m._calibrated_threshold()
+    assert not m.pixel_decisions and m.calibrated_threshold_info()["pixel_threshold"] is None
+
+
 @pytest.mark.parametrize("norm", ["none", "normal"])
 def test_score_routing_keeps_each_images_lowest_score_over_the_task_states(norm):
     m = _two_task_dfm(norm)
@@ -504,6 +524,14 @@ def test_routed_validation_reuses_the_tasks_own_validation_passes(fast_cfg, tmp_
         for k in a:
             assert a[k] == (pytest.approx(b[k], abs=1e-6) if isinstance(a[k], float) else b[k]), k
     assert results[0]["matrices"] == results[256]["matrices"]
+    # results.json names the threshold that decided the routed images (the tasks' own averaged in their units),
+    # not the last task's raw one, which it recorded before
+    state = torch.load(tmp_path / "mb0" / "tasks" / "1" / "model.ckpt", weights_only=True)["state_dict"]
+    last = results[0]["per_task"][-1]
+    assert last["threshold"] == pytest.approx(float(state["threshold"]), rel=1e-6)
+    assert last["pixel_threshold"] == pytest.approx(float(state["pixel_threshold"]), rel=1e-6)
+    assert last["threshold_units"] == "task_normals" and last["threshold_tasks"] == [0, 1]
+    assert last["task_threshold"] != pytest.approx(last["threshold"])
 
 
 # ----------------------------------------------------------------------------- end to end

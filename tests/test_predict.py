@@ -249,3 +249,41 @@ def test_a_test_set_of_one_label_is_said_before_its_figures_are_null(fast_cfg, t
     # the kept state names a file that is there: a one-pass method takes no optimiser step, so no last.ckpt
     assert result["selected_checkpoint"] == "model.ckpt" and not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert any("Kept the last state (model.ckpt, after 1 epoch)" in r.getMessage() for r in caplog.records)
+
+
+def test_two_calls_publishing_into_one_folder_take_turns(tmp_path, monkeypatch):
+    """Two predict calls into one out= publish at once (here call A's heatmap moves are slow, as on a
+    network file system, and B begins while A moves them): B's predictions.csv listed heatmaps that A
+    then replaced with its own pictures of other images of the same names. They now take turns."""
+    import os
+    import threading
+    import time
+
+    import adtrain.predict as P
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for who in "AB":
+        stage = tmp_path / f"stage_{who}"
+        (stage / "heatmaps").mkdir(parents=True)
+        rows = "".join(f"{who}/{i}.png,heatmaps/{i:03d}.png,{who}\n" for i in range(4))
+        (stage / "predictions.csv").write_text("path,heatmap,who\n" + rows)
+        for i in range(4):
+            (stage / "heatmaps" / f"{i:03d}.png").write_text(who)
+    real, a_moving = os.replace, threading.Event()
+
+    def replace(src, dst):
+        if threading.current_thread().name == "A" and str(src).endswith(".png"):
+            a_moving.set()
+            time.sleep(0.05)
+        return real(src, dst)
+
+    monkeypatch.setattr(P.os, "replace", replace)
+    a = threading.Thread(target=P._publish, args=(tmp_path / "stage_A", out), name="A")
+    b = threading.Thread(target=lambda: (a_moving.wait(5), P._publish(tmp_path / "stage_B", out)), name="B")
+    a.start(), b.start()
+    a.join(), b.join()
+    with open(out / "predictions.csv") as f:
+        listed = list(csv.DictReader(f))
+    assert {r["who"] for r in listed} == {"B"}  # the later call's output, whole
+    assert [(out / r["heatmap"]).read_text() for r in listed] == ["B"] * 4

@@ -104,6 +104,29 @@ def test_a_sweep_into_an_earlier_sweeps_folder_is_refused_before_its_first_job(t
     assert not (sweep / "0").exists()
 
 
+def test_a_second_sweep_into_a_running_sweeps_folder_is_refused_before_its_first_job(tmp_path, capsys):
+    """Two sweeps in one folder (the default is named by the second a sweep starts: sweeps started
+    together from a shell loop share it) mixed their jobs, each summary reading the other's results
+    under its own overrides, and both exited 0. The running sweep holds the folder until it ends."""
+    sweep = tmp_path / "sweep"
+    cfg = OmegaConf.create({"optimized_metric": None, "hydra": {"sweep": {"dir": str(sweep)}}})
+    holder = subprocess.Popen(  # another sweep's process, between its start and its end
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from adtrain.sweep_dir import "
+         "lock_sweep_dir; lock_sweep_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(sweep)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as ex:
+            SweepSummary().on_multirun_start(cfg)
+        err = capsys.readouterr().err
+        assert ex.value.code == 2 and f"in use by another sweep (pid {holder.pid})" in err and "hydra.sweep.dir=" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    SweepSummary().on_multirun_start(cfg)  # the process ended (killed): the folder is free again
+    assert (sweep / ".adtrain-sweep.lock").read_text() == str(os.getpid())
+
+
 def test_overwrite_deletes_the_earlier_sweeps_jobs_before_the_first_job(tmp_path, capsys):
     """overwrite=true on an earlier sweep's folder: a job the new sweep does not run again (fewer jobs,
     another subdir) used to stay and be summarised, and averaged, as one of the new sweep's. Every
@@ -137,7 +160,8 @@ def test_overwrite_deletes_the_earlier_sweeps_jobs_before_the_first_job(tmp_path
     assert left == ["0", "1", "2", "texture/seed3"] and (sweep / "summary.csv").exists()  # nothing deleted
 
     SweepSummary().on_multirun_start(cfg(overwrite=True))
-    assert sorted(p.name for p in sweep.iterdir()) == ["notes.txt"]  # no job, no empty texture/, no summary
+    kept = sorted(p.name for p in sweep.iterdir())  # no job, no empty texture/, no summary; the sweep's lock
+    assert kept == [".adtrain-sweep.lock", "notes.txt"]
     for num, seed in enumerate((5, 6)):  # the new sweep's jobs
         _job(sweep, num, [f"seed={seed}", "trainer.max_epochs=1"], {**earlier, "seed": seed, "image_auroc": 0.9})
     rows = list(csv.DictReader(open(summarize(sweep)[0])))
@@ -173,7 +197,7 @@ def test_a_sweep_folder_that_also_holds_single_runs_is_refused(tmp_path, capsys)
         assert len(list(sweep.glob("**/results.json"))) == 3
     shutil.rmtree(sweep / "2026-12-01")
     SweepSummary().on_multirun_start(cfg(overwrite=True))  # a sweep's jobs alone: deleted as before
-    assert not sweep.exists() or not any(sweep.iterdir())
+    assert [p.name for p in sweep.iterdir()] == [".adtrain-sweep.lock"]  # this sweep's, held until it ends
 
 
 def test_overwrite_keeps_another_sweep_kept_inside_the_sweep_folder(tmp_path, capsys):

@@ -317,6 +317,7 @@ def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | 
     import tempfile
 
     from adtrain.build import build_datamodule, build_trainer
+    from adtrain.continual.metrics import category_mean, with_categories
     from adtrain.continual.runner import finite_mean
     from adtrain.continual.schedule import task_config, task_name
     from adtrain.engine import METRIC_KEYS, evaluate_method, write_scores_csv
@@ -335,11 +336,13 @@ def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | 
             check_files(dm, test=True, train=False)
             trainer, _ = build_trainer(tcfg, work or stage, None)
             heatmaps = stage / "heatmaps" / f"task_{i}" if out_dir is not None else None
-            figures = evaluate_method(tcfg, trainer, method, dm, heatmaps, per_category=False)
+            figures = with_categories(evaluate_method(tcfg, trainer, method, dm, heatmaps), method.test_records)
             per_task.append({"task": i, "name": task_name(cats), **figures})
             records += [{"task": i, **r} for r in method.test_records]
         if out_dir is not None:
             write_scores_csv(stage / "scores.csv", records)
+    grouped = category_mean(per_task, METRIC_KEYS)
     return {**{k: finite_mean(e.get(k) for e in per_task) for k in METRIC_KEYS},
+            **({"by_category": grouped} if grouped is not None else {}),
             "num_test": sum(e["num_test"] for e in per_task),
             "test_seconds": round(sum(e["test_seconds"] for e in per_task), 3), "per_task": per_task}

@@ -168,16 +168,26 @@ def _publish(staging: Path, out_dir: Path) -> None:
     """This call's heatmaps, made in ``staging``, replace an earlier call's, and its map files join
     out_dir's (only once every image is scored: a call that fails leaves the earlier output as it was).
     Its predictions.csv, which lists the heatmaps, moves in before them (a manifest first): whatever an
-    interrupted move left is listed, so the next call clears it."""
-    _clear_earlier(out_dir)
-    if (staging / "predictions.csv").is_file():
-        os.replace(staging / "predictions.csv", out_dir / "predictions.csv")
-    if (staging / "heatmaps").is_dir():  # none asked (heatmaps=false): no empty folder either
-        (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
-    for png in sorted((staging / "heatmaps").glob("*.png")):
-        os.replace(png, out_dir / "heatmaps" / png.name)
-    for folder in MAP_FOLDERS:  # map files (anomaly_maps=true): added, earlier calls' other images kept
-        move_files(staging, out_dir, [f.relative_to(staging) for f in sorted((staging / folder).rglob("*")) if f.is_file()])
+    interrupted move left is listed, so the next call clears it. Two calls publishing into one out_dir
+    at once take turns (a lock on the folder itself): interleaved, one's predictions.csv could list the
+    other's heatmaps of the same names."""
+    import fcntl
+
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes, or the process ends
+        _clear_earlier(out_dir)
+        if (staging / "predictions.csv").is_file():
+            os.replace(staging / "predictions.csv", out_dir / "predictions.csv")
+        if (staging / "heatmaps").is_dir():  # none asked (heatmaps=false): no empty folder either
+            (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
+        for png in sorted((staging / "heatmaps").glob("*.png")):
+            os.replace(png, out_dir / "heatmaps" / png.name)
+        for folder in MAP_FOLDERS:  # map files (anomaly_maps=true): added, earlier calls' other images kept
+            move_files(staging, out_dir, [f.relative_to(staging) for f in sorted((staging / folder).rglob("*"))
+                                          if f.is_file()])
+    finally:
+        os.close(fd)
 
 
 def predict(checkpoint: str, images: str, out: str | None = None, batch_size: int = 16, device: str = "auto",
@@ -187,7 +197,7 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     from adtrain.inference.map_files import relative_names, to_source_size, write_map_files
     from adtrain.data.file_checks import header_size
     from adtrain.engine import write_scores_csv
-    from adtrain.viz import save_heatmap
+    from adtrain.viz import save_heatmap, shown_size
     from adtrain.writer import BackgroundWriter
 
     _check_args(batch_size, device)
@@ -253,7 +263,8 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
                 if heatmaps:  # as the run's test heatmaps: colour bar, threshold, the image's aspect ratio
                     writer.submit(staging / "heatmaps" / names[path], save_heatmap, image=pred.inputs[i],
                                   norm_map=pred.maps[i], mask=None, score=score, label=None, truth=False,
-                                  height=int(heatmap_size), source_size=(h, w), threshold=image_thr,
+                                  height=int(heatmap_size), threshold=image_thr,
+                                  source_size=shown_size((h, w), detector.pre.image_size, detector.pre.center_crop),
                                   map_threshold=detector.map_threshold if pred.thresholds is None else None)
                 if anomaly_maps:
                     write_map_files(staging, map_names[path], to_source_size(pred.raw_maps[i], detector.pre, (h, w)),

@@ -345,7 +345,7 @@ def _check_augment(data) -> None:
     transform "expected a dict with '_target_'"."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from adtrain.data.transforms import build_augment
+    from adtrain.data.transforms import build_augment, check_augment_keeps_size, size_pair
 
     if not isinstance(data, DictConfig) or data.get("augment") is None:
         return
@@ -353,7 +353,14 @@ def _check_augment(data) -> None:
         augment = data.augment
     except OmegaConfBaseException:  # unresolvable: the data module names it
         return
-    build_augment(augment)
+    transforms = build_augment(augment)
+    try:
+        size = size_pair(data.get("center_crop"), "data.center_crop") or size_pair(data.get("image_size"),
+                                                                                  "data.image_size")
+    except (OmegaConfBaseException, ConfigError):  # the data module names it
+        return
+    if size is not None:
+        check_augment_keeps_size(transforms, size)
 
 
 def _check_bit_depth(data) -> None:

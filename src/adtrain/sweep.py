@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from adtrain.api import read_results
 from adtrain.errors import ConfigError, DataError
 from adtrain.io import write_text
-from adtrain.sweep_dir import drop_records, prepare_sweep_dir
+from adtrain.sweep_dir import drop_records, lock_sweep_dir, prepare_sweep_dir, unlock_sweep_dir
 
 log = logging.getLogger("adtrain")
 
@@ -266,6 +266,8 @@ class SweepSummary(Callback):
             print(f"adtrain: error: {err}", file=sys.stderr)
             sys.exit(2)
         try:
+            if where := OmegaConf.select(config, "hydra.sweep.dir"):
+                lock_sweep_dir(Path(str(where)))
             prepare_sweep_dir(config)
         except ConfigError as err:
             print(f"adtrain: error: {err}", file=sys.stderr)
@@ -274,7 +276,10 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         drop_records(sweep_dir)
-        out = summarize(sweep_dir)
+        try:
+            out = summarize(sweep_dir)
+        finally:  # the summary written: the folder is free (a crash or kill frees it too, with the process)
+            unlock_sweep_dir(sweep_dir)
         if out:
             from adtrain.report import show_sweep
 

@@ -58,6 +58,16 @@ def _resized(array: np.ndarray, height: int, width: int, resample=Image.BILINEAR
 MAX_PANEL_ASPECT = 8
 
 
+def shown_size(source_size, image_size, center_crop) -> tuple[float, float] | None:
+    """The (h, w) of the part of a source image that a model's input shows: the whole source, or with
+    a centre crop of the resized image its middle (ch/h of the height, cw/w of the width). A heatmap
+    drawn at the whole source's aspect ratio stretched a crop of other proportions than image_size's."""
+    if source_size is None or center_crop is None:
+        return source_size
+    (h0, w0), (h, w), (ch, cw) = source_size, image_size, center_crop
+    return float(h0) * ch / h, float(w0) * cw / w
+
+
 def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | None, *, score: float,
                    threshold: float | None, label: int | None, defect: str = "", source_size=None,
                    height: int = 320, alpha: float = 0.5, truth: bool = True, map_threshold: float | None = None):
@@ -66,7 +76,8 @@ def heatmap_figure(image: np.ndarray, norm_map: np.ndarray, mask: np.ndarray | N
 
     norm_map is in [0, 1], 0.5 = map_threshold, the pixel threshold of the decision masks, where given
     (AnomalyModule.display_threshold), else the image threshold (without a threshold, min-max of this
-    map). source_size (h, w) sets the aspect ratio; height the panel height in pixels."""
+    map). source_size (h, w) sets the aspect ratio: that of the part of the source the input shows
+    (``shown_size``); height the panel height in pixels."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure

@@ -68,3 +68,37 @@ def summarize(matrices: dict[str, Matrix]) -> dict[str, float | None]:
         out[f"final_{name}"] = final_average(R)
         out[f"forgetting_{name}"] = forgetting(R)
     return out
+
+
+def with_categories(figures: dict, records: list[dict]) -> dict:
+    """A task's evaluation with each category's figures where the task groups several (image metrics
+    from the score rows, pixel metrics from ``pixel_by_category``): ``by_category`` as a single
+    run's results.json has it, its "mean" the mean over the task's categories."""
+    from adtrain.metrics.image import by_category
+
+    out = {k: v for k, v in figures.items() if k != "pixel_by_category"}
+    grouped = by_category(records, figures.get("pixel_by_category"))
+    if grouped:
+        out["by_category"] = grouped
+    return out
+
+
+def category_mean(evaluations: Sequence[dict], keys: Sequence[str]) -> dict | None:
+    """The last row's figures per category, every category weighing the same (the multi-class
+    protocols' figure, IUF's: a task of ten categories counts ten times, not once as in the final
+    average over tasks), and their mean under "mean" (undefined figures skipped, as the final
+    average does). None where no task groups several categories (it equals the final average)."""
+    if not any(e.get("by_category") for e in evaluations):
+        return None
+    per: dict[str, dict] = {}
+    for e in evaluations:
+        grouped = e.get("by_category")
+        if grouped:
+            per.update({c: {k: f.get(k) for k in keys} for c, f in grouped.items() if c != "mean"})
+        else:
+            per[e["name"]] = {k: e.get(k) for k in keys}
+    means = {}
+    for k in keys:
+        vals = [float(f[k]) for f in per.values() if is_figure(f.get(k))]
+        means[k] = sum(vals) / len(vals) if vals else None
+    return {**per, "mean": means}

@@ -22,7 +22,7 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
 from adtrain.build import build_datamodule, build_logger, build_method
-from adtrain.continual.metrics import is_figure, summarize
+from adtrain.continual.metrics import category_mean, is_figure, summarize, with_categories
 from adtrain.continual.outputs import log_final, log_row, plot_matrix
 from adtrain.continual.schedule import Schedule, read_schedule, task_config, task_name
 from adtrain.continual.state import (MATRIX_METRICS, ContinualState, load_task_checkpoint, save_task_checkpoint,
@@ -130,13 +130,17 @@ class _Sequence:
         final_row = t == n_train - 1
         seen = range(len(sched.tasks)) if sched.joint else range(t + 1)
         own = info["threshold_info"]
-        own["threshold_tasks"] = [t]
+        own["threshold_tasks"] = list(seen) if sched.joint else [t]  # joint: one task of every category
         if final_row and t > 0 and sched.threshold == "seen" and not self.method.decides_per_task:
             info["threshold_info"] = self.fit_seen_threshold(trainer, list(seen), own)
+        calibrated = getattr(self.method, "calibrated_threshold_info", lambda: None)()
+        if calibrated is not None:  # DFM: end_task put the threshold in its tasks' units, averaged
+            info["threshold_info"] = {**own, **calibrated, "task_threshold": own.get("threshold")}
         evals: dict[int, dict] = {}
         for i in seen:
             heatmaps = self.run_dir / "heatmaps" / f"task_{i}" if final_row else None
-            evals[i] = evaluate_method(tcfg, trainer, self.method, self.eval_dms[i], heatmaps, per_category=False)
+            figures = evaluate_method(tcfg, trainer, self.method, self.eval_dms[i], heatmaps)
+            evals[i] = with_categories(figures, self.method.test_records)  # a grouped task's categories too
             if final_row:
                 self.records += [{"task": i, **r} for r in self.method.test_records]
             log.info("  after task %d, task %d (%s): %s", t, i, self.names[i],
@@ -188,6 +192,9 @@ class _Sequence:
         cfg, sched, state = self.cfg, self.sched, self.state
         summary = summarize(state.matrices)
         last_evals = state.per_task[-1]["evaluations"]
+        by_category = category_mean(last_evals, METRIC_KEYS)  # tasks that group several categories
+        if by_category is not None:
+            summary.update({f"final_category_mean_{m}": by_category["mean"][m] for m in MATRIX_METRICS})
         all_evals = [e for p in state.per_task for e in p["evaluations"]]
         final_test_seconds = sum(e["test_seconds"] for e in last_evals)
         summary.update({
@@ -229,11 +236,12 @@ class _Sequence:
             "peak_memory_mb": max(peaks) if peaks else None,
             "device": self.device or state.per_task[-1].get("device"),
             "precision": str(cfg.trainer.precision),
-            "schedule": sched.as_dict(),
+            "schedule": {**sched.as_dict(), "threshold": sched.threshold, "routed_val": sched.routed_val},
             "tasks": sched.tasks,
             "task_names": self.names,
             "continual_behaviour": getattr(self.method, "continual_behaviour", None),
             "summary": summary,
+            **({"final_by_category": by_category} if by_category is not None else {}),
             "matrices": state.matrices,
             "per_task": state.per_task,
             "final_checkpoint": str(task_checkpoint(Path("."), state.finished[-1])),

@@ -61,7 +61,8 @@ def parse_tasks(tasks) -> list[list[str]]:
     for n, cats in enumerate(out):
         for c in cats:
             if c in seen:
-                raise ConfigError("schedule.tasks", f"category '{c}' appears in task {seen[c]} and task {n}; "
+                where = f"twice in task {n}" if seen[c] == n else f"in task {seen[c]} and task {n}"
+                raise ConfigError("schedule.tasks", f"category '{c}' appears {where}; "
                                   "each category belongs to one task")
             seen[c] = n
     return out

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import albumentations as A
 import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from adtrain.data.resize import DEFAULT, ImageResize
@@ -81,6 +82,39 @@ def build_augment(augment: Sequence | None) -> list:
             raise ConfigError(f"data.augment[{i}]", f"not an albumentations transform: {t!r}")
         out.append(t)
     return out
+
+
+def check_augment_keeps_size(transforms: list, size: tuple[int, int], trials: int = 16) -> None:
+    """Every training image must come out of ``data.augment`` at the model's input size: a transform
+    that turns a non-square input (RandomRotate90, Transpose, D4) or crops it (RandomResizedCrop to
+    another size) gave a batch of mixed shapes (a traceback), or a model trained at another size or
+    orientation than it is tested at (PatchCore's bank of transposed features, with no word). Each
+    transform applied with certainty (p=1) to a blank input, ``trials`` seeds (a random choice such
+    as RandomRotate90's turn), the first that changes the size named."""
+    import copy
+
+    if not transforms:
+        return
+    h, w = size
+    sure = []
+    for t in transforms:
+        t = copy.deepcopy(t)
+        t.p = 1.0
+        sure.append(t)
+    for trial in range(trials):
+        image, mask = np.zeros((h, w, 3), np.uint8), np.zeros((h, w), np.uint8)
+        first = None
+        for i, t in enumerate(sure):
+            out = A.Compose([t], seed=trial)(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+            if first is None and image.shape[:2] != (h, w):
+                first = (i, image.shape[:2])
+        if image.shape[:2] != (h, w):
+            i, (oh, ow) = first
+            raise ConfigError(f"data.augment[{i}]", f"{type(transforms[i]).__name__} turns the {h} x {w} training "
+                              f"input (method.image_size / method.center_crop) into {oh} x {ow}: every training "
+                              "image must keep the input size the model is tested at; use a transform that keeps "
+                              "it (a turn or transpose needs a square input), or give the crop the input's size")
 
 
 def check_crop(center_crop, image_size, key: str = "data.center_crop") -> None:

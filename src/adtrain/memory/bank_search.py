@@ -5,7 +5,6 @@ the bank and the settings the bank module holds (adtrain.memory.bank)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from adtrain.errors import AdtrainError
@@ -89,7 +88,11 @@ class BankSearch:
         """The largest norm of the bank's rows less their mean (cached per bank)."""
         key = ("centred_max_norm", self.bank.data_ptr(), tuple(self.bank.shape), tensor_version(self.bank))
         if key not in self._index_cache:
-            self._index_cache[key] = max_norm(self.bank.detach().float() - self._bank_center())
+            bank, center = self.bank.detach(), self._bank_center()
+            step = max(1, (1 << 26) // (4 * max(1, bank.shape[1])))  # 64 MB slices: the whole centred
+            # copy was a second bank held for one number
+            self._index_cache[key] = max((max_norm(bank[s:s + step].float() - center)
+                                          for s in range(0, bank.shape[0], step)), default=0.0)
         return self._index_cache[key]
 
     def _bank_max_norm(self) -> float:
@@ -129,10 +132,8 @@ class BankSearch:
             self._index_cache = {}
             # centred on the bank's mean (queries too, in search): the same distances, smaller
             # norms, so the flat pass's error bound certifies far more queries (_rerank_flat)
-            centred = bank.detach().float() - self._bank_center()
-            arr = np.ascontiguousarray(centred.cpu().numpy(), dtype=np.float32)
-            cpu = build_faiss_index(arr, kind, self.nlist, self.nprobe, self.hnsw_m, self.pq_m,
-                                    self.hnsw_ef_search, self.seed)
+            cpu = build_faiss_index(bank, kind, self.nlist, self.nprobe, self.hnsw_m, self.pq_m,
+                                    self.hnsw_ef_search, self.seed, center=self._bank_center())
             self._index_cache[key] = cpu
         if not use_gpu:
             return cpu

@@ -71,8 +71,12 @@ def _pq_m(dim: int, wanted: int) -> int:
     return 1
 
 
+#: bytes of rows centred and handed to FAISS at a time (build_faiss_index): 64 MB
+ADD_BYTES = 1 << 26
+
+
 def build_faiss_index(
-    bank: np.ndarray,
+    bank,
     kind: str,
     nlist: int | None = None,
     nprobe: int = 8,
@@ -80,11 +84,29 @@ def build_faiss_index(
     pq_m: int = 16,
     hnsw_ef_search: int = 128,
     seed: int = 0,
+    center: torch.Tensor | None = None,
 ):
-    """CPU FAISS index over ``bank`` (K,D float32, C-contiguous)."""
+    """CPU FAISS index over ``bank`` (K,D: a float32 array, or a tensor on any device) less
+    ``center`` (a (D,) row; None: as it is). The rows reach FAISS ``ADD_BYTES`` at a time, so the
+    process holds the bank, FAISS's copy and one slice, not a whole centred copy beside them (3x the
+    bank at the build); IVF training, which reads every row at once, takes its centred copy first
+    and frees it, and HNSW, whose graph depends on how its rows are batched, takes them in one add."""
     import faiss
 
     n, dim = bank.shape
+    step = max(1, ADD_BYTES // (4 * dim))
+
+    def rows(start: int = 0, stop: int | None = None) -> np.ndarray:
+        part = bank[start:stop]
+        if torch.is_tensor(part):
+            part = part.detach().float()
+            if center is not None:
+                part = part - center.to(part.device)
+            part = part.cpu().numpy()
+        elif center is not None:
+            part = part - center.detach().float().cpu().numpy()
+        return np.ascontiguousarray(part, dtype=np.float32)
+
     if kind == "flat":
         index = faiss.IndexFlatL2(dim)
     elif kind == "hnsw":
@@ -102,12 +124,35 @@ def build_faiss_index(
             nbits = int(max(4, min(8, math.floor(math.log2(max(n, 2) / 39)))))
             index = faiss.IndexIVFPQ(quantizer, dim, lists, _pq_m(dim, int(pq_m)), nbits)
         index.cp.seed = int(seed)
-        index.train(bank)
+        index.train(rows())
         index.nprobe = max(1, min(int(nprobe), lists))
     else:
         raise ConfigError("memory.index", f"'{kind}' is not one of {INDEXES}")
-    index.add(bank)
+    if kind == "flat" and _fill_flat(index, n, dim, rows, step):
+        return index
+    if kind == "hnsw":
+        index.add(rows())
+    else:  # each row's code does not depend on the others: the same index, slice by slice
+        for start in range(0, n, step):
+            index.add(rows(start, start + step))
     return index
+
+
+def _fill_flat(index, n: int, dim: int, rows, step: int) -> bool:
+    """A flat index's storage (its rows as they are, float32) sized once and filled slice by slice:
+    adding slices grew it by reallocation (the old and the new storage at once, the bank 2-3x), one
+    add needed the whole centred copy. False where this FAISS build does not expose the storage."""
+    import faiss
+
+    try:
+        index.codes.resize(n * dim * 4)
+        store = faiss.rev_swig_ptr(index.codes.data(), n * dim * 4).view(np.float32).reshape(n, dim)
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    for start in range(0, n, step):
+        store[start:start + step] = rows(start, start + step)
+    index.ntotal = n
+    return True
 
 
 def index_to_gpu(index, device: torch.device):

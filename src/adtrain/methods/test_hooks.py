@@ -98,7 +98,7 @@ class AnomalyTestHooks:
 
     def _queue_heatmap(self, batch: dict, out: AnomalyOutput, i: int) -> None:
         """Host copies of image i's inputs to the heatmap, drawn and written by the background writer."""
-        from adtrain.viz import denormalize, save_heatmap
+        from adtrain.viz import denormalize, save_heatmap, shown_size
         from adtrain.writer import BackgroundWriter
 
         threshold, map_threshold = self.threshold, None
@@ -126,7 +126,9 @@ class AnomalyTestHooks:
                             score=float(out.pred_score[i]), threshold=float(threshold), map_threshold=map_threshold,
                             label=int(batch["label"][i]), defect=str(batch["defect"][i]),
                             height=int(self.heatmap_size),
-                            source_size=tuple(int(v) for v in source[i]) if source is not None else None)
+                            source_size=shown_size(tuple(int(v) for v in source[i]),
+                                                   *(self.source_geometry or (None, None)))
+                            if source is not None else None)
         self.heatmap_files.append(str(path))
 
     def test_results(self) -> dict[str, Any]:

@@ -23,6 +23,8 @@ score, in the units above (calibrated or raw). It costs one pass per task at tes
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from adtrain.continual.routing import TaskRouter, select_by_score
@@ -119,7 +121,7 @@ class DfmContinualMixin:
         if not scale > 0:
             return None
         return {"center": center, "scale": scale, "threshold": float(self.threshold),
-                "map_center": float(self.map_center)}
+                "map_center": float(self.map_center), "pixel_threshold": float(self.pixel_threshold)}
 
     @property
     def calibrated(self) -> bool:
@@ -134,12 +136,31 @@ class DfmContinualMixin:
 
     @torch.no_grad()
     def _calibrated_threshold(self) -> None:
-        """Threshold and display centres in calibrated units: each task's, averaged over tasks."""
+        """Threshold, pixel threshold and display centres in calibrated units: each task's, averaged
+        over tasks. The routed maps are in those units too, so a task's raw pixel threshold (the last
+        task's, left by its fit) would decide them on another scale; a task calibrated without one
+        (a checkpoint from before 2026-12-07) leaves the model without pixel decisions."""
         cal = self.task_calibration
-        thr = [(c["threshold"] - c["center"]) / c["scale"] for c in cal]
-        self.threshold.fill_(sum(thr) / len(thr))
+
+        def mean(key):
+            return sum((c[key] - c["center"]) / c["scale"] for c in cal) / len(cal)
+
+        self.threshold.fill_(mean("threshold"))
         self.score_center.fill_(0.0)
-        self.map_center.fill_(sum((c["map_center"] - c["center"]) / c["scale"] for c in cal) / len(cal))
+        self.map_center.fill_(mean("map_center"))
+        pixel = [c.get("pixel_threshold", float("nan")) for c in cal]
+        self.pixel_threshold.fill_(mean("pixel_threshold") if all(math.isfinite(p) for p in pixel) else float("nan"))
+
+    def calibrated_threshold_info(self) -> dict | None:
+        """What decides the routed model's images and pixels after the last end_task (results.json's
+        final threshold figures), None where the tasks' own thresholds stand (no calibration)."""
+        if not (self.routing and self.calibrated):
+            return None
+        pixel = float(self.pixel_threshold)
+        return {"threshold": float(self.threshold), "normal_score_median": float(self.score_center),
+                "pixel_threshold": pixel if math.isfinite(pixel) else None,
+                "threshold_units": "task_normals",
+                "threshold_tasks": list(range(len(self.task_calibration)))}
 
     # ----------------------------------------------------------------- routing
     @property
