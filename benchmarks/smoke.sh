@@ -45,6 +45,7 @@ benchmarks/resize_rules.py --sizes 300 --to 256
 benchmarks/pixel_exact.py --images 4 --size 64 --rounds 1
 benchmarks/pixel_update.py --batch 4 --repeat 1
 benchmarks/gemm_rate.py --queries 256 --items 2048 --dim 264 --repeat 1
+benchmarks/bank_build_rss.py --index flat --rows 5000 --dim 64
 benchmarks/memory_bank.py --device cpu --sizes 5000 --dim 64 --queries 256 --backends torch:flat torch:host --coreset-max 5000
 benchmarks/patch_descriptor.py --batch 2 --repeat 1
 benchmarks/fuse_speed.py --backbones resnet18 --batch 2 --size 64 --repeat 1

@@ -90,7 +90,8 @@ def build_faiss_index(
     ``center`` (a (D,) row; None: as it is). The rows reach FAISS ``ADD_BYTES`` at a time, so the
     process holds the bank, FAISS's copy and one slice, not a whole centred copy beside them (3x the
     bank at the build); IVF training, which reads every row at once, takes its centred copy first
-    and frees it, and HNSW, whose graph depends on how its rows are batched, takes them in one add."""
+    and frees it before the rows are added; HNSW takes them in one add (its storage grows by
+    reallocation when added to in slices, which holds more than the one centred copy)."""
     import faiss
 
     n, dim = bank.shape
@@ -130,7 +131,7 @@ def build_faiss_index(
         raise ConfigError("memory.index", f"'{kind}' is not one of {INDEXES}")
     if kind == "flat" and _fill_flat(index, n, dim, rows, step):
         return index
-    if kind == "hnsw":
+    if kind == "hnsw":  # its storage grows by reallocation slice by slice (worse than one copy)
         index.add(rows())
     else:  # each row's code does not depend on the others: the same index, slice by slice
         for start in range(0, n, step):
