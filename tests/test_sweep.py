@@ -120,11 +120,12 @@ def test_a_second_sweep_into_a_running_sweeps_folder_is_refused_before_its_first
             SweepSummary().on_multirun_start(cfg)
         err = capsys.readouterr().err
         assert ex.value.code == 2 and f"in use by another sweep (pid {holder.pid})" in err and "hydra.sweep.dir=" in err
+        assert "choose another hydra.sweep.dir" in err
     finally:
         holder.kill()
         holder.wait()
     SweepSummary().on_multirun_start(cfg)  # the process ended (killed): the folder is free again
-    assert (sweep / ".adtrain-sweep.lock").read_text() == str(os.getpid())
+    assert (sweep / ".adtrain.lock").read_text() == str(os.getpid())
 
 
 def test_overwrite_deletes_the_earlier_sweeps_jobs_before_the_first_job(tmp_path, capsys):
@@ -161,7 +162,7 @@ def test_overwrite_deletes_the_earlier_sweeps_jobs_before_the_first_job(tmp_path
 
     SweepSummary().on_multirun_start(cfg(overwrite=True))
     kept = sorted(p.name for p in sweep.iterdir())  # no job, no empty texture/, no summary; the sweep's lock
-    assert kept == [".adtrain-sweep.lock", "notes.txt"]
+    assert kept == [".adtrain.lock", "notes.txt"]
     for num, seed in enumerate((5, 6)):  # the new sweep's jobs
         _job(sweep, num, [f"seed={seed}", "trainer.max_epochs=1"], {**earlier, "seed": seed, "image_auroc": 0.9})
     rows = list(csv.DictReader(open(summarize(sweep)[0])))
@@ -197,7 +198,7 @@ def test_a_sweep_folder_that_also_holds_single_runs_is_refused(tmp_path, capsys)
         assert len(list(sweep.glob("**/results.json"))) == 3
     shutil.rmtree(sweep / "2026-12-01")
     SweepSummary().on_multirun_start(cfg(overwrite=True))  # a sweep's jobs alone: deleted as before
-    assert [p.name for p in sweep.iterdir()] == [".adtrain-sweep.lock"]  # this sweep's, held until it ends
+    assert [p.name for p in sweep.iterdir()] == [".adtrain.lock"]  # this sweep's, held until it ends
 
 
 def test_overwrite_keeps_another_sweep_kept_inside_the_sweep_folder(tmp_path, capsys):

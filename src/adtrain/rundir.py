@@ -72,12 +72,13 @@ def _alive(pid: str) -> bool:
         return True
 
 
-def acquire(run_dir: str | os.PathLike) -> bool:
+def acquire(run_dir: str | os.PathLike, key: str = "hydra.run.dir", what: str = "run") -> bool:
     """Take the run directory's lock for this process (True), or find it already held here (False).
-    Another process holding it: ConfigError naming the directory, at once (no waiting)."""
-    run_dir = check_writable(run_dir)
-    key = _key(run_dir)
-    if key in _HELD:
+    Another process holding it: ConfigError naming the directory, at once (no waiting). A sweep
+    holds its folder the same way (key hydra.sweep.dir, what "sweep": adtrain.sweep_dir)."""
+    run_dir = check_writable(run_dir, key)
+    held = _key(run_dir)
+    if held in _HELD:
         return False
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     deadline = time.monotonic() + ORPHAN_WAIT_S
@@ -93,10 +94,10 @@ def acquire(run_dir: str | os.PathLike) -> bool:
                 time.sleep(0.2)
                 continue
             os.close(fd)
-            raise _in_use(run_dir, holder) from None
+            raise _in_use(run_dir, holder, key, what) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    _HELD[key] = fd
+    _HELD[held] = fd
     from adtrain.io import remove_dead_temps
 
     if gone := remove_dead_temps(run_dir):  # a write killed midway (a checkpoint's temp is its size)
@@ -105,10 +106,10 @@ def acquire(run_dir: str | os.PathLike) -> bool:
     return True
 
 
-def _in_use(run_dir: Path, holder: str) -> ConfigError:
+def _in_use(run_dir: Path, holder: str, key: str = "hydra.run.dir", what: str = "run") -> ConfigError:
     gone = "" if _alive(holder) else ", which has ended: its worker processes still hold the lock"
-    return ConfigError("hydra.run.dir", f"{run_dir} is in use by another run (pid {holder}{gone}); wait "
-                       "for it to end or choose another hydra.run.dir")
+    return ConfigError(key, f"{run_dir} is in use by another {what} (pid {holder}{gone}); wait "
+                       f"for it to end or choose another {key}")
 
 
 def check_free(run_dir: str | os.PathLike) -> None:

@@ -5,9 +5,7 @@ never a single run's or another sweep's kept inside it."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -17,42 +15,28 @@ from adtrain.errors import ConfigError
 
 log = logging.getLogger("adtrain")
 
-#: held by the sweep's own process from its start to its end (flock: let go when the process ends,
-#: however it ends), so a second sweep into the same folder is refused before its first job
-SWEEP_LOCK = ".adtrain-sweep.lock"
-_HELD: dict[str, int] = {}
-
-
 def lock_sweep_dir(sweep_dir: Path) -> None:
-    """Take sweep_dir for this sweep, or refuse naming the sweep that holds it. Two sweeps in one
+    """Take sweep_dir for this sweep's process until it ends (a run directory's lock: freed when the
+    process ends, however it ends), or refuse naming the sweep that holds it. Two sweeps in one
     folder (a named one given twice, or the default, named by the second a sweep starts, for sweeps
     started together) mixed their jobs: each found the other's job folders, whose Hydra records it
     had just rewritten, and both summaries read one sweep's results under the other's overrides."""
-    from adtrain.rundir import check_writable
+    from adtrain import rundir
 
-    sweep_dir = check_writable(sweep_dir, "hydra.sweep.dir")
-    key = str(sweep_dir.resolve())
-    if key in _HELD:
-        return
-    fd = os.open(sweep_dir / SWEEP_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise ConfigError("hydra.sweep.dir", f"{sweep_dir} is in use by another sweep (pid {holder}); wait for it "
-                          "to end, or give this one its own folder (hydra.sweep.dir=multirun/<name>: the default "
-                          "is named by the second a sweep starts, so sweeps started together share it)") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    _HELD[key] = fd
+        rundir.acquire(sweep_dir, "hydra.sweep.dir", "sweep")
+    except ConfigError as err:
+        if "in use by another sweep" not in str(err.detail):  # e.g. a folder that cannot be written
+            raise
+        raise ConfigError("hydra.sweep.dir", f"{err.detail} (the default folder is named by the second a sweep "
+                          "starts, so sweeps started together share it: give each its own, "
+                          "hydra.sweep.dir=multirun/<name>)") from None
 
 
 def unlock_sweep_dir(sweep_dir: Path) -> None:
-    fd = _HELD.pop(str(Path(sweep_dir).resolve()), None)
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    from adtrain import rundir
+
+    rundir.release(sweep_dir)
 
 
 def check_sampler_repeats(config: DictConfig) -> None:

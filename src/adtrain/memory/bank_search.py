@@ -11,7 +11,7 @@ from adtrain.errors import AdtrainError
 from adtrain.memory.dense_exact import certified_rerank, cpu_matmul_dtype, dense_certified_search, dense_nearest
 from adtrain.memory.fp32 import autocast_off
 from adtrain.memory.graph_knn import graph_knn, in_graph
-from adtrain.memory.index import (build_faiss_index, exact_distances, faiss_available, faiss_num_gpus,
+from adtrain.memory.index import (ADD_BYTES, build_faiss_index, exact_distances, faiss_available, faiss_num_gpus,
                                   faiss_search, index_to_gpu, torch_search)
 from adtrain.memory.lowp import (certified_from_rerank, certified_pass, exact_search, fits_dtype, matmul_dtype,
                                  max_norm, pair_bound, pair_eps, resolve_distance_dtype)
@@ -89,8 +89,8 @@ class BankSearch:
         key = ("centred_max_norm", self.bank.data_ptr(), tuple(self.bank.shape), tensor_version(self.bank))
         if key not in self._index_cache:
             bank, center = self.bank.detach(), self._bank_center()
-            step = max(1, (1 << 26) // (4 * max(1, bank.shape[1])))  # 64 MB slices: the whole centred
-            # copy was a second bank held for one number
+            step = max(1, ADD_BYTES // (4 * max(1, bank.shape[1])))  # slices: the whole centred copy
+            # was a second bank held for one number
             self._index_cache[key] = max((max_norm(bank[s:s + step].float() - center)
                                           for s in range(0, bank.shape[0], step)), default=0.0)
         return self._index_cache[key]
