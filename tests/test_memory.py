@@ -227,6 +227,45 @@ def test_reservoir_cap_is_a_uniform_seeded_sample():
     assert 0.35 < late < 0.65  # not just the first (or last) rows
 
 
+def test_available_bytes_reads_meminfo_and_the_container_limit(tmp_path, monkeypatch):
+    from adtrain.memory import ram
+
+    assert ram.available_bytes() > 0  # this machine's own: a Linux MemAvailable
+    (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nMemAvailable:   50 kB\n")
+    (tmp_path / "max").write_text("40960\n")
+    (tmp_path / "current").write_text("20480\n")
+    monkeypatch.setattr(ram, "_MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(ram, "_CGROUPS", ((str(tmp_path / "max"), str(tmp_path / "current")),))
+    assert ram.available_bytes() == 20480  # the container's 40 kB limit less its 20 kB use
+    (tmp_path / "max").write_text("max\n")  # cgroup v2: no limit
+    assert ram.available_bytes() == 50 * 1024
+
+
+def test_a_collection_the_host_cannot_hold_is_refused_with_a_cap_that_fits(monkeypatch):
+    from adtrain.memory import ram
+
+    monkeypatch.setattr(ram, "available_bytes", lambda: 100_000)
+    mb = MemoryBank(seed=0)
+    mb.add(torch.randn(100, 30, generator=_gen(0)))  # a first batch of 100 rows
+    row = mb.row_bytes(16)
+    assert row == 4 * (30 + 16 + 2)
+    mb.check_room(100 + 100_000 // row - 1, 16, "method.memory.max_features", "method.memory.ram_check")  # fits
+    with pytest.raises(ConfigError, match=r"method.memory.max_features.*1,000,000 rows.*about [0-9,]+ fit.*"
+                                          r"method.memory.ram_check=false") as err:
+        mb.check_room(1_000_000, 16, "method.memory.max_features", "method.memory.ram_check")
+    fits = int(str(err.value).split("about ")[1].split(" fit")[0].replace(",", ""))
+    assert 100 < fits < 100 + 100_000 // row  # the rows held count, with a margin
+    capped = MemoryBank(seed=0, max_features=fits)
+    capped.add(torch.randn(100, 30, generator=_gen(0)))
+    capped.check_room(1_000_000, 16, "k", "s")  # the cap bounds what will be held
+    MemoryBank(seed=0, ram_check=False).check_room(1_000_000, 16, "k", "s")  # nothing added yet: nothing known
+    off = MemoryBank(seed=0, ram_check=False)
+    off.add(torch.randn(100, 30, generator=_gen(0)))
+    off.check_room(1_000_000, 16, "k", "s")  # switched off
+    with pytest.raises(ConfigError, match="memory.ram_check"):
+        MemoryBank(ram_check="yes")
+
+
 def test_state_dict_round_trip_with_different_bank_size():
     mb = MemoryBank(backend="faiss")
     mb.set_bank(torch.randn(300, 32, generator=_gen(10)))

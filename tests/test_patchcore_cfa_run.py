@@ -30,6 +30,25 @@ def test_patchcore_run_ranks_defects_and_keeps_a_coreset(fast_cfg, tmp_path, cap
     assert abs(len(m.model.memory) - expected) <= 1
 
 
+@pytest.mark.parametrize("method", ["patchcore", "dfm"])
+def test_a_pass_the_host_memory_cannot_hold_is_refused_at_its_first_batch(fast_cfg, tmp_path, monkeypatch, method):
+    """Not an hour of extraction ending in the OOM killer: the refusal names the cap's key and a
+    value that fits, and that value runs."""
+    from adtrain.errors import ConfigError
+    from adtrain.memory import ram
+    from adtrain.run import run
+
+    key, switch = (("method.memory.max_features", "method.memory.ram_check") if method == "patchcore"
+                   else ("method.max_memory_features", "method.ram_check"))
+    monkeypatch.setattr(ram, "available_bytes", lambda: 400_000)  # the whole pass needs ~2.5 MB
+    with pytest.raises(ConfigError, match=rf"config key '{key}'.*{switch}=false") as err:
+        run(fast_cfg(f"method={method}", "trainer.max_epochs=1"), tmp_path / "a")
+    fits = int(str(err.value).split("about ")[1].split(" fit")[0].replace(",", ""))
+    res = run(fast_cfg(f"method={method}", "trainer.max_epochs=1", f"{key}={fits}", "trainer.limit_val_batches=1",
+                       "trainer.limit_test_batches=1"), tmp_path / "b")
+    assert res["method"] == method
+
+
 def test_cfa_run_learns_radius_and_ranks_defects(fast_cfg, tmp_path):
     from adtrain.loading import load_method
     from adtrain.run import run

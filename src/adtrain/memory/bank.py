@@ -14,6 +14,7 @@ from adtrain.memory.bank_search import (DENSE_PAD, FLAT_PAD, LOWP_PAD, RERANK_PA
 from adtrain.memory.coreset import greedy_coreset, kmeans
 from adtrain.memory.fp32 import autocast_off
 from adtrain.memory.index import BACKENDS, INDEXES, faiss_available
+from adtrain.memory.ram import check_room
 from adtrain.memory.lowp import DISTANCE_DTYPES
 from adtrain.memory.projected import PROJECTIONS
 
@@ -38,7 +39,8 @@ class MemoryBank(BankSearch, nn.Module):
     queries, float32 on the CPU. projection: ``auto`` searches a CPU bank of at most
     ``DENSE_MAX_ROWS`` in its principal subspace first, where its spectrum makes that at least
     twice cheaper (memory.projected: a certified lower bound, then the exact re-ranking; the
-    same neighbours), ``off`` never.
+    same neighbours), ``off`` never. ram_check: ``check_room`` refuses a collection that will
+    not fit in host memory at its first batch, not after an hour in the OOM killer.
     """
 
     AUTO_IVF_ABOVE = 2_000_000
@@ -62,6 +64,7 @@ class MemoryBank(BankSearch, nn.Module):
         keep_on_host: bool = False,
         distance_dtype: str = "auto",
         projection: str = "auto",
+        ram_check: bool = True,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -88,6 +91,9 @@ class MemoryBank(BankSearch, nn.Module):
         self.max_features = None if max_features is None else int(max_features)
         self.seed = int(seed)
         self.keep_on_host = bool(keep_on_host)
+        if not isinstance(ram_check, bool):
+            raise ConfigError("memory.ram_check", f"must be true or false, got {ram_check!r}")
+        self.ram_check = ram_check
         self.register_buffer("bank", torch.empty(0, 0))
         self.reset()
         self._invalidate()
@@ -130,6 +136,27 @@ class MemoryBank(BankSearch, nn.Module):
             self._chunks, self._count = [], 0
             self._reservoir = allf[:cap].clone()
             self._replace(allf[cap:], cap)
+
+    def check_room(self, rows: int, projection_dim: int, key: str, switch: str) -> None:
+        """Refuse (ConfigError naming ``key``) before ``rows`` collected rows (capped at max_features)
+        outgrow the host memory still available: held as fp32, plus their coreset projection of
+        ``projection_dim`` (adtrain.memory.ram). ``switch``: the config key of ``ram_check``."""
+        if not self.ram_check or self._dim is None:
+            return
+        check_room(self.capped(rows), self.row_bytes(projection_dim), self.held_rows, key,
+                   "the memory bank's patch features", switch)
+
+    def capped(self, rows: int) -> int:
+        """The rows kept of ``rows`` offered (max_features)."""
+        return int(rows) if self.max_features is None else min(int(rows), self.max_features)
+
+    @property
+    def held_rows(self) -> int:
+        return self._reservoir.shape[0] if self._reservoir is not None else self._count
+
+    def row_bytes(self, projection_dim: int) -> int:
+        """Host bytes per collected row: fp32 features, their coreset projection, a distance."""
+        return 4 * ((self._dim or 0) + max(int(projection_dim), 0) + 2)
 
     def _replace(self, batch: torch.Tensor, start: int) -> None:
         """Reservoir step for rows start.. start+len(batch)-1 (Algorithm R, vectorised)."""

@@ -9,6 +9,8 @@ task adds to.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from adtrain import distributed
@@ -138,10 +140,17 @@ class MemoryModule(TaskMemoryMixin, AnomalyModule):
         self._ready = False
         self._gathered = set()  # DDP: the indices collected this pass (padding repeats are skipped)
 
+    def check_collect_room(self, batches: int) -> None:
+        """After the pass's first batch: refuse a pass of ``batches`` such batches that the host
+        memory cannot hold (a method whose collection grows with the data set overrides it)."""
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():  # under DDP every rank collects every rank's batch: one identical bank
             for part in distributed.gather_batch(batch, self._gathered):
                 self.collect(part["image"])
+        batches = self.trainer.num_training_batches if self._trainer is not None else None
+        if batch_idx == 0 and batches is not None and math.isfinite(batches):
+            self.check_collect_room(int(batches))
         return None
 
     def _ensure_ready(self) -> None:

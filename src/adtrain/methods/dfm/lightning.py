@@ -49,6 +49,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
         max_memory_features: int | None = None,
+        ram_check: bool = True,
         num_keys: int = 196,
         candidates: int = 8,
         row_chunk: int = 8192,
@@ -98,7 +99,7 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         self.model = model if model is not None else DfmModel(
             backbone, host=host, layers=layers, adapter_layers=adapter_layers, pool_size=pool_size,
             blur_sigma=blur_sigma, blur_mode=blur_mode, cfa_gamma_d=cfa_gamma_d, memory_size=memory_size, coreset_ratio=coreset_ratio,
-            projection_dim=projection_dim, max_memory_features=max_memory_features, num_keys=num_keys,
+            projection_dim=projection_dim, max_memory_features=max_memory_features, ram_check=ram_check, num_keys=num_keys,
             candidates=candidates, row_chunk=row_chunk, mem_chunk=mem_chunk, seed=seed)
         self.automatic_optimization = False
         self.rounds, self.e1, self.e2 = int(rounds), int(stage1_epochs), int(stage2_epochs)
@@ -243,13 +244,14 @@ class Dfm(DfmContinualMixin, AnomalyModule):
             p.requires_grad_(stage == 2 and (self.train_modulates or p is self.model.fmn.memory))
 
     # ----------------------------------------------------------------- memory
-    def _normal_images(self):
+    def _normal_loader(self):
         trainer = self.trainer
         dm = getattr(trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "make_dataloader"):
-            loader = dm.make_dataloader(dm.train_samples, train=False)  # eval transform, no augmentation
-        else:
-            loader = trainer.train_dataloader
+            return dm.make_dataloader(dm.train_samples, train=False)  # eval transform, no augmentation
+        return trainer.train_dataloader
+
+    def _normal_images(self, loader):
         for batch in loader:
             images = batch["image"]
             if "label" in batch:
@@ -264,20 +266,29 @@ class Dfm(DfmContinualMixin, AnomalyModule):
         ctx = self.trainer.precision_plugin.forward_context() if self._trainer is not None else _null()
         try:
             with ctx:
-                info = self.model.build_memory(batches if batches is not None else self._normal_images(),
-                                               with_keys=with_keys, reset_patch=reset_patch)
+                loader = self._normal_loader() if batches is None else None
+                try:  # the number of batches: the host-memory check after the first (DfmModel.build_memory)
+                    expected = len(loader) if loader is not None else None
+                except TypeError:  # an iterable data set
+                    expected = None
+                info = self.model.build_memory(batches if batches is not None else self._normal_images(loader),
+                                               with_keys=with_keys, reset_patch=reset_patch,
+                                               expected_batches=expected)
         finally:
             self.model.train(was)
         self.memory_builds += 1
         self._scale_memory_lr()
         if "keys" in info:
             self.pending_key = info.pop("keys")
-        log.info("DFM memory build %d: %d items on a %s grid", self.memory_builds, info["memory_size"], info["grid"])
+        log.info("DFM memory build %d: %d items on a %s grid; typical nearest distance r = %.4g over D = %d "
+                 "coordinates, so stage 2's memory rate is lr_fmn %.3g * r / sqrt(D) = %.3g", self.memory_builds,
+                 info["memory_size"], info["grid"], float(self.model.fmn.dist_ref), self.model.fmn.dim,
+                 self.lr_fmn, self.memory_lr())
         return info
 
     def memory_lr(self) -> float:
         """lr_fmn in feature units: times the typical per-coordinate distance r / sqrt(D), so one
-        value fits any backbone (EfficientNet-Lite0 on ELPV: r = 24.5, D = 152, 5e-3 -> 1.0e-2)."""
+        value fits any backbone (EfficientNet-Lite0 on ELPV: r = 24.56, D = 152, 1.5e-2 -> 3.0e-2; the memory build's log line)."""
         fmn = self.model.fmn
         return self.lr_fmn * float(fmn.dist_ref) / math.sqrt(fmn.dim) if fmn.ready else self.lr_fmn
 

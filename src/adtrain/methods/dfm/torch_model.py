@@ -13,6 +13,7 @@ from torch import nn
 from adtrain.backbones.extractor import layer_names
 from adtrain.errors import AdtrainError, ConfigError
 from adtrain.memory import MemoryBank, greedy_coreset
+from adtrain.memory.ram import check_room
 from adtrain.methods.cfa.torch_model import CoordConv1x1
 from adtrain.methods.dfm.adapters import build_adapters
 from adtrain.methods.dfm.fmn import FeatureMatchingNetwork, distance_volume
@@ -60,6 +61,7 @@ class DfmModel(nn.Module):
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
         max_memory_features: int | None = None,
+        ram_check: bool = True,
         num_keys: int = 196,
         candidates: int = 8,
         row_chunk: int = 8192,
@@ -93,6 +95,9 @@ class DfmModel(nn.Module):
         self.memory_size = None if memory_size is None else int(memory_size)
         self.coreset_ratio, self.projection_dim = float(coreset_ratio), int(projection_dim)
         self.max_memory_features = None if max_memory_features is None else int(max_memory_features)
+        if not isinstance(ram_check, bool):
+            raise ConfigError("method.ram_check", f"must be true or false, got {ram_check!r}")
+        self.ram_check = ram_check
         self.num_keys, self.seed = int(num_keys), int(seed)
         if extractor is None:
             if not bcfg:
@@ -181,18 +186,20 @@ class DfmModel(nn.Module):
     # ------------------------------------------------------------------ memory
     @torch.no_grad()
     def build_memory(self, batches: Iterable[torch.Tensor], with_keys: bool = False,
-                     reset_patch: bool = False) -> dict:
+                     reset_patch: bool = False, expected_batches: int | None = None) -> dict:
         """(Re)build the FMN memory from the current adapted features of ``batches`` (image tensors):
         PatchCore host: greedy coreset (memory_size items, or coreset_ratio of all patches) on the
         shared MemoryBank; CFA host: CFA's bank (equal-weight running mean over batches of the
         batch-mean descriptor per position), reduced by greedy coreset to memory_size if smaller.
         The memory modulate is reset to identity. with_keys: also a coreset (num_keys) of the frozen
-        backbone's features, the task key for continual routing (returned as ``keys``)."""
+        backbone's features, the task key for continual routing (returned as ``keys``).
+        expected_batches: the number of batches, so that after the first a collection the host
+        memory cannot hold is refused (``ram_check``, adtrain.memory.ram)."""
         identity = self.adapters.is_identity()
         cap = self.max_memory_features
         bank = MemoryBank(backend="torch", max_features=cap, seed=self.seed)
         keys = MemoryBank(backend="torch", max_features=cap, seed=self.seed + 1) if with_keys else None
-        mean, n_batches, grid, sample, device = None, 0, None, None, None
+        mean, n_batches, grid, sample, device, n_seen = None, 0, None, None, None, 0
         for images in batches:
             pre = self.features(images)
             emb = self.head(pre).float()
@@ -213,6 +220,9 @@ class DfmModel(nn.Module):
             if keys is not None:
                 base = pre if identity else self.features(images, adapt=False)
                 keys.add(_rows(base))
+            if expected_batches and n_seen == 0:
+                self._check_room([b for b in (bank, keys) if b is not None and b.num_added], expected_batches)
+            n_seen += 1
         if sample is None:
             raise AdtrainError("DFM memory: no training images were seen")
         if self.host == "patchcore":
@@ -231,6 +241,15 @@ class DfmModel(nn.Module):
             n_all = min(keys.num_added, cap) if cap else keys.num_added
             info["keys"] = self._coreset(keys, n_all, self.num_keys, None, device).cpu()
         return info
+
+    def _check_room(self, banks: list[MemoryBank], batches: int) -> None:
+        """After the first of ``batches`` batches: refuse a collection the host memory cannot hold."""
+        if not self.ram_check or not banks:
+            return
+        rows = banks[0].capped(banks[0].num_added * batches)  # every bank: a row per patch
+        row_bytes = sum(b.row_bytes(self.projection_dim) for b in banks)
+        check_room(rows, row_bytes, banks[0].held_rows, "method.max_memory_features",
+                   "DFM's memory build (the training patches' features)", "method.ram_check")
 
     def _coreset(self, bank: MemoryBank, n_all: int, size: int | None, ratio: float | None, device) -> torch.Tensor:
         if size is not None:

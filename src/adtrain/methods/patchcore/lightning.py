@@ -40,6 +40,13 @@ class Patchcore(MemoryModule):
     def collect(self, images: torch.Tensor) -> None:
         self.model.add_batch(images)
 
+    def check_collect_room(self, batches: int) -> None:
+        """Every training patch is held as fp32 until the coreset: refuse now a pass that will not fit."""
+        model = self.model
+        mem = model.memory
+        proj = model.projection_dim if model.coreset_ratio < 1.0 else 0
+        mem.check_room(mem.num_added * batches, proj, "method.memory.max_features", "method.memory.ram_check")
+
     def finalize(self) -> None:
         """Coreset on the training device (GPU when training on one), then, for a shared bank
         in a continual schedule, the earlier tasks' items are kept alongside."""
