@@ -250,6 +250,8 @@ def test_a_collection_the_host_cannot_hold_is_refused_with_a_cap_that_fits(monke
     row = mb.row_bytes(16)
     assert row == 4 * (30 + 16 + 2)
     mb.check_room(100 + 100_000 // row - 1, 16, "method.memory.max_features", "method.memory.ram_check")  # fits
+    with pytest.raises(ConfigError, match="each of 2 processes"):  # DDP ranks on one machine: a copy each
+        mb.check_room(100 + 100_000 // row - 1, 16, "method.memory.max_features", "method.memory.ram_check", copies=2)
     with pytest.raises(ConfigError, match=r"method.memory.max_features.*1,000,000 rows.*about [0-9,]+ fit.*"
                                           r"method.memory.ram_check=false") as err:
         mb.check_room(1_000_000, 16, "method.memory.max_features", "method.memory.ram_check")

@@ -137,14 +137,16 @@ class MemoryBank(BankSearch, nn.Module):
             self._reservoir = allf[:cap].clone()
             self._replace(allf[cap:], cap)
 
-    def check_room(self, rows: int, projection_dim: int, key: str, switch: str) -> None:
+    def check_room(self, rows: int, projection_dim: int, key: str, switch: str, copies: int = 1) -> None:
         """Refuse (ConfigError naming ``key``) before ``rows`` collected rows (capped at max_features)
         outgrow the host memory still available: held as fp32, plus their coreset projection of
-        ``projection_dim`` (adtrain.memory.ram). ``switch``: the config key of ``ram_check``."""
+        ``projection_dim`` (adtrain.memory.ram). ``switch``: the config key of ``ram_check``.
+        ``copies``: processes on this machine collecting the same rows (DDP ranks)."""
         if not self.ram_check or self._dim is None:
             return
-        check_room(self.capped(rows), self.row_bytes(projection_dim), self.held_rows, key,
-                   "the memory bank's patch features", switch)
+        check_room(self.capped(rows), self.row_bytes(projection_dim) * max(int(copies), 1), self.held_rows, key,
+                   "the memory bank's patch features" + (f" (one copy in each of {copies} processes)"
+                                                          if copies > 1 else ""), switch)
 
     def capped(self, rows: int) -> int:
         """The rows kept of ``rows`` offered (max_features)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from adtrain import distributed
 from adtrain.inference.detector import resolve_device
 from adtrain.methods.memory_module import MemoryModule
 from adtrain.methods.patchcore.torch_model import PatchcoreModel
@@ -45,7 +46,9 @@ class Patchcore(MemoryModule):
         model = self.model
         mem = model.memory
         proj = model.projection_dim if model.coreset_ratio < 1.0 else 0
-        mem.check_room(mem.num_added * batches, proj, "method.memory.max_features", "method.memory.ram_check")
+        ranks_here = int(getattr(self.trainer, "num_devices", 1) or 1) if distributed.world_size() > 1 else 1
+        mem.check_room(mem.num_added * batches, proj, "method.memory.max_features", "method.memory.ram_check",
+                       copies=ranks_here)  # DDP: every rank on this machine holds the whole collection
 
     def finalize(self) -> None:
         """Coreset on the training device (GPU when training on one), then, for a shared bank
