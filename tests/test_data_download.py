@@ -16,10 +16,10 @@ from adtrain.errors import DataError
 
 def _tar(tmp_path, wrap: str | None = None):
     """A tar.xz of a tiny MVTec tree (optionally wrapped in one top folder); returns (path, md5)."""
-    src = write_mvtec_tree(tmp_path / "src", "widget", n_train=3, n_test_good=1)
+    src = write_mvtec_tree(tmp_path / "src", "bottle", n_train=3, n_test_good=1)
     archive = tmp_path / "mvtec.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
-        tar.add(src / "widget", arcname=f"{wrap}/widget" if wrap else "widget")
+        tar.add(src / "bottle", arcname=f"{wrap}/bottle" if wrap else "bottle")
     shutil.rmtree(src)
     return archive, hashlib.md5(archive.read_bytes()).hexdigest()
 
@@ -32,15 +32,44 @@ def test_download_verify_extract_with_local_archive(tmp_path, monkeypatch, wrap)
     calls = []
     monkeypatch.setattr(dl, "fetch_url", lambda url, dest: (calls.append(url), shutil.copy(archive, dest)))
     root = tmp_path / "data"
-    dm = MVTecDataModule(root=str(root), category="widget", download=True, image_size=[32, 32])
+    dm = MVTecDataModule(root=str(root), category="bottle", download=True, image_size=[32, 32])
     dm.setup()
     assert calls == [spec.url]
     assert len(dm.train_samples) + len(dm.val_samples) == 3
     assert not (root / "mvtec.tar.xz").exists()  # archive removed after extraction
-    assert [p.name for p in root.iterdir()] == ["widget"]  # no temp dir or .part left behind
+    assert [p.name for p in root.iterdir()] == ["bottle"]  # no temp dir or .part left behind
     # present now: no second download
-    MVTecDataModule(root=str(root), category="widget", download=True).setup()
+    MVTecDataModule(root=str(root), category="bottle", download=True).setup()
     assert len(calls) == 1
+    # a misspelt category: no download (that could never bring it; a sweep repeated it per job), a clear word
+    for _ in range(2):
+        with pytest.raises(DataError, match="'botle' is not one of MVTec AD's categories.*none was started"):
+            MVTecDataModule(root=str(root), category="botle", download=True).setup()
+    with pytest.raises(DataError, match="'botle' is none of them: check data.category") as e:
+        MVTecDataModule(root=str(root), category="botle").setup()
+    assert "data.download=true" not in str(e.value)  # a download would not help
+    assert len(calls) == 1
+
+
+def test_a_release_unpacked_into_its_top_folder_is_pointed_at_not_downloaded_again(tmp_path, monkeypatch):
+    write_mvtec_tree(tmp_path / "data" / "mvtec_anomaly_detection", "bottle", n_train=3, n_test_good=1)
+    calls = []
+    monkeypatch.setattr(dl, "fetch_url", lambda url, dest: calls.append(url))
+    for download in (False, True):
+        with pytest.raises(DataError, match="one folder down: set data.root=.*mvtec_anomaly_detection") as e:
+            MVTecDataModule(root=str(tmp_path / "data"), category="bottle", download=download).setup()
+        assert "data.download=true" not in str(e.value)
+    assert calls == []
+
+
+def test_visa_refuses_a_misspelt_object_before_downloading(tmp_path, monkeypatch):
+    import adtrain.data.visa as visa
+
+    calls = []
+    monkeypatch.setattr(dl, "fetch_url", lambda url, dest: calls.append(url))
+    with pytest.raises(DataError, match="'candel' is not one of VisA's objects.*none was started"):
+        visa.VisADataModule(root=str(tmp_path / "visa"), category="candel", download=True).setup()
+    assert calls == []
 
 
 def test_checksum_mismatch_deletes_archive(tmp_path, monkeypatch):
@@ -51,7 +80,7 @@ def test_checksum_mismatch_deletes_archive(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="checksum mismatch") as e:
         dl.download_dataset(spec, root, "<category>/train/good")
     assert e.value.path == str(root / "mvtec.tar.xz")
-    assert not (root / "mvtec.tar.xz").exists() and not (root / "widget").exists()
+    assert not (root / "mvtec.tar.xz").exists() and not (root / "bottle").exists()
 
 
 def test_offline_failure_says_where_to_put_files(tmp_path, monkeypatch):

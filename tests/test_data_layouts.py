@@ -156,6 +156,9 @@ def test_btad_reads_bmp_and_names_numeric_categories_as_released(tmp_path):
     with pytest.raises(DataError, match="ground-truth mask missing .*looked for") as e:
         _ = _dm("btad", root, category="01").test_samples
     assert e.value.path == mask.rsplit(".", 1)[0] + ".png"  # BTAD's own name, not MVTec's <stem>_mask.png
+    assert BTADDataModule(root=str(root), category="03")._mask_name("03", "0001") == "0001.bmp"  # 03's masks
+    with pytest.raises(DataError, match=r"<category>/train/ok/\*.bmp \(01, 03\) or \*.png \(02\)"):
+        _dm("btad", tmp_path / "none", category="01").setup()  # the release's own extensions named
 
 
 def test_a_dataset_without_a_download_address_says_where_to_get_it(tmp_path):

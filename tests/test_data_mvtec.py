@@ -34,6 +34,7 @@ def test_counts_labels_and_masks(root, caplog):
     assert len(dm.train_samples) + len(dm.val_samples) == 10
     assert len(dm.val_samples) == 2  # 20 % of 10
     with caplog.at_level(logging.WARNING, logger="adtrain"):
+        dm._test_samples()  # the run's file checks list the test set before the run does
         test = dm.test_samples
     # a defect type without ground truth is allowed, and said once (a renamed ground_truth/ must not pass unseen)
     assert [r.getMessage() for r in caplog.records if "no ground-truth folder" in r.getMessage()] == [

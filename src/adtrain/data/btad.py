@@ -20,7 +20,11 @@ class BTADDataModule(MVTecDataModule):
     archive = BTAD
     homepage = "https://avires.dimi.uniud.it/papers/btad/btad.zip"
     normal = "ok"
-    mask_suffix = ".png"  # ground_truth/ko/<stem>.png (.bmp for product 03, also read)
+    mask_suffix = ".png"  # ground_truth/ko/<stem>.png (.bmp for product 03: _mask_name)
+    image_files = "*.bmp (01, 03) or *.png (02)"
+
+    def _mask_name(self, cat: str, stem: str) -> str:
+        return f"{stem}{'.bmp' if cat == '03' else self.mask_suffix}"
 
     def __init__(self, root: str, category: str | int | list, download: bool = False, **common):
         # data.category=1 (a YAML or Python integer) names the released folder "01": renamed before

@@ -43,6 +43,8 @@ class MVTecDataModule(AnomalyDataModule):
     test_split = "test"
     #: how the release names a test image's mask after its stem (the file a missing-mask error names)
     mask_suffix = "_mask.png"
+    #: the release's image files (messages only: every image extension is read)
+    image_files = "*.png"
 
     def __init__(self, root: str, category: str | list[str], download: bool = False, **common):
         super().__init__(category=category, **common)
@@ -51,7 +53,7 @@ class MVTecDataModule(AnomalyDataModule):
 
     @property
     def layout(self) -> str:
-        return "/".join(p for p in ("<category>", "train", self.normal, self.image_subdir, "*.png") if p)
+        return "/".join(p for p in ("<category>", "train", self.normal, self.image_subdir, self.image_files) if p)
 
     def _describe(self) -> str:
         return str(self.root)
@@ -61,7 +63,15 @@ class MVTecDataModule(AnomalyDataModule):
 
     def _check_categories(self) -> None:
         missing = [c for c in self.categories if not (self.root / c).is_dir()]
-        if missing and self.download:
+        # a download brings the release's own categories only: a misspelt one is refused before
+        # fetching gigabytes (on every run of a sweep) that could never contain it
+        unknown = [c for c in missing if c not in self.known_categories]
+        if unknown and self.download and self.archive is not None:
+            raise DataError(self.root / unknown[0], f"category folder not found, and '{unknown[0]}' is not one of "
+                            f"{self.dataset_name}'s categories ({', '.join(self.known_categories)}): a download "
+                            "cannot bring it, so none was started; check data.category")
+        nested = self._nested_root() if missing and self.root.is_dir() else None
+        if missing and self.download and nested is None:
             if self.archive is None:
                 raise DataError(self.root, f"{self.dataset_name} cannot be downloaded automatically "
                                 f"(data.download=true): get it from {self.homepage} and extract it so that "
@@ -76,10 +86,24 @@ class MVTecDataModule(AnomalyDataModule):
                             f"environment variable) to where it is, or {how}")
         for c in missing:
             found = sorted(p.name for p in self.root.iterdir() if (p / "train").is_dir())
+            if nested is not None:  # a release unpacked by hand keeps its archive's top folder
+                hint = f"; the dataset is one folder down: set data.root={nested}"
+            elif c not in self.known_categories:
+                hint = f"; '{c}' is none of them: check data.category"
+            elif self.download or self.archive is None:
+                hint = ""
+            else:
+                hint = f"; set data.download=true to fetch {self.dataset_name} when online"
             raise DataError(self.root / c, f"category folder not found (categories found in {self.root}: "
                             f"{', '.join(found) or 'none'}; {self.dataset_name}'s: {', '.join(self.known_categories)})"
-                            + ("" if self.download or self.archive is None
-                               else f"; set data.download=true to fetch {self.dataset_name} when online"))
+                            + hint)
+
+    def _nested_root(self) -> Path | None:
+        """The subfolder of root that holds the wanted (or the release's) category folders, if one does."""
+        for sub in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if any((sub / c / "train").is_dir() for c in (*self.categories, *self.known_categories)):
+                return sub
+        return None
 
     def _normals(self, split: str) -> list[Sample]:
         """The normal images of ROOT/<cat>/<split>/<normal>[/<image_subdir>] for every category."""
@@ -129,7 +153,9 @@ class MVTecDataModule(AnomalyDataModule):
             if not any(s.category == cat for s in samples):
                 raise DataError(test_dir, "no test images found")
             unmasked = sorted({s.defect for s in samples if s.category == cat and s.label == 1 and not s.mask_path})
-            if unmasked:  # allowed (image metrics only), but a renamed ground_truth/ folder must not pass unseen
+            warned = self.__dict__.setdefault("_unmasked_warned", set())  # the test set is listed more than once
+            if unmasked and (cat, tuple(unmasked)) not in warned:  # allowed (image metrics only), but a renamed
+                warned.add((cat, tuple(unmasked)))  # ground_truth/ folder must not pass unseen
                 log.warning("%s %s: no ground-truth folder for the defect type(s) %s (expected %s/<defect>/): their "
                             "images count for the image metrics only, not the pixel metrics", self.dataset_name, cat,
                             ", ".join(unmasked), self._gt_root(cat))
@@ -143,10 +169,13 @@ class MVTecDataModule(AnomalyDataModule):
             return None
         mask = find_mask(gt_dir, image.stem)
         if mask is None:
-            raise DataError(gt_dir / f"{image.stem}{self.mask_suffix}", f"ground-truth mask missing for test image "
+            raise DataError(gt_dir / self._mask_name(cat, image.stem), f"ground-truth mask missing for test image "
                             f"{image} (looked for {image.stem}_mask.png and {image.stem} with an image extension)")
         return mask
 
+    def _mask_name(self, cat: str, stem: str) -> str:
+        """The file name the release gives the mask of test image ``stem`` of ``cat``."""
+        return f"{stem}{self.mask_suffix}"
 
     def _gt_root(self, cat: str) -> Path:
         """The folder of the per-defect ground-truth folders (MVTec AD 2 keeps it in test_public/)."""

@@ -44,6 +44,11 @@ class VisADataModule(AnomalyDataModule):
     def _read_rows(self) -> list[dict]:
         if self._rows is not None:
             return self._rows
+        unknown = [c for c in self.categories if c not in self.known_categories and not (self.root / c).is_dir()]
+        if self.download and unknown:  # a download brings VisA's own objects only: none is started for a typo
+            raise DataError(self.root / unknown[0], f"category folder not found, and '{unknown[0]}' is not one of "
+                            f"VisA's objects ({', '.join(self.known_categories)}): a download cannot bring it, "
+                            "so none was started; check data.category")
         if self.download and (not self.csv_path.is_file()
                               or any(not (self.root / c).is_dir() for c in self.categories)):
             csv_top = [] if Path(self.split_csv).is_absolute() else list(Path(self.split_csv).parts[:1])
