@@ -52,6 +52,38 @@ def test_ddp_recording_replays_each_images_category_into_its_accumulator():
     assert AnomalyEvaluator().compute_groups() == {}
 
 
+def test_a_streamed_category_reports_its_own_error_bounds():
+    """Each category gets an even share of the exact-pixel budget, so a large one can stream while the
+    pooled figures stay exact: its figures then come with their bounds (and the mean's)."""
+    import torch
+
+    from adtrain.metrics import AnomalyEvaluator
+    from adtrain.metrics.image import by_category
+
+    g = torch.Generator().manual_seed(1)
+    maps = torch.rand(10, 1, 16, 16, generator=g)
+    masks = (torch.rand(10, 1, 16, 16, generator=g) > 0.85).float()
+    labels = torch.tensor([0, 1] * 5)
+    masks[labels == 0] = 0
+    cats = ["a"] * 8 + ["b"] * 2  # a: 2,048 pixels, b: 512; budget 2,560: pooled exact, a's share 1,280
+    streamed = AnomalyEvaluator(pixel_groups=2, exact_pixels=2560, num_bins=16)
+    exact = AnomalyEvaluator(pixel_groups=2, exact_pixels=10**6)
+    for ev in (streamed, exact):
+        ev.update_pixels(maps, labels, masks, torch.ones(10, dtype=torch.bool), cats)
+    got, want = streamed.compute_groups(), exact.compute_groups()
+    assert streamed.pixel.exact and not got["a"]["pixel_metrics_exact"] and got["b"]["pixel_metrics_exact"]
+    assert set(got["b"]["pixel_error_bounds"].values()) == {0.0}
+    bounds = got["a"]["pixel_error_bounds"]
+    assert max(bounds.values()) > 0
+    for key, bound in bounds.items():
+        assert abs(got["a"][key] - want["a"][key]) <= bound + 1e-12, key
+    assert any(got["a"][k] != want["a"][k] for k in bounds)  # it did stream
+    records = [{"category": c, "score": float(i), "label": int(lab)} for i, (c, lab) in enumerate(zip(cats, labels))]
+    mean = by_category(records, got)["mean"]
+    assert mean["pixel_metrics_exact"] is False
+    assert mean["pixel_error_bounds"] == {k: v / 2 for k, v in bounds.items()}
+
+
 def test_aupro_fpr_limit_is_a_setting_of_the_run_and_of_a_later_test(fast_cfg, tmp_path):
     import adtrain
     from adtrain.errors import ConfigError
@@ -62,6 +94,7 @@ def test_aupro_fpr_limit_is_a_setting_of_the_run_and_of_a_later_test(fast_cfg, t
     wider = adtrain.test(tmp_path / "run", ["metrics.aupro_fpr_limit=0.3"])
     same = adtrain.test(tmp_path / "run")
     assert same["pixel_aupro"] == pytest.approx(res["pixel_aupro"], abs=1e-12)
+    assert (same["pixel_aupro_fpr_limit"], wider["pixel_aupro_fpr_limit"]) == (0.05, 0.3)  # which figure it is
     assert wider["pixel_aupro"] != pytest.approx(res["pixel_aupro"], abs=1e-6)  # another integration range
     assert wider["pixel_auroc"] == pytest.approx(res["pixel_auroc"], abs=1e-12)  # nothing else moves
     with pytest.raises(ConfigError, match="metrics.aupro_fpr_limit"):

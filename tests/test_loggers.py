@@ -199,3 +199,23 @@ def test_a_bad_wandb_mode_is_named_before_wandb_starts(monkeypatch, tmp_path, en
     with pytest.raises(AdtrainError, match=named.replace("(", r"\(")):
         wandb_logger(mode=mode, save_dir=str(tmp_path))
     assert not (tmp_path / "wandb").exists()
+
+
+def test_flags_and_names_are_not_logged_as_metrics():
+    """A per-category `pixel_metrics_exact: true` became a metrics.csv column of True."""
+    from adtrain.loggers import log_test_outputs
+
+    class Logger:
+        def log_metrics(self, scalars):
+            self.scalars = scalars
+
+        def save(self):
+            pass
+
+    logger = Logger()
+    results = {"image_auroc": 0.9, "pixel_metrics_exact": True, "method": "stfpm",
+               "test_at_threshold": {"recall": 0.5, "exact": False},
+               "by_category": {"a": {"pixel_auroc": 0.8, "pixel_metrics_exact": True, "pixel_ap": None}}}
+    log_test_outputs(logger, results, [], [], None)
+    assert logger.scalars == {"test/image_auroc": 0.9, "test/at_threshold/recall": 0.5,
+                              "test/by_category/a/pixel_auroc": 0.8}

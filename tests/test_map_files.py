@@ -140,6 +140,10 @@ def test_the_evaluator_counts_pixel_decisions_at_the_pixel_threshold():
         rec.update_pixels(maps[idx], labels[idx], masks[idx], has[idx])
     assert rec.merged().compute_pixels_at_threshold() == got
     assert AnomalyEvaluator().compute_pixels_at_threshold() is None
+    empty = AnomalyEvaluator(pixel_threshold=0.6)  # no defect pixel at all: recall and F1 undefined, not 0
+    empty.update_pixels(maps, labels, torch.zeros_like(masks), has)
+    none = empty.compute_pixels_at_threshold()
+    assert none["fp"] > 0 and none["precision"] == 0.0 and none["recall"] is None and none["f1"] is None
 
 
 def test_pixel_decisions_need_a_fitted_one_task_model(base_cfg):

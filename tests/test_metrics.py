@@ -606,6 +606,8 @@ def test_per_category_per_defect_and_threshold_figures_from_score_rows():
     assert at["recall"] == 2 / 3 and at["false_alarm_rate"] == 1 / 3 and at["precision"] == 2 / 3
     assert at["f1"] == 4 / 6 and at["accuracy"] == 4 / 6
     assert at_threshold([{**r, "prediction": None} for r in rows]) is None
+    normals = at_threshold([r for r in rows if r["label"] == 0])  # no defect to find: recall and F1 undefined
+    assert (normals["fp"], normals["precision"], normals["recall"], normals["f1"]) == (1, 0.0, None, None)
     table = run_table({"image_auroc": 0.6, "image_ap": 0.5, "pixel_auroc": 0.7, "by_category": cats,
                        "image_auroc_by_defect": auroc_by_defect(rows), "test_at_threshold": at,
                        "val_image_auroc": 0.9}, "RUN")[2]

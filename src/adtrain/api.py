@@ -344,5 +344,5 @@ def _test_tasks(method, cfg: DictConfig, tasks: list[list[str]], out_dir: str | 
     grouped = category_mean(per_task, METRIC_KEYS)
     return {**{k: finite_mean(e.get(k) for e in per_task) for k in METRIC_KEYS},
             **({"by_category": grouped} if grouped is not None else {}),
-            "num_test": sum(e["num_test"] for e in per_task),
+            "num_test": sum(e["num_test"] for e in per_task), "pixel_aupro_fpr_limit": method.aupro_fpr_limit,
             "test_seconds": round(sum(e["test_seconds"] for e in per_task), 3), "per_task": per_task}

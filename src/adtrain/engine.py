@@ -247,6 +247,7 @@ def evaluate_method(cfg: DictConfig, trainer, method, dm, heatmap_dir: Path | No
         **exactness,
         # where the pixel figures were taken (metrics.resolution; null without pixel metrics)
         "pixel_resolution": ("source" if at_source else "run") if exactness["pixel_metrics_exact"] is not None else None,
+        "pixel_aupro_fpr_limit": method.aupro_fpr_limit,  # adtrain.test can score at another limit
         "empty_anomaly_masks": empty,
         **({"pixel_by_category": grouped} if (grouped := method.test_results_by_category()) else {}),
         "auspro": auspro,

@@ -149,6 +149,11 @@ def score_table(records: list[dict]):
     return wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in records])
 
 
+def _figure(v) -> bool:
+    """A number to log as a metric: not a flag (pixel_metrics_exact), a name or a null."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[str], checkpoint: Path | None,
                      tested: bool = True) -> None:
     """Scalars to any logger; heatmaps, a per-image score table and the checkpoint to W&B.
@@ -157,18 +162,17 @@ def log_test_outputs(logger, results: dict, records: list[dict], heatmaps: list[
     if logger is None:
         return
     prefix = "test" if tested else "selected"
-    scalars = {f"{prefix}/{k}": v for k, v in results.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars = {f"{prefix}/{k}": v for k, v in results.items() if _figure(v)}
     for key, name in (("image_auroc_by_defect", "image_auroc"), ("test_at_threshold", "at_threshold"),
                       ("pixel_test_at_threshold", "pixel_at_threshold")):
-        scalars.update({f"{prefix}/{name}/{k}": v for k, v in (results.get(key) or {}).items() if v is not None})
+        scalars.update({f"{prefix}/{name}/{k}": v for k, v in (results.get(key) or {}).items() if _figure(v)})
     for cat, figures in (results.get("by_category") or {}).items():  # test/by_category/<category>/<metric>
-        scalars.update({f"{prefix}/by_category/{cat}/{k}": v for k, v in figures.items() if v is not None})
+        scalars.update({f"{prefix}/by_category/{cat}/{k}": v for k, v in figures.items() if _figure(v)})
     auspro = results.get("auspro") or {}  # test/auspro/<category>/<defect type or mean>/<FPR limit>
     for cat, figures in (auspro.get("by_category") or {}).items():
         scalars.update({f"{prefix}/auspro/{cat}/{d}/{lim}": v for d, by in figures.items()
-                        for lim, v in by.items() if v is not None})
-    scalars.update({f"{prefix}/auspro/mean/{lim}": v for lim, v in (auspro.get("mean") or {}).items() if v is not None})
+                        for lim, v in by.items() if _figure(v)})
+    scalars.update({f"{prefix}/auspro/mean/{lim}": v for lim, v in (auspro.get("mean") or {}).items() if _figure(v)})
     logger.log_metrics(scalars)
     if is_wandb(logger):
         import wandb

@@ -162,7 +162,8 @@ def collect(sweep_dir: Path) -> list[dict]:
         if isinstance(res.get("summary"), dict):  # a continual run: its final averages and forgetting too
             res = {**res, **{k: v for k, v in res["summary"].items() if k.startswith(CONTINUAL_PREFIXES)}}
         if isinstance((res.get("by_category") or {}).get("mean"), dict):
-            res = {**res, **{CATEGORY_MEAN_PREFIX + k: v for k, v in res["by_category"]["mean"].items()}}
+            res = {**res, **{CATEGORY_MEAN_PREFIX + k: v for k, v in res["by_category"]["mean"].items()
+                             if not isinstance(v, dict)}}  # a figure per column (not the bounds)
         rows.append({"job": str(path.parent.relative_to(sweep_dir)), **res, "_overrides": read_overrides(path.parent)})
     for path in sorted(sweep_dir.glob("**/error.txt")):
         job = path.parent

@@ -174,7 +174,10 @@ class AnomalyEvaluator:
     def compute_groups(self) -> dict[str, dict]:
         """Each group's pixel metrics and whether they are exact ({} unless ``pixel_groups`` and
         groups were given)."""
-        return {g: {**acc.compute(), "pixel_metrics_exact": bool(acc.exact) if acc.num_regions else None}
+        return {g: {**acc.compute(), "pixel_metrics_exact": bool(acc.exact) if acc.num_regions else None,
+                    # a group can stream where the pooled figures are exact (it has a share of the budget)
+                    "pixel_error_bounds": ({k: float(v) for k, v in acc.error_bounds().items()}
+                                           if acc.num_regions else None)}
                 for g, acc in sorted(self.groups.items())}
 
     def compute_pixels_at_threshold(self) -> dict | None:
@@ -189,7 +192,7 @@ class AnomalyEvaluator:
 
         return {"threshold": float(self.pixel_threshold), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
                 "recall": ratio(tp, tp + fn), "false_positive_rate": ratio(fp, fp + tn),
-                "precision": ratio(tp, tp + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+                "precision": ratio(tp, tp + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn) if tp + fn else None}
 
     def compute_spro(self) -> dict | None:
         """AU-sPRO (adtrain.metrics.spro.SproAccumulator.compute); None where not computed."""

@@ -107,13 +107,14 @@ def at_threshold(records: list[dict]) -> dict | None:
 
     return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "recall": ratio(tp, tp + fn),
             "false_alarm_rate": ratio(fp, fp + tn), "precision": ratio(tp, tp + fp),
-            "f1": ratio(2 * tp, 2 * tp + fp + fn), "accuracy": ratio(tp + tn, len(records))}
+            # F1 with no defect to find is undefined (its recall is), not the 0 of a formula
+            "f1": ratio(2 * tp, 2 * tp + fp + fn) if tp + fn else None, "accuracy": ratio(tp + tn, len(records))}
 
 
 def by_category(records: list[dict], pixel: dict[str, dict] | None = None) -> dict | None:
     """Each category's figures where a test set holds several (the multi-class "unified" protocol
     reports these and their mean): image AUROC / AP / F1-max from the score rows, and the pixel
-    metrics of ``pixel`` (category -> figures and ``pixel_metrics_exact``, from the evaluator's
+    metrics of ``pixel`` (category -> figures, ``pixel_metrics_exact`` and ``pixel_error_bounds``, from the evaluator's
     per-category accumulators, which share its exact-pixel budget);
     under "mean", each figure's mean over the categories (None where one is None). None for a
     single category."""
@@ -126,8 +127,14 @@ def by_category(records: list[dict], pixel: dict[str, dict] | None = None) -> di
     mean = {}
     for k in out[cats[0]]:
         values = [out[c].get(k) for c in cats]
-        mean[k] = None if any(v is None for v in values) else all(values) if isinstance(values[0], bool) \
-            else sum(values) / len(cats)  # pixel_metrics_exact: every category's
+        if any(v is None for v in values):
+            mean[k] = None
+        elif isinstance(values[0], bool):  # pixel_metrics_exact: every category's
+            mean[k] = all(values)
+        elif isinstance(values[0], dict):  # pixel_error_bounds: a mean of figures is off by the bounds' mean
+            mean[k] = {m: sum(v[m] for v in values) / len(cats) for m in values[0]}
+        else:
+            mean[k] = sum(values) / len(cats)
     out["mean"] = mean
     return out
 
