@@ -118,6 +118,8 @@ def test_a_flag_given_a_word_leaves_a_finished_run_as_it_was(tmp_path):
     ("trainer.precision=64", "trainer.precision", "(64-true) casts every weight"),
     ("schedule.tasks=[texture,grid] schedule.joint=true schedule.replay=2", "schedule.replay", "nothing to replay"),
     ("callbacks=[lr_monitor] logger=none", "callbacks.lr_monitor", "logger=csv"),
+    ("+trainer.callbacks=[{_target_:lightning.pytorch.callbacks.LearningRateMonitor}] logger=none",
+     "trainer.callbacks[0]", "logger=csv"),  # Lightning's traceback after the fit began
     ("method=stfpm callbacks=[early_stopping] data.val_anomalies=null", "callbacks.early_stopping.monitor",
      "needs validation anomalies"),  # failed after the first epoch
     ("callbacks=[early_stopping] callbacks.early_stopping.monitor=val/foo", "callbacks.early_stopping.monitor",

@@ -141,6 +141,8 @@ def test_wandb_names_tell_a_sweeps_jobs_apart(fast_cfg, monkeypatch):
 
     assert default_name(fast_cfg("data=synthetic", "data.category=grid", "seed=3")) == "stfpm-synthetic-grid-seed3"
     assert default_name(fast_cfg("data=synthetic", "data.category=[grid,texture]")) == "stfpm-synthetic-grid+texture-seed0"
+    # a continual run is named by its schedule, as its results.json's category (not the first task's data.category)
+    assert default_name(fast_cfg("schedule=synthetic_3")) == "stfpm-synthetic-synthetic_3-seed0"
     hydra = OmegaConf.create({"mode": "MULTIRUN", "job": {"num": 7}})
     hydra.mode = RunMode.MULTIRUN
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
@@ -219,3 +221,21 @@ def test_flags_and_names_are_not_logged_as_metrics():
     log_test_outputs(logger, results, [], [], None)
     assert logger.scalars == {"test/image_auroc": 0.9, "test/at_threshold/recall": 0.5,
                               "test/by_category/a/pixel_auroc": 0.8}
+
+
+@pytest.mark.parametrize("env, key, mode", [("offline", "x" * 40, "offline"), ("disabled", None, "disabled"),
+                                            (None, "x" * 40, "online"), (None, None, "offline")])
+def test_auto_mode_follows_wandb_mode(monkeypatch, tmp_path, env, key, mode):
+    """WANDB_MODE=offline with an API key went online (a mode given to wandb.init beats the variable):
+    a crash on a compute node without internet, an upload where offline was asked for."""
+    pytest.importorskip("wandb")
+    from adtrain.loggers import wandb_logger
+
+    for name, value in (("WANDB_MODE", env), ("WANDB_API_KEY", key)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    logger = wandb_logger(mode="auto", save_dir=str(tmp_path))
+    assert logger._wandb_init["mode"] == mode

@@ -1,6 +1,7 @@
 """The notebooks run top to bottom (shrunk through their parameters) and show figures, not only text."""
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -39,3 +40,5 @@ def test_continual_and_sweep_notebook_shows_matrices_and_heatmaps(tmp_path, monk
     # two matrices (image and pixel AUROC), two heatmaps of each of three tasks, the sweep's bars
     assert len(images) >= 2 + 3 * 2 + 1, text[-2000:]
     assert "forgetting" in text and "after task 2" in text
+    # each matrix row with its figures (a misplaced conditional printed the labels alone)
+    assert re.search(r"after task 2[^\n]*: +\d\.\d{4}  \d\.\d{4}  \d\.\d{4}", text), text[-2000:]

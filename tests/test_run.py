@@ -193,6 +193,19 @@ def test_cli_bad_input_gives_message_not_traceback(tmp_path):
     assert "nowhere" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_hydras_sweep_refusal_names_the_key_not_a_quote_of_its_own_text():
+    """"Sweeping over Hydra's configuration ... : '<override>'": the apostrophe in Hydra's was read as
+    the key's opening quote (config key 's configuration is not supported : ')."""
+    from hydra.errors import ConfigCompositionException
+
+    from adtrain.hydra_errors import composition_error
+
+    err = composition_error(ConfigCompositionException(
+        "Sweeping over Hydra's configuration is not supported : 'hydra.sweeper.params.method.coreset_ratio=choice(0.1,0.2)'"))
+    assert err.key == "hydra.sweeper.params.method.coreset_ratio"
+    assert "'method.coreset_ratio=choice(...)'" in str(err)
+
+
 def test_multirun_writes_a_summary(tmp_path):
     from tests.conftest import FAST
 

@@ -644,3 +644,66 @@ def test_a_resumed_sweep_job_with_a_damaged_record(tmp_path):
     assert (job / "results.json").read_text() == '{"image_auroc": 0.5}'
     (job / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # readable again: finished, its results kept
     assert sweep_job(cfg, job, keys=["method"]) == ({"image_auroc": 0.5}, cfg)
+
+
+def test_a_sweep_resumed_without_one_of_its_overrides_refuses_its_finished_jobs(tmp_path):
+    """The resumed command lost `data.num_test_anomalous=6`: the finished job was kept as this sweep's and
+    its other jobs ran at the default, one summary of two configurations. The job's own record names the key."""
+    from adtrain.resume import sweep_job
+    from adtrain.sweep_dir import PRIOR_RECORD
+    from tests.conftest import FAST, compose
+
+    old = compose(*FAST, "method=patchcore", "data.num_test_anomalous=6", "seed=0")
+    job = tmp_path / "0"
+    (job / PRIOR_RECORD).mkdir(parents=True)
+    OmegaConf.save(old, job / "config.yaml")
+    OmegaConf.save(OmegaConf.create([*FAST, "method=patchcore", "data.num_test_anomalous=6", "seed=0"]),
+                   job / PRIOR_RECORD / "overrides.yaml")
+    (job / "results.json").write_text('{"image_auroc": 0.5}')
+    new = compose(*FAST, "method=patchcore", "seed=0", "resume=true")
+    with pytest.raises(ConfigError, match=r"holds another job of a sweep \(data.num_test_anomalous: 6 -> 8"):
+        sweep_job(new, job, keys=["method", "seed", "resume"])
+    same = compose(*FAST, "method=patchcore", "data.num_test_anomalous=6", "seed=0", "resume=true")
+    assert sweep_job(same, job, keys=["method", "data.num_test_anomalous", "seed", "resume"])[0] == {"image_auroc": 0.5}
+
+
+def test_an_optuna_sweep_whose_every_trial_fails_still_writes_its_summary(tmp_path):
+    """Optuna raises "No trials are completed yet" after the last trial: Hydra never calls on_multirun_end,
+    so there was a 25-line traceback and no summary. Now the summary (each trial's error) and one line."""
+    from tests.conftest import FAST_BASE
+
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    args = [*FAST_BASE, "hparams_search=patchcore_optuna", "hydra.sweeper.n_trials=2", "data=mvtec",
+            f"data.root={tmp_path / 'nowhere'}", "data.category=bottle", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run([sys.executable, "-m", "adtrain", *args], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("adtrain: error: the sweep stopped (ValueError: No trials are completed yet.)"), line
+    assert f"hydra.sweep.dir={sweep} resume=true" in line
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert len(rows) == 2 and all("root folder not found" in r["error"] for r in rows)
+    fd = os.open(sweep / ".adtrain.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the folder is free again: its lock held by no one
+    finally:
+        os.close(fd)
+
+
+def test_a_grid_sweep_is_not_refused_over_an_objective_it_never_reads():
+    """`-m ... data.val_anomalies=null seed=0,1` was refused ("optimized_metric=val_image_auroc needs
+    synthetic anomalies") though the grid sweeper reads no objective; Optuna's sweep still is."""
+    from adtrain.sweep import check_objective_exists, reads_objective
+
+    grid = _compose("data.val_anomalies=null")
+    assert not reads_objective(grid)
+    check_objective_exists(grid)
+    check_objective_exists(_compose("data.val_split=0"))
+    searched = _compose("hparams_search=patchcore_optuna", "data.val_anomalies=null")
+    assert reads_objective(searched)
+    with pytest.raises(ConfigError, match="needs synthetic anomalies"):
+        check_objective_exists(searched)
+    with pytest.raises(ConfigError, match="holds out no training normal"):
+        check_objective_exists(_compose("hparams_search=patchcore_optuna", "data.val_split=0"))

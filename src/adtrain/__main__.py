@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from adtrain.errors import AdtrainError, ConfigError, Terminated
 
@@ -104,6 +104,18 @@ def _between_jobs(run_dir: Path) -> None:
     handler.adtrain_between_jobs = True
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def _sweeper_reads_objective() -> bool:
+    """A single run, or a grid sweep, has no reader of the objective to warn about a missing one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from adtrain.sweep import reads_objective
+
+    if not HydraConfig.initialized():  # no sweeper config to read: assume one that reads it
+        return True
+    target = str(HydraConfig.get().sweeper.get("_target_", "") or "")
+    return reads_objective(OmegaConf.create({"hydra": {"sweeper": {"_target_": target}}}))
 
 
 def _in_a_job() -> None:
@@ -198,7 +210,7 @@ def main(cfg: DictConfig) -> float | None:
             _between_jobs(run_dir)
     if sigterm_seen():  # it came in a last batch, which Lightning finishes: a sweep must not go on to its next job
         _interrupted(run_dir, signal.SIGTERM)
-    return objective(results, metric, quiet=not _is_multirun())  # a single run: no sweeper to warn about
+    return objective(results, metric, quiet=not _is_multirun() or not _sweeper_reads_objective())
 
 
 def cli() -> None:

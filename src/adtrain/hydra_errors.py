@@ -42,8 +42,13 @@ def composition_error(ex: Exception) -> ConfigError | None:
             key = found.group(1)
             return ConfigError(key, "is not in the config" + _did_you_mean(key, ex.__cause__)
                                + f" (+{key}=... adds a new key; python -m adtrain ... --cfg job shows them all)")
-        found = re.search(r"'([^']+)'", text)
-        return ConfigError(found.group(1) if found else "overrides", " ".join(text.split()))
+        found = re.search(r"'([^'\s]+)'", text)  # a key or an override (not "Hydra's configuration ... '")
+        key = found.group(1).split("=", 1)[0].lstrip("+~") if found else "overrides"
+        hint = ""
+        if key.startswith("hydra.sweeper.params."):  # the packaged search space's own path
+            entry = key.removeprefix("hydra.sweeper.params.")
+            hint = f"; a search-space entry is changed by naming its key: '{entry}=choice(...)' or '{entry}=interval(...)'"
+        return ConfigError(key, " ".join(text.split()) + hint)
     return None
 
 
@@ -83,6 +88,10 @@ def one_line_composition_errors() -> None:
             except Exception as ex:  # noqa: BLE001 - only Hydra's composition errors are said here
                 err = composition_error(ex)
                 if err is None:
+                    from adtrain.sweep import end_broken_sweep
+
+                    if end_broken_sweep(ex):  # a sweeper's or launcher's own failure: the summary, one line
+                        sys.exit(1)
                     raise
                 print(f"adtrain: error: {err}", file=sys.stderr)
                 sys.exit(2)

@@ -30,11 +30,16 @@ def wandb_logger(
     save_dir: str = ".",
     log_checkpoint: bool = True,
 ):
-    """A Lightning WandbLogger; `mode=auto` goes offline (and says so) when no API key is set."""
+    """A Lightning WandbLogger; `mode=auto` follows the WANDB_MODE environment variable where it is set,
+    else goes offline (and says so) when no API key is set."""
     from lightning.pytorch.loggers import WandbLogger
 
     _check_modes(mode)
-    if mode == "auto":
+    env = os.environ.get("WANDB_MODE")
+    if mode == "auto" and env:  # W&B's own switch (offline compute nodes): a mode passed to wandb.init beats it
+        mode = env
+        log.info("W&B: WANDB_MODE=%s (logger.mode=auto follows it)", env)
+    elif mode == "auto":
         mode = "online" if _wandb_key_available() else "offline"
         if mode == "offline":
             log.warning(
@@ -70,13 +75,16 @@ def _check_modes(mode) -> None:
 
 def default_name(cfg) -> str:
     """The W&B run name of a run whose logger.name is null: ``<method>-<data>-<category>-seed<seed>``
-    (several categories joined by +), and ``-job<N>`` in a multirun, so that the jobs of a sweep over
+    (several categories joined by +; a continual run's schedule name), and ``-job<N>`` in a multirun, so that the jobs of a sweep over
     anything else (an Optuna study's trials) are told apart."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     parts = [str(cfg.method.name), str(cfg.data.name)]
     category = OmegaConf.select(cfg, "data.category", default=None)
+    schedule = cfg.get("schedule")
+    if schedule is not None and schedule.get("tasks"):  # a continual run: its schedule (results.json's category)
+        category = schedule.get("name")
     if OmegaConf.is_list(category):
         category = "+".join(str(c) for c in category)
     if category not in (None, ""):

@@ -216,14 +216,17 @@ def _check_callbacks(cfg: DictConfig) -> None:
     """The callbacks group's Lightning callbacks that would fail after the fit began: a learning-rate
     monitor without a logger; early stopping on a figure validation does not log."""
     named = cfg.get("callbacks")
-    if not OmegaConf.is_dict(named):
-        return  # build.build_callbacks says what is wrong with it
-    for name, node in named.items():
+    items = list(named.items()) if OmegaConf.is_dict(named) else []  # else build.build_callbacks says what is wrong
+    extra = OmegaConf.select(cfg, "trainer.callbacks", default=None)  # +trainer.callbacks=[{_target_: ...}]
+    if OmegaConf.is_list(extra):
+        items += [(None, node) for node in extra]
+    for i, (name, node) in enumerate(items):
+        key = f"callbacks.{name}" if name is not None else f"trainer.callbacks[{i - (len(items) - len(extra))}]"
         target = str((node or {}).get("_target_", "")) if OmegaConf.is_dict(node) else ""
         if target.endswith("LearningRateMonitor") and not (cfg.get("logger") or {}).get("_target_"):
-            raise ConfigError(f"callbacks.{name}", "logs to the experiment logger, and logger=none has none: "
+            raise ConfigError(key, "logs to the experiment logger, and logger=none has none: "
                               "use logger=csv or logger=wandb, or drop it")
-        if target.endswith("EarlyStopping"):
+        if target.endswith("EarlyStopping") and name is not None:
             from adtrain.selection import MONITORS
 
             monitor = node.get("monitor")

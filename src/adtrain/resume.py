@@ -191,6 +191,7 @@ def sweep_job(cfg: DictConfig, run_dir: Path, keys: list[str] | None = None) -> 
 def _another_job(run_dir: Path, stored: dict, cfg: DictConfig, keys: list[str] | None) -> None:
     """Refuse a sweep job's folder that holds another job (the overridden keys differ, run-time settings
     aside), its .hydra/ record put back as it was, with the sweep's way to resume (not a single run's)."""
+    keys = None if keys is None else [*keys, *_recorded_keys(run_dir)]  # a key the new command dropped too
     refused = [d for d in config_diff(stored, OmegaConf.to_container(cfg, resolve=True), keys) if not resumable(d[0])]
     if refused:
         from adtrain.sweep_dir import restore_record
@@ -199,6 +200,19 @@ def _another_job(run_dir: Path, stored: dict, cfg: DictConfig, keys: list[str] |
         raise ConfigError("resume", f"{run_dir} holds another job of a sweep ({_shown(refused)}): a sweep is resumed "
                           "with the command that began it plus resume=true (an Optuna sampler needs its "
                           "seed); overwrite=true runs the sweep again")
+
+
+def _recorded_keys(run_dir: Path) -> list[str]:
+    """The keys the job's own command overrode (its .hydra/ record as it was before this resumed sweep:
+    adtrain.sweep_dir.PRIOR_RECORD): a resume whose command leaves one out would run its other jobs
+    at the default while keeping this one's results, one summary of two configurations."""
+    from adtrain.sweep_dir import PRIOR_RECORD
+
+    record = Path(run_dir) / PRIOR_RECORD / "overrides.yaml"
+    try:
+        return override_keys(OmegaConf.load(record)) if record.is_file() else []
+    except Exception:  # noqa: BLE001 - an unreadable record: the new command's keys alone, as before
+        return []
 
 
 def _shown(diffs: list[tuple[str, Any, Any]]) -> str:

@@ -170,6 +170,7 @@ def collect(sweep_dir: Path) -> list[dict]:
         if (job / "results.json").exists():
             continue
         rows.append(_failed_row(sweep_dir, job, path.read_text().strip().splitlines()[0]))
+    rows.sort(key=lambda r: (len(r["job"]), r["job"]))  # job order, a failed job in its place (not last)
     swept = swept_keys([r["_overrides"] for r in rows])
     for r in rows:
         r.update({k: r["_overrides"].get(k) for k in swept})
@@ -235,17 +236,25 @@ def summarize(sweep_dir: Path) -> tuple[Path, Path] | None:
     return csv_path, md_path
 
 
+def reads_objective(config) -> bool:
+    """Whether the sweeper optimises the jobs' returned value (Optuna's does; Hydra's basic grid
+    sweeper runs every job and ignores it). Without a sweeper config: assumed to."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    return not target.endswith(".BasicSweeper")
+
+
 def check_objective_exists(config: DictConfig) -> None:
     """Refuse a sweep whose every job would fail or return null (each found only trial by trial):
     a continual schedule with test=false (it tests every task after each one), a validation objective
-    without held-out normals, or an anomaly-based one without synthetic anomalies."""
+    without held-out normals, or an anomaly-based one without synthetic anomalies (where the sweeper
+    reads the objective: a grid sweep runs either way)."""
     metric = config.get("optimized_metric")
     tasks = OmegaConf.select(config, "schedule.tasks", default=None)
     if tasks and not config.get("test", True):
         raise ConfigError("test", "a continual schedule tests every seen task after each task, so its jobs cannot "
                           "run with test=false (set by hparams_search); add test=true: the objective stays the "
                           "routed validation figure, and the test figures are reported beside it")
-    if not metric:
+    if not metric or not reads_objective(config):  # the grid sweeper runs every job and reads no value
         return
     if not OmegaConf.select(config, "data.val_split", default=0.2):
         raise ConfigError("data.val_split", f"optimized_metric={metric} is a validation figure, but data.val_split=0 "
@@ -273,20 +282,54 @@ class SweepSummary(Callback):
         except ConfigError as err:
             print(f"adtrain: error: {err}", file=sys.stderr)
             sys.exit(2)
+        if where:
+            _ACTIVE["dir"] = Path(str(where))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        drop_records(sweep_dir)
-        try:
-            out = summarize(sweep_dir)
-        finally:  # the summary written: the folder is free (a crash or kill frees it too, with the process)
-            unlock_sweep_dir(sweep_dir)
-        if out:
-            from adtrain.report import show_sweep
+        _ACTIVE.clear()
+        rows = _finish(Path(config.hydra.sweep.dir))
+        if rows and all("error" in r for r in rows):  # one failed job lets the sweep go on; all failed is an error
+            print(f"adtrain: error: every job of the sweep failed ({len(rows)}; the first: {rows[0]['job']}: "
+                  f"{rows[0]['error']}); summary.csv's error column says why each did", file=sys.stderr)
+            sys.exit(1)
 
-            rows = collect(sweep_dir)
-            show_sweep(rows, swept_keys([r["_overrides"] for r in rows]), sweep_dir, out)
-            if rows and all("error" in r for r in rows):  # one failed job lets the sweep go on; all failed is an error
-                print(f"adtrain: error: every job of the sweep failed ({len(rows)}; the first: {rows[0]['job']}: "
-                      f"{rows[0]['error']}); summary.csv's error column says why each did", file=sys.stderr)
-                sys.exit(1)
+
+#: the sweep in progress, between on_multirun_start and on_multirun_end (end_broken_sweep)
+_ACTIVE: dict[str, Path] = {}
+
+
+def _finish(sweep_dir: Path) -> list[dict]:
+    """summary.csv/.md written and shown, the folder unlocked: the rows."""
+    drop_records(sweep_dir)
+    try:
+        out = summarize(sweep_dir)
+    finally:  # the summary written: the folder is free (a crash or kill frees it too, with the process)
+        unlock_sweep_dir(sweep_dir)
+    if not out:
+        return []
+    from adtrain.report import show_sweep
+
+    rows = collect(sweep_dir)
+    show_sweep(rows, swept_keys([r["_overrides"] for r in rows]), sweep_dir, out)
+    return rows
+
+
+def end_broken_sweep(err: BaseException) -> bool:
+    """The sweeper or its launcher raised after jobs had run (Optuna with no completed trial, a job
+    killed by the OS under joblib or submitit): Hydra never calls on_multirun_end, so the jobs'
+    summary is written here all the same, with one line on why it stopped and how to resume.
+    False where no sweep is in progress (the caller reports the error as before)."""
+    sweep_dir = _ACTIVE.pop("dir", None)
+    if sweep_dir is None:
+        return False
+    from adtrain.resume import sweep_resume_command
+
+    try:
+        _finish(sweep_dir)
+    except Exception as summary_err:  # noqa: BLE001 - the sweep's own error is the one to say
+        log.error("the summary of %s could not be written: %s", sweep_dir, summary_err)
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    print(f"adtrain: error: the sweep stopped ({type(err).__name__}{': ' + first if first else ''}); the jobs that "
+          f"ended are summarised in {sweep_dir}/summary.csv (an error column says why a job failed); once the cause "
+          f"is mended, resume it: {sweep_resume_command(sys.argv[1:], sweep_dir)}", file=sys.stderr)
+    return True

@@ -4,7 +4,7 @@
         [out=FILE] [layout=nhwc|nchw] [batch=2]
 
 layout: the input's axis order, images (B,H,W,3) as image files decode (nhwc) or (B,3,H,W) (nchw);
-batch: the batch size the graph is traced at (any batch runs; HETMM's at most method.chunk_size).
+batch: the batch size the graph is traced at (any batch runs).
 
 The graph takes a uint8 image batch (any size: it resizes to the run's image_size by the run's
 data.resize rule) and holds the run's preprocessing, the method's anomaly map and image score,
@@ -40,11 +40,10 @@ def default_export_path(checkpoint: str | Path, fmt: str) -> Path:
 
 
 def max_batch(method) -> int | None:
-    """The largest batch one call of the export may take (None: any). HETMM's image chunking is
-    fixed when traced: batches above its chunk_size would be cut."""
-    from adtrain.methods.hetmm.torch_model import HetmmModel
-
-    return int(method.model.chunk_size) if isinstance(method.model, HetmmModel) else None
+    """The largest batch one call of the export may take (None: any). Every method's graph takes
+    any batch now: HETMM's traced matching holds the whole batch in one image chunk (methods.hetmm.atmm);
+    its exports before that recorded method.chunk_size, which Detector still honours."""
+    return None
 
 
 def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None = None, layout: str = "nhwc",
