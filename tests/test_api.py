@@ -211,6 +211,12 @@ def test_plain_tables_name_the_directory_and_align(monkeypatch):
     drawn = io.StringIO()
     render(*sweep_table(seeds, ["method.layers"], "s"), file=drawn)
     assert drawn.getvalue().count("[layer2,layer3]") == 2, drawn.getvalue()
+    # a log file without COLUMNS (SLURM, `> log`): drawn as wide as the table needs, not folded at 80
+    monkeypatch.delenv("COLUMNS")
+    wide = [{**r, **{f"method.key_{k}": f"value_{k}" for k in range(8)}} for r in seeds]
+    drawn = io.StringIO()
+    render(*sweep_table(wide, [f"method.key_{k}" for k in range(8)], "s"), file=drawn)
+    assert drawn.getvalue().count("value_7") == 2 and max(map(len, drawn.getvalue().splitlines())) > 80
     # test=false: the footer names only what such a run writes (no heatmaps/, no scores.csv)
     untested = plain(*run_table({**results, "tested": False}, "outputs/x")).splitlines()[-1]
     assert untested.startswith("test=false") and "heatmaps" not in untested and "model.ckpt" in untested

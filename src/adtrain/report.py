@@ -7,6 +7,7 @@ it is importable and as plain aligned columns otherwise; `show_run` / `show_swee
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -139,6 +140,10 @@ def render(title: str, head: list[str], rows: list[list[str]], footer: str = "",
     for r in rows:  # as text: rich's markup took a cell's [layer2,layer3] for a tag and dropped it
         table.add_row(*(Text(str(c)) for c in r))
     console = Console(file=file, soft_wrap=True, highlight=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):  # a log file (SLURM, `> log`): rich drew at
+        from rich.measure import Measurement  # 80 columns, a wide sweep's table one character per column
+
+        console.width = max(console.width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
     console.print(Text(title, style="bold"))
     console.print(table)
     if footer:
