@@ -399,8 +399,33 @@ def test_unwritable_cache_dir_falls_back_to_decoding(tree, tmp_path, caplog):
     blocker.write_text("not a folder")
     dm = _dm(tree, "auto", blocker / "images")
     ds = dm.make_dataset(dm.train_samples)
-    assert ds.cached is None and dm.image_cache.state() == "off" and "not writable" in caplog.text
+    # said apart from data.cache=off: asked for, but the folder took nothing
+    assert ds.cached is None and dm.image_cache.state() == "skipped" and "not writable" in caplog.text
     _same(_items(ds), _items(_dm(tree, "off", blocker).make_dataset(dm.train_samples)))
+
+
+def test_an_unwritable_feature_cache_is_said_once_and_reported(tmp_path, caplog):
+    """14 "cannot store" warnings in a 24-image run (one per batch), and results.json's feature_cache "miss"."""
+    import logging
+
+    from adtrain.backbones.feature_cache import FeatureCache
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cache = FeatureCache(blocker / "f", max_gb=1)
+
+    class Ext:
+        name, kind, layers, channels_last, _renorm = "toy", "cnn", ["layer1"], False, False
+        _weights_digest = _settings_digest = "x"
+
+        def extract(self, x):
+            return {"layer1": x * 2}
+
+    with caplog.at_level(logging.WARNING, logger="adtrain"):
+        for i in range(5):
+            out = cache(Ext(), torch.full((1, 3, 4, 4), float(i)))
+            assert torch.equal(out["layer1"], torch.full((1, 3, 4, 4), 2.0 * i))
+    assert caplog.text.count("cannot store features") == 1 and cache.state() == "unwritable"
 
 
 def test_too_little_disk_skips_the_cache_before_writing(tree, tmp_path, caplog, monkeypatch):

@@ -125,7 +125,8 @@ def test_paper_experiments_cover_mvtec_with_the_methods_recipe(name):
     assert paper_backbone in cfg.backbone.name
     plain = compose(f"method={method}")  # the experiment pins the method config's recipe...
     paper = {"dfm_mvtec": {"rounds": 2, "stage1_epochs": 3, "max_epochs": 16, "lr_fmn": 5e-3,
-                           "stage2_objective": "supervised", "selection": "val_image_auroc_perlin"},
+                           "stage2_objective": "supervised", "selection": "val_image_auroc_perlin",
+                           "train_modulates": True},
              "patchcore_official_mvtec": {"embed_dims": [1024, 1024], "num_neighbors": 1,  # the official code's
                                           "squared_scores": True},
              }.get(name, {})  # ...or the paper's (or the official code's), where they differ

@@ -191,7 +191,8 @@ def fit_threshold(cfg: DictConfig, method, dm) -> dict:
 
 
 def cache_states(dm, feature_cache, nested_cache=None) -> dict:
-    """What the caches did: image_cache / feature_cache / nested_cache off | hit | miss (results.json)."""
+    """What the caches did: image_cache / feature_cache / nested_cache off | hit | miss (image_cache also skipped,
+    feature_cache unwritable: asked for, but the folder took no entry) (results.json)."""
     image_cache = getattr(dm, "image_cache", None)
     return {"image_cache": image_cache.state() if image_cache is not None else "off",
             "feature_cache": feature_cache.state() if feature_cache is not None else "off",

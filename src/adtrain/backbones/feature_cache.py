@@ -19,6 +19,7 @@ off | hit (every lookup served from the cache) | miss (at least one computed), w
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -32,6 +33,10 @@ from adtrain.errors import ConfigError
 log = logging.getLogger("adtrain")
 
 SUFFIX = ".feat.pt"
+
+
+#: errors after which the folder takes no entry for the rest of the run
+_FOR_GOOD = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.ENOENT, errno.EISDIR)
 
 
 def feature_cache_enabled(value) -> bool:
@@ -85,10 +90,14 @@ class FeatureCache:
         self.max_bytes = int(float(max_gb) * 2**30)
         self.hits = 0
         self.misses = 0
+        self.unwritable: str | None = None  # why the folder takes no entry (said once, not per batch)
+        self._warned = False
 
     def state(self) -> str:
         if not self.hits and not self.misses:
             return "off"
+        if self.unwritable is not None and not self.hits:
+            return "unwritable"  # computed every time: nothing was or could be stored
         return "miss" if self.misses else "hit"
 
     def key(self, extractor, x: torch.Tensor) -> str:
@@ -127,11 +136,20 @@ class FeatureCache:
     def _store(self, path: Path, feats: dict[str, torch.Tensor]) -> None:
         from adtrain.io import torch_save
 
+        if self.unwritable is not None:
+            return
         try:
             torch_save({k: v.cpu() for k, v in feats.items()}, path)
             self.evict()
         except OSError as e:
-            log.warning("feature_cache_dir=%s: cannot store features (%s); computed without the cache", self.root, e)
+            if e.errno in _FOR_GOOD:  # the folder will not take an entry this run: said once, not tried per batch
+                self.unwritable = str(e)
+                log.warning("feature_cache_dir=%s: cannot store features (%s); this run computes them without "
+                            "the cache", self.root, e)
+            elif not self._warned:  # a full disk may have room after an eviction: tried again, said once
+                log.warning("feature_cache_dir=%s: cannot store features (%s); computed without the cache",
+                            self.root, e)
+            self._warned = True
 
     def evict(self) -> int:
         """Delete the least recently used entries until the folder fits the budget; returns how many."""

@@ -264,12 +264,15 @@ class ImageCache:
             log.info("image cache: %d least recently used entr%s deleted (data.cache_max_gb=%g)", removed,
                      "y" if removed == 1 else "ies", self.max_bytes / 2**30)
         if total > self.max_bytes:
-            log.warning("data.cache_dir=%s holds %.2f GB of images in use (data.cache_max_gb=%g)", self.root,
+            log.warning("data.cache_dir=%s holds %.3g GB of images in use (data.cache_max_gb=%g)", self.root,
                         total / 2**30, self.max_bytes / 2**30)
         return removed
 
     def state(self) -> str:
-        """off | hit (every set served from the cache) | miss (at least one set decoded into it)."""
+        """off | hit (every set served from the cache) | miss (at least one set decoded into it) |
+        skipped (data.cache=auto, but its folder took no entry: decoded every time, warned)."""
+        if self.mode != "off" and self.events and all(e == "skip" for e in self.events):
+            return "skipped"
         if self.mode == "off" or not any(e in ("hit", "miss") for e in self.events):
             return "off"
         return "miss" if "miss" in self.events else "hit"

@@ -229,7 +229,9 @@ class NestedCache:
             torch_save(obj, path)
             self.evict()
         except OSError as e:
-            log.warning("coreset_cache_dir=%s: cannot store (%s); computed without the cache", self.root, e)
+            if not getattr(self, "_store_warned", False):  # once per run, not once per batch's records
+                log.warning("coreset_cache_dir=%s: cannot store (%s); computed without the cache", self.root, e)
+            self._store_warned = True
 
     def evict(self) -> int:
         from adtrain.cache_files import evict_lru
@@ -287,10 +289,13 @@ class NestedCache:
     @autocast_off  # its records' distances and tolerances are fp32 (under bf16 autocast: a dtype error)
     def nearest(self, queries: torch.Tensor, memory) -> torch.Tensor | None:
         """MemoryBank.search(queries, 1)'s indices (M,) on the queries' device, from the records; None
-        when the bank is not the coreset this cache built (then search as usual)."""
+        when the bank is not the coreset this cache built, or its search is approximate (then search as usual)."""
         bank = memory.bank
         if in_graph() or queries.dim() != 2 or queries.shape[0] == 0 or not self._bank_matches(bank):
             return None
+        if memory.resolve_index() != "flat" and memory.resolve_backend(queries) != "torch":
+            return None  # an approximate index (ivf, hnsw, ivfpq; a flat one past AUTO_IVF_ABOVE) is the run's search
+            # and these records are exact: the cache would change the scores, not only their cost
         dev = queries.device if queries.is_cuda and not bank.is_cuda else bank.device
         q32 = queries.detach().to(dev, torch.float32)
         if not bool(torch.isfinite(q32.sum())):
