@@ -306,7 +306,7 @@ def test_replay_buffer_is_bounded_seeded_and_from_earlier_tasks_only():
     assert replay_buffer(own, 0, 4, seed=0, names=names) == []
 
 
-def test_schedule_configs_and_errors(fast_cfg, tmp_path):
+def test_schedule_configs_and_errors(fast_cfg, base_cfg, tmp_path):
     from adtrain.continual.schedule import parse_tasks, read_schedule
     from adtrain.data.mvtec import MVTEC_CATEGORIES
     from adtrain.data.visa import VISA_CATEGORIES
@@ -342,6 +342,14 @@ def test_schedule_configs_and_errors(fast_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"schedule.tasks.*task 1 \(bottle\)"):
         run(fast_cfg(*TINY, "schedule.tasks=[texture,bottle]"), tmp_path)
     assert not (tmp_path / "tasks").exists()
+    # a schedule of another data set's categories on a folder data set: schedule.tasks named, not data.category
+    from adtrain.data.testing import write_mvtec_tree
+
+    root = write_mvtec_tree(tmp_path / "mvtec", "bottle", n_train=4, n_test_good=1, size=32)
+    with pytest.raises(ConfigError, match=r"config key 'schedule.tasks': task 1 \(grid\) does not fit data=mvtec: "
+                                          r".*grid: category folder not found"):
+        run(base_cfg("data=mvtec", f"data.root={root}", "data.num_workers=0", "schedule.tasks=[bottle,grid]"),
+            tmp_path / "mv")
     with pytest.raises(ConfigError, match="resume"):
         run(fast_cfg(*TINY, "schedule=synthetic_3", "resume=true"), tmp_path / "empty")
 

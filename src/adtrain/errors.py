@@ -25,6 +25,10 @@ class DataError(AdtrainError):
         super().__init__(f"{path}: {message}" if message is not None else str(path))
 
 
+class CategoryNotFound(DataError):
+    """A category's folder is missing from the dataset's root (a continual run names schedule.tasks)."""
+
+
 class WeightsError(AdtrainError):
     """No pretrained weights could be found for a backbone."""
 

@@ -28,7 +28,7 @@ from adtrain.continual.schedule import Schedule, read_schedule, task_config, tas
 from adtrain.continual.state import (MATRIX_METRICS, ContinualState, load_task_checkpoint, save_task_checkpoint,
                                      task_checkpoint, task_dir)
 from adtrain.data.base import seeded_rng
-from adtrain.errors import ConfigError
+from adtrain.errors import CategoryNotFound, ConfigError
 from adtrain import distributed
 from adtrain.io import write_json
 from adtrain.loggers import is_wandb, task_prefix
@@ -42,8 +42,8 @@ log = logging.getLogger("adtrain")
 def _build_task_dm(cfg: DictConfig, cats: list[str], t: int | str):
     try:
         return build_datamodule(task_config(cfg, cats))
-    except ConfigError as err:
-        if err.key == "data.category":
+    except (ConfigError, CategoryNotFound) as err:  # the category came from schedule.tasks, not data.category
+        if isinstance(err, CategoryNotFound) or err.key == "data.category":
             raise ConfigError("schedule.tasks", f"task {t} ({task_name(cats)}) does not fit data={cfg.data.name}: "
                               f"{err}") from None
         raise

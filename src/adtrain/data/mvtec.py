@@ -14,7 +14,7 @@ from adtrain.data.base import AnomalyDataModule
 from adtrain.data.dataset import Sample
 from adtrain.data.download import MVTEC_AD, ArchiveSpec, download_dataset
 from adtrain.data.image_io import IMAGE_EXTENSIONS, find_file, list_images
-from adtrain.errors import DataError
+from adtrain.errors import CategoryNotFound, DataError
 
 log = logging.getLogger("adtrain")
 
@@ -67,7 +67,7 @@ class MVTecDataModule(AnomalyDataModule):
         # fetching gigabytes (on every run of a sweep) that could never contain it
         unknown = [c for c in missing if c not in self.known_categories]
         if unknown and self.download and self.archive is not None:
-            raise DataError(self.root / unknown[0], f"category folder not found, and '{unknown[0]}' is not one of "
+            raise CategoryNotFound(self.root / unknown[0], f"category folder not found, and '{unknown[0]}' is not one of "
                             f"{self.dataset_name}'s categories ({', '.join(self.known_categories)}): a download "
                             "cannot bring it, so none was started; check data.category")
         nested = self._nested_root() if missing and self.root.is_dir() else None
@@ -94,7 +94,7 @@ class MVTecDataModule(AnomalyDataModule):
                 hint = ""
             else:
                 hint = f"; set data.download=true to fetch {self.dataset_name} when online"
-            raise DataError(self.root / c, f"category folder not found (categories found in {self.root}: "
+            raise CategoryNotFound(self.root / c, f"category folder not found (categories found in {self.root}: "
                             f"{', '.join(found) or 'none'}; {self.dataset_name}'s: {', '.join(self.known_categories)})"
                             + hint)
 
