@@ -113,6 +113,12 @@ def test_fit_names_its_default_run_directory_absolutely(tmp_path, monkeypatch):
     run = adtrain.fit([*FAST, "method=patchcore"])
     assert seen == [run.run_dir] and run.run_dir.is_absolute()
     assert run.run_dir.parent == tmp_path / "outputs" / "patchcore" / "synthetic"
+    # one string, as compose() and test() take it (split into letters before)
+    assert adtrain.fit(" ".join([*FAST, "method=patchcore"])).run_dir.parent == run.run_dir.parent
+    from adtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'hydra.run.dir': is not read by adtrain.fit: give its run_dir"):
+        adtrain.fit([*FAST, "hydra.run.dir=elsewhere"])  # was ignored without a word
 
 
 def _fake_run(run_dir, *, finished=True):

@@ -306,7 +306,10 @@ def test_a_bad_bench_override_ends_in_one_line(capsys):
                                         ("bench.model_only=yes", "'bench.model_only': must be true or false"),
                                         # a traceback after the whole run, before
                                         ("bench.out=/dev/null/x.json", "'bench.out': the figures' folder cannot be made"),
-                                        ("bench.out=/", "'bench.out': / is a folder")])
+                                        ("bench.out=/", "'bench.out': / is a folder"),
+                                        # a schedule: KeyError after every task had run; hydra.run.dir: ignored
+                                        ("schedule=synthetic_3", "'schedule': adtrain.bench times one run"),
+                                        ("hydra.run.dir=/tmp/x", "'hydra.run.dir': is not read by adtrain.bench")])
 def test_a_bad_bench_option_is_refused_before_the_run(arg, words, capsys):
     """A misspelt bench.* option used to be ignored: the run went on (minutes) without it."""
     from unittest import mock

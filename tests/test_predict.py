@@ -126,6 +126,24 @@ def test_predict_outside_a_run_writes_beside_the_checkpoint(trained, tmp_path):
     assert not (tmp_path / "predictions").exists()
 
 
+def test_an_output_folder_that_takes_no_file_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    """A read-only folder (a model store): a 20-line OSError traceback before."""
+    import tempfile
+
+    import adtrain.predict as pr
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    (tmp_path / "o").mkdir()
+    monkeypatch.setattr(pr.tempfile, "mkdtemp", read_only)
+    imgs = _images(tmp_path / "new", ["a.png"])
+    code, err = _predict(capsys, f"checkpoint={trained}/checkpoints/model.ckpt", f"images={imgs}", f"out={tmp_path}/o")
+    assert code == 2 and "config key 'out': the output folder" in err and "not writable" in err
+    assert "Traceback" not in err and list((tmp_path / "o").iterdir()) == []
+    monkeypatch.setattr(pr.tempfile, "mkdtemp", tempfile.mkdtemp)
+
+
 def test_predict_refuses_a_checkpoint_without_a_threshold(trained, tmp_path, capsys):
     imgs = _images(tmp_path / "new", ["a.png"])
     code, err = _predict(capsys, f"checkpoint={trained}/checkpoints/last.ckpt", f"images={imgs}", f"out={tmp_path}/o")
@@ -236,6 +254,10 @@ def test_a_run_without_held_out_normals_warns_and_predict_says_why_it_cannot_dec
     with pytest.raises(DataError, match=r"model.ckpt: holds no fitted threshold: .*data.val_split=0") as err:
         predict(str(ckpt), str(images), out=str(tmp_path / "pred"))
     assert "\n" not in str(err.value) and not (tmp_path / "pred").exists()
+    from adtrain import Detector
+
+    with pytest.raises(DataError, match="holds no fitted threshold"):  # the API as the CLI: no silent "normal"
+        Detector.load(ckpt)
 
 
 def test_a_test_set_of_one_label_is_said_before_its_figures_are_null(fast_cfg, tmp_path, caplog):

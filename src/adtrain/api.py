@@ -176,6 +176,11 @@ def fit(cfg: DictConfig | Sequence[str] | None = None, run_dir: str | Path | Non
 
     _quiet()
     if not isinstance(cfg, DictConfig):
+        if isinstance(cfg, str):  # "method=patchcore data=elpv", as compose() and test() take it
+            cfg = cfg.split()
+        if any(str(o).lstrip("+").startswith("hydra.run.dir=") for o in cfg or []):  # ignored here, not obeyed
+            raise ConfigError("hydra.run.dir", "is not read by adtrain.fit: give its run_dir argument, "
+                              "adtrain.fit(overrides, run_dir=...)")
         cfg = compose(list(cfg or []))
     # absolute, as the CLI's: the table and Run.run_dir still name it after a notebook changes folder
     run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(cfg)).absolute()

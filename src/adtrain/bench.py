@@ -107,7 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
         if out.is_dir():
             raise ConfigError("bench.out", f"{out} is a folder: give a file, e.g. bench.out={out / 'bench.json'}")
         writable_folder(out.parent, "bench.out", "the figures' folder")
+    from adtrain.errors import ConfigError
+
+    if any(str(o).lstrip("+").startswith("hydra.run.dir=") for o in overrides):  # ignored here, not obeyed
+        raise ConfigError("hydra.run.dir", "is not read by adtrain.bench: give bench.run_dir=<folder>")
     cfg = compose(["logger=none", "output.heatmaps=0", *overrides])
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(cfg, "schedule.tasks", default=None):  # refused now, not after every task has run
+        raise ConfigError("schedule", "adtrain.bench times one run; a continual schedule has no single fit and "
+                          "test to time: bench one task (data.category=<it>), or read the schedule's results.json")
     run_dir = Path(bench_args.get("run_dir") or tempfile.mkdtemp(prefix="adtrain-bench-"))
     res = run(cfg, run_dir)
     epochs = max(1, res["epochs_trained"])

@@ -238,7 +238,14 @@ def predict(checkpoint: str, images: str, out: str | None = None, batch_size: in
     names = dict(zip(files, heatmap_names(files)))
     thr = detector.threshold
     records, skipped, odd = [], [], []
-    staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
+    try:  # a read-only folder (a model store): one line, before any image is scored
+        staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
+    except OSError as err:
+        if made:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        key = "out" if out else "checkpoint"
+        raise ConfigError(key, f"the output folder {out_dir} is not writable ({err.strerror or err})"
+                          + ("" if out else "; give out=<a writable folder>")) from None
     writer = BackgroundWriter() if heatmaps else None  # drawn in a thread while the next batch is scored
     try:
         batches = detector.predict_batches(files, batch_size, num_workers=num_workers,

@@ -134,8 +134,14 @@ class Detector:
         dev = resolve_device(device)
         path = Path(path)
         if path.is_file() and export_format(path) is not None:
-            return cls._from_export(path, dev, batch_size)
-        return cls._from_checkpoint(path, dev, batch_size)
+            found = cls._from_export(path, dev, batch_size)
+        else:
+            found = cls._from_checkpoint(path, dev, batch_size)
+        if not np.isfinite(found.threshold):  # best.ckpt / last.ckpt, or val_split=0: every image was decided
+            from adtrain.inference.graph import NO_THRESHOLD  # normal, without a word (the CLI refused already)
+
+            raise DataError(path, NO_THRESHOLD)
+        return found
 
     @classmethod
     def _from_checkpoint(cls, path: Path, dev: torch.device, batch_size: int) -> "Detector":
