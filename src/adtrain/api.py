@@ -38,6 +38,13 @@ def config_path() -> str:
     return config_dir()
 
 
+def refuse_run_dir_override(overrides: Sequence[str], who: str, instead: str) -> None:
+    """hydra.run.dir among overrides composed without Hydra's launcher (adtrain.fit, adtrain.bench):
+    refused naming what to give instead, not ignored."""
+    if any(str(o).lstrip("+").startswith("hydra.run.dir=") for o in overrides):
+        raise ConfigError("hydra.run.dir", f"is not read by {who}: give {instead}")
+
+
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """The run config of `python -m adtrain <overrides>` (Hydra's compose, same config folder).
 
@@ -178,9 +185,7 @@ def fit(cfg: DictConfig | Sequence[str] | None = None, run_dir: str | Path | Non
     if not isinstance(cfg, DictConfig):
         if isinstance(cfg, str):  # "method=patchcore data=elpv", as compose() and test() take it
             cfg = cfg.split()
-        if any(str(o).lstrip("+").startswith("hydra.run.dir=") for o in cfg or []):  # ignored here, not obeyed
-            raise ConfigError("hydra.run.dir", "is not read by adtrain.fit: give its run_dir argument, "
-                              "adtrain.fit(overrides, run_dir=...)")
+        refuse_run_dir_override(cfg or [], "adtrain.fit", "its run_dir argument, adtrain.fit(overrides, run_dir=...)")
         cfg = compose(list(cfg or []))
     # absolute, as the CLI's: the table and Run.run_dir still name it after a notebook changes folder
     run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(cfg)).absolute()

@@ -87,7 +87,10 @@ def bench_options(args: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from adtrain.api import QUICKSTART, compose
+    from omegaconf import OmegaConf
+
+    from adtrain.api import QUICKSTART, compose, refuse_run_dir_override
+    from adtrain.errors import ConfigError
     from adtrain.logs import quiet
     from adtrain.run import run
 
@@ -100,20 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("no run overrides: benchmarking the quickstart (%s)", " ".join(QUICKSTART))
         overrides = list(QUICKSTART)
     if bench_args.get("out"):  # said before the run, not as a traceback after it
-        from adtrain.errors import ConfigError
         from adtrain.io import writable_folder
 
         out = Path(bench_args["out"])
         if out.is_dir():
             raise ConfigError("bench.out", f"{out} is a folder: give a file, e.g. bench.out={out / 'bench.json'}")
         writable_folder(out.parent, "bench.out", "the figures' folder")
-    from adtrain.errors import ConfigError
-
-    if any(str(o).lstrip("+").startswith("hydra.run.dir=") for o in overrides):  # ignored here, not obeyed
-        raise ConfigError("hydra.run.dir", "is not read by adtrain.bench: give bench.run_dir=<folder>")
+    refuse_run_dir_override(overrides, "adtrain.bench", "bench.run_dir=<folder>")
     cfg = compose(["logger=none", "output.heatmaps=0", *overrides])
-    from omegaconf import OmegaConf
-
     if OmegaConf.select(cfg, "schedule.tasks", default=None):  # refused now, not after every task has run
         raise ConfigError("schedule", "adtrain.bench times one run; a continual schedule has no single fit and "
                           "test to time: bench one task (data.category=<it>), or read the schedule's results.json")
